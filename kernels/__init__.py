@@ -1,0 +1,93 @@
+"""GPU kernels of chunkcache, each with a plain-torch reference the CPU path runs instead.
+
+    rerotate_scatter    decode a chunk-layer (raw/int8/int4), rotate keys by the position delta,
+                        write it into the assembled cache at an offset
+    selected_attention  attention of selected query tokens over the full KV, exact causal mask
+    deviation           per-token sum over heads of ||fresh - cached||_2 (for token selection)
+
+The functions here dispatch: CUDA tensors and an importable triton -> the Triton launcher in
+``kernels/<name>.py``; anything else -> ``kernels/reference.py``. Importing this package imports
+neither triton nor CUDA; the kernel modules are imported on first GPU use.
+
+    from chunkcache.kernels import selected_attention
+    out = selected_attention(q, q_pos, k, v, scale=d**-0.5)    # [Hq, n, D]
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Mapping
+from functools import cache
+
+import torch
+
+from .reference import (
+    deviation_reference,
+    rerotate_scatter_reference,
+    selected_attention_reference,
+)
+
+__all__ = [
+    "deviation",
+    "deviation_reference",
+    "rerotate_scatter",
+    "rerotate_scatter_reference",
+    "selected_attention",
+    "selected_attention_reference",
+    "triton_available",
+]
+
+
+@cache
+def triton_available() -> bool:
+    """True if triton can be imported (says nothing about a driver: callers also need CUDA tensors)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and triton_available()
+
+
+def rerotate_scatter(
+    codec: str,
+    parts: Mapping[str, torch.Tensor],  # one layer of the codec's tensors, see reference.decode_layer
+    cos: torch.Tensor,  # [D] fp32, for the position delta
+    sin: torch.Tensor,  # [D] fp32
+    k_out: torch.Tensor,  # [kv_heads, N, D] model dtype, may be a strided view
+    v_out: torch.Tensor,  # [kv_heads, N, D]
+    offset: int,
+) -> None:
+    """Decode, re-rotate and write one chunk-layer into ``k_out``/``v_out`` at ``offset`` (in place)."""
+    if _use_triton(k_out):
+        fn = importlib.import_module(".rerotate_scatter", __name__).rerotate_scatter
+    else:
+        fn = rerotate_scatter_reference
+    fn(codec, parts, cos, sin, k_out, v_out, offset)
+
+
+def selected_attention(
+    q: torch.Tensor,  # [Hq, n, D], already RoPE'd
+    q_pos: torch.Tensor,  # [n] int64 absolute positions, sorted ascending
+    k: torch.Tensor,  # [Hkv, N, D], key j at position j
+    v: torch.Tensor,  # [Hkv, N, D]
+    scale: float | None = None,
+    window: int | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the selected queries over all keys at positions <= their own (see the reference)."""
+    if _use_triton(q):
+        fn = importlib.import_module(".selected_attention", __name__).selected_attention
+    else:
+        fn = selected_attention_reference
+    return fn(q, q_pos, k, v, scale=scale, window=window, return_lse=return_lse)
+
+
+def deviation(
+    fresh: torch.Tensor,  # [H, T, D]
+    cached: torch.Tensor,  # [H, T, D]
+) -> torch.Tensor:
+    """Per-token deviation sum_h ||fresh[h, t] - cached[h, t]||_2, fp32 [T]."""
+    if _use_triton(fresh):
+        return importlib.import_module(".deviation", __name__).deviation(fresh, cached)
+    return deviation_reference(fresh, cached)

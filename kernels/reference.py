@@ -1,0 +1,146 @@
+"""Plain-torch references for every kernel in ``chunkcache.kernels``: the CPU path and the test oracle.
+
+Nothing here imports triton, so this module works on any machine. Each function states the exact
+semantics its Triton twin must reproduce (same decode, same rounding points, same mask).
+
+It knows the per-layer codec formats of ``chunkcache/codec.py`` (leading layer dim removed) and the
+neox half-split RoPE convention; it knows nothing about models, stores or fusion policy.
+
+    kv = {"kv": torch.randn(2, 8, 5, 64)}                               # codec "raw", one layer
+    k_out = v_out = torch.zeros(8, 100, 64)                             # [kv_heads, N, head_dim]
+    rerotate_scatter_reference("raw", kv, cos, sin, k_out, v_out, offset=40)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+CODEC_PARTS: dict[str, tuple[str, ...]] = {
+    "raw": ("kv",),
+    "int8": ("k_q", "v_q", "k_scale", "v_scale"),
+    "int4": ("k_q", "v_q", "k_scale", "k_min", "v_scale", "v_min"),
+}
+"""The tensors each codec stores for one layer (shapes in ``decode_layer``)."""
+
+INT4_GROUP = 128
+"""int4 keys share one (scale, min) per channel per group of this many tokens."""
+
+
+def check_parts(codec: str, parts: Mapping[str, torch.Tensor]) -> None:
+    """Raise ValueError if ``parts`` does not hold exactly what ``codec`` needs."""
+    if codec not in CODEC_PARTS:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODEC_PARTS)}")
+    missing = [name for name in CODEC_PARTS[codec] if name not in parts]
+    if missing:
+        raise ValueError(f"codec {codec!r} needs parts {missing}, got {sorted(parts)}")
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[..., D/2] uint8 -> [..., D] uint8; byte i holds q[2i] in the low nibble, q[2i+1] in the high."""
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+def decode_layer(codec: str, parts: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode one layer of a chunk to float32 keys and values, each ``[kv_heads, tokens, head_dim]``.
+
+    raw:  kv [2, H, T, D] model dtype.
+    int8: k_q, v_q int8 [H, T, D]; k_scale fp16 [H, D] (per channel); v_scale fp16 [H, T] (per token);
+          x = q * scale.
+    int4: k_q, v_q uint8 [H, T, D/2] (two per byte along D, low nibble = even index);
+          k_scale, k_min fp16 [H, ceil(T/128), D] (per channel, token t uses group t // 128);
+          v_scale, v_min fp16 [H, T] (per token); x = q * scale + min.
+    """
+    check_parts(codec, parts)
+    if codec == "raw":
+        kv = parts["kv"].float()
+        return kv[0], kv[1]
+    if codec == "int8":
+        k = parts["k_q"].float() * parts["k_scale"].float()[:, None, :]
+        v = parts["v_q"].float() * parts["v_scale"].float()[:, :, None]
+        return k, v
+    kq = unpack_int4(parts["k_q"]).float()  # [H, T, D]
+    vq = unpack_int4(parts["v_q"]).float()
+    t = kq.shape[1]
+    group = torch.arange(t, device=kq.device) // INT4_GROUP  # [T]
+    k = kq * parts["k_scale"].float()[:, group, :] + parts["k_min"].float()[:, group, :]
+    v = vq * parts["v_scale"].float()[:, :, None] + parts["v_min"].float()[:, :, None]
+    return k, v
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Neox half-split rotation partner: cat(-x[D/2:], x[:D/2]) along the last dim."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rerotate_scatter_reference(
+    codec: str,
+    parts: Mapping[str, torch.Tensor],
+    cos: torch.Tensor,  # [D] fp32, halves duplicated (HF layout), for the position delta
+    sin: torch.Tensor,  # [D] fp32
+    k_out: torch.Tensor,  # [kv_heads, N, D] model dtype, may be a strided view
+    v_out: torch.Tensor,  # [kv_heads, N, D]
+    offset: int,
+) -> None:
+    """Decode one chunk-layer, rotate its keys by the position delta and write it at ``offset``.
+
+    k_out[:, offset + t] = round(k[t] * cos + rotate_half(k[t]) * sin)   (decode and math in fp32)
+    v_out[:, offset + t] = round(v[t])
+    """
+    k, v = decode_layer(codec, parts)
+    t = k.shape[1]
+    if offset < 0 or offset + t > k_out.shape[1]:
+        raise ValueError(f"chunk of {t} tokens at offset {offset} does not fit in {k_out.shape[1]} slots")
+    cos = cos.float().to(k.device)
+    sin = sin.float().to(k.device)
+    k = k * cos + rotate_half(k) * sin
+    k_out[:, offset : offset + t] = k.to(k_out.dtype)
+    v_out[:, offset : offset + t] = v.to(v_out.dtype)
+
+
+def selected_attention_reference(
+    q: torch.Tensor,  # [Hq, n, D], already RoPE'd
+    q_pos: torch.Tensor,  # [n] int64, absolute positions, sorted ascending
+    k: torch.Tensor,  # [Hkv, N, D], key j sits at position j
+    v: torch.Tensor,  # [Hkv, N, D]
+    scale: float | None = None,
+    window: int | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of selected queries over the full KV under the exact position-causal mask.
+
+    Key j is visible to a query at position p iff j <= p (and p - window < j with a window).
+    GQA: query head h reads kv head h // (Hq // Hkv). Returns out [Hq, n, D] in q's dtype and,
+    with ``return_lse``, the natural log-sum-exp of the scaled, masked scores [Hq, n] fp32.
+    """
+    hq, n, d = q.shape
+    hkv, big_n, _ = k.shape
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads is not a multiple of {hkv} kv heads")
+    scale = d**-0.5 if scale is None else scale
+    key_pos = torch.arange(big_n, device=q.device)
+    q_pos = q_pos.to(q.device)
+    mask = key_pos[None, :] <= q_pos[:, None]  # [n, N], True = attend
+    if window is not None:
+        mask &= key_pos[None, :] > q_pos[:, None] - window
+    group = hq // hkv
+    k_rep = k.repeat_interleave(group, dim=0)
+    v_rep = v.repeat_interleave(group, dim=0)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask, scale=scale)
+    if not return_lse:
+        return out
+    scores = torch.einsum("hnd,hmd->hnm", q.float(), k_rep.float()) * scale
+    lse = scores.masked_fill(~mask, float("-inf")).logsumexp(dim=-1)
+    return out, lse
+
+
+def deviation_reference(
+    fresh: torch.Tensor,  # [H, T, D]
+    cached: torch.Tensor,  # [H, T, D]
+) -> torch.Tensor:
+    """Per-token deviation sum_h ||fresh[h, t] - cached[h, t]||_2 in fp32, shape [T]."""
+    return (fresh.float() - cached.float()).norm(dim=-1).sum(dim=0)

@@ -1,0 +1,206 @@
+"""Triton kernel: decode one chunk-layer from its codec, re-rotate its keys, scatter it into the cache.
+
+Fusion moves a chunk encoded at positions ``base_pos..`` to ``offset..`` of the assembled cache by
+rotating every key by the same position delta (RoPE is a rotation: R(a + b) = R(a) R(b)). This kernel
+does decode + rotation + copy in one pass, so a compressed chunk never exists decoded in memory:
+
+    source (one layer)            assembled cache  k_out / v_out  [kv_heads, N, head_dim]
+    codec parts, T tokens   --->  | ... | chunk at offset .. offset+T-1 | ... |
+
+It knows the per-layer codec formats (see ``reference.decode_layer``) and the neox half-split RoPE;
+it knows nothing about where the delta came from. The plain-torch twin is
+``reference.rerotate_scatter_reference``; the CPU path calls that one.
+
+    cos, sin = rope(delta)                                        # [head_dim] fp32 each
+    rerotate_scatter("int8", parts, cos, sin, k_out, v_out, offset=300)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import INT4_GROUP, check_parts
+from .reference import rerotate_scatter_reference as rerotate_scatter_reference
+
+__all__ = ["rerotate_scatter", "rerotate_scatter_reference"]
+
+_CODEC_ID = {"raw": 0, "int8": 1, "int4": 2}
+
+
+@triton.jit
+def _rerotate_scatter_kernel(
+    K_ptr,  # raw: [H, T, D] model dtype; int8: [H, T, D] int8; int4: [H, T, D/2] uint8 (contiguous)
+    V_ptr,  # same as K_ptr
+    KS_ptr,  # key scales: int8 [H, D]; int4 [H, G, D] fp16 (unused for raw)
+    KM_ptr,  # key mins: int4 [H, G, D] fp16 (unused otherwise)
+    VS_ptr,  # value scales [H, T] fp16 (unused for raw)
+    VM_ptr,  # value mins [H, T] fp16 (int4 only)
+    COS_ptr,  # [D] fp32
+    SIN_ptr,  # [D] fp32
+    KO_ptr,  # [H, N, D] output keys, strided
+    VO_ptr,  # [H, N, D] output values, strided
+    T,
+    G,  # key scale groups per head (int4: ceil(T / 128); int8: 1)
+    offset,
+    sko_h,
+    sko_t,
+    sko_d,
+    svo_h,
+    svo_t,
+    svo_d,
+    D: tl.constexpr,
+    CODEC: tl.constexpr,  # 0 raw, 1 int8, 2 int4
+    GROUP: tl.constexpr,  # int4 key group size in tokens
+    BLOCK_T: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,  # next power of two >= D / 2
+):
+    """One program = BLOCK_T tokens of one kv head, keys and values, both halves of head_dim.
+
+    With x1 = x[:D/2], x2 = x[D/2:] (neox pairing i <-> i + D/2), in fp32:
+        k_out1 = k1 * cos[:D/2] - k2 * sin[:D/2]
+        k_out2 = k2 * cos[D/2:] + k1 * sin[D/2:]
+        v_out  = v
+    rounded once to the output dtype. Decode: int8 x = q * scale; int4 x = q * scale + min, where
+    the two halves of an int4 row sit in bytes [0, D/4) and [D/4, D/2), each byte holding an even
+    (low nibble) and odd (high nibble) element, so each half is loaded as bytes and interleaved.
+    """
+    HALF: tl.constexpr = D // 2
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+
+    t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # [BLOCK_T]
+    t_mask = t < T
+    j = tl.arange(0, BLOCK_HALF).to(tl.int64)  # index inside one half of head_dim
+    j_mask = j < HALF
+    mask = t_mask[:, None] & j_mask[None, :]
+    row = h * T + t  # source row of (head, token)
+
+    if CODEC == 2:
+        QUARTER: tl.constexpr = D // 4
+        b = tl.arange(0, BLOCK_HALF // 2).to(tl.int64)  # byte inside one half
+        b_mask = t_mask[:, None] & (b < QUARTER)[None, :]
+        src = row[:, None] * HALF + b[None, :]  # a row holds D/2 bytes
+        kb1 = tl.load(K_ptr + src, mask=b_mask, other=0)
+        kb2 = tl.load(K_ptr + src + QUARTER, mask=b_mask, other=0)
+        vb1 = tl.load(V_ptr + src, mask=b_mask, other=0)
+        vb2 = tl.load(V_ptr + src + QUARTER, mask=b_mask, other=0)
+        k1 = tl.interleave(kb1 & 15, kb1 >> 4).to(tl.float32)
+        k2 = tl.interleave(kb2 & 15, kb2 >> 4).to(tl.float32)
+        v1 = tl.interleave(vb1 & 15, vb1 >> 4).to(tl.float32)
+        v2 = tl.interleave(vb2 & 15, vb2 >> 4).to(tl.float32)
+        ks_row = (h * G + t // GROUP)[:, None] * D + j[None, :]  # [BLOCK_T, BLOCK_HALF]
+        k1 = k1 * tl.load(KS_ptr + ks_row, mask=mask, other=0.0).to(tl.float32) + tl.load(
+            KM_ptr + ks_row, mask=mask, other=0.0
+        ).to(tl.float32)
+        k2 = k2 * tl.load(KS_ptr + ks_row + HALF, mask=mask, other=0.0).to(tl.float32) + tl.load(
+            KM_ptr + ks_row + HALF, mask=mask, other=0.0
+        ).to(tl.float32)
+        vs = tl.load(VS_ptr + row, mask=t_mask, other=0.0).to(tl.float32)[:, None]
+        vm = tl.load(VM_ptr + row, mask=t_mask, other=0.0).to(tl.float32)[:, None]
+        v1 = v1 * vs + vm
+        v2 = v2 * vs + vm
+    else:
+        src = row[:, None] * D + j[None, :]
+        k1 = tl.load(K_ptr + src, mask=mask, other=0).to(tl.float32)
+        k2 = tl.load(K_ptr + src + HALF, mask=mask, other=0).to(tl.float32)
+        v1 = tl.load(V_ptr + src, mask=mask, other=0).to(tl.float32)
+        v2 = tl.load(V_ptr + src + HALF, mask=mask, other=0).to(tl.float32)
+        if CODEC == 1:
+            ks = h * D + j
+            k1 = k1 * tl.load(KS_ptr + ks, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+            k2 = k2 * tl.load(KS_ptr + ks + HALF, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+            vs = tl.load(VS_ptr + row, mask=t_mask, other=0.0).to(tl.float32)[:, None]
+            v1 = v1 * vs
+            v2 = v2 * vs
+
+    c1 = tl.load(COS_ptr + j, mask=j_mask, other=0.0)[None, :]
+    c2 = tl.load(COS_ptr + HALF + j, mask=j_mask, other=0.0)[None, :]
+    s1 = tl.load(SIN_ptr + j, mask=j_mask, other=0.0)[None, :]
+    s2 = tl.load(SIN_ptr + HALF + j, mask=j_mask, other=0.0)[None, :]
+    ko1 = k1 * c1 - k2 * s1
+    ko2 = k2 * c2 + k1 * s2
+
+    dst_t = offset + t
+    ko = KO_ptr + h * sko_h + dst_t[:, None] * sko_t + j[None, :] * sko_d
+    tl.store(ko, ko1.to(KO_ptr.dtype.element_ty), mask=mask)
+    tl.store(ko + HALF * sko_d, ko2.to(KO_ptr.dtype.element_ty), mask=mask)
+    vo = VO_ptr + h * svo_h + dst_t[:, None] * svo_t + j[None, :] * svo_d
+    tl.store(vo, v1.to(VO_ptr.dtype.element_ty), mask=mask)
+    tl.store(vo + HALF * svo_d, v2.to(VO_ptr.dtype.element_ty), mask=mask)
+
+
+def rerotate_scatter(
+    codec: str,
+    parts: Mapping[str, torch.Tensor],  # one layer of the codec's tensors, see reference.decode_layer
+    cos: torch.Tensor,  # [D] fp32, halves duplicated (HF layout), for the position delta
+    sin: torch.Tensor,  # [D] fp32
+    k_out: torch.Tensor,  # [kv_heads, N, D] model dtype, may be a strided view
+    v_out: torch.Tensor,  # [kv_heads, N, D]
+    offset: int,
+) -> None:
+    """Write the decoded, re-rotated chunk into ``k_out[:, offset:offset+T]`` / ``v_out`` in place."""
+    check_parts(codec, parts)
+    if codec == "raw":
+        kv = parts["kv"]
+        k_src, v_src = kv[0].contiguous(), kv[1].contiguous()
+    else:
+        k_src, v_src = parts["k_q"].contiguous(), parts["v_q"].contiguous()
+    h, t = k_src.shape[0], k_src.shape[1]
+    d = k_out.shape[-1]
+    if k_out.shape != v_out.shape or k_out.dim() != 3 or k_out.shape[0] != h:
+        raise ValueError(f"k_out/v_out must be [{h}, N, D], got {tuple(k_out.shape)} and {tuple(v_out.shape)}")
+    if d % (4 if codec == "int4" else 2):
+        raise ValueError(f"head_dim {d} must be divisible by {4 if codec == 'int4' else 2} for codec {codec!r}")
+    if k_src.shape[-1] != (d // 2 if codec == "int4" else d):
+        raise ValueError(f"codec {codec!r} data has last dim {k_src.shape[-1]}, head_dim is {d}")
+    if offset < 0 or offset + t > k_out.shape[1]:
+        raise ValueError(f"chunk of {t} tokens at offset {offset} does not fit in {k_out.shape[1]} slots")
+    if t == 0:
+        return
+    cos = cos.to(device=k_out.device, dtype=torch.float32).contiguous()
+    sin = sin.to(device=k_out.device, dtype=torch.float32).contiguous()
+    if cos.shape != (d,) or sin.shape != (d,):
+        raise ValueError(f"cos/sin must be [{d}], got {tuple(cos.shape)} and {tuple(sin.shape)}")
+
+    groups = 1
+    ks = km = vs = vm = k_src  # placeholders the kernel never reads for this codec
+    if codec == "int8":
+        ks, vs = parts["k_scale"].contiguous(), parts["v_scale"].contiguous()
+    elif codec == "int4":
+        ks, km = parts["k_scale"].contiguous(), parts["k_min"].contiguous()
+        vs, vm = parts["v_scale"].contiguous(), parts["v_min"].contiguous()
+        groups = ks.shape[1]
+        if groups != triton.cdiv(t, INT4_GROUP):
+            raise ValueError(f"int4 k_scale has {groups} groups, {t} tokens need {triton.cdiv(t, INT4_GROUP)}")
+
+    block_half = triton.next_power_of_2(d // 2)
+    block_t = max(1, min(32, 4096 // block_half, triton.next_power_of_2(t)))
+    grid = (triton.cdiv(t, block_t), h)
+    _rerotate_scatter_kernel[grid](
+        k_src,
+        v_src,
+        ks,
+        km,
+        vs,
+        vm,
+        cos,
+        sin,
+        k_out,
+        v_out,
+        t,
+        groups,
+        offset,
+        *k_out.stride(),
+        *v_out.stride(),
+        D=d,
+        CODEC=_CODEC_ID[codec],
+        GROUP=INT4_GROUP,
+        BLOCK_T=block_t,
+        BLOCK_HALF=block_half,
+        num_warps=4,
+    )
+
