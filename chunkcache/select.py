@@ -1,0 +1,152 @@
+"""Selection policies: which chunk tokens to recompute, chosen by name from ``POLICIES``.
+
+A policy says after which layers it filters (``schedule``: layer -> fraction of chunk tokens kept
+after that layer) and how it ranks tokens (``select``: given a ``SelectContext`` and a count,
+return the positions to keep). Fusion runs every chunk token through the layers up to the first
+filtering layer, so policies can compare fresh and reused K/V there.
+
+    cacheblend  the faithful baseline: V deviation at layer 1, top-k, fixed for later layers
+    gradual     the paper's gradual filtering: V deviation at layers 1, 2, 3 keeping 3r, 2r, r
+    qaware      ours (default): question-aware. See ``QAware``.
+    epic        the first tokens of every chunk (EPIC), for comparison
+    random      uniform at random (a sanity floor)
+
+What it does not know: models, caches, prompts. It sees tensors in a SelectContext only.
+
+    policy = POLICIES["cacheblend"]
+    policy.schedule(num_layers=30, ratio=0.15)   # {1: 0.15}
+    keep = policy.select(ctx, k=120)             # [120] positions
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SelectContext:
+    """What a policy may look at when it filters after ``layer``. ``c`` = candidate chunk tokens."""
+
+    layer: int
+    positions: torch.Tensor
+    """[c] prompt positions of the candidates, ascending."""
+    chunk_of: torch.Tensor
+    """[c] which chunk each candidate belongs to."""
+    chunk_offsets: torch.Tensor
+    """[chunks] first prompt position of each chunk."""
+    fresh: torch.Tensor
+    """[2, kv_heads, c, head_dim] K/V just recomputed at this layer (keys post-RoPE)."""
+    reused: torch.Tensor
+    """[2, kv_heads, c, head_dim] the re-rotated precomputed K/V they replaced."""
+    question_q: torch.Tensor
+    """[q_heads, nq, head_dim] this layer's (RoPE'd) queries of the question tokens."""
+    keys: torch.Tensor
+    """[kv_heads, N, head_dim] this layer's assembled keys (fresh where computed)."""
+    question_pos: torch.Tensor
+    """[nq] positions of the question tokens."""
+    scale: float
+    """Attention scale of the layer."""
+    probe_attn: torch.Tensor | None = None
+    """[layers, c] attention the question paid to each candidate over the reused cache, per layer
+    (only for policies with ``probe = True``)."""
+    token_scores: torch.Tensor | None = None
+    """[c] scores stored with the chunks at precompute time, if every chunk has them."""
+
+    def deviation(self, which: int = 1) -> torch.Tensor:
+        """[c] L2 distance between fresh and reused K (0) or V (1), summed over heads."""
+        return (self.fresh[which].float() - self.reused[which].float()).norm(dim=-1).sum(0)
+
+    def question_attention(self) -> torch.Tensor:
+        """[c] attention mass of the question on each candidate at this layer (mean over heads, tokens)."""
+        group = self.question_q.shape[0] // self.keys.shape[0]
+        k = self.keys.float().repeat_interleave(group, 0)
+        scores = torch.einsum("hqd,hkd->hqk", self.question_q.float(), k) * self.scale
+        n = self.keys.shape[1]
+        visible = torch.arange(n, device=scores.device)[None, :] <= self.question_pos[:, None]
+        probs = scores.masked_fill(~visible[None], float("-inf")).softmax(-1)
+        return probs.mean(dim=(0, 1))[self.positions]
+
+    def within_chunk(self) -> torch.Tensor:
+        """[c] index of each candidate inside its chunk (0 = chunk start)."""
+        return self.positions - self.chunk_offsets[self.chunk_of]
+
+
+def _top(ctx: SelectContext, score: torch.Tensor, k: int) -> torch.Tensor:
+    return ctx.positions[torch.topk(score, k).indices]
+
+
+class CacheBlend:
+    """Faithful CacheBlend: V deviation at decoder layer 1, top-k, fixed for later layers."""
+
+    probe = False
+
+    def schedule(self, num_layers: int, ratio: float) -> dict[int, float]:
+        return {1: ratio}
+
+    def select(self, ctx: SelectContext, k: int) -> torch.Tensor:
+        return _top(ctx, ctx.deviation(1), k)
+
+
+class Gradual(CacheBlend):
+    """The paper's gradual filtering: keep min(1, 3r), then 2r, then r by V deviation at layers 1-3."""
+
+    def schedule(self, num_layers: int, ratio: float) -> dict[int, float]:
+        return {1: min(1.0, 3 * ratio), 2: min(1.0, 2 * ratio), 3: ratio}
+
+
+class Random:
+    """Uniform selection (deterministic seed): the floor any policy must beat."""
+
+    probe = False
+
+    def schedule(self, num_layers: int, ratio: float) -> dict[int, float]:
+        return {1: ratio}
+
+    def select(self, ctx: SelectContext, k: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        idx = torch.randperm(ctx.positions.numel(), generator=g)[:k].to(ctx.positions.device)
+        return ctx.positions[idx]
+
+
+class Epic(Random):
+    """EPIC-style: the first k / chunks tokens of every chunk."""
+
+    def select(self, ctx: SelectContext, k: int) -> torch.Tensor:
+        n_chunks = int(ctx.chunk_offsets.numel())
+        per = math.ceil(k / n_chunks)
+        score = -ctx.within_chunk().float() + (ctx.within_chunk() < per).float() * 1e9
+        return _top(ctx, score, k)
+
+
+class QAware:
+    """Question-aware selection (ours, the default).
+
+    Before recomputing, a cheap probe runs only the question over the reused cache through every
+    layer and records how much attention it pays to each chunk token (``probe_attn``): tokens the
+    question reads from in deep layers are the ones whose stale K/V move the answer. The score
+    multiplies that attention mass with the fresh-vs-reused V deviation at layer 1 (how stale the
+    token is), each normalised per chunk-set.
+    """
+
+    probe = True
+
+    def schedule(self, num_layers: int, ratio: float) -> dict[int, float]:
+        return {1: ratio}
+
+    def select(self, ctx: SelectContext, k: int) -> torch.Tensor:
+        attn = ctx.probe_attn.sum(0) if ctx.probe_attn is not None else ctx.question_attention()
+        dev = ctx.deviation(1)
+        score = (attn / attn.mean()) * (dev / dev.mean())
+        return _top(ctx, score, k)
+
+
+POLICIES: dict[str, object] = {
+    "cacheblend": CacheBlend(),
+    "gradual": Gradual(),
+    "qaware": QAware(),
+    "epic": Epic(),
+    "random": Random(),
+}

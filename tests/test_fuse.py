@@ -1,0 +1,168 @@
+"""Contract tests of fusion: ratio 1 is a full prefill, ratio 0 is plain reuse of re-rotated caches,
+re-rotation equals encoding at the offset, the mask is exactly position-causal, and chunk order,
+GQA and every supported architecture behave. Tiny random models run fast; the real default model
+is checked too (marked slow; it still runs in CI)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PASSAGES, QUESTION, tiny_model
+
+from chunkcache.engine import ChunkCache
+from chunkcache.fuse import FuseConfig, assemble, fuse_kv
+from chunkcache.model import rotation, apply_rotation
+from chunkcache.select import POLICIES
+
+
+def full_logits(engine: ChunkCache, chunks, question) -> torch.Tensor:
+    ids = engine.prompt_ids(chunks, question).to(engine.lm.device)
+    with torch.no_grad():
+        return engine.model(input_ids=ids).logits[0, -1].float()
+
+
+def make_engine(arch, tok, **overrides):
+    return ChunkCache(model=tiny_model(arch, **overrides), tokenizer=tok, store=None)
+
+
+@pytest.mark.parametrize(
+    "arch,overrides",
+    [
+        ("llama", {}),
+        ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}),
+        ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 512,
+                                       "rope_theta": 500000.0}}),
+        ("mistral", {"sliding_window": 40}),
+        ("qwen2", {}),
+        ("qwen3", {}),
+    ],
+    ids=["llama", "llama-linear", "llama3-rope", "mistral-window", "qwen2-bias", "qwen3-qknorm"],
+)
+def test_ratio_one_is_full_prefill(smol_tokenizer, arch, overrides):
+    eng = make_engine(arch, smol_tokenizer, **overrides)
+    ref = full_logits(eng, PASSAGES, QUESTION)
+    for policy in POLICIES:
+        fused = eng.fuse(PASSAGES, QUESTION, recompute_ratio=1.0, policy=policy)
+        torch.testing.assert_close(fused.logits, ref, rtol=1e-4, atol=1e-4)
+        assert fused.stats["recomputed_tokens"] == fused.stats["chunk_tokens"]
+    # and the cache it hands over continues exactly like the model's own cache
+    ids = eng.prompt_ids(PASSAGES, QUESTION)
+    with torch.no_grad():
+        want = eng.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
+    got = eng.model.generate(input_ids=fused.input_ids, past_key_values=fused.fresh_cache(), max_new_tokens=8,
+                             do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
+    assert want.tolist() == got.tolist()
+
+
+def test_ratio_zero_is_reuse_of_rerotated_caches(tiny_engine):
+    """At ratio 0 only the question is computed: compare with transformers' own forward of the
+    question over a DynamicCache built from prefix KV + re-rotated chunk KV (an independent path)."""
+    from transformers import DynamicCache
+
+    eng = tiny_engine
+    fused = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.0)
+    chunks = eng.chunks(PASSAGES)
+    suffix = eng.template.suffix_ids(QUESTION)
+    buf, _, offsets = assemble(eng.lm, eng.prefix_kv(), chunks, len(suffix))
+    n_ctx = buf.shape[3] - len(suffix)
+    torch.testing.assert_close(fused.kv[:, :, :, :n_ctx], buf[:, :, :, :n_ctx], rtol=0, atol=0)
+    cache = DynamicCache()
+    for i in range(buf.shape[0]):
+        cache.update(buf[i, 0, :, :n_ctx][None].clone(), buf[i, 1, :, :n_ctx][None].clone(), i)
+    with torch.no_grad():
+        out = eng.model(input_ids=torch.tensor([suffix]), past_key_values=cache, use_cache=True)
+    torch.testing.assert_close(fused.logits, out.logits[0, -1].float(), rtol=1e-4, atol=1e-4)
+    assert fused.stats["recomputed_tokens"] == 0
+    # and it differs from a full prefill (reuse is not free)
+    assert (fused.logits - full_logits(eng, PASSAGES, QUESTION)).abs().max() > 1e-3
+
+
+def test_rerotation_matches_encoding_at_offset(tiny_engine):
+    """Keys stored at local positions and rotated by delta equal the keys the model computes when
+    the same (sink + chunk) is encoded with positions shifted by delta."""
+    from transformers import DynamicCache
+
+    eng = tiny_engine
+    chunk = eng.chunk(PASSAGES[1])
+    sink = eng.template.sink_ids("bos")
+    delta = 777
+    ids = torch.tensor([sink + chunk.token_ids.tolist()])
+    cache = DynamicCache()
+    pos = torch.arange(ids.shape[1])[None] + delta
+    with torch.no_grad():
+        eng.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+    cos, sin = rotation(eng.model, delta, "cpu")
+    for layer in range(chunk.num_layers):
+        want_k = cache.layers[layer].keys[0, :, len(sink):]
+        want_v = cache.layers[layer].values[0, :, len(sink):]
+        torch.testing.assert_close(apply_rotation(chunk.kv[layer, 0], cos, sin), want_k, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(chunk.kv[layer, 1], want_v, rtol=1e-4, atol=1e-4)
+
+
+def test_mask_is_exactly_position_causal(tiny_engine):
+    """A recomputed token must not see keys after its own position: perturbing the reused KV of a
+    later chunk leaves the recomputed K/V of an earlier chunk's selected tokens unchanged in every
+    layer. (The bottom-right mask of the public implementations fails this.)"""
+    eng = tiny_engine
+    chunks = eng.chunks(PASSAGES)
+    pre, suf = eng._prefix_ids, eng.template.suffix_ids(QUESTION)
+    cfg = FuseConfig(recompute_ratio=0.3, policy="epic")  # deterministic: first tokens of each chunk
+    a = fuse_kv(eng.lm, eng.prefix_kv(), chunks, pre, suf, cfg)
+    noisy = [chunks[0]] + [type(c)(token_ids=c.token_ids, kv=c.kv + torch.randn_like(c.kv), base_pos=c.base_pos)
+                           for c in chunks[1:]]
+    b = fuse_kv(eng.lm, eng.prefix_kv(), noisy, pre, suf, cfg)
+    first_end = len(pre) + chunks[0].num_tokens
+    sel = a.selected[a.selected < first_end]
+    assert sel.numel() > 0 and torch.equal(a.selected, b.selected)
+    torch.testing.assert_close(a.kv[:, :, :, sel], b.kv[:, :, :, sel], rtol=0, atol=0)
+    # while the question (which sees everything) does change
+    assert (a.logits - b.logits).abs().max() > 1e-3
+
+
+def test_chunk_order_permutations(tiny_engine):
+    eng = tiny_engine
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]):
+        chunks = [PASSAGES[i] for i in order]
+        fused = eng.fuse(chunks, QUESTION, recompute_ratio=1.0)
+        torch.testing.assert_close(fused.logits, full_logits(eng, chunks, QUESTION), rtol=1e-4, atol=1e-4)
+        assert torch.equal(fused.input_ids, eng.prompt_ids(chunks, QUESTION))
+        part = eng.fuse(chunks, QUESTION, recompute_ratio=0.25)
+        assert part.stats["recomputed_tokens"] == round(0.25 * part.stats["chunk_tokens"])
+
+
+def test_intermediate_ratios_between_reuse_and_full(tiny_engine):
+    eng = tiny_engine
+    ref = full_logits(eng, PASSAGES, QUESTION).log_softmax(-1)
+
+    def kl(r):
+        lp = eng.fuse(PASSAGES, QUESTION, recompute_ratio=r, policy="cacheblend").logits.log_softmax(-1)
+        return float((ref.exp() * (ref - lp)).sum())
+
+    k0, k5, k1 = kl(0.0), kl(0.5), kl(1.0)
+    assert k1 < 1e-6 < k5 < k0
+
+
+def test_bfloat16_fusion_runs_and_tracks_prefill(smol_tokenizer):
+    model = tiny_model("llama").to(torch.bfloat16)
+    eng = ChunkCache(model=model, tokenizer=smol_tokenizer, store=None)
+    fused = eng.fuse(PASSAGES, QUESTION, recompute_ratio=1.0)
+    assert fused.kv.dtype == torch.bfloat16
+    ref = full_logits(eng, PASSAGES, QUESTION)
+    assert torch.argmax(fused.logits) == torch.argmax(ref)
+    torch.testing.assert_close(fused.logits, ref, rtol=0.05, atol=0.1)
+
+
+@pytest.mark.slow
+def test_default_model_contracts(smol):
+    """The real SmolLM2-135M (30 layers, GQA 9/3): ratio 1 equals full prefill (logits and greedy
+    text) and fused generation through ``model.generate`` works."""
+    eng = ChunkCache(model=smol.model, tokenizer=smol.tokenizer, store=None)
+    ref = full_logits(eng, PASSAGES, QUESTION)
+    fused = eng.fuse(PASSAGES, QUESTION, recompute_ratio=1.0)
+    torch.testing.assert_close(fused.logits, ref, rtol=1e-4, atol=2e-4)
+    ids = eng.prompt_ids(PASSAGES, QUESTION)
+    with torch.no_grad():
+        want = eng.model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+    assert eng.generate_from(fused, max_new_tokens=12) == eng.tokenizer.decode(want, skip_special_tokens=True).strip()
+    assert "Eiffel" in eng.generate(PASSAGES[::-1], QUESTION, max_new_tokens=12, recompute_ratio=0.15)
