@@ -60,7 +60,7 @@ def rerotate_scatter(
 ) -> None:
     """Decode, re-rotate and write one chunk-layer into ``k_out``/``v_out`` at ``offset`` (in place)."""
     if _use_triton(k_out):
-        fn = importlib.import_module(".rerotate_scatter", __name__).rerotate_scatter
+        fn = importlib.import_module(".rerotate_scatter_triton", __name__).rerotate_scatter
     else:
         fn = rerotate_scatter_reference
     fn(codec, parts, cos, sin, k_out, v_out, offset)
@@ -77,7 +77,7 @@ def selected_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of the selected queries over all keys at positions <= their own (see the reference)."""
     if _use_triton(q):
-        fn = importlib.import_module(".selected_attention", __name__).selected_attention
+        fn = importlib.import_module(".selected_attention_triton", __name__).selected_attention
     else:
         fn = selected_attention_reference
     return fn(q, q_pos, k, v, scale=scale, window=window, return_lse=return_lse)
@@ -89,5 +89,5 @@ def deviation(
 ) -> torch.Tensor:
     """Per-token deviation sum_h ||fresh[h, t] - cached[h, t]||_2, fp32 [T]."""
     if _use_triton(fresh):
-        return importlib.import_module(".deviation", __name__).deviation(fresh, cached)
+        return importlib.import_module(".deviation_triton", __name__).deviation(fresh, cached)
     return deviation_reference(fresh, cached)

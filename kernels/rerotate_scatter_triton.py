@@ -152,9 +152,13 @@ def rerotate_scatter(
     h, t = k_src.shape[0], k_src.shape[1]
     d = k_out.shape[-1]
     if k_out.shape != v_out.shape or k_out.dim() != 3 or k_out.shape[0] != h:
-        raise ValueError(f"k_out/v_out must be [{h}, N, D], got {tuple(k_out.shape)} and {tuple(v_out.shape)}")
+        raise ValueError(
+            f"k_out/v_out must be [{h}, N, D], got {tuple(k_out.shape)} and {tuple(v_out.shape)}"
+        )
     if d % (4 if codec == "int4" else 2):
-        raise ValueError(f"head_dim {d} must be divisible by {4 if codec == 'int4' else 2} for codec {codec!r}")
+        raise ValueError(
+            f"head_dim {d} must be divisible by {4 if codec == 'int4' else 2} for codec {codec!r}"
+        )
     if k_src.shape[-1] != (d // 2 if codec == "int4" else d):
         raise ValueError(f"codec {codec!r} data has last dim {k_src.shape[-1]}, head_dim is {d}")
     if offset < 0 or offset + t > k_out.shape[1]:
@@ -175,7 +179,9 @@ def rerotate_scatter(
         vs, vm = parts["v_scale"].contiguous(), parts["v_min"].contiguous()
         groups = ks.shape[1]
         if groups != triton.cdiv(t, INT4_GROUP):
-            raise ValueError(f"int4 k_scale has {groups} groups, {t} tokens need {triton.cdiv(t, INT4_GROUP)}")
+            raise ValueError(
+                f"int4 k_scale has {groups} groups, {t} tokens need {triton.cdiv(t, INT4_GROUP)}"
+            )
 
     block_half = triton.next_power_of_2(d // 2)
     block_t = max(1, min(32, 4096 // block_half, triton.next_power_of_2(t)))
@@ -203,4 +209,3 @@ def rerotate_scatter(
         BLOCK_HALF=block_half,
         num_warps=4,
     )
-

@@ -1,0 +1,342 @@
+"""Triton kernels vs their plain-torch references, over odd and prime shapes and each dtype.
+
+Without CUDA the kernels run through the Triton interpreter (``TRITON_INTERPRET=1``, set below
+before any kernel module is imported; no other test uses triton). With CUDA the same tests run
+compiled on the GPU, and the ``gpu``-marked tests add realistic shapes:
+
+    pytest tests/test_kernels.py              # CPU: interpreter, small grids
+    pytest tests/test_kernels.py -m gpu       # device machine: large shapes, compiled
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # Read when a @triton.jit decorator runs: triton's own library functions at ``import triton``,
+    # ours at kernel-module import. So it must be set before triton is first imported.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from chunkcache.kernels import deviation_triton as dv  # noqa: E402
+from chunkcache.kernels import reference  # noqa: E402
+from chunkcache.kernels import rerotate_scatter_triton as rr  # noqa: E402
+from chunkcache.kernels import selected_attention_triton as sa  # noqa: E402
+
+from chunkcache import kernels  # noqa: E402
+
+# If something imported triton earlier in this process without the flag, its library is compiled-
+# only and cannot be interpreted: then the kernel tests run in a fresh process instead (see below).
+RUNNABLE = CUDA or "Interpreted" in type(triton.language.standard.sum).__name__
+kernel_test = pytest.mark.skipif(not RUNNABLE, reason="triton imported before TRITON_INTERPRET; run afresh")
+
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Interpreter tl.dot mishandles bf16 (numpy has no bfloat16); compiled bf16 is tested on the GPU.
+DOT_DTYPES = DTYPES if CUDA else [torch.float32, torch.float16]
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str) -> None:
+    """Like torch.testing.assert_close, but names the worst index and how many elements fail."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.double().cpu(), expected.double().cpu()
+    err = (a - e).abs()
+    bad = err > atol + rtol * e.abs()
+    bad |= a.isnan() != e.isnan()
+    if bad.any():
+        excess = torch.where(bad, err - rtol * e.abs(), torch.zeros_like(err)).nan_to_num(float("inf"))
+        worst = tuple(int(i) for i in torch.unravel_index(excess.argmax(), err.shape))
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements off (atol={atol}, rtol={rtol}); worst at "
+            f"index {worst}: got {a[worst].item():.6g}, expected {e[worst].item():.6g}; "
+            f"first bad indices {[tuple(i.tolist()) for i in bad.nonzero()[:5]]}"
+        )
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def rope_cos_sin(delta: int, d: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF-layout cos/sin [d] (halves duplicated) for a rotation by ``delta`` positions."""
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.cat((inv_freq, inv_freq)) * delta
+    return ang.cos().float(), ang.sin().float()
+
+
+def make_parts(codec: str, h: int, t: int, d: int, dtype: torch.dtype, gen: torch.Generator) -> dict:
+    """Random parts of one layer in the codec's format (random codes and scales, not an encode)."""
+
+    def half(*shape, lo=0.01, hi=0.1):
+        return (torch.rand(*shape, generator=gen) * (hi - lo) + lo).half()
+
+    if codec == "raw":
+        return {"kv": torch.randn(2, h, t, d, generator=gen).to(dtype)}
+    if codec == "int8":
+        q = lambda: torch.randint(-127, 128, (h, t, d), generator=gen, dtype=torch.int8)  # noqa: E731
+        return {"k_q": q(), "v_q": q(), "k_scale": half(h, d), "v_scale": half(h, t)}
+    g = -(-t // reference.INT4_GROUP)
+    q = lambda: torch.randint(0, 256, (h, t, d // 2), generator=gen, dtype=torch.uint8)  # noqa: E731
+    mins = lambda *s: torch.randn(*s, generator=gen).half()  # noqa: E731
+    return {
+        "k_q": q(),
+        "v_q": q(),
+        "k_scale": half(h, g, d),
+        "k_min": mins(h, g, d),
+        "v_scale": half(h, t),
+        "v_min": mins(h, t),
+    }
+
+
+def to_device(parts: dict, device: str) -> dict:
+    return {name: x.to(device) for name, x in parts.items()}
+
+
+# Output tolerances: one rounding to the dtype from fp32 math (interpreter bf16 casts may truncate).
+RR_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
+
+
+def check_rerotate_scatter(codec, h, t, d, n, offset, dtype, delta, seed=0, layout="layers"):
+    gen = torch.Generator().manual_seed(seed)
+    parts = make_parts(codec, h, t, d, dtype, gen)
+    cos, sin = rope_cos_sin(delta, d)
+    if layout == "layers":  # k_out/v_out = slices of a [layers, 2, H, N, D] buffer
+        buf = torch.full((2, 2, h, n, d), 7.0, dtype=dtype)
+        want = buf.clone()
+        reference.rerotate_scatter_reference(codec, parts, cos, sin, want[1, 0], want[1, 1], offset)
+        buf = buf.to(DEVICE)
+        rr.rerotate_scatter(codec, to_device(parts, DEVICE), cos, sin, buf[1, 0], buf[1, 1], offset)
+    else:  # token-major buffer [N, 2, H, D] seen as [H, N, D]: inner strides not contiguous in N
+        buf = torch.full((n, 2, h, d), 7.0, dtype=dtype)
+        want = buf.clone()
+        reference.rerotate_scatter_reference(
+            codec, parts, cos, sin, want[:, 0].transpose(0, 1), want[:, 1].transpose(0, 1), offset
+        )
+        buf = buf.to(DEVICE)
+        k_out, v_out = buf[:, 0].transpose(0, 1), buf[:, 1].transpose(0, 1)
+        rr.rerotate_scatter(codec, to_device(parts, DEVICE), cos, sin, k_out, v_out, offset)
+    atol, rtol = RR_TOL[dtype]
+    assert_close(
+        buf, want, atol, rtol, f"rerotate_scatter[{codec}, {dtype}, H={h} T={t} D={d} N={n} @{offset}]"
+    )
+
+
+# ------------------------------------------------------------------------------- rerotate_scatter
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4"])
+@pytest.mark.parametrize(
+    ("h", "t", "d", "n", "offset"),
+    [(3, 131, 64, 300, 17), (1, 7, 128, 11, 4), (2, 1, 80, 5, 4), (2, 129, 32, 131, 0)],
+)
+@kernel_test
+def test_rerotate_scatter_matches_reference(codec, dtype, h, t, d, n, offset):
+    check_rerotate_scatter(codec, h, t, d, n, offset, dtype, delta=offset + 1234)
+
+
+@kernel_test
+@pytest.mark.parametrize("codec", ["raw", "int4"])
+def test_rerotate_scatter_token_major_output(codec):
+    check_rerotate_scatter(codec, 2, 37, 64, 53, 9, torch.float16, delta=-5, layout="token_major")
+
+
+@kernel_test
+def test_rerotate_scatter_zero_delta_is_plain_decode():
+    """Rotation by 0 is the identity: the kernel must then equal the codec decode exactly (fp32)."""
+    gen = torch.Generator().manual_seed(1)
+    parts = make_parts("int4", 2, 131, 64, torch.float32, gen)
+    cos, sin = rope_cos_sin(0, 64)
+    k_out = torch.zeros(2, 140, 64, device=DEVICE)
+    v_out = torch.zeros_like(k_out)
+    rr.rerotate_scatter("int4", to_device(parts, DEVICE), cos, sin, k_out, v_out, 9)
+    k, v = reference.decode_layer("int4", parts)
+    assert torch.equal(k_out[:, 9:].cpu(), k) and torch.equal(v_out[:, 9:].cpu(), v)
+
+
+@kernel_test
+def test_rerotate_scatter_rejects_overflow():
+    parts = make_parts("raw", 1, 10, 64, torch.float32, torch.Generator().manual_seed(0))
+    cos, sin = rope_cos_sin(3, 64)
+    out = torch.zeros(1, 12, 64)
+    for fn in (rr.rerotate_scatter, reference.rerotate_scatter_reference):
+        with pytest.raises(ValueError, match="does not fit"):
+            fn("raw", parts, cos, sin, out, out.clone(), 5)
+
+
+def test_reference_decode_matches_codec_module():
+    """The kernels' decode agrees with chunkcache.codec (the store's formats) layer by layer."""
+    codec_mod = pytest.importorskip("chunkcache.codec")
+    kv = torch.randn(2, 2, 3, 131, 64, generator=torch.Generator().manual_seed(2))
+    for name in ("raw", "int8", "int4"):
+        codec = codec_mod.get_codec(name)
+        parts = codec.encode(kv)
+        for layer in range(2):
+            one = {p: x[layer] for p, x in parts.items()}
+            k, v = reference.decode_layer(name, one)
+            want = codec.decode_layer(parts, layer, torch.float32)
+            assert_close(k, want[0], 0, 0, f"decode {name} keys, layer {layer}")
+            assert_close(v, want[1], 0, 0, f"decode {name} values, layer {layer}")
+
+
+# ----------------------------------------------------------------------------- selected_attention
+
+SA_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def check_selected_attention(hq, hkv, d, n_keys, n, dtype, window=None, seed=0, q_major=False):
+    gen = torch.Generator().manual_seed(seed)
+    if q_major:  # q as a [n, Hq, D] buffer seen as [Hq, n, D]
+        q = torch.randn(n, hq, d, generator=gen).to(dtype).transpose(0, 1)
+    else:
+        q = torch.randn(hq, n, d, generator=gen).to(dtype)
+    k = torch.randn(hkv, n_keys, d, generator=gen).to(dtype)
+    v = torch.randn(hkv, n_keys, d, generator=gen).to(dtype)
+    pos = torch.randperm(n_keys - 2, generator=gen)[: n - 2] + 1
+    pos = torch.cat((torch.tensor([0, n_keys - 1]), pos)).sort().values  # first and last position too
+    scale = 0.9 * d**-0.5
+    want, want_lse = reference.selected_attention_reference(
+        q.float(), pos, k.float(), v.float(), scale=scale, window=window, return_lse=True
+    )
+    dev = lambda x: x.to(DEVICE)  # noqa: E731
+    out, lse = sa.selected_attention(
+        dev(q), dev(pos), dev(k), dev(v), scale=scale, window=window, return_lse=True
+    )
+    assert out.dtype == dtype and out.shape == (hq, n, d)
+    atol, rtol = SA_TOL[dtype]
+    name = f"selected_attention[{dtype}, Hq={hq} Hkv={hkv} D={d} N={n_keys} n={n} window={window}]"
+    assert_close(out, want, atol, rtol, name + " out")
+    assert_close(lse, want_lse, 1e-4 if dtype == torch.float32 else 1e-2, 1e-4, name + " lse")
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("hq", "hkv", "d", "n_keys", "n", "window"),
+    [
+        (4, 2, 64, 293, 37, None),  # GQA 2, N prime, n not a multiple of the block
+        (2, 1, 128, 131, 20, None),  # D = 128
+        (3, 3, 80, 97, 13, None),  # D not a power of two, MHA
+        (4, 2, 64, 293, 37, 50),  # sliding window
+        (2, 2, 64, 257, 71, 1),  # window 1: each query sees only itself
+    ],
+)
+@kernel_test
+def test_selected_attention_matches_reference(dtype, hq, hkv, d, n_keys, n, window):
+    check_selected_attention(hq, hkv, d, n_keys, n, dtype, window)
+
+
+@kernel_test
+def test_selected_attention_strided_q_and_no_lse():
+    check_selected_attention(4, 1, 64, 127, 29, torch.float32, q_major=True)
+    q = torch.randn(2, 3, 64, device=DEVICE)
+    kv = torch.randn(1, 10, 64, device=DEVICE)
+    out = sa.selected_attention(q, torch.tensor([2, 5, 9], device=DEVICE), kv, kv)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 3, 64)
+
+
+@kernel_test
+def test_selected_attention_first_token_sees_only_itself():
+    """q_pos = 0 attends to key 0 alone: the output is v[0] exactly, whatever q is."""
+    q = torch.randn(2, 1, 64, device=DEVICE)
+    k = torch.randn(1, 50, 64, device=DEVICE)
+    v = torch.randn(1, 50, 64, device=DEVICE)
+    out = sa.selected_attention(q, torch.tensor([0], device=DEVICE), k, v)
+    assert_close(out, v[0, :1].expand(2, 1, 64), 1e-6, 0, "q_pos=0")
+
+
+# -------------------------------------------------------------------------------------- deviation
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("h", "t", "d"), [(3, 131, 80), (1, 5, 64), (8, 67, 128)])
+def test_deviation_matches_reference(dtype, h, t, d):
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(h, t, d, generator=gen).to(dtype)
+    b = torch.randn(h, t, d, generator=gen).to(dtype)
+    got = dv.deviation(a.to(DEVICE), b.to(DEVICE))
+    assert_close(got, reference.deviation_reference(a, b), 1e-4, 1e-5, f"deviation[{dtype}, {h}x{t}x{d}]")
+
+
+# ----------------------------------------------------------------------------------- the package
+
+
+def test_dispatch_uses_reference_on_cpu():
+    parts = make_parts("int8", 2, 9, 64, torch.float32, torch.Generator().manual_seed(4))
+    cos, sin = rope_cos_sin(11, 64)
+    got_k, got_v = torch.zeros(2, 20, 64), torch.zeros(2, 20, 64)
+    kernels.rerotate_scatter("int8", parts, cos, sin, got_k, got_v, 3)
+    want_k, want_v = torch.zeros(2, 20, 64), torch.zeros(2, 20, 64)
+    reference.rerotate_scatter_reference("int8", parts, cos, sin, want_k, want_v, 3)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    q, k = torch.randn(4, 3, 64), torch.randn(2, 10, 64)
+    pos = torch.tensor([1, 4, 9])
+    assert torch.equal(
+        kernels.selected_attention(q, pos, k, k), reference.selected_attention_reference(q, pos, k, k)
+    )
+    assert torch.equal(kernels.deviation(k, k), torch.zeros(10))
+
+
+def test_package_import_is_light():
+    """Importing chunkcache.kernels must not import triton (CPU machines without a driver)."""
+    code = "import sys, chunkcache.kernels; assert 'triton' not in sys.modules, 'triton imported'"
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+# ------------------------------------------------------------------------------- GPU, real shapes
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4"])
+def test_gpu_rerotate_scatter_llama_layer(codec, dtype):
+    check_rerotate_scatter(codec, 8, 509, 128, 4099, 1031, dtype, delta=1030)
+    check_rerotate_scatter(codec, 8, 509, 128, 4099, 3, dtype, delta=-1, layout="token_major")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("d", "window"), [(128, None), (64, None), (128, 1024)])
+def test_gpu_selected_attention_large(dtype, d, window):
+    check_selected_attention(32, 8, d, 4099, 613, dtype, window)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_dispatch_uses_kernels():
+    q = torch.randn(8, 40, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 300, 128, device="cuda", dtype=torch.bfloat16)
+    pos = torch.arange(40, device="cuda") * 7
+    got = kernels.selected_attention(q, pos, k, k)
+    assert_close(got, sa.selected_attention(q, pos, k, k), 0, 0, "dispatch")
+    assert_close(kernels.deviation(k, k * 0), dv.deviation(k, k * 0), 0, 0, "dispatch deviation")
+
+
+def test_kernels_in_fresh_process():
+    """Runs this file in a new interpreter-mode process when this one cannot interpret (see RUNNABLE)."""
+    if RUNNABLE:
+        pytest.skip("the kernel tests ran in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        __file__,
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "not fresh_process",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
