@@ -176,6 +176,17 @@ def _selected_attention_kernel(
         tl.store(LSE_ptr + h * n + m, lse, mask=m_mask)
 
 
+def _launch_config(n: int, block_d: int, dtype: torch.dtype, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): flash-attention tutorial sizes for H100, small blocks
+    for fp32 (no tensor-core bf16 tiles) and for the interpreter (fewer, cheaper programs)."""
+    if not on_gpu:
+        return (64 if n > 32 else 32 if n > 16 else 16), 64, 4, 1
+    if dtype == torch.float32 or block_d > 128:
+        return (64 if n > 32 else 32 if n > 16 else 16), 32, 4, 2
+    block_m = 128 if n > 64 else 64 if n > 32 else 32 if n > 16 else 16
+    return block_m, 64, 8 if block_d > 64 else 4, 3
+
+
 def selected_attention(
     q: torch.Tensor,  # [Hq, n, D], already RoPE'd
     q_pos: torch.Tensor,  # [n] int64 absolute positions, sorted ascending, each < N
@@ -184,8 +195,13 @@ def selected_attention(
     scale: float | None = None,
     window: int | None = None,
     return_lse: bool = False,
+    *,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Output [Hq, n, D] in q's dtype (and lse [Hq, n] fp32 with ``return_lse``); see the module doc."""
+    """Output [Hq, n, D] in q's dtype (and lse [Hq, n] fp32 with ``return_lse``); see the module doc.
+
+    ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the launch heuristic (benchmarks).
+    """
     hq, n, d = q.shape
     hkv, big_n, dk = k.shape
     if v.shape != k.shape or dk != d:
@@ -206,8 +222,7 @@ def selected_attention(
         return (out, lse) if return_lse else out
 
     block_d = max(16, triton.next_power_of_2(d))
-    block_m = 64 if n > 32 else (32 if n > 16 else 16)
-    block_n = 64 if block_d <= 128 else 32
+    block_m, block_n, num_warps, num_stages = config or _launch_config(n, block_d, q.dtype, q.is_cuda)
     grid = (triton.cdiv(n, block_m), hq)
     _selected_attention_kernel[grid](
         q,
@@ -232,7 +247,7 @@ def selected_attention(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # no tf32: fp32 stays exact
-        num_warps=4 if block_d <= 64 else 8,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return (out, lse) if return_lse else out
