@@ -284,11 +284,11 @@ def test_dispatch_uses_reference_on_cpu():
     assert torch.equal(kernels.deviation(k, k), torch.zeros(10))
 
 
-def test_package_import_is_light():
+def test_package_import_is_light(tmp_path):
     """Importing chunkcache.kernels must not import triton (CPU machines without a driver)."""
     code = "import sys, chunkcache.kernels; assert 'triton' not in sys.modules, 'triton imported'"
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
 
 
 # ------------------------------------------------------------------------------- GPU, real shapes
