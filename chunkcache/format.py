@@ -34,7 +34,7 @@ import zlib
 import torch
 
 from .codec import get_codec
-from .errors import CorruptEntryError
+from .errors import CorruptEntryError, StoreReadOnlyError
 from .layout import ChunkKV
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "unpack_chunk",
     "unpack_parts",
     "verify_entry",
+    "load_chunk",
     "dtype_name",
     "dtype_from_name",
 ]
@@ -193,13 +194,14 @@ def _payload_crc(mv: memoryview, header: dict) -> int:
 
 
 def unpack_parts(
-    buf: bytes | bytearray | memoryview, verify: bool = True
+    buf: bytes | bytearray | memoryview, verify: bool = True, copy: bool = False
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Header and every payload section as CPU tensors that view ``buf`` without copying.
 
     The dict holds ``token_ids`` [T] int64, ``token_scores`` [T] fp32 when present, and the codec's
     parts (``CODECS[header["codec"]].parts``). The tensors alias ``buf``: treat them as read-only and
-    keep ``buf`` alive while they are used. ``verify`` checks the payload crc32 first.
+    keep ``buf`` alive while they are used. ``verify`` checks the payload crc32 first. ``copy`` gives
+    each tensor its own writable memory instead (a memcpy: ~10x faster here than ``Tensor.clone``).
     """
     _check_little_endian()
     mv = memoryview(buf).cast("B")
@@ -224,7 +226,9 @@ def unpack_parts(
             if count == 0:
                 parts[name] = torch.empty(shape, dtype=dtype)
             else:
-                parts[name] = torch.frombuffer(mv, dtype=dtype, count=count, offset=base + off).view(shape)
+                src = bytearray(mv[base + off : base + off + nbytes]) if copy else mv
+                start = 0 if copy else base + off
+                parts[name] = torch.frombuffer(src, dtype=dtype, count=count, offset=start).view(shape)
     return header, parts
 
 
@@ -243,23 +247,25 @@ def unpack_chunk(
 
 
 def _unpack_chunk(buf: bytes | bytearray | memoryview, dtype: torch.dtype | None, verify: bool) -> ChunkKV:
-    header, parts = unpack_parts(buf, verify=verify)
+    header = read_header(buf)
     try:
         codec = get_codec(header["codec"])
     except ValueError as e:
         raise CorruptEntryError(str(e)) from None
+    out_dtype = dtype if dtype is not None else dtype_from_name(header["dtype"])
+    # A lossless codec decoding to the stored dtype returns the section itself: copy it out of buf.
+    header, parts = unpack_parts(
+        buf, verify=verify, copy=codec.lossless and dtype_name(out_dtype) == header["dtype"]
+    )
     missing = [p for p in codec.parts if p not in parts]
     if missing or "token_ids" not in parts:
         raise CorruptEntryError(f"entry lacks sections {missing or ['token_ids']}")
-    out_dtype = dtype if dtype is not None else dtype_from_name(header["dtype"])
     kv = codec.decode(parts, out_dtype)  # [L, 2, H, T, D]
-    if any(kv.data_ptr() == p.data_ptr() for p in parts.values() if p.numel()):
-        kv = kv.clone()  # raw codec in the same dtype: .to() returned the view itself
     if list(kv.shape) != list(header["kv_shape"]):
         raise CorruptEntryError(f"decoded kv shape {list(kv.shape)} differs from header {header['kv_shape']}")
     scores = parts.get("token_scores")
     chunk = ChunkKV(
-        token_ids=parts["token_ids"].clone(),
+        token_ids=parts["token_ids"].clone(),  # tiny; clone so nothing aliases buf
         kv=kv,
         base_pos=int(header["base_pos"]),
         token_scores=None if scores is None else scores.clone(),
@@ -279,3 +285,24 @@ def verify_entry(buf: bytes | bytearray | memoryview) -> str | None:
     except CorruptEntryError as e:
         return str(e)
     return None
+
+
+def load_chunk(store, key: str, dtype: torch.dtype | None = None) -> ChunkKV | None:
+    """The decoded chunk under ``key`` in ``store`` (a ``store.Store``), or None on a miss.
+
+    A damaged entry (``CorruptEntryError``) is reported with a RuntimeWarning naming the key, deleted
+    (unless the store is read-only) and treated as a miss, so the caller recomputes it. The engine
+    and the CLI both read entries through here.
+    """
+    raw = store.get(key)
+    if raw is None:
+        return None
+    try:
+        return unpack_chunk(raw, dtype)
+    except CorruptEntryError as e:
+        warnings.warn(f"chunkcache: dropping damaged entry {key}: {e}", RuntimeWarning, stacklevel=2)
+        try:
+            store.delete(key)
+        except StoreReadOnlyError:
+            pass
+        return None

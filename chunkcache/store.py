@@ -27,11 +27,9 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import lmdb
-import torch
 
 from .errors import CorruptEntryError, StoreError, StoreFullError, StoreReadOnlyError
-from .format import read_header, unpack_chunk, verify_entry
-from .layout import ChunkKV
+from .format import load_chunk, read_header, verify_entry
 
 __all__ = [
     "EVICTION_POLICIES",
@@ -40,7 +38,7 @@ __all__ = [
     "MemoryStore",
     "Store",
     "StoreStats",
-    "load_chunk",
+    "load_chunk",  # defined in format, re-exported here
     "open_store",
     "pick_victims",
     "verify_store",
@@ -654,26 +652,6 @@ def open_store(spec: str | os.PathLike | Store | None, **kwargs) -> Store:
     if spec is None or spec == ":memory:":
         return MemoryStore(**kwargs)
     return LMDBStore(spec, **kwargs)
-
-
-def load_chunk(store: Store, key: str, dtype: torch.dtype | None = None) -> ChunkKV | None:
-    """The decoded chunk under ``key``, or None on a miss.
-
-    A damaged entry (``CorruptEntryError``) is reported with a warning naming the key, deleted
-    (unless the store is read-only) and treated as a miss, so the caller recomputes it.
-    """
-    raw = store.get(key)
-    if raw is None:
-        return None
-    try:
-        return unpack_chunk(raw, dtype)
-    except CorruptEntryError as e:
-        warnings.warn(f"chunkcache: dropping damaged entry {key}: {e}", RuntimeWarning, stacklevel=2)
-        try:
-            store.delete(key)
-        except StoreReadOnlyError:
-            pass
-        return None
 
 
 def verify_store(store: Store, delete: bool = False) -> list[tuple[str, str]]:

@@ -1,0 +1,264 @@
+"""The ``chunkcache`` command line: each subcommand is one library call.
+
+    chunkcache precompute docs/ --store cache.lmdb --codec int4
+    chunkcache stats --store cache.lmdb
+    chunkcache bench store --n 100
+
+Subcommands live in ``COMMANDS`` (name -> (help, add_arguments, run)); benchmarks in
+``BENCH_COMMANDS`` (name -> module exposing ``add_arguments(parser)`` and ``run_cli(args) -> int``,
+help taken from the module docstring's first line). Heavy imports (torch, the model) happen inside
+the run functions, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+__all__ = ["BENCH_COMMANDS", "COMMANDS", "build_parser", "main", "parse_size"]
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+          "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """'500MB' -> 500_000_000, '2GiB' -> 2**31, '1024' -> 1024 (decimal units, binary with 'iB')."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500MB, 2GiB, 1048576)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _open(args: argparse.Namespace, readonly: bool):
+    from chunkcache.store import LMDBStore
+
+    return LMDBStore(args.store, readonly=readonly, eviction=getattr(args, "policy", "lru"))
+
+
+def _add_store(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, help="path of the LMDB chunk store (a directory)")
+
+
+# -- store commands ---------------------------------------------------------------------------
+
+
+def _stats_args(p: argparse.ArgumentParser) -> None:
+    _add_store(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    with _open(args, readonly=True) as store:
+        s = store.stats()
+    if args.json:
+        print(json.dumps(asdict(s)))
+    else:
+        print(f"store      {args.store}")
+        print(f"entries    {s.entries}")
+        print(f"bytes      {s.bytes} ({_human(s.bytes)})")
+        print(f"file       {_human(s.file_bytes)}")
+    return 0
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    _add_store(p)
+    p.add_argument("--delete", action="store_true", help="also delete the damaged entries")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from chunkcache.store import verify_store
+
+    with _open(args, readonly=not args.delete) as store:
+        n = store.stats().entries
+        bad = verify_store(store, delete=args.delete)
+    for key, reason in bad:
+        print(f"BAD {key}: {reason}")
+    print(f"{n - len(bad)} of {n} entries ok" + (f", {len(bad)} damaged" if bad else ""))
+    if bad and args.delete:
+        print(f"deleted {len(bad)} damaged entries")
+    return 1 if bad else 0
+
+
+def _evict_args(p: argparse.ArgumentParser) -> None:
+    _add_store(p)
+    p.add_argument(
+        "--to", required=True, type=parse_size, metavar="SIZE", help="target size, e.g. 500MB, 2GiB"
+    )
+    p.add_argument("--policy", default="lru", choices=["lru", "cost"], help="eviction policy (default: lru)")
+
+
+def _evict(args: argparse.Namespace) -> int:
+    with _open(args, readonly=False) as store:
+        before = store.stats().bytes
+        gone = store.evict_to(args.to)
+        after = store.stats().bytes
+    print(f"evicted {len(gone)} entries ({args.policy}): {_human(before)} -> {_human(after)}")
+    return 0
+
+
+def _ls_args(p: argparse.ArgumentParser) -> None:
+    _add_store(p)
+    p.add_argument("--sort", default="key", choices=["key", "size", "access", "hits"], help="sort order")
+    p.add_argument("--limit", type=int, default=None, help="print at most this many entries")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def _ls(args: argparse.Namespace) -> int:
+    with _open(args, readonly=True) as store:
+        rows = list(store.entries())
+    order = {"key": lambda r: r[0], "size": lambda r: -r[1].nbytes, "access": lambda r: -r[1].last_access,
+             "hits": lambda r: -r[1].hits}  # fmt: skip
+    rows.sort(key=order[args.sort])
+    for key, e in rows[: args.limit]:
+        when = datetime.fromtimestamp(e.last_access / 1e9, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+        if args.json:
+            print(json.dumps({"key": key, "nbytes": e.nbytes, "tokens": e.tokens, "hits": e.hits,
+                              "last_access_ns": e.last_access, "created_ns": e.created}))  # fmt: skip
+        else:
+            print(f"{key}  {e.nbytes:>12}  {e.tokens:>6} tok  {e.hits:>5} hits  {when}")
+    return 0
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    _add_store(p)
+    p.add_argument("key", help="the entry's key (see `chunkcache ls`)")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from chunkcache.errors import CorruptEntryError
+    from chunkcache.format import read_header, verify_entry
+
+    with _open(args, readonly=True) as store:
+        raw = store.get(args.key, touch=False)
+    if raw is None:
+        print(f"no entry {args.key}", file=sys.stderr)
+        return 1
+    try:
+        header = read_header(raw)
+    except CorruptEntryError as e:
+        print(json.dumps({"key": args.key, "nbytes": len(raw), "damaged": str(e)}, indent=2))
+        return 1
+    damage = verify_entry(raw)
+    print(
+        json.dumps({"key": args.key, "nbytes": len(raw), "checksum_ok": damage is None, **header}, indent=2)
+    )
+    return 0 if damage is None else 1
+
+
+# -- precompute -------------------------------------------------------------------------------
+
+
+def _precompute_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="a text file, a folder of .txt/.md files, or a .jsonl file")
+    p.add_argument("--store", required=True, help="path of the LMDB chunk store (created if missing)")
+    p.add_argument(
+        "--model", default="smollm2-135m", help="model name, HF id or path (default: smollm2-135m)"
+    )
+    p.add_argument("--codec", default="raw", help="KV codec: raw, int8 or int4 (default: raw)")
+    p.add_argument("--text-field", default=None, help="JSONL field holding the text (default: text)")
+    p.add_argument("--chunk-tokens", type=int, default=512, help="tokens per chunk (default: 512)")
+    p.add_argument(
+        "--overlap", type=int, default=32, help="tokens shared by consecutive chunks (default: 32)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="chunks encoded per forward pass (default: 8)")
+
+
+def _precompute(args: argparse.Namespace) -> int:
+    from chunkcache.codec import get_codec
+    from chunkcache.corpus import chunk_tokens, iter_documents
+    from chunkcache.engine import ChunkCache
+
+    get_codec(args.codec)  # fail on a typo before loading the model
+    chunk_tokens([], args.chunk_tokens, args.overlap)  # validate the window before loading the model
+    eng = ChunkCache(model=args.model, store=args.store, codec=args.codec)
+    chunks, docs = [], 0
+    for doc in iter_documents(args.input, text_field=args.text_field):
+        ids = eng.tokenizer.encode(doc.text, add_special_tokens=False)
+        chunks += chunk_tokens(ids, args.chunk_tokens, args.overlap)
+        docs += 1
+    before = eng.store.stats().entries
+    keys = eng.precompute_ids(chunks, batch_size=args.batch_size, progress=True)
+    s = eng.store.stats()
+    print(f"{docs} documents, {len(chunks)} chunks ({len(set(keys))} distinct); "
+          f"{s.entries - before} stored now, {s.entries} in store ({_human(s.bytes)})")  # fmt: skip
+    eng.store.close()
+    return 0
+
+
+# -- bench ------------------------------------------------------------------------------------
+
+BENCH_COMMANDS: dict[str, str] = {
+    "store": "chunkcache.bench.store",
+    "quality": "chunkcache.bench.quality",
+}
+"""Benchmark name -> module with ``add_arguments(parser)`` and ``run_cli(args) -> int``."""
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, module in BENCH_COMMANDS.items():
+        mod = importlib.import_module(module)
+        doc = (mod.__doc__ or "").strip().splitlines()
+        bp = sub.add_parser(
+            name, help=doc[0] if doc else name, description=(mod.__doc__ or "").split("\n\n")[0]
+        )
+        mod.add_arguments(bp)
+        bp.set_defaults(func=mod.run_cli)
+
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int] | None]
+
+COMMANDS: dict[str, Command] = {
+    "precompute": ("chunk documents and store their KV caches (resumable)", _precompute_args, _precompute),
+    "stats": ("entries and bytes in a store", _stats_args, _stats),
+    "ls": ("list entries with size, tokens, hits, last access", _ls_args, _ls),
+    "inspect": ("print one entry's header as JSON", _inspect_args, _inspect),
+    "verify": ("check every entry's checksums; exit 1 on damage", _verify_args, _verify),
+    "evict": ("evict entries by policy until the store is under a size", _evict_args, _evict),
+    "bench": ("benchmarks (store, quality)", _bench_args, None),
+}
+"""Subcommand name -> (help, add_arguments, run). ``run`` None: the subparsers set ``func``."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chunkcache", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_, add_arguments, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add_arguments(p)
+        if run is not None:
+            p.set_defaults(func=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit status. Library errors print one line, not a traceback."""
+    from chunkcache.errors import ChunkCacheError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ChunkCacheError, FileNotFoundError, ValueError) as e:
+        print(f"chunkcache {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

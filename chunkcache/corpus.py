@@ -1,0 +1,84 @@
+"""Reading a corpus for precompute: documents from files, token-window chunking.
+
+It knows files and token id lists, nothing about models or stores: the caller tokenises each
+document and hands the chunks to the engine.
+
+    for doc in iter_documents("docs/"):                    # .txt/.md files, one file, or JSONL
+        ids = tokenizer.encode(doc.text, add_special_tokens=False)
+        chunks = chunk_tokens(ids, size=512, overlap=32)   # list of token id lists
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Document", "TEXT_SUFFIXES", "chunk_tokens", "iter_documents"]
+
+TEXT_SUFFIXES = (".txt", ".md")
+"""File suffixes read from a folder (recursively, in sorted path order)."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One input document."""
+
+    source: str
+    """Where it came from: a file path, or ``path:line`` for a JSONL record."""
+    text: str
+    """Its text."""
+
+
+def iter_documents(path: str | os.PathLike, text_field: str | None = None) -> Iterator[Document]:
+    """Documents under ``path``: a folder (every .txt/.md file inside, recursively), a ``.jsonl`` file
+    (one JSON object per line, text in ``text_field``, default ``"text"``) or any other text file (one
+    document). Blank documents are skipped."""
+    p = Path(path)
+    if p.is_dir():
+        for f in sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in TEXT_SUFFIXES):
+            text = f.read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                yield Document(str(f), text)
+    elif p.suffix.lower() == ".jsonl" or text_field is not None:
+        field = text_field or "text"
+        with p.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{p}:{n}: not a JSON line: {e}") from None
+                if not isinstance(rec, dict) or field not in rec:
+                    raise ValueError(f"{p}:{n}: record has no field {field!r} (use --text-field)")
+                text = str(rec[field])
+                if text.strip():
+                    yield Document(f"{p}:{n}", text)
+    elif p.is_file():
+        text = p.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            yield Document(str(p), text)
+    else:
+        raise FileNotFoundError(f"no such file or folder: {p}")
+
+
+def chunk_tokens(ids: Sequence[int], size: int, overlap: int = 0) -> list[list[int]]:
+    """Windows of ``size`` tokens, consecutive windows sharing ``overlap`` tokens.
+
+    Every token lands in at least one window; no window lies entirely inside the previous one::
+
+        ids:  |0 ........... size|
+                      |size-overlap ........ 2*size-overlap|
+    """
+    if size <= 0:
+        raise ValueError(f"chunk size must be positive, got {size}")
+    if not 0 <= overlap < size:
+        raise ValueError(f"overlap must be in [0, size), got {overlap} for size {size}")
+    ids = list(ids)
+    if not ids:
+        return []
+    stride = size - overlap
+    return [ids[s : s + size] for s in range(0, max(len(ids) - overlap, 1), stride)]

@@ -1,0 +1,147 @@
+"""Codec round trips, error bounds per codec, the fixed byte formats, odd shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chunkcache.codec import CODECS, INT4_GROUP, get_codec
+
+SHAPES = [(2, 1, 1, 64), (2, 3, 129, 64), (1, 3, 300, 128), (3, 2, 128, 64), (1, 1, 5, 2)]  # L, H, T, D
+
+
+def make_kv(L, H, T, D, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(L, 2, H, T, D, generator=g)  # [L, 2, H, T, D]
+    kv[:, 0] *= 1 + 5 * torch.rand(L, H, 1, D, generator=g)  # per-channel key outliers
+    return kv.to(dtype)
+
+
+def assert_close_bounded(got, want, bound, what):
+    err = (got.float() - want.float()).abs()
+    bad = err > bound
+    if bad.any():
+        idx = bad.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} values off, first at {idx}: err {err[tuple(idx)]:.4g} > {bound[tuple(idx)]:.4g}"
+        )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_raw_is_exact(shape, dtype):
+    kv = make_kv(*shape, dtype=dtype)
+    parts = CODECS["raw"].encode(kv)
+    assert list(parts) == ["kv"] and parts["kv"].dtype == dtype
+    out = CODECS["raw"].decode(parts, dtype)
+    assert out.dtype == dtype and torch.equal(out, kv)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8_error_is_half_a_step(shape):
+    kv = make_kv(*shape)
+    L, H, T, D = shape
+    parts = CODECS["int8"].encode(kv)
+    assert parts["k_q"].dtype == torch.int8 and tuple(parts["k_q"].shape) == (L, H, T, D)
+    assert parts["v_q"].dtype == torch.int8 and tuple(parts["v_q"].shape) == (L, H, T, D)
+    assert parts["k_scale"].dtype == torch.float16 and tuple(parts["k_scale"].shape) == (L, H, D)
+    assert parts["v_scale"].dtype == torch.float16 and tuple(parts["v_scale"].shape) == (L, H, T)
+    out = CODECS["int8"].decode(parts, torch.float32)
+    k, v = kv[:, 0].float(), kv[:, 1].float()
+    k_step = (k.abs().amax(dim=2, keepdim=True) / 127).expand_as(k)  # per channel
+    v_step = (v.abs().amax(dim=3, keepdim=True) / 127).expand_as(v)  # per token
+    # half a quantisation step, plus fp16 rounding of the scale (2^-11 relative) times up to 127 steps
+    assert_close_bounded(out[:, 0], k, 0.5 * k_step * 1.001 + k.abs() * 2**-10 + 1e-6, "int8 keys")
+    assert_close_bounded(out[:, 1], v, 0.5 * v_step * 1.001 + v.abs() * 2**-10 + 1e-6, "int8 values")
+    # decode follows the spec formula exactly
+    want = parts["k_q"].float() * parts["k_scale"].float()[:, :, None, :]
+    assert torch.equal(out[:, 0], want)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int4_error_is_half_a_step_of_the_group_range(shape):
+    kv = make_kv(*shape)
+    L, H, T, D = shape
+    G = -(-T // INT4_GROUP)
+    parts = CODECS["int4"].encode(kv)
+    expect = {
+        "k_q": ((L, H, T, D // 2), torch.uint8),
+        "v_q": ((L, H, T, D // 2), torch.uint8),
+        "k_scale": ((L, H, G, D), torch.float16),
+        "k_min": ((L, H, G, D), torch.float16),
+        "v_scale": ((L, H, T), torch.float16),
+        "v_min": ((L, H, T), torch.float16),
+    }
+    assert {n: (tuple(p.shape), p.dtype) for n, p in parts.items()} == expect
+    out = CODECS["int4"].decode(parts, torch.float32)
+    k, v = kv[:, 0].float(), kv[:, 1].float()
+    k_step = torch.empty_like(k)
+    for g in range(G):
+        sl = slice(g * INT4_GROUP, (g + 1) * INT4_GROUP)
+        rng = k[:, :, sl].amax(dim=2, keepdim=True) - k[:, :, sl].amin(dim=2, keepdim=True)
+        k_step[:, :, sl] = rng / 15
+    v_step = ((v.amax(dim=3, keepdim=True) - v.amin(dim=3, keepdim=True)) / 15).expand_as(v)
+    # half a step, plus fp16 rounding of min (|min| 2^-11) and of scale (15 steps x 2^-11 relative)
+    kb = 0.5 * k_step + (k.abs() + 15 * k_step) * 2**-10 + 1e-6
+    vb = 0.5 * v_step + (v.abs() + 15 * v_step) * 2**-10 + 1e-6
+    assert_close_bounded(out[:, 0], k, kb, "int4 keys")
+    assert_close_bounded(out[:, 1], v, vb, "int4 values")
+
+
+def test_int4_packing_is_low_nibble_first():
+    # One token whose values are 0..15 along head_dim: min 0, scale 1, so the codes are the values.
+    kv = torch.zeros(1, 2, 1, 1, 16)
+    kv[0, 1, 0, 0] = torch.arange(16.0)
+    parts = CODECS["int4"].encode(kv)
+    assert parts["v_scale"].item() == 1.0 and parts["v_min"].item() == 0.0
+    assert parts["v_q"][0, 0, 0].tolist() == [
+        q0 | (q1 << 4) for q0, q1 in zip(range(0, 16, 2), range(1, 16, 2), strict=True)
+    ]
+    assert torch.equal(CODECS["int4"].decode(parts, torch.float32), kv)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_zeros_stay_zeros(name):
+    kv = torch.zeros(2, 2, 3, 129, 64, dtype=torch.bfloat16)
+    kv[0, 0, 0, :, 5] = 3.0  # one non-zero channel next to all-zero ones
+    out = CODECS[name].decode(CODECS[name].encode(kv), torch.float32)
+    assert torch.isfinite(out).all()
+    zero = kv.float() == 0
+    assert (out[zero] == 0).all()
+
+
+def test_decode_layer_matches_decode():
+    kv = make_kv(3, 2, 200, 64)
+    for codec in CODECS.values():
+        parts = codec.encode(kv)
+        full = codec.decode(parts, torch.bfloat16)
+        for layer in range(3):
+            assert torch.equal(
+                codec.decode_layer({**parts, "token_ids": torch.zeros(1)}, layer, torch.bfloat16), full[layer]
+            )
+
+
+def test_int4_needs_even_head_dim():
+    with pytest.raises(ValueError, match="even"):
+        CODECS["int4"].encode(torch.zeros(1, 2, 1, 4, 63))
+
+
+def test_bad_inputs_and_names():
+    with pytest.raises(ValueError, match="layers, 2"):
+        CODECS["int8"].encode(torch.zeros(1, 3, 1, 4, 64))
+    with pytest.raises(ValueError, match="float16 range"):
+        CODECS["int8"].encode(torch.full((1, 2, 1, 2, 4), 1e8))
+    with pytest.raises(ValueError, match="known: int4, int8, raw"):
+        get_codec("zstd")
+
+
+def test_sizes_against_bf16():
+    L, H, T, D = 30, 3, 512, 64  # SmolLM2-135M chunk
+    bf16 = L * 2 * H * T * D * 2
+    kv = make_kv(L, H, T, D)
+    for name, codec in CODECS.items():
+        parts = codec.encode(kv)
+        nbytes = sum(p.numel() * p.element_size() for p in parts.values())
+        assert nbytes == codec.nbytes(L, H, T, D, torch.bfloat16), name
+    assert bf16 / CODECS["int4"].nbytes(L, H, T, D, torch.bfloat16) >= 3.5
+    assert bf16 / CODECS["int8"].nbytes(L, H, T, D, torch.bfloat16) >= 1.9
