@@ -19,7 +19,7 @@ import torch
 
 from chunkcache.fuse import FuseConfig, FuseResult, fuse_kv
 from chunkcache.layout import ChunkKV
-from chunkcache.model import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
+from chunkcache.model import DEFAULT_MODEL, LoadedModel, cache_kwarg, load_model, wrap_model
 from chunkcache.precompute import encode_chunks, encode_prefix
 from chunkcache.template import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, PromptTemplate
 
@@ -223,7 +223,7 @@ class ChunkCache:
         out = self.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=fused.fresh_cache(),
+            **{cache_kwarg(self.model): fused.fresh_cache()},
             max_new_tokens=max_new_tokens,
             **kwargs,
         )

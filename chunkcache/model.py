@@ -278,3 +278,11 @@ def layer_finish(layer, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor
 def final_logits(model: torch.nn.Module, h_last: torch.Tensor) -> torch.Tensor:
     """Logits ``[vocab]`` (fp32) from the last hidden state ``[hidden]``."""
     return model.lm_head(model.model.norm(h_last.view(1, 1, -1)))[0, 0].float()
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """Name of the KV-cache argument of ``model.forward``/``generate``: ``cache`` in newer
+    transformers 5.x releases, ``past_key_values`` before (5.17 has only the latter)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

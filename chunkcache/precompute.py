@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from chunkcache.layout import ChunkKV
-from chunkcache.model import LoadedModel
+from chunkcache.model import LoadedModel, cache_kwarg
 
 
 @torch.no_grad()
@@ -57,7 +57,7 @@ def encode_chunks(
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
         cache = DynamicCache(config=lm.model.config)
-        lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache, use_cache=True)
+        lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, **{cache_kwarg(lm.model): cache})
         keys = torch.stack([layer.keys for layer in cache.layers])  # [L, B, H, width, D]
         values = torch.stack([layer.values for layer in cache.layers])
         for row, i in enumerate(idx):
@@ -83,5 +83,5 @@ def encode_prefix(lm: LoadedModel, prefix: Sequence[int]) -> torch.Tensor:
 
     cache = DynamicCache(config=lm.model.config)
     ids = torch.tensor([list(prefix)], dtype=torch.long, device=lm.device)
-    lm.model(input_ids=ids, past_key_values=cache, use_cache=True)
+    lm.model(input_ids=ids, use_cache=True, **{cache_kwarg(lm.model): cache})
     return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])

@@ -11,7 +11,7 @@ from conftest import PASSAGES, QUESTION, tiny_model
 
 from chunkcache.engine import ChunkCache
 from chunkcache.fuse import FuseConfig, assemble, fuse_kv
-from chunkcache.model import rotation, apply_rotation
+from chunkcache.model import apply_rotation, cache_kwarg, rotation
 from chunkcache.select import POLICIES
 
 
@@ -50,7 +50,7 @@ def test_ratio_one_is_full_prefill(smol_tokenizer, arch, overrides):
     ids = eng.prompt_ids(PASSAGES, QUESTION)
     with torch.no_grad():
         want = eng.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
-    got = eng.model.generate(input_ids=fused.input_ids, past_key_values=fused.fresh_cache(), max_new_tokens=8,
+    got = eng.model.generate(input_ids=fused.input_ids, **{cache_kwarg(eng.model): fused.fresh_cache()}, max_new_tokens=8,
                              do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
     assert want.tolist() == got.tolist()
 
@@ -71,7 +71,7 @@ def test_ratio_zero_is_reuse_of_rerotated_caches(tiny_engine):
     for i in range(buf.shape[0]):
         cache.update(buf[i, 0, :, :n_ctx][None].clone(), buf[i, 1, :, :n_ctx][None].clone(), i)
     with torch.no_grad():
-        out = eng.model(input_ids=torch.tensor([suffix]), past_key_values=cache, use_cache=True)
+        out = eng.model(input_ids=torch.tensor([suffix]), use_cache=True, **{cache_kwarg(eng.model): cache})
     torch.testing.assert_close(fused.logits, out.logits[0, -1].float(), rtol=1e-4, atol=1e-4)
     assert fused.stats["recomputed_tokens"] == 0
     # and it differs from a full prefill (reuse is not free)
@@ -91,7 +91,7 @@ def test_rerotation_matches_encoding_at_offset(tiny_engine):
     cache = DynamicCache()
     pos = torch.arange(ids.shape[1])[None] + delta
     with torch.no_grad():
-        eng.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+        eng.model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kwarg(eng.model): cache})
     cos, sin = rotation(eng.model, delta, "cpu")
     for layer in range(chunk.num_layers):
         want_k = cache.layers[layer].keys[0, :, len(sink):]

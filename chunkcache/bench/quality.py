@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from chunkcache.model import cache_kwarg
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "musique_dev.json"
 
 
@@ -63,7 +65,7 @@ def teacher_forced(engine, fused, answer: torch.Tensor) -> torch.Tensor:
     """Logits ``[len(answer), vocab]`` at the answer start and after each answer token but the last,
     continuing from the fused cache (which holds every prompt token but the last)."""
     ids = torch.cat([fused.input_ids[0, -1:], answer[:-1]]).to(engine.lm.device)[None]
-    out = engine.model(input_ids=ids, past_key_values=fused.fresh_cache(), use_cache=True)
+    out = engine.model(input_ids=ids, use_cache=True, **{cache_kwarg(engine.model): fused.fresh_cache()})
     return out.logits[0].float()
 
 
@@ -73,7 +75,7 @@ def greedy(engine, input_ids: torch.Tensor, cache, max_new_tokens: int, min_new_
     out = engine.model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
-        past_key_values=cache,
+        **({cache_kwarg(engine.model): cache} if cache is not None else {}),
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
         do_sample=False,
