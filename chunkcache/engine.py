@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from chunkcache.errors import ModelMismatchError
 from chunkcache.fuse import FuseConfig, FuseResult, fuse_kv
 from chunkcache.layout import ChunkKV
 from chunkcache.model import DEFAULT_MODEL, LoadedModel, cache_kwarg, load_model, wrap_model
@@ -109,10 +110,23 @@ class ChunkCache:
     def key(self, text: str) -> str:
         return self.key_for_ids(self.template.chunk_ids(text))
 
-    def _load(self, key: str) -> ChunkKV | None:
+    def _load(self, key: str, ids: Sequence[int] | None = None) -> ChunkKV | None:
+        """The stored chunk under ``key`` or None. A damaged entry is dropped (a miss); an entry
+        whose recorded key inputs or token ids differ from what this engine asked for raises
+        ModelMismatchError: it must never be used, and it is not ours to delete."""
         from chunkcache.format import load_chunk
 
-        return load_chunk(self.store, key, self.lm.dtype)
+        chunk = load_chunk(self.store, key, self.lm.dtype)
+        if chunk is None:
+            return None
+        stored = chunk.meta.get("key_info")
+        if stored is not None and stored != _jsonable(self.key_info()):
+            diff = sorted(k for k in set(stored) | set(self.key_info()) if stored.get(k) != _jsonable(self.key_info()).get(k))
+            raise ModelMismatchError(f"store entry {key} was made with other {', '.join(diff)} than this engine's")
+        if ids is not None and chunk.token_ids.tolist() != list(ids):
+            raise ModelMismatchError(f"store entry {key} holds other tokens than the chunk asked for")
+        chunk.check(self.lm.spec.num_layers, self.lm.spec.kv_heads, self.lm.spec.head_dim)
+        return chunk
 
     def _save(self, key: str, chunk: ChunkKV) -> None:
         from chunkcache.format import pack_chunk
@@ -151,6 +165,7 @@ class ChunkCache:
             encoded = encode_chunks(self.lm, [ids for _, ids in part], sink, batch_size=batch_size)
             for (k, _), chunk in zip(part, encoded, strict=True):
                 chunk.meta["sink"] = self.settings.sink
+                chunk.meta["key_info"] = _jsonable(self.key_info())
                 self._save(k, chunk)
             if bar is not None:
                 bar.update(len(part))
@@ -165,12 +180,12 @@ class ChunkCache:
     def chunks(self, texts: Sequence[str]) -> list[ChunkKV]:
         ids = [self.template.chunk_ids(t) for t in texts]
         keys = [self.key_for_ids(i) for i in ids]
-        out = [self._load(k) for k in keys]
+        out = [self._load(k, i) for k, i in zip(keys, ids, strict=True)]
         miss = [i for i, c in enumerate(out) if c is None]
         if miss:
             self.precompute_ids([ids[i] for i in miss])
             for i in miss:
-                out[i] = self._load(keys[i])
+                out[i] = self._load(keys[i], ids[i])
                 if out[i] is None:
                     raise RuntimeError(f"chunk {keys[i]} was precomputed but cannot be read back from the store")
         return out  # type: ignore[return-value]
@@ -228,6 +243,12 @@ class ChunkCache:
             **kwargs,
         )
         return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def _jsonable(x):
+    import json
+
+    return json.loads(json.dumps(x))
 
 
 def _open_store(store):

@@ -1,0 +1,90 @@
+"""Engine behaviour: precompute is idempotent, misses are precomputed at fuse time, LMDB caches
+survive a restart and are reused, damaged or foreign entries are never used silently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PASSAGES, QUESTION, tiny_model
+
+from chunkcache.engine import ChunkCache
+from chunkcache.errors import ModelMismatchError
+
+
+def test_precompute_is_idempotent_and_fuse_precomputes_misses(smol_tokenizer):
+    eng = ChunkCache(model=tiny_model(), tokenizer=smol_tokenizer, store=None)
+    keys = eng.precompute(PASSAGES[:2])
+    assert len(set(keys)) == 2 and len(eng.store) == 2
+    assert eng.precompute(PASSAGES[:2]) == keys and len(eng.store) == 2
+    eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.2)  # two misses precomputed on the way
+    assert len(eng.store) == 4
+    assert eng.key(PASSAGES[0]) == keys[0]
+
+
+def test_lmdb_store_survives_restart(tmp_path, smol_tokenizer):
+    model = tiny_model()
+    a = ChunkCache(model=model, tokenizer=smol_tokenizer, store=str(tmp_path / "s"))
+    first = a.fuse(PASSAGES, QUESTION, recompute_ratio=0.15)
+    a.store.close()
+    b = ChunkCache(model=model, tokenizer=smol_tokenizer, store=str(tmp_path / "s"))
+    misses_before = b.store.stats().misses
+    again = b.fuse(PASSAGES, QUESTION, recompute_ratio=0.15)
+    assert b.store.stats().misses == misses_before  # every chunk came from disk
+    torch.testing.assert_close(again.logits, first.logits, rtol=0, atol=0)
+    b.store.close()
+
+
+def test_other_model_never_gets_these_caches(tmp_path, smol_tokenizer):
+    a = ChunkCache(model=tiny_model(seed=0), tokenizer=smol_tokenizer, store=str(tmp_path / "s"))
+    a.precompute(PASSAGES)
+    a.store.close()
+    b = ChunkCache(model=tiny_model(seed=1), tokenizer=smol_tokenizer, store=str(tmp_path / "s"))
+    assert b.key(PASSAGES[0]) != a.key(PASSAGES[0])
+    assert not b.store.contains(b.key(PASSAGES[0]))
+    b.store.close()
+
+
+def test_entry_under_a_forged_key_is_refused(smol_tokenizer):
+    """Even if an entry sits under the key this engine computes (a copied store, a bug), it is
+    checked against the engine's key inputs and token ids before use."""
+    a = ChunkCache(model=tiny_model(seed=0), tokenizer=smol_tokenizer, store=None)
+    b = ChunkCache(model=tiny_model(seed=1), tokenizer=smol_tokenizer, store=a.store)
+    a.precompute([PASSAGES[0]])
+    b.store.put(b.key(PASSAGES[0]), a.store.get(a.key(PASSAGES[0])))
+    with pytest.raises(ModelMismatchError, match="model_fingerprint"):
+        b.fuse([PASSAGES[0]], QUESTION)
+    b.store.put(b.key(PASSAGES[1]), a.store.get(a.key(PASSAGES[0])))  # right model, wrong tokens
+    a.store.put(a.key(PASSAGES[1]), a.store.get(a.key(PASSAGES[0])))
+    with pytest.raises(ModelMismatchError, match="other tokens"):
+        a.fuse([PASSAGES[1]], QUESTION)
+
+
+def test_corrupted_entry_is_recomputed_not_used(smol_tokenizer):
+    eng = ChunkCache(model=tiny_model(), tokenizer=smol_tokenizer, store=None)
+    good = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.0).logits
+    key = eng.key(PASSAGES[2])
+    raw = bytearray(eng.store.get(key))
+    raw[len(raw) // 2] ^= 0xFF  # flip a byte inside the KV payload
+    eng.store.put(key, bytes(raw))
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        again = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.0).logits
+    torch.testing.assert_close(again, good, rtol=0, atol=0)
+
+
+def test_empty_inputs_give_clear_errors(tiny_engine):
+    with pytest.raises(ValueError, match="no chunks"):
+        tiny_engine.fuse([], QUESTION)
+    with pytest.raises(ValueError, match="recompute_ratio"):
+        tiny_engine.fuse(PASSAGES, QUESTION, recompute_ratio=1.5)
+    with pytest.raises(ValueError, match="unknown policy"):
+        tiny_engine.fuse(PASSAGES, QUESTION, policy="nope")
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+def test_lossy_codecs_fuse_close_to_lossless(smol_tokenizer, codec):
+    model = tiny_model()
+    raw = ChunkCache(model=model, tokenizer=smol_tokenizer, store=None).fuse(PASSAGES, QUESTION, recompute_ratio=0.0)
+    lossy = ChunkCache(model=model, tokenizer=smol_tokenizer, store=None, codec=codec).fuse(
+        PASSAGES, QUESTION, recompute_ratio=0.0)
+    p, q = raw.logits.log_softmax(-1), lossy.logits.log_softmax(-1)
+    assert float((p.exp() * (p - q)).sum()) < (0.01 if codec == "int8" else 0.05)
