@@ -356,6 +356,7 @@ class LMDBStore(Store):
         self._clock = _Clock()
         self._lock = threading.RLock()
         self._pending: dict[bytes, list[int]] = {}  # key -> [last_access, extra hits]
+        self._pending_hits = 0
         self._last_flush = time.monotonic()
         self._hits = self._misses = self._evictions = 0
         self._real = os.path.realpath(self.path)
@@ -435,7 +436,7 @@ class LMDBStore(Store):
                 except BaseException:
                     self._pending, self._evictions = pending, evictions
                     raise
-                self._pending = {}  # flushed (gets wait on the lock, so none arrived meanwhile)
+                self._pending, self._pending_hits = {}, 0  # flushed (gets wait on the lock meanwhile)
                 self._last_flush = time.monotonic()
                 return result
 
@@ -469,7 +470,7 @@ class LMDBStore(Store):
             if len(self._pending) > 100_000:  # nowhere to write them: keep memory bounded
                 self._pending.clear()
             return
-        due = len(self._pending) >= self.ACCESS_FLUSH_EVERY
+        due = self._pending_hits >= self.ACCESS_FLUSH_EVERY
         if due or time.monotonic() - self._last_flush > self.ACCESS_FLUSH_SECONDS:
             try:
                 self._write(lambda txn: None)
@@ -524,6 +525,7 @@ class LMDBStore(Store):
                     self._hits += 1
                     rec = self._pending.get(kb)
                     self._pending[kb] = [self._clock(), 1 + (rec[1] if rec else 0)]
+                    self._pending_hits += 1
                     self._maybe_flush()
         return value
 
@@ -539,6 +541,7 @@ class LMDBStore(Store):
                     self._hits += 1
                     rec = self._pending.get(k.encode())
                     self._pending[k.encode()] = [self._clock(), 1 + (rec[1] if rec else 0)]
+                    self._pending_hits += 1
             self._maybe_flush()
         return values
 
