@@ -106,7 +106,7 @@ def _chunk_parts(codec: str, h: int, t: int, d: int, dtype: torch.dtype) -> dict
     }
 
 
-def bench_rerotate_scatter(tokens: int = 512, n_slots: int = 8192) -> None:
+def bench_rerotate_scatter(tokens: int = 512, n_slots: int = 8192, sweep: bool = False) -> None:
     from .rerotate_scatter_triton import rerotate_scatter
 
     h, d, dtype = 8, 128, torch.bfloat16
@@ -126,6 +126,9 @@ def bench_rerotate_scatter(tokens: int = 512, n_slots: int = 8192) -> None:
             f"({moved / t_ours / 1e6:6.0f} GB/s, {moved / 2**20:5.2f} MiB moved) | torch reference "
             f"{t_ref * 1e3:8.1f} us ({t_ref / t_ours:4.1f}x)"
         )
+        for block_t in (4, 8, 16, 32, 64) if sweep else ():
+            t = _bench(lambda: rerotate_scatter(codec, parts, cos, sin, buf[0], buf[1], 100, block_t=block_t))  # noqa: B023
+            print(f"    block_t={block_t:3d}: {t * 1e3:8.1f} us ({moved / t / 1e6:6.0f} GB/s)")
 
 
 def main() -> None:
@@ -138,7 +141,7 @@ def main() -> None:
     for n_keys in (8192, 32768):
         bench_selected_attention(n_keys, sweep=args.sweep)
     for tokens in (512, 8192):
-        bench_rerotate_scatter(tokens, n_slots=tokens + 200)
+        bench_rerotate_scatter(tokens, n_slots=tokens + 200, sweep=args.sweep)
 
 
 if __name__ == "__main__":

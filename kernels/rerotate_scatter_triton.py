@@ -141,8 +141,13 @@ def rerotate_scatter(
     k_out: torch.Tensor,  # [kv_heads, N, D] model dtype, may be a strided view
     v_out: torch.Tensor,  # [kv_heads, N, D]
     offset: int,
+    *,
+    block_t: int | None = None,
 ) -> None:
-    """Write the decoded, re-rotated chunk into ``k_out[:, offset:offset+T]`` / ``v_out`` in place."""
+    """Write the decoded, re-rotated chunk into ``k_out[:, offset:offset+T]`` / ``v_out`` in place.
+
+    ``block_t`` (tokens per program, a power of two) overrides the launch heuristic (benchmarks).
+    """
     check_parts(codec, parts)
     if codec == "raw":
         kv = parts["kv"]
@@ -184,7 +189,11 @@ def rerotate_scatter(
             )
 
     block_half = triton.next_power_of_2(d // 2)
-    block_t = max(1, min(32, 4096 // block_half, triton.next_power_of_2(t)))
+    if block_t is None and k_out.is_cuda:
+        # enough programs to hide memory latency on ~132 SMs for short chunks, 32 tokens otherwise
+        block_t = min(32, 4096 // block_half, max(4, triton.next_power_of_2(triton.cdiv(t * h, 1024))))
+    elif block_t is None:  # the interpreter: few programs
+        block_t = max(1, min(32, 4096 // block_half, triton.next_power_of_2(t)))
     grid = (triton.cdiv(t, block_t), h)
     _rerotate_scatter_kernel[grid](
         k_src,

@@ -103,7 +103,7 @@ def to_device(parts: dict, device: str) -> dict:
 RR_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
 
 
-def check_rerotate_scatter(codec, h, t, d, n, offset, dtype, delta, seed=0, layout="layers"):
+def check_rerotate_scatter(codec, h, t, d, n, offset, dtype, delta, seed=0, layout="layers", block_t=None):
     gen = torch.Generator().manual_seed(seed)
     parts = make_parts(codec, h, t, d, dtype, gen)
     cos, sin = rope_cos_sin(delta, d)
@@ -112,7 +112,9 @@ def check_rerotate_scatter(codec, h, t, d, n, offset, dtype, delta, seed=0, layo
         want = buf.clone()
         reference.rerotate_scatter_reference(codec, parts, cos, sin, want[1, 0], want[1, 1], offset)
         buf = buf.to(DEVICE)
-        rr.rerotate_scatter(codec, to_device(parts, DEVICE), cos, sin, buf[1, 0], buf[1, 1], offset)
+        rr.rerotate_scatter(
+            codec, to_device(parts, DEVICE), cos, sin, buf[1, 0], buf[1, 1], offset, block_t=block_t
+        )
     else:  # token-major buffer [N, 2, H, D] seen as [H, N, D]: inner strides not contiguous in N
         buf = torch.full((n, 2, h, d), 7.0, dtype=dtype)
         want = buf.clone()
@@ -146,6 +148,12 @@ def test_rerotate_scatter_matches_reference(codec, dtype, h, t, d, n, offset):
 @pytest.mark.parametrize("codec", ["raw", "int4"])
 def test_rerotate_scatter_token_major_output(codec):
     check_rerotate_scatter(codec, 2, 37, 64, 53, 9, torch.float16, delta=-5, layout="token_major")
+
+
+@kernel_test
+@pytest.mark.parametrize("block_t", [1, 4, 64])
+def test_rerotate_scatter_block_sizes(block_t):
+    check_rerotate_scatter("int4", 2, 131, 64, 140, 5, torch.float16, delta=77, block_t=block_t)
 
 
 @kernel_test
@@ -191,7 +199,7 @@ def test_reference_decode_matches_codec_module():
 SA_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
-def check_selected_attention(hq, hkv, d, n_keys, n, dtype, window=None, seed=0, q_major=False):
+def check_selected_attention(hq, hkv, d, n_keys, n, dtype, window=None, seed=0, q_major=False, config=None):
     gen = torch.Generator().manual_seed(seed)
     if q_major:  # q as a [n, Hq, D] buffer seen as [Hq, n, D]
         q = torch.randn(n, hq, d, generator=gen).to(dtype).transpose(0, 1)
@@ -202,12 +210,12 @@ def check_selected_attention(hq, hkv, d, n_keys, n, dtype, window=None, seed=0, 
     pos = torch.randperm(n_keys - 2, generator=gen)[: n - 2] + 1
     pos = torch.cat((torch.tensor([0, n_keys - 1]), pos)).sort().values  # first and last position too
     scale = 0.9 * d**-0.5
-    want, want_lse = reference.selected_attention_reference(
-        q.float(), pos, k.float(), v.float(), scale=scale, window=window, return_lse=True
-    )
     dev = lambda x: x.to(DEVICE)  # noqa: E731
+    want, want_lse = reference.selected_attention_reference(
+        dev(q).float(), dev(pos), dev(k).float(), dev(v).float(), scale=scale, window=window, return_lse=True
+    )
     out, lse = sa.selected_attention(
-        dev(q), dev(pos), dev(k), dev(v), scale=scale, window=window, return_lse=True
+        dev(q), dev(pos), dev(k), dev(v), scale=scale, window=window, return_lse=True, config=config
     )
     assert out.dtype == dtype and out.shape == (hq, n, d)
     atol, rtol = SA_TOL[dtype]
@@ -299,7 +307,8 @@ def test_package_import_is_light(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("codec", ["raw", "int8", "int4"])
 def test_gpu_rerotate_scatter_llama_layer(codec, dtype):
-    check_rerotate_scatter(codec, 8, 509, 128, 4099, 1031, dtype, delta=1030)
+    for block_t in (None, 8, 32):
+        check_rerotate_scatter(codec, 8, 509, 128, 4099, 1031, dtype, delta=1030, block_t=block_t)
     check_rerotate_scatter(codec, 8, 509, 128, 4099, 3, dtype, delta=-1, layout="token_major")
 
 
@@ -309,6 +318,17 @@ def test_gpu_rerotate_scatter_llama_layer(codec, dtype):
 @pytest.mark.parametrize(("d", "window"), [(128, None), (64, None), (128, 1024)])
 def test_gpu_selected_attention_large(dtype, d, window):
     check_selected_attention(32, 8, d, 4099, 613, dtype, window)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_selected_attention_long_context_configs(dtype):
+    """n >= 2048 takes the (128, 128, 8, 3) launch; every benchmarked config must be exact too."""
+    check_selected_attention(32, 8, 128, 16411, 2459, dtype)
+    for config in [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 32, 4, 2)]:
+        check_selected_attention(8, 2, 64, 1031, 211, dtype, config=config)
+        check_selected_attention(8, 2, 128, 1031, 211, dtype, window=100, config=config)
 
 
 @gpu
