@@ -117,13 +117,13 @@ class Int8Codec(Codec):
 
     def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
         _check_kv(kv)
-        kv = kv.detach().to("cpu")
+        kv = kv.detach()  # quantise where kv lives (GPU after precompute), ship only the parts
         k, v = kv[:, 0].float(), kv[:, 1].float()  # [L, H, T, D] each
         k_scale = _to_fp16_scale(k.abs().amax(dim=2) / 127.0, "key")  # [L, H, D]
         v_scale = _to_fp16_scale(v.abs().amax(dim=3) / 127.0, "value")  # [L, H, T]
         k_q = torch.round(k / k_scale.float()[:, :, None, :]).clamp_(-127, 127).to(torch.int8)
         v_q = torch.round(v / v_scale.float()[..., None]).clamp_(-127, 127).to(torch.int8)
-        return {"k_q": k_q, "k_scale": k_scale, "v_q": v_q, "v_scale": v_scale}
+        return _cpu({"k_q": k_q, "k_scale": k_scale, "v_q": v_q, "v_scale": v_scale})
 
     def decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         k = parts["k_q"].float() * parts["k_scale"].float()[:, :, None, :]  # [L, H, T, D]
@@ -139,6 +139,10 @@ class Int8Codec(Codec):
             "v_q": e(L, H, T, D, dt=torch.int8),
             "v_scale": e(L, H, T, dt=torch.float16),
         }
+
+
+def _cpu(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: p.to("cpu").contiguous() for name, p in parts.items()}
 
 
 def _pack4(q: torch.Tensor) -> torch.Tensor:  # q: uint8 [..., D] in 0..15 -> [..., D/2]
@@ -169,7 +173,7 @@ class Int4Codec(Codec):
         L, _, H, T, D = kv.shape
         if D % 2:
             raise ValueError(f"int4 packs two codes per byte along head_dim, which must be even (got {D})")
-        kv = kv.detach().to("cpu")
+        kv = kv.detach()  # quantise where kv lives (GPU after precompute), ship only the parts
         k, v = kv[:, 0].float(), kv[:, 1].float()  # [L, H, T, D] each
         G = -(-T // INT4_GROUP)
         pad = G * INT4_GROUP - T
@@ -184,14 +188,16 @@ class Int4Codec(Codec):
         km = _expand_groups(k_min.float(), T)
         k_q = torch.round((k - km) / ks).clamp_(0, 15).to(torch.uint8)
         v_q = torch.round((v - v_min.float()[..., None]) / v_scale.float()[..., None]).clamp_(0, 15)
-        return {
-            "k_q": _pack4(k_q),
-            "k_scale": k_scale,
-            "k_min": k_min,
-            "v_q": _pack4(v_q.to(torch.uint8)),
-            "v_scale": v_scale,
-            "v_min": v_min,
-        }
+        return _cpu(
+            {
+                "k_q": _pack4(k_q),
+                "k_scale": k_scale,
+                "k_min": k_min,
+                "v_q": _pack4(v_q.to(torch.uint8)),
+                "v_scale": v_scale,
+                "v_min": v_min,
+            }
+        )
 
     def decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         T = parts["v_scale"].shape[2]
