@@ -153,12 +153,12 @@ def _inspect(args: argparse.Namespace) -> int:
     try:
         header = read_header(raw)
     except CorruptEntryError as e:
-        print(json.dumps({"key": args.key, "nbytes": len(raw), "damaged": str(e)}, indent=2))
+        print(json.dumps({"entry_key": args.key, "nbytes": len(raw), "damaged": str(e)}, indent=2))
         return 1
     damage = verify_entry(raw)
-    print(
-        json.dumps({"key": args.key, "nbytes": len(raw), "checksum_ok": damage is None, **header}, indent=2)
-    )
+    # "key" in the header holds the key *inputs*; the store key itself is "entry_key".
+    out = {"entry_key": args.key, "nbytes": len(raw), "checksum_ok": damage is None, **header}
+    print(json.dumps(out, indent=2))
     return 0 if damage is None else 1
 
 
