@@ -168,6 +168,8 @@ def rerotate_scatter(
         raise ValueError(f"codec {codec!r} data has last dim {k_src.shape[-1]}, head_dim is {d}")
     if offset < 0 or offset + t > k_out.shape[1]:
         raise ValueError(f"chunk of {t} tokens at offset {offset} does not fit in {k_out.shape[1]} slots")
+    if k_src.device != k_out.device:  # host-to-device copies (pinned, overlapped) are the caller's job
+        raise ValueError(f"codec parts are on {k_src.device} but the cache is on {k_out.device}")
     if t == 0:
         return
     cos = cos.to(device=k_out.device, dtype=torch.float32).contiguous()
