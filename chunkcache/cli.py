@@ -178,25 +178,36 @@ def _precompute_args(p: argparse.ArgumentParser) -> None:
         "--overlap", type=int, default=32, help="tokens shared by consecutive chunks (default: 32)"
     )
     p.add_argument("--batch-size", type=int, default=8, help="chunks encoded per forward pass (default: 8)")
+    p.add_argument("--sink", default="prefix", choices=["bos", "prefix"],
+                   help="attention sink chunks are encoded behind; must match the engine's (default: prefix)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--emit", default=None,
+                   help="write the chunk texts with their keys as JSONL here (index these texts in your vector store)")
 
 
 def _precompute(args: argparse.Namespace) -> int:
     from chunkcache.codec import get_codec
-    from chunkcache.corpus import chunk_tokens, iter_documents
+    from chunkcache.corpus import chunk_tokens, iter_documents, split_text
     from chunkcache.engine import ChunkCache
 
     get_codec(args.codec)  # fail on a typo before loading the model
     chunk_tokens([], args.chunk_tokens, args.overlap)  # validate the window before loading the model
-    eng = ChunkCache(model=args.model, store=args.store, codec=args.codec)
-    chunks, docs = [], 0
+    eng = ChunkCache(model=args.model, store=args.store, codec=args.codec, sink=args.sink, dtype=args.dtype,
+                     device=args.device)
+    texts, sources = [], []
     for doc in iter_documents(args.input, text_field=args.text_field):
-        ids = eng.tokenizer.encode(doc.text, add_special_tokens=False)
-        chunks += chunk_tokens(ids, args.chunk_tokens, args.overlap)
-        docs += 1
+        for text in split_text(eng.tokenizer, doc.text, args.chunk_tokens, args.overlap):
+            texts.append(text)
+            sources.append(doc.source)
     before = eng.store.stats().entries
-    keys = eng.precompute_ids(chunks, batch_size=args.batch_size, progress=True)
+    keys = eng.precompute(texts, batch_size=args.batch_size, progress=True)
+    if args.emit:
+        with open(args.emit, "w") as f:
+            for key, text, source in zip(keys, texts, sources, strict=True):
+                f.write(json.dumps({"key": key, "source": source, "text": text}) + "\n")
     s = eng.store.stats()
-    print(f"{docs} documents, {len(chunks)} chunks ({len(set(keys))} distinct); "
+    print(f"{len(set(sources))} documents, {len(texts)} chunks ({len(set(keys))} distinct); "
           f"{s.entries - before} stored now, {s.entries} in store ({_human(s.bytes)})")  # fmt: skip
     eng.store.close()
     return 0

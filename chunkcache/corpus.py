@@ -82,3 +82,17 @@ def chunk_tokens(ids: Sequence[int], size: int, overlap: int = 0) -> list[list[i
         return []
     stride = size - overlap
     return [ids[s : s + size] for s in range(0, max(len(ids) - overlap, 1), stride)]
+
+
+def split_text(tokenizer, text: str, size: int, overlap: int = 0) -> list[str]:
+    """Chunk *texts* of at most about ``size`` tokens. A document that fits is returned unchanged
+    (so its cache key equals ``ChunkCache.key(text)`` for the very text a retriever returns);
+    longer ones are cut into token windows and decoded back to text, the form a vector store
+    indexes and a retriever hands to ``fuse``."""
+    text = text.strip()
+    if not text:
+        return []
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) <= size:
+        return [text]
+    return [tokenizer.decode(w).strip() for w in chunk_tokens(ids, size, overlap)]

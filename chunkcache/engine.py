@@ -34,8 +34,10 @@ FORMAT_VERSION = 1
 class PrecomputeConfig:
     """What changes the bytes of a precomputed chunk cache (part of every key)."""
 
-    sink: str = "bos"
-    """Attention sink the chunk is encoded behind: ``bos`` (one token) or the template ``prefix``."""
+    sink: str = "prefix"
+    """Attention sink the chunk is encoded behind: the template ``prefix`` (default; measured to
+    fuse better, see BENCHMARKS.md) or ``bos`` (one token; caches then survive a change of the
+    instruction or system prompt)."""
 
     def __post_init__(self) -> None:
         if self.sink not in ("bos", "prefix"):
@@ -54,7 +56,7 @@ class ChunkCache:
         dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         codec: str = "raw",
-        sink: str = "bos",
+        sink: str = "prefix",
         policy: str = "qaware",
         recompute_ratio: float = 0.15,
         instruction: str = DEFAULT_INSTRUCTION,
@@ -72,7 +74,9 @@ class ChunkCache:
             if tokenizer is None:
                 raise ValueError("pass tokenizer= with a model object")
             self.lm = wrap_model(model, tokenizer)
-        self.template = PromptTemplate.from_tokenizer(self.lm.tokenizer, instruction=instruction, system=system)
+        self.template = PromptTemplate.from_tokenizer(
+            self.lm.tokenizer, instruction=instruction, system=system
+        )
         self.settings = PrecomputeConfig(sink=sink)
         self.default_fuse = FuseConfig(recompute_ratio=recompute_ratio, policy=policy)
         self.codec = codec
@@ -104,8 +108,14 @@ class ChunkCache:
         from chunkcache.keys import chunk_key
 
         info = self.key_info()
-        return chunk_key(list(ids), info["model_fingerprint"], info["dtype"], info["codec"], info["settings"],
-                         info["format_version"])
+        return chunk_key(
+            list(ids),
+            info["model_fingerprint"],
+            info["dtype"],
+            info["codec"],
+            info["settings"],
+            info["format_version"],
+        )
 
     def key(self, text: str) -> str:
         return self.key_for_ids(self.template.chunk_ids(text))
@@ -121,8 +131,14 @@ class ChunkCache:
             return None
         stored = chunk.meta.get("key_info")
         if stored is not None and stored != _jsonable(self.key_info()):
-            diff = sorted(k for k in set(stored) | set(self.key_info()) if stored.get(k) != _jsonable(self.key_info()).get(k))
-            raise ModelMismatchError(f"store entry {key} was made with other {', '.join(diff)} than this engine's")
+            diff = sorted(
+                k
+                for k in set(stored) | set(self.key_info())
+                if stored.get(k) != _jsonable(self.key_info()).get(k)
+            )
+            raise ModelMismatchError(
+                f"store entry {key} was made with other {', '.join(diff)} than this engine's"
+            )
         if ids is not None and chunk.token_ids.tolist() != list(ids):
             raise ModelMismatchError(f"store entry {key} holds other tokens than the chunk asked for")
         chunk.check(self.lm.spec.num_layers, self.lm.spec.kv_heads, self.lm.spec.head_dim)
@@ -134,7 +150,9 @@ class ChunkCache:
         self.store.put(key, pack_chunk(chunk, self.codec, self.key_info()))
 
     # ---- precompute -------------------------------------------------------------------------
-    def precompute(self, texts: Sequence[str], batch_size: int = 8, progress: bool | None = None) -> list[str]:
+    def precompute(
+        self, texts: Sequence[str], batch_size: int = 8, progress: bool | None = None
+    ) -> list[str]:
         """Make sure every text has a stored chunk cache; returns their keys. Idempotent."""
         return self.precompute_ids([self.template.chunk_ids(t) for t in texts], batch_size, progress)
 
@@ -187,7 +205,9 @@ class ChunkCache:
             for i in miss:
                 out[i] = self._load(keys[i], ids[i])
                 if out[i] is None:
-                    raise RuntimeError(f"chunk {keys[i]} was precomputed but cannot be read back from the store")
+                    raise RuntimeError(
+                        f"chunk {keys[i]} was precomputed but cannot be read back from the store"
+                    )
         return out  # type: ignore[return-value]
 
     def prefix_kv(self) -> torch.Tensor:
@@ -232,7 +252,10 @@ class ChunkCache:
 
     @torch.no_grad()
     def generate_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> str:
-        kwargs = {"do_sample": False, "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}
+        kwargs = {
+            "do_sample": False,
+            "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        }
         kwargs.update(generate_kwargs)
         ids = fused.input_ids.to(self.lm.device)
         out = self.model.generate(

@@ -126,7 +126,9 @@ def fuse_kv(
     layers = mdl.model.layers
     buf, chunk_of, offsets = assemble(lm, prefix_kv, chunks, len(suffix_ids))
     n = buf.shape[3]
-    ids = torch.tensor([list(prefix_ids) + [t for c in chunks for t in c.token_ids.tolist()] + list(suffix_ids)])
+    ids = torch.tensor(
+        [list(prefix_ids) + [t for c in chunks for t in c.token_ids.tolist()] + list(suffix_ids)]
+    )
     if ids.shape[1] != n:
         raise ValueError(f"prefix KV covers {prefix_kv.shape[3]} tokens but prefix_ids has {len(prefix_ids)}")
     ids_dev = ids[0].to(lm.device)
@@ -205,7 +207,12 @@ def fuse_kv(
         "compute_fraction": computed / full if full else 0.0,
         "policy": config.policy,
         "recompute_ratio": config.recompute_ratio,
-        "seconds": {"assemble": t_assemble, "probe": t_probe, "recompute": elapsed - t_assemble - t_probe, "total": elapsed},
+        "seconds": {
+            "assemble": t_assemble,
+            "probe": t_probe,
+            "recompute": elapsed - t_assemble - t_probe,
+            "total": elapsed,
+        },
     }
     cache = kv_to_cache(buf[:, :, :, : n - 1])
     return FuseResult(input_ids=ids, logits=logits, cache=cache, kv=buf, selected=selected, stats=stats)
@@ -223,7 +230,9 @@ def _token_scores(chunks: list[ChunkKV], device) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def _probe(lm: LoadedModel, buf: torch.Tensor, ids: torch.Tensor, q_pos: torch.Tensor, ctx_pos: torch.Tensor) -> torch.Tensor:
+def _probe(
+    lm: LoadedModel, buf: torch.Tensor, ids: torch.Tensor, q_pos: torch.Tensor, ctx_pos: torch.Tensor
+) -> torch.Tensor:
     """Run only the question through every layer over the reused (stale) cache and return how much
     attention it pays to each chunk token per layer: ``[L, C]`` (mean over heads and question
     tokens). Costs |question| x L token-layers, about what one chunk token's recompute costs."""
@@ -239,7 +248,10 @@ def _probe(lm: LoadedModel, buf: torch.Tensor, ids: torch.Tensor, q_pos: torch.T
         buf[li, 1, :, q_pos] = v
         keys = buf[li, 0]
         group = q.shape[0] // keys.shape[0]
-        scores = torch.einsum("hqd,hkd->hqk", q.float(), keys.float().repeat_interleave(group, 0)) * layer.self_attn.scaling
+        scores = (
+            torch.einsum("hqd,hkd->hqk", q.float(), keys.float().repeat_interleave(group, 0))
+            * layer.self_attn.scaling
+        )
         scores = scores.masked_fill(~mask[None], float("-inf"))
         probs = scores.softmax(-1)  # [Hq, nq, N]
         out_attn.append(probs.mean(dim=(0, 1))[ctx_pos])

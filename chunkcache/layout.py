@@ -52,16 +52,22 @@ class ChunkKV:
     def num_layers(self) -> int:
         return int(self.kv.shape[0])
 
-    def check(self, layers: int | None = None, kv_heads: int | None = None, head_dim: int | None = None) -> None:
+    def check(
+        self, layers: int | None = None, kv_heads: int | None = None, head_dim: int | None = None
+    ) -> None:
         """Raise ValueError if the tensors break the layout (or do not fit the given model shape)."""
         if self.token_ids.dim() != 1:
             raise ValueError(f"token_ids must be 1-D, got shape {tuple(self.token_ids.shape)}")
         if self.kv.dim() != 5 or self.kv.shape[1] != 2:
-            raise ValueError(f"kv must be [layers, 2, kv_heads, tokens, head_dim], got {tuple(self.kv.shape)}")
+            raise ValueError(
+                f"kv must be [layers, 2, kv_heads, tokens, head_dim], got {tuple(self.kv.shape)}"
+            )
         if self.kv.shape[3] != self.num_tokens:
             raise ValueError(f"kv holds {self.kv.shape[3]} tokens but token_ids has {self.num_tokens}")
         if self.token_scores is not None and tuple(self.token_scores.shape) != (self.num_tokens,):
-            raise ValueError(f"token_scores must be [{self.num_tokens}], got {tuple(self.token_scores.shape)}")
+            raise ValueError(
+                f"token_scores must be [{self.num_tokens}], got {tuple(self.token_scores.shape)}"
+            )
         want = {"layers": (0, layers), "kv_heads": (2, kv_heads), "head_dim": (4, head_dim)}
         for name, (dim, expected) in want.items():
             if expected is not None and self.kv.shape[dim] != expected:

@@ -99,7 +99,11 @@ def check_config(config) -> ModelSpec:
             f"RoPE variant {rope_type!r} is not supported (its frequencies depend on the sequence length, so "
             f"cached keys cannot be re-rotated exactly); supported: {', '.join(EXACT_ROPE_TYPES)}"
         )
-    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
+    partial = (
+        rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+        if isinstance(rope, dict)
+        else 1.0
+    )
     if partial not in (None, 1.0, 1):
         raise UnsupportedModelError(f"partial rotary embeddings (factor {partial}) are not supported")
     q_heads = config.num_attention_heads
@@ -127,8 +131,16 @@ def fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
     sampled values get different fingerprints (a fine-tune changes every tensor's sum)."""
     h = hashlib.blake2b(digest_size=16)
     config = model.config.to_dict()
-    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
-                     "quantization_config", "_commit_hash", "use_cache"):
+    for volatile in (
+        "_name_or_path",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "_attn_implementation",
+        "quantization_config",
+        "_commit_hash",
+        "use_cache",
+    ):
         config.pop(volatile, None)
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     with torch.no_grad():
@@ -185,8 +197,13 @@ def wrap_model(model: torch.nn.Module, tokenizer, name: str | None = None) -> Lo
     """Adopt an already-loaded transformers model (e.g. a tiny random one in tests)."""
     spec = check_config(model.config)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, name=name or model.config.model_type,
-                       fingerprint=fingerprint(model))
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        name=name or model.config.model_type,
+        fingerprint=fingerprint(model),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,13 +211,17 @@ def wrap_model(model: torch.nn.Module, tokenizer, name: str | None = None) -> Lo
 # --------------------------------------------------------------------------------------------
 
 
-def rotary(model: torch.nn.Module, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(
+    model: torch.nn.Module, positions: torch.Tensor, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin ``[len(positions), head_dim]`` for absolute positions (the model's own RoPE)."""
     cos, sin = model.model.rotary_emb(like, position_ids=positions.view(1, -1))
     return cos[0], sin[0]
 
 
-def rotation(model: torch.nn.Module, delta: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def rotation(
+    model: torch.nn.Module, delta: int, device, dtype=torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin ``[head_dim]`` (fp32) of a rotation by ``delta`` positions.
 
     Exact for position-independent frequencies: R(p + delta) = R(delta) R(p). The model's
@@ -258,13 +279,17 @@ def layer_qkv(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec
     return q, k, v
 
 
-def attend(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     """q ``[Hq, n, D]`` over k/v ``[Hkv, N, D]`` with bool mask ``[n, N]`` -> ``[Hq, n, D]``."""
     group = q.shape[0] // k_all.shape[0]
     if group > 1:
         k_all = k_all.repeat_interleave(group, dim=0)
         v_all = v_all.repeat_interleave(group, dim=0)
-    return F.scaled_dot_product_attention(q[None], k_all[None], v_all[None], attn_mask=mask[None, None], scale=scale)[0]
+    return F.scaled_dot_product_attention(
+        q[None], k_all[None], v_all[None], attn_mask=mask[None, None], scale=scale
+    )[0]
 
 
 def layer_finish(layer, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:

@@ -56,8 +56,13 @@ def encode_chunks(
             seq = list(sink) + list(chunks[i])
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        cache = DynamicCache(config=lm.model.config)
-        lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, **{cache_kwarg(lm.model): cache})
+        cache = DynamicCache()  # no config: keep every position even under a sliding window
+        lm.model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            use_cache=True,
+            **{cache_kwarg(lm.model): cache},
+        )
         keys = torch.stack([layer.keys for layer in cache.layers])  # [L, B, H, width, D]
         values = torch.stack([layer.values for layer in cache.layers])
         for row, i in enumerate(idx):
@@ -81,7 +86,7 @@ def encode_prefix(lm: LoadedModel, prefix: Sequence[int]) -> torch.Tensor:
     """Exact KV of the prompt prefix at positions 0..P-1: ``[L, 2, H, P, D]``."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=lm.model.config)
+    cache = DynamicCache()  # no config: keep every position even under a sliding window
     ids = torch.tensor([list(prefix)], dtype=torch.long, device=lm.device)
     lm.model(input_ids=ids, use_cache=True, **{cache_kwarg(lm.model): cache})
     return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])

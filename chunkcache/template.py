@@ -54,7 +54,9 @@ class PromptTemplate:
         Tokenizers without a chat template get a plain ``instruction / passages / Question: / Answer:``."""
         user = f"{instruction}\n\n{_CHUNKS}Question: {_QUESTION}"
         if getattr(tokenizer, "chat_template", None):
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": user}
+            ]
             try:
                 text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             except Exception:  # some templates reject a system role

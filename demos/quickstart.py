@@ -40,7 +40,9 @@ def main() -> None:
     all_texts = [f"{c['title']}\n{c['text']}" for ex in data for c in ex["ctxs"][: args.passages]]
     t = time.perf_counter()
     engine.precompute(all_texts, progress=True)
-    print(f"precompute: {len(all_texts)} chunks ready in {time.perf_counter() - t:.1f}s (stored ones are skipped)")
+    print(
+        f"precompute: {len(all_texts)} chunks ready in {time.perf_counter() - t:.1f}s (stored ones are skipped)"
+    )
     engine.prefix_kv()  # the template prefix is computed once per engine
 
     for ex in data:
@@ -57,12 +59,14 @@ def main() -> None:
         kl = float((ref.exp() * (ref - fused.logits.log_softmax(-1))).sum())
         with torch.no_grad():
             out = engine.model.generate(input_ids=ids, max_new_tokens=24, do_sample=False)
-        full_answer = engine.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        full_answer = engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         fused_answer = engine.generate_from(fused, max_new_tokens=24)
         print(f"\nQ: {ex['question']}\n   gold: {ex['answers'][0]}")
         print(f"   full prefill  ({ids.shape[1]} tokens) TTFT {ttft_full:6.2f}s: {full_answer}")
-        print(f"   fused @ {args.ratio:.0%}  TTFT {ttft_fused:6.2f}s ({ttft_full / ttft_fused:.1f}x): {fused_answer}"
-              f"   [KL {kl:.4f}]")
+        print(
+            f"   fused @ {args.ratio:.0%}  TTFT {ttft_fused:6.2f}s ({ttft_full / ttft_fused:.1f}x): {fused_answer}"
+            f"   [KL {kl:.4f}]"
+        )
     print("\nstore:", engine.store.stats())
 
 

@@ -83,8 +83,11 @@ def test_empty_inputs_give_clear_errors(tiny_engine):
 @pytest.mark.parametrize("codec", ["int8", "int4"])
 def test_lossy_codecs_fuse_close_to_lossless(smol_tokenizer, codec):
     model = tiny_model()
-    raw = ChunkCache(model=model, tokenizer=smol_tokenizer, store=None).fuse(PASSAGES, QUESTION, recompute_ratio=0.0)
+    raw = ChunkCache(model=model, tokenizer=smol_tokenizer, store=None).fuse(
+        PASSAGES, QUESTION, recompute_ratio=0.0
+    )
     lossy = ChunkCache(model=model, tokenizer=smol_tokenizer, store=None, codec=codec).fuse(
-        PASSAGES, QUESTION, recompute_ratio=0.0)
+        PASSAGES, QUESTION, recompute_ratio=0.0
+    )
     p, q = raw.logits.log_softmax(-1), lossy.logits.log_softmax(-1)
     assert float((p.exp() * (p - q)).sum()) < (0.01 if codec == "int8" else 0.05)

@@ -30,9 +30,19 @@ def make_engine(arch, tok, **overrides):
     [
         ("llama", {}),
         ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}),
-        ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 512,
-                                       "rope_theta": 500000.0}}),
+        (
+            "llama",
+            {
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 512,
+                    "rope_theta": 500000.0,
+                }
+            },
+        ),
         ("mistral", {"sliding_window": 40}),
         ("qwen2", {}),
         ("qwen3", {}),
@@ -49,9 +59,16 @@ def test_ratio_one_is_full_prefill(smol_tokenizer, arch, overrides):
     # and the cache it hands over continues exactly like the model's own cache
     ids = eng.prompt_ids(PASSAGES, QUESTION)
     with torch.no_grad():
-        want = eng.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
-    got = eng.model.generate(input_ids=fused.input_ids, **{cache_kwarg(eng.model): fused.fresh_cache()}, max_new_tokens=8,
-                             do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
+        want = eng.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=2)[
+            0, ids.shape[1] :
+        ]
+    got = eng.model.generate(
+        input_ids=fused.input_ids,
+        **{cache_kwarg(eng.model): fused.fresh_cache()},
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=2,
+    )[0, ids.shape[1] :]
     assert want.tolist() == got.tolist()
 
 
@@ -85,7 +102,7 @@ def test_rerotation_matches_encoding_at_offset(tiny_engine):
 
     eng = tiny_engine
     chunk = eng.chunk(PASSAGES[1])
-    sink = eng.template.sink_ids("bos")
+    sink = eng.template.sink_ids(eng.settings.sink)
     delta = 777
     ids = torch.tensor([sink + chunk.token_ids.tolist()])
     cache = DynamicCache()
@@ -94,8 +111,8 @@ def test_rerotation_matches_encoding_at_offset(tiny_engine):
         eng.model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kwarg(eng.model): cache})
     cos, sin = rotation(eng.model, delta, "cpu")
     for layer in range(chunk.num_layers):
-        want_k = cache.layers[layer].keys[0, :, len(sink):]
-        want_v = cache.layers[layer].values[0, :, len(sink):]
+        want_k = cache.layers[layer].keys[0, :, len(sink) :]
+        want_v = cache.layers[layer].values[0, :, len(sink) :]
         torch.testing.assert_close(apply_rotation(chunk.kv[layer, 0], cos, sin), want_k, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(chunk.kv[layer, 1], want_v, rtol=1e-4, atol=1e-4)
 
@@ -109,8 +126,10 @@ def test_mask_is_exactly_position_causal(tiny_engine):
     pre, suf = eng._prefix_ids, eng.template.suffix_ids(QUESTION)
     cfg = FuseConfig(recompute_ratio=0.3, policy="epic")  # deterministic: first tokens of each chunk
     a = fuse_kv(eng.lm, eng.prefix_kv(), chunks, pre, suf, cfg)
-    noisy = [chunks[0]] + [type(c)(token_ids=c.token_ids, kv=c.kv + torch.randn_like(c.kv), base_pos=c.base_pos)
-                           for c in chunks[1:]]
+    noisy = [chunks[0]] + [
+        type(c)(token_ids=c.token_ids, kv=c.kv + torch.randn_like(c.kv), base_pos=c.base_pos)
+        for c in chunks[1:]
+    ]
     b = fuse_kv(eng.lm, eng.prefix_kv(), noisy, pre, suf, cfg)
     first_end = len(pre) + chunks[0].num_tokens
     sel = a.selected[a.selected < first_end]
@@ -163,6 +182,9 @@ def test_default_model_contracts(smol):
     torch.testing.assert_close(fused.logits, ref, rtol=1e-4, atol=2e-4)
     ids = eng.prompt_ids(PASSAGES, QUESTION)
     with torch.no_grad():
-        want = eng.model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
-    assert eng.generate_from(fused, max_new_tokens=12) == eng.tokenizer.decode(want, skip_special_tokens=True).strip()
+        want = eng.model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
+    assert (
+        eng.generate_from(fused, max_new_tokens=12)
+        == eng.tokenizer.decode(want, skip_special_tokens=True).strip()
+    )
     assert "Eiffel" in eng.generate(PASSAGES[::-1], QUESTION, max_new_tokens=12, recompute_ratio=0.15)

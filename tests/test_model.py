@@ -17,9 +17,19 @@ def test_default_alias_resolves_to_packaged_gguf():
     assert resolve("some-org/some-model") == ("some-org/some-model", None)
 
 
-@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
-                                  {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
-                                   "long_factor": [1.0] * 8, "original_max_position_embeddings": 256}])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0] * 8,
+            "long_factor": [1.0] * 8,
+            "original_max_position_embeddings": 256,
+        },
+    ],
+)
 def test_unsupported_rope_named(rope):
     cfg = tiny_config("llama")
     cfg.rope_parameters = rope
@@ -40,7 +50,9 @@ def test_engine_refuses_unsupported_model(smol_tokenizer):
     from chunkcache.engine import ChunkCache
 
     with pytest.raises(UnsupportedModelError):
-        ChunkCache(model=GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)), tokenizer=smol_tokenizer)
+        ChunkCache(
+            model=GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)), tokenizer=smol_tokenizer
+        )
 
 
 def test_fingerprint_follows_weights_not_name():

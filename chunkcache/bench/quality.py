@@ -70,7 +70,9 @@ def teacher_forced(engine, fused, answer: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy(engine, input_ids: torch.Tensor, cache, max_new_tokens: int, min_new_tokens: int = 0) -> torch.Tensor:
+def greedy(
+    engine, input_ids: torch.Tensor, cache, max_new_tokens: int, min_new_tokens: int = 0
+) -> torch.Tensor:
     ids = input_ids.to(engine.lm.device)
     out = engine.model.generate(
         input_ids=ids,
@@ -115,26 +117,32 @@ def run(
         full_f1 = f1_score(full_text, ex["answers"])
         configs = [("naive", 0.0)] + [(p, r) for p in policies for r in ratios]
         for policy, ratio in configs:
-            fused = engine.fuse(texts, question, recompute_ratio=ratio, policy="cacheblend" if policy == "naive" else policy)
+            fused = engine.fuse(
+                texts, question, recompute_ratio=ratio, policy="cacheblend" if policy == "naive" else policy
+            )
             fused_forced = teacher_forced(engine, fused, gold_ans)
             gen = greedy(engine, fused.input_ids, fused.fresh_cache(), gen_tokens)
             text = engine.tokenizer.decode(gen, skip_special_tokens=True).strip()
-            rows.append({
-                "q": start + qi,
-                "policy": policy,
-                "ratio": ratio,
-                "kl_first": float(kl(full_first, fused.logits)),
-                "kl_answer": float(kl(full_forced, fused_forced).mean()),
-                "agree": text == full_text,
-                "f1": f1_score(text, ex["answers"]),
-                "full_f1": full_f1,
-                "compute_fraction": fused.stats["compute_fraction"],
-                "fuse_seconds": fused.stats["seconds"]["total"],
-            })
+            rows.append(
+                {
+                    "q": start + qi,
+                    "policy": policy,
+                    "ratio": ratio,
+                    "kl_first": float(kl(full_first, fused.logits)),
+                    "kl_answer": float(kl(full_forced, fused_forced).mean()),
+                    "agree": text == full_text,
+                    "f1": f1_score(text, ex["answers"]),
+                    "full_f1": full_f1,
+                    "compute_fraction": fused.stats["compute_fraction"],
+                    "fuse_seconds": fused.stats["seconds"]["total"],
+                }
+            )
         if log:
             naive = [r for r in rows if r["q"] == start + qi and r["policy"] == "naive"][0]
-            log(f"[{qi + 1}/{len(data)}] {time.perf_counter() - t_start:.0f}s  naive KL {naive['kl_first']:.4f}  "
-                f"full: {full_text[:60]!r}")
+            log(
+                f"[{qi + 1}/{len(data)}] {time.perf_counter() - t_start:.0f}s  naive KL {naive['kl_first']:.4f}  "
+                f"full: {full_text[:60]!r}"
+            )
     return {"rows": rows, "summary": summarize(rows)}
 
 
@@ -146,8 +154,13 @@ def summarize(rows: list[dict]) -> dict:
     naive_kl = sum(r["kl_first"] for r in naive) / max(len(naive), 1)
     naive_kla = sum(r["kl_answer"] for r in naive) / max(len(naive), 1)
     out = {}
-    for (policy, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "naive", kv[0][0], kv[0][1])):
-        m = lambda key: sum(float(r[key]) for r in rs) / len(rs)  # noqa: E731
+    for (policy, ratio), rs in sorted(
+        groups.items(), key=lambda kv: (kv[0][0] != "naive", kv[0][0], kv[0][1])
+    ):
+
+        def m(key: str, rs: list[dict] = rs) -> float:
+            return sum(float(r[key]) for r in rs) / len(rs)
+
         out[f"{policy}@{ratio:g}"] = {
             "policy": policy,
             "ratio": ratio,
@@ -217,18 +230,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passages", type=int, default=5, help="passages per question")
     p.add_argument("--policies", default="cacheblend,gradual,qaware,epic,random", help="comma-separated")
     p.add_argument("--ratios", default="0.05,0.15,0.30", help="comma-separated recompute ratios")
-    p.add_argument("--sink", default="bos", choices=["bos", "prefix"], help="precompute sink")
+    p.add_argument("--sink", default="prefix", choices=["bos", "prefix"], help="precompute sink")
     p.add_argument("--codec", default="raw", help="codec of the chunk caches")
     p.add_argument("--store", default=None, help="store path (default: in memory)")
     p.add_argument("--out", default=None, help="write JSON results here")
     p.add_argument("--plot", default=None, help="save a KL-vs-ratio plot here (PNG)")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="instead of running: merge the rows of earlier --out files (e.g. two halves)",
+    )
 
 
 def run_cli(args: argparse.Namespace) -> int:
     from chunkcache.engine import ChunkCache
 
-    engine = ChunkCache(model=args.model, store=args.store, dtype=args.dtype, device=args.device,
-                        sink=args.sink, codec=args.codec)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows = [r for part in parts for r in part["rows"]]
+        res = {
+            "rows": rows,
+            "summary": summarize(rows),
+            "commands": [p.get("command") for p in parts],
+            "settings": parts[0].get("settings"),
+        }
+        print(table(res["summary"]))
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=1))
+        if args.plot:
+            plot(res["summary"], args.plot)
+        return 0
+
+    engine = ChunkCache(
+        model=args.model,
+        store=args.store,
+        dtype=args.dtype,
+        device=args.device,
+        sink=args.sink,
+        codec=args.codec,
+    )
     res = run(
         engine,
         data_path=args.data,

@@ -1,0 +1,50 @@
+"""CUDA checks (run on the device machine: ``pytest -m gpu``): fusion on the GPU in float32 and
+bfloat16 matches a full prefill at ratio 1 and matches the CPU path at intermediate ratios."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PASSAGES, QUESTION, tiny_model
+
+from chunkcache.engine import ChunkCache
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _full(eng, chunks, q):
+    ids = eng.prompt_ids(chunks, q).to(eng.lm.device)
+    with torch.no_grad():
+        return eng.model(input_ids=ids).logits[0, -1].float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_cuda_ratio_one_matches_prefill(smol_tokenizer, dtype, arch):
+    eng = ChunkCache(model=tiny_model(arch).to("cuda", dtype), tokenizer=smol_tokenizer, store=None)
+    fused = eng.fuse(PASSAGES, QUESTION, recompute_ratio=1.0)
+    ref = _full(eng, PASSAGES, QUESTION)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.05, atol=0.15)
+    torch.testing.assert_close(fused.logits, ref, **tol)
+
+
+def test_cuda_matches_cpu_path(smol_tokenizer):
+    model = tiny_model("llama")
+    cpu = ChunkCache(model=model, tokenizer=smol_tokenizer, store=None, device="cpu")
+    a = cpu.fuse(PASSAGES, QUESTION, recompute_ratio=0.3, policy="cacheblend")
+    gpu = ChunkCache(model=tiny_model("llama").to("cuda"), tokenizer=smol_tokenizer, store=None)
+    b = gpu.fuse(PASSAGES, QUESTION, recompute_ratio=0.3, policy="cacheblend")
+    assert torch.equal(a.selected.cpu(), b.selected.cpu())
+    torch.testing.assert_close(a.logits, b.logits.cpu(), rtol=1e-3, atol=1e-3)
+
+
+def test_cuda_default_model_bf16(smol):
+    model = smol.model.to("cuda", torch.bfloat16)
+    try:
+        eng = ChunkCache(model=model, tokenizer=smol.tokenizer, store=None)
+        fused = eng.fuse(PASSAGES, QUESTION, recompute_ratio=1.0)
+        ref = _full(eng, PASSAGES, QUESTION)
+        assert fused.logits.argmax() == ref.argmax()
+        assert "Eiffel" in eng.generate(PASSAGES[::-1], QUESTION, max_new_tokens=12)
+    finally:
+        smol.model.to("cpu", torch.float32)
