@@ -25,12 +25,11 @@ if not CUDA:
 
 triton = pytest.importorskip("triton")
 
+from chunkcache import kernels  # noqa: E402
 from chunkcache.kernels import deviation_triton as dv  # noqa: E402
 from chunkcache.kernels import reference  # noqa: E402
 from chunkcache.kernels import rerotate_scatter_triton as rr  # noqa: E402
 from chunkcache.kernels import selected_attention_triton as sa  # noqa: E402
-
-from chunkcache import kernels  # noqa: E402
 
 # If something imported triton earlier in this process without the flag, its library is compiled-
 # only and cannot be interpreted: then the kernel tests run in a fresh process instead (see below).
