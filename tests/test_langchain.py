@@ -9,15 +9,6 @@ import asyncio
 import functools
 
 import pytest
-from chunkcache.integrations.langchain import (
-    KEY_FIELD,
-    ChunkCacheGenerator,
-    ChunkCacheRetriever,
-    NoContextError,
-    aadd_documents,
-    add_documents,
-    check_store,
-)
 from conftest import PASSAGES, QUESTION, tiny_model
 from langchain_core.documents import Document
 from langchain_core.embeddings import DeterministicFakeEmbedding
@@ -27,6 +18,15 @@ from langchain_core.vectorstores import InMemoryVectorStore
 
 from chunkcache.engine import ChunkCache
 from chunkcache.errors import ModelMismatchError
+from chunkcache.integrations.langchain import (
+    KEY_FIELD,
+    ChunkCacheGenerator,
+    ChunkCacheRetriever,
+    NoContextError,
+    aadd_documents,
+    add_documents,
+    check_store,
+)
 
 TOKENS = 6  # answer length: the tiny model's answers are noise, only their equality matters
 
