@@ -39,7 +39,13 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnableParallel, RunnablePassthrough
 
 from chunkcache.engine import ChunkCache
-from chunkcache.integrations.langchain import HIT_FIELD, KEY_FIELD, ChunkCacheGenerator, ChunkCacheRetriever
+from chunkcache.integrations.langchain import (
+    HIT_FIELD,
+    KEY_FIELD,
+    ChunkCacheGenerator,
+    ChunkCacheRetriever,
+    load_emitted,
+)
 from chunkcache.model import cache_kwarg
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "musique_dev.json"
@@ -95,9 +101,9 @@ class FaissRetriever(BaseRetriever):
 # ---- helpers ---------------------------------------------------------------------------------------
 
 
-def precompute_with_cli(passages: list[str], store: str, workdir: Path) -> list[dict]:
-    """Run ``chunkcache precompute`` on the passages (as JSONL) and return the chunks it emits:
-    ``{"key", "source", "text"}`` per chunk. The vector store indexes exactly these texts, so what the
+def precompute_with_cli(passages: list[str], store: str, workdir: Path) -> list[Document]:
+    """Run ``chunkcache precompute`` on the passages (as JSONL) and return the chunks it emits as
+    Documents (text and key; ``load_emitted``). The vector store indexes exactly these texts, so what the
     retriever returns is what was cached. ``--chunk-tokens`` above any passage's length keeps each
     passage one chunk (longer documents would be split, and the emitted texts would say so)."""
     src, emitted = workdir / "passages.jsonl", workdir / "chunks.jsonl"
@@ -106,7 +112,7 @@ def precompute_with_cli(passages: list[str], store: str, workdir: Path) -> list[
            "--chunk-tokens", "2048", "--overlap", "0", "--emit", str(emitted)]  # fmt: skip
     print("$", " ".join(cmd), flush=True)
     subprocess.run([sys.executable, "-m", "chunkcache.cli", *cmd[1:]], check=True)
-    return [json.loads(line) for line in emitted.read_text(encoding="utf-8").splitlines()]
+    return load_emitted(emitted)
 
 
 def norm(s: str) -> str:
@@ -132,13 +138,9 @@ def main() -> None:
     # Indexing: precompute with the CLI, then embed and index the chunk texts it emitted (with their keys).
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        chunks = precompute_with_cli(passages, args.store, Path(tmp))
+        docs = precompute_with_cli(passages, args.store, Path(tmp))
     t_precompute = time.perf_counter() - t
     print(f"precompute (CLI, incl. model load): {t_precompute:.1f}s")
-    docs = [
-        Document(page_content=c["text"], id=str(i), metadata={KEY_FIELD: c["key"]})
-        for i, c in enumerate(chunks)
-    ]
 
     t = time.perf_counter()
     embedder = MiniLM()
@@ -164,7 +166,7 @@ def main() -> None:
     for ex in data[: args.questions]:
         out = chain.invoke(ex["question"])
         ctx = [d.page_content for d in out["context"]]
-        misses = [d.id for d in out["context"] if not d.metadata[HIT_FIELD]]
+        misses = [d.metadata[KEY_FIELD][:12] for d in out["context"] if not d.metadata[HIT_FIELD]]
         assert not misses, f"chunks {misses} were not in the store: CLI keys and engine keys disagree"
         assert all(d.metadata[KEY_FIELD] == engine.key(d.page_content) for d in out["context"])
 

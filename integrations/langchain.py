@@ -12,7 +12,7 @@ know: fusion, keys, stores or prompt geometry -- the engine's template formats t
 LangChain ``PromptTemplate``. The core never imports this module.
 
     engine = ChunkCache(model="smollm2-135m", store="cache.lmdb")
-    add_documents(vector_store, docs, engine)                          # index + precompute
+    add_documents(vector_store, docs, engine)   # index + precompute (or: CLI --emit, load_emitted)
     chain = {"context": ChunkCacheRetriever(retriever=vector_store.as_retriever(), engine=engine),
              "question": RunnablePassthrough()} | ChunkCacheGenerator(engine=engine)
     chain.invoke("Who wrote ...?")
@@ -30,7 +30,9 @@ Bad input, on purpose and documented (docs/langchain.md):
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -54,6 +56,7 @@ from chunkcache.engine import ChunkCache
 from chunkcache.errors import ModelMismatchError
 
 __all__ = [
+    "HIT_FIELD",
     "KEY_FIELD",
     "ChunkCacheGenerator",
     "ChunkCacheRetriever",
@@ -61,6 +64,7 @@ __all__ = [
     "aadd_documents",
     "add_documents",
     "check_store",
+    "load_emitted",
     "precompute_documents",
 ]
 
@@ -136,8 +140,6 @@ def check_store(engine: ChunkCache, sample: int = 16) -> None:
 
 
 def _jsonable(x: Any) -> Any:
-    import json
-
     return json.loads(json.dumps(x))
 
 
@@ -193,6 +195,28 @@ async def aadd_documents(
         await run_in_executor(None, check_store, engine)
     docs = await run_in_executor(None, precompute_documents, engine, documents, batch_size)
     return await vector_store.aadd_documents(docs, **kwargs)
+
+
+def load_emitted(path: str | os.PathLike) -> list[Document]:
+    """Documents from the JSONL that ``chunkcache precompute ... --emit PATH`` writes (one
+    ``{"key", "source", "text"}`` per chunk), ready for ``vector_store.add_documents``: the texts are
+    exactly the chunks the CLI cached, long documents already split, keys in ``metadata[KEY_FIELD]``."""
+    docs = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                rec = json.loads(line)
+                if not {"key", "text"} <= rec.keys():
+                    raise ValueError(
+                        f"{path}:{n}: not a `chunkcache precompute --emit` record (needs key, text)"
+                    )
+                docs.append(
+                    Document(
+                        page_content=rec["text"],
+                        metadata={"source": rec.get("source"), KEY_FIELD: rec["key"]},
+                    )
+                )
+    return docs
 
 
 # ---- retriever ---------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from chunkcache.integrations.langchain import (
     aadd_documents,
     add_documents,
     check_store,
+    load_emitted,
 )
 
 TOKENS = 6  # answer length: the tiny model's answers are noise, only their equality matters
@@ -70,6 +71,27 @@ def test_aadd_documents(engine):
     vs = _vector_store()
     ids = asyncio.run(aadd_documents(vs, _docs()[:2], engine))
     assert len(ids) == 2 and len(engine.store) == 2
+
+
+def test_load_emitted_reads_cli_emit_records(engine, tmp_path):
+    """``chunkcache precompute --emit`` writes {key, source, text} per chunk; those keys are
+    ``engine.key(text)``, so the loaded Documents are hits for the retriever."""
+    import json
+
+    engine.precompute(PASSAGES[:2])
+    path = tmp_path / "chunks.jsonl"
+    path.write_text(
+        "".join(json.dumps({"key": engine.key(p), "source": "a.txt", "text": p}) + "\n" for p in PASSAGES[:2])
+    )
+    docs = load_emitted(path)
+    assert [d.page_content for d in docs] == PASSAGES[:2] and docs[0].metadata["source"] == "a.txt"
+    vs = _vector_store()
+    vs.add_documents(docs)
+    got = ChunkCacheRetriever(retriever=vs.as_retriever(), engine=engine).invoke(QUESTION)
+    assert all(d.metadata["chunkcache_hit"] for d in got) and len(engine.store) == 2
+    path.write_text(json.dumps({"text": "no key"}) + "\n")
+    with pytest.raises(ValueError, match="--emit"):
+        load_emitted(path)
 
 
 def test_retriever_returns_the_same_documents_and_precomputes_misses(engine):
