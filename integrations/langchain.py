@@ -177,8 +177,9 @@ def add_documents(
     With ``check`` (default) a store made for another model raises ModelMismatchError (``check_store``)."""
     if check:
         check_store(engine)
-    docs = precompute_documents(engine, documents, batch_size=batch_size)
-    return vector_store.add_documents(docs, **kwargs)
+    return vector_store.add_documents(
+        _for_index(precompute_documents(engine, documents, batch_size)), **kwargs
+    )
 
 
 async def aadd_documents(
@@ -194,7 +195,14 @@ async def aadd_documents(
     if check:
         await run_in_executor(None, check_store, engine)
     docs = await run_in_executor(None, precompute_documents, engine, documents, batch_size)
-    return await vector_store.aadd_documents(docs, **kwargs)
+    return await vector_store.aadd_documents(_for_index(docs), **kwargs)
+
+
+def _for_index(docs: list[Document]) -> list[Document]:
+    """Drop HIT_FIELD before indexing: it describes one retrieval, not the document."""
+    for d in docs:
+        d.metadata.pop(HIT_FIELD, None)
+    return docs
 
 
 def load_emitted(path: str | os.PathLike) -> list[Document]:

@@ -62,7 +62,9 @@ def test_add_documents_precomputes_and_records_keys(engine):
     ids = add_documents(vs, _docs(), engine)
     assert len(ids) == len(PASSAGES) and len(engine.store) == len(PASSAGES)
     for doc in vs.get_by_ids(ids):
-        assert doc.metadata[KEY_FIELD] == engine.key(doc.page_content)
+        assert (
+            doc.metadata[KEY_FIELD] == engine.key(doc.page_content) and "chunkcache_hit" not in doc.metadata
+        )
         assert engine.store.contains(doc.metadata[KEY_FIELD])
     assert add_documents(vs, _docs(), engine) and len(engine.store) == len(PASSAGES)  # idempotent caches
 
