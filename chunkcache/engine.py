@@ -12,6 +12,7 @@ bytes on disk (``format``, ``store``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -118,7 +119,16 @@ class ChunkCache:
         )
 
     def key(self, text: str) -> str:
-        return self.key_for_ids(self.template.chunk_ids(text))
+        return self.key_for_ids(self._chunk_ids(text))
+
+    def contains(self, texts: Sequence[str]) -> list[bool]:
+        """Whether each text's cache is in the store (no decoding, no hit counted)."""
+        return self.store.contains_many([self.key(t) for t in texts])
+
+    def _chunk_ids(self, text: str) -> list[int]:
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("a chunk must be non-empty text (got a blank or non-string chunk)")
+        return self.template.chunk_ids(text)
 
     def _load(self, key: str, ids: Sequence[int] | None = None) -> ChunkKV | None:
         """The stored chunk under ``key`` or None. A damaged entry is dropped (a miss); an entry
@@ -154,7 +164,7 @@ class ChunkCache:
         self, texts: Sequence[str], batch_size: int = 8, progress: bool | None = None
     ) -> list[str]:
         """Make sure every text has a stored chunk cache; returns their keys. Idempotent."""
-        return self.precompute_ids([self.template.chunk_ids(t) for t in texts], batch_size, progress)
+        return self.precompute_ids([self._chunk_ids(t) for t in texts], batch_size, progress)
 
     def precompute_ids(
         self, id_lists: Sequence[Sequence[int]], batch_size: int = 8, progress: bool | None = None
@@ -196,7 +206,7 @@ class ChunkCache:
         return self.chunks([text])[0]
 
     def chunks(self, texts: Sequence[str]) -> list[ChunkKV]:
-        ids = [self.template.chunk_ids(t) for t in texts]
+        ids = [self._chunk_ids(t) for t in texts]
         keys = [self.key_for_ids(i) for i in ids]
         out = [self._load(k, i) for k, i in zip(keys, ids, strict=True)]
         miss = [i for i, c in enumerate(out) if c is None]
@@ -230,8 +240,13 @@ class ChunkCache:
             recompute_ratio=self.default_fuse.recompute_ratio if recompute_ratio is None else recompute_ratio,
             policy=policy or self.default_fuse.policy,
         )
+        t0 = time.perf_counter()
         kvs = self.chunks(chunks)
-        return fuse_kv(self.lm, self.prefix_kv(), kvs, self._prefix_ids, self.template.suffix_ids(query), cfg)
+        t_load = time.perf_counter() - t0
+        res = fuse_kv(self.lm, self.prefix_kv(), kvs, self._prefix_ids, self.template.suffix_ids(query), cfg)
+        res.stats["seconds"]["load"] = t_load  # store read + decode (+ precompute of misses)
+        res.stats["seconds"]["total"] += t_load
+        return res
 
     def prompt_ids(self, chunks: Sequence[str], query: str) -> torch.Tensor:
         """``[1, N]`` the exact prompt ids fusion builds (for a full-prefill baseline)."""

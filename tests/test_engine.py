@@ -78,6 +78,18 @@ def test_empty_inputs_give_clear_errors(tiny_engine):
         tiny_engine.fuse(PASSAGES, QUESTION, recompute_ratio=1.5)
     with pytest.raises(ValueError, match="unknown policy"):
         tiny_engine.fuse(PASSAGES, QUESTION, policy="nope")
+    with pytest.raises(ValueError, match="non-empty"):
+        tiny_engine.precompute(["  \n"])
+    with pytest.raises(ValueError, match="non-empty"):
+        tiny_engine.fuse([PASSAGES[0], ""], QUESTION)
+
+
+def test_contains_and_load_time(tiny_engine):
+    tiny_engine.precompute(PASSAGES[:1])
+    assert tiny_engine.contains([PASSAGES[0], "never stored"]) == [True, False]
+    fused = tiny_engine.fuse(PASSAGES[:1], QUESTION, recompute_ratio=0.0)
+    secs = fused.stats["seconds"]
+    assert secs["load"] >= 0 and secs["total"] >= secs["load"] + secs["recompute"]
 
 
 @pytest.mark.parametrize("codec", ["int8", "int4"])

@@ -246,7 +246,8 @@ def plot(summary: dict, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     by_policy: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for s in summary.values():
-        if s["policy"] != "naive":
+        # a policy run on fewer questions than naive reuse would not be comparable on one plot
+        if s["policy"] != "naive" and (naive is None or s["n"] == naive["n"]):
             by_policy[s["policy"]].append((s["ratio"], s["kl_first"]))
     for policy, pts in sorted(by_policy.items()):
         pts = ([(0.0, naive["kl_first"])] if naive else []) + sorted(pts) + [(1.0, 0.0)]
