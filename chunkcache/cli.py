@@ -218,6 +218,7 @@ def _precompute(args: argparse.Namespace) -> int:
 BENCH_COMMANDS: dict[str, str] = {
     "store": "chunkcache.bench.store",
     "quality": "chunkcache.bench.quality",
+    "precompute": "chunkcache.bench.precompute",
 }
 """Benchmark name -> module with ``add_arguments(parser)`` and ``run_cli(args) -> int``."""
 
