@@ -167,7 +167,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _precompute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="a text file, a folder of .txt/.md files, or a .jsonl file")
-    p.add_argument("--store", required=True, help="path of the LMDB chunk store (created if missing)")
+    p.add_argument("--store", required=True,
+                   help="path of the LMDB chunk store (created if missing), or a redis:// URL")
     p.add_argument(
         "--model", default="smollm2-135m", help="model name, HF id or path (default: smollm2-135m)"
     )
@@ -184,6 +185,18 @@ def _precompute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--emit", default=None,
                    help="write the chunk texts with their keys as JSONL here (index these texts in your vector store)")
+    p.add_argument("--shard", default=None, type=_parse_shard, metavar="I/N",
+                   help="only the chunks whose key satisfies int(key, 16) %% N == I: N machines split one corpus "
+                        "into a shared store (--store redis://...) without duplicate work; --emit writes this "
+                        "shard's chunks")
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    """'2/8' -> (2, 8): shard 2 of 8 (0-based)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise argparse.ArgumentTypeError(f"not a shard: {text!r} (I/N with 0 <= I < N, e.g. 0/4)")
+    return int(m.group(1)), int(m.group(2))
 
 
 def _precompute(args: argparse.Namespace) -> int:
@@ -200,6 +213,10 @@ def _precompute(args: argparse.Namespace) -> int:
         for text in split_text(eng.tokenizer, doc.text, args.chunk_tokens, args.overlap):
             texts.append(text)
             sources.append(doc.source)
+    if args.shard is not None:  # the same split on every machine: it depends on the key alone
+        i, n = args.shard
+        mine = [j for j, t in enumerate(texts) if int(eng.key(t), 16) % n == i]
+        texts, sources = [texts[j] for j in mine], [sources[j] for j in mine]
     before = eng.store.stats().entries
     keys = eng.precompute(texts, batch_size=args.batch_size, progress=True)
     if args.emit:
@@ -219,6 +236,7 @@ BENCH_COMMANDS: dict[str, str] = {
     "store": "chunkcache.bench.store",
     "quality": "chunkcache.bench.quality",
     "precompute": "chunkcache.bench.precompute",
+    "redis": "chunkcache.bench.redis_store",
 }
 """Benchmark name -> module with ``add_arguments(parser)`` and ``run_cli(args) -> int``."""
 

@@ -649,11 +649,16 @@ class LMDBStore(Store):
 
 
 def open_store(spec: str | os.PathLike | Store | None, **kwargs) -> Store:
-    """None or ":memory:" -> MemoryStore; a Store -> itself; a path -> LMDBStore(path, **kwargs)."""
+    """None or ":memory:" -> MemoryStore; a Store -> itself; a path -> LMDBStore(path, **kwargs);
+    a ``redis://`` / ``rediss://`` URL -> RedisStore(url, **kwargs) (see ``redis_store``)."""
     if isinstance(spec, Store):
         return spec
     if spec is None or spec == ":memory:":
         return MemoryStore(**kwargs)
+    if isinstance(spec, str) and spec.startswith(("redis://", "rediss://")):
+        from .redis_store import RedisStore  # optional dependency: imported only when asked for
+
+        return RedisStore(spec, **kwargs)
     return LMDBStore(spec, **kwargs)
 
 
