@@ -237,6 +237,7 @@ BENCH_COMMANDS: dict[str, str] = {
     "quality": "chunkcache.bench.quality",
     "precompute": "chunkcache.bench.precompute",
     "redis": "chunkcache.bench.redis_store",
+    "ttft": "chunkcache.bench.ttft",
 }
 """Benchmark name -> module with ``add_arguments(parser)`` and ``run_cli(args) -> int``."""
 

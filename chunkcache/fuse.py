@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -121,100 +122,207 @@ def fuse_kv(
 ) -> FuseResult:
     if not suffix_ids:
         raise ValueError("the question suffix is empty: nothing to generate from")
-    t0 = time.perf_counter()
-    spec, mdl = lm.spec, lm.model
-    layers = mdl.model.layers
-    buf, chunk_of, offsets = assemble(lm, prefix_kv, chunks, len(suffix_ids))
-    n = buf.shape[3]
+    timer = StageTimer(lm.device)
+    buf, _, _ = assemble(lm, prefix_kv, chunks, len(suffix_ids))
     ids = torch.tensor(
         [list(prefix_ids) + [t for c in chunks for t in c.token_ids.tolist()] + list(suffix_ids)]
     )
-    if ids.shape[1] != n:
+    if ids.shape[1] != buf.shape[3]:
         raise ValueError(f"prefix KV covers {prefix_kv.shape[3]} tokens but prefix_ids has {len(prefix_ids)}")
-    ids_dev = ids[0].to(lm.device)
-    ctx_pos = torch.nonzero(chunk_of >= 0).flatten()  # [C] chunk-token positions
-    q_pos = torch.arange(n - len(suffix_ids), n, device=lm.device)  # question suffix positions
-    n_ctx = ctx_pos.numel()
+    timer.mark("assemble")
+    return fuse_assembled(
+        lm,
+        buf,
+        ids,
+        prefix_kv.shape[3],
+        [c.num_tokens for c in chunks],
+        _token_scores(chunks, lm.device),
+        config,
+        timer=timer,
+    )
+
+
+class LayerSource(Protocol):
+    """Where the reused chunk K/V of each layer comes from, for callers that fill ``buf`` lazily
+    (``chunkcache.pipeline``). ``ready(l)`` is called before any read of ``buf[l]`` (layers in
+    ascending order, possibly more than once); ``issued(l)`` after a layer's compute was queued,
+    the moment to start loading ahead."""
+
+    def ready(self, layer: int) -> None: ...
+
+    def issued(self, layer: int) -> None: ...
+
+
+class _Eager:
+    """Every layer already assembled (``assemble``)."""
+
+    def ready(self, layer: int) -> None:
+        pass
+
+    def issued(self, layer: int) -> None:
+        pass
+
+
+class StageTimer:
+    """Time between ``mark`` calls, attributed to the named stage (summed when a stage recurs).
+
+    On a GPU it records CUDA events on the current stream and synchronises once, in ``seconds``;
+    stage times are then GPU-timeline spans, which include any wait for the host. On CPU it reads
+    ``time.perf_counter``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks: list[tuple[str | None, object]] = [(None, self._now())]
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def mark(self, stage: str) -> None:
+        self.marks.append((stage, self._now()))
+
+    def seconds(self) -> dict[str, float]:
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+        out: dict[str, float] = {}
+        for (_, a), (stage, b) in zip(self.marks, self.marks[1:], strict=False):
+            dt = a.elapsed_time(b) / 1e3 if self.cuda else b - a
+            out[stage] = out.get(stage, 0.0) + dt
+        out["total"] = sum(out.values())
+        return out
+
+
+@torch.no_grad()
+def fuse_assembled(
+    lm: LoadedModel,
+    buf: torch.Tensor,  # [L, 2, H, N, D] prefix and re-rotated chunks (or filled lazily by source)
+    ids: torch.Tensor,  # [1, N] prompt ids on CPU
+    n_prefix: int,
+    chunk_lengths: list[int],
+    token_scores: torch.Tensor | None,  # [C] on buf's device, or None
+    config: FuseConfig,
+    source: LayerSource | None = None,
+    timer: StageTimer | None = None,
+) -> FuseResult:
+    """The fusion proper over an assembled buffer: probe, check layers, selective recompute.
+
+    Chunks sit back to back after the prefix and the question fills the last slots, so chunk
+    positions are ``n_prefix .. S-1`` and the active set is always ``[sorted chunk subset | question]``:
+    its chunk part is a prefix of known length, tracked on the host. The loop therefore needs no
+    host-device synchronisation (no ``nonzero``, boolean masks or ``.item()``) until the end.
+    """
+    source = source or _Eager()
+    timer = timer or StageTimer(buf.device)
+    spec, mdl = lm.spec, lm.model
+    layers = mdl.model.layers
+    dev = buf.device
+    n = buf.shape[3]
+    n_ctx = sum(chunk_lengths)
+    n_q = n - n_prefix - n_ctx
+    if n_q <= 0:
+        raise ValueError("the question suffix is empty: nothing to generate from")
+    offsets = [n_prefix + sum(chunk_lengths[:i]) for i in range(len(chunk_lengths))]
+    chunk_of = torch.full((n,), -1, dtype=torch.long, device=dev)
+    chunk_of[n_prefix : n_prefix + n_ctx] = torch.repeat_interleave(
+        torch.arange(len(chunk_lengths), device=dev), torch.tensor(chunk_lengths, device=dev)
+    )
+    ids_dev = ids[0].to(dev)
+    ctx_pos = torch.arange(n_prefix, n_prefix + n_ctx, device=dev)  # [C] chunk-token positions
+    q_pos = torch.arange(n - n_q, n, device=dev)  # question suffix positions
     budget = round(config.recompute_ratio * n_ctx)
     policy = POLICIES[config.policy]
-    t_assemble = time.perf_counter() - t0
 
-    probe_attn = None
-    t1 = time.perf_counter()
-    if policy.probe and 0 < budget < n_ctx:
-        probe_attn = _probe(lm, buf.clone(), ids_dev, q_pos, ctx_pos)  # [L, C]
-    t_probe = time.perf_counter() - t1
-
-    # Active set: positions run through the current layer, sorted ascending.
+    # Active set: positions run through the current layer, sorted ascending; its first n_act
+    # entries are chunk tokens, the rest the question.
     if budget == 0:
         schedule: dict[int, float] = {}
-        active = q_pos
+        active, n_act = q_pos, 0
     elif budget >= n_ctx:
         schedule = {}
-        active = torch.cat([ctx_pos, q_pos])
+        active, n_act = torch.cat([ctx_pos, q_pos]), n_ctx
     else:
         schedule = policy.schedule(spec.num_layers, config.recompute_ratio)
-        active = torch.cat([ctx_pos, q_pos])
+        active, n_act = torch.cat([ctx_pos, q_pos]), n_ctx
+
+    # The probe reads each layer's reused K/V before the recompute overwrites it, so it runs
+    # through the layers up to the first selection first; the rest of it (cheap on the GPU,
+    # bound by loading when the cache streams in) runs after the check layers were queued, so
+    # loading overlaps their full-width compute. It writes only question slots, which every
+    # recomputed layer overwrites before reading: no copy of the buffer is needed.
+    probe = None
+    if policy.probe and schedule:
+        probe = _Probe(lm, buf, ids_dev, q_pos, ctx_pos, source)
+        probe.run_until(min(schedule) + 1)
+        timer.mark("probe")
+
     h = mdl.model.embed_tokens(ids_dev[active])[None]  # [1, a, hidden]
-    token_scores = _token_scores(chunks, lm.device)
     computed = 0
     for li, layer in enumerate(layers):
+        source.ready(li)
         cos, sin = M.rotary(mdl, active, h)
         q, k, v = M.layer_qkv(layer, h, cos, sin, spec)  # [Hq, a, D], [Hkv, a, D]
-        old = buf[li, :, :, active].clone() if li in schedule else None  # [2, H, a, D] reused K/V
+        old = buf[li, :, :, active[:n_act]].clone() if li in schedule else None  # [2, H, c, D] reused K/V
         buf[li, 0, :, active] = k
         buf[li, 1, :, active] = v
-        mask = M.position_causal_mask(active, n, spec.window)
-        out = M.attend(q, buf[li, 0], buf[li, 1], mask, layer.self_attn.scaling)
+        out = M.attend_at(q, active, buf[li, 0], buf[li, 1], layer.self_attn.scaling, spec.window)
         h = M.layer_finish(layer, h, out)
-        computed += active.numel()
-        if li in schedule:
-            is_ctx = chunk_of[active] >= 0
-            keep_n = max(budget, round(schedule[li] * n_ctx))
-            cand = active[is_ctx]
-            if keep_n < cand.numel():
-                sctx = SelectContext(
-                    layer=li,
-                    positions=cand,
-                    chunk_of=chunk_of[cand],
-                    chunk_offsets=torch.tensor(offsets, device=lm.device),
-                    fresh=buf[li, :, :, cand],
-                    reused=old[:, :, is_ctx],
-                    question_q=q[:, ~is_ctx],
-                    keys=buf[li, 0],
-                    question_pos=q_pos,
-                    scale=layer.self_attn.scaling,
-                    probe_attn=None if probe_attn is None else probe_attn[:, _index_in(ctx_pos, cand)],
-                    token_scores=None if token_scores is None else token_scores[_index_in(ctx_pos, cand)],
-                )
-                keep = policy.select(sctx, keep_n)  # positions, subset of cand
-                keep = torch.sort(keep).values
-                new_active = torch.cat([keep, q_pos])
-                rows = _index_in(active, new_active)
-                h = h[:, rows]
-                active = new_active
+        computed += n_act + n_q
+        source.issued(li)
+        if li not in schedule:
+            continue
+        keep_n = max(budget, round(schedule[li] * n_ctx))
+        cand = active[:n_act]
+        if keep_n < n_act:
+            probe_attn = None
+            if probe is not None:
+                timer.mark("check")
+                probe.run_until(spec.num_layers)
+                timer.mark("probe")
+                probe_attn = probe.attention()  # [L, C]
+            sctx = SelectContext(
+                layer=li,
+                positions=cand,
+                chunk_of=chunk_of[cand],
+                chunk_offsets=torch.tensor(offsets, device=dev),
+                fresh=buf[li, :, :, cand],
+                reused=old,
+                question_q=q[:, n_act:],
+                keys=buf[li, 0],
+                question_pos=q_pos,
+                scale=layer.self_attn.scaling,
+                probe_attn=None if probe_attn is None else probe_attn[:, cand - n_prefix],
+                token_scores=None if token_scores is None else token_scores[cand - n_prefix],
+            )
+            keep = policy.select(sctx, keep_n)  # positions, subset of cand
+            keep = torch.sort(keep).values
+            new_active = torch.cat([keep, q_pos])
+            rows = _index_in(active, new_active)
+            h = h[:, rows]
+            active, n_act = new_active, keep_n
+        if li == min(schedule):
+            timer.mark("check")
     logits = M.final_logits(mdl, h[0, -1])
-    selected = active[chunk_of[active] >= 0]
-    elapsed = time.perf_counter() - t0
-    full = spec.num_layers * (n - prefix_kv.shape[3])
+    selected = active[:n_act]
+    timer.mark("recompute")
+    cache = kv_to_cache(buf[:, :, :, : n - 1])
+    timer.mark("handoff")
+    seconds = timer.seconds()
+    full = spec.num_layers * (n - n_prefix)
     stats = {
         "prompt_tokens": n,
-        "prefix_tokens": prefix_kv.shape[3],
+        "prefix_tokens": n_prefix,
         "chunk_tokens": n_ctx,
-        "question_tokens": len(suffix_ids),
-        "recomputed_tokens": int(selected.numel()),
-        "reused_tokens": int(n_ctx - selected.numel()),
+        "question_tokens": n_q,
+        "recomputed_tokens": n_act,
+        "reused_tokens": n_ctx - n_act,
         "compute_fraction": computed / full if full else 0.0,
         "policy": config.policy,
         "recompute_ratio": config.recompute_ratio,
-        "seconds": {
-            "assemble": t_assemble,
-            "probe": t_probe,
-            "recompute": elapsed - t_assemble - t_probe,
-            "total": elapsed,
-        },
+        "seconds": {"assemble": 0.0, "probe": 0.0, "check": 0.0, **seconds},
     }
-    cache = kv_to_cache(buf[:, :, :, : n - 1])
     return FuseResult(input_ids=ids, logits=logits, cache=cache, kv=buf, selected=selected, stats=stats)
 
 
@@ -229,32 +337,46 @@ def _token_scores(chunks: list[ChunkKV], device) -> torch.Tensor | None:
     return torch.cat([c.token_scores.to(device) for c in chunks])
 
 
-@torch.no_grad()
-def _probe(
-    lm: LoadedModel, buf: torch.Tensor, ids: torch.Tensor, q_pos: torch.Tensor, ctx_pos: torch.Tensor
-) -> torch.Tensor:
-    """Run only the question through every layer over the reused (stale) cache and return how much
-    attention it pays to each chunk token per layer: ``[L, C]`` (mean over heads and question
-    tokens). Costs |question| x L token-layers, about what one chunk token's recompute costs."""
-    spec, mdl = lm.spec, lm.model
-    n = buf.shape[3]
-    h = mdl.model.embed_tokens(ids[q_pos])[None]
-    out_attn = []
-    mask = M.position_causal_mask(q_pos, n, spec.window)
-    for li, layer in enumerate(mdl.model.layers):
-        cos, sin = M.rotary(mdl, q_pos, h)
-        q, k, v = M.layer_qkv(layer, h, cos, sin, spec)
-        buf[li, 0, :, q_pos] = k
-        buf[li, 1, :, q_pos] = v
-        keys = buf[li, 0]
-        group = q.shape[0] // keys.shape[0]
-        scores = (
-            torch.einsum("hqd,hkd->hqk", q.float(), keys.float().repeat_interleave(group, 0))
-            * layer.self_attn.scaling
-        )
-        scores = scores.masked_fill(~mask[None], float("-inf"))
-        probs = scores.softmax(-1)  # [Hq, nq, N]
-        out_attn.append(probs.mean(dim=(0, 1))[ctx_pos])
-        out = M.attend(q, buf[li, 0], buf[li, 1], mask, layer.self_attn.scaling)
-        h = M.layer_finish(layer, h, out)
-    return torch.stack(out_attn)  # [L, C]
+class _Probe:
+    """Run only the question through the layers over the reused (stale) cache and record how much
+    attention it pays to each chunk token per layer (mean over heads and question tokens). Costs
+    |question| x L token-layers, about what one chunk token's recompute costs. Runs in pieces
+    (``run_until``) so the fusion can interleave it with the check layers."""
+
+    def __init__(self, lm: LoadedModel, buf: torch.Tensor, ids: torch.Tensor, q_pos, ctx_pos, source) -> None:
+        self.lm, self.buf, self.q_pos, self.ctx_pos, self.source = lm, buf, q_pos, ctx_pos, source
+        self.h = lm.model.model.embed_tokens(ids[q_pos])[None]  # [1, nq, hidden]
+        self.mask = M.position_causal_mask(q_pos, buf.shape[3], lm.spec.window)  # [nq, N]
+        self.rows: list[torch.Tensor] = []  # per layer [C]
+
+    @torch.no_grad()
+    def run_until(self, stop: int) -> None:
+        spec, mdl, buf, q_pos = self.lm.spec, self.lm.model, self.buf, self.q_pos
+        for li in range(len(self.rows), stop):
+            layer = mdl.model.layers[li]
+            self.source.ready(li)
+            cos, sin = M.rotary(mdl, q_pos, self.h)
+            q, k, v = M.layer_qkv(layer, self.h, cos, sin, spec)
+            buf[li, 0, :, q_pos] = k
+            buf[li, 1, :, q_pos] = v
+            keys = buf[li, 0]
+            scale = layer.self_attn.scaling
+            if keys.is_cuda:  # grouped matmul: no fp32 copy of the keys per query head
+                hkv, nq = keys.shape[0], q.shape[1]
+                group = q.shape[0] // hkv
+                qg = q.reshape(hkv, group * nq, -1)
+                scores = torch.matmul(qg, keys.transpose(1, 2)).float().view(q.shape[0], nq, -1) * scale
+            else:
+                group = q.shape[0] // keys.shape[0]
+                scores = (
+                    torch.einsum("hqd,hkd->hqk", q.float(), keys.float().repeat_interleave(group, 0)) * scale
+                )
+            scores = scores.masked_fill(~self.mask[None], float("-inf"))
+            probs = scores.softmax(-1)  # [Hq, nq, N]
+            self.rows.append(probs.mean(dim=(0, 1))[self.ctx_pos])
+            out = M.attend_at(q, q_pos, buf[li, 0], buf[li, 1], scale, spec.window)
+            self.h = M.layer_finish(layer, self.h, out)
+            self.source.issued(li)
+
+    def attention(self) -> torch.Tensor:
+        return torch.stack(self.rows)  # [L, C]

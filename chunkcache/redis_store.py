@@ -355,11 +355,11 @@ class RedisStore(Store):
         idx = sorted({i for a, b in spans for i in range(a // pb, (b - 1) // pb + 1) if b > a})
         rk = self._rkey(key)
 
-        def fetch(r, pb_guess, wanted):
+        def fetch(r, wanted):
             return r.hmget(rk, ["n", "pb", "nbytes", "crc", *[f"p{i}" for i in wanted]])
 
         try:
-            res = self._run("get_range", lambda r: fetch(r, pb, idx))
+            res = self._run("get_range", lambda r: fetch(r, idx))
         except RemoteUnavailableError:
             return [None] * len(spans)
         if res[0] is None:
@@ -368,7 +368,7 @@ class RedisStore(Store):
         if stored_pb != pb:  # written with another piece size: fetch by that one
             pb = stored_pb
             idx = sorted({i for a, b in spans for i in range(a // pb, (b - 1) // pb + 1) if b > a})
-            res = self._run("get_range", lambda r: fetch(r, pb, idx))
+            res = self._run("get_range", lambda r: fetch(r, idx))
         got = {}
         for i, piece in zip(idx, res[4:], strict=True):
             if i >= n or piece is None or f"{zlib.crc32(piece):08x}" != crcs[i]:

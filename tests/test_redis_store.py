@@ -138,7 +138,7 @@ def test_killed_server_warns_and_misses_within_the_timeout():
             with pytest.raises(RemoteUnavailableError):
                 s.put(k, v)
             assert time.monotonic() - t < 0.1
-        assert s.stats is not None and s._misses == 2
+        assert s._misses == 2
 
 
 def test_hung_server_never_blocks_past_the_socket_timeout():
@@ -197,6 +197,16 @@ def test_two_hosts_one_precomputes_the_other_fuses_with_hits_only(urls, tiny_eng
         r = json.loads(line)
         assert (r["hits"], r["misses"], r["entries"]) == (len(PASSAGES), 0, len(PASSAGES)), r
         torch.testing.assert_close(torch.tensor(r["logits"]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_redis_server_fails_in_ci_and_skips_elsewhere(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server here
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        require_redis()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="redis-server"):
+        require_redis()
 
 
 @pytest.fixture(scope="module")

