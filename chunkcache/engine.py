@@ -84,6 +84,7 @@ class ChunkCache:
         self.store = _open_store(store)
         self._prefix_ids = self.template.prefix_ids()
         self._prefix_kv: torch.Tensor | None = None
+        self._key_info: dict | None = None
 
     # ---- accessors ------------------------------------------------------------------------
     @property
@@ -96,14 +97,22 @@ class ChunkCache:
 
     # ---- keys and storage -------------------------------------------------------------------
     def key_info(self) -> dict:
-        """Everything besides the token ids that determines a chunk cache's bytes."""
-        return {
-            "model_fingerprint": self.lm.fingerprint,
-            "dtype": str(self.lm.dtype).removeprefix("torch."),
-            "codec": self.codec,
-            "settings": {"sink": self.settings.sink, "sink_ids": self.template.sink_ids(self.settings.sink)},
-            "format_version": FORMAT_VERSION,
-        }
+        """Everything besides the token ids that determines a chunk cache's bytes (JSON-safe; a
+        fresh copy each call). Fixed for the engine's life, so it is built once."""
+        if self._key_info is None:
+            self._key_info = _jsonable(
+                {
+                    "model_fingerprint": self.lm.fingerprint,
+                    "dtype": str(self.lm.dtype).removeprefix("torch."),
+                    "codec": self.codec,
+                    "settings": {
+                        "sink": self.settings.sink,
+                        "sink_ids": self.template.sink_ids(self.settings.sink),
+                    },
+                    "format_version": FORMAT_VERSION,
+                }
+            )
+        return _jsonable(self._key_info)
 
     def key_for_ids(self, ids: Sequence[int]) -> str:
         from chunkcache.keys import chunk_key
@@ -139,13 +148,9 @@ class ChunkCache:
         chunk = load_chunk(self.store, key, self.lm.dtype)
         if chunk is None:
             return None
-        stored = chunk.meta.get("key_info")
-        if stored is not None and stored != _jsonable(self.key_info()):
-            diff = sorted(
-                k
-                for k in set(stored) | set(self.key_info())
-                if stored.get(k) != _jsonable(self.key_info()).get(k)
-            )
+        stored, mine = chunk.meta.get("key_info"), self.key_info()
+        if stored is not None and stored != mine:
+            diff = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
             raise ModelMismatchError(
                 f"store entry {key} was made with other {', '.join(diff)} than this engine's"
             )
@@ -193,7 +198,7 @@ class ChunkCache:
             encoded = encode_chunks(self.lm, [ids for _, ids in part], sink, batch_size=batch_size)
             for (k, _), chunk in zip(part, encoded, strict=True):
                 chunk.meta["sink"] = self.settings.sink
-                chunk.meta["key_info"] = _jsonable(self.key_info())
+                chunk.meta["key_info"] = self.key_info()
                 self._save(k, chunk)
             if bar is not None:
                 bar.update(len(part))
