@@ -45,9 +45,12 @@ def _human(n: int | None) -> str:
 
 
 def _open(args: argparse.Namespace, readonly: bool):
-    from chunkcache.store import LMDBStore
+    from chunkcache.store import LMDBStore, open_store
 
-    return LMDBStore(args.store, readonly=readonly, eviction=getattr(args, "policy", "lru"))
+    eviction = getattr(args, "policy", "lru")
+    if str(args.store).startswith(("redis://", "rediss://")):  # shared store: scans every key (ops use)
+        return open_store(args.store, eviction=eviction)
+    return LMDBStore(args.store, readonly=readonly, eviction=eviction)
 
 
 def _add_store(p: argparse.ArgumentParser) -> None:

@@ -242,3 +242,21 @@ def test_sharded_precompute_splits_without_duplicates_and_resumes(urls, model_di
     assert len(open_store(url)) == 10
     with pytest.raises(SystemExit):
         main(["precompute", str(corpus), "--store", url, "--shard", "2/2"])
+
+
+def test_cli_store_commands_accept_a_redis_url(urls, capsys):
+    from store_worker import KEY_INPUTS, random_chunk
+
+    from chunkcache.cli import main
+    from chunkcache.format import pack_chunk
+    from chunkcache.redis_store import RedisStore
+
+    s = RedisStore(urls["single"])
+    key = f"cli{uuid.uuid4().hex[:8]}"
+    s.put(key, pack_chunk(random_chunk(seed=7), "raw", KEY_INPUTS.to_dict()))
+    assert main(["ls", "--store", urls["single"]]) == 0
+    assert key in capsys.readouterr().out
+    assert main(["verify", "--store", urls["single"]]) == 0
+    assert main(["stats", "--store", urls["single"]]) == 0
+    s.delete(key)
+    s.close()
