@@ -196,9 +196,7 @@ def summarize(rows: list[dict]) -> dict:
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["policy"], r["ratio"])].append(r)
-    naive = groups.get(("naive", 0.0), [])
-    naive_kl = sum(r["kl_first"] for r in naive) / max(len(naive), 1)
-    naive_kla = sum(r["kl_answer"] for r in naive) / max(len(naive), 1)
+    naive_by_q = {r["q"]: r for r in groups.get(("naive", 0.0), [])}
     out = {}
     for (policy, ratio), rs in sorted(
         groups.items(), key=lambda kv: (kv[0][0] != "naive", kv[0][0], kv[0][1])
@@ -206,6 +204,11 @@ def summarize(rows: list[dict]) -> dict:
 
         def m(key: str, rs: list[dict] = rs) -> float:
             return sum(float(r[key]) for r in rs) / len(rs)
+
+        # the gap is naive reuse's KL on the same questions this config ran on
+        base = [naive_by_q[r["q"]] for r in rs if r["q"] in naive_by_q]
+        naive_kl = m("kl_first", base) if base else 0.0
+        naive_kla = m("kl_answer", base) if base else 0.0
 
         out[f"{policy}@{ratio:g}"] = {
             "policy": policy,
