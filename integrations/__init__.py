@@ -1,0 +1,1 @@
+"""Leaf integrations (LangChain). The core never imports these; nothing is imported here."""

@@ -72,6 +72,15 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, smol_tokenizer):
+    """A tiny random model saved as a plain Hugging Face folder (for CLI runs in subprocesses)."""
+    d = tmp_path_factory.mktemp("tiny-hf-model")
+    tiny_model(num_hidden_layers=2).save_pretrained(d)
+    smol_tokenizer.save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_engine(smol_tokenizer):
     from chunkcache.engine import ChunkCache

@@ -11,19 +11,8 @@ import subprocess
 import sys
 import time
 
-import pytest
-from conftest import tiny_model
-
 from chunkcache.cli import main
 from chunkcache.engine import ChunkCache
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, smol_tokenizer):
-    d = tmp_path_factory.mktemp("tiny-hf-model")
-    tiny_model(num_hidden_layers=2).save_pretrained(d)
-    smol_tokenizer.save_pretrained(d)
-    return d
 
 
 def _corpus(path, n):

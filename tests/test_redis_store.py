@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PASSAGES, QUESTION, tiny_model
+from conftest import PASSAGES, QUESTION
 from redis_servers import RedisClusterProcs, RedisServer, require_redis, servers
 from store_worker import entry
 
@@ -207,14 +207,6 @@ def test_missing_redis_server_fails_in_ci_and_skips_elsewhere(monkeypatch, tmp_p
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="redis-server"):
         require_redis()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, smol_tokenizer):
-    d = tmp_path_factory.mktemp("tiny-hf-model")
-    tiny_model(num_hidden_layers=2).save_pretrained(d)
-    smol_tokenizer.save_pretrained(d)
-    return d
 
 
 def test_sharded_precompute_splits_without_duplicates_and_resumes(urls, model_dir, tmp_path, capsys):

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``chunkcache bench``: quality, store, precompute, redis, ttft."""
