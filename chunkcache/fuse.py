@@ -264,45 +264,49 @@ def fuse_assembled(
         source.ready(li)
         cos, sin = M.rotary(mdl, active, h)
         q, k, v = M.layer_qkv(layer, h, cos, sin, spec)  # [Hq, a, D], [Hkv, a, D]
-        old = buf[li, :, :, active[:n_act]].clone() if li in schedule else None  # [2, H, c, D] reused K/V
+        check = li in schedule
+        old = buf[li, :, :, active[:n_act]].clone() if check else None  # [2, H, c, D] reused K/V
         buf[li, 0, :, active] = k
         buf[li, 1, :, active] = v
+        if check:
+            # Filter between the projections and the attention: every candidate's fresh K/V is
+            # written (as if the whole layer ran at full width), but only the kept rows go on
+            # through attention and MLP. Row-wise identical to filtering after the layer, at a
+            # fraction of the check layer's cost.
+            keep_n = max(budget, round(schedule[li] * n_ctx))
+            cand = active[:n_act]
+            if keep_n < n_act:
+                probe_attn = None
+                if probe is not None:
+                    timer.mark("check")
+                    probe.run_until(spec.num_layers)
+                    timer.mark("probe")
+                    probe_attn = probe.attention()  # [L, C]
+                sctx = SelectContext(
+                    layer=li,
+                    positions=cand,
+                    chunk_of=chunk_of[cand],
+                    chunk_offsets=torch.tensor(offsets, device=dev),
+                    fresh=buf[li, :, :, cand],
+                    reused=old,
+                    question_q=q[:, n_act:],
+                    keys=buf[li, 0],
+                    question_pos=q_pos,
+                    scale=layer.self_attn.scaling,
+                    probe_attn=None if probe_attn is None else probe_attn[:, cand - n_prefix],
+                    token_scores=None if token_scores is None else token_scores[cand - n_prefix],
+                )
+                keep = policy.select(sctx, keep_n)  # positions, subset of cand
+                keep = torch.sort(keep).values
+                new_active = torch.cat([keep, q_pos])
+                rows = _index_in(active, new_active)
+                h, q = h[:, rows], q[:, rows]
+                active, n_act = new_active, keep_n
         out = M.attend_at(q, active, buf[li, 0], buf[li, 1], layer.self_attn.scaling, spec.window)
         h = M.layer_finish(layer, h, out)
         computed += n_act + n_q
         source.issued(li)
-        if li not in schedule:
-            continue
-        keep_n = max(budget, round(schedule[li] * n_ctx))
-        cand = active[:n_act]
-        if keep_n < n_act:
-            probe_attn = None
-            if probe is not None:
-                timer.mark("check")
-                probe.run_until(spec.num_layers)
-                timer.mark("probe")
-                probe_attn = probe.attention()  # [L, C]
-            sctx = SelectContext(
-                layer=li,
-                positions=cand,
-                chunk_of=chunk_of[cand],
-                chunk_offsets=torch.tensor(offsets, device=dev),
-                fresh=buf[li, :, :, cand],
-                reused=old,
-                question_q=q[:, n_act:],
-                keys=buf[li, 0],
-                question_pos=q_pos,
-                scale=layer.self_attn.scaling,
-                probe_attn=None if probe_attn is None else probe_attn[:, cand - n_prefix],
-                token_scores=None if token_scores is None else token_scores[cand - n_prefix],
-            )
-            keep = policy.select(sctx, keep_n)  # positions, subset of cand
-            keep = torch.sort(keep).values
-            new_active = torch.cat([keep, q_pos])
-            rows = _index_in(active, new_active)
-            h = h[:, rows]
-            active, n_act = new_active, keep_n
-        if li == min(schedule):
+        if check and li == min(schedule):
             timer.mark("check")
     logits = M.final_logits(mdl, h[0, -1])
     selected = active[:n_act]
