@@ -18,7 +18,9 @@ Entry layout (all integers little-endian)::
 
 Every payload section starts at a 64-byte aligned offset (relative to P, and P itself is a
 multiple of 64). ``hdr crc`` is zlib.crc32 of the header JSON; the header carries the crc32 of
-the whole payload. crc32 rather than blake2b because it is measured at ~5.4 GB/s here against
+the whole payload, and also of each codec part's every layer (``layer_crc32``) and of the token
+sections (``section_crc32``), so a layer-by-layer loader checks each layer as it streams it, in
+parallel, instead of the whole payload up front. crc32 rather than blake2b because it is measured at ~5.4 GB/s here against
 ~1.1 GB/s for blake2b-128, and it only has to catch damage, not tampering.
 """
 
@@ -45,6 +47,9 @@ __all__ = [
     "unpack_chunk",
     "unpack_parts",
     "verify_entry",
+    "verify_payload",
+    "verify_small_sections",
+    "has_layer_crcs",
     "load_chunk",
     "dtype_name",
     "dtype_from_name",
@@ -118,11 +123,17 @@ def pack_chunk(chunk: ChunkKV, codec: str, key_info: dict | None = None) -> byte
 
     pieces: list[bytes | memoryview] = []
     crc = 0
-    for t in sections.values():
+    section_crcs, layer_crcs = {}, {}
+    for name, t in sections.items():
         view = _as_bytes(t)
         pad = bytes(_align(len(view)) - len(view))
         crc = zlib.crc32(pad, zlib.crc32(view, crc))
         pieces += [view, pad]
+        if name in ("token_ids", "token_scores"):
+            section_crcs[name] = zlib.crc32(view)
+        else:  # codec parts, [layers, ...]: one crc per layer, so loaders can check layer by layer
+            per = len(view) // max(int(t.shape[0]), 1)
+            layer_crcs[name] = [zlib.crc32(view[i * per : (i + 1) * per]) for i in range(int(t.shape[0]))]
 
     try:
         header = json.dumps(
@@ -136,6 +147,8 @@ def pack_chunk(chunk: ChunkKV, codec: str, key_info: dict | None = None) -> byte
                 "has_token_scores": chunk.token_scores is not None,
                 "payload_nbytes": payload_nbytes,
                 "checksum": f"crc32:{crc:08x}",
+                "section_crc32": section_crcs,
+                "layer_crc32": layer_crcs,
                 "sections": table,
                 "meta": chunk.meta,
                 "key": key_info or {},
@@ -207,10 +220,7 @@ def unpack_parts(
     mv = memoryview(buf).cast("B")
     header = read_header(mv)
     if verify:
-        want = header["checksum"]
-        got = f"crc32:{_payload_crc(mv, header):08x}"
-        if got != want:
-            raise CorruptEntryError(f"entry payload checksum mismatch ({got}, header says {want})")
+        verify_payload(mv, header)
     base, limit = header["payload_offset"], int(header["payload_nbytes"])
     parts = {}
     with warnings.catch_warnings():
@@ -276,6 +286,38 @@ def _unpack_chunk(buf: bytes | bytearray | memoryview, dtype: torch.dtype | None
     except ValueError as e:
         raise CorruptEntryError(f"entry breaks the KV layout: {e}") from None
     return chunk
+
+
+def has_layer_crcs(header: dict) -> bool:
+    """Whether the entry carries per-layer checksums of its codec parts (entries written before
+    they existed do not; they are checked whole with the payload crc)."""
+    lc, sc = header.get("layer_crc32"), header.get("section_crc32")
+    if not isinstance(lc, dict) or not isinstance(sc, dict):
+        return False
+    names = set(header.get("sections", {})) - {"token_ids", "token_scores"}
+    return set(lc) == names and all(
+        isinstance(v, list) and len(v) == int(header["sections"][n]["shape"][0]) for n, v in lc.items()
+    )
+
+
+def verify_small_sections(buf: bytes | bytearray | memoryview, header: dict) -> None:
+    """Check the crc32 of the token ids (and scores) against ``header["section_crc32"]``: the
+    part of the payload that per-layer checks (``has_layer_crcs``) do not cover."""
+    mv = memoryview(buf).cast("B")
+    base = header["payload_offset"]
+    for name, want in header["section_crc32"].items():
+        s = header["sections"][name]
+        got = zlib.crc32(mv[base + int(s["offset"]) : base + int(s["offset"]) + int(s["nbytes"])])
+        if got != want:
+            raise CorruptEntryError(f"entry section {name!r} checksum mismatch")
+
+
+def verify_payload(buf: bytes | bytearray | memoryview, header: dict) -> None:
+    """Check the whole payload's crc32 (``header`` from ``read_header`` of the same buffer)."""
+    want = header["checksum"]
+    got = f"crc32:{_payload_crc(memoryview(buf).cast('B'), header):08x}"
+    if got != want:
+        raise CorruptEntryError(f"entry payload checksum mismatch ({got}, header says {want})")
 
 
 def verify_entry(buf: bytes | bytearray | memoryview) -> str | None:

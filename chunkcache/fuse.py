@@ -64,14 +64,22 @@ class FuseResult:
     """[1, N] the whole prompt."""
     logits: torch.Tensor
     """[vocab] fp32 next-token logits at the end of the prompt."""
-    cache: object
-    """transformers DynamicCache over input_ids[:, :-1]."""
     kv: torch.Tensor = field(repr=False)
     """[layers, 2, kv_heads, N, head_dim] the assembled KV of all N tokens."""
     selected: torch.Tensor = field(repr=False)
     """[k] positions of the chunk tokens recomputed in the last layer."""
     stats: dict = field(default_factory=dict)
     """Tokens reused / recomputed, compute fraction, seconds per stage."""
+
+    _cache: object = field(default=None, repr=False)
+
+    @property
+    def cache(self):
+        """transformers DynamicCache over ``input_ids[:, :-1]``, built on first use (a copy of
+        ``kv``: building it is left out of the time to the first token)."""
+        if self._cache is None:
+            self._cache = self.fresh_cache()
+        return self._cache
 
     def fresh_cache(self):
         return kv_to_cache(self.kv[:, :, :, : self.input_ids.shape[1] - 1])
@@ -311,8 +319,6 @@ def fuse_assembled(
     logits = M.final_logits(mdl, h[0, -1])
     selected = active[:n_act]
     timer.mark("recompute")
-    cache = kv_to_cache(buf[:, :, :, : n - 1])
-    timer.mark("handoff")
     seconds = timer.seconds()
     full = spec.num_layers * (n - n_prefix)
     stats = {
@@ -327,7 +333,7 @@ def fuse_assembled(
         "recompute_ratio": config.recompute_ratio,
         "seconds": {"assemble": 0.0, "probe": 0.0, "check": 0.0, **seconds},
     }
-    return FuseResult(input_ids=ids, logits=logits, cache=cache, kv=buf, selected=selected, stats=stats)
+    return FuseResult(input_ids=ids, logits=logits, kv=buf, selected=selected, stats=stats)
 
 
 def _index_in(haystack: torch.Tensor, needles: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,10 @@ results equal ``fuse_kv`` over the decoded chunks up to the codecs' one rounding
 from __future__ import annotations
 
 import ctypes
-import math
+import os
+import threading
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -37,7 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from chunkcache import kernels
-from chunkcache.format import dtype_from_name, unpack_parts
+from chunkcache.errors import CorruptEntryError
+from chunkcache.format import has_layer_crcs, unpack_parts, verify_payload, verify_small_sections
 from chunkcache.fuse import FuseConfig, FuseResult, StageTimer, fuse_assembled
 from chunkcache.model import LoadedModel
 
@@ -78,15 +81,18 @@ def _missing(keys, values) -> None:
 
 class Staging:
     """Reusable staging memory for one device: ``depth`` pinned host slots, ``depth`` device slots,
-    and a side stream (events are per layer, in ``LayerLoader``). Pinning costs ~0.1 s per GiB, so a server keeps one of these
-    and hands it to every query; it grows when a query needs larger slots."""
+    a side stream and the worker threads that copy and check. Pinning costs ~0.1 s per GiB, so a
+    server keeps one of these and hands it to every query (one query at a time); it grows when a
+    query needs larger slots."""
 
-    def __init__(self, device: torch.device | str, max_bytes: int = 1 << 30, threads: int = 8) -> None:
+    def __init__(self, device: torch.device | str, max_bytes: int = 1 << 30, threads: int | None = None) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.max_bytes = max_bytes
         """Bytes of device slots allowed; the depth is max_bytes // slot size (at least 2)."""
-        self.pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+        if threads is None:  # leave a core to the compute thread and one to the stager
+            threads = max(1, min(16, (os.cpu_count() or 2) - 2))
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chunkcache-copy") if threads > 1 else None
         self.threads = threads
         self.host: torch.Tensor | None = None  # [depth, slot_bytes] uint8 (pinned on CUDA)
         self.dev: torch.Tensor | None = None  # [depth, slot_bytes] uint8 on the device
@@ -96,6 +102,7 @@ class Staging:
         """Make sure there are slots of ``slot_bytes``; return the depth (number of slots)."""
         depth = max(2, min(layers, self.max_bytes // max(slot_bytes, 1)))
         if self.host is None or self.host.shape[1] < slot_bytes or self.host.shape[0] < depth:
+            self.host = self.dev = None  # free the old pair before pinning the new one
             self.host = torch.empty((depth, slot_bytes), dtype=torch.uint8, pin_memory=self.cuda)
             self.dev = (
                 torch.empty((depth, slot_bytes), dtype=torch.uint8, device=self.device)
@@ -106,25 +113,29 @@ class Staging:
 
 
 @dataclass
-class _Part:
+class _Job:
     chunk: int
     name: str
-    dtype: torch.dtype
-    shape: list[int]  # one layer
-    nbytes: int  # one layer
     slot_offset: int
     src_addr: int  # address of layer 0 of this part in the entry
-    src_layer_stride: int
+    nbytes: int  # one layer (also the layer stride in the entry)
+    crcs: list[int] | None  # crc32 of each layer, None = not checked here
 
 
 class LayerLoader:
-    """Stages the codec parts of a list of entries layer by layer and assembles ``buf`` (a
-    ``LayerSource`` for ``fuse.fuse_assembled``).
+    """Stages the codec parts of a list of entries layer by layer on a background thread and
+    assembles ``buf`` on the compute stream (a ``LayerSource`` for ``fuse.fuse_assembled``).
 
-    Invariant: layer ``l`` lives in slot ``l % depth``; it is staged only once layer ``l - depth``
-    (the slot's previous tenant) was assembled, and its H2D copy waits (on the device) for the
-    end of the assembly of layer ``l - depth``, the slot's previous tenant. Per layer, every chunk's parts are packed at the same slot offsets (all
-    layers of a chunk have the same part shapes), so the typed device views are built once."""
+    Stager thread, per layer ``l`` (slot ``s = l % depth``): wait until layer ``l - depth`` (the
+    slot's previous tenant) was assembled, wait (host) for its H2D copy to finish, then the worker
+    threads copy every chunk's parts of layer ``l`` into pinned slot ``s`` and check each one's
+    crc32 there (the bytes that go to the GPU are the bytes checked), then it queues the H2D copy on
+    the side stream behind the event ``assembled[l - depth]`` and signals the compute thread.
+    Compute thread, ``ready(l)``: wait for that signal, make the compute stream wait for the copy's
+    event (a device-side wait), and assemble every chunk of the layer in one kernel launch. A
+    damaged layer raises ``CorruptEntryError`` on the compute thread, before the layer is used.
+    Per layer, every chunk's parts are packed at the same slot offsets (all layers of a chunk
+    have the same part shapes), so the launch table is built once."""
 
     def __init__(
         self,
@@ -133,11 +144,12 @@ class LayerLoader:
         buf: torch.Tensor,  # [L, 2, H, N, D] the cache to fill
         offsets: Sequence[int],  # first position of each chunk in buf
         staging: Staging,
+        check_layers: Sequence[bool] | None = None,  # per entry: verify its layer crcs while staging
     ) -> None:
         spec = lm.spec
         self.buf, self.staging = buf, staging
-        self.headers, self.parts = [], []
-        for header, parts in parsed:
+        self.headers = []
+        for header, _ in parsed:
             shape = header["kv_shape"]
             if shape[0] != spec.num_layers or shape[2] != spec.kv_heads or shape[4] != spec.head_dim:
                 raise ValueError(
@@ -145,34 +157,27 @@ class LayerLoader:
                     f"{spec.kv_heads} kv heads, head_dim {spec.head_dim}): it was made by another model"
                 )
             self.headers.append(header)
-            self.parts.append(parts)
         codecs = {h["codec"] for h in self.headers}
         if len(codecs) != 1:
             raise ValueError(f"entries mix codecs {sorted(codecs)}; fuse one codec at a time")
         self.codec = codecs.pop()
         self.num_layers = spec.num_layers
-        self.layout: list[_Part] = []
+        check_layers = check_layers or [False] * len(parsed)
+        self.layout = kernels.PackedLayout(self.codec, spec.kv_heads, spec.head_dim)
+        self.jobs: list[_Job] = []
         off = 0
-        for c, (header, parts) in enumerate(zip(self.headers, self.parts, strict=True)):
+        for c, ((header, parts), dest) in enumerate(zip(parsed, offsets, strict=True)):
+            spec_c = {}
             for name in kernels.reference.CODEC_PARTS[self.codec]:
                 t = parts[name]  # [L, ...] CPU view of the entry
                 per_layer = t[0].numel() * t.element_size()
-                self.layout.append(
-                    _Part(
-                        c,
-                        name,
-                        dtype_from_name(header["sections"][name]["dtype"]),
-                        list(t.shape[1:]),
-                        per_layer,
-                        off,
-                        t.data_ptr(),
-                        per_layer,
-                    )  # fmt: skip
-                )
+                crcs = header["layer_crc32"][name] if check_layers[c] else None
+                self.jobs.append(_Job(c, name, off, t.data_ptr(), per_layer, crcs))
+                spec_c[name] = (off, t.dtype, tuple(t.shape[1:]))
                 off += -(-per_layer // _ALIGN) * _ALIGN
+            self.layout.add(spec_c, dest)
         self.slot_bytes = off
         self.depth = staging.slots(self.slot_bytes, self.num_layers)
-        self.views = [self._views(staging.dev[s]) for s in range(self.depth)]
         # Rotation of every chunk by its position delta (fp64 angles, as model.rotation).
         inv_freq = lm.model.model.rotary_emb.inv_freq.to(device=buf.device, dtype=torch.float64)
         deltas = torch.tensor(
@@ -181,21 +186,20 @@ class LayerLoader:
         ).to(buf.device)
         angles = deltas[:, None] * inv_freq[None, :]
         emb = torch.cat([angles, angles], dim=1)
-        self.cos, self.sin = emb.cos().float(), emb.sin().float()  # [C, D]
+        self.cos, self.sin = emb.cos().float().contiguous(), emb.sin().float().contiguous()  # [C, D]
+        self.layout.meta(buf.device)  # build the launch table now, off the layer loop
         self.offsets = list(offsets)
-        self.staged = 0  # layers staged so far
-        self.assembled = 0  # layers assembled so far
-        self.host_seconds = 0.0  # host time spent staging (memmove)
+        self.staged = 0  # layers staged so far (stager thread)
+        self.assembled = 0  # layers assembled so far (compute thread)
+        self.host_seconds = 0.0  # stager time spent copying and checking
+        self._cond = threading.Condition()
+        self._signals = [threading.Event() for _ in range(self.num_layers)]
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
         # CUDA events per layer: H2D start/end (side stream), assemble start/end (main stream).
-        self.h2d: list[tuple] = []
-        self.asm: list[tuple] = []
-
-    def _views(self, slot: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        out: list[dict[str, torch.Tensor]] = [{} for _ in self.headers]
-        for p in self.layout:
-            raw = slot[p.slot_offset : p.slot_offset + p.nbytes]
-            out[p.chunk][p.name] = raw.view(p.dtype).view(p.shape)
-        return out
+        self.h2d: list[tuple | None] = [None] * self.num_layers
+        self.asm: list[tuple | None] = [None] * self.num_layers
 
     # -- LayerSource ---------------------------------------------------------------------------
     def ready(self, layer: int) -> None:
@@ -203,12 +207,37 @@ class LayerLoader:
             self._assemble(self.assembled)
 
     def issued(self, layer: int) -> None:
-        # Stage ahead while the device works on what was just queued: up to two layers per call,
-        # and only into a slot whose previous tenant (layer staged - depth) was assembled.
-        for _ in range(2):
-            if self.staged >= self.num_layers or self.staged - self.assembled >= self.depth:
-                break
-            self._stage(self.staged)
+        self.start()  # staging runs on its own thread; this only makes sure it started
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="chunkcache-stager", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop staging and wait for the stager (idempotent). Call before the entries' memory goes."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            for layer in range(self.num_layers):
+                with self._cond:
+                    while not self._stop and layer - self.depth >= self.assembled:
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                self._stage(layer)
+                self._signals[layer].set()
+        except BaseException as e:  # handed to the compute thread, raised there
+            self._error = e
+        finally:
+            for s in self._signals:
+                s.set()
 
     # -- internals ----------------------------------------------------------------------------
     def _stage(self, layer: int) -> None:
@@ -218,14 +247,12 @@ class LayerLoader:
         if st.cuda and layer >= self.depth:
             self.h2d[layer - self.depth][1].synchronize()  # the pinned slot's previous copy is done
         base = st.host[s].data_ptr()
-        jobs = [
-            (base + p.slot_offset, p.src_addr + layer * p.src_layer_stride, p.nbytes) for p in self.layout
-        ]
+        jobs = self.jobs
         if st.pool is not None and len(jobs) > 1:
-            step = math.ceil(len(jobs) / st.threads)
-            list(st.pool.map(_memmove_all, [jobs[i : i + step] for i in range(0, len(jobs), step)]))
+            n = min(st.threads, len(jobs))
+            list(st.pool.map(_copy_check, [(base, layer, jobs[i::n]) for i in range(n)]))
         else:
-            _memmove_all(jobs)
+            _copy_check((base, layer, jobs))
         self.host_seconds += time.perf_counter() - t0
         if st.cuda:
             with torch.cuda.stream(st.stream):
@@ -235,12 +262,14 @@ class LayerLoader:
                 start.record(st.stream)
                 st.dev[s, : self.slot_bytes].copy_(st.host[s, : self.slot_bytes], non_blocking=True)
                 end.record(st.stream)
-                self.h2d.append((start, end))
+                self.h2d[layer] = (start, end)
         self.staged += 1
 
     def _assemble(self, layer: int) -> None:
-        if self.staged <= layer:
-            self._stage(layer)
+        self.start()
+        self._signals[layer].wait()
+        if self._error is not None:
+            raise self._error
         st = self.staging
         s = layer % self.depth
         if st.cuda:
@@ -248,33 +277,42 @@ class LayerLoader:
             main.wait_event(self.h2d[layer][1])
             start = torch.cuda.Event(enable_timing=True)
             start.record(main)
-        k_out, v_out = self.buf[layer, 0], self.buf[layer, 1]
-        for c, parts in enumerate(self.views[s]):
-            kernels.rerotate_scatter(
-                self.codec, parts, self.cos[c], self.sin[c], k_out, v_out, self.offsets[c]
-            )
+        kernels.rerotate_scatter_packed(
+            self.layout, st.dev[s], self.cos, self.sin, self.buf[layer, 0], self.buf[layer, 1]
+        )
         if st.cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record(main)
-            self.asm.append((start, end))
-        self.assembled += 1
+            self.asm[layer] = (start, end)
+        with self._cond:
+            self.assembled += 1
+            self._cond.notify_all()
 
     def seconds(self) -> dict[str, float]:
-        """Load-side totals (call after the fusion synchronised): host staging (memmove), device
-        time of the H2D copies (side stream) and of the rerotate/scatter kernels (main stream).
+        """Load-side totals (call after the fusion synchronised): stager host time (copy + check),
+        device time of the H2D copies (side stream) and of the assembly kernels (main stream).
         They overlap the compute; the fusion's stage times show what was not hidden."""
         out = {"stage_host": self.host_seconds, "h2d": 0.0, "assemble": 0.0}
         if self.staging.cuda:
-            for start, end in self.h2d:
-                end.synchronize()
-                out["h2d"] += start.elapsed_time(end) / 1e3
-            out["assemble"] = sum(a.elapsed_time(b) / 1e3 for a, b in self.asm)
+            for ev in self.h2d:
+                if ev is not None:
+                    ev[1].synchronize()
+                    out["h2d"] += ev[0].elapsed_time(ev[1]) / 1e3
+            out["assemble"] = sum(a.elapsed_time(b) / 1e3 for a, b in filter(None, self.asm))
         return out
 
 
-def _memmove_all(jobs) -> None:
-    for dst, src, n in jobs:
-        ctypes.memmove(dst, src, n)  # releases the GIL: worker threads copy in parallel
+def _copy_check(task) -> None:
+    base, layer, jobs = task
+    for j in jobs:
+        dst = base + j.slot_offset
+        ctypes.memmove(dst, j.src_addr + layer * j.nbytes, j.nbytes)  # releases the GIL
+        if j.crcs is not None:  # zlib releases the GIL too: workers check in parallel
+            got = zlib.crc32((ctypes.c_char * j.nbytes).from_address(dst))
+            if got != j.crcs[layer]:
+                raise CorruptEntryError(
+                    f"chunk {j.chunk} ({j.name}, layer {layer}) fails its checksum: the stored entry is damaged"
+                )
 
 
 @torch.no_grad()
@@ -291,10 +329,13 @@ def fuse_entries(
     """``fuse.fuse_kv`` over stored entries, loading layer by layer behind the compute.
 
     Same selection, mask and outputs as ``fuse_kv`` on the decoded chunks (lossy codecs differ by
-    one rounding: the kernel decodes and rotates in fp32 and rounds once). ``verify`` checks each
-    entry's payload crc32 first (~5 GB/s on the host, not hidden by the pipeline). It is on by
-    default, because a damaged entry must never be used silently; ``verify=False`` is only for a
-    store checked by ``chunkcache verify`` since its last write, and the benchmark reports both. ``stats["seconds"]`` gains ``read`` (header
+    one rounding: the kernel decodes and rotates in fp32 and rounds once). ``verify`` (the default)
+    checks every byte that is used against the entry's crc32s: the token sections up front, each
+    codec part's layers as they are staged, on the copy threads, overlapped with the compute (an
+    entry written before per-layer crcs existed is checked whole, up front). A damaged entry raises
+    ``CorruptEntryError`` before any of its layers is used; it must never be used silently.
+    ``verify=False`` is only for a store checked by ``chunkcache verify`` since its last write.
+    ``stats["seconds"]`` gains ``read`` (header
     parsing), ``stage_host``, ``h2d`` and ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
     """
     if not suffix_ids:
@@ -304,7 +345,15 @@ def fuse_entries(
     t0 = time.perf_counter()
     p, ns = prefix_kv.shape[3], len(suffix_ids)
     lengths, token_ids, scores = [], [], []
-    parsed = [unpack_parts(e, verify=verify) for e in entries]  # zero-copy views, headers checked
+    parsed = [unpack_parts(e, verify=False) for e in entries]  # zero-copy views, headers checked
+    check_layers = [False] * len(parsed)
+    if verify:  # per-layer crcs are checked while staging; older entries are checked whole here
+        for i, (e, (header, _)) in enumerate(zip(entries, parsed, strict=True)):
+            if has_layer_crcs(header):
+                verify_small_sections(e, header)
+                check_layers[i] = True
+            else:
+                verify_payload(e, header)
     for header, parts in parsed:
         lengths.append(int(header["num_tokens"]))
         token_ids.append(parts["token_ids"])
@@ -316,7 +365,7 @@ def fuse_entries(
     buf[:, :, :, :p] = prefix_kv
     buf[:, :, :, n - ns :] = 0
     offsets = [p + sum(lengths[:i]) for i in range(len(lengths))]
-    loader = LayerLoader(lm, parsed, buf, offsets, staging or Staging(lm.device))
+    loader = LayerLoader(lm, parsed, buf, offsets, staging or Staging(lm.device), check_layers)
     ids = torch.cat(
         [torch.tensor(list(prefix_ids), dtype=torch.long)]
         + [t.to(torch.long) for t in token_ids]
@@ -326,10 +375,13 @@ def fuse_entries(
     if lengths and all(s is not None for s in scores):
         token_scores = torch.cat([s.float() for s in scores]).to(lm.device)
     t_read = time.perf_counter() - t0
-    loader.issued(-1)  # start staging layers 0 and 1
+    loader.start()
     timer.mark("read")
     config = config or FuseConfig()
-    res = fuse_assembled(lm, buf, ids, p, lengths, token_scores, config, source=loader, timer=timer)
+    try:
+        res = fuse_assembled(lm, buf, ids, p, lengths, token_scores, config, source=loader, timer=timer)
+    finally:
+        loader.close()
     secs = res.stats["seconds"]
     load = loader.seconds()
     secs["read_host"] = t_read

@@ -2,6 +2,7 @@
 
     rerotate_scatter    decode a chunk-layer (raw/int8/int4), rotate keys by the position delta,
                         write it into the assembled cache at an offset
+    rerotate_scatter_packed  the same for every chunk of a layer packed in one buffer, one launch
     selected_attention  attention of selected query tokens over the full KV, exact causal mask
     deviation           per-token sum over heads of ||fresh - cached||_2 (for token selection)
 
@@ -23,15 +24,20 @@ from functools import cache
 import torch
 
 from .reference import (
+    PackedLayout,
     deviation_reference,
+    rerotate_scatter_packed_reference,
     rerotate_scatter_reference,
     selected_attention_reference,
 )
 
 __all__ = [
+    "PackedLayout",
     "deviation",
     "deviation_reference",
     "rerotate_scatter",
+    "rerotate_scatter_packed",
+    "rerotate_scatter_packed_reference",
     "rerotate_scatter_reference",
     "selected_attention",
     "selected_attention_reference",
@@ -64,6 +70,22 @@ def rerotate_scatter(
     else:
         fn = rerotate_scatter_reference
     fn(codec, parts, cos, sin, k_out, v_out, offset)
+
+
+def rerotate_scatter_packed(
+    layout: PackedLayout,
+    buf: torch.Tensor,  # 1-D uint8: every chunk's parts of one layer, at layout's byte offsets
+    cos: torch.Tensor,  # [C, D] fp32, chunk c rotated by cos[c], sin[c]
+    sin: torch.Tensor,
+    k_out: torch.Tensor,  # [kv_heads, N, D]
+    v_out: torch.Tensor,
+) -> None:
+    """``rerotate_scatter`` for every chunk of a layer at once: one launch on the GPU."""
+    if _use_triton(k_out):
+        fn = importlib.import_module(".rerotate_scatter_triton", __name__).rerotate_scatter_packed
+    else:
+        fn = rerotate_scatter_packed_reference
+    fn(layout, buf, cos, sin, k_out, v_out)
 
 
 def selected_attention(

@@ -13,6 +13,7 @@ neox half-split RoPE convention; it knows nothing about models, stores or fusion
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -144,3 +145,102 @@ def deviation_reference(
 ) -> torch.Tensor:
     """Per-token deviation sum_h ||fresh[h, t] - cached[h, t]||_2 in fp32, shape [T]."""
     return (fresh.float() - cached.float()).norm(dim=-1).sum(dim=0)
+
+
+_SCALE_PARTS = ("k_scale", "k_min", "v_scale", "v_min")
+
+
+class PackedLayout:
+    """Where every chunk's codec parts of one layer sit inside one packed byte buffer (a staging
+    slot), and where each chunk goes in the assembled cache. The same layout serves every layer
+    and every slot (all layers of a chunk have the same part shapes), so the launch table is built
+    once per query (``meta``) and each layer is one launch.
+
+        layout = PackedLayout("int8", heads=8, head_dim=128)
+        layout.add({"k_q": ((0, torch.int8, (8, 512, 128)), ...}, dest=32)   # one chunk
+        rerotate_scatter_packed(layout, slot, cos, sin, k_out, v_out)          # [C, D] cos/sin
+    """
+
+    def __init__(self, codec: str, heads: int, head_dim: int) -> None:
+        if codec not in CODEC_PARTS:
+            raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODEC_PARTS)}")
+        self.codec, self.heads, self.head_dim = codec, heads, head_dim
+        self.chunks: list[dict[str, tuple[int, torch.dtype, tuple[int, ...]]]] = []
+        self.tokens: list[int] = []
+        self.dests: list[int] = []
+        self.nbytes = 0  # end of the last part
+        self._meta: dict[torch.device, torch.Tensor] = {}
+
+    def add(self, parts: Mapping[str, tuple[int, torch.dtype, tuple[int, ...]]], dest: int) -> None:
+        """One chunk: each codec part's (byte offset in the buffer, dtype, one-layer shape)."""
+        check_parts(self.codec, parts)
+        if self.codec == "raw":
+            _, h, t, d = parts["kv"][2]
+        else:
+            h, t, d = parts["k_q"][2]
+            d = d * 2 if self.codec == "int4" else d
+        if (h, d) != (self.heads, self.head_dim):
+            raise ValueError(f"chunk parts have {h} heads of dim {d}, layout is {self.heads} x {self.head_dim}")
+        for off, dtype, shape in parts.values():
+            size = math.prod(shape) * dtype.itemsize
+            if off % dtype.itemsize:
+                raise ValueError(f"part at byte {off} is not aligned to its {dtype}")
+            self.nbytes = max(self.nbytes, off + size)
+        self.chunks.append({k: (int(o), dt, tuple(int(x) for x in sh)) for k, (o, dt, sh) in parts.items()})
+        self.tokens.append(int(t))
+        self.dests.append(int(dest))
+        self._meta.clear()
+
+    def views(self, buf: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Typed views of each chunk's parts inside ``buf`` (1-D uint8)."""
+        if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < self.nbytes:
+            raise ValueError(f"buffer must be 1-D uint8 of at least {self.nbytes} bytes")
+        out = []
+        for parts in self.chunks:
+            out.append(
+                {
+                    name: buf[off : off + math.prod(shape) * dt.itemsize].view(dt).view(shape)
+                    for name, (off, dt, shape) in parts.items()
+                }
+            )
+        return out
+
+    def data_dtype(self) -> torch.dtype:
+        return self.chunks[0]["kv" if self.codec == "raw" else "k_q"][1]
+
+    def meta(self, device: torch.device) -> torch.Tensor:
+        """[C, 9] int64 launch table on ``device``: tokens, dest, key groups, then element offsets of
+        k, v (in the data dtype) and k_scale, k_min, v_scale, v_min (in fp16; 0 where unused)."""
+        device = torch.device(device)
+        if device not in self._meta:
+            rows = []
+            data_size = self.data_dtype().itemsize
+            for parts, t, dest in zip(self.chunks, self.tokens, self.dests, strict=True):
+                if self.codec == "raw":
+                    k = parts["kv"][0] // data_size
+                    v = k + self.heads * t * self.head_dim
+                else:
+                    k, v = parts["k_q"][0] // data_size, parts["v_q"][0] // data_size
+                    if parts["v_q"][1] != parts["k_q"][1]:
+                        raise ValueError("k_q and v_q must share a dtype")
+                groups = parts["k_scale"][2][1] if self.codec == "int4" else 1
+                sc = [parts[n][0] // 2 if n in parts else 0 for n in _SCALE_PARTS]
+                for n in _SCALE_PARTS:
+                    if n in parts and parts[n][1] != torch.float16:
+                        raise ValueError(f"{n} must be float16, got {parts[n][1]}")
+                rows.append([t, dest, groups, k, v, *sc])
+            self._meta[device] = torch.tensor(rows, dtype=torch.int64).to(device)
+        return self._meta[device]
+
+
+def rerotate_scatter_packed_reference(
+    layout: PackedLayout,
+    buf: torch.Tensor,  # 1-D uint8 holding every chunk's parts of one layer at layout's offsets
+    cos: torch.Tensor,  # [C, D] fp32, one rotation per chunk
+    sin: torch.Tensor,  # [C, D]
+    k_out: torch.Tensor,  # [kv_heads, N, D]
+    v_out: torch.Tensor,
+) -> None:
+    """``rerotate_scatter_reference`` for every chunk of ``layout`` (chunk c with cos[c], sin[c])."""
+    for c, parts in enumerate(layout.views(buf)):
+        rerotate_scatter_reference(layout.codec, parts, cos[c], sin[c], k_out, v_out, layout.dests[c])

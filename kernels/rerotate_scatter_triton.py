@@ -26,38 +26,18 @@ import triton.language as tl
 from .reference import INT4_GROUP, check_parts
 from .reference import rerotate_scatter_reference as rerotate_scatter_reference
 
-__all__ = ["rerotate_scatter", "rerotate_scatter_reference"]
+__all__ = ["rerotate_scatter", "rerotate_scatter_packed", "rerotate_scatter_reference"]
 
 _CODEC_ID = {"raw": 0, "int8": 1, "int4": 2}
 
 
 @triton.jit
-def _rerotate_scatter_kernel(
-    K_ptr,  # raw: [H, T, D] model dtype; int8: [H, T, D] int8; int4: [H, T, D/2] uint8 (contiguous)
-    V_ptr,  # same as K_ptr
-    KS_ptr,  # key scales: int8 [H, D]; int4 [H, G, D] fp16 (unused for raw)
-    KM_ptr,  # key mins: int4 [H, G, D] fp16 (unused otherwise)
-    VS_ptr,  # value scales [H, T] fp16 (unused for raw)
-    VM_ptr,  # value mins [H, T] fp16 (int4 only)
-    COS_ptr,  # [D] fp32
-    SIN_ptr,  # [D] fp32
-    KO_ptr,  # [H, N, D] output keys, strided
-    VO_ptr,  # [H, N, D] output values, strided
-    T,
-    G,  # key scale groups per head (int4: ceil(T / 128); int8: 1)
-    offset,
-    sko_h,
-    sko_t,
-    sko_d,
-    svo_h,
-    svo_t,
-    svo_d,
-    D: tl.constexpr,
-    CODEC: tl.constexpr,  # 0 raw, 1 int8, 2 int4
-    GROUP: tl.constexpr,  # int4 key group size in tokens
-    BLOCK_T: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,  # next power of two >= D / 2
-):
+def _decode_rotate_store(
+    K_ptr, V_ptr, KS_ptr, KM_ptr, VS_ptr, VM_ptr, COS_ptr, SIN_ptr, KO_ptr, VO_ptr,
+    T, G, offset, sko_h, sko_t, sko_d, svo_h, svo_t, svo_d, pid_t, h,
+    D: tl.constexpr, CODEC: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):  # fmt: skip
     """One program = BLOCK_T tokens of one kv head, keys and values, both halves of head_dim.
 
     With x1 = x[:D/2], x2 = x[D/2:] (neox pairing i <-> i + D/2), in fp32:
@@ -69,8 +49,6 @@ def _rerotate_scatter_kernel(
     (low nibble) and odd (high nibble) element, so each half is loaded as bytes and interleaved.
     """
     HALF: tl.constexpr = D // 2
-    pid_t = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
 
     t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # [BLOCK_T]
     t_mask = t < T
@@ -131,6 +109,76 @@ def _rerotate_scatter_kernel(
     vo = VO_ptr + h * svo_h + dst_t[:, None] * svo_t + j[None, :] * svo_d
     tl.store(vo, v1.to(VO_ptr.dtype.element_ty), mask=mask)
     tl.store(vo + HALF * svo_d, v2.to(VO_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rerotate_scatter_kernel(
+    K_ptr,  # raw: [H, T, D] model dtype; int8: [H, T, D] int8; int4: [H, T, D/2] uint8 (contiguous)
+    V_ptr,  # same as K_ptr
+    KS_ptr,  # key scales: int8 [H, D]; int4 [H, G, D] fp16 (unused for raw)
+    KM_ptr,  # key mins: int4 [H, G, D] fp16 (unused otherwise)
+    VS_ptr,  # value scales [H, T] fp16 (unused for raw)
+    VM_ptr,  # value mins [H, T] fp16 (int4 only)
+    COS_ptr,  # [D] fp32
+    SIN_ptr,  # [D] fp32
+    KO_ptr,  # [H, N, D] output keys, strided
+    VO_ptr,  # [H, N, D] output values, strided
+    T,
+    G,  # key scale groups per head (int4: ceil(T / 128); int8: 1)
+    offset,
+    sko_h,
+    sko_t,
+    sko_d,
+    svo_h,
+    svo_t,
+    svo_d,
+    D: tl.constexpr,
+    CODEC: tl.constexpr,  # 0 raw, 1 int8, 2 int4
+    GROUP: tl.constexpr,  # int4 key group size in tokens
+    BLOCK_T: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,  # next power of two >= D / 2
+):
+    """One program = BLOCK_T tokens of one kv head of the chunk (see ``_decode_rotate_store``)."""
+    _decode_rotate_store(
+        K_ptr, V_ptr, KS_ptr, KM_ptr, VS_ptr, VM_ptr, COS_ptr, SIN_ptr, KO_ptr, VO_ptr,
+        T, G, offset, sko_h, sko_t, sko_d, svo_h, svo_t, svo_d,
+        tl.program_id(0), tl.program_id(1).to(tl.int64), D, CODEC, GROUP, BLOCK_T, BLOCK_HALF,
+    )  # fmt: skip
+
+
+@triton.jit
+def _rerotate_scatter_packed_kernel(
+    DATA_ptr,  # the packed buffer viewed as the codec's data dtype (raw: model dtype; int8; uint8)
+    SC_ptr,  # the same buffer viewed as fp16 (scales and mins)
+    META_ptr,  # [C, 9] int64: tokens, dest offset, key groups, then element offsets of k, v, ks, km, vs, vm
+    COS_ptr,  # [C, D] fp32
+    SIN_ptr,  # [C, D] fp32
+    KO_ptr,
+    VO_ptr,
+    sko_h,
+    sko_t,
+    sko_d,
+    svo_h,
+    svo_t,
+    svo_d,
+    D: tl.constexpr,
+    CODEC: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """Every chunk of one layer in one launch: program (t-block, kv head, chunk). Blocks past a
+    shorter chunk's end are fully masked."""
+    c = tl.program_id(2).to(tl.int64)
+    m = META_ptr + c * 9
+    T = tl.load(m)
+    _decode_rotate_store(
+        DATA_ptr + tl.load(m + 3), DATA_ptr + tl.load(m + 4),
+        SC_ptr + tl.load(m + 5), SC_ptr + tl.load(m + 6), SC_ptr + tl.load(m + 7), SC_ptr + tl.load(m + 8),
+        COS_ptr + c * D, SIN_ptr + c * D, KO_ptr, VO_ptr,
+        T, tl.load(m + 2), tl.load(m + 1), sko_h, sko_t, sko_d, svo_h, svo_t, svo_d,
+        tl.program_id(0), tl.program_id(1).to(tl.int64), D, CODEC, GROUP, BLOCK_T, BLOCK_HALF,
+    )  # fmt: skip
 
 
 def rerotate_scatter(
@@ -214,6 +262,60 @@ def rerotate_scatter(
         *v_out.stride(),
         D=d,
         CODEC=_CODEC_ID[codec],
+        GROUP=INT4_GROUP,
+        BLOCK_T=block_t,
+        BLOCK_HALF=block_half,
+        num_warps=4,
+    )
+
+
+def rerotate_scatter_packed(
+    layout,  # reference.PackedLayout
+    buf: torch.Tensor,  # 1-D uint8 on the device: every chunk's parts of one layer
+    cos: torch.Tensor,  # [C, D] fp32 on the device
+    sin: torch.Tensor,  # [C, D] fp32
+    k_out: torch.Tensor,  # [kv_heads, N, D] model dtype, may be a strided view
+    v_out: torch.Tensor,
+    *,
+    block_t: int | None = None,
+) -> None:
+    """Every chunk of one layer in one launch (see ``reference.rerotate_scatter_packed_reference``).
+
+    The checks that do not depend on the buffer (shapes, alignment, fit) ran in ``layout.add``
+    and ``layout.meta``; here only the buffer and outputs are checked, so a layer costs one launch
+    and a few attribute reads."""
+    h, d, n_chunks = layout.heads, layout.head_dim, len(layout.tokens)
+    if n_chunks == 0:
+        return
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < layout.nbytes:
+        raise ValueError(f"buffer must be 1-D uint8 of at least {layout.nbytes} bytes")
+    if k_out.shape != v_out.shape or k_out.dim() != 3 or k_out.shape[0] != h or k_out.shape[2] != d:
+        raise ValueError(f"k_out/v_out must be [{h}, N, {d}], got {tuple(k_out.shape)}, {tuple(v_out.shape)}")
+    if max(t + o for t, o in zip(layout.tokens, layout.dests, strict=True)) > k_out.shape[1]:
+        raise ValueError(f"chunks do not fit in {k_out.shape[1]} cache slots")
+    if cos.shape != (n_chunks, d) or sin.shape != (n_chunks, d):
+        raise ValueError(f"cos/sin must be [{n_chunks}, {d}] fp32")
+    data_dtype = layout.data_dtype()
+    usable = buf.numel() - buf.numel() % 8
+    data = buf[:usable].view(data_dtype)
+    scales = buf[:usable].view(torch.float16)
+    block_half = triton.next_power_of_2(d // 2)
+    t_max = max(layout.tokens)
+    if block_t is None:
+        block_t = max(1, min(32, 4096 // block_half, triton.next_power_of_2(t_max)))
+    grid = (triton.cdiv(t_max, block_t), h, n_chunks)
+    _rerotate_scatter_packed_kernel[grid](
+        data,
+        scales,
+        layout.meta(buf.device),
+        cos,
+        sin,
+        k_out,
+        v_out,
+        *k_out.stride(),
+        *v_out.stride(),
+        D=d,
+        CODEC=_CODEC_ID[layout.codec],
         GROUP=INT4_GROUP,
         BLOCK_T=block_t,
         BLOCK_HALF=block_half,

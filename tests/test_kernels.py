@@ -178,6 +178,68 @@ def test_rerotate_scatter_rejects_overflow():
             fn("raw", parts, cos, sin, out, out.clone(), 5)
 
 
+def pack_layer(codec: str, chunks: list[dict], dests: list[int], h: int, d: int, align: int = 256):
+    """Pack chunks' parts of one layer back to back into one uint8 buffer, as the pipeline does."""
+    layout = reference.PackedLayout(codec, h, d)
+    pieces, off = [], 0
+    for parts, dest in zip(chunks, dests, strict=True):
+        spec = {}
+        for name in reference.CODEC_PARTS[codec]:
+            raw = parts[name].contiguous().view(-1).view(torch.uint8)
+            spec[name] = (off, parts[name].dtype, tuple(parts[name].shape))
+            pad = -(-raw.numel() // align) * align
+            pieces.append(torch.cat([raw, torch.zeros(pad - raw.numel(), dtype=torch.uint8)]))
+            off += pad
+        layout.add(spec, dest)
+    return layout, torch.cat(pieces)
+
+
+@kernel_test
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rerotate_scatter_packed_matches_per_chunk(codec, dtype):
+    """One launch for chunks of different lengths (one spanning two int4 key groups), each with its
+    own rotation, equals the per-chunk reference; slots outside the chunks are left untouched."""
+    gen = torch.Generator().manual_seed(3)
+    h, d, lengths = 2, 64, [37, 131, 5]
+    if codec == "raw":
+        chunks = [{"kv": torch.randn(2, h, t, d, generator=gen).to(dtype)} for t in lengths]
+    else:
+        chunks = [make_parts(codec, h, t, d, dtype, gen) for t in lengths]
+    dests = [3, 3 + 37 + 4, 3 + 37 + 4 + 131]
+    n = dests[-1] + 5 + 6
+    layout, buf = pack_layer(codec, chunks, dests, h, d)
+    cos = torch.stack([rope_cos_sin(dl, d)[0] for dl in (11, -7, 900)])
+    sin = torch.stack([rope_cos_sin(dl, d)[1] for dl in (11, -7, 900)])
+    want_k = torch.full((h, n, d), 7.0, dtype=dtype)
+    want_v = want_k.clone()
+    for c, parts in enumerate(chunks):
+        reference.rerotate_scatter_reference(codec, parts, cos[c], sin[c], want_k, want_v, dests[c])
+    # the packed reference (the CPU path) and the kernel
+    ref_k, ref_v = torch.full_like(want_k, 7.0), torch.full_like(want_v, 7.0)
+    reference.rerotate_scatter_packed_reference(layout, buf, cos, sin, ref_k, ref_v)
+    assert torch.equal(ref_k, want_k) and torch.equal(ref_v, want_v)
+    kv = torch.full((2, h, n, d), 7.0, dtype=dtype, device=DEVICE)  # strided outputs, like buf[l]
+    rr.rerotate_scatter_packed(layout, buf.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE), kv[0], kv[1])
+    atol, rtol = RR_TOL[dtype]
+    assert_close(kv[0], want_k, atol, rtol, f"packed {codec} keys")
+    assert_close(kv[1], want_v, atol, rtol, f"packed {codec} values")
+
+
+def test_packed_layout_rejects_bad_input():
+    layout = reference.PackedLayout("int8", 2, 64)
+    with pytest.raises(ValueError, match="needs parts"):
+        layout.add({"k_q": (0, torch.int8, (2, 5, 64))}, 0)
+    ok = {"k_q": (0, torch.int8, (2, 5, 64)), "v_q": (640, torch.int8, (2, 5, 64)),
+          "k_scale": (1280, torch.float16, (2, 64)), "v_scale": (1537, torch.float16, (2, 5))}  # fmt: skip
+    with pytest.raises(ValueError, match="aligned"):
+        layout.add(ok, 0)
+    with pytest.raises(ValueError, match="heads"):
+        reference.PackedLayout("raw", 4, 64).add({"kv": (0, torch.float32, (2, 2, 5, 64))}, 0)
+    with pytest.raises(ValueError, match="unknown codec"):
+        reference.PackedLayout("fp8", 2, 64)
+
+
 def test_reference_decode_matches_codec_module():
     """The kernels' decode agrees with chunkcache.codec (the store's formats) layer by layer."""
     codec_mod = pytest.importorskip("chunkcache.codec")

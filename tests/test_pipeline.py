@@ -66,7 +66,7 @@ def test_lmdb_zero_copy_views(smol_tokenizer, tmp_path):
 
 
 class _Recorder(LayerLoader):
-    """Logs staging and assembly order."""
+    """Logs staging and assembly order (staging runs on the loader's own thread)."""
 
     def __init__(self, *a, **k):
         self.log = []
@@ -80,9 +80,10 @@ class _Recorder(LayerLoader):
         super()._stage(layer)
 
     def _assemble(self, layer):
-        assert layer == self.assembled and layer < self.staged + 1
-        self.log.append(("assemble", layer))
+        assert layer == self.assembled
         super()._assemble(layer)
+        assert layer < self.staged  # the layer was staged before it was assembled
+        self.log.append(("assemble", layer))
 
 
 def test_loader_order_and_slots(smol_tokenizer):
@@ -99,13 +100,15 @@ def test_loader_order_and_slots(smol_tokenizer):
         offsets = [p + sum(lengths[:i]) for i in range(len(lengths))]
         # slot budget for exactly 2 slots: layers must cycle through them
         st = Staging("cpu", max_bytes=1, threads=2)
-        rec = _Recorder(eng.lm, parsed, buf, offsets, st)
+        rec = _Recorder(eng.lm, parsed, buf, offsets, st, check_layers=[True] * len(parsed))
         assert rec.depth == 2 and rec.slot_bytes % 256 == 0
-        rec.issued(-1)
-        for li in range(6):
-            rec.ready(li)
-            rec.ready(li)  # idempotent
-            rec.issued(li)
+        try:
+            for li in range(6):
+                rec.ready(li)
+                rec.ready(li)  # idempotent
+                rec.issued(li)
+        finally:
+            rec.close()
     stages = [x for x in rec.log if x[0] == "stage"]
     assert stages == [("stage", i) for i in range(6)]
     assert [x for x in rec.log if x[0] == "assemble"] == [("assemble", i) for i in range(6)]
@@ -114,6 +117,26 @@ def test_loader_order_and_slots(smol_tokenizer):
 
     ref, _, _ = assemble(eng.lm, eng.prefix_kv(), chunks, 2)
     torch.testing.assert_close(buf[:, :, :, p : n - 2], ref[:, :, :, p : n - 2], rtol=0, atol=0)
+
+
+def test_loader_close_stops_a_stager_that_waits_for_slots(smol_tokenizer):
+    """A fusion that fails half-way closes its loader: the stager, blocked on a slot that will
+    never be freed, must stop instead of hanging (the entries' memory goes away after close)."""
+    eng = _engine(smol_tokenizer, "raw", model=tiny_model("llama", num_hidden_layers=6))
+    keys, chunks = _entries_and_chunks(eng, PASSAGES[:2])
+    from chunkcache.format import unpack_parts
+
+    with entry_views(eng.store, keys) as entries:
+        parsed = [unpack_parts(e) for e in entries]
+        n = 40 + sum(c.num_tokens for c in chunks)
+        loader = LayerLoader(
+            eng.lm, parsed, torch.zeros(6, 2, 2, n, 16), [0, chunks[0].num_tokens],
+            Staging("cpu", max_bytes=1, threads=1),
+        )  # fmt: skip
+        loader.start()
+        loader.ready(0)
+        loader.close()
+        assert not loader._thread.is_alive() and loader.staged <= 3
 
 
 def test_loader_rejects_mixed_codecs_and_wrong_model(smol_tokenizer):
@@ -137,9 +160,65 @@ def test_damaged_entry_is_refused_by_default(smol_tokenizer):
     eng = _engine(smol_tokenizer, "raw")
     keys, _ = _entries_and_chunks(eng, PASSAGES[:1])
     raw = bytearray(eng.store.get(keys[0]))
-    raw[-100] ^= 0xFF  # inside the KV payload
-    with pytest.raises(CorruptEntryError):
+    raw[-100] ^= 0xFF  # inside the KV payload (the last layer of the last part)
+    with pytest.raises(CorruptEntryError, match="layer"):
         fuse_entries(eng.lm, eng.prefix_kv(), [bytes(raw)], eng._prefix_ids, eng.template.suffix_ids(QUESTION))
+
+
+@pytest.mark.parametrize("where", ["token_ids", "first_layer", "header"])
+def test_damage_anywhere_is_refused(smol_tokenizer, where):
+    """Token ids are checked up front, each layer as it is staged, the header by its own crc."""
+    from chunkcache.errors import CorruptEntryError
+    from chunkcache.format import read_header
+
+    eng = _engine(smol_tokenizer, "int8")
+    keys, _ = _entries_and_chunks(eng, PASSAGES[:2])
+    entries = [bytearray(eng.store.get(k)) for k in keys]
+    h = read_header(entries[1])
+    base = h["payload_offset"]
+    pos = {
+        "token_ids": base + h["sections"]["token_ids"]["offset"] + 3,
+        "first_layer": base + h["sections"]["v_scale"]["offset"] + 1,
+        "header": 40,
+    }[where]
+    entries[1][pos] ^= 0x10
+    with pytest.raises(CorruptEntryError):
+        fuse_entries(
+            eng.lm, eng.prefix_kv(), [bytes(e) for e in entries], eng._prefix_ids,
+            eng.template.suffix_ids(QUESTION), staging=Staging("cpu", threads=2),
+        )  # fmt: skip
+
+
+def test_entries_without_layer_crcs_are_checked_whole(smol_tokenizer):
+    """Entries written before per-layer checksums existed still load, and damage is still caught."""
+    import json
+    import struct
+    import zlib
+
+    from chunkcache.errors import CorruptEntryError
+    from chunkcache.format import _PREFIX, read_header
+
+    eng = _engine(smol_tokenizer, "raw")
+    keys, chunks = _entries_and_chunks(eng, PASSAGES[:2])
+
+    def strip(raw: bytes) -> bytearray:  # rewrite the header the way format v1 first wrote it
+        h = read_header(raw)
+        body = {k: v for k, v in h.items() if k not in ("layer_crc32", "section_crc32", "payload_offset")}
+        hj = json.dumps(body, separators=(",", ":")).encode()
+        magic, ver = struct.unpack_from("<8sI", raw)
+        head = _PREFIX.pack(magic, ver, len(hj), zlib.crc32(hj), 0) + hj
+        head += bytes(-len(head) % 64)
+        return bytearray(head + bytes(raw[h["payload_offset"] :]))
+
+    old = [strip(eng.store.get(k)) for k in keys]
+    sfx = eng.template.suffix_ids(QUESTION)
+    cfg = FuseConfig(recompute_ratio=0.3)
+    ref = fuse_kv(eng.lm, eng.prefix_kv(), chunks, eng._prefix_ids, sfx, cfg)
+    got = fuse_entries(eng.lm, eng.prefix_kv(), [bytes(e) for e in old], eng._prefix_ids, sfx, cfg)
+    assert torch.equal(got.logits, ref.logits)
+    old[0][-100] ^= 0x01
+    with pytest.raises(CorruptEntryError, match="payload checksum"):
+        fuse_entries(eng.lm, eng.prefix_kv(), [bytes(e) for e in old], eng._prefix_ids, sfx, cfg)
 
 
 @pytest.fixture(scope="module")
