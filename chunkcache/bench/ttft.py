@@ -9,9 +9,10 @@ Per context length (chunks back to back behind a 32-token prefix, a 32-token que
   naive     ratio 0: load + assemble + the question through every layer
   fused     ratio 0.15 with ``qaware`` and ``cacheblend``, per codec, via ``pipeline.fuse_entries``
 
-Stages (median over ``--reps`` after ``--warmup`` runs): ``read`` (header parse, host), probe /
-check / recompute / handoff (GPU timeline, CUDA events: they include waiting for loads that
-were not hidden), and the overlapped load work: ``stage_host`` (memmove LMDB map -> pinned),
+Stages (median over ``--reps`` after ``--warmup`` runs): ``read`` (header parse and the token
+sections' checksums, host), probe / check / recompute (GPU timeline, CUDA events: they include
+waiting for loads that were not hidden), and the overlapped load work: ``stage_host`` (copy
+LMDB map -> pinned and check each layer's crc32, worker threads),
 ``h2d`` (side stream) and ``assemble`` (rerotate/scatter kernels). ``total`` is host wall time
 from the store lookup to the first token's logits on the host side of a synchronise: the TTFT.
 The store keeps ``--distinct`` different entries; longer contexts reuse them (the same work as
@@ -312,20 +313,20 @@ def table(out: dict) -> str:
     lines = [
         f"{out['model']} on {out['device']} (torch {out['torch']}), {out['chunk_tokens']}-token chunks, "
         f"ratio {out['ratio']}; TTFT ms (speedup vs full prefill); stages ms: read | probe | check | "
-        "recompute | handoff || overlapped: stage_host | h2d | assemble",
+        "recompute || overlapped: stage_host | h2d | assemble",
         "",
-        "| context | method | codec | TTFT ms | speedup | read | probe | check | recompute | handoff | stage_host | h2d | assemble |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| context | method | codec | TTFT ms | speedup | read | probe | check | recompute | stage_host | h2d | assemble |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in out["rows"]:
         lines.append(
-            f"| {row['context']} | full prefill (HF SDPA) | - | {row['full_s'] * 1e3:.1f} | 1.00 |" + " |" * 8
+            f"| {row['context']} | full prefill (HF SDPA) | - | {row['full_s'] * 1e3:.1f} | 1.00 |" + " |" * 7
         )
         for m in row["methods"]:
             s = m["stages_s"]
             vals = [
                 s.get(k, 0.0) * 1e3
-                for k in ("read", "probe", "check", "recompute", "handoff", "stage_host", "h2d", "assemble")
+                for k in ("read", "probe", "check", "recompute", "stage_host", "h2d", "assemble")
             ]
             lines.append(
                 f"| {row['context']} | {m['method']} | {m['codec']} | {m['ttft_s'] * 1e3:.1f} | {m['speedup']:.2f} | "
