@@ -30,7 +30,6 @@ import ctypes
 import os
 import threading
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -40,7 +39,7 @@ import torch
 
 from chunkcache import kernels
 from chunkcache.errors import CorruptEntryError
-from chunkcache.format import has_layer_crcs, unpack_parts, verify_payload, verify_small_sections
+from chunkcache.format import has_layer_sums, unpack_parts, verify_payload, verify_small_sections
 from chunkcache.fuse import FuseConfig, FuseResult, StageTimer, fuse_assembled
 from chunkcache.model import LoadedModel
 
@@ -112,14 +111,17 @@ class Staging:
         return min(depth, self.host.shape[0])
 
 
+_PIECE = 1 << 20  # host copies are split into pieces of at most this many bytes, across the threads
+
+
 @dataclass
-class _Job:
+class _Part:
     chunk: int
     name: str
     slot_offset: int
     src_addr: int  # address of layer 0 of this part in the entry
     nbytes: int  # one layer (also the layer stride in the entry)
-    crcs: list[int] | None  # crc32 of each layer, None = not checked here
+    sums: list | None  # layer_sum64 of the part (one [a, b] per layer), None = not checked
 
 
 class LayerLoader:
@@ -128,12 +130,15 @@ class LayerLoader:
 
     Stager thread, per layer ``l`` (slot ``s = l % depth``): wait until layer ``l - depth`` (the
     slot's previous tenant) was assembled, wait (host) for its H2D copy to finish, then the worker
-    threads copy every chunk's parts of layer ``l`` into pinned slot ``s`` and check each one's
-    crc32 there (the bytes that go to the GPU are the bytes checked), then it queues the H2D copy on
-    the side stream behind the event ``assembled[l - depth]`` and signals the compute thread.
-    Compute thread, ``ready(l)``: wait for that signal, make the compute stream wait for the copy's
-    event (a device-side wait), and assemble every chunk of the layer in one kernel launch. A
-    damaged layer raises ``CorruptEntryError`` on the compute thread, before the layer is used.
+    threads copy every chunk's parts of layer ``l`` into pinned slot ``s`` (in pieces of at most
+    1 MiB spread over the threads), then it queues on the side stream, behind the event
+    ``assembled[l - depth]``, the H2D copy and the checksum kernel over the device slot (the bytes
+    the GPU uses are the bytes checked), and signals the compute thread. Compute thread,
+    ``ready(l)``: wait for that signal, make the compute stream wait for the copy's event (a
+    device-side wait), and assemble every chunk of the layer in one kernel launch. ``check()``,
+    once the fusion is done, compares all layers' sums with the entries' (one sync) and raises
+    ``CorruptEntryError`` naming the first damaged chunk-layer: the result is then never returned.
+    On CPU the sums are checked by the stager before the layer can be used.
     Per layer, every chunk's parts are packed at the same slot offsets (all layers of a chunk
     have the same part shapes), so the launch table is built once."""
 
@@ -144,7 +149,7 @@ class LayerLoader:
         buf: torch.Tensor,  # [L, 2, H, N, D] the cache to fill
         offsets: Sequence[int],  # first position of each chunk in buf
         staging: Staging,
-        check_layers: Sequence[bool] | None = None,  # per entry: verify its layer crcs while staging
+        check_layers: Sequence[bool] | None = None,  # per entry: check its layer sums while staging
     ) -> None:
         spec = lm.spec
         self.buf, self.staging = buf, staging
@@ -164,19 +169,48 @@ class LayerLoader:
         self.num_layers = spec.num_layers
         check_layers = check_layers or [False] * len(parsed)
         self.layout = kernels.PackedLayout(self.codec, spec.kv_heads, spec.head_dim)
-        self.jobs: list[_Job] = []
+        self.parts: list[_Part] = []
         off = 0
         for c, ((header, parts), dest) in enumerate(zip(parsed, offsets, strict=True)):
             spec_c = {}
             for name in kernels.reference.CODEC_PARTS[self.codec]:
                 t = parts[name]  # [L, ...] CPU view of the entry
                 per_layer = t[0].numel() * t.element_size()
-                crcs = header["layer_crc32"][name] if check_layers[c] else None
-                self.jobs.append(_Job(c, name, off, t.data_ptr(), per_layer, crcs))
+                sums = header["layer_sum64"][name] if check_layers[c] else None
+                self.parts.append(_Part(c, name, off, t.data_ptr(), per_layer, sums))
                 spec_c[name] = (off, t.dtype, tuple(t.shape[1:]))
                 off += -(-per_layer // _ALIGN) * _ALIGN
             self.layout.add(spec_c, dest)
         self.slot_bytes = off
+        # Copy pieces (slot offset, source address of layer 0, bytes, layer stride), dealt out to
+        # the threads largest first so each gets about the same number of bytes per layer.
+        pieces = [
+            (p.slot_offset + k, p.src_addr + k, min(_PIECE, p.nbytes - k), p.nbytes)
+            for p in self.parts
+            for k in range(0, p.nbytes, _PIECE)
+        ]
+        n_thr = max(1, min(staging.threads, len(pieces)))
+        self.shares: list[list[tuple]] = [[] for _ in range(n_thr)]
+        load = [0] * n_thr
+        for piece in sorted(pieces, key=lambda x: -x[2]):
+            i = load.index(min(load))
+            self.shares[i].append(piece)
+            load[i] += piece[2]
+        # Checksums: which parts, where in the slot, and what they must be, per layer.
+        checked = [p for p in self.parts if p.sums is not None]
+        self.checked = checked
+        self.sum_table = torch.tensor(
+            [[p.slot_offset, p.nbytes] for p in checked], dtype=torch.int64
+        ).view(-1, 2)
+        self.sum_longest = max((p.nbytes for p in checked), default=0)
+        self.expected = torch.tensor(
+            [[list(p.sums[layer]) for p in checked] for layer in range(spec.num_layers)], dtype=torch.int64
+        ).view(spec.num_layers, len(checked), 2)
+        self.got: torch.Tensor | None = None
+        if checked and staging.cuda:
+            self.sum_table = self.sum_table.to(staging.device)
+            self.expected = self.expected.to(staging.device)
+            self.got = torch.zeros_like(self.expected)
         self.depth = staging.slots(self.slot_bytes, self.num_layers)
         # Rotation of every chunk by its position delta (fp64 angles, as model.rotation).
         inv_freq = lm.model.model.rotary_emb.inv_freq.to(device=buf.device, dtype=torch.float64)
@@ -247,12 +281,12 @@ class LayerLoader:
         if st.cuda and layer >= self.depth:
             self.h2d[layer - self.depth][1].synchronize()  # the pinned slot's previous copy is done
         base = st.host[s].data_ptr()
-        jobs = self.jobs
-        if st.pool is not None and len(jobs) > 1:
-            n = min(st.threads, len(jobs))
-            list(st.pool.map(_copy_check, [(base, layer, jobs[i::n]) for i in range(n)]))
+        if st.pool is not None and len(self.shares) > 1:
+            list(st.pool.map(_copy, [(base, layer, share) for share in self.shares]))
         else:
-            _copy_check((base, layer, jobs))
+            _copy((base, layer, [x for share in self.shares for x in share]))
+        if self.checked and not st.cuda:  # CPU: check before the layer can be used
+            self._compare(layer, kernels.checksums(st.host[s], self.sum_table, self.sum_longest))
         self.host_seconds += time.perf_counter() - t0
         if st.cuda:
             with torch.cuda.stream(st.stream):
@@ -262,8 +296,32 @@ class LayerLoader:
                 start.record(st.stream)
                 st.dev[s, : self.slot_bytes].copy_(st.host[s, : self.slot_bytes], non_blocking=True)
                 end.record(st.stream)
+                if self.checked:  # after `end`: the compute does not wait for the check
+                    self.got[layer] = kernels.checksums(st.dev[s], self.sum_table, self.sum_longest)
                 self.h2d[layer] = (start, end)
         self.staged += 1
+
+    def _compare(self, layer: int, got: torch.Tensor) -> None:
+        bad = (got.cpu() != self.expected[layer].cpu()).any(dim=-1).nonzero()
+        if bad.numel():
+            p = self.checked[int(bad[0, 0])]
+            raise CorruptEntryError(
+                f"chunk {p.chunk} ({p.name}, layer {layer}) fails its checksum: the stored entry is damaged"
+            )
+
+    def check(self) -> None:
+        """Raise ``CorruptEntryError`` if any staged layer's checksum differs from its entry's (CUDA:
+        compares every layer's sums at once, one sync; on CPU the stager already checked)."""
+        if self.got is None:
+            return
+        for ev in self.h2d:
+            if ev is None:
+                raise RuntimeError("check() before every layer was staged")
+        torch.cuda.current_stream(self.staging.device).wait_stream(self.staging.stream)
+        bad = (self.got != self.expected).any(dim=-1)  # [L, P]
+        if bool(bad.any()):
+            for layer in range(self.num_layers):
+                self._compare(layer, self.got[layer])
 
     def _assemble(self, layer: int) -> None:
         self.start()
@@ -302,17 +360,10 @@ class LayerLoader:
         return out
 
 
-def _copy_check(task) -> None:
-    base, layer, jobs = task
-    for j in jobs:
-        dst = base + j.slot_offset
-        ctypes.memmove(dst, j.src_addr + layer * j.nbytes, j.nbytes)  # releases the GIL
-        if j.crcs is not None:  # zlib releases the GIL too: workers check in parallel
-            got = zlib.crc32((ctypes.c_char * j.nbytes).from_address(dst))
-            if got != j.crcs[layer]:
-                raise CorruptEntryError(
-                    f"chunk {j.chunk} ({j.name}, layer {layer}) fails its checksum: the stored entry is damaged"
-                )
+def _copy(task) -> None:
+    base, layer, pieces = task
+    for dst, src, n, stride in pieces:
+        ctypes.memmove(base + dst, src + layer * stride, n)  # releases the GIL: threads copy in parallel
 
 
 @torch.no_grad()
@@ -330,9 +381,10 @@ def fuse_entries(
 
     Same selection, mask and outputs as ``fuse_kv`` on the decoded chunks (lossy codecs differ by
     one rounding: the kernel decodes and rotates in fp32 and rounds once). ``verify`` (the default)
-    checks every byte that is used against the entry's crc32s: the token sections up front, each
-    codec part's layers as they are staged, on the copy threads, overlapped with the compute (an
-    entry written before per-layer crcs existed is checked whole, up front). A damaged entry raises
+    checks every byte that is used against the entry's checksums: the token sections' crc32 up
+    front, each codec part's layers where they land (``LayerLoader``; on a GPU a kernel on the
+    copy stream, overlapped with the compute), and an entry written before per-layer sums existed
+    whole, up front. A damaged entry raises
     ``CorruptEntryError`` before any of its layers is used; it must never be used silently.
     ``verify=False`` is only for a store checked by ``chunkcache verify`` since its last write.
     ``stats["seconds"]`` gains ``read`` (header
@@ -347,9 +399,9 @@ def fuse_entries(
     lengths, token_ids, scores = [], [], []
     parsed = [unpack_parts(e, verify=False) for e in entries]  # zero-copy views, headers checked
     check_layers = [False] * len(parsed)
-    if verify:  # per-layer crcs are checked while staging; older entries are checked whole here
+    if verify:  # per-layer sums are checked where layers land; older entries are checked whole here
         for i, (e, (header, _)) in enumerate(zip(entries, parsed, strict=True)):
-            if has_layer_crcs(header):
+            if has_layer_sums(header):
                 verify_small_sections(e, header)
                 check_layers[i] = True
             else:
@@ -380,6 +432,7 @@ def fuse_entries(
     config = config or FuseConfig()
     try:
         res = fuse_assembled(lm, buf, ids, p, lengths, token_scores, config, source=loader, timer=timer)
+        loader.check()  # a damaged layer raises here: the result is never returned
     finally:
         loader.close()
     secs = res.stats["seconds"]

@@ -4,6 +4,7 @@
                         write it into the assembled cache at an offset
     rerotate_scatter_packed  the same for every chunk of a layer packed in one buffer, one launch
     selected_attention  attention of selected query tokens over the full KV, exact causal mask
+    checksums           position-weighted 16-bit word sums of byte ranges (checks staged layers)
     deviation           per-token sum over heads of ||fresh - cached||_2 (for token selection)
 
 The functions here dispatch: CUDA tensors and an importable triton -> the Triton launcher in
@@ -25,6 +26,7 @@ import torch
 
 from .reference import (
     PackedLayout,
+    checksums_reference,
     deviation_reference,
     rerotate_scatter_packed_reference,
     rerotate_scatter_reference,
@@ -33,6 +35,8 @@ from .reference import (
 
 __all__ = [
     "PackedLayout",
+    "checksums",
+    "checksums_reference",
     "deviation",
     "deviation_reference",
     "rerotate_scatter",
@@ -86,6 +90,16 @@ def rerotate_scatter_packed(
     else:
         fn = rerotate_scatter_packed_reference
     fn(layout, buf, cos, sin, k_out, v_out)
+
+
+def checksums(buf: torch.Tensor, table: torch.Tensor, longest: int | None = None) -> torch.Tensor:
+    """[P, 2] int64 ``reference.sum64`` of the byte ranges ``table`` [P, 2] (offset, count) of
+    ``buf`` (1-D uint8); on the GPU one launch, no host sync when ``longest`` is given."""
+    if _use_triton(buf):
+        fn = importlib.import_module(".checksum_triton", __name__).checksums
+    else:
+        fn = checksums_reference
+    return fn(buf, table, longest)
 
 
 def selected_attention(

@@ -226,6 +226,29 @@ def test_rerotate_scatter_packed_matches_per_chunk(codec, dtype):
     assert_close(kv[1], want_v, atol, rtol, f"packed {codec} values")
 
 
+@kernel_test
+def test_checksums_match_reference_and_catch_damage():
+    gen = torch.Generator().manual_seed(5)
+    buf = torch.randint(0, 256, (20000,), dtype=torch.uint8, generator=gen)
+    table = torch.tensor([[0, 9000], [9216, 2], [9472, 10528], [512, 0]], dtype=torch.int64)
+    want = reference.checksums_reference(buf, table)
+    assert want[3].tolist() == [0, 0]
+    got = kernels.checksums(buf.to(DEVICE), table.to(DEVICE), 10528)
+    if not CUDA:  # the dispatcher takes the reference on CPU tensors: run the kernel itself too
+        from chunkcache.kernels import checksum_triton as ck
+
+        got = ck.checksums(buf, table, 10528, block=1024)
+    assert torch.equal(got.cpu(), want)
+    for pos, flip in [(4000, 0x01), (19999, 0x80)]:  # one bit, in the first and in the last range
+        bad = buf.clone()
+        bad[pos] ^= flip
+        assert not torch.equal(reference.checksums_reference(bad, table), want)
+    swapped = buf.clone()  # two words swapped: the first sum holds, the weighted one does not
+    swapped[100:102], swapped[200:202] = buf[200:202], buf[100:102]
+    a, b = reference.sum64(swapped[:9000]), reference.sum64(buf[:9000])
+    assert a[0] == b[0] and a[1] != b[1]
+
+
 def test_packed_layout_rejects_bad_input():
     layout = reference.PackedLayout("int8", 2, 64)
     with pytest.raises(ValueError, match="needs parts"):

@@ -203,7 +203,7 @@ def test_entries_without_layer_crcs_are_checked_whole(smol_tokenizer):
 
     def strip(raw: bytes) -> bytearray:  # rewrite the header the way format v1 first wrote it
         h = read_header(raw)
-        body = {k: v for k, v in h.items() if k not in ("layer_crc32", "section_crc32", "payload_offset")}
+        body = {k: v for k, v in h.items() if k not in ("layer_sum64", "section_crc32", "payload_offset")}
         hj = json.dumps(body, separators=(",", ":")).encode()
         magic, ver = struct.unpack_from("<8sI", raw)
         head = _PREFIX.pack(magic, ver, len(hj), zlib.crc32(hj), 0) + hj
@@ -263,3 +263,28 @@ def test_cuda_fast_path_matches_cpu_reference(gpu_tokenizer, codec, dtype):
             torch.testing.assert_close(got.logits, eager.logits, rtol=0.05, atol=0.25)
             assert (got.logits.cpu() - ref.logits).abs().max() < 1.0
         assert got.stats["seconds"]["h2d"] > 0 and got.stats["seconds"]["assemble"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("codec", ["raw", "int4"])
+def test_cuda_damaged_layer_is_refused(gpu_tokenizer, codec):
+    """On the GPU the sums are checked on the device after the fusion: the damaged entry must
+    still raise, and an intact one must pass."""
+    from chunkcache.errors import CorruptEntryError
+    from chunkcache.format import read_header
+
+    cpu = _engine(gpu_tokenizer, codec)
+    keys, _ = _entries_and_chunks(cpu, PASSAGES[:3])
+    gpu = ChunkCache(model=tiny_model("llama").to("cuda"), tokenizer=gpu_tokenizer, store=None, codec=codec)
+    sfx = gpu.template.suffix_ids(QUESTION)
+    entries = [bytearray(cpu.store.get(k)) for k in keys]
+    staging = Staging("cuda")
+    fuse_entries(gpu.lm, gpu.prefix_kv(), [bytes(e) for e in entries], gpu._prefix_ids, sfx, staging=staging)
+    h = read_header(entries[2])
+    part = "kv" if codec == "raw" else "v_q"
+    sec = h["sections"][part]
+    per_layer = sec["nbytes"] // sec["shape"][0]
+    entries[2][h["payload_offset"] + sec["offset"] + per_layer * 2 + 17] ^= 0x04  # layer 2
+    with pytest.raises(CorruptEntryError, match="chunk 2 .*layer 2"):
+        fuse_entries(gpu.lm, gpu.prefix_kv(), [bytes(e) for e in entries], gpu._prefix_ids, sfx, staging=staging)
