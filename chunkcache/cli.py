@@ -170,8 +170,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _precompute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="a text file, a folder of .txt/.md files, or a .jsonl file")
-    p.add_argument("--store", required=True,
-                   help="path of the LMDB chunk store (created if missing), or a redis:// URL")
+    p.add_argument(
+        "--store", required=True, help="path of the LMDB chunk store (created if missing), or a redis:// URL"
+    )
     p.add_argument(
         "--model", default="smollm2-135m", help="model name, HF id or path (default: smollm2-135m)"
     )
@@ -182,16 +183,30 @@ def _precompute_args(p: argparse.ArgumentParser) -> None:
         "--overlap", type=int, default=32, help="tokens shared by consecutive chunks (default: 32)"
     )
     p.add_argument("--batch-size", type=int, default=8, help="chunks encoded per forward pass (default: 8)")
-    p.add_argument("--sink", default="prefix", choices=["bos", "prefix"],
-                   help="attention sink chunks are encoded behind; must match the engine's (default: prefix)")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument(
+        "--sink",
+        default="prefix",
+        choices=["bos", "prefix"],
+        help="attention sink chunks are encoded behind; must match the engine's (default: prefix)",
+    )
+    p.add_argument(
+        "--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on CUDA, float32 on CPU)"
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--emit", default=None,
-                   help="write the chunk texts with their keys as JSONL here (index these texts in your vector store)")
-    p.add_argument("--shard", default=None, type=_parse_shard, metavar="I/N",
-                   help="only the chunks whose key satisfies int(key, 16) %% N == I: N machines split one corpus "
-                        "into a shared store (--store redis://...) without duplicate work; --emit writes this "
-                        "shard's chunks")
+    p.add_argument(
+        "--emit",
+        default=None,
+        help="write the chunk texts with their keys as JSONL here (index these texts in your vector store)",
+    )
+    p.add_argument(
+        "--shard",
+        default=None,
+        type=_parse_shard,
+        metavar="I/N",
+        help="only the chunks whose key satisfies int(key, 16) %% N == I: N machines split one corpus "
+        "into a shared store (--store redis://...) without duplicate work; --emit writes this "
+        "shard's chunks",
+    )
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -209,8 +224,14 @@ def _precompute(args: argparse.Namespace) -> int:
 
     get_codec(args.codec)  # fail on a typo before loading the model
     chunk_tokens([], args.chunk_tokens, args.overlap)  # validate the window before loading the model
-    eng = ChunkCache(model=args.model, store=args.store, codec=args.codec, sink=args.sink, dtype=args.dtype,
-                     device=args.device)
+    eng = ChunkCache(
+        model=args.model,
+        store=args.store,
+        codec=args.codec,
+        sink=args.sink,
+        dtype=args.dtype,
+        device=args.device,
+    )
     texts, sources = [], []
     for doc in iter_documents(args.input, text_field=args.text_field):
         for text in split_text(eng.tokenizer, doc.text, args.chunk_tokens, args.overlap):

@@ -1,14 +1,14 @@
 """Pipelined loading for fusion: stream stored chunk entries to the device one layer at a time
-while earlier layers compute, and assemble each layer with the ``rerotate_scatter`` kernel.
+while earlier layers compute, and assemble each layer with one ``rerotate_scatter_packed`` launch.
 
     host: LMDB map (zero-copy views of the entries)
-            |  memmove, worker threads      per layer l: every chunk's codec parts of layer l,
-            v                               packed back to back in one slot
+            |  one torch.cat per layer,     per layer l: every chunk's codec parts of layer l,
+            v  stager thread                packed back to back in one slot
           pinned slot  l % depth
-            |  H2D on a side stream, event ``copied``
+            |  H2D + checksum kernel on a side stream, event ``copied``
             v
-          device slot  l % depth  --rerotate_scatter (decode + rotate + write)-->  buf[l]
-                                   event ``consumed`` frees the slot for layer l + depth
+          device slot  l % depth  --rerotate_scatter_packed (decode + rotate + write)-->  buf[l]
+                                   event ``assembled`` frees the slot for layer l + depth
 
 Layer ``l`` is staged while layer ``l - 1`` computes; the only waits are on per-slot events (the
 main stream waits for ``copied``, the side stream for ``consumed``, the host for an old
@@ -26,12 +26,9 @@ results equal ``fuse_kv`` over the decoded chunks up to the codecs' one rounding
 
 from __future__ import annotations
 
-import ctypes
-import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -79,20 +76,16 @@ def _missing(keys, values) -> None:
 
 
 class Staging:
-    """Reusable staging memory for one device: ``depth`` pinned host slots, ``depth`` device slots,
-    a side stream and the worker threads that copy and check. Pinning costs ~0.1 s per GiB, so a
+    """Reusable staging memory for one device: ``depth`` pinned host slots, ``depth`` device slots
+    and a side stream. Pinning costs ~0.1 s per GiB, so a
     server keeps one of these and hands it to every query (one query at a time); it grows when a
     query needs larger slots."""
 
-    def __init__(self, device: torch.device | str, max_bytes: int = 1 << 30, threads: int | None = None) -> None:
+    def __init__(self, device: torch.device | str, max_bytes: int = 1 << 30) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.max_bytes = max_bytes
         """Bytes of device slots allowed; the depth is max_bytes // slot size (at least 2)."""
-        if threads is None:  # leave a core to the compute thread and one to the stager
-            threads = max(1, min(16, (os.cpu_count() or 2) - 2))
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chunkcache-copy") if threads > 1 else None
-        self.threads = threads
         self.host: torch.Tensor | None = None  # [depth, slot_bytes] uint8 (pinned on CUDA)
         self.dev: torch.Tensor | None = None  # [depth, slot_bytes] uint8 on the device
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -111,15 +104,11 @@ class Staging:
         return min(depth, self.host.shape[0])
 
 
-_PIECE = 1 << 20  # host copies are split into pieces of at most this many bytes, across the threads
-
-
 @dataclass
 class _Part:
     chunk: int
     name: str
     slot_offset: int
-    src_addr: int  # address of layer 0 of this part in the entry
     nbytes: int  # one layer (also the layer stride in the entry)
     sums: list | None  # layer_sum64 of the part (one [a, b] per layer), None = not checked
 
@@ -130,8 +119,9 @@ class LayerLoader:
 
     Stager thread, per layer ``l`` (slot ``s = l % depth``): wait until layer ``l - depth`` (the
     slot's previous tenant) was assembled, wait (host) for its H2D copy to finish, then the worker
-    threads copy every chunk's parts of layer ``l`` into pinned slot ``s`` (in pieces of at most
-    1 MiB spread over the threads), then it queues on the side stream, behind the event
+    copies every chunk's parts of layer ``l`` into pinned slot ``s`` with one ``torch.cat``
+    (torch's intra-op threads do the copying, outside the GIL: Python threads copying piece by
+    piece were measured 3-5x slower here, waiting on the GIL behind the compute thread), then it queues on the side stream, behind the event
     ``assembled[l - depth]``, the H2D copy and the checksum kernel over the device slot (the bytes
     the GPU uses are the bytes checked), and signals the compute thread. Compute thread,
     ``ready(l)``: wait for that signal, make the compute stream wait for the copy's event (a
@@ -177,31 +167,29 @@ class LayerLoader:
                 t = parts[name]  # [L, ...] CPU view of the entry
                 per_layer = t[0].numel() * t.element_size()
                 sums = header["layer_sum64"][name] if check_layers[c] else None
-                self.parts.append(_Part(c, name, off, t.data_ptr(), per_layer, sums))
+                self.parts.append(_Part(c, name, off, per_layer, sums))
                 spec_c[name] = (off, t.dtype, tuple(t.shape[1:]))
                 off += -(-per_layer // _ALIGN) * _ALIGN
             self.layout.add(spec_c, dest)
         self.slot_bytes = off
-        # Copy pieces (slot offset, source address of layer 0, bytes, layer stride), dealt out to
-        # the threads largest first so each gets about the same number of bytes per layer.
-        pieces = [
-            (p.slot_offset + k, p.src_addr + k, min(_PIECE, p.nbytes - k), p.nbytes)
-            for p in self.parts
-            for k in range(0, p.nbytes, _PIECE)
-        ]
-        n_thr = max(1, min(staging.threads, len(pieces)))
-        self.shares: list[list[tuple]] = [[] for _ in range(n_thr)]
-        load = [0] * n_thr
-        for piece in sorted(pieces, key=lambda x: -x[2]):
-            i = load.index(min(load))
-            self.shares[i].append(piece)
-            load[i] += piece[2]
+        # The copy of a layer is one torch.cat of every part's layer view with zero pads between
+        # them, so each part lands at its aligned slot offset: per part the per-layer views (one
+        # unbind) and the pad after it.
+        zeros = torch.zeros(_ALIGN, dtype=torch.uint8)
+        self.layer_views: list[tuple[torch.Tensor, ...]] = []
+        self.pads: list[torch.Tensor | None] = []
+        for _, parts in parsed:
+            for name in kernels.reference.CODEC_PARTS[self.codec]:
+                t = parts[name]
+                self.layer_views.append(t.reshape(t.shape[0], -1).view(torch.uint8).unbind(0))
+                gap = -(-t[0].numel() * t.element_size() // _ALIGN) * _ALIGN - t[0].numel() * t.element_size()
+                self.pads.append(zeros[:gap] if gap else None)
         # Checksums: which parts, where in the slot, and what they must be, per layer.
         checked = [p for p in self.parts if p.sums is not None]
         self.checked = checked
-        self.sum_table = torch.tensor(
-            [[p.slot_offset, p.nbytes] for p in checked], dtype=torch.int64
-        ).view(-1, 2)
+        self.sum_table = torch.tensor([[p.slot_offset, p.nbytes] for p in checked], dtype=torch.int64).view(
+            -1, 2
+        )
         self.sum_longest = max((p.nbytes for p in checked), default=0)
         self.expected = torch.tensor(
             [[list(p.sums[layer]) for p in checked] for layer in range(spec.num_layers)], dtype=torch.int64
@@ -226,6 +214,8 @@ class LayerLoader:
         self.staged = 0  # layers staged so far (stager thread)
         self.assembled = 0  # layers assembled so far (compute thread)
         self.host_seconds = 0.0  # stager time spent copying and checking
+        self.t0 = time.perf_counter()
+        self.timeline: list[tuple[str, int, float]] = []  # (event, layer, seconds since t0): diagnostics
         self._cond = threading.Condition()
         self._signals = [threading.Event() for _ in range(self.num_layers)]
         self._error: BaseException | None = None
@@ -246,6 +236,7 @@ class LayerLoader:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
+            self.t0 = time.perf_counter()
             self._thread = threading.Thread(target=self._run, name="chunkcache-stager", daemon=True)
             self._thread.start()
 
@@ -278,16 +269,19 @@ class LayerLoader:
         st = self.staging
         s = layer % self.depth
         t0 = time.perf_counter()
+        self.timeline.append(("stage", layer, t0 - self.t0))
         if st.cuda and layer >= self.depth:
             self.h2d[layer - self.depth][1].synchronize()  # the pinned slot's previous copy is done
-        base = st.host[s].data_ptr()
-        if st.pool is not None and len(self.shares) > 1:
-            list(st.pool.map(_copy, [(base, layer, share) for share in self.shares]))
-        else:
-            _copy((base, layer, [x for share in self.shares for x in share]))
+        pieces = []
+        for views, pad in zip(self.layer_views, self.pads, strict=True):
+            pieces.append(views[layer])
+            if pad is not None:
+                pieces.append(pad)
+        torch.cat(pieces, out=st.host[s, : self.slot_bytes])
         if self.checked and not st.cuda:  # CPU: check before the layer can be used
             self._compare(layer, kernels.checksums(st.host[s], self.sum_table, self.sum_longest))
         self.host_seconds += time.perf_counter() - t0
+        self.timeline.append(("copied", layer, time.perf_counter() - self.t0))
         if st.cuda:
             with torch.cuda.stream(st.stream):
                 if layer >= self.depth:  # the device slot's previous layer must be assembled
@@ -325,7 +319,9 @@ class LayerLoader:
 
     def _assemble(self, layer: int) -> None:
         self.start()
+        self.timeline.append(("wait", layer, time.perf_counter() - self.t0))
         self._signals[layer].wait()
+        self.timeline.append(("ready", layer, time.perf_counter() - self.t0))
         if self._error is not None:
             raise self._error
         st = self.staging
@@ -358,12 +354,6 @@ class LayerLoader:
                     out["h2d"] += ev[0].elapsed_time(ev[1]) / 1e3
             out["assemble"] = sum(a.elapsed_time(b) / 1e3 for a, b in filter(None, self.asm))
         return out
-
-
-def _copy(task) -> None:
-    base, layer, pieces = task
-    for dst, src, n, stride in pieces:
-        ctypes.memmove(base + dst, src + layer * stride, n)  # releases the GIL: threads copy in parallel
 
 
 @torch.no_grad()

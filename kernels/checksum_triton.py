@@ -34,7 +34,9 @@ def _checksum_kernel(W_ptr, TABLE_ptr, OUT_ptr, n_blocks, BLOCK: tl.constexpr):
     tl.store(out + 1, wb)
 
 
-def checksums(buf: torch.Tensor, table: torch.Tensor, longest: int | None = None, block: int = 4096) -> torch.Tensor:
+def checksums(
+    buf: torch.Tensor, table: torch.Tensor, longest: int | None = None, block: int = 4096
+) -> torch.Tensor:
     """[P, 2] int64 sums (see ``reference.sum64``) of the byte ranges ``table`` [P, 2] (int64 on
     the device) of ``buf`` (1-D uint8 on the device); asynchronous, on the current stream. Pass
     ``longest`` (the largest byte count) to keep the launch free of a host-device sync."""

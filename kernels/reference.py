@@ -180,7 +180,9 @@ class PackedLayout:
             h, t, d = parts["k_q"][2]
             d = d * 2 if self.codec == "int4" else d
         if (h, d) != (self.heads, self.head_dim):
-            raise ValueError(f"chunk parts have {h} heads of dim {d}, layout is {self.heads} x {self.head_dim}")
+            raise ValueError(
+                f"chunk parts have {h} heads of dim {d}, layout is {self.heads} x {self.head_dim}"
+            )
         for off, dtype, shape in parts.values():
             size = math.prod(shape) * dtype.itemsize
             if off % dtype.itemsize:

@@ -36,9 +36,7 @@ def test_cpu_fuse_entries_equals_fuse_kv(smol_tokenizer, codec, policy, ratio):
     sfx = eng.template.suffix_ids(QUESTION)
     ref = fuse_kv(eng.lm, eng.prefix_kv(), chunks, eng._prefix_ids, sfx, cfg)
     with entry_views(eng.store, keys) as entries:
-        got = fuse_entries(
-            eng.lm, eng.prefix_kv(), entries, eng._prefix_ids, sfx, cfg, Staging("cpu", threads=3)
-        )
+        got = fuse_entries(eng.lm, eng.prefix_kv(), entries, eng._prefix_ids, sfx, cfg, Staging("cpu"))
     assert torch.equal(got.input_ids, ref.input_ids)
     assert torch.equal(got.selected, ref.selected)
     assert torch.equal(got.kv, ref.kv)
@@ -99,7 +97,7 @@ def test_loader_order_and_slots(smol_tokenizer):
         buf = torch.zeros(6, 2, 2, n, 16)
         offsets = [p + sum(lengths[:i]) for i in range(len(lengths))]
         # slot budget for exactly 2 slots: layers must cycle through them
-        st = Staging("cpu", max_bytes=1, threads=2)
+        st = Staging("cpu", max_bytes=1)
         rec = _Recorder(eng.lm, parsed, buf, offsets, st, check_layers=[True] * len(parsed))
         assert rec.depth == 2 and rec.slot_bytes % 256 == 0
         try:
@@ -131,7 +129,7 @@ def test_loader_close_stops_a_stager_that_waits_for_slots(smol_tokenizer):
         n = 40 + sum(c.num_tokens for c in chunks)
         loader = LayerLoader(
             eng.lm, parsed, torch.zeros(6, 2, 2, n, 16), [0, chunks[0].num_tokens],
-            Staging("cpu", max_bytes=1, threads=1),
+            Staging("cpu", max_bytes=1),
         )  # fmt: skip
         loader.start()
         loader.ready(0)
@@ -162,7 +160,9 @@ def test_damaged_entry_is_refused_by_default(smol_tokenizer):
     raw = bytearray(eng.store.get(keys[0]))
     raw[-100] ^= 0xFF  # inside the KV payload (the last layer of the last part)
     with pytest.raises(CorruptEntryError, match="layer"):
-        fuse_entries(eng.lm, eng.prefix_kv(), [bytes(raw)], eng._prefix_ids, eng.template.suffix_ids(QUESTION))
+        fuse_entries(
+            eng.lm, eng.prefix_kv(), [bytes(raw)], eng._prefix_ids, eng.template.suffix_ids(QUESTION)
+        )
 
 
 @pytest.mark.parametrize("where", ["token_ids", "first_layer", "header"])
@@ -185,7 +185,7 @@ def test_damage_anywhere_is_refused(smol_tokenizer, where):
     with pytest.raises(CorruptEntryError):
         fuse_entries(
             eng.lm, eng.prefix_kv(), [bytes(e) for e in entries], eng._prefix_ids,
-            eng.template.suffix_ids(QUESTION), staging=Staging("cpu", threads=2),
+            eng.template.suffix_ids(QUESTION), staging=Staging("cpu"),
         )  # fmt: skip
 
 
@@ -287,4 +287,6 @@ def test_cuda_damaged_layer_is_refused(gpu_tokenizer, codec):
     per_layer = sec["nbytes"] // sec["shape"][0]
     entries[2][h["payload_offset"] + sec["offset"] + per_layer * 2 + 17] ^= 0x04  # layer 2
     with pytest.raises(CorruptEntryError, match="chunk 2 .*layer 2"):
-        fuse_entries(gpu.lm, gpu.prefix_kv(), [bytes(e) for e in entries], gpu._prefix_ids, sfx, staging=staging)
+        fuse_entries(
+            gpu.lm, gpu.prefix_kv(), [bytes(e) for e in entries], gpu._prefix_ids, sfx, staging=staging
+        )

@@ -107,7 +107,9 @@ def full_reference(engine, ids: torch.Tensor, answer_tokens: int, gen_tokens: in
         tok = int(masked.argmax())
         tokens.append(tok)
         out = engine.model(
-            input_ids=torch.tensor([[tok]], device=ids.device), use_cache=True, **{cache_kwarg(engine.model): cache}
+            input_ids=torch.tensor([[tok]], device=ids.device),
+            use_cache=True,
+            **{cache_kwarg(engine.model): cache},
         )
         logits = out.logits[0, -1].float()
     forced = torch.tensor(tokens[:answer_tokens])
