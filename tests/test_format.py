@@ -59,7 +59,21 @@ def test_header_says_what_is_inside():
         "v_q",
         "v_scale",
         "v_min",
+        "layer_sums",
     ]
+    # per-layer sums of each codec part, for loaders that check layer by layer
+    from chunkcache.format import has_layer_sums, unpack_parts
+    from chunkcache.kernels.reference import sum64
+
+    assert has_layer_sums(h) and sorted(h["layer_sums_parts"]) == sorted(
+        ["k_q", "v_q", "k_scale", "k_min", "v_scale", "v_min"]
+    )
+    _, parts = unpack_parts(buf)
+    assert parts["layer_sums"].shape == (6, 3, 2)
+    for i, name in enumerate(h["layer_sums_parts"]):
+        for layer in range(3):
+            raw = parts[name][layer].contiguous().view(-1).view(torch.uint8)
+            assert list(sum64(raw)) == parts["layer_sums"][i, layer].tolist()
     assert h["sections"]["k_q"] == {
         "dtype": "uint8",
         "shape": [3, 2, 10, 32],
