@@ -386,7 +386,7 @@ class RedisStore(Store):
     def get_layers(self, key: str, layers: range) -> tuple[dict, dict[str, torch.Tensor]] | None:
         """The header and the payload sections of ``layers`` only: every codec part sliced to
         ``[len(layers), ...]`` (all parts have layers first), plus the whole ``token_ids`` /
-        ``token_scores``. Feed it to ``get_codec(header["codec"]).decode(parts, dtype)`` to get
+        ``token_scores`` / ``layer_sums``. Feed it to ``get_codec(header["codec"]).decode(parts, dtype)`` to get
         ``[len(layers), 2, H, T, D]``. Moves only the pieces those layers lie in (and piece 0 for
         the header); every piece is crc-checked. None on a miss or Redis down."""
         if layers.step != 1:
@@ -405,7 +405,7 @@ class RedisStore(Store):
         spans, shapes = [], []
         for name, s in header["sections"].items():
             shape, off, nb = [int(x) for x in s["shape"]], int(s["offset"]), int(s["nbytes"])
-            if name not in ("token_ids", "token_scores"):
+            if name not in ("token_ids", "token_scores", "layer_sums"):  # whole: small, not layers-first
                 if not (0 <= layers.start <= layers.stop <= shape[0]):
                     raise ValueError(f"layers {layers} outside the entry's {shape[0]} layers")
                 per = nb // shape[0]
