@@ -214,8 +214,14 @@ def fuse_assembled(
     config: FuseConfig,
     source: LayerSource | None = None,
     timer: StageTimer | None = None,
+    graphs=None,  # chunkcache.graphs.FusionGraphs (CUDA): replay the layer loops as CUDA graphs
 ) -> FuseResult:
     """The fusion proper over an assembled buffer: probe, check layers, selective recompute.
+
+    ``buf`` may be longer than the prompt (``ids``): slots past it must hold finite values (they
+    are masked). With ``graphs``, the probe after the first check layer and every layer after the
+    last check layer run through ``graphs.run`` (captured once per padded shape, then replayed),
+    and the recomputed set is padded up to ``graphs.row_bucket`` rows with the next-best tokens.
 
     Chunks sit back to back after the prefix and the question fills the last slots, so chunk
     positions are ``n_prefix .. S-1`` and the active set is always ``[sorted chunk subset | question]``:
@@ -227,7 +233,11 @@ def fuse_assembled(
     spec, mdl = lm.spec, lm.model
     layers = mdl.model.layers
     dev = buf.device
-    n = buf.shape[3]
+    n = ids.shape[1]
+    if n > buf.shape[3]:
+        raise ValueError(f"buffer holds {buf.shape[3]} positions, the prompt has {n}")
+    if graphs is not None and dev.type != "cuda":
+        graphs = None
     n_ctx = sum(chunk_lengths)
     n_q = n - n_prefix - n_ctx
     if n_q <= 0:
@@ -262,13 +272,15 @@ def fuse_assembled(
     # recomputed layer overwrites before reading: no copy of the buffer is needed.
     probe = None
     if policy.probe and schedule:
-        probe = _Probe(lm, buf, ids_dev, q_pos, ctx_pos, source)
+        probe = _Probe(lm, buf, ids_dev, q_pos, ctx_pos, source, graphs)
         probe.run_until(min(schedule) + 1)
         timer.mark("probe")
 
     h = mdl.model.embed_tokens(ids_dev[active])[None]  # [1, a, hidden]
     computed = 0
-    for li, layer in enumerate(layers):
+    last_check = min(max(schedule), spec.num_layers - 1) if schedule else -1
+    for li in range(last_check + 1):  # up to the last check layer: eager, filtering as it goes
+        layer = layers[li]
         source.ready(li)
         cos, sin = M.rotary(mdl, active, h)
         q, k, v = M.layer_qkv(layer, h, cos, sin, spec)  # [Hq, a, D], [Hkv, a, D]
@@ -282,12 +294,14 @@ def fuse_assembled(
             # through attention and MLP. Row-wise identical to filtering after the layer, at a
             # fraction of the check layer's cost.
             keep_n = max(budget, round(schedule[li] * n_ctx))
+            if graphs is not None and li == max(schedule):  # pad the final set to a graph bucket
+                keep_n = graphs.padded_rows(keep_n + n_q, n_act + n_q) - n_q
             cand = active[:n_act]
             if keep_n < n_act:
                 probe_attn = None
                 if probe is not None:
                     timer.mark("check")
-                    probe.run_until(spec.num_layers)
+                    probe.run_rest()
                     timer.mark("probe")
                     probe_attn = probe.attention()  # [L, C]
                 sctx = SelectContext(
@@ -316,6 +330,17 @@ def fuse_assembled(
         source.issued(li)
         if check and li == min(schedule):
             timer.mark("check")
+    # The rest: a fixed set of rows through every remaining layer (one CUDA graph with ``graphs``).
+    first = last_check + 1
+    if first < spec.num_layers:
+        body = _layers_body(lm, buf, first, spec.num_layers, None if graphs is not None else source)
+        if graphs is not None:
+            source.ready(spec.num_layers - 1)
+            key = ("layers", id(lm.model), id(buf), first, int(active.numel()))
+            h = graphs.run(key, body, {"h": h.contiguous(), "active": active})
+        else:
+            h = body(h=h, active=active)
+        computed += (n_act + n_q) * (spec.num_layers - first)
     logits = M.final_logits(mdl, h[0, -1])
     selected = active[:n_act]
     timer.mark("recompute")
@@ -333,7 +358,35 @@ def fuse_assembled(
         "recompute_ratio": config.recompute_ratio,
         "seconds": {"assemble": 0.0, "probe": 0.0, "check": 0.0, **seconds},
     }
-    return FuseResult(input_ids=ids, logits=logits, kv=buf, selected=selected, stats=stats)
+    kv = buf if buf.shape[3] == n else buf[:, :, :, :n]
+    if graphs is not None:  # the graphs' buffer is reused by the next fusion: hand out a copy
+        kv = kv.clone()
+    return FuseResult(input_ids=ids, logits=logits, kv=kv, selected=selected, stats=stats)
+
+
+def _layers_body(lm: LoadedModel, buf: torch.Tensor, first: int, stop: int, source):
+    """Layers ``first .. stop-1`` for a fixed set of rows (``active`` positions, hidden ``h``):
+    fresh K/V written into ``buf``, attention over it under the position-causal mask. Touches
+    only its inputs, ``buf`` and the model, so it can be recorded as a CUDA graph (``source`` None:
+    the caller made every layer ready first)."""
+    spec, mdl = lm.spec, lm.model
+
+    def body(h: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        for li in range(first, stop):
+            layer = mdl.model.layers[li]
+            if source is not None:
+                source.ready(li)
+            cos, sin = M.rotary(mdl, active, h)
+            q, k, v = M.layer_qkv(layer, h, cos, sin, spec)
+            buf[li, 0, :, active] = k
+            buf[li, 1, :, active] = v
+            out = M.attend_at(q, active, buf[li, 0], buf[li, 1], layer.self_attn.scaling, spec.window)
+            h = M.layer_finish(layer, h, out)
+            if source is not None:
+                source.issued(li)
+        return h
+
+    return body
 
 
 def _index_in(haystack: torch.Tensor, needles: torch.Tensor) -> torch.Tensor:
@@ -351,42 +404,71 @@ class _Probe:
     """Run only the question through the layers over the reused (stale) cache and record how much
     attention it pays to each chunk token per layer (mean over heads and question tokens). Costs
     |question| x L token-layers, about what one chunk token's recompute costs. Runs in pieces
-    (``run_until``) so the fusion can interleave it with the check layers."""
+    (``run_until``) so the fusion can interleave it with the check layers; ``run_rest`` finishes
+    it (as one CUDA graph with ``graphs``)."""
 
-    def __init__(self, lm: LoadedModel, buf: torch.Tensor, ids: torch.Tensor, q_pos, ctx_pos, source) -> None:
+    def __init__(
+        self, lm: LoadedModel, buf: torch.Tensor, ids: torch.Tensor, q_pos, ctx_pos, source, graphs=None
+    ) -> None:
         self.lm, self.buf, self.q_pos, self.ctx_pos, self.source = lm, buf, q_pos, ctx_pos, source
+        self.graphs = graphs
         self.h = lm.model.model.embed_tokens(ids[q_pos])[None]  # [1, nq, hidden]
         self.mask = M.position_causal_mask(q_pos, buf.shape[3], lm.spec.window)  # [nq, N]
-        self.rows: list[torch.Tensor] = []  # per layer [C]
+        self.rows: list[torch.Tensor] = []  # per layer [N]: attention over every buffer position
+        self.done = 0
+
+    def _layer(self, li: int, h: torch.Tensor, q_pos: torch.Tensor, mask: torch.Tensor):
+        spec, mdl, buf = self.lm.spec, self.lm.model, self.buf
+        layer = mdl.model.layers[li]
+        cos, sin = M.rotary(mdl, q_pos, h)
+        q, k, v = M.layer_qkv(layer, h, cos, sin, spec)
+        buf[li, 0, :, q_pos] = k
+        buf[li, 1, :, q_pos] = v
+        keys = buf[li, 0]
+        scale = layer.self_attn.scaling
+        if keys.is_cuda:  # grouped matmul: no fp32 copy of the keys per query head
+            hkv, nq = keys.shape[0], q.shape[1]
+            group = q.shape[0] // hkv
+            qg = q.reshape(hkv, group * nq, -1)
+            scores = torch.matmul(qg, keys.transpose(1, 2)).float().view(q.shape[0], nq, -1) * scale
+        else:
+            group = q.shape[0] // keys.shape[0]
+            scores = torch.einsum("hqd,hkd->hqk", q.float(), keys.float().repeat_interleave(group, 0)) * scale
+        scores = scores.masked_fill(~mask[None], float("-inf"))
+        row = scores.softmax(-1).mean(dim=(0, 1))  # [N]
+        out = M.attend_at(q, q_pos, buf[li, 0], buf[li, 1], scale, spec.window)
+        return M.layer_finish(layer, h, out), row
 
     @torch.no_grad()
     def run_until(self, stop: int) -> None:
-        spec, mdl, buf, q_pos = self.lm.spec, self.lm.model, self.buf, self.q_pos
-        for li in range(len(self.rows), stop):
-            layer = mdl.model.layers[li]
+        for li in range(self.done, stop):
             self.source.ready(li)
-            cos, sin = M.rotary(mdl, q_pos, self.h)
-            q, k, v = M.layer_qkv(layer, self.h, cos, sin, spec)
-            buf[li, 0, :, q_pos] = k
-            buf[li, 1, :, q_pos] = v
-            keys = buf[li, 0]
-            scale = layer.self_attn.scaling
-            if keys.is_cuda:  # grouped matmul: no fp32 copy of the keys per query head
-                hkv, nq = keys.shape[0], q.shape[1]
-                group = q.shape[0] // hkv
-                qg = q.reshape(hkv, group * nq, -1)
-                scores = torch.matmul(qg, keys.transpose(1, 2)).float().view(q.shape[0], nq, -1) * scale
-            else:
-                group = q.shape[0] // keys.shape[0]
-                scores = (
-                    torch.einsum("hqd,hkd->hqk", q.float(), keys.float().repeat_interleave(group, 0)) * scale
-                )
-            scores = scores.masked_fill(~self.mask[None], float("-inf"))
-            probs = scores.softmax(-1)  # [Hq, nq, N]
-            self.rows.append(probs.mean(dim=(0, 1))[self.ctx_pos])
-            out = M.attend_at(q, q_pos, buf[li, 0], buf[li, 1], scale, spec.window)
-            self.h = M.layer_finish(layer, self.h, out)
+            self.h, row = self._layer(li, self.h, self.q_pos, self.mask)
+            self.rows.append(row[None])
             self.source.issued(li)
+        self.done = max(self.done, stop)
+
+    @torch.no_grad()
+    def run_rest(self) -> None:
+        """The remaining layers: eager, or replayed as one CUDA graph once every layer is loaded."""
+        layers = self.lm.spec.num_layers
+        if self.graphs is None or self.done >= layers:
+            return self.run_until(layers)
+        self.source.ready(layers - 1)
+        start, n_keys, window = self.done, self.buf.shape[3], self.lm.spec.window
+
+        def body(h: torch.Tensor, q_pos: torch.Tensor):
+            mask = M.position_causal_mask(q_pos, n_keys, window)
+            rows = []
+            for li in range(start, layers):
+                h, row = self._layer(li, h, q_pos, mask)
+                rows.append(row)
+            return torch.stack(rows), h
+
+        key = ("probe", id(self.lm.model), id(self.buf), start, int(self.q_pos.numel()))
+        rows, self.h = self.graphs.run(key, body, {"h": self.h.contiguous(), "q_pos": self.q_pos})
+        self.rows.append(rows.clone())
+        self.done = layers
 
     def attention(self) -> torch.Tensor:
-        return torch.stack(self.rows)  # [L, C]
+        return torch.cat(self.rows)[:, self.ctx_pos]  # [L, C]

@@ -83,12 +83,14 @@ class Staging:
     query needs larger slots."""
 
     def __init__(
-        self, device: torch.device | str, max_bytes: int = 1 << 30, copy_threads: int | None = None
+        self,
+        device: torch.device | str,
+        max_bytes: int = 1 << 30,
+        copy_threads: int | None = None,
+        graphs: bool = True,
     ) -> None:
         self.device = torch.device(device)
-        if (
-            copy_threads is None
-        ):  # measured on a 16-core H100 host: 4-8 copy fast, 16 starve the compute thread
+        if copy_threads is None:  # measured on a 16-core H100 host: 4-8 fast, 16 starve the compute
             copy_threads = max(1, min(8, (os.cpu_count() or 2) // 2))
         self.copy_threads = copy_threads
         """Intra-op threads of the stager's copies (``torch.set_num_threads`` on its own thread)."""
@@ -98,6 +100,13 @@ class Staging:
         self.host: torch.Tensor | None = None  # [depth, slot_bytes] uint8 (pinned on CUDA)
         self.dev: torch.Tensor | None = None  # [depth, slot_bytes] uint8 on the device
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.graphs = None
+        """CUDA graphs of the layer loops and the padded KV buffers they read (``graphs.py``):
+        a shape seen twice is recorded, then replayed. ``graphs=False`` runs eagerly."""
+        if self.cuda and graphs:
+            from chunkcache.graphs import FusionGraphs
+
+            self.graphs = FusionGraphs()
 
     def slots(self, slot_bytes: int, layers: int) -> int:
         """Make sure there are slots of ``slot_bytes``; return the depth (number of slots)."""
@@ -421,11 +430,18 @@ def fuse_entries(
     n = p + sum(lengths) + ns
     if len(prefix_ids) != p:
         raise ValueError(f"prefix KV covers {p} tokens but prefix_ids has {len(prefix_ids)}")
-    buf = torch.empty(spec.num_layers, 2, spec.kv_heads, n, spec.head_dim, dtype=lm.dtype, device=lm.device)
+    st = staging or Staging(lm.device)
+    graphs = st.graphs if st.cuda else None
+    if graphs is not None:  # persistent (the graphs read it), padded; the result gets a copy
+        buf = graphs.kv_buffer(lm, n)
+    else:
+        buf = torch.empty(
+            spec.num_layers, 2, spec.kv_heads, n, spec.head_dim, dtype=lm.dtype, device=lm.device
+        )
     buf[:, :, :, :p] = prefix_kv
-    buf[:, :, :, n - ns :] = 0
+    buf[:, :, :, n - ns : n] = 0
     offsets = [p + sum(lengths[:i]) for i in range(len(lengths))]
-    loader = LayerLoader(lm, parsed, buf, offsets, staging or Staging(lm.device), check_layers)
+    loader = LayerLoader(lm, parsed, buf, offsets, st, check_layers)
     ids = torch.cat(
         [torch.tensor(list(prefix_ids), dtype=torch.long)]
         + [t.to(torch.long) for t in token_ids]
@@ -439,7 +455,9 @@ def fuse_entries(
     timer.mark("read")
     config = config or FuseConfig()
     try:
-        res = fuse_assembled(lm, buf, ids, p, lengths, token_scores, config, source=loader, timer=timer)
+        res = fuse_assembled(
+            lm, buf, ids, p, lengths, token_scores, config, source=loader, timer=timer, graphs=graphs
+        )
         loader.check()  # a damaged layer raises here: the result is never returned
     finally:
         loader.close()

@@ -1,0 +1,89 @@
+"""CUDA graphs for fusion's layer loops, so a fused prefill is not bound by kernel launches.
+
+A fusion runs the probe (the question over the stale cache) and the recompute (the selected
+tokens plus the question) through every layer: 25-30 small ops a layer, about 2 ms of host time
+per layer on the H100 host measured here, for a GPU that needs far less (BENCHMARKS.md, section 3).
+``FusionGraphs`` records those loops once per shape and replays them:
+
+    graphs = FusionGraphs()                 # one per device and model; Staging holds one
+    buf = graphs.kv_buffer(lm, n)           # [L, 2, H, N_b, D] persistent, N_b = n rounded up
+    out = graphs.run(key, body, inputs)     # eager the first ``min_uses - 1`` times a key is
+                                            # seen, then captured, then replayed
+
+Shapes are padded to buckets so that queries of similar size share a graph: the KV length to a
+multiple of ``n_bucket`` (keys past the prompt are invisible under the position-causal mask, and
+the padding stays zero or holds an earlier prompt's finite values: 0 attention weight either
+way), and the recomputed rows to a multiple of ``row_bucket`` (the fusion then recomputes a few
+more tokens than the ratio asks, never fewer). A graph reads the buffer it was captured with, so
+the buffer is persistent: a fusion that uses it returns a copy of the KV, and one
+``FusionGraphs`` serves one fusion at a time.
+
+What it knows: CUDA graph capture and replay, static inputs. What it does not know: what the
+bodies compute (``fuse``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+
+from chunkcache.model import LoadedModel
+
+__all__ = ["FusionGraphs"]
+
+
+class FusionGraphs:
+    def __init__(self, n_bucket: int = 1024, row_bucket: int = 64, min_uses: int = 2) -> None:
+        self.n_bucket, self.row_bucket, self.min_uses = n_bucket, row_bucket, min_uses
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], object]] = {}
+        self.seen: Counter = Counter()
+        self.pool = None
+        self.captures = 0  # how many graphs were recorded (diagnostics, tests)
+        self.replays = 0
+
+    def padded_length(self, n: int) -> int:
+        return math.ceil(n / self.n_bucket) * self.n_bucket
+
+    def padded_rows(self, rows: int, limit: int) -> int:
+        """``rows`` rounded up to the bucket, but at most ``limit``."""
+        return min(limit, math.ceil(rows / self.row_bucket) * self.row_bucket)
+
+    def kv_buffer(self, lm: LoadedModel, n: int) -> torch.Tensor:
+        """The persistent ``[L, 2, H, N_b, D]`` buffer for prompts of ``n`` tokens (zeroed once)."""
+        spec = lm.spec
+        n_b = self.padded_length(n)
+        key = (id(lm.model), spec.num_layers, spec.kv_heads, spec.head_dim, lm.dtype, str(lm.device), n_b)
+        if key not in self.buffers:
+            self.buffers[key] = torch.zeros(
+                spec.num_layers, 2, spec.kv_heads, n_b, spec.head_dim, dtype=lm.dtype, device=lm.device
+            )
+        return self.buffers[key]
+
+    def run(self, key: tuple, body: Callable[..., object], inputs: dict[str, torch.Tensor]):
+        """``body(**inputs)``: eager until ``key`` was seen ``min_uses`` times, then recorded into a
+        CUDA graph whose static inputs are copies of ``inputs`` and replayed from then on. The
+        returned tensors of a replay are the graph's own: read them before the next ``run``."""
+        entry = self.graphs.get(key)
+        if entry is None:
+            self.seen[key] += 1
+            if self.seen[key] < self.min_uses:
+                return body(**inputs)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            static = {k: v.clone() for k, v in inputs.items()}
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the loader's stager thread keeps issuing copies on its own stream
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                out = body(**static)
+            entry = self.graphs[key] = (graph, static, out)
+            self.captures += 1
+        graph, static, out = entry
+        for k, v in inputs.items():
+            static[k].copy_(v)
+        graph.replay()
+        self.replays += 1
+        return out
