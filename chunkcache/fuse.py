@@ -331,15 +331,18 @@ def fuse_assembled(
         if check and li == min(schedule):
             timer.mark("check")
     # The rest: a fixed set of rows through every remaining layer (one CUDA graph with ``graphs``).
+    # Graphs take a few layers each, so a layer group starts as soon as its layers are loaded.
     first = last_check + 1
     if first < spec.num_layers:
-        body = _layers_body(lm, buf, first, spec.num_layers, None if graphs is not None else source)
-        if graphs is not None:
-            source.ready(spec.num_layers - 1)
-            key = ("layers", id(lm.model), id(buf), first, int(active.numel()))
-            h = graphs.run(key, body, {"h": h.contiguous(), "active": active})
+        if graphs is None:
+            h = _layers_body(lm, buf, first, spec.num_layers, source)(h=h, active=active)
         else:
-            h = body(h=h, active=active)
+            h = h.contiguous()
+            for start in range(first, spec.num_layers, graphs.layer_group):
+                stop = min(spec.num_layers, start + graphs.layer_group)
+                source.ready(stop - 1)
+                key = ("layers", id(lm.model), id(buf), start, stop, int(active.numel()))
+                h = graphs.run(key, _layers_body(lm, buf, start, stop, None), {"h": h, "active": active})
         computed += (n_act + n_q) * (spec.num_layers - first)
     logits = M.final_logits(mdl, h[0, -1])
     selected = active[:n_act]

@@ -36,8 +36,12 @@ __all__ = ["FusionGraphs"]
 
 
 class FusionGraphs:
-    def __init__(self, n_bucket: int = 1024, row_bucket: int = 64, min_uses: int = 2) -> None:
+    def __init__(
+        self, n_bucket: int = 1024, row_bucket: int = 64, min_uses: int = 2, layer_group: int = 8
+    ) -> None:
         self.n_bucket, self.row_bucket, self.min_uses = n_bucket, row_bucket, min_uses
+        self.layer_group = layer_group
+        """Layers per recompute graph: each group waits only for its own layers to be loaded."""
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], object]] = {}
         self.seen: Counter = Counter()

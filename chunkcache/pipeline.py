@@ -43,7 +43,8 @@ from chunkcache.model import LoadedModel
 
 __all__ = ["LayerLoader", "Staging", "entry_views", "fuse_entries"]
 
-_ALIGN = 256  # byte alignment of every part inside a slot (vector loads in the kernels)
+_ALIGN = 16  # byte alignment of every part inside a slot (dtype views, 16-byte vector loads);
+# parts of codecs are almost always multiples of it, so the per-layer copy needs few pad pieces
 
 
 @contextmanager
@@ -189,7 +190,7 @@ class LayerLoader:
                     sums = parts["layer_sums"][header["layer_sums_parts"].index(name)]
                 self.parts.append(_Part(c, name, off, per_layer, sums))
                 spec_c[name] = (off, t.dtype, tuple(t.shape[1:]))
-                off += -(-per_layer // _ALIGN) * _ALIGN
+                off += -(-per_layer // _ALIGN) * _ALIGN  # keeps every part aligned to its dtype
             self.layout.add(spec_c, dest)
         self.slot_bytes = off
         # The copy of a layer is one torch.cat of every part's layer view with zero pads between

@@ -99,7 +99,7 @@ def test_loader_order_and_slots(smol_tokenizer):
         # slot budget for exactly 2 slots: layers must cycle through them
         st = Staging("cpu", max_bytes=1)
         rec = _Recorder(eng.lm, parsed, buf, offsets, st, check_layers=[True] * len(parsed))
-        assert rec.depth == 2 and rec.slot_bytes % 256 == 0
+        assert rec.depth == 2 and rec.slot_bytes % 16 == 0
         try:
             for li in range(6):
                 rec.ready(li)
@@ -249,7 +249,7 @@ def test_cuda_fast_path_matches_cpu_reference(gpu_tokenizer, codec, dtype):
     for policy in ("cacheblend", "qaware"):
         cfg = FuseConfig(recompute_ratio=0.3, policy=policy)
         ref = fuse_kv(cpu.lm, cpu.prefix_kv(), chunks, cpu._prefix_ids, sfx, cfg)
-        staging = Staging("cuda")
+        staging = Staging("cuda", graphs=False)  # graphs pad the selection; see the graphs test
         with entry_views(cpu.store, keys) as entries:
             got = fuse_entries(gpu.lm, gpu.prefix_kv(), entries, gpu._prefix_ids, sfx, cfg, staging)
         eager = fuse_kv(gpu.lm, gpu.prefix_kv(), [c.to("cuda") for c in chunks], gpu._prefix_ids, sfx, cfg)
