@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .reference import checksums_reference as checksums_reference
 
-__all__ = ["checksums", "checksums_reference"]
+__all__ = ["checksums", "checksums_partial", "checksums_reference", "partial_blocks"]
 
 
 @triton.jit
@@ -32,6 +32,20 @@ def _checksum_kernel(W_ptr, TABLE_ptr, OUT_ptr, n_blocks, BLOCK: tl.constexpr):
     out = OUT_ptr + (p * n_blocks + b) * 2
     tl.store(out, a)
     tl.store(out + 1, wb)
+
+
+def partial_blocks(longest: int, block: int = 4096) -> int:
+    """Blocks per range that ``checksums_partial`` writes for ranges of at most ``longest`` bytes."""
+    return max(1, triton.cdiv(longest // 2, block))
+
+
+def checksums_partial(buf: torch.Tensor, table: torch.Tensor, out: torch.Tensor, block: int = 4096) -> None:
+    """One launch, no allocation: per-block partial sums into ``out`` [P, blocks, 2] int64 (see
+    ``partial_blocks``); ``out.sum(dim=-2)`` gives ``checksums``. For a loop that checks many
+    layers and reduces once."""
+    words = buf[: buf.numel() - buf.numel() % 2].view(torch.int16)
+    p, n_blocks = out.shape[0], out.shape[1]
+    _checksum_kernel[(n_blocks, p)](words, table, out, n_blocks, BLOCK=block, num_warps=8)
 
 
 def checksums(

@@ -338,3 +338,15 @@ def test_cuda_graphs_replay_equals_eager(gpu_tokenizer, policy, ratio):
         assert (r.stats["recomputed_tokens"] + r.stats["question_tokens"]) % 64 == 0 or (
             r.stats["recomputed_tokens"] == r.stats["chunk_tokens"] or ratio == 0.0
         )
+
+
+def test_switch_interval_restored(smol_tokenizer):
+    """The loader shortens the interpreter's GIL switch interval while it stages, and restores it."""
+    import sys
+
+    eng = _engine(smol_tokenizer, "raw")
+    keys, _ = _entries_and_chunks(eng, PASSAGES[:2])
+    before = sys.getswitchinterval()
+    with entry_views(eng.store, keys) as entries:
+        fuse_entries(eng.lm, eng.prefix_kv(), entries, eng._prefix_ids, eng.template.suffix_ids(QUESTION))
+    assert sys.getswitchinterval() == before
