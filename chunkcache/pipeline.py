@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -255,7 +254,6 @@ class LayerLoader:
         self._error: BaseException | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._switching = False
         # CUDA events per layer: H2D start/end (side stream), assemble start/end (main stream).
         self.h2d: list[tuple | None] = [None] * self.num_layers
         self.asm: list[tuple | None] = [None] * self.num_layers
@@ -271,8 +269,6 @@ class LayerLoader:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
-            _fast_switching(True)
-            self._switching = True
             self.t0 = time.perf_counter()
             self._thread = threading.Thread(target=self._run, name="chunkcache-stager", daemon=True)
             self._thread.start()
@@ -284,9 +280,6 @@ class LayerLoader:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
-        if self._switching:
-            self._switching = False
-            _fast_switching(False)
 
     def _run(self) -> None:
         default_threads = torch.get_num_threads()
@@ -406,27 +399,6 @@ class LayerLoader:
                 out["h2d"] = self.h2d[0][0].elapsed_time(self.h2d[-1][1]) / 1e3
             out["assemble"] = sum(a.elapsed_time(b) / 1e3 for a, b in filter(None, self.asm))
         return out
-
-
-_SWITCH_LOCK = threading.Lock()
-_SWITCH_USERS = [0, 0.0]  # loaders running, the interpreter's switch interval before the first
-
-
-def _fast_switching(on: bool) -> None:
-    """While a stager runs, let Python hand the GIL over every 0.2 ms instead of every 5 ms: the
-    stager's few calls per layer each give the GIL up and must get it back from the compute
-    thread, which holds it while it launches kernels (the convoy effect). Restored when the last
-    loader closes."""
-    with _SWITCH_LOCK:
-        if on:
-            if _SWITCH_USERS[0] == 0:
-                _SWITCH_USERS[1] = sys.getswitchinterval()
-                sys.setswitchinterval(min(_SWITCH_USERS[1], 0.0002))
-            _SWITCH_USERS[0] += 1
-        else:
-            _SWITCH_USERS[0] -= 1
-            if _SWITCH_USERS[0] == 0:
-                sys.setswitchinterval(_SWITCH_USERS[1])
 
 
 @torch.no_grad()
