@@ -335,5 +335,3 @@ def test_cuda_graphs_replay_equals_eager(gpu_tokenizer, policy, ratio):
     for r in padded:
         assert set(eager.selected.tolist()) <= set(r.selected.tolist()) or policy == "gradual"
         assert r.stats["recomputed_tokens"] >= eager.stats["recomputed_tokens"]
-        rows = r.stats["recomputed_tokens"] + r.stats["question_tokens"]
-        assert rows % 64 == 0 or r.stats["recomputed_tokens"] >= eager.stats["recomputed_tokens"], r.stats
