@@ -62,6 +62,7 @@ class ChunkCache:
         recompute_ratio: float = 0.15,
         instruction: str = DEFAULT_INSTRUCTION,
         system: str | None = DEFAULT_SYSTEM,
+        fast_path: bool | None = None,
     ) -> None:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
@@ -85,6 +86,11 @@ class ChunkCache:
         self._prefix_ids = self.template.prefix_ids()
         self._prefix_kv: torch.Tensor | None = None
         self._key_info: dict | None = None
+        self.fast_path = self.lm.device.type == "cuda" if fast_path is None else fast_path
+        """Fuse stored entries through ``pipeline.fuse_entries`` (layer-wise streaming, one kernel per
+        layer, GPU-side checksums, CUDA graphs): the default on CUDA. Calls are serialised per
+        engine (one ``Staging``)."""
+        self._staging = None
 
     # ---- accessors ------------------------------------------------------------------------
     @property
@@ -245,12 +251,71 @@ class ChunkCache:
             recompute_ratio=self.default_fuse.recompute_ratio if recompute_ratio is None else recompute_ratio,
             policy=policy or self.default_fuse.policy,
         )
+        suffix = self.template.suffix_ids(query)
+        if self.fast_path:
+            res = self._fuse_stored(chunks, suffix, cfg)
+            if res is not None:
+                return res
         t0 = time.perf_counter()
         kvs = self.chunks(chunks)
         t_load = time.perf_counter() - t0
-        res = fuse_kv(self.lm, self.prefix_kv(), kvs, self._prefix_ids, self.template.suffix_ids(query), cfg)
+        res = fuse_kv(self.lm, self.prefix_kv(), kvs, self._prefix_ids, suffix, cfg)
         res.stats["seconds"]["load"] = t_load  # store read + decode (+ precompute of misses)
         res.stats["seconds"]["total"] += t_load
+        return res
+
+    def _fuse_stored(self, chunks: Sequence[str], suffix: list[int], cfg: FuseConfig) -> FuseResult | None:
+        """The fast path: stream the stored entries layer by layer (``pipeline.fuse_entries``).
+        Misses are precomputed first; every entry's recorded key inputs and token ids are checked
+        as in ``_load`` (ModelMismatchError). A damaged entry (CorruptEntryError, raised before any
+        result is returned) is dropped with a warning and None is returned, so the caller takes the
+        eager path, which recomputes it."""
+        from chunkcache.errors import CorruptEntryError
+        from chunkcache.format import (
+            has_layer_sums,
+            load_chunk,
+            unpack_parts,
+            verify_payload,
+            verify_small_sections,
+        )
+        from chunkcache.pipeline import Staging, entry_views, fuse_entries
+
+        ids = [self._chunk_ids(t) for t in chunks]
+        keys = [self.key_for_ids(i) for i in ids]
+        t0 = time.perf_counter()
+        self.precompute_ids(ids)  # skips stored ones
+        if self._staging is None:
+            self._staging = Staging(self.lm.device)
+        mine = self.key_info()
+        try:
+            with entry_views(self.store, keys) as entries:
+                for key, want, entry in zip(keys, ids, entries, strict=True):
+                    header, parts = unpack_parts(entry, verify=False)  # header crc only
+                    if has_layer_sums(header):  # token ids checked now, the layers while staging
+                        verify_small_sections(entry, header)
+                    else:  # an entry from before per-layer sums: checked whole
+                        verify_payload(entry, header)
+                    stored = header.get("meta", {}).get("key_info")
+                    if stored is not None and stored != mine:
+                        diff = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
+                        raise ModelMismatchError(
+                            f"store entry {key} was made with other {', '.join(diff)} than this engine's"
+                        )
+                    if parts["token_ids"].tolist() != list(want):
+                        raise ModelMismatchError(
+                            f"store entry {key} holds other tokens than the chunk asked for"
+                        )
+                t_load = time.perf_counter() - t0
+                res = fuse_entries(
+                    self.lm, self.prefix_kv(), entries, self._prefix_ids, suffix, cfg, self._staging
+                )
+        except CorruptEntryError:
+            for key in keys:  # find and drop the damaged ones (warns), then let the eager path recompute
+                load_chunk(self.store, key)
+            return None
+        res.stats["seconds"]["load"] = t_load  # lookup, checks (+ precompute of misses)
+        res.stats["seconds"]["total"] += t_load
+        res.stats["fast_path"] = True
         return res
 
     def prompt_ids(self, chunks: Sequence[str], query: str) -> torch.Tensor:

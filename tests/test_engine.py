@@ -103,3 +103,40 @@ def test_lossy_codecs_fuse_close_to_lossless(smol_tokenizer, codec):
     )
     p, q = raw.logits.log_softmax(-1), lossy.logits.log_softmax(-1)
     assert float((p.exp() * (p - q)).sum()) < (0.01 if codec == "int8" else 0.05)
+
+
+@pytest.mark.parametrize("codec", ["raw", "int4"])
+def test_fast_path_equals_eager_path(smol_tokenizer, codec, tmp_path):
+    """``fast_path`` (the CUDA default: stored entries streamed through ``pipeline.fuse_entries``)
+    gives what the eager path gives; on CPU exactly."""
+    model = tiny_model()
+    store = str(tmp_path / "s")
+    eager = ChunkCache(model=model, tokenizer=smol_tokenizer, store=store, codec=codec, fast_path=False)
+    ref = eager.fuse(PASSAGES, QUESTION, recompute_ratio=0.3)
+    eager.store.close()
+    fast = ChunkCache(model=model, tokenizer=smol_tokenizer, store=store, codec=codec, fast_path=True)
+    got = fast.fuse(PASSAGES, QUESTION, recompute_ratio=0.3)
+    assert got.stats.get("fast_path") is True and "stage_host" in got.stats["seconds"]
+    assert torch.equal(got.selected, ref.selected)
+    assert torch.equal(got.logits, ref.logits)
+    assert fast.generate_from(got, max_new_tokens=4) == eager.generate_from(ref, max_new_tokens=4)
+    fast.store.close()
+
+
+def test_fast_path_refuses_foreign_and_recomputes_damaged(smol_tokenizer):
+    a = ChunkCache(model=tiny_model(seed=0), tokenizer=smol_tokenizer, store=None, fast_path=True)
+    b = ChunkCache(model=tiny_model(seed=1), tokenizer=smol_tokenizer, store=a.store, fast_path=True)
+    a.precompute([PASSAGES[0]])
+    b.store.put(b.key(PASSAGES[0]), a.store.get(a.key(PASSAGES[0])))
+    with pytest.raises(ModelMismatchError, match="model_fingerprint"):
+        b.fuse([PASSAGES[0]], QUESTION)
+    good = a.fuse(PASSAGES, QUESTION, recompute_ratio=0.2)
+    key = a.key(PASSAGES[2])
+    raw = bytearray(a.store.get(key))
+    raw[len(raw) // 2] ^= 0xFF  # inside the KV payload: caught by a layer checksum while staging
+    a.store.put(key, bytes(raw))
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        again = a.fuse(PASSAGES, QUESTION, recompute_ratio=0.2)
+    torch.testing.assert_close(again.logits, good.logits, rtol=0, atol=0)
+    assert a.store.get(key) != bytes(raw)  # the damaged entry was replaced by a recomputed one
+    assert a.fuse(PASSAGES, QUESTION, recompute_ratio=0.2).stats.get("fast_path") is True
