@@ -274,9 +274,9 @@ def fuse_assembled(
     if policy.probe and schedule:
         probe = _Probe(lm, buf, ids_dev, q_pos, ctx_pos, source, graphs)
         if graphs is not None:
-            # All layers as one graph once everything is loaded: the compute thread then waits
-            # (without the GIL) while the stager loads, instead of competing with it for the GIL
-            # with eager layers (measured faster on the H100 host).
+            # The whole probe first, as graphs of a few layers each started as their layers
+            # arrive: between groups the compute thread waits (without the GIL) instead of
+            # competing with the stager with eager layers.
             probe.run_rest()
         else:
             probe.run_until(min(schedule) + 1)
@@ -459,24 +459,32 @@ class _Probe:
 
     @torch.no_grad()
     def run_rest(self) -> None:
-        """The remaining layers: eager, or replayed as one CUDA graph once every layer is loaded."""
+        """The remaining layers: eager, or as CUDA graphs of ``graphs.layer_group`` layers, each
+        replayed as soon as its layers are loaded."""
         layers = self.lm.spec.num_layers
         if self.graphs is None or self.done >= layers:
             return self.run_until(layers)
-        self.source.ready(layers - 1)
-        start, n_keys, window = self.done, self.buf.shape[3], self.lm.spec.window
+        n_keys, window, group = self.buf.shape[3], self.lm.spec.window, self.graphs.layer_group
 
-        def body(h: torch.Tensor, q_pos: torch.Tensor):
-            mask = M.position_causal_mask(q_pos, n_keys, window)
-            rows = []
-            for li in range(start, layers):
-                h, row = self._layer(li, h, q_pos, mask)
-                rows.append(row)
-            return torch.stack(rows), h
+        def body_for(start: int, stop: int):
+            def body(h: torch.Tensor, q_pos: torch.Tensor):
+                mask = M.position_causal_mask(q_pos, n_keys, window)
+                rows = []
+                for li in range(start, stop):
+                    h, row = self._layer(li, h, q_pos, mask)
+                    rows.append(row)
+                return torch.stack(rows), h
 
-        key = ("probe", id(self.lm.model), id(self.buf), start, int(self.q_pos.numel()))
-        rows, self.h = self.graphs.run(key, body, {"h": self.h.contiguous(), "q_pos": self.q_pos})
-        self.rows.append(rows.clone())
+            return body
+
+        h = self.h.contiguous()
+        for start in range(self.done, layers, group):  # a group runs as soon as its layers are in
+            stop = min(layers, start + group)
+            self.source.ready(stop - 1)
+            key = ("probe", id(self.lm.model), id(self.buf), start, stop, int(self.q_pos.numel()))
+            rows, h = self.graphs.run(key, body_for(start, stop), {"h": h, "q_pos": self.q_pos})
+            self.rows.append(rows.clone())
+        self.h = h
         self.done = layers
 
     def attention(self) -> torch.Tensor:
