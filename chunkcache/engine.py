@@ -1,8 +1,9 @@
 """ChunkCache: the user-facing engine tying model, template, precompute, store and fusion together.
 
 What it knows: the order of operations (tokenise -> look up -> precompute misses -> fuse ->
-generate). What it does not know: the maths of fusion (``fuse``), token selection (``select``),
-bytes on disk (``format``, ``store``).
+generate); on CUDA, fusing streams the stored entries through ``pipeline.fuse_entries`` (the
+fast path), elsewhere it decodes them and calls ``fuse.fuse_kv``. What it does not know: the
+maths of fusion (``fuse``), token selection (``select``), bytes on disk (``format``, ``store``).
 
     engine = ChunkCache(model="smollm2-135m", store=None)     # store="path/to/dir" for LMDB
     engine.precompute(["passage one ...", "passage two ..."])
@@ -154,16 +155,21 @@ class ChunkCache:
         chunk = load_chunk(self.store, key, self.lm.dtype)
         if chunk is None:
             return None
-        stored, mine = chunk.meta.get("key_info"), self.key_info()
+        self._check_entry(key, chunk.meta, chunk.token_ids, ids)
+        chunk.check(self.lm.spec.num_layers, self.lm.spec.kv_heads, self.lm.spec.head_dim)
+        return chunk
+
+    def _check_entry(self, key: str, meta: dict, token_ids: torch.Tensor, ids: Sequence[int] | None) -> None:
+        """Raise ModelMismatchError if the entry's recorded key inputs (``meta["key_info"]``) or
+        token ids differ from what this engine asked for."""
+        stored, mine = meta.get("key_info"), self.key_info()
         if stored is not None and stored != mine:
             diff = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
             raise ModelMismatchError(
                 f"store entry {key} was made with other {', '.join(diff)} than this engine's"
             )
-        if ids is not None and chunk.token_ids.tolist() != list(ids):
+        if ids is not None and token_ids.tolist() != list(ids):
             raise ModelMismatchError(f"store entry {key} holds other tokens than the chunk asked for")
-        chunk.check(self.lm.spec.num_layers, self.lm.spec.kv_heads, self.lm.spec.head_dim)
-        return chunk
 
     def _save(self, key: str, chunk: ChunkKV) -> None:
         from chunkcache.format import pack_chunk
@@ -271,44 +277,25 @@ class ChunkCache:
         result is returned) is dropped with a warning and None is returned, so the caller takes the
         eager path, which recomputes it."""
         from chunkcache.errors import CorruptEntryError
-        from chunkcache.format import (
-            has_layer_sums,
-            load_chunk,
-            unpack_parts,
-            verify_payload,
-            verify_small_sections,
-        )
+        from chunkcache.format import load_chunk
         from chunkcache.pipeline import Staging, entry_views, fuse_entries
 
         ids = [self._chunk_ids(t) for t in chunks]
-        keys = [self.key_for_ids(i) for i in ids]
         t0 = time.perf_counter()
-        self.precompute_ids(ids)  # skips stored ones
+        keys = self.precompute_ids(ids)  # skips stored ones
         if self._staging is None:
             self._staging = Staging(self.lm.device)
-        mine = self.key_info()
+
+        def inspect(i: int, header: dict, parts: dict) -> None:  # token sections already checked
+            self._check_entry(keys[i], header.get("meta", {}), parts["token_ids"], ids[i])
+
         try:
             with entry_views(self.store, keys) as entries:
-                for key, want, entry in zip(keys, ids, entries, strict=True):
-                    header, parts = unpack_parts(entry, verify=False)  # header crc only
-                    if has_layer_sums(header):  # token ids checked now, the layers while staging
-                        verify_small_sections(entry, header)
-                    else:  # an entry from before per-layer sums: checked whole
-                        verify_payload(entry, header)
-                    stored = header.get("meta", {}).get("key_info")
-                    if stored is not None and stored != mine:
-                        diff = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
-                        raise ModelMismatchError(
-                            f"store entry {key} was made with other {', '.join(diff)} than this engine's"
-                        )
-                    if parts["token_ids"].tolist() != list(want):
-                        raise ModelMismatchError(
-                            f"store entry {key} holds other tokens than the chunk asked for"
-                        )
                 t_load = time.perf_counter() - t0
                 res = fuse_entries(
-                    self.lm, self.prefix_kv(), entries, self._prefix_ids, suffix, cfg, self._staging
-                )
+                    self.lm, self.prefix_kv(), entries, self._prefix_ids, suffix, cfg, self._staging,
+                    inspect=inspect,
+                )  # fmt: skip
         except CorruptEntryError:
             for key in keys:  # find and drop the damaged ones (warns), then let the eager path recompute
                 load_chunk(self.store, key)

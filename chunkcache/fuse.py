@@ -288,12 +288,9 @@ def fuse_assembled(
     for li in range(last_check + 1):  # up to the last check layer: eager, filtering as it goes
         layer = layers[li]
         source.ready(li)
-        cos, sin = M.rotary(mdl, active, h)
-        q, k, v = M.layer_qkv(layer, h, cos, sin, spec)  # [Hq, a, D], [Hkv, a, D]
         check = li in schedule
         old = buf[li, :, :, active[:n_act]].clone() if check else None  # [2, H, c, D] reused K/V
-        buf[li, 0, :, active] = k
-        buf[li, 1, :, active] = v
+        q = _project(lm, buf, li, h, active)  # [Hq, a, D]
         if check:
             # Filter between the projections and the attention: every candidate's fresh K/V is
             # written (as if the whole layer ran at full width), but only the kept rows go on
@@ -330,8 +327,7 @@ def fuse_assembled(
                 rows = _index_in(active, new_active)
                 h, q = h[:, rows], q[:, rows]
                 active, n_act = new_active, keep_n
-        out = M.attend_at(q, active, buf[li, 0], buf[li, 1], layer.self_attn.scaling, spec.window)
-        h = M.layer_finish(layer, h, out)
+        h = _attend_finish(lm, buf, li, h, q, active)
         computed += n_act + n_q
         source.issued(li)
         if check and li == min(schedule):
@@ -373,24 +369,39 @@ def fuse_assembled(
     return FuseResult(input_ids=ids, logits=logits, kv=kv, selected=selected, stats=stats)
 
 
+def _project(
+    lm: LoadedModel, buf: torch.Tensor, li: int, h: torch.Tensor, active: torch.Tensor
+) -> torch.Tensor:
+    """Layer ``li``'s RoPE'd queries ``[Hq, a, D]`` for the rows at positions ``active``
+    (hidden ``h`` ``[1, a, hidden]``); their fresh K/V are written into ``buf[li]``."""
+    mdl = lm.model
+    cos, sin = M.rotary(mdl, active, h)
+    q, k, v = M.layer_qkv(mdl.model.layers[li], h, cos, sin, lm.spec)  # [Hq, a, D], [Hkv, a, D]
+    buf[li, 0, :, active] = k
+    buf[li, 1, :, active] = v
+    return q
+
+
+def _attend_finish(
+    lm: LoadedModel, buf: torch.Tensor, li: int, h: torch.Tensor, q: torch.Tensor, active: torch.Tensor
+) -> torch.Tensor:
+    """The rest of layer ``li`` for those rows: attention over ``buf[li]`` under the exact
+    position-causal mask, o_proj, residual, MLP -> the next hidden ``[1, a, hidden]``."""
+    layer = lm.model.model.layers[li]
+    out = M.attend_at(q, active, buf[li, 0], buf[li, 1], layer.self_attn.scaling, lm.spec.window)
+    return M.layer_finish(layer, h, out)
+
+
 def _layers_body(lm: LoadedModel, buf: torch.Tensor, first: int, stop: int, source):
-    """Layers ``first .. stop-1`` for a fixed set of rows (``active`` positions, hidden ``h``):
-    fresh K/V written into ``buf``, attention over it under the position-causal mask. Touches
-    only its inputs, ``buf`` and the model, so it can be recorded as a CUDA graph (``source`` None:
-    the caller made every layer ready first)."""
-    spec, mdl = lm.spec, lm.model
+    """Layers ``first .. stop-1`` for a fixed set of rows (``active`` positions, hidden ``h``).
+    Touches only its inputs, ``buf`` and the model, so it can be recorded as a CUDA graph
+    (``source`` None: the caller made every layer ready first)."""
 
     def body(h: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         for li in range(first, stop):
-            layer = mdl.model.layers[li]
             if source is not None:
                 source.ready(li)
-            cos, sin = M.rotary(mdl, active, h)
-            q, k, v = M.layer_qkv(layer, h, cos, sin, spec)
-            buf[li, 0, :, active] = k
-            buf[li, 1, :, active] = v
-            out = M.attend_at(q, active, buf[li, 0], buf[li, 1], layer.self_attn.scaling, spec.window)
-            h = M.layer_finish(layer, h, out)
+            h = _attend_finish(lm, buf, li, h, _project(lm, buf, li, h, active), active)
             if source is not None:
                 source.issued(li)
         return h
@@ -427,14 +438,10 @@ class _Probe:
         self.done = 0
 
     def _layer(self, li: int, h: torch.Tensor, q_pos: torch.Tensor, mask: torch.Tensor):
-        spec, mdl, buf = self.lm.spec, self.lm.model, self.buf
-        layer = mdl.model.layers[li]
-        cos, sin = M.rotary(mdl, q_pos, h)
-        q, k, v = M.layer_qkv(layer, h, cos, sin, spec)
-        buf[li, 0, :, q_pos] = k
-        buf[li, 1, :, q_pos] = v
+        buf = self.buf
+        q = _project(self.lm, buf, li, h, q_pos)
         keys = buf[li, 0]
-        scale = layer.self_attn.scaling
+        scale = self.lm.model.model.layers[li].self_attn.scaling
         if keys.is_cuda:  # grouped matmul: no fp32 copy of the keys per query head
             hkv, nq = keys.shape[0], q.shape[1]
             group = q.shape[0] // hkv
@@ -445,8 +452,7 @@ class _Probe:
             scores = torch.einsum("hqd,hkd->hqk", q.float(), keys.float().repeat_interleave(group, 0)) * scale
         scores = scores.masked_fill(~mask[None], float("-inf"))
         row = scores.softmax(-1).mean(dim=(0, 1))  # [N]
-        out = M.attend_at(q, q_pos, buf[li, 0], buf[li, 1], scale, spec.window)
-        return M.layer_finish(layer, h, out), row
+        return _attend_finish(self.lm, buf, li, h, q, q_pos), row
 
     @torch.no_grad()
     def run_until(self, stop: int) -> None:

@@ -26,11 +26,10 @@ results equal ``fuse_kv`` over the decoded chunks up to the codecs' one rounding
 
 from __future__ import annotations
 
-import importlib
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -179,7 +178,13 @@ class LayerLoader:
         self.num_layers = spec.num_layers
         check_layers = check_layers or [False] * len(parsed)
         self.layout = kernels.PackedLayout(self.codec, spec.kv_heads, spec.head_dim)
+        # Per part: where it sits in a slot, its per-layer views (one unbind) and the zero pad
+        # after it, so one torch.cat of [view, pad, view, ...] lands every part at its aligned
+        # slot offset; and, if it is checked, its sums.
+        zeros = torch.zeros(_ALIGN, dtype=torch.uint8)
         self.parts: list[_Part] = []
+        self.layer_views: list[tuple[torch.Tensor, ...]] = []
+        self.pads: list[torch.Tensor | None] = []
         off = 0
         for c, ((header, parts), dest) in enumerate(zip(parsed, offsets, strict=True)):
             spec_c = {}
@@ -191,47 +196,28 @@ class LayerLoader:
                     sums = parts["layer_sums"][header["layer_sums_parts"].index(name)]
                 self.parts.append(_Part(c, name, off, per_layer, sums))
                 spec_c[name] = (off, t.dtype, tuple(t.shape[1:]))
-                off += -(-per_layer // _ALIGN) * _ALIGN  # keeps every part aligned to its dtype
+                self.layer_views.append(t.reshape(t.shape[0], -1).view(torch.uint8).unbind(0))
+                gap = -per_layer % _ALIGN  # keeps every part aligned to its dtype
+                self.pads.append(zeros[:gap] if gap else None)
+                off += per_layer + gap
             self.layout.add(spec_c, dest)
         self.slot_bytes = off
-        # The copy of a layer is one torch.cat of every part's layer view with zero pads between
-        # them, so each part lands at its aligned slot offset: per part the per-layer views (one
-        # unbind) and the pad after it.
-        zeros = torch.zeros(_ALIGN, dtype=torch.uint8)
-        self.layer_views: list[tuple[torch.Tensor, ...]] = []
-        self.pads: list[torch.Tensor | None] = []
-        for _, parts in parsed:
-            for name in kernels.reference.CODEC_PARTS[self.codec]:
-                t = parts[name]
-                self.layer_views.append(t.reshape(t.shape[0], -1).view(torch.uint8).unbind(0))
-                gap = -(-t[0].numel() * t.element_size() // _ALIGN) * _ALIGN - t[0].numel() * t.element_size()
-                self.pads.append(zeros[:gap] if gap else None)
         # Checksums: which parts, where in the slot, and what they must be, per layer.
         checked = [p for p in self.parts if p.sums is not None]
         self.checked = checked
-        self.sum_table = torch.tensor([[p.slot_offset, p.nbytes] for p in checked], dtype=torch.int64).view(
-            -1, 2
-        )
+        dev = staging.device
+        self.sum_table = torch.tensor([[p.slot_offset, p.nbytes] for p in checked], dtype=torch.int64)
+        self.sum_table = self.sum_table.view(-1, 2).to(dev)
         self.sum_longest = max((p.nbytes for p in checked), default=0)
         self.expected = (
-            torch.stack([p.sums for p in checked], dim=1)  # [L, P, 2]
+            torch.stack([p.sums for p in checked], dim=1).to(dev)  # [L, P, 2]
             if checked
-            else torch.zeros(spec.num_layers, 0, 2, dtype=torch.int64)
+            else torch.zeros(spec.num_layers, 0, 2, dtype=torch.int64, device=dev)
         )
-        self.got: torch.Tensor | None = None  # [L, P, blocks, 2] partial sums, reduced in check()
-        self._partial = None
+        self.got: torch.Tensor | None = None  # [L, P, blocks, 2] partial sums (CUDA), reduced in check()
         if checked and staging.cuda:
-            self.sum_table = self.sum_table.to(staging.device)
-            self.expected = self.expected.to(staging.device)
-            if kernels.triton_available():
-                ck = importlib.import_module("chunkcache.kernels.checksum_triton")
-                blocks = ck.partial_blocks(self.sum_longest)
-                self._partial = ck.checksums_partial
-            else:
-                blocks = 1
-            self.got = torch.zeros(
-                spec.num_layers, len(checked), blocks, 2, dtype=torch.int64, device=staging.device
-            )
+            blocks = kernels.checksum_blocks(self.sum_longest, dev)
+            self.got = torch.zeros(spec.num_layers, len(checked), blocks, 2, dtype=torch.int64, device=dev)
         self.depth = staging.slots(self.slot_bytes, self.num_layers)
         # Rotation of every chunk by its position delta (fp64 angles, as model.rotation).
         inv_freq = lm.model.model.rotary_emb.inv_freq.to(device=buf.device, dtype=torch.float64)
@@ -247,16 +233,16 @@ class LayerLoader:
         self.staged = 0  # layers staged so far (stager thread)
         self.assembled = 0  # layers assembled so far (compute thread)
         self.host_seconds = 0.0  # stager time spent copying and checking
-        self.t0 = time.perf_counter()
-        self.timeline: list[tuple[str, int, float]] = []  # (event, layer, seconds since t0): diagnostics
         self._cond = threading.Condition()
         self._signals = [threading.Event() for _ in range(self.num_layers)]
         self._error: BaseException | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
-        # CUDA events per layer: H2D start/end (side stream), assemble start/end (main stream).
-        self.h2d: list[tuple | None] = [None] * self.num_layers
+        # CUDA events: per layer the end of its H2D copy (side stream) and its assembly start/end
+        # (main stream); the start of the first copy, for the copy span.
+        self.copied: list[torch.cuda.Event | None] = [None] * self.num_layers
         self.asm: list[tuple | None] = [None] * self.num_layers
+        self.first_copy: torch.cuda.Event | None = None
 
     # -- LayerSource ---------------------------------------------------------------------------
     def ready(self, layer: int) -> None:
@@ -269,7 +255,6 @@ class LayerLoader:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
-            self.t0 = time.perf_counter()
             self._thread = threading.Thread(target=self._run, name="chunkcache-stager", daemon=True)
             self._thread.start()
 
@@ -307,9 +292,8 @@ class LayerLoader:
         st = self.staging
         s = layer % self.depth
         t0 = time.perf_counter()
-        self.timeline.append(("stage", layer, t0 - self.t0))
         if st.cuda and layer >= self.depth:
-            self.h2d[layer - self.depth][1].synchronize()  # the pinned slot's previous copy is done
+            self.copied[layer - self.depth].synchronize()  # the pinned slot's previous copy is done
         pieces = []
         for views, pad in zip(self.layer_views, self.pads, strict=True):
             pieces.append(views[layer])
@@ -319,25 +303,20 @@ class LayerLoader:
         if self.checked and not st.cuda:  # CPU: check before the layer can be used
             self._compare(layer, kernels.checksums(st.host[s], self.sum_table, self.sum_longest))
         self.host_seconds += time.perf_counter() - t0
-        self.timeline.append(("copied", layer, time.perf_counter() - self.t0))
         if st.cuda:
             with torch.cuda.stream(st.stream):
                 if layer >= self.depth:  # the device slot's previous layer must be assembled
                     st.stream.wait_event(self.asm[layer - self.depth][1])
                 # few calls per layer: each one that releases the GIL may wait to get it back
-                start = None
                 if layer == 0:
-                    start = torch.cuda.Event(enable_timing=True)
-                    start.record(st.stream)
+                    self.first_copy = torch.cuda.Event(enable_timing=True)
+                    self.first_copy.record(st.stream)
                 st.dev[s, : self.slot_bytes].copy_(st.host[s, : self.slot_bytes], non_blocking=True)
                 end = torch.cuda.Event(enable_timing=layer == self.num_layers - 1)
                 end.record(st.stream)
                 if self.checked:  # after `end`: the compute does not wait for the check
-                    if self._partial is not None:
-                        self._partial(st.dev[s], self.sum_table, self.got[layer])
-                    else:
-                        self.got[layer, :, 0] = kernels.checksums(st.dev[s], self.sum_table, self.sum_longest)
-                self.h2d[layer] = (start, end)
+                    kernels.checksum_partials(st.dev[s], self.sum_table, self.got[layer])
+                self.copied[layer] = end
         self.staged += 1
 
     def _compare(self, layer: int, got: torch.Tensor) -> None:
@@ -353,9 +332,8 @@ class LayerLoader:
         compares every layer's sums at once, one sync; on CPU the stager already checked)."""
         if self.got is None:
             return
-        for ev in self.h2d:
-            if ev is None:
-                raise RuntimeError("check() before every layer was staged")
+        if any(ev is None for ev in self.copied):
+            raise RuntimeError("check() before every layer was staged")
         torch.cuda.current_stream(self.staging.device).wait_stream(self.staging.stream)
         got = self.got.sum(dim=2)  # [L, P, 2]
         bad = (got != self.expected).any(dim=-1)  # [L, P]
@@ -365,16 +343,14 @@ class LayerLoader:
 
     def _assemble(self, layer: int) -> None:
         self.start()
-        self.timeline.append(("wait", layer, time.perf_counter() - self.t0))
         self._signals[layer].wait()
-        self.timeline.append(("ready", layer, time.perf_counter() - self.t0))
         if self._error is not None:
             raise self._error
         st = self.staging
         s = layer % self.depth
         if st.cuda:
             main = torch.cuda.current_stream(st.device)
-            main.wait_event(self.h2d[layer][1])
+            main.wait_event(self.copied[layer])
             start = torch.cuda.Event(enable_timing=True)
             start.record(main)
         kernels.rerotate_scatter_packed(
@@ -390,13 +366,14 @@ class LayerLoader:
 
     def seconds(self) -> dict[str, float]:
         """Load-side totals (call after the fusion synchronised): stager host time (copy + check),
-        device time of the H2D copies (side stream) and of the assembly kernels (main stream).
+        the span from the first H2D copy to the last (side stream), the device time of the assembly
+        kernels (main stream).
         They overlap the compute; the fusion's stage times show what was not hidden."""
         out = {"stage_host": self.host_seconds, "h2d": 0.0, "assemble": 0.0}
         if self.staging.cuda:
-            if self.h2d[0] is not None and self.h2d[-1] is not None:  # span: first copy to last
-                self.h2d[-1][1].synchronize()
-                out["h2d"] = self.h2d[0][0].elapsed_time(self.h2d[-1][1]) / 1e3
+            if self.first_copy is not None and self.copied[-1] is not None:  # span: first copy to last
+                self.copied[-1].synchronize()
+                out["h2d"] = self.first_copy.elapsed_time(self.copied[-1]) / 1e3
             out["assemble"] = sum(a.elapsed_time(b) / 1e3 for a, b in filter(None, self.asm))
         return out
 
@@ -411,6 +388,7 @@ def fuse_entries(
     config: FuseConfig | None = None,
     staging: Staging | None = None,
     verify: bool = True,
+    inspect: Callable[[int, dict, dict[str, torch.Tensor]], None] | None = None,
 ) -> FuseResult:
     """``fuse.fuse_kv`` over stored entries, loading layer by layer behind the compute.
 
@@ -422,7 +400,9 @@ def fuse_entries(
     whole, up front. A damaged entry raises
     ``CorruptEntryError`` before any of its layers is used; it must never be used silently.
     ``verify=False`` is only for a store checked by ``chunkcache verify`` since its last write.
-    ``stats["seconds"]`` gains ``read`` (header
+    ``inspect(i, header, parts)`` is called for every entry once its header and token sections
+    are checked and before anything is staged (the engine checks key inputs and token ids there;
+    it may raise). ``stats["seconds"]`` gains ``read`` (header
     parsing), ``stage_host``, ``h2d`` and ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
     """
     if not suffix_ids:
@@ -441,6 +421,9 @@ def fuse_entries(
                 check_layers[i] = True
             else:
                 verify_payload(e, header)
+    if inspect is not None:
+        for i, (header, parts) in enumerate(parsed):
+            inspect(i, header, parts)
     for header, parts in parsed:
         lengths.append(int(header["num_tokens"]))
         token_ids.append(parts["token_ids"])

@@ -20,7 +20,7 @@ import torch
 
 from chunkcache.engine import ChunkCache
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "musique_dev.json"
+DATA = Path(__file__).resolve().parent / "data" / "musique_dev.json"
 
 
 def main() -> None:

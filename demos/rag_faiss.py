@@ -48,7 +48,7 @@ from chunkcache.integrations.langchain import (
 )
 from chunkcache.model import cache_kwarg
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "musique_dev.json"
+DATA = Path(__file__).resolve().parent / "data" / "musique_dev.json"
 
 
 # ---- retrieval: MiniLM sentence embeddings + a FAISS index, as a plain LangChain retriever ----------

@@ -26,6 +26,7 @@ import torch
 
 from .reference import (
     PackedLayout,
+    checksum_partials_reference,
     checksums_reference,
     deviation_reference,
     rerotate_scatter_packed_reference,
@@ -35,6 +36,9 @@ from .reference import (
 
 __all__ = [
     "PackedLayout",
+    "checksum_blocks",
+    "checksum_partials",
+    "checksum_partials_reference",
     "checksums",
     "checksums_reference",
     "deviation",
@@ -100,6 +104,25 @@ def checksums(buf: torch.Tensor, table: torch.Tensor, longest: int | None = None
     else:
         fn = checksums_reference
     return fn(buf, table, longest)
+
+
+def checksum_blocks(longest: int, device: torch.device | str) -> int:
+    """Blocks per range that ``checksum_partials`` fills on ``device`` for ranges of at most
+    ``longest`` bytes (the size of ``out``'s dim 1)."""
+    if torch.device(device).type == "cuda" and triton_available():
+        return importlib.import_module(".checksum_triton", __name__).partial_blocks(longest)
+    return 1
+
+
+def checksum_partials(buf: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
+    """Per-block partial ``checksums`` into ``out`` [P, checksum_blocks(...), 2] int64, whose
+    ``sum(dim=1)`` is the sums: one launch and no allocation on the GPU, for loops that check many
+    layers and reduce once."""
+    if _use_triton(buf):
+        fn = importlib.import_module(".checksum_triton", __name__).checksums_partial
+    else:
+        fn = checksum_partials_reference
+    fn(buf, table, out)
 
 
 def selected_attention(

@@ -271,3 +271,10 @@ def checksums_reference(buf: torch.Tensor, table: torch.Tensor, longest: int | N
     (``longest``, the largest count, is only a launch hint for the kernel)."""
     rows = [sum64(buf[int(o) : int(o) + int(n)]) for o, n in table.tolist()]
     return torch.tensor(rows, dtype=torch.int64, device=buf.device).view(-1, 2)
+
+
+def checksum_partials_reference(buf: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
+    """``checksums_reference`` written into ``out`` [P, blocks, 2]: the sums in block 0, zeros in
+    the others, so ``out.sum(dim=1)`` is the sums, as with the kernel's per-block partials."""
+    out.zero_()
+    out[:, 0] = checksums_reference(buf, table).to(out.device)

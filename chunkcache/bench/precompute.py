@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+from chunkcache.bench import standalone
+from chunkcache.bench import sync as _sync
 from chunkcache.bench.quality import DEFAULT_DATA
 
 
@@ -101,15 +101,7 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="chunkcache bench precompute", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run_cli(p.parse_args(argv))
+main = standalone("chunkcache bench precompute", __doc__, add_arguments, run_cli)
 
 
 if __name__ == "__main__":

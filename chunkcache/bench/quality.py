@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from chunkcache.bench import standalone
 from chunkcache.model import cache_kwarg
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "musique_dev.json"
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "demos" / "data" / "musique_dev.json"  # in a checkout
 
 
 def normalize(s: str) -> str:
@@ -266,12 +267,6 @@ def plot(summary: dict, path: str | Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="chunkcache bench quality", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run_cli(p.parse_args(argv))
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=str(DEFAULT_DATA), help="MuSiQue-style JSON (question, answers, ctxs)")
     p.add_argument("--model", default="smollm2-135m", help="model name, HF id or path")
@@ -340,6 +335,9 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.plot:
         plot(res["summary"], args.plot)
     return 0
+
+
+main = standalone("chunkcache bench quality", __doc__, add_arguments, run_cli)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 import time
 
+from chunkcache.bench import standalone
 from chunkcache.bench.store import SHAPES, _best, _make_chunk
 from chunkcache.format import pack_chunk
 from chunkcache.layout import ChunkKV
@@ -189,10 +190,7 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="chunkcache bench redis", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run_cli(p.parse_args(argv))
+main = standalone("chunkcache bench redis", __doc__, add_arguments, run_cli)
 
 
 if __name__ == "__main__":

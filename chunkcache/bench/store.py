@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from chunkcache.bench import standalone
 from chunkcache.codec import CODECS
 from chunkcache.format import pack_chunk, unpack_chunk, unpack_parts
 from chunkcache.layout import ChunkKV
@@ -234,10 +235,7 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="chunkcache bench store", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run_cli(p.parse_args(argv))
+main = standalone("chunkcache bench store", __doc__, add_arguments, run_cli)
 
 
 if __name__ == "__main__":

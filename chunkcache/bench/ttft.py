@@ -38,6 +38,9 @@ from pathlib import Path
 
 import torch
 
+from chunkcache.bench import standalone
+from chunkcache.bench import sync as _sync
+
 SHAPES = {
     "llama3-8b": dict(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -68,11 +71,6 @@ def build_model(shape: str, dtype=torch.bfloat16, device: str = "cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     model.eval()
     return LoadedModel(model, None, check_config(cfg), f"random-{shape}", f"random-{shape}")
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _sync_time(fn):
@@ -415,10 +413,7 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="chunkcache bench ttft", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run_cli(p.parse_args(argv))
+main = standalone("chunkcache bench ttft", __doc__, add_arguments, run_cli)
 
 
 if __name__ == "__main__":
