@@ -290,7 +290,7 @@ class ChunkCache:
             self._check_entry(keys[i], header.get("meta", {}), parts["token_ids"], ids[i])
 
         try:
-            with entry_views(self.store, keys) as entries:
+            with entry_views(self.store, keys, self._staging) as entries:
                 t_load = time.perf_counter() - t0
                 res = fuse_entries(
                     self.lm, self.prefix_kv(), entries, self._prefix_ids, suffix, cfg, self._staging,

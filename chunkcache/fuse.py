@@ -273,7 +273,7 @@ def fuse_assembled(
     probe = None
     if policy.probe and schedule:
         probe = _Probe(lm, buf, ids_dev, q_pos, ctx_pos, source, graphs)
-        if graphs is not None:
+        if graphs is not None and graphs.probe_first:
             # The whole probe first, as graphs of a few layers each started as their layers
             # arrive: between groups the compute thread waits (without the GIL) instead of
             # competing with the stager with eager layers.

@@ -48,16 +48,20 @@ _ALIGN = 16  # byte alignment of every part inside a slot (dtype views, 16-byte 
 
 
 @contextmanager
-def entry_views(store, keys: Sequence[str]) -> Iterator[list]:
+def entry_views(store, keys: Sequence[str], staging: Staging | None = None) -> Iterator[list]:
     """The raw entries under ``keys``, as zero-copy views of the LMDB map where the store is an
     ``LMDBStore`` (valid only inside the ``with`` block), else as ``store.get_many`` bytes.
     Raises KeyError naming the first missing key. Hits are not counted (no access bookkeeping).
+    With a CUDA ``staging``, the store's map is registered first (``Staging.register``) so that
+    the views can be copied to the device directly.
 
     Hook: ``LMDBStore`` has no zero-copy read yet, so this opens a ``buffers=True`` read
     transaction on its environment directly (``_check`` and ``_db``)."""
     from chunkcache.store import LMDBStore
 
     if isinstance(store, LMDBStore):
+        if staging is not None:
+            staging.register(store)
         txn = store._check().begin(buffers=True)
         try:
             views = [txn.get(k.encode(), db=store._db) for k in keys]
@@ -89,6 +93,7 @@ class Staging:
         max_bytes: int = 1 << 30,
         copy_threads: int | None = None,
         graphs: bool = True,
+        register_limit: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         if copy_threads is None:  # measured on a 16-core H100 host: 4-8 fast, 16 starve the compute
@@ -108,19 +113,34 @@ class Staging:
             from chunkcache.graphs import FusionGraphs
 
             self.graphs = FusionGraphs()
+        self.maps = None
+        """CUDA registrations of LMDB stores' maps (``hostmap.MapRegistry``): entries inside them
+        are copied straight from the page cache to the device, without the pinned staging copy.
+        ``register_limit``: the largest store file registered (bytes; None: a quarter of physical
+        memory; 0: never, always stage through pinned memory)."""
+        if self.cuda and register_limit != 0:
+            from chunkcache.hostmap import MapRegistry
 
-    def slots(self, slot_bytes: int, layers: int) -> int:
-        """Make sure there are slots of ``slot_bytes``; return the depth (number of slots)."""
+            self.maps = MapRegistry(register_limit)
+
+    def slots(self, slot_bytes: int, layers: int, host: bool = True) -> int:
+        """Make sure there are slots of ``slot_bytes`` (``host=False``: device slots only, for
+        copies straight from a registered map); return the depth (number of slots)."""
         depth = max(2, min(layers, self.max_bytes // max(slot_bytes, 1)))
-        if self.host is None or self.host.shape[1] < slot_bytes or self.host.shape[0] < depth:
-            self.host = self.dev = None  # free the old pair before pinning the new one
-            self.host = torch.empty((depth, slot_bytes), dtype=torch.uint8, pin_memory=self.cuda)
-            self.dev = (
-                torch.empty((depth, slot_bytes), dtype=torch.uint8, device=self.device)
-                if self.cuda
-                else self.host
-            )
-        return min(depth, self.host.shape[0])
+        if self.dev is None or self.dev.shape[1] < slot_bytes or self.dev.shape[0] < depth:
+            self.host = self.dev = None  # free the old pair before allocating the new one
+            if self.cuda:
+                self.dev = torch.empty((depth, slot_bytes), dtype=torch.uint8, device=self.device)
+            else:
+                self.dev = self.host = torch.empty((depth, slot_bytes), dtype=torch.uint8)
+        if host and self.host is None:  # pinning costs ~0.1 s per GiB: only when a query needs it
+            self.host = torch.empty(self.dev.shape, dtype=torch.uint8, pin_memory=True)
+        return min(depth, self.dev.shape[0])
+
+    def register(self, store) -> bool:
+        """Page-lock ``store``'s map for direct copies if it is an LMDB store within the limit
+        (``hostmap.MapRegistry.register``); True when every entry in it is covered."""
+        return self.maps is not None and self.maps.register(store)
 
 
 @dataclass
@@ -178,12 +198,13 @@ class LayerLoader:
         self.num_layers = spec.num_layers
         check_layers = check_layers or [False] * len(parsed)
         self.layout = kernels.PackedLayout(self.codec, spec.kv_heads, spec.head_dim)
-        # Per part: where it sits in a slot, its per-layer views (one unbind) and the zero pad
-        # after it, so one torch.cat of [view, pad, view, ...] lands every part at its aligned
-        # slot offset; and, if it is checked, its sums.
+        # Per part: where it sits in a slot, its bytes as [L, per_layer] (indexed per layer by the
+        # stager, off the critical path) and the zero pad after it, so one torch.cat of
+        # [layer view, pad, layer view, ...] lands every part at its aligned slot offset; and, if
+        # it is checked, its sums.
         zeros = torch.zeros(_ALIGN, dtype=torch.uint8)
         self.parts: list[_Part] = []
-        self.layer_views: list[tuple[torch.Tensor, ...]] = []
+        self.flat: list[torch.Tensor] = []
         self.pads: list[torch.Tensor | None] = []
         off = 0
         for c, ((header, parts), dest) in enumerate(zip(parsed, offsets, strict=True)):
@@ -196,11 +217,17 @@ class LayerLoader:
                     sums = parts["layer_sums"][header["layer_sums_parts"].index(name)]
                 self.parts.append(_Part(c, name, off, per_layer, sums))
                 spec_c[name] = (off, t.dtype, tuple(t.shape[1:]))
-                self.layer_views.append(t.reshape(t.shape[0], -1).view(torch.uint8).unbind(0))
+                self.flat.append(t.reshape(t.shape[0], -1).view(torch.uint8))
                 gap = -per_layer % _ALIGN  # keeps every part aligned to its dtype
                 self.pads.append(zeros[:gap] if gap else None)
                 off += per_layer + gap
             self.layout.add(spec_c, dest)
+        # Direct copies: every part lies in a registered map (hostmap), so the copy engine reads
+        # the entries where they are; otherwise each layer is first packed into pinned memory.
+        maps = staging.maps
+        self.direct = maps is not None and all(
+            maps.covers(f.data_ptr(), f.numel()) for f in self.flat
+        )
         self.slot_bytes = off
         # Checksums: which parts, where in the slot, and what they must be, per layer.
         checked = [p for p in self.parts if p.sums is not None]
@@ -218,7 +245,7 @@ class LayerLoader:
         if checked and staging.cuda:
             blocks = kernels.checksum_blocks(self.sum_longest, dev)
             self.got = torch.zeros(spec.num_layers, len(checked), blocks, 2, dtype=torch.int64, device=dev)
-        self.depth = staging.slots(self.slot_bytes, self.num_layers)
+        self.depth = staging.slots(self.slot_bytes, self.num_layers, host=not self.direct)
         # Rotation of every chunk by its position delta (fp64 angles, as model.rotation).
         inv_freq = lm.model.model.rotary_emb.inv_freq.to(device=buf.device, dtype=torch.float64)
         deltas = torch.tensor(
@@ -259,12 +286,15 @@ class LayerLoader:
             self._thread.start()
 
     def close(self) -> None:
-        """Stop staging and wait for the stager (idempotent). Call before the entries' memory goes."""
+        """Stop staging and wait for the stager and for every copy it queued (idempotent). Call
+        before the entries' memory goes: direct copies read the map until they finish."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+        if self.staging.cuda:
+            self.staging.stream.synchronize()
 
     def _run(self) -> None:
         default_threads = torch.get_num_threads()
@@ -292,11 +322,26 @@ class LayerLoader:
         st = self.staging
         s = layer % self.depth
         t0 = time.perf_counter()
+        if self.direct:  # straight from the registered map: one call, one DMA per part
+            dev = st.dev[s]
+            src = [f[layer] for f in self.flat]
+            dst = [dev[p.slot_offset : p.slot_offset + p.nbytes] for p in self.parts]
+            with torch.cuda.stream(st.stream):
+                if layer >= self.depth:  # the device slot's previous layer must be assembled
+                    st.stream.wait_event(self.asm[layer - self.depth][1])
+                if layer == 0:
+                    self.first_copy = torch.cuda.Event(enable_timing=True)
+                    self.first_copy.record(st.stream)
+                torch._foreach_copy_(dst, src, non_blocking=True)
+                self._copied(layer, dev)
+            self.host_seconds += time.perf_counter() - t0
+            self.staged += 1
+            return
         if st.cuda and layer >= self.depth:
             self.copied[layer - self.depth].synchronize()  # the pinned slot's previous copy is done
         pieces = []
-        for views, pad in zip(self.layer_views, self.pads, strict=True):
-            pieces.append(views[layer])
+        for flat, pad in zip(self.flat, self.pads, strict=True):
+            pieces.append(flat[layer])
             if pad is not None:
                 pieces.append(pad)
         torch.cat(pieces, out=st.host[s, : self.slot_bytes])
@@ -312,12 +357,17 @@ class LayerLoader:
                     self.first_copy = torch.cuda.Event(enable_timing=True)
                     self.first_copy.record(st.stream)
                 st.dev[s, : self.slot_bytes].copy_(st.host[s, : self.slot_bytes], non_blocking=True)
-                end = torch.cuda.Event(enable_timing=layer == self.num_layers - 1)
-                end.record(st.stream)
-                if self.checked:  # after `end`: the compute does not wait for the check
-                    kernels.checksum_partials(st.dev[s], self.sum_table, self.got[layer])
-                self.copied[layer] = end
+                self._copied(layer, st.dev[s])
         self.staged += 1
+
+    def _copied(self, layer: int, dev_slot: torch.Tensor) -> None:
+        """On the side stream, after layer ``layer``'s copy into ``dev_slot`` was queued: its
+        event, then the checksum kernel (after the event: the compute does not wait for it)."""
+        end = torch.cuda.Event(enable_timing=layer == self.num_layers - 1)
+        end.record(self.staging.stream)
+        if self.checked:
+            kernels.checksum_partials(dev_slot, self.sum_table, self.got[layer])
+        self.copied[layer] = end
 
     def _compare(self, layer: int, got: torch.Tensor) -> None:
         bad = (got.cpu() != self.expected[layer].cpu()).any(dim=-1).nonzero()
@@ -469,5 +519,6 @@ def fuse_entries(
     secs["h2d"] = load["h2d"]
     secs["assemble"] = load["assemble"]
     res.stats["codec"] = loader.codec
+    res.stats["direct_copies"] = loader.direct
     res.stats["pipeline_depth"] = loader.depth
     return res

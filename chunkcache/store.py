@@ -360,6 +360,7 @@ class LMDBStore(Store):
         self._last_flush = time.monotonic()
         self._hits = self._misses = self._evictions = 0
         self._real = os.path.realpath(self.path)
+        self._unmap_hooks: list[Callable[[], None]] = []
         if _OPEN_PATHS.get(self._real) == self._pid:
             raise StoreError(f"chunk store {self.path} is already open in this process; reuse that handle")
         if readonly and not os.path.isfile(os.path.join(self.path, "data.mdb")):
@@ -406,11 +407,22 @@ class LMDBStore(Store):
             )
         return self._env
 
+    def on_unmap(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` once, just before this handle unmaps its memory map (``close``, or growing
+        the map, which may move it). For whatever holds addresses inside the map (``hostmap``)."""
+        self._unmap_hooks.append(hook)
+
+    def _unmapping(self) -> None:
+        hooks, self._unmap_hooks = self._unmap_hooks, []
+        for hook in hooks:
+            hook()
+
     def _begin(self, write: bool = False) -> lmdb.Transaction:
         env = self._check()
         try:
             return env.begin(write=write)
         except lmdb.MapResizedError:  # another process grew the map: adopt its size
+            self._unmapping()
             env.set_mapsize(0)
             return env.begin(write=write)
 
@@ -428,6 +440,7 @@ class LMDBStore(Store):
                         result = fn(txn)
                 except lmdb.MapFullError:  # aborted: nothing happened; grow and redo it all
                     self._pending, self._evictions = pending, evictions
+                    self._unmapping()
                     env.set_mapsize(max(env.info()["map_size"] * 2, nbytes * 4))
                     continue
                 except lmdb.Error as e:
@@ -632,6 +645,7 @@ class LMDBStore(Store):
             self.flush()
         except StoreError as e:
             warnings.warn(f"chunkcache: access times not saved on close: {e}", stacklevel=2)
+        self._unmapping()
         self._env.close()
         self._env = None
         _OPEN_PATHS.pop(self._real, None)
@@ -639,6 +653,7 @@ class LMDBStore(Store):
     def __del__(self) -> None:
         try:
             if self._env is not None and os.getpid() == self._pid:
+                self._unmapping()
                 self._env.close()
                 _OPEN_PATHS.pop(self._real, None)
         except Exception:

@@ -335,3 +335,82 @@ def test_cuda_graphs_replay_equals_eager(gpu_tokenizer, policy, ratio):
     for r in padded:
         assert set(eager.selected.tolist()) <= set(r.selected.tolist()) or policy == "gradual"
         assert r.stats["recomputed_tokens"] >= eager.stats["recomputed_tokens"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("codec", ["raw", "int4"])
+def test_cuda_direct_copies_from_registered_map(gpu_tokenizer, tmp_path, codec):
+    """Entries copied straight from the page-locked LMDB map (``hostmap``) give exactly what the
+    pinned staging gives; the registration follows the store as it grows and its map moves; a
+    byte damaged in the file (the very pages the GPU reads) is refused; close unregisters."""
+    import os
+
+    from chunkcache.errors import CorruptEntryError
+    from chunkcache.hostmap import _mapping_base
+
+    store = LMDBStore(tmp_path / "s", map_size=1 << 16)  # tiny: every write batch grows (moves) the map
+    cpu = _engine(gpu_tokenizer, codec, store=store)
+    keys, _ = _entries_and_chunks(cpu, PASSAGES[:3])
+    gpu = ChunkCache(model=tiny_model("llama").to("cuda"), tokenizer=gpu_tokenizer, store=None, codec=codec)
+    sfx = gpu.template.suffix_ids(QUESTION)
+    cfg = FuseConfig(recompute_ratio=0.3, policy="qaware")
+    staged = Staging("cuda", graphs=False, register_limit=0)
+    direct = Staging("cuda", graphs=False)
+
+    def run(st, ks):
+        with entry_views(store, ks, st) as entries:
+            return fuse_entries(gpu.lm, gpu.prefix_kv(), entries, gpu._prefix_ids, sfx, cfg, st)
+
+    a, b = run(staged, keys), run(direct, keys)
+    assert not a.stats["direct_copies"] and b.stats["direct_copies"]
+    assert direct.maps.registered_bytes(store) > 0
+    assert torch.equal(a.selected, b.selected) and torch.equal(a.logits, b.logits)
+    assert torch.equal(a.kv, b.kv)
+
+    size0 = store._env.info()["map_size"]
+    cpu.precompute(PASSAGES[3:])  # grows the file and the map: the old registration is dropped
+    assert store._env.info()["map_size"] > size0
+    assert direct.maps.registered_bytes(store) == 0
+    keys = keys + [cpu.key(t) for t in PASSAGES[3:]]
+    c, d = run(direct, keys), run(staged, keys)
+    assert c.stats["direct_copies"] and not d.stats["direct_copies"]
+    assert torch.equal(c.logits, d.logits) and torch.equal(c.kv, d.kv)
+
+    # flip one byte of entry 1's layer 1 in the file itself (through the page cache)
+    from chunkcache.format import read_header
+
+    data = os.path.join(store.path, "data.mdb")
+    with entry_views(store, [keys[1]]) as (view,):
+        h = read_header(view)
+        sec = h["sections"]["kv" if codec == "raw" else "k_q"]
+        addr = torch.frombuffer(view, dtype=torch.uint8).data_ptr()
+        where = addr - _mapping_base(data) + h["payload_offset"] + sec["offset"]
+        where += sec["nbytes"] // sec["shape"][0] + 5
+    fd = os.open(data, os.O_RDWR)
+    try:
+        old = os.pread(fd, 1, where)
+        os.pwrite(fd, bytes([old[0] ^ 0x10]), where)
+        with pytest.raises(CorruptEntryError, match="chunk 1 .*layer 1"):
+            run(direct, keys)
+        os.pwrite(fd, old, where)
+    finally:
+        os.close(fd)
+    assert torch.equal(run(direct, keys).logits, c.logits)
+    store.close()  # unregisters before LMDB unmaps
+    assert direct.maps.registered_bytes(store) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_store_over_register_limit_is_staged(gpu_tokenizer, tmp_path):
+    store = LMDBStore(tmp_path / "s")
+    cpu = _engine(gpu_tokenizer, "int8", store=store)
+    keys, _ = _entries_and_chunks(cpu, PASSAGES[:2])
+    gpu = ChunkCache(model=tiny_model("llama").to("cuda"), tokenizer=gpu_tokenizer, store=None, codec="int8")
+    st = Staging("cuda", graphs=False, register_limit=4096)  # smaller than the file
+    with entry_views(store, keys, st) as entries:
+        res = fuse_entries(gpu.lm, gpu.prefix_kv(), entries, gpu._prefix_ids, gpu.template.suffix_ids(QUESTION), staging=st)
+    assert not res.stats["direct_copies"] and st.maps.registered_bytes(store) == 0
+    assert torch.isfinite(res.logits).all()
+    store.close()

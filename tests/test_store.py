@@ -277,3 +277,20 @@ def test_pack_then_store_round_trip(tmp_path):
         s.put("k", pack_chunk(c, "int8", {}))
         out = load_chunk(s, "k")
     assert out.num_tokens == 5 and out.meta == c.meta
+
+
+def test_unmap_hooks_run_before_the_map_moves_or_closes(tmp_path):
+    """``on_unmap`` hooks (``hostmap`` drops its CUDA registration there) run once before a map
+    resize and before close; a handle's map is never unmapped behind their back."""
+    store = LMDBStore(tmp_path / "s", map_size=1 << 16)
+    calls = []
+    store.on_unmap(lambda: calls.append("a"))
+    store.put("k", b"x" * 100)
+    assert calls == []
+    store.put("big", os.urandom(1 << 18))  # MapFullError: the map grows
+    assert calls == ["a"]
+    store.put("big2", os.urandom(1 << 19))
+    assert calls == ["a"]  # one-shot
+    store.on_unmap(lambda: calls.append("b"))
+    store.close()
+    assert calls == ["a", "b"]

@@ -11,13 +11,15 @@ Per context length (chunks back to back behind a 32-token prefix, a 32-token que
 
 Stages (median over ``--reps`` after ``--warmup`` runs): ``read`` (header parse and the token
 sections' checksums, host), probe / check / recompute (GPU timeline, CUDA events: they include
-waiting for loads that were not hidden), and the overlapped load work: ``stage_host`` (copy
-LMDB map -> pinned and check each layer's crc32, worker threads),
-``h2d`` (side stream) and ``assemble`` (rerotate/scatter kernels). ``total`` is host wall time
+waiting for loads that were not hidden), and the overlapped load work: ``stage_host`` (stager
+thread: queueing direct copies from the registered LMDB map, or packing each layer into pinned
+memory with ``--staged``), ``h2d`` (side stream: copies and checksum kernels) and ``assemble``
+(rerotate/scatter kernels). ``total`` is host wall time
 from the store lookup to the first token's logits on the host side of a synchronise: the TTFT.
 The store keeps ``--distinct`` different entries; longer contexts reuse them (the same work as
 distinct entries with a warm page cache). ``--cold`` drops the store file from the page cache
-(posix_fadvise) before one more run at 8K. Throughput: ``--batch`` queries, each 8 of 16 shared
+(posix_fadvise) before one more run at 8K, through pinned staging (a registered map is
+page-locked, so it cannot be cold). Throughput: ``--batch`` queries, each 8 of 16 shared
 chunks, run one after another (no batching across queries), against full prefill one by one and
 batched.
 
@@ -108,6 +110,7 @@ def run(
     reps: int = 3,
     distinct: int = 16,
     cold: bool = True,
+    staged: bool = False,
     batch: int = 8,
     folder: str | None = None,
     partial: str | None = None,
@@ -161,7 +164,7 @@ def run(
     del kvs
     log(f"stores written: {', '.join(f'{c} {b / 2**20:.1f} MiB/chunk' for c, b in entry_bytes.items())}")
 
-    staging = Staging(dev)
+    staging = Staging(dev, register_limit=0 if staged else None)
     out = {
         "model": model,
         "device": dev_name,
@@ -170,14 +173,15 @@ def run(
         "ratio": ratio,
         "distinct_entries": distinct,
         "entry_bytes": entry_bytes,
+        "staged": staged,
         "rows": [],
         "throughput": None,
         "cold": [],
     }
 
-    def fused_once(codec, cfg, ks):
-        with entry_views(stores[codec], ks) as entries:
-            res = fuse_entries(lm, prefix_kv, entries, prefix_ids, question, cfg, staging)
+    def fused_once(codec, cfg, ks, st=staging):
+        with entry_views(stores[codec], ks, st) as entries:
+            res = fuse_entries(lm, prefix_kv, entries, prefix_ids, question, cfg, st)
         res.logits.cpu()  # the first token is known on the host
         return res
 
@@ -217,6 +221,7 @@ def run(
                     "recomputed_tokens": res.stats["recomputed_tokens"],
                     "compute_fraction": res.stats["compute_fraction"],
                     "pipeline_depth": res.stats["pipeline_depth"],
+                    "direct_copies": res.stats["direct_copies"],
                     "top1_equals_full": bool(res.logits.argmax().item() == full_logits.argmax().item()),
                 }
                 row["methods"].append(m)
@@ -262,7 +267,8 @@ def run(
             os.close(fd)
             stores[codec] = LMDBStore(os.path.join(root, codec), map_size=1 << 34)
             cfg = FuseConfig(recompute_ratio=ratio, policy="qaware")
-            t, res = _sync_time(lambda codec=codec, cfg=cfg: fused_once(codec, cfg, ks))
+            cold_staging = Staging(dev, register_limit=0)
+            t, res = _sync_time(lambda codec=codec, cfg=cfg: fused_once(codec, cfg, ks, cold_staging))
             out["cold"].append(
                 {"context": 8192, "codec": codec, "ttft_s": t, "stages_s": res.stats["seconds"]}
             )
@@ -372,6 +378,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch", type=int, default=8, help="queries in the throughput test (0: skip)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold page-cache run")
+    p.add_argument(
+        "--staged", action="store_true", help="never register the store's map: copy through pinned memory"
+    )
     p.add_argument("--dir", default=None, help="folder for the temporary stores")
     p.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only smoke-tests it")
     p.add_argument("--out", default="bench_results/ttft", help="output prefix: .json, .md and .png")
@@ -389,6 +398,7 @@ def run_cli(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             reps=args.reps,
             cold=not args.no_cold,
+            staged=args.staged,
             batch=args.batch,
             folder=args.dir,
             partial=f"{args.out}_{shape}.partial.json",
