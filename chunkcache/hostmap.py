@@ -11,7 +11,7 @@ the entries' per-layer sums after they land (``pipeline.LayerLoader``).
     reg = MapRegistry(limit=8 << 30)
     if reg.register(store):                  # registers the written part of data.mdb (once, and
         ...                                  # again for what the file grew by since)
-    reg.covers(ptr, nbytes)                  # is [ptr, ptr + nbytes) inside one registered extent?
+    reg.covers(ptr, nbytes)                  # is [ptr, ptr + nbytes) inside a registered extent?
 
 Costs and rules:
 - Registering pins the file's pages in RAM (about 0.2 s per GiB, once per process and extent):
@@ -145,12 +145,10 @@ class MapRegistry:
             reg.extents.append((end, reg.base + size))
             return True
 
-    def covers(self, store, ptr: int, nbytes: int) -> bool:
-        """Whether ``[ptr, ptr + nbytes)`` lies inside one registered extent of ``store``'s map."""
-        reg = self._regs.get(store)
-        if reg is None:
-            return False
-        return any(a <= ptr and ptr + nbytes <= b for a, b in reg.extents)
+    def covers(self, ptr: int, nbytes: int) -> bool:
+        """Whether ``[ptr, ptr + nbytes)`` lies inside one registered extent (of any store)."""
+        with self._lock:
+            return any(a <= ptr and ptr + nbytes <= b for r in self._regs.values() for a, b in r.extents)
 
     def registered_bytes(self, store) -> int:
         reg = self._regs.get(store)

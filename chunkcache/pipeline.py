@@ -123,10 +123,12 @@ class Staging:
 
             self.maps = MapRegistry(register_limit)
 
-    def slots(self, slot_bytes: int, layers: int, host: bool = True) -> int:
+    def slots(self, slot_bytes: int, layers: int, host: bool = True, multiple: int = 1) -> int:
         """Make sure there are slots of ``slot_bytes`` (``host=False``: device slots only, for
-        copies straight from a registered map); return the depth (number of slots)."""
-        depth = max(2, min(layers, self.max_bytes // max(slot_bytes, 1)))
+        copies straight from a registered map); return the depth (number of slots), a multiple of
+        ``multiple`` and at least twice it."""
+        fits = self.max_bytes // max(slot_bytes, 1) // multiple * multiple
+        depth = max(2 * multiple, min(-(-layers // multiple) * multiple, fits))
         if self.dev is None or self.dev.shape[1] < slot_bytes or self.dev.shape[0] < depth:
             self.host = self.dev = None  # free the old pair before allocating the new one
             if self.cuda:
@@ -135,7 +137,7 @@ class Staging:
                 self.dev = self.host = torch.empty((depth, slot_bytes), dtype=torch.uint8)
         if host and self.host is None:  # pinning costs ~0.1 s per GiB: only when a query needs it
             self.host = torch.empty(self.dev.shape, dtype=torch.uint8, pin_memory=True)
-        return min(depth, self.dev.shape[0])
+        return depth
 
     def register(self, store) -> bool:
         """Page-lock ``store``'s map for direct copies if it is an LMDB store within the limit
@@ -171,6 +173,9 @@ class LayerLoader:
     Per layer, every chunk's parts are packed at the same slot offsets (all layers of a chunk
     have the same part shapes), so the launch table is built once."""
 
+    DIRECT_GROUP = 4
+    """Layers per copy when copying straight from a registered map."""
+
     def __init__(
         self,
         lm: LoadedModel,
@@ -197,7 +202,6 @@ class LayerLoader:
         self.codec = codecs.pop()
         self.num_layers = spec.num_layers
         check_layers = check_layers or [False] * len(parsed)
-        self.layout = kernels.PackedLayout(self.codec, spec.kv_heads, spec.head_dim)
         # Per part: where it sits in a slot, its bytes as [L, per_layer] (indexed per layer by the
         # stager, off the critical path) and the zero pad after it, so one torch.cat of
         # [layer view, pad, layer view, ...] lands every part at its aligned slot offset; and, if
@@ -206,9 +210,10 @@ class LayerLoader:
         self.parts: list[_Part] = []
         self.flat: list[torch.Tensor] = []
         self.pads: list[torch.Tensor | None] = []
+        shapes: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = []
         off = 0
-        for c, ((header, parts), dest) in enumerate(zip(parsed, offsets, strict=True)):
-            spec_c = {}
+        for c, (header, parts) in enumerate(parsed):
+            shapes.append({})
             for name in kernels.reference.CODEC_PARTS[self.codec]:
                 t = parts[name]  # [L, ...] CPU view of the entry
                 per_layer = t[0].numel() * t.element_size()
@@ -216,25 +221,44 @@ class LayerLoader:
                 if check_layers[c]:
                     sums = parts["layer_sums"][header["layer_sums_parts"].index(name)]
                 self.parts.append(_Part(c, name, off, per_layer, sums))
-                spec_c[name] = (off, t.dtype, tuple(t.shape[1:]))
+                shapes[c][name] = (t.dtype, tuple(t.shape[1:]))
                 self.flat.append(t.reshape(t.shape[0], -1).view(torch.uint8))
                 gap = -per_layer % _ALIGN  # keeps every part aligned to its dtype
                 self.pads.append(zeros[:gap] if gap else None)
                 off += per_layer + gap
-            self.layout.add(spec_c, dest)
+        self.slot_bytes = off
         # Direct copies: every part lies in a registered map (hostmap), so the copy engine reads
         # the entries where they are; otherwise each layer is first packed into pinned memory.
+        # A direct copy moves `group` layers of a part at once (its layers are contiguous in the
+        # entry; per-copy overhead, not bytes, bounds the small parts of int8/int4) into a group
+        # buffer of `group` consecutive slots, where part p's layer j sits at
+        # group * slot_offset + j * nbytes. One launch table per j.
         maps = staging.maps
-        self.direct = maps is not None and all(
-            maps.covers(f.data_ptr(), f.numel()) for f in self.flat
-        )
-        self.slot_bytes = off
-        # Checksums: which parts, where in the slot, and what they must be, per layer.
+        self.direct = maps is not None and all(maps.covers(f.data_ptr(), f.numel()) for f in self.flat)
+        aligned = all(p.nbytes % _ALIGN == 0 for p in self.parts)
+        self.group = min(self.DIRECT_GROUP, self.num_layers) if self.direct and aligned else 1
+        g = self.group
+        self.layouts = []
+        for j in range(g):
+            layout = kernels.PackedLayout(self.codec, spec.kv_heads, spec.head_dim)
+            it = iter(self.parts)
+            for c, dest in enumerate(offsets):
+                where = {}
+                for name, (dtype, shape) in shapes[c].items():
+                    p = next(it)
+                    where[name] = (g * p.slot_offset + j * p.nbytes, dtype, shape)
+                layout.add(where, dest)
+            layout.meta(buf.device)  # build the launch table now, off the layer loop
+            self.layouts.append(layout)
+        self.depth = staging.slots(self.slot_bytes, self.num_layers, not self.direct, g)
+        # Checksums: which parts, where in the slot (per j of a group), and what they must be.
         checked = [p for p in self.parts if p.sums is not None]
         self.checked = checked
         dev = staging.device
-        self.sum_table = torch.tensor([[p.slot_offset, p.nbytes] for p in checked], dtype=torch.int64)
-        self.sum_table = self.sum_table.view(-1, 2).to(dev)
+        self.sum_tables = torch.tensor(
+            [[[g * p.slot_offset + j * p.nbytes, p.nbytes] for p in checked] for j in range(g)],
+            dtype=torch.int64,
+        ).view(g, -1, 2).to(dev)
         self.sum_longest = max((p.nbytes for p in checked), default=0)
         self.expected = (
             torch.stack([p.sums for p in checked], dim=1).to(dev)  # [L, P, 2]
@@ -245,7 +269,6 @@ class LayerLoader:
         if checked and staging.cuda:
             blocks = kernels.checksum_blocks(self.sum_longest, dev)
             self.got = torch.zeros(spec.num_layers, len(checked), blocks, 2, dtype=torch.int64, device=dev)
-        self.depth = staging.slots(self.slot_bytes, self.num_layers, host=not self.direct)
         # Rotation of every chunk by its position delta (fp64 angles, as model.rotation).
         inv_freq = lm.model.model.rotary_emb.inv_freq.to(device=buf.device, dtype=torch.float64)
         deltas = torch.tensor(
@@ -255,7 +278,6 @@ class LayerLoader:
         angles = deltas[:, None] * inv_freq[None, :]
         emb = torch.cat([angles, angles], dim=1)
         self.cos, self.sin = emb.cos().float().contiguous(), emb.sin().float().contiguous()  # [C, D]
-        self.layout.meta(buf.device)  # build the launch table now, off the layer loop
         self.offsets = list(offsets)
         self.staged = 0  # layers staged so far (stager thread)
         self.assembled = 0  # layers assembled so far (compute thread)
@@ -302,14 +324,19 @@ class LayerLoader:
             # this thread's copies (OpenMP threads are per calling thread); restored below, since
             # torch also keeps the number as the default of threads that start later
             torch.set_num_threads(self.staging.copy_threads)
-            for layer in range(self.num_layers):
-                with self._cond:
-                    while not self._stop and layer - self.depth >= self.assembled:
+            for first in range(0, self.num_layers, self.group):
+                stop = min(self.num_layers, first + self.group)
+                with self._cond:  # the slots' previous tenants must be assembled
+                    while not self._stop and stop - 1 - self.depth >= self.assembled:
                         self._cond.wait()
                     if self._stop:
                         return
-                self._stage(layer)
-                self._signals[layer].set()
+                if self.direct:
+                    self._stage_direct(first, stop)
+                else:
+                    self._stage(first)
+                for layer in range(first, stop):
+                    self._signals[layer].set()
         except BaseException as e:  # handed to the compute thread, raised there
             self._error = e
         finally:
@@ -318,25 +345,43 @@ class LayerLoader:
                 s.set()
 
     # -- internals ----------------------------------------------------------------------------
+    def _stage_direct(self, first: int, stop: int) -> None:
+        """Layers ``first .. stop - 1`` (one group) straight from the registered map into their
+        group buffer: one call, one contiguous copy per part."""
+        st = self.staging
+        t0 = time.perf_counter()
+        g = self.group
+        gbuf = self._slot(first)
+        src = [f[first:stop].reshape(-1) for f in self.flat]
+        dst = [gbuf[g * p.slot_offset : g * p.slot_offset + (stop - first) * p.nbytes] for p in self.parts]
+        if not st.cuda:  # (CPU: only where a test hands it a registry; checked before use)
+            torch._foreach_copy_(dst, src)
+            for layer in range(first, stop):
+                if self.checked:
+                    got = kernels.checksums(gbuf, self.sum_tables[layer % g], self.sum_longest)
+                    self._compare(layer, got)
+        else:
+            with torch.cuda.stream(st.stream):
+                if stop - 1 >= self.depth:  # every slot's previous layer must be assembled
+                    st.stream.wait_event(self.asm[stop - 1 - self.depth][1])
+                if first == 0:
+                    self.first_copy = torch.cuda.Event(enable_timing=True)
+                    self.first_copy.record(st.stream)
+                torch._foreach_copy_(dst, src, non_blocking=True)
+                for layer in range(first, stop):
+                    self._copied(layer, gbuf)
+        self.host_seconds += time.perf_counter() - t0
+        self.staged += stop - first
+
+    def _slot(self, layer: int) -> torch.Tensor:
+        """The 1-D buffer that holds ``layer``: its group's consecutive slots, flattened."""
+        s0 = (layer - layer % self.group) % self.depth
+        return self.staging.dev[s0 : s0 + self.group].view(-1)
+
     def _stage(self, layer: int) -> None:
         st = self.staging
         s = layer % self.depth
         t0 = time.perf_counter()
-        if self.direct:  # straight from the registered map: one call, one DMA per part
-            dev = st.dev[s]
-            src = [f[layer] for f in self.flat]
-            dst = [dev[p.slot_offset : p.slot_offset + p.nbytes] for p in self.parts]
-            with torch.cuda.stream(st.stream):
-                if layer >= self.depth:  # the device slot's previous layer must be assembled
-                    st.stream.wait_event(self.asm[layer - self.depth][1])
-                if layer == 0:
-                    self.first_copy = torch.cuda.Event(enable_timing=True)
-                    self.first_copy.record(st.stream)
-                torch._foreach_copy_(dst, src, non_blocking=True)
-                self._copied(layer, dev)
-            self.host_seconds += time.perf_counter() - t0
-            self.staged += 1
-            return
         if st.cuda and layer >= self.depth:
             self.copied[layer - self.depth].synchronize()  # the pinned slot's previous copy is done
         pieces = []
@@ -346,7 +391,7 @@ class LayerLoader:
                 pieces.append(pad)
         torch.cat(pieces, out=st.host[s, : self.slot_bytes])
         if self.checked and not st.cuda:  # CPU: check before the layer can be used
-            self._compare(layer, kernels.checksums(st.host[s], self.sum_table, self.sum_longest))
+            self._compare(layer, kernels.checksums(st.host[s], self.sum_tables[0], self.sum_longest))
         self.host_seconds += time.perf_counter() - t0
         if st.cuda:
             with torch.cuda.stream(st.stream):
@@ -366,7 +411,7 @@ class LayerLoader:
         end = torch.cuda.Event(enable_timing=layer == self.num_layers - 1)
         end.record(self.staging.stream)
         if self.checked:
-            kernels.checksum_partials(dev_slot, self.sum_table, self.got[layer])
+            kernels.checksum_partials(dev_slot, self.sum_tables[layer % self.group], self.got[layer])
         self.copied[layer] = end
 
     def _compare(self, layer: int, got: torch.Tensor) -> None:
@@ -397,15 +442,15 @@ class LayerLoader:
         if self._error is not None:
             raise self._error
         st = self.staging
-        s = layer % self.depth
         if st.cuda:
             main = torch.cuda.current_stream(st.device)
             main.wait_event(self.copied[layer])
             start = torch.cuda.Event(enable_timing=True)
             start.record(main)
         kernels.rerotate_scatter_packed(
-            self.layout, st.dev[s], self.cos, self.sin, self.buf[layer, 0], self.buf[layer, 1]
-        )
+            self.layouts[layer % self.group], self._slot(layer), self.cos, self.sin,
+            self.buf[layer, 0], self.buf[layer, 1],
+        )  # fmt: skip
         if st.cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record(main)

@@ -369,9 +369,11 @@ def test_cuda_direct_copies_from_registered_map(gpu_tokenizer, tmp_path, codec):
     assert torch.equal(a.kv, b.kv)
 
     size0 = store._env.info()["map_size"]
-    cpu.precompute(PASSAGES[3:])  # grows the file and the map: the old registration is dropped
+    store.put("filler", os.urandom(4 * size0))  # grows the file and the map: the registration is dropped
     assert store._env.info()["map_size"] > size0
     assert direct.maps.registered_bytes(store) == 0
+    assert run(direct, keys).stats["direct_copies"]  # registered again, whole
+    cpu.precompute(PASSAGES[3:])  # the file grows inside the map: one more extent
     keys = keys + [cpu.key(t) for t in PASSAGES[3:]]
     c, d = run(direct, keys), run(staged, keys)
     assert c.stats["direct_copies"] and not d.stats["direct_copies"]
@@ -414,3 +416,39 @@ def test_cuda_store_over_register_limit_is_staged(gpu_tokenizer, tmp_path):
     assert not res.stats["direct_copies"] and st.maps.registered_bytes(store) == 0
     assert torch.isfinite(res.logits).all()
     store.close()
+
+
+class _CoversAll:
+    """A stand-in map registry that claims every entry is registered: drives the direct-copy
+    path (layer groups, per-j launch tables and checksum tables) on the CPU."""
+
+    def covers(self, ptr: int, nbytes: int) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4"])
+def test_cpu_direct_group_copies_equal_fuse_kv(smol_tokenizer, codec):
+    from chunkcache.errors import CorruptEntryError
+    from chunkcache.format import read_header
+
+    eng = _engine(smol_tokenizer, codec, model=tiny_model("llama", num_hidden_layers=10))
+    keys, chunks = _entries_and_chunks(eng)
+    cfg = FuseConfig(recompute_ratio=0.3, policy="qaware")
+    sfx = eng.template.suffix_ids(QUESTION)
+    ref = fuse_kv(eng.lm, eng.prefix_kv(), chunks, eng._prefix_ids, sfx, cfg)
+    for max_bytes in (1 << 30, 1):  # every layer in its own slots; 2 groups of 4 slots, reused
+        st = Staging("cpu", max_bytes=max_bytes)
+        st.maps = _CoversAll()
+        with entry_views(eng.store, keys) as entries:
+            got = fuse_entries(eng.lm, eng.prefix_kv(), entries, eng._prefix_ids, sfx, cfg, st)
+        assert got.stats["direct_copies"] and got.stats["pipeline_depth"] == (12 if max_bytes > 1 else 8)
+        assert torch.equal(got.kv, ref.kv) and torch.equal(got.logits, ref.logits)
+    # a flipped byte in layer 6 (the second group) of chunk 1 is caught where its group lands
+    entries = [bytearray(eng.store.get(k)) for k in keys]
+    h = read_header(entries[1])
+    sec = h["sections"]["kv" if codec == "raw" else "v_q"]
+    entries[1][h["payload_offset"] + sec["offset"] + sec["nbytes"] // sec["shape"][0] * 6 + 9] ^= 1
+    st = Staging("cpu")
+    st.maps = _CoversAll()
+    with pytest.raises(CorruptEntryError, match="chunk 1 .*layer 6"):
+        fuse_entries(eng.lm, eng.prefix_kv(), [bytes(e) for e in entries], eng._prefix_ids, sfx, cfg, st)
