@@ -566,4 +566,5 @@ def fuse_entries(
     res.stats["codec"] = loader.codec
     res.stats["direct_copies"] = loader.direct
     res.stats["pipeline_depth"] = loader.depth
+    res.stats["copy_group"] = loader.group
     return res

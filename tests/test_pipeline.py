@@ -441,7 +441,9 @@ def test_cpu_direct_group_copies_equal_fuse_kv(smol_tokenizer, codec):
         st.maps = _CoversAll()
         with entry_views(eng.store, keys) as entries:
             got = fuse_entries(eng.lm, eng.prefix_kv(), entries, eng._prefix_ids, sfx, cfg, st)
-        assert got.stats["direct_copies"] and got.stats["pipeline_depth"] == (12 if max_bytes > 1 else 8)
+        group = got.stats["copy_group"]  # 1 where a part's layer size is not 16-byte aligned
+        assert got.stats["direct_copies"] and group in ((4,) if codec == "raw" else (1, 4))
+        assert got.stats["pipeline_depth"] == ((12 if max_bytes > 1 else 8) if group == 4 else (10 if max_bytes > 1 else 2))
         assert torch.equal(got.kv, ref.kv) and torch.equal(got.logits, ref.logits)
     # a flipped byte in layer 6 (the second group) of chunk 1 is caught where its group lands
     entries = [bytearray(eng.store.get(k)) for k in keys]
