@@ -450,8 +450,12 @@ class _Probe:
         else:
             group = q.shape[0] // keys.shape[0]
             scores = torch.einsum("hqd,hkd->hqk", q.float(), keys.float().repeat_interleave(group, 0)) * scale
-        scores = scores.masked_fill(~mask[None], float("-inf"))
-        row = scores.softmax(-1).mean(dim=(0, 1))  # [N]
+        probs = scores.masked_fill(~mask[None], float("-inf")).softmax(-1)
+        row = probs.mean(dim=(0, 1))  # [N]
+        if keys.is_cuda:  # the attention output from the same probabilities: one batched matmul
+            # (the selected-attention kernel would run on a grid of one block per head here)
+            out = torch.matmul(probs.view(hkv, group * nq, -1).to(buf.dtype), buf[li, 1])
+            return M.layer_finish(self.lm.model.model.layers[li], h, out.view(q.shape)), row
         return _attend_finish(self.lm, buf, li, h, q, q_pos), row
 
     @torch.no_grad()

@@ -145,10 +145,30 @@ class QAware:
         return _top(ctx, score, k)
 
 
+class QFast(QAware):
+    """Question-aware without the full-width layer: the probe's attention alone picks the tokens
+    before layer 0, so no layer runs over every chunk token (only layer 0's K/V projections do,
+    as every check layer's, which refreshes every candidate's layer-0 K/V).
+
+    QAware needs layer 1's fresh V of every chunk token for its deviation term, so layer 0 runs
+    at full width: about 1/L of a full prefill, on the critical path. In the policy search
+    (BENCHMARKS.md section 1) probe attention alone closed 83.8% of the KL gap against 84.7% with
+    the deviation term; what QFast additionally gives up is layer 1's refresh of the tokens it does
+    not select (measured beside qaware in BENCHMARKS.md)."""
+
+    def schedule(self, num_layers: int, ratio: float) -> dict[int, float]:
+        return {0: ratio}
+
+    def select(self, ctx: SelectContext, k: int) -> torch.Tensor:
+        attn = ctx.probe_attn.sum(0) if ctx.probe_attn is not None else ctx.question_attention()
+        return _top(ctx, attn, k)
+
+
 POLICIES: dict[str, object] = {
     "cacheblend": CacheBlend(),
     "gradual": Gradual(),
     "qaware": QAware(),
+    "qfast": QFast(),
     "epic": Epic(),
     "random": Random(),
 }

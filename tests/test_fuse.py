@@ -188,3 +188,16 @@ def test_default_model_contracts(smol):
         == eng.tokenizer.decode(want, skip_special_tokens=True).strip()
     )
     assert "Eiffel" in eng.generate(PASSAGES[::-1], QUESTION, max_new_tokens=12, recompute_ratio=0.15)
+
+
+def test_qfast_runs_no_layer_at_full_width(tiny_engine):
+    """qfast selects before layer 0 from the probe alone: its compute is the ratio (plus the
+    question), while qaware pays a full-width layer 0 for its deviation term."""
+    eng = tiny_engine
+    fast = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.25, policy="qfast")
+    slow = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.25, policy="qaware")
+    st_f, st_s = fast.stats, slow.stats
+    assert st_f["recomputed_tokens"] == st_s["recomputed_tokens"] == round(0.25 * st_f["chunk_tokens"])
+    share = (st_f["recomputed_tokens"] + st_f["question_tokens"]) / (st_f["chunk_tokens"] + st_f["question_tokens"])
+    assert st_f["compute_fraction"] == pytest.approx(share, rel=1e-6)
+    assert st_s["compute_fraction"] > st_f["compute_fraction"]

@@ -27,7 +27,8 @@ def _entries_and_chunks(eng, texts=PASSAGES):
 
 @pytest.mark.parametrize("codec", ["raw", "int8", "int4"])
 @pytest.mark.parametrize(
-    "policy,ratio", [("qaware", 0.3), ("cacheblend", 0.3), ("gradual", 0.2), ("qaware", 0.0), ("qaware", 1.0)]
+    "policy,ratio",
+    [("qaware", 0.3), ("qfast", 0.3), ("cacheblend", 0.3), ("gradual", 0.2), ("qaware", 0.0), ("qaware", 1.0)],
 )
 def test_cpu_fuse_entries_equals_fuse_kv(smol_tokenizer, codec, policy, ratio):
     eng = _engine(smol_tokenizer, codec)
@@ -295,7 +296,7 @@ def test_cuda_damaged_layer_is_refused(gpu_tokenizer, codec):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
-    "policy,ratio", [("qaware", 0.3), ("cacheblend", 0.3), ("gradual", 0.2), ("qaware", 0.0)]
+    "policy,ratio", [("qaware", 0.3), ("qfast", 0.3), ("cacheblend", 0.3), ("gradual", 0.2), ("qaware", 0.0)]
 )
 def test_cuda_graphs_replay_equals_eager(gpu_tokenizer, policy, ratio):
     """The layer loops recorded as CUDA graphs and replayed give what the eager loops give (no row

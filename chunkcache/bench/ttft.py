@@ -7,7 +7,7 @@ Per context length (chunks back to back behind a 32-token prefix, a 32-token que
 
   full      HF forward with SDPA over the whole prompt (use_cache, logits of the last token)
   naive     ratio 0: load + assemble + the question through every layer
-  fused     ratio 0.15 with ``qaware`` and ``cacheblend``, per codec, via ``pipeline.fuse_entries``
+  fused     ratio 0.15 with ``qaware``, ``qfast`` and ``cacheblend``, per codec, via ``pipeline.fuse_entries``
 
 Stages (median over ``--reps`` after ``--warmup`` runs): ``read`` (header parse and the token
 sections' checksums, host), probe / check / recompute (GPU timeline, CUDA events: they include
@@ -105,7 +105,7 @@ def run(
     chunk: int = 512,
     ratio: float = 0.15,
     codecs=("raw", "int8", "int4"),
-    policies=("qaware", "cacheblend"),
+    policies=("qaware", "qfast", "cacheblend"),
     warmup: int = 1,
     reps: int = 3,
     distinct: int = 16,
@@ -356,7 +356,7 @@ def plot(results: list[dict], path: str) -> None:
                 next(m["ttft_s"] for m in r["methods"] if (m["method"], m["codec"]) == (method, codec)) * 1e3
                 for r in out["rows"]
             ]
-            style = {"naive": ":", "qaware": "-", "cacheblend": "--"}.get(method, "-.")
+            style = {"naive": ":", "qaware": "-", "qfast": "-.", "cacheblend": "--"}.get(method, "-")
             ax.plot(ctx, ys, style, marker=".", label=f"{method} {codec}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -374,6 +374,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", default="2048,8192,16384,32768", help="comma list of context lengths")
     p.add_argument("--codecs", default="raw,int8,int4")
     p.add_argument("--ratio", type=float, default=0.15)
+    p.add_argument("--policies", default="qaware,qfast,cacheblend", help="fused policies (naive always runs)")
     p.add_argument("--reps", type=int, default=3, help="timed runs per point (median)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch", type=int, default=8, help="queries in the throughput test (0: skip)")
@@ -394,6 +395,7 @@ def run_cli(args: argparse.Namespace) -> int:
             model=shape,
             contexts=[int(x) for x in args.contexts.split(",")],
             ratio=args.ratio,
+            policies=args.policies.split(","),
             codecs=args.codecs.split(","),
             warmup=args.warmup,
             reps=args.reps,
