@@ -324,8 +324,7 @@ class LayerLoader:
             # this thread's copies (OpenMP threads are per calling thread); restored below, since
             # torch also keeps the number as the default of threads that start later
             torch.set_num_threads(self.staging.copy_threads)
-            for first in range(0, self.num_layers, self.group):
-                stop = min(self.num_layers, first + self.group)
+            for first, stop in self._ranges():
                 with self._cond:  # the slots' previous tenants must be assembled
                     while not self._stop and stop - 1 - self.depth >= self.assembled:
                         self._cond.wait()
@@ -345,15 +344,25 @@ class LayerLoader:
                 s.set()
 
     # -- internals ----------------------------------------------------------------------------
+    def _ranges(self) -> list[tuple[int, int]]:
+        """The stager's steps: whole groups, except that layers 0 and 1 go alone first, so the
+        first layers (the check layers of most policies) need not wait for a whole group."""
+        g, n = self.group, self.num_layers
+        if g == 1:
+            return [(i, i + 1) for i in range(n)]
+        head = [(0, 1), (1, 2), (2, min(g, n))] if g > 2 else [(0, 1), (1, min(g, n))]
+        return [r for r in head if r[0] < r[1] <= n] + [(a, min(a + g, n)) for a in range(g, n, g)]
+
     def _stage_direct(self, first: int, stop: int) -> None:
-        """Layers ``first .. stop - 1`` (one group) straight from the registered map into their
-        group buffer: one call, one contiguous copy per part."""
+        """Layers ``first .. stop - 1`` (within one group) straight from the registered map into
+        their group buffer: one call, one contiguous copy per part."""
         st = self.staging
         t0 = time.perf_counter()
         g = self.group
         gbuf = self._slot(first)
+        j0, j1 = first % g, first % g + stop - first  # positions inside the group buffer
         src = [f[first:stop].reshape(-1) for f in self.flat]
-        dst = [gbuf[g * p.slot_offset : g * p.slot_offset + (stop - first) * p.nbytes] for p in self.parts]
+        dst = [gbuf[g * p.slot_offset + j0 * p.nbytes : g * p.slot_offset + j1 * p.nbytes] for p in self.parts]
         if not st.cuda:  # (CPU: only where a test hands it a registry; checked before use)
             torch._foreach_copy_(dst, src)
             for layer in range(first, stop):
