@@ -259,15 +259,18 @@ def run(
 
     if cold and 8192 in contexts:
         ks = [keys[i % distinct] for i in range(8192 // chunk)]
+        # Pinned staging (a registered map is page-locked: it cannot be cold), warmed first on the
+        # warm store so that the cold run pays for the reads, not for pinning or graph capture.
+        cold_staging = Staging(dev, register_limit=0)
         for codec in codecs:
+            cfg = FuseConfig(recompute_ratio=ratio, policy="qaware")
+            _median_runs(lambda codec=codec, cfg=cfg: fused_once(codec, cfg, ks, cold_staging), 1, 2)
             store = stores[codec]
             store.close()
             fd = os.open(os.path.join(root, codec, "data.mdb"), os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
             stores[codec] = LMDBStore(os.path.join(root, codec), map_size=1 << 34)
-            cfg = FuseConfig(recompute_ratio=ratio, policy="qaware")
-            cold_staging = Staging(dev, register_limit=0)
             t, res = _sync_time(lambda codec=codec, cfg=cfg: fused_once(codec, cfg, ks, cold_staging))
             out["cold"].append(
                 {"context": 8192, "codec": codec, "ttft_s": t, "stages_s": res.stats["seconds"]}
