@@ -255,10 +255,14 @@ class LayerLoader:
         checked = [p for p in self.parts if p.sums is not None]
         self.checked = checked
         dev = staging.device
-        self.sum_tables = torch.tensor(
-            [[[g * p.slot_offset + j * p.nbytes, p.nbytes] for p in checked] for j in range(g)],
-            dtype=torch.int64,
-        ).view(g, -1, 2).to(dev)
+        self.sum_tables = (
+            torch.tensor(
+                [[[g * p.slot_offset + j * p.nbytes, p.nbytes] for p in checked] for j in range(g)],
+                dtype=torch.int64,
+            )
+            .view(g, -1, 2)
+            .to(dev)
+        )
         self.sum_longest = max((p.nbytes for p in checked), default=0)
         self.expected = (
             torch.stack([p.sums for p in checked], dim=1).to(dev)  # [L, P, 2]
@@ -362,7 +366,9 @@ class LayerLoader:
         gbuf = self._slot(first)
         j0, j1 = first % g, first % g + stop - first  # positions inside the group buffer
         src = [f[first:stop].reshape(-1) for f in self.flat]
-        dst = [gbuf[g * p.slot_offset + j0 * p.nbytes : g * p.slot_offset + j1 * p.nbytes] for p in self.parts]
+        dst = [
+            gbuf[g * p.slot_offset + j0 * p.nbytes : g * p.slot_offset + j1 * p.nbytes] for p in self.parts
+        ]
         if not st.cuda:  # (CPU: only where a test hands it a registry; checked before use)
             torch._foreach_copy_(dst, src)
             for layer in range(first, stop):

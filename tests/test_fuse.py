@@ -198,6 +198,8 @@ def test_qfast_runs_no_layer_at_full_width(tiny_engine):
     slow = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.25, policy="qaware")
     st_f, st_s = fast.stats, slow.stats
     assert st_f["recomputed_tokens"] == st_s["recomputed_tokens"] == round(0.25 * st_f["chunk_tokens"])
-    share = (st_f["recomputed_tokens"] + st_f["question_tokens"]) / (st_f["chunk_tokens"] + st_f["question_tokens"])
+    share = (st_f["recomputed_tokens"] + st_f["question_tokens"]) / (
+        st_f["chunk_tokens"] + st_f["question_tokens"]
+    )
     assert st_f["compute_fraction"] == pytest.approx(share, rel=1e-6)
     assert st_s["compute_fraction"] > st_f["compute_fraction"]

@@ -28,7 +28,14 @@ def _entries_and_chunks(eng, texts=PASSAGES):
 @pytest.mark.parametrize("codec", ["raw", "int8", "int4"])
 @pytest.mark.parametrize(
     "policy,ratio",
-    [("qaware", 0.3), ("qfast", 0.3), ("cacheblend", 0.3), ("gradual", 0.2), ("qaware", 0.0), ("qaware", 1.0)],
+    [
+        ("qaware", 0.3),
+        ("qfast", 0.3),
+        ("cacheblend", 0.3),
+        ("gradual", 0.2),
+        ("qaware", 0.0),
+        ("qaware", 1.0),
+    ],
 )
 def test_cpu_fuse_entries_equals_fuse_kv(smol_tokenizer, codec, policy, ratio):
     eng = _engine(smol_tokenizer, codec)
@@ -413,7 +420,9 @@ def test_cuda_store_over_register_limit_is_staged(gpu_tokenizer, tmp_path):
     gpu = ChunkCache(model=tiny_model("llama").to("cuda"), tokenizer=gpu_tokenizer, store=None, codec="int8")
     st = Staging("cuda", graphs=False, register_limit=4096)  # smaller than the file
     with entry_views(store, keys, st) as entries:
-        res = fuse_entries(gpu.lm, gpu.prefix_kv(), entries, gpu._prefix_ids, gpu.template.suffix_ids(QUESTION), staging=st)
+        res = fuse_entries(
+            gpu.lm, gpu.prefix_kv(), entries, gpu._prefix_ids, gpu.template.suffix_ids(QUESTION), staging=st
+        )
     assert not res.stats["direct_copies"] and st.maps.registered_bytes(store) == 0
     assert torch.isfinite(res.logits).all()
     store.close()
@@ -444,7 +453,9 @@ def test_cpu_direct_group_copies_equal_fuse_kv(smol_tokenizer, codec):
             got = fuse_entries(eng.lm, eng.prefix_kv(), entries, eng._prefix_ids, sfx, cfg, st)
         group = got.stats["copy_group"]  # 1 where a part's layer size is not 16-byte aligned
         assert got.stats["direct_copies"] and group in ((4,) if codec == "raw" else (1, 4))
-        assert got.stats["pipeline_depth"] == ((12 if max_bytes > 1 else 8) if group == 4 else (10 if max_bytes > 1 else 2))
+        assert got.stats["pipeline_depth"] == (
+            (12 if max_bytes > 1 else 8) if group == 4 else (10 if max_bytes > 1 else 2)
+        )
         assert torch.equal(got.kv, ref.kv) and torch.equal(got.logits, ref.logits)
     # a flipped byte in layer 6 (the second group) of chunk 1 is caught where its group lands
     entries = [bytearray(eng.store.get(k)) for k in keys]
