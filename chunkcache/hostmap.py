@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import time
 import warnings
 import weakref
 
@@ -127,8 +128,6 @@ class MapRegistry:
             end = reg.extents[-1][1] if reg.extents else reg.base
             if reg.base + size <= end:
                 return True
-            import time
-
             t0 = time.perf_counter()
             err = torch.cuda.cudart().cudaHostRegister(end, reg.base + size - end, _READ_ONLY)
             self.seconds += time.perf_counter() - t0

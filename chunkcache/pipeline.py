@@ -2,11 +2,10 @@
 while earlier layers compute, and assemble each layer with one ``rerotate_scatter_packed`` launch.
 
     host: LMDB map (zero-copy views of the entries)
-            |  one torch.cat per layer,     per layer l: every chunk's codec parts of layer l,
-            v  stager thread                packed back to back in one slot
-          pinned slot  l % depth
-            |  H2D + checksum kernel on a side stream, event ``copied``
-            v
+            |                                  map page-locked (hostmap): one copy per part for
+            |                                  4 layers, straight to the device ("direct");
+            |  else one torch.cat per layer    into pinned slot l % depth, then one H2D copy
+            v  (stager thread, side stream, checksum kernel after each copy, event ``copied``)
           device slot  l % depth  --rerotate_scatter_packed (decode + rotate + write)-->  buf[l]
                                    event ``assembled`` frees the slot for layer l + depth
 
@@ -15,7 +14,7 @@ main stream waits for ``copied``, the side stream for ``consumed``, the host for
 ``copied`` before it overwrites a pinned slot), never a device-wide synchronisation.
 
 What it knows: the entry format (``format.unpack_parts``), CUDA streams and events, the fusion's
-``LayerSource`` hooks. What it does not know: selection, models' maths, where entries come from.
+``LayerSource`` hooks, whether a view lies in a registered map (``hostmap``). What it does not know: selection, models' maths, where entries come from.
 On CPU the same staging runs into plain memory and the torch reference kernels decode: the
 results equal ``fuse_kv`` over the decoded chunks up to the codecs' one rounding step.
 
@@ -377,11 +376,7 @@ class LayerLoader:
                     self._compare(layer, got)
         else:
             with torch.cuda.stream(st.stream):
-                if stop - 1 >= self.depth:  # every slot's previous layer must be assembled
-                    st.stream.wait_event(self.asm[stop - 1 - self.depth][1])
-                if first == 0:
-                    self.first_copy = torch.cuda.Event(enable_timing=True)
-                    self.first_copy.record(st.stream)
+                self._side_stream_start(first, stop)
                 torch._foreach_copy_(dst, src, non_blocking=True)
                 for layer in range(first, stop):
                     self._copied(layer, gbuf)
@@ -410,15 +405,20 @@ class LayerLoader:
         self.host_seconds += time.perf_counter() - t0
         if st.cuda:
             with torch.cuda.stream(st.stream):
-                if layer >= self.depth:  # the device slot's previous layer must be assembled
-                    st.stream.wait_event(self.asm[layer - self.depth][1])
                 # few calls per layer: each one that releases the GIL may wait to get it back
-                if layer == 0:
-                    self.first_copy = torch.cuda.Event(enable_timing=True)
-                    self.first_copy.record(st.stream)
+                self._side_stream_start(layer, layer + 1)
                 st.dev[s, : self.slot_bytes].copy_(st.host[s, : self.slot_bytes], non_blocking=True)
                 self._copied(layer, st.dev[s])
         self.staged += 1
+
+    def _side_stream_start(self, first: int, stop: int) -> None:
+        """Before copying layers ``first .. stop - 1`` (on the side stream): wait until their
+        slots' previous tenants were assembled; mark the first copy's start (the copy span)."""
+        if stop - 1 >= self.depth:  # assembled in order: the last tenant's event implies the rest
+            self.staging.stream.wait_event(self.asm[stop - 1 - self.depth][1])
+        if first == 0:
+            self.first_copy = torch.cuda.Event(enable_timing=True)
+            self.first_copy.record(self.staging.stream)
 
     def _copied(self, layer: int, dev_slot: torch.Tensor) -> None:
         """On the side stream, after layer ``layer``'s copy into ``dev_slot`` was queued: its
