@@ -29,6 +29,7 @@ from typing import Protocol
 
 import torch
 
+from chunkcache import kernels
 from chunkcache import model as M
 from chunkcache.layout import ChunkKV
 from chunkcache.model import LoadedModel
@@ -281,6 +282,33 @@ def fuse_assembled(
         else:
             probe.run_until(min(schedule) + 1)
         timer.mark("probe")
+    if probe is not None and policy.before_layers:
+        # The probe alone ranks the tokens: select before layer 0, so every layer (from the
+        # first) runs over the kept rows only, as one fixed set (graphs from layer 0).
+        probe.run_rest()
+        timer.mark("probe")
+        keep_n = max(budget, round(schedule[0] * n_ctx))
+        if graphs is not None:
+            keep_n = graphs.padded_rows(keep_n + n_q, n_ctx + n_q) - n_q
+        if keep_n < n_ctx:
+            sctx = SelectContext(
+                layer=0,
+                positions=ctx_pos,
+                chunk_of=chunk_of[ctx_pos],
+                chunk_offsets=torch.tensor(offsets, device=dev),
+                fresh=None,
+                reused=None,
+                question_q=None,
+                keys=None,
+                question_pos=q_pos,
+                scale=layers[0].self_attn.scaling,
+                probe_attn=probe.attention(),
+                token_scores=token_scores,
+            )
+            keep = torch.sort(policy.select(sctx, keep_n)).values
+            active, n_act = torch.cat([keep, q_pos]), keep_n
+        schedule = {}
+        timer.mark("check")
 
     h = mdl.model.embed_tokens(ids_dev[active])[None]  # [1, a, hidden]
     computed = 0
@@ -433,36 +461,29 @@ class _Probe:
         self.lm, self.buf, self.q_pos, self.ctx_pos, self.source = lm, buf, q_pos, ctx_pos, source
         self.graphs = graphs
         self.h = lm.model.model.embed_tokens(ids[q_pos])[None]  # [1, nq, hidden]
-        self.mask = M.position_causal_mask(q_pos, buf.shape[3], lm.spec.window)  # [nq, N]
         self.rows: list[torch.Tensor] = []  # per layer [N]: attention over every buffer position
         self.done = 0
 
-    def _layer(self, li: int, h: torch.Tensor, q_pos: torch.Tensor, mask: torch.Tensor):
-        buf = self.buf
-        q = _project(self.lm, buf, li, h, q_pos)
+    def _layer(self, li: int, h: torch.Tensor, q_pos: torch.Tensor):
+        buf, lm = self.buf, self.lm
+        q = _project(lm, buf, li, h, q_pos)
         keys = buf[li, 0]
-        scale = self.lm.model.model.layers[li].self_attn.scaling
-        if keys.is_cuda:  # grouped matmul: no fp32 copy of the keys per query head
-            hkv, nq = keys.shape[0], q.shape[1]
-            group = q.shape[0] // hkv
-            qg = q.reshape(hkv, group * nq, -1)
-            scores = torch.matmul(qg, keys.transpose(1, 2)).float().view(q.shape[0], nq, -1) * scale
-        else:
-            group = q.shape[0] // keys.shape[0]
-            scores = torch.einsum("hqd,hkd->hqk", q.float(), keys.float().repeat_interleave(group, 0)) * scale
+        scale = lm.model.model.layers[li].self_attn.scaling
+        if keys.is_cuda:  # one fused kernel pair: output and per-key mass, no score tensors
+            out, row = kernels.probe_attention(q, q_pos, keys, buf[li, 1], scale, lm.spec.window)
+            return M.layer_finish(lm.model.model.layers[li], h, out), row
+        group = q.shape[0] // keys.shape[0]
+        scores = torch.einsum("hqd,hkd->hqk", q.float(), keys.float().repeat_interleave(group, 0)) * scale
+        mask = M.position_causal_mask(q_pos, buf.shape[3], lm.spec.window)  # [nq, N]
         probs = scores.masked_fill(~mask[None], float("-inf")).softmax(-1)
         row = probs.mean(dim=(0, 1))  # [N]
-        if keys.is_cuda:  # the attention output from the same probabilities: one batched matmul
-            # (the selected-attention kernel would run on a grid of one block per head here)
-            out = torch.matmul(probs.view(hkv, group * nq, -1).to(buf.dtype), buf[li, 1])
-            return M.layer_finish(self.lm.model.model.layers[li], h, out.view(q.shape)), row
-        return _attend_finish(self.lm, buf, li, h, q, q_pos), row
+        return _attend_finish(lm, buf, li, h, q, q_pos), row
 
     @torch.no_grad()
     def run_until(self, stop: int) -> None:
         for li in range(self.done, stop):
             self.source.ready(li)
-            self.h, row = self._layer(li, self.h, self.q_pos, self.mask)
+            self.h, row = self._layer(li, self.h, self.q_pos)
             self.rows.append(row[None])
             self.source.issued(li)
         self.done = max(self.done, stop)
@@ -474,14 +495,13 @@ class _Probe:
         layers = self.lm.spec.num_layers
         if self.graphs is None or self.done >= layers:
             return self.run_until(layers)
-        n_keys, window, group = self.buf.shape[3], self.lm.spec.window, self.graphs.layer_group
+        group = self.graphs.layer_group
 
         def body_for(start: int, stop: int):
             def body(h: torch.Tensor, q_pos: torch.Tensor):
-                mask = M.position_causal_mask(q_pos, n_keys, window)
                 rows = []
                 for li in range(start, stop):
-                    h, row = self._layer(li, h, q_pos, mask)
+                    h, row = self._layer(li, h, q_pos)
                     rows.append(row)
                 return torch.stack(rows), h
 

@@ -74,6 +74,13 @@ def entry_views(store, keys: Sequence[str], staging: Staging | None = None) -> I
         yield views
 
 
+def _covered(maps, parts: dict[str, torch.Tensor]) -> bool:
+    """Whether the registry covers the span of an entry's sections (one lookup per entry)."""
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in parts.values() if t.numel()]
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    return maps.covers(lo, hi - lo)
+
+
 def _missing(keys, values) -> None:
     for k, v in zip(keys, values, strict=True):
         if v is None:
@@ -174,6 +181,9 @@ class LayerLoader:
 
     DIRECT_GROUP = 4
     """Layers per copy when copying straight from a registered map."""
+    SIDE_ASSEMBLY = True
+    """CUDA: assemble each layer on the side stream, right behind its copy (the compute stream
+    only waits for an event); False: on the compute stream, as the layer is needed."""
 
     def __init__(
         self,
@@ -233,22 +243,27 @@ class LayerLoader:
         # buffer of `group` consecutive slots, where part p's layer j sits at
         # group * slot_offset + j * nbytes. One launch table per j.
         maps = staging.maps
-        self.direct = maps is not None and all(maps.covers(f.data_ptr(), f.numel()) for f in self.flat)
+        self.direct = maps is not None and all(_covered(maps, parts) for _, parts in parsed)
         aligned = all(p.nbytes % _ALIGN == 0 for p in self.parts)
         self.group = min(self.DIRECT_GROUP, self.num_layers) if self.direct and aligned else 1
         g = self.group
-        self.layouts = []
-        for j in range(g):
-            layout = kernels.PackedLayout(self.codec, spec.kv_heads, spec.head_dim)
-            it = iter(self.parts)
-            for c, dest in enumerate(offsets):
-                where = {}
-                for name, (dtype, shape) in shapes[c].items():
-                    p = next(it)
-                    where[name] = (g * p.slot_offset + j * p.nbytes, dtype, shape)
-                layout.add(where, dest)
-            layout.meta(buf.device)  # build the launch table now, off the layer loop
-            self.layouts.append(layout)
+        base = kernels.PackedLayout(self.codec, spec.kv_heads, spec.head_dim)
+        it = iter(self.parts)
+        for c, dest in enumerate(offsets):
+            where = {}
+            for name, (dtype, shape) in shapes[c].items():
+                p = next(it)
+                where[name] = (g * p.slot_offset, dtype, shape)
+            base.add(where, dest)
+        # position j of a group: every part one layer (its nbytes) further per j
+        step = [{} for _ in offsets]
+        for p in self.parts:
+            step[p.chunk][p.name] = p.nbytes
+        self.layouts = [base] + [
+            base.shifted([{k: j * b for k, b in d.items()} for d in step]) for j in range(1, g)
+        ]
+        for layout in self.layouts:
+            layout.meta(buf.device)  # build the launch tables now, off the layer loop
         self.depth = staging.slots(self.slot_bytes, self.num_layers, not self.direct, g)
         # Checksums: which parts, where in the slot (per j of a group), and what they must be.
         checked = [p for p in self.parts if p.sums is not None]
@@ -283,7 +298,8 @@ class LayerLoader:
         self.cos, self.sin = emb.cos().float().contiguous(), emb.sin().float().contiguous()  # [C, D]
         self.offsets = list(offsets)
         self.staged = 0  # layers staged so far (stager thread)
-        self.assembled = 0  # layers assembled so far (compute thread)
+        self.side = staging.cuda and self.SIDE_ASSEMBLY
+        self.assembled = 0  # layers assembled (side: made ready) so far (compute thread)
         self.host_seconds = 0.0  # stager time spent copying and checking
         self._cond = threading.Condition()
         self._signals = [threading.Event() for _ in range(self.num_layers)]
@@ -294,6 +310,7 @@ class LayerLoader:
         # (main stream); the start of the first copy, for the copy span.
         self.copied: list[torch.cuda.Event | None] = [None] * self.num_layers
         self.asm: list[tuple | None] = [None] * self.num_layers
+        self.done: list[torch.cuda.Event | None] = [None] * self.num_layers  # side: layer assembled
         self.first_copy: torch.cuda.Event | None = None
 
     # -- LayerSource ---------------------------------------------------------------------------
@@ -307,6 +324,8 @@ class LayerLoader:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
+            if self.side:  # the side stream writes buf: after what the compute stream queued on it
+                self.staging.stream.wait_stream(torch.cuda.current_stream(self.staging.device))
             self._thread = threading.Thread(target=self._run, name="chunkcache-stager", daemon=True)
             self._thread.start()
 
@@ -329,7 +348,7 @@ class LayerLoader:
             torch.set_num_threads(self.staging.copy_threads)
             for first, stop in self._ranges():
                 with self._cond:  # the slots' previous tenants must be assembled
-                    while not self._stop and stop - 1 - self.depth >= self.assembled:
+                    while not self.side and not self._stop and stop - 1 - self.depth >= self.assembled:
                         self._cond.wait()
                     if self._stop:
                         return
@@ -414,7 +433,7 @@ class LayerLoader:
     def _side_stream_start(self, first: int, stop: int) -> None:
         """Before copying layers ``first .. stop - 1`` (on the side stream): wait until their
         slots' previous tenants were assembled; mark the first copy's start (the copy span)."""
-        if stop - 1 >= self.depth:  # assembled in order: the last tenant's event implies the rest
+        if not self.side and stop - 1 >= self.depth:  # in order: the last tenant's event implies the rest
             self.staging.stream.wait_event(self.asm[stop - 1 - self.depth][1])
         if first == 0:
             self.first_copy = torch.cuda.Event(enable_timing=True)
@@ -425,6 +444,13 @@ class LayerLoader:
         event, then the checksum kernel (after the event: the compute does not wait for it)."""
         end = torch.cuda.Event(enable_timing=layer == self.num_layers - 1)
         end.record(self.staging.stream)
+        if self.side:  # assemble right behind the copy (this stream reuses the slot only after it)
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(self.staging.stream)
+            self._rerotate(layer)
+            done = torch.cuda.Event(enable_timing=True)
+            done.record(self.staging.stream)
+            self.asm[layer], self.done[layer] = (start, done), done
         if self.checked:
             kernels.checksum_partials(dev_slot, self.sum_tables[layer % self.group], self.got[layer])
         self.copied[layer] = end
@@ -451,21 +477,28 @@ class LayerLoader:
             for layer in range(self.num_layers):
                 self._compare(layer, got[layer])
 
+    def _rerotate(self, layer: int) -> None:
+        kernels.rerotate_scatter_packed(
+            self.layouts[layer % self.group], self._slot(layer), self.cos, self.sin,
+            self.buf[layer, 0], self.buf[layer, 1],
+        )  # fmt: skip
+
     def _assemble(self, layer: int) -> None:
         self.start()
         self._signals[layer].wait()
         if self._error is not None:
             raise self._error
         st = self.staging
+        if self.side:  # assembled on the side stream: the compute stream waits for it there
+            torch.cuda.current_stream(st.device).wait_event(self.done[layer])
+            self.assembled += 1
+            return
         if st.cuda:
             main = torch.cuda.current_stream(st.device)
             main.wait_event(self.copied[layer])
             start = torch.cuda.Event(enable_timing=True)
             start.record(main)
-        kernels.rerotate_scatter_packed(
-            self.layouts[layer % self.group], self._slot(layer), self.cos, self.sin,
-            self.buf[layer, 0], self.buf[layer, 1],
-        )  # fmt: skip
+        self._rerotate(layer)
         if st.cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record(main)

@@ -3,7 +3,10 @@
 A policy says after which layers it filters (``schedule``: layer -> fraction of chunk tokens kept
 after that layer) and how it ranks tokens (``select``: given a ``SelectContext`` and a count,
 return the positions to keep). Fusion runs every chunk token through the layers up to the first
-filtering layer, so policies can compare fresh and reused K/V there.
+filtering layer, so policies can compare fresh and reused K/V there. A policy with
+``before_layers = True`` (schedule ``{0: r}``) ranks from the probe alone: it selects before any
+layer runs, and its context has no layer tensors (``fresh``, ``reused``, ``question_q``, ``keys``
+are None).
 
     cacheblend  the faithful baseline: V deviation at layer 1, top-k, fixed for later layers
     gradual     the paper's gradual filtering: V deviation at layers 1, 2, 3 keeping 3r, 2r, r
@@ -37,13 +40,13 @@ class SelectContext:
     """[c] which chunk each candidate belongs to."""
     chunk_offsets: torch.Tensor
     """[chunks] first prompt position of each chunk."""
-    fresh: torch.Tensor
+    fresh: torch.Tensor | None
     """[2, kv_heads, c, head_dim] K/V just recomputed at this layer (keys post-RoPE)."""
-    reused: torch.Tensor
+    reused: torch.Tensor | None
     """[2, kv_heads, c, head_dim] the re-rotated precomputed K/V they replaced."""
-    question_q: torch.Tensor
+    question_q: torch.Tensor | None
     """[q_heads, nq, head_dim] this layer's (RoPE'd) queries of the question tokens."""
-    keys: torch.Tensor
+    keys: torch.Tensor | None
     """[kv_heads, N, head_dim] this layer's assembled keys (fresh where computed)."""
     question_pos: torch.Tensor
     """[nq] positions of the question tokens."""
@@ -82,6 +85,7 @@ class CacheBlend:
     """Faithful CacheBlend: V deviation at decoder layer 1, top-k, fixed for later layers."""
 
     probe = False
+    before_layers = False
 
     def schedule(self, num_layers: int, ratio: float) -> dict[int, float]:
         return {1: ratio}
@@ -101,6 +105,7 @@ class Random:
     """Uniform selection (deterministic seed): the floor any policy must beat."""
 
     probe = False
+    before_layers = False
 
     def schedule(self, num_layers: int, ratio: float) -> dict[int, float]:
         return {1: ratio}
@@ -134,6 +139,7 @@ class QAware:
     """
 
     probe = True
+    before_layers = False
 
     def schedule(self, num_layers: int, ratio: float) -> dict[int, float]:
         return {1: ratio}
@@ -147,14 +153,17 @@ class QAware:
 
 class QFast(QAware):
     """Question-aware without the full-width layer: the probe's attention alone picks the tokens
-    before layer 0, so no layer runs over every chunk token (only layer 0's K/V projections do,
-    as every check layer's, which refreshes every candidate's layer-0 K/V).
+    before layer 0, so no layer runs over every chunk token, not even layer 0's projections
+    (a chunk token's layer-0 K/V depend on the token alone: the reused ones are exact up to
+    the rotation's rounding and the codec's).
 
     QAware needs layer 1's fresh V of every chunk token for its deviation term, so layer 0 runs
     at full width: about 1/L of a full prefill, on the critical path. In the policy search
     (BENCHMARKS.md section 1) probe attention alone closed 83.8% of the KL gap against 84.7% with
     the deviation term; what QFast additionally gives up is layer 1's refresh of the tokens it does
     not select (measured beside qaware in BENCHMARKS.md)."""
+
+    before_layers = True
 
     def schedule(self, num_layers: int, ratio: float) -> dict[int, float]:
         return {0: ratio}

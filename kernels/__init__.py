@@ -4,6 +4,8 @@
                         write it into the assembled cache at an offset
     rerotate_scatter_packed  the same for every chunk of a layer packed in one buffer, one launch
     selected_attention  attention of selected query tokens over the full KV, exact causal mask
+    probe_attention     the question's attention over the whole cache: output and the mass each
+                        key receives, without materialising the probabilities
     checksums           position-weighted 16-bit word sums of byte ranges (checks staged layers)
     deviation           per-token sum over heads of ||fresh - cached||_2 (for token selection)
 
@@ -29,6 +31,7 @@ from .reference import (
     checksum_partials_reference,
     checksums_reference,
     deviation_reference,
+    probe_attention_reference,
     rerotate_scatter_packed_reference,
     rerotate_scatter_reference,
     selected_attention_reference,
@@ -43,6 +46,8 @@ __all__ = [
     "checksums_reference",
     "deviation",
     "deviation_reference",
+    "probe_attention",
+    "probe_attention_reference",
     "rerotate_scatter",
     "rerotate_scatter_packed",
     "rerotate_scatter_packed_reference",
@@ -140,6 +145,23 @@ def selected_attention(
     else:
         fn = selected_attention_reference
     return fn(q, q_pos, k, v, scale=scale, window=window, return_lse=return_lse)
+
+
+def probe_attention(
+    q: torch.Tensor,  # [Hq, n, D], already RoPE'd
+    q_pos: torch.Tensor,  # [n] int64 absolute positions
+    k: torch.Tensor,  # [Hkv, N, D]
+    v: torch.Tensor,  # [Hkv, N, D]
+    scale: float | None = None,
+    window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [Hq, n, D], mass [N] fp32): the attention of a few queries over every key and the
+    probability mass each key gets, averaged over heads and queries (see the reference)."""
+    if _use_triton(q):
+        fn = importlib.import_module(".probe_attention_triton", __name__).probe_attention
+    else:
+        fn = probe_attention_reference
+    return fn(q, q_pos, k, v, scale=scale, window=window)
 
 
 def deviation(

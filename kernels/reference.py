@@ -14,7 +14,7 @@ neox half-split RoPE convention; it knows nothing about models, stores or fusion
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -139,6 +139,34 @@ def selected_attention_reference(
     return out, lse
 
 
+def probe_attention_reference(
+    q: torch.Tensor,  # [Hq, n, D], already RoPE'd (the question's queries)
+    q_pos: torch.Tensor,  # [n] int64 absolute positions
+    k: torch.Tensor,  # [Hkv, N, D], key j sits at position j
+    v: torch.Tensor,  # [Hkv, N, D]
+    scale: float | None = None,
+    window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe's attention: (out [Hq, n, D] in q's dtype, mass [N] fp32), where mass[j] is the
+    softmax probability of key j averaged over query heads and queries (the attention the question
+    pays to each key). Same mask as ``selected_attention_reference``; fp32 math."""
+    hq, n, d = q.shape
+    hkv, big_n, _ = k.shape
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads is not a multiple of {hkv} kv heads")
+    scale = d**-0.5 if scale is None else scale
+    key_pos = torch.arange(big_n, device=q.device)
+    q_pos = q_pos.to(q.device)
+    mask = key_pos[None, :] <= q_pos[:, None]  # [n, N]
+    if window is not None:
+        mask &= key_pos[None, :] > q_pos[:, None] - window
+    group = hq // hkv
+    scores = torch.einsum("hnd,hmd->hnm", q.float(), k.float().repeat_interleave(group, 0)) * scale
+    probs = scores.masked_fill(~mask[None], float("-inf")).softmax(-1)  # [Hq, n, N]
+    out = torch.einsum("hnm,hmd->hnd", probs, v.float().repeat_interleave(group, 0))
+    return out.to(q.dtype), probs.mean(dim=(0, 1))
+
+
 def deviation_reference(
     fresh: torch.Tensor,  # [H, T, D]
     cached: torch.Tensor,  # [H, T, D]
@@ -192,6 +220,26 @@ class PackedLayout:
         self.tokens.append(int(t))
         self.dests.append(int(dest))
         self._meta.clear()
+
+    def shifted(self, deltas: Sequence[Mapping[str, int]]) -> PackedLayout:
+        """A copy with chunk ``c``'s part ``name`` moved ``deltas[c][name]`` bytes further (a
+        multiple of the part's dtype size; parts not named stay). For buffers that hold the same
+        parts at other offsets (several layers of a part side by side): no re-validation of
+        shapes, which ``add`` already did."""
+        if len(deltas) != len(self.chunks):
+            raise ValueError(f"{len(deltas)} deltas for {len(self.chunks)} chunks")
+        out = PackedLayout(self.codec, self.heads, self.head_dim)
+        out.tokens, out.dests = list(self.tokens), list(self.dests)
+        for parts, delta in zip(self.chunks, deltas, strict=True):
+            moved = {}
+            for name, (off, dt, shape) in parts.items():
+                d = int(delta.get(name, 0))
+                if d % dt.itemsize or off + d < 0:
+                    raise ValueError(f"cannot move part {name!r} by {d} bytes")
+                moved[name] = (off + d, dt, shape)
+                out.nbytes = max(out.nbytes, off + d + math.prod(shape) * dt.itemsize)
+            out.chunks.append(moved)
+        return out
 
     def views(self, buf: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Typed views of each chunk's parts inside ``buf`` (1-D uint8)."""

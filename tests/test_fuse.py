@@ -203,3 +203,10 @@ def test_qfast_runs_no_layer_at_full_width(tiny_engine):
     )
     assert st_f["compute_fraction"] == pytest.approx(share, rel=1e-6)
     assert st_s["compute_fraction"] > st_f["compute_fraction"]
+    # no layer-0 projection at full width either: unselected tokens keep their reused K/V there
+    naive = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.0, policy="qfast")
+    p, c = st_f["prefix_tokens"], st_f["chunk_tokens"]
+    unselected = sorted(set(range(p, p + c)) - set(fast.selected.tolist()))
+    assert len(unselected) == c - st_f["recomputed_tokens"]
+    assert torch.equal(fast.kv[0, :, :, unselected], naive.kv[0, :, :, unselected])
+    assert not torch.equal(fast.kv[0, :, :, fast.selected], naive.kv[0, :, :, fast.selected])

@@ -27,6 +27,7 @@ triton = pytest.importorskip("triton")
 
 from chunkcache import kernels  # noqa: E402
 from chunkcache.kernels import deviation_triton as dv  # noqa: E402
+from chunkcache.kernels import probe_attention_triton as pa  # noqa: E402
 from chunkcache.kernels import reference  # noqa: E402
 from chunkcache.kernels import rerotate_scatter_triton as rr  # noqa: E402
 from chunkcache.kernels import selected_attention_triton as sa  # noqa: E402
@@ -343,6 +344,59 @@ def test_selected_attention_first_token_sees_only_itself():
     assert_close(out, v[0, :1].expand(2, 1, 64), 1e-6, 0, "q_pos=0")
 
 
+# -------------------------------------------------------------------------------- probe_attention
+
+
+def check_probe_attention(hq, hkv, d, n_keys, n, dtype, window=None, seed=0, pad=0, config=None):
+    """The question (the last n positions of an ``n_keys - pad`` prompt) over a buffer of n_keys
+    keys, of which the last ``pad`` are past the prompt (a padded graph buffer)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(hq, n, d, generator=gen).to(dtype)
+    k = (torch.randn(hkv, n_keys, d, generator=gen) * 2).to(dtype)  # peaky: mass far from uniform
+    v = torch.randn(hkv, n_keys, d, generator=gen).to(dtype)
+    end = n_keys - pad
+    pos = torch.arange(end - n, end)
+    scale = 0.9 * d**-0.5
+    dev = lambda x: x.to(DEVICE)  # noqa: E731
+    want, want_mass = reference.probe_attention_reference(
+        dev(q).float(), dev(pos), dev(k).float(), dev(v).float(), scale=scale, window=window
+    )
+    out, mass = pa.probe_attention(
+        dev(q), dev(pos), dev(k), dev(v), scale=scale, window=window, config=config
+    )
+    assert out.dtype == dtype and out.shape == (hq, n, d) and mass.shape == (n_keys,)
+    atol, rtol = SA_TOL[dtype]
+    name = f"probe_attention[{dtype}, Hq={hq} Hkv={hkv} D={d} N={n_keys} n={n} window={window} pad={pad}]"
+    assert_close(out, want, atol, rtol, name + " out")
+    tol = 1e-6 if dtype == torch.float32 else 2e-3 / max(1, n_keys // 64)
+    assert_close(mass, want_mass, tol, 1e-3 if dtype == torch.float32 else 2e-2, name + " mass")
+    assert abs(float(mass.sum()) - 1.0) < 1e-3, f"{name}: mass sums to {float(mass.sum())}"
+    if pad:
+        assert not mass[end:].any(), f"{name}: keys past the prompt got mass"
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("hq", "hkv", "d", "n_keys", "n", "window", "pad"),
+    [
+        (4, 2, 64, 293, 9, None, 0),  # GQA 2, N prime: rows (group x queries) = 18
+        (2, 1, 128, 131, 20, None, 37),  # D = 128, a padded buffer
+        (3, 3, 80, 97, 13, None, 0),  # D not a power of two, MHA
+        (4, 2, 64, 293, 9, 50, 0),  # sliding window
+    ],
+)
+@kernel_test
+def test_probe_attention_matches_reference(dtype, hq, hkv, d, n_keys, n, window, pad):
+    check_probe_attention(hq, hkv, d, n_keys, n, dtype, window, pad=pad)
+
+
+@kernel_test
+def test_probe_attention_split_configs():
+    """Many splits (some past the last query, some empty) and row blocks give the same result."""
+    for config in [(16, 32, 1, 4, 1), (16, 32, 5, 4, 1), (32, 16, 40, 4, 1)]:
+        check_probe_attention(4, 2, 64, 301, 7, torch.float32, pad=90, config=config)
+
+
 # -------------------------------------------------------------------------------------- deviation
 
 
@@ -374,6 +428,33 @@ def test_dispatch_uses_reference_on_cpu():
         kernels.selected_attention(q, pos, k, k), reference.selected_attention_reference(q, pos, k, k)
     )
     assert torch.equal(kernels.deviation(k, k), torch.zeros(10))
+    got, want = kernels.probe_attention(q, pos, k, k), reference.probe_attention_reference(q, pos, k, k)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4"])
+def test_packed_layout_shifted_equals_built(codec):
+    """A shifted layout (the pipeline's per-layer launch tables) equals one built at those offsets."""
+    gen = torch.Generator().manual_seed(5)
+    chunks = [make_parts(codec, 2, t, 64, torch.float16, gen) for t in (9, 16)]
+    base, moved, off = reference.PackedLayout(codec, 2, 64), reference.PackedLayout(codec, 2, 64), 0
+    deltas = []
+    for dest, parts in zip((3, 12), chunks, strict=True):
+        where, where2, delta = {}, {}, {}
+        for name, x in parts.items():
+            nbytes = x.numel() * x.element_size()
+            where[name] = (off, x.dtype, tuple(x.shape))
+            delta[name] = 2 * nbytes
+            where2[name] = (off + 2 * nbytes, x.dtype, tuple(x.shape))
+            off += 4 * nbytes
+        base.add(where, dest)
+        moved.add(where2, dest)
+        deltas.append(delta)
+    got = base.shifted(deltas)
+    assert torch.equal(got.meta("cpu"), moved.meta("cpu")) and got.chunks == moved.chunks
+    assert got.nbytes == moved.nbytes and got.tokens == moved.tokens and got.dests == moved.dests
+    with pytest.raises(ValueError, match="cannot move"):
+        base.shifted([{"kv" if codec == "raw" else "k_q": 1 if codec == "raw" else -(10**9)}, {}])
 
 
 def test_package_import_is_light(tmp_path):
@@ -413,6 +494,16 @@ def test_gpu_selected_attention_long_context_configs(dtype):
     for config in [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 32, 4, 2)]:
         check_selected_attention(8, 2, 64, 1031, 211, dtype, config=config)
         check_selected_attention(8, 2, 128, 1031, 211, dtype, window=100, config=config)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_probe_attention_llama_shapes(dtype):
+    """Llama-3-8B's heads, a 32-token question over 8K keys, and a padded 16K buffer."""
+    check_probe_attention(32, 8, 128, 8192, 32, dtype)
+    check_probe_attention(32, 8, 128, 16411, 45, dtype, pad=3000)
+    check_probe_attention(32, 8, 128, 4099, 32, dtype, window=1024)
 
 
 @gpu
