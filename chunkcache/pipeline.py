@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from chunkcache import kernels
@@ -124,10 +125,15 @@ class Staging:
         are copied straight from the page cache to the device, without the pinned staging copy.
         ``register_limit``: the largest store file registered (bytes; None: a quarter of physical
         memory; 0: never, always stage through pinned memory)."""
+        self.batch = None
+        """``hostmap.MemcpyBatch`` where the CUDA runtime has it: a group's direct copies in one call."""
         if self.cuda and register_limit != 0:
-            from chunkcache.hostmap import MapRegistry
+            from chunkcache.hostmap import MapRegistry, MemcpyBatch
 
             self.maps = MapRegistry(register_limit)
+            self.batch = MemcpyBatch()
+            if not self.batch.available:
+                self.batch = None
 
     def slots(self, slot_bytes: int, layers: int, host: bool = True, multiple: int = 1) -> int:
         """Make sure there are slots of ``slot_bytes`` (``host=False``: device slots only, for
@@ -265,6 +271,13 @@ class LayerLoader:
         for layout in self.layouts:
             layout.meta(buf.device)  # build the launch tables now, off the layer loop
         self.depth = staging.slots(self.slot_bytes, self.num_layers, not self.direct, g)
+        # Batched direct copies: per part its first layer's address, bytes per layer, offset in a
+        # group buffer (a group's copy list is then three vector operations).
+        self.batched = self.direct and staging.cuda and staging.batch is not None
+        if self.batched:
+            self._src0 = np.array([f.data_ptr() for f in self.flat], dtype=np.uint64)
+            self._nb = np.array([p.nbytes for p in self.parts], dtype=np.uint64)
+            self._dst0 = np.array([g * p.slot_offset for p in self.parts], dtype=np.uint64)
         # Checksums: which parts, where in the slot (per j of a group), and what they must be.
         checked = [p for p in self.parts if p.sums is not None]
         self.checked = checked
@@ -298,6 +311,7 @@ class LayerLoader:
         self.cos, self.sin = emb.cos().float().contiguous(), emb.sin().float().contiguous()  # [C, D]
         self.offsets = list(offsets)
         self.staged = 0  # layers staged so far (stager thread)
+        self.batch_copies = 0  # direct copies queued as one batch call
         self.side = staging.cuda and self.SIDE_ASSEMBLY
         self.assembled = 0  # layers assembled (side: made ready) so far (compute thread)
         self.host_seconds = 0.0  # stager time spent copying and checking
@@ -377,18 +391,24 @@ class LayerLoader:
 
     def _stage_direct(self, first: int, stop: int) -> None:
         """Layers ``first .. stop - 1`` (within one group) straight from the registered map into
-        their group buffer: one call, one contiguous copy per part."""
+        their group buffer: one contiguous copy per part, all queued by one batch call where the
+        runtime has it."""
         st = self.staging
         t0 = time.perf_counter()
         g = self.group
         gbuf = self._slot(first)
         j0, j1 = first % g, first % g + stop - first  # positions inside the group buffer
-        src = [f[first:stop].reshape(-1) for f in self.flat]
-        dst = [
-            gbuf[g * p.slot_offset + j0 * p.nbytes : g * p.slot_offset + j1 * p.nbytes] for p in self.parts
-        ]
+
+        def pieces():
+            src = [f[first:stop].reshape(-1) for f in self.flat]
+            dst = [
+                gbuf[g * p.slot_offset + j0 * p.nbytes : g * p.slot_offset + j1 * p.nbytes]
+                for p in self.parts
+            ]
+            return dst, src
+
         if not st.cuda:  # (CPU: only where a test hands it a registry; checked before use)
-            torch._foreach_copy_(dst, src)
+            torch._foreach_copy_(*pieces())
             for layer in range(first, stop):
                 if self.checked:
                     got = kernels.checksums(gbuf, self.sum_tables[layer % g], self.sum_longest)
@@ -396,11 +416,26 @@ class LayerLoader:
         else:
             with torch.cuda.stream(st.stream):
                 self._side_stream_start(first, stop)
-                torch._foreach_copy_(dst, src, non_blocking=True)
+                if not self._batch_copy(gbuf, first, stop, j0):
+                    torch._foreach_copy_(*pieces(), non_blocking=True)
                 for layer in range(first, stop):
                     self._copied(layer, gbuf)
         self.host_seconds += time.perf_counter() - t0
         self.staged += stop - first
+
+    def _batch_copy(self, gbuf: torch.Tensor, first: int, stop: int, j0: int) -> bool:
+        """Every part's layers ``first .. stop - 1`` in one ``cudaMemcpyBatchAsync`` call on the
+        side stream; False (nothing queued) when batching is off or the runtime refused it."""
+        if not self.batched:
+            return False
+        n = np.uint64(stop - first)
+        srcs = self._src0 + np.uint64(first) * self._nb
+        dsts = np.uint64(gbuf.data_ptr()) + self._dst0 + np.uint64(j0) * self._nb
+        if self.staging.batch(dsts, srcs, n * self._nb, self.staging.stream.cuda_stream):
+            self.batch_copies += 1
+            return True
+        self.batched = False  # refused: piece by piece from here on (views built on demand)
+        return False
 
     def _slot(self, layer: int) -> torch.Tensor:
         """The 1-D buffer that holds ``layer``: its group's consecutive slots, flattened."""
@@ -615,4 +650,5 @@ def fuse_entries(
     res.stats["direct_copies"] = loader.direct
     res.stats["pipeline_depth"] = loader.depth
     res.stats["copy_group"] = loader.group
+    res.stats["batched_copies"] = loader.batch_copies
     return res

@@ -375,6 +375,12 @@ def test_cuda_direct_copies_from_registered_map(gpu_tokenizer, tmp_path, codec):
     assert direct.maps.registered_bytes(store) > 0
     assert torch.equal(a.selected, b.selected) and torch.equal(a.logits, b.logits)
     assert torch.equal(a.kv, b.kv)
+    # one cudaMemcpyBatchAsync per layer group where the runtime has it, else piece by piece
+    assert (b.stats["batched_copies"] > 0) == (direct.batch is not None)
+    batch, direct.batch = direct.batch, None
+    e = run(direct, keys)
+    direct.batch = batch
+    assert e.stats["direct_copies"] and e.stats["batched_copies"] == 0 and torch.equal(e.kv, b.kv)
 
     size0 = store._env.info()["map_size"]
     store.put("filler", os.urandom(4 * size0))  # grows the file and the map: the registration is dropped
