@@ -59,7 +59,7 @@ class ChunkCache:
         device: str | torch.device | None = None,
         codec: str = "raw",
         sink: str = "prefix",
-        policy: str = "qaware",
+        policy: str = "qfast",
         recompute_ratio: float = 0.15,
         instruction: str = DEFAULT_INSTRUCTION,
         system: str | None = DEFAULT_SYSTEM,

@@ -42,7 +42,7 @@ class FuseConfig:
 
     recompute_ratio: float = 0.15
     """Fraction of chunk tokens recomputed after the policy's selection (0 = plain reuse, 1 = full prefill)."""
-    policy: str = "qaware"
+    policy: str = "qfast"
     """Selection policy, a name in ``chunkcache.select.POLICIES``."""
 
     def __post_init__(self) -> None:

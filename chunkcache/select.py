@@ -10,7 +10,8 @@ are None).
 
     cacheblend  the faithful baseline: V deviation at layer 1, top-k, fixed for later layers
     gradual     the paper's gradual filtering: V deviation at layers 1, 2, 3 keeping 3r, 2r, r
-    qaware      ours (default): question-aware. See ``QAware``.
+    qaware      ours: question-aware (probe attention x layer-1 deviation). See ``QAware``.
+    qfast       ours (default): the probe's attention alone, selected before layer 0. See ``QFast``.
     epic        the first tokens of every chunk (EPIC), for comparison
     random      uniform at random (a sanity floor)
 
@@ -127,7 +128,7 @@ class Epic(Random):
 
 
 class QAware:
-    """Question-aware selection (ours, the default).
+    """Question-aware selection (ours; the default until ``QFast`` matched it on 100 questions).
 
     Before recomputing, a cheap probe runs only the question over the reused cache through every
     layer and records how much attention it pays to each chunk token (``probe_attn``, summed over
@@ -152,16 +153,16 @@ class QAware:
 
 
 class QFast(QAware):
-    """Question-aware without the full-width layer: the probe's attention alone picks the tokens
-    before layer 0, so no layer runs over every chunk token, not even layer 0's projections
-    (a chunk token's layer-0 K/V depend on the token alone: the reused ones are exact up to
-    the rotation's rounding and the codec's).
+    """Question-aware without the full-width layer (the default): the probe's attention alone
+    picks the tokens before layer 0, so no layer runs over every chunk token, not even layer 0's
+    projections (a chunk token's layer-0 K/V depend on the token alone: the reused ones are exact
+    up to the rotation's rounding and the codec's).
 
     QAware needs layer 1's fresh V of every chunk token for its deviation term, so layer 0 runs
-    at full width: about 1/L of a full prefill, on the critical path. In the policy search
-    (BENCHMARKS.md section 1) probe attention alone closed 83.8% of the KL gap against 84.7% with
-    the deviation term; what QFast additionally gives up is layer 1's refresh of the tokens it does
-    not select (measured beside qaware in BENCHMARKS.md)."""
+    at full width: about 1/L of a full prefill, on the critical path. On all 100 MuSiQue
+    questions (BENCHMARKS.md section 1) QFast closed 84.4% of the KL gap at the answer start
+    against QAware's 84.7%, and 60.2% of the per-token gap against 60.1%, at 0.156 of a
+    prefill's compute against 0.184; on the GPU it is faster at every context (section 3)."""
 
     before_layers = True
 
