@@ -24,7 +24,10 @@ Costs and rules:
 - Writes stay coherent: with ``writemap`` off LMDB writes through the page cache, the same pages
   the GPU reads (checked on the H100).
 
-What it knows: LMDB's data file and mapping, CUDA host registration. What it does not know:
+``MemcpyBatch`` queues many such host-to-device copies with one ``cudaMemcpyBatchAsync`` call
+(CUDA >= 12.8, through ctypes), so a layer group costs one call, not one per codec part.
+
+What it knows: LMDB's data file and mapping, CUDA host registration and batched copies. What it does not know:
 the entry format, fusion.
 """
 

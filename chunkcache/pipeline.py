@@ -2,16 +2,19 @@
 while earlier layers compute, and assemble each layer with one ``rerotate_scatter_packed`` launch.
 
     host: LMDB map (zero-copy views of the entries)
-            |                                  map page-locked (hostmap): one copy per part for
-            |                                  4 layers, straight to the device ("direct");
+            |                                  map page-locked (hostmap): every part's copy for
+            |                                  4 layers in one cudaMemcpyBatchAsync ("direct");
             |  else one torch.cat per layer    into pinned slot l % depth, then one H2D copy
-            v  (stager thread, side stream, checksum kernel after each copy, event ``copied``)
+            v  (stager thread, side stream)
           device slot  l % depth  --rerotate_scatter_packed (decode + rotate + write)-->  buf[l]
-                                   event ``assembled`` frees the slot for layer l + depth
+                                   on the side stream right behind the copy, then the checksum
+                                   kernel; the compute stream waits for the assembly's event
 
-Layer ``l`` is staged while layer ``l - 1`` computes; the only waits are on per-slot events (the
-main stream waits for ``copied``, the side stream for ``consumed``, the host for an old
-``copied`` before it overwrites a pinned slot), never a device-wide synchronisation.
+Layer ``l`` is staged while layer ``l - 1`` computes; the only waits are on per-layer events (the
+compute stream waits for layer ``l``'s assembly, the host for an old ``copied`` before it
+overwrites a pinned slot; a device slot is reused in side-stream order), never a device-wide
+synchronisation. (``LayerLoader.SIDE_ASSEMBLY = False`` assembles on the compute stream instead,
+and the side stream then waits for a slot's previous assembly.)
 
 What it knows: the entry format (``format.unpack_parts``), CUDA streams and events, the fusion's
 ``LayerSource`` hooks, whether a view lies in a registered map (``hostmap``). What it does not know: selection, models' maths, where entries come from.
@@ -168,7 +171,7 @@ class _Part:
 
 class LayerLoader:
     """Stages the codec parts of a list of entries layer by layer on a background thread and
-    assembles ``buf`` on the compute stream (a ``LayerSource`` for ``fuse.fuse_assembled``).
+    assembles ``buf`` (on CUDA on the side stream behind each copy; see ``SIDE_ASSEMBLY``) (a ``LayerSource`` for ``fuse.fuse_assembled``).
 
     Stager thread, per layer ``l`` (slot ``s = l % depth``): wait until layer ``l - depth`` (the
     slot's previous tenant) was assembled, wait (host) for its H2D copy to finish, then the worker
@@ -324,7 +327,6 @@ class LayerLoader:
         # (main stream); the start of the first copy, for the copy span.
         self.copied: list[torch.cuda.Event | None] = [None] * self.num_layers
         self.asm: list[tuple | None] = [None] * self.num_layers
-        self.done: list[torch.cuda.Event | None] = [None] * self.num_layers  # side: layer assembled
         self.first_copy: torch.cuda.Event | None = None
 
     # -- LayerSource ---------------------------------------------------------------------------
@@ -485,7 +487,7 @@ class LayerLoader:
             self._rerotate(layer)
             done = torch.cuda.Event(enable_timing=True)
             done.record(self.staging.stream)
-            self.asm[layer], self.done[layer] = (start, done), done
+            self.asm[layer] = (start, done)
         if self.checked:
             kernels.checksum_partials(dev_slot, self.sum_tables[layer % self.group], self.got[layer])
         self.copied[layer] = end
@@ -525,7 +527,7 @@ class LayerLoader:
             raise self._error
         st = self.staging
         if self.side:  # assembled on the side stream: the compute stream waits for it there
-            torch.cuda.current_stream(st.device).wait_event(self.done[layer])
+            torch.cuda.current_stream(st.device).wait_event(self.asm[layer][1])
             self.assembled += 1
             return
         if st.cuda:

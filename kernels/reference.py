@@ -103,6 +103,33 @@ def rerotate_scatter_reference(
     v_out[:, offset : offset + t] = v.to(v_out.dtype)
 
 
+def position_mask(q_pos: torch.Tensor, n_keys: int, window: int | None = None) -> torch.Tensor:
+    """Bool [n, n_keys]: key j (at position j) is visible to the query at q_pos[i] iff
+    j <= q_pos[i] (and j > q_pos[i] - window with a window)."""
+    key_pos = torch.arange(n_keys, device=q_pos.device)
+    mask = key_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= key_pos[None, :] > q_pos[:, None] - window
+    return mask
+
+
+def check_attention_args(q, q_pos, k, v, window) -> None:
+    """The shape, dtype and window checks shared by the attention kernels' launchers
+    (q [Hq, n, D], q_pos [n], k and v [Hkv, N, D])."""
+    hq, n, d = q.shape
+    hkv, _, dk = k.shape
+    if v.shape != k.shape or dk != d:
+        raise ValueError(f"k, v must be [Hkv, N, {d}], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads is not a multiple of {hkv} kv heads")
+    if q_pos.shape != (n,):
+        raise ValueError(f"q_pos must be [{n}], got {tuple(q_pos.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+
+
 def selected_attention_reference(
     q: torch.Tensor,  # [Hq, n, D], already RoPE'd
     q_pos: torch.Tensor,  # [n] int64, absolute positions, sorted ascending
@@ -123,11 +150,7 @@ def selected_attention_reference(
     if hq % hkv:
         raise ValueError(f"{hq} query heads is not a multiple of {hkv} kv heads")
     scale = d**-0.5 if scale is None else scale
-    key_pos = torch.arange(big_n, device=q.device)
-    q_pos = q_pos.to(q.device)
-    mask = key_pos[None, :] <= q_pos[:, None]  # [n, N], True = attend
-    if window is not None:
-        mask &= key_pos[None, :] > q_pos[:, None] - window
+    mask = position_mask(q_pos.to(q.device), big_n, window)  # [n, N], True = attend
     group = hq // hkv
     k_rep = k.repeat_interleave(group, dim=0)
     v_rep = v.repeat_interleave(group, dim=0)
@@ -155,11 +178,7 @@ def probe_attention_reference(
     if hq % hkv:
         raise ValueError(f"{hq} query heads is not a multiple of {hkv} kv heads")
     scale = d**-0.5 if scale is None else scale
-    key_pos = torch.arange(big_n, device=q.device)
-    q_pos = q_pos.to(q.device)
-    mask = key_pos[None, :] <= q_pos[:, None]  # [n, N]
-    if window is not None:
-        mask &= key_pos[None, :] > q_pos[:, None] - window
+    mask = position_mask(q_pos.to(q.device), big_n, window)  # [n, N]
     group = hq // hkv
     scores = torch.einsum("hnd,hmd->hnm", q.float(), k.float().repeat_interleave(group, 0)) * scale
     probs = scores.masked_fill(~mask[None], float("-inf")).softmax(-1)  # [Hq, n, N]

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import check_attention_args
 from .reference import selected_attention_reference as selected_attention_reference
 
 __all__ = ["selected_attention", "selected_attention_reference"]
@@ -206,18 +207,9 @@ def selected_attention(
 
     ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the launch heuristic (benchmarks).
     """
+    check_attention_args(q, q_pos, k, v, window)
     hq, n, d = q.shape
-    hkv, big_n, dk = k.shape
-    if v.shape != k.shape or dk != d:
-        raise ValueError(f"k, v must be [Hkv, N, {d}], got {tuple(k.shape)} and {tuple(v.shape)}")
-    if hq % hkv:
-        raise ValueError(f"{hq} query heads is not a multiple of {hkv} kv heads")
-    if q_pos.shape != (n,):
-        raise ValueError(f"q_pos must be [{n}], got {tuple(q_pos.shape)}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    hkv, big_n, _ = k.shape
     scale = d**-0.5 if scale is None else float(scale)
     q_pos = q_pos.to(device=q.device, dtype=torch.int64).contiguous()
     out = torch.empty_like(q)
