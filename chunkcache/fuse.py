@@ -244,10 +244,13 @@ def fuse_assembled(
     if n_q <= 0:
         raise ValueError("the question suffix is empty: nothing to generate from")
     offsets = [n_prefix + sum(chunk_lengths[:i]) for i in range(len(chunk_lengths))]
-    chunk_of = torch.full((n,), -1, dtype=torch.long, device=dev)
+    # Built on the host: a repeat_interleave on the device would sync to size its output.
+    chunk_of = torch.full((n,), -1, dtype=torch.long)
     chunk_of[n_prefix : n_prefix + n_ctx] = torch.repeat_interleave(
-        torch.arange(len(chunk_lengths), device=dev), torch.tensor(chunk_lengths, device=dev)
+        torch.arange(len(chunk_lengths)), torch.tensor(chunk_lengths)
     )
+    chunk_of = chunk_of.to(dev)
+    chunk_offsets = torch.tensor(offsets, dtype=torch.long).to(dev)
     ids_dev = ids[0].to(dev)
     ctx_pos = torch.arange(n_prefix, n_prefix + n_ctx, device=dev)  # [C] chunk-token positions
     q_pos = torch.arange(n - n_q, n, device=dev)  # question suffix positions
@@ -295,7 +298,7 @@ def fuse_assembled(
                 layer=0,
                 positions=ctx_pos,
                 chunk_of=chunk_of[ctx_pos],
-                chunk_offsets=torch.tensor(offsets, device=dev),
+                chunk_offsets=chunk_offsets,
                 fresh=None,
                 reused=None,
                 question_q=None,
@@ -339,7 +342,7 @@ def fuse_assembled(
                     layer=li,
                     positions=cand,
                     chunk_of=chunk_of[cand],
-                    chunk_offsets=torch.tensor(offsets, device=dev),
+                    chunk_offsets=chunk_offsets,
                     fresh=buf[li, :, :, cand],
                     reused=old,
                     question_q=q[:, n_act:],
@@ -398,16 +401,14 @@ def fuse_assembled(
 
 
 def _project(
-    lm: LoadedModel, buf: torch.Tensor, li: int, h: torch.Tensor, active: torch.Tensor
+    lm: LoadedModel, buf: torch.Tensor, li: int, h: torch.Tensor, active: torch.Tensor, rope=None
 ) -> torch.Tensor:
     """Layer ``li``'s RoPE'd queries ``[Hq, a, D]`` for the rows at positions ``active``
-    (hidden ``h`` ``[1, a, hidden]``); their fresh K/V are written into ``buf[li]``."""
+    (hidden ``h`` ``[1, a, hidden]``); their fresh K/V are written into ``buf[li]``. ``rope``:
+    ``M.rotary(model, active, h)`` if the caller has it (the same for every layer)."""
     mdl = lm.model
-    cos, sin = M.rotary(mdl, active, h)
-    q, k, v = M.layer_qkv(mdl.model.layers[li], h, cos, sin, lm.spec)  # [Hq, a, D], [Hkv, a, D]
-    buf[li, 0, :, active] = k
-    buf[li, 1, :, active] = v
-    return q
+    cos, sin = rope if rope is not None else M.rotary(mdl, active, h)
+    return M.layer_qkv_into(mdl.model.layers[li], h, cos, sin, lm.spec, active, buf[li, 0], buf[li, 1])
 
 
 def _attend_finish(
@@ -426,10 +427,11 @@ def _layers_body(lm: LoadedModel, buf: torch.Tensor, first: int, stop: int, sour
     (``source`` None: the caller made every layer ready first)."""
 
     def body(h: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        rope = M.rotary(lm.model, active, h)  # the rows' positions are fixed: once for all layers
         for li in range(first, stop):
             if source is not None:
                 source.ready(li)
-            h = _attend_finish(lm, buf, li, h, _project(lm, buf, li, h, active), active)
+            h = _attend_finish(lm, buf, li, h, _project(lm, buf, li, h, active, rope), active)
             if source is not None:
                 source.issued(li)
         return h
@@ -464,9 +466,9 @@ class _Probe:
         self.rows: list[torch.Tensor] = []  # per layer [N]: attention over every buffer position
         self.done = 0
 
-    def _layer(self, li: int, h: torch.Tensor, q_pos: torch.Tensor):
+    def _layer(self, li: int, h: torch.Tensor, q_pos: torch.Tensor, rope=None):
         buf, lm = self.buf, self.lm
-        q = _project(lm, buf, li, h, q_pos)
+        q = _project(lm, buf, li, h, q_pos, rope)
         keys = buf[li, 0]
         scale = lm.model.model.layers[li].self_attn.scaling
         if keys.is_cuda:  # one fused kernel pair: output and per-key mass, no score tensors
@@ -500,8 +502,9 @@ class _Probe:
         def body_for(start: int, stop: int):
             def body(h: torch.Tensor, q_pos: torch.Tensor):
                 rows = []
+                rope = M.rotary(self.lm.model, q_pos, h)
                 for li in range(start, stop):
-                    h, row = self._layer(li, h, q_pos)
+                    h, row = self._layer(li, h, q_pos, rope)
                     rows.append(row)
                 return torch.stack(rows), h
 

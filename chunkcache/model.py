@@ -260,6 +260,71 @@ def position_causal_mask(q_pos: torch.Tensor, n_keys: int, window: int | None = 
     return mask
 
 
+_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+"""Norm classes computing ``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)``."""
+_SILU = frozenset({"SiLU", "SiLUActivation"})
+FUSED_KERNELS = True
+"""Switch for ``fused_ops`` (False: always the torch ops; for comparisons)."""
+
+
+def _plain_norm(norm, dtype: torch.dtype) -> bool:
+    weight = getattr(norm, "weight", None)
+    return (
+        type(norm).__name__ in _RMS_NORMS
+        and hasattr(norm, "variance_epsilon")
+        and weight is not None
+        and weight.dtype == dtype
+    )
+
+
+def fused_ops(layer, h: torch.Tensor) -> bool:
+    """Whether ``layer``'s small ops run as chunkcache's fused Triton kernels (CUDA, triton, a
+    Llama-style block: the RMSNorms above, no q/k norms, a SiLU-gated MLP): RMSNorm (with the
+    residual add) one kernel each, rotary and the K/V writes one, SiLU times up one, instead of
+    about 25 torch kernels a layer. Elsewhere the torch ops run as before."""
+    if not (FUSED_KERNELS and h.is_cuda):
+        return False
+    from chunkcache.kernels import triton_available
+
+    attn, mlp = layer.self_attn, layer.mlp
+    return (
+        triton_available()
+        and _plain_norm(layer.input_layernorm, h.dtype)
+        and _plain_norm(layer.post_attention_layernorm, h.dtype)
+        and getattr(attn, "q_norm", None) is None
+        and type(getattr(mlp, "act_fn", None)).__name__ in _SILU
+        and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
+    )
+
+
+def layer_qkv_into(
+    layer,
+    h: torch.Tensor,  # [1, n, hidden]
+    cos: torch.Tensor,  # [n, D]
+    sin: torch.Tensor,
+    spec: ModelSpec,
+    positions: torch.Tensor,  # [n] buffer slots of the rows (slot = position)
+    k_out: torch.Tensor,  # [Hkv, N, D] the layer's key buffer
+    v_out: torch.Tensor,
+) -> torch.Tensor:
+    """``layer_qkv``, with the rows' K/V written into ``k_out``/``v_out`` at ``positions``;
+    returns q ``[Hq, n, D]``. Fused kernels where ``fused_ops``."""
+    if fused_ops(layer, h):
+        from chunkcache import kernels
+
+        attn, norm = layer.self_attn, layer.input_layernorm
+        x = kernels.rms_norm(h, norm.weight, norm.variance_epsilon)
+        n = x.shape[1]
+        q = attn.q_proj(x).view(n, spec.q_heads, spec.head_dim)
+        k = attn.k_proj(x).view(n, spec.kv_heads, spec.head_dim)
+        v = attn.v_proj(x).view(n, spec.kv_heads, spec.head_dim)
+        return kernels.rope_qkv_scatter(q, k, v, cos, sin, positions, k_out, v_out)
+    q, k, v = layer_qkv(layer, h, cos, sin, spec)
+    k_out[:, positions] = k
+    v_out[:, positions] = v
+    return q
+
+
 def layer_qkv(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: ModelSpec):
     """Project normed hidden states ``[1, n, hidden]`` to RoPE'd q ``[Hq, n, D]``, k, v ``[Hkv, n, D]``."""
     attn = layer.self_attn
@@ -316,6 +381,12 @@ def layer_finish(layer, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor
     """o_proj + residual + MLP block. attn_out ``[Hq, n, D]``, h ``[1, n, hidden]``."""
     n = h.shape[1]
     o = layer.self_attn.o_proj(attn_out.transpose(0, 1).reshape(1, n, -1))
+    if fused_ops(layer, h):
+        from chunkcache import kernels
+
+        norm, mlp = layer.post_attention_layernorm, layer.mlp
+        x, h = kernels.rms_norm(o, norm.weight, norm.variance_epsilon, residual=h)  # h + o, normed
+        return h + mlp.down_proj(kernels.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
     h = h + o
     return h + layer.mlp(layer.post_attention_layernorm(h))
 

@@ -5,10 +5,12 @@ while earlier layers compute, and assemble each layer with one ``rerotate_scatte
             |                                  map page-locked (hostmap): every part's copy for
             |                                  4 layers in one cudaMemcpyBatchAsync ("direct");
             |  else one torch.cat per layer    into pinned slot l % depth, then one H2D copy
-            v  (stager thread, side stream)
+            v  (stager thread, copy stream)
           device slot  l % depth  --rerotate_scatter_packed (decode + rotate + write)-->  buf[l]
-                                   on the side stream right behind the copy, then the checksum
-                                   kernel; the compute stream waits for the assembly's event
+                                   on the side stream (high priority) behind the copy's event,
+                                   then the checksum kernel; the compute stream waits for the
+                                   assembly's event. Copies have a stream of their own, so the
+                                   copy engine never waits behind a kernel.
 
 Layer ``l`` is staged while layer ``l - 1`` computes; the only waits are on per-layer events (the
 compute stream waits for layer ``l``'s assembly, the host for an old ``copied`` before it
@@ -115,7 +117,12 @@ class Staging:
         """Bytes of device slots allowed; the depth is max_bytes // slot size (at least 2)."""
         self.host: torch.Tensor | None = None  # [depth, slot_bytes] uint8 (pinned on CUDA)
         self.dev: torch.Tensor | None = None  # [depth, slot_bytes] uint8 on the device
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.stream = torch.cuda.Stream(self.device, priority=-1) if self.cuda else None
+        """Side stream: the copies, unless ``copy_stream`` takes them, and the assembly kernels
+        (high priority: they are small and later layers wait for them)."""
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        """The host-to-device copies when the assembly runs on ``stream``: on a stream of their
+        own they never wait behind a kernel."""
         self.graphs = None
         """CUDA graphs of the layer loops and the padded KV buffers they read (``graphs.py``):
         a shape seen twice is recorded, then replayed. ``graphs=False`` runs eagerly."""
@@ -316,6 +323,7 @@ class LayerLoader:
         self.staged = 0  # layers staged so far (stager thread)
         self.batch_copies = 0  # direct copies queued as one batch call
         self.side = staging.cuda and self.SIDE_ASSEMBLY
+        self.copy_stream = staging.copy_stream if self.side else staging.stream
         self.assembled = 0  # layers assembled (side: made ready) so far (compute thread)
         self.host_seconds = 0.0  # stager time spent copying and checking
         self._cond = threading.Condition()
@@ -327,6 +335,7 @@ class LayerLoader:
         # (main stream); the start of the first copy, for the copy span.
         self.copied: list[torch.cuda.Event | None] = [None] * self.num_layers
         self.asm: list[tuple | None] = [None] * self.num_layers
+        self.freed: list[torch.cuda.Event | None] = [None] * self.num_layers  # side: slot read
         self.first_copy: torch.cuda.Event | None = None
 
     # -- LayerSource ---------------------------------------------------------------------------
@@ -340,8 +349,10 @@ class LayerLoader:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
-            if self.side:  # the side stream writes buf: after what the compute stream queued on it
-                self.staging.stream.wait_stream(torch.cuda.current_stream(self.staging.device))
+            if self.side:  # the side streams write buf and slots: after what the compute stream queued
+                main = torch.cuda.current_stream(self.staging.device)
+                self.staging.stream.wait_stream(main)
+                self.copy_stream.wait_stream(main)
             self._thread = threading.Thread(target=self._run, name="chunkcache-stager", daemon=True)
             self._thread.start()
 
@@ -354,6 +365,7 @@ class LayerLoader:
         if self._thread is not None:
             self._thread.join()
         if self.staging.cuda:
+            self.staging.copy_stream.synchronize()
             self.staging.stream.synchronize()
 
     def _run(self) -> None:
@@ -361,7 +373,8 @@ class LayerLoader:
         try:
             # this thread's copies (OpenMP threads are per calling thread); restored below, since
             # torch also keeps the number as the default of threads that start later
-            torch.set_num_threads(self.staging.copy_threads)
+            if not self.direct:  # (direct copies use no CPU threads; changing the number costs)
+                torch.set_num_threads(self.staging.copy_threads)
             for first, stop in self._ranges():
                 with self._cond:  # the slots' previous tenants must be assembled
                     while not self.side and not self._stop and stop - 1 - self.depth >= self.assembled:
@@ -416,7 +429,7 @@ class LayerLoader:
                     got = kernels.checksums(gbuf, self.sum_tables[layer % g], self.sum_longest)
                     self._compare(layer, got)
         else:
-            with torch.cuda.stream(st.stream):
+            with torch.cuda.stream(self.copy_stream):
                 self._side_stream_start(first, stop)
                 if not self._batch_copy(gbuf, first, stop, j0):
                     torch._foreach_copy_(*pieces(), non_blocking=True)
@@ -433,7 +446,7 @@ class LayerLoader:
         n = np.uint64(stop - first)
         srcs = self._src0 + np.uint64(first) * self._nb
         dsts = np.uint64(gbuf.data_ptr()) + self._dst0 + np.uint64(j0) * self._nb
-        if self.staging.batch(dsts, srcs, n * self._nb, self.staging.stream.cuda_stream):
+        if self.staging.batch(dsts, srcs, n * self._nb, self.copy_stream.cuda_stream):
             self.batch_copies += 1
             return True
         self.batched = False  # refused: piece by piece from here on (views built on demand)
@@ -460,7 +473,7 @@ class LayerLoader:
             self._compare(layer, kernels.checksums(st.host[s], self.sum_tables[0], self.sum_longest))
         self.host_seconds += time.perf_counter() - t0
         if st.cuda:
-            with torch.cuda.stream(st.stream):
+            with torch.cuda.stream(self.copy_stream):
                 # few calls per layer: each one that releases the GIL may wait to get it back
                 self._side_stream_start(layer, layer + 1)
                 st.dev[s, : self.slot_bytes].copy_(st.host[s, : self.slot_bytes], non_blocking=True)
@@ -470,27 +483,38 @@ class LayerLoader:
     def _side_stream_start(self, first: int, stop: int) -> None:
         """Before copying layers ``first .. stop - 1`` (on the side stream): wait until their
         slots' previous tenants were assembled; mark the first copy's start (the copy span)."""
-        if not self.side and stop - 1 >= self.depth:  # in order: the last tenant's event implies the rest
-            self.staging.stream.wait_event(self.asm[stop - 1 - self.depth][1])
+        if stop - 1 >= self.depth:  # in order: the last tenant's event implies the rest
+            tenant = stop - 1 - self.depth
+            self.copy_stream.wait_event(self.freed[tenant] if self.side else self.asm[tenant][1])
         if first == 0:
             self.first_copy = torch.cuda.Event(enable_timing=True)
-            self.first_copy.record(self.staging.stream)
+            self.first_copy.record(self.copy_stream)
 
     def _copied(self, layer: int, dev_slot: torch.Tensor) -> None:
         """On the side stream, after layer ``layer``'s copy into ``dev_slot`` was queued: its
         event, then the checksum kernel (after the event: the compute does not wait for it)."""
         end = torch.cuda.Event(enable_timing=layer == self.num_layers - 1)
-        end.record(self.staging.stream)
-        if self.side:  # assemble right behind the copy (this stream reuses the slot only after it)
+        end.record(self.copy_stream)
+        self.copied[layer] = end
+        if not self.side:
+            if self.checked:
+                kernels.checksum_partials(dev_slot, self.sum_tables[layer % self.group], self.got[layer])
+            return
+        # assemble right behind the copy, on the side stream; the slot is free once checked
+        side = self.staging.stream
+        side.wait_event(end)
+        with torch.cuda.stream(side):
             start = torch.cuda.Event(enable_timing=True)
-            start.record(self.staging.stream)
+            start.record(side)
             self._rerotate(layer)
             done = torch.cuda.Event(enable_timing=True)
-            done.record(self.staging.stream)
+            done.record(side)
             self.asm[layer] = (start, done)
-        if self.checked:
-            kernels.checksum_partials(dev_slot, self.sum_tables[layer % self.group], self.got[layer])
-        self.copied[layer] = end
+            if self.checked:
+                kernels.checksum_partials(dev_slot, self.sum_tables[layer % self.group], self.got[layer])
+            freed = torch.cuda.Event()
+            freed.record(side)
+            self.freed[layer] = freed
 
     def _compare(self, layer: int, got: torch.Tensor) -> None:
         bad = (got.cpu() != self.expected[layer].cpu()).any(dim=-1).nonzero()

@@ -8,6 +8,9 @@
                         key receives, without materialising the probabilities
     checksums           position-weighted 16-bit word sums of byte ranges (checks staged layers)
     deviation           per-token sum over heads of ||fresh - cached||_2 (for token selection)
+    rms_norm            Llama RMSNorm, optionally after the residual add (returns both)
+    silu_mul            silu(gate) * up, the Llama MLP's activation
+    rope_qkv_scatter    rotary on q and k, q out head-major, k and v written into cache slots
 
 The functions here dispatch: CUDA tensors and an importable triton -> the Triton launcher in
 ``kernels/<name>.py``; anything else -> ``kernels/reference.py``. Importing this package imports
@@ -34,7 +37,10 @@ from .reference import (
     probe_attention_reference,
     rerotate_scatter_packed_reference,
     rerotate_scatter_reference,
+    rms_norm_reference,
+    rope_qkv_scatter_reference,
     selected_attention_reference,
+    silu_mul_reference,
 )
 
 __all__ = [
@@ -52,8 +58,14 @@ __all__ = [
     "rerotate_scatter_packed",
     "rerotate_scatter_packed_reference",
     "rerotate_scatter_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "rope_qkv_scatter",
+    "rope_qkv_scatter_reference",
     "selected_attention",
     "selected_attention_reference",
+    "silu_mul",
+    "silu_mul_reference",
     "triton_available",
 ]
 
@@ -172,3 +184,46 @@ def deviation(
     if _use_triton(fresh):
         return importlib.import_module(".deviation_triton", __name__).deviation(fresh, cached)
     return deviation_reference(fresh, cached)
+
+
+def rms_norm(
+    x: torch.Tensor,  # [..., hidden], last dim contiguous
+    weight: torch.Tensor,  # [hidden], x's dtype
+    eps: float,
+    residual: torch.Tensor | None = None,  # [..., hidden] like x
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Hugging Face LlamaRMSNorm of x; with a residual, ``(rms_norm(h), h)`` for h = x + residual."""
+    if _use_triton(x):
+        fn = importlib.import_module(".layer_triton", __name__).rms_norm
+    else:
+        fn = rms_norm_reference
+    return fn(x, weight, eps, residual)
+
+
+def silu_mul(
+    gate: torch.Tensor,  # any shape, contiguous
+    up: torch.Tensor,  # gate's shape and dtype
+) -> torch.Tensor:
+    """``F.silu(gate) * up`` (same rounding as torch's two ops) as a new tensor."""
+    if _use_triton(gate):
+        return importlib.import_module(".layer_triton", __name__).silu_mul(gate, up)
+    return silu_mul_reference(gate, up)
+
+
+def rope_qkv_scatter(
+    q: torch.Tensor,  # [n, Hq, D], last dim contiguous
+    k: torch.Tensor,  # [n, Hkv, D]
+    v: torch.Tensor,  # [n, Hkv, D]
+    cos: torch.Tensor,  # [n, D], HF layout
+    sin: torch.Tensor,  # [n, D]
+    positions: torch.Tensor,  # [n] int64 cache slots, distinct
+    k_out: torch.Tensor,  # [Hkv, N, D], e.g. buf[layer, 0]
+    v_out: torch.Tensor,  # [Hkv, N, D]
+) -> torch.Tensor:
+    """Rotary on q and k; writes rotated k and v into ``k_out``/``v_out`` at ``positions`` and
+    returns rotated q as [Hq, n, D] (see the reference)."""
+    if _use_triton(q):
+        fn = importlib.import_module(".layer_triton", __name__).rope_qkv_scatter
+    else:
+        fn = rope_qkv_scatter_reference
+    return fn(q, k, v, cos, sin, positions, k_out, v_out)

@@ -345,3 +345,153 @@ def checksum_partials_reference(buf: torch.Tensor, table: torch.Tensor, out: tor
     the others, so ``out.sum(dim=1)`` is the sums, as with the kernel's per-block partials."""
     out.zero_()
     out[:, 0] = checksums_reference(buf, table).to(out.device)
+
+
+# ------------------------------------------------------------------ decoder-layer elementwise ops
+# The small ops of a Llama-style decoder layer that ``layer_triton.py`` fuses. Each reference is
+# the torch expression whose rounding points the kernel reproduces; the ``check_*`` functions are
+# the argument contract both paths enforce (ValueError), so CPU and GPU fail alike.
+
+LAYER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""Activation dtypes of the layer ops."""
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> bool:
+    return t.dim() > 0 and (t.shape[-1] <= 1 or t.stride(-1) == 1)
+
+
+def check_rms_norm_args(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
+    """x [..., hidden] (last dim contiguous) in ``LAYER_DTYPES``; weight [hidden] of x's dtype;
+    residual, if any, like x."""
+    if x.dtype not in LAYER_DTYPES or not _last_dim_contiguous(x):
+        raise ValueError(
+            f"x must be [..., hidden] float32/16 or bfloat16 with a contiguous last dim, "
+            f"got {tuple(x.shape)} {x.dtype} strides {x.stride()}"
+        )
+    hidden = x.shape[-1]
+    if weight.shape != (hidden,) or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(
+            f"weight must be [{hidden}] {x.dtype} on {x.device}, got "
+            f"{tuple(weight.shape)} {weight.dtype} on {weight.device}"
+        )
+    if residual is not None and (
+        residual.shape != x.shape
+        or residual.dtype != x.dtype
+        or residual.device != x.device
+        or not _last_dim_contiguous(residual)
+    ):
+        raise ValueError(
+            f"residual must match x ({tuple(x.shape)} {x.dtype}, contiguous last dim), got "
+            f"{tuple(residual.shape)} {residual.dtype} strides {residual.stride()}"
+        )
+
+
+def rms_norm_reference(
+    x: torch.Tensor,  # [..., hidden]
+    weight: torch.Tensor,  # [hidden], x's dtype
+    eps: float,
+    residual: torch.Tensor | None = None,  # [..., hidden], like x
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Hugging Face ``LlamaRMSNorm`` of x, or with a residual ``(rms_norm(h), h)`` for h = x + residual
+    (one rounding to the dtype, as torch's add):
+
+        y = weight * round(xf * rsqrt(mean(xf^2) + eps)),  xf = x in fp32; the product rounded once
+    """
+    check_rms_norm_args(x, weight, residual)
+    if residual is not None:
+        h = x + residual
+        return rms_norm_reference(h, weight, eps), h
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def check_silu_mul_args(gate: torch.Tensor, up: torch.Tensor) -> None:
+    """gate and up: the same shape, dtype (``LAYER_DTYPES``) and device, both contiguous."""
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        raise ValueError(
+            f"gate and up must match, got {tuple(gate.shape)} {gate.dtype} on {gate.device} "
+            f"and {tuple(up.shape)} {up.dtype} on {up.device}"
+        )
+    if gate.dtype not in LAYER_DTYPES:
+        raise ValueError(f"gate/up must be float32, float16 or bfloat16, got {gate.dtype}")
+    if not (gate.is_contiguous() and up.is_contiguous()):
+        raise ValueError("gate and up must be contiguous")
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` (the Llama MLP's activation) spelled with its rounding points:
+    silu in fp32 rounded to the dtype, then the product in fp32 rounded once."""
+    check_silu_mul_args(gate, up)
+    silu = torch.nn.functional.silu(gate.float()).to(gate.dtype)
+    return (silu.float() * up.float()).to(gate.dtype)
+
+
+def check_rope_qkv_scatter_args(q, k, v, cos, sin, positions, k_out, v_out) -> None:
+    """q [n, Hq, D], k and v [n, Hkv, D] (last dim contiguous, D even, one dtype of ``LAYER_DTYPES``);
+    cos, sin [n, D] (or [1, n, D]) floating, last dim contiguous; positions [n] int64; k_out and
+    v_out [Hkv, N, D] of q's dtype, last dim contiguous; everything on q's device."""
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(
+            f"q must be [n, Hq, D] and k, v [n, Hkv, D], got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    n, _, d = q.shape
+    hkv = k.shape[1]
+    if k.shape[0] != n or k.shape[2] != d:
+        raise ValueError(f"k, v must be [{n}, Hkv, {d}] like q, got {tuple(k.shape)}")
+    if d % 2:
+        raise ValueError(f"head_dim {d} must be even (rotate_half splits it in two)")
+    if q.dtype not in LAYER_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"q, k, v must share a float32/16 or bfloat16 dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.shape[-2:] != (n, d) or t.numel() != n * d or not t.is_floating_point():
+            raise ValueError(f"{name} must be [{n}, {d}] floating, got {tuple(t.shape)} {t.dtype}")
+    if positions.shape != (n,) or positions.dtype != torch.int64:
+        raise ValueError(f"positions must be [{n}] int64, got {tuple(positions.shape)} {positions.dtype}")
+    if k_out.dim() != 3 or k_out.shape != v_out.shape or k_out.shape[0] != hkv or k_out.shape[2] != d:
+        raise ValueError(
+            f"k_out, v_out must be [{hkv}, N, {d}], got {tuple(k_out.shape)}, {tuple(v_out.shape)}"
+        )
+    if k_out.dtype != q.dtype or v_out.dtype != q.dtype:
+        raise ValueError(f"k_out, v_out must be {q.dtype} like q, got {k_out.dtype}, {v_out.dtype}")
+    named = {"q": q, "k": k, "v": v, "cos": cos, "sin": sin, "k_out": k_out, "v_out": v_out}
+    strided = [name for name, t in named.items() if not _last_dim_contiguous(t)]
+    if strided:
+        raise ValueError(f"{strided} must have a contiguous last dim (stride 1)")
+    elsewhere = [name for name, t in {**named, "positions": positions}.items() if t.device != q.device]
+    if elsewhere:
+        raise ValueError(f"{elsewhere} are not on q's device {q.device}")
+
+
+def rope_qkv_scatter_reference(
+    q: torch.Tensor,  # [n, Hq, D], e.g. a view of the q projection's [n, Hq * D] output
+    k: torch.Tensor,  # [n, Hkv, D]
+    v: torch.Tensor,  # [n, Hkv, D]
+    cos: torch.Tensor,  # [n, D], HF layout (halves duplicated), any float dtype
+    sin: torch.Tensor,  # [n, D]
+    positions: torch.Tensor,  # [n] int64, distinct, each < N: the cache slot of token i
+    k_out: torch.Tensor,  # [Hkv, N, D] q's dtype, may be a strided view (buf[layer, 0])
+    v_out: torch.Tensor,  # [Hkv, N, D]
+) -> torch.Tensor:
+    """Rotary on q and k (HF's rotate_half convention) and the cache write of k and v, in place:
+
+        rot(x)                      = round(xf * cos + rotate_half(xf) * sin)    (all in fp32)
+        k_out[:, positions[i], :]   = rot(k[i]),   v_out[:, positions[i], :] = v[i]
+
+    Returns rot(q) as a new contiguous head-major [Hq, n, D] tensor. (HF's own bf16 rotary rounds
+    after each of its three ops; this rounds once.)
+    """
+    check_rope_qkv_scatter_args(q, k, v, cos, sin, positions, k_out, v_out)
+    n, _, d = q.shape
+    cos = cos.reshape(n, 1, d).float()
+    sin = sin.reshape(n, 1, d).float()
+
+    def rot(x: torch.Tensor) -> torch.Tensor:  # [n, H, D] -> [H, n, D]
+        xf = x.float()
+        return (xf * cos + rotate_half(xf) * sin).to(x.dtype).transpose(0, 1)
+
+    k_out[:, positions] = rot(k)
+    v_out[:, positions] = v.transpose(0, 1)
+    return rot(q).contiguous()

@@ -535,3 +535,361 @@ def test_kernels_in_fresh_process():
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+# -------------------------------------------------------- decoder-layer ops (rms_norm, silu, rope)
+
+from chunkcache.kernels import layer_triton as lt  # noqa: E402
+
+# One rounding to the dtype from fp32 math: fp16/bf16 results at most one ulp off (rtol = 2^-bits of
+# mantissa), and bit-exact but where fp32 math differs (sum order, exp) and rounds the other way.
+LAYER_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2**-24, 2**-10), torch.bfloat16: (0, 2**-7)}
+
+
+def check_ulps(got: torch.Tensor, want: torch.Tensor, what: str, max_inexact: float = 0.01, ulps: int = 1):
+    """At most ``ulps`` ulps apart (fp32: 1e-5), and at most ``max_inexact`` of the elements differ."""
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    atol, rtol = LAYER_TOL[want.dtype]
+    scale = 1 if want.dtype == torch.float32 else ulps
+    assert_close(got, want, atol * scale, rtol * scale, what)
+    if want.dtype != torch.float32:
+        got, want = got.cpu(), want.cpu()
+        inexact = ((got != want) & ~(got.isnan() & want.isnan())).float().mean().item()
+        assert inexact <= max_inexact, f"{what}: {inexact:.3%} of elements not bit-exact"
+
+
+# rms_norm's y rounds twice (normed, then times the weight): where the fp32 sum of squares, summed in
+# another order, tips normed to the neighbouring value, y can end two ulps away.
+RMS_ULPS = 2
+
+
+def on_device(*ts: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.to(DEVICE) for t in ts]
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize(("lead", "hidden"), [((7,), 48), ((1, 13), 96), ((3,), 64), ((2, 5), 130)])
+def test_rms_norm_matches_reference(dtype, residual, lead, hidden):
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(*lead, hidden, generator=gen) * 3).to(dtype)
+    w = (1 + 0.3 * torch.randn(hidden, generator=gen)).to(dtype)
+    r = torch.randn(*lead, hidden, generator=gen).to(dtype) if residual else None
+    want = reference.rms_norm_reference(x, w, 1e-5, r)
+    got = lt.rms_norm(*on_device(x, w), 1e-5, *on_device(r))
+    name = f"rms_norm[{dtype}, {(*lead, hidden)}, residual={residual}]"
+    if residual:
+        assert torch.equal(got[1].cpu(), want[1]), f"{name}: h != x + residual"
+        got, want = got[0], want[0]
+    assert got.shape == x.shape and got.is_contiguous()
+    check_ulps(got, want, name, ulps=RMS_ULPS)
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rms_norm_strided_inputs(dtype):
+    """Rows with a stride (slices of a wider buffer) and leading dims that cannot merge (a copy)."""
+    gen = torch.Generator().manual_seed(7)
+    wide = torch.randn(13, 3 * 96, generator=gen).to(dtype).to(DEVICE)
+    x, r = wide[:, 96:192], wide[:, 192:]  # row stride 288
+    w = torch.randn(96, generator=gen).to(dtype).to(DEVICE)
+    y, h = lt.rms_norm(x, w, 1e-6, r)
+    want_y, want_h = reference.rms_norm_reference(x, w, 1e-6, r)
+    assert torch.equal(h, want_h)
+    check_ulps(y, want_y, f"rms_norm strided rows [{dtype}]", ulps=RMS_ULPS)
+    t = torch.randn(4, 3, 48, generator=gen).to(dtype).to(DEVICE).transpose(0, 1)  # [3, 4, 48]
+    want = reference.rms_norm_reference(t, w[:48], 1e-6)
+    check_ulps(lt.rms_norm(t, w[:48], 1e-6), want, "unmergeable", ulps=RMS_ULPS)
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(7, 96), (13, 48), (3, 5, 37), (2, 1031), (1,)], ids=str)
+def test_silu_mul_matches_reference(dtype, shape):
+    gen = torch.Generator().manual_seed(8)
+    gate = (torch.randn(*shape, generator=gen) * 4).to(dtype)
+    up = torch.randn(*shape, generator=gen).to(dtype)
+    got = lt.silu_mul(*on_device(gate, up))
+    assert got.shape == gate.shape
+    check_ulps(got, reference.silu_mul_reference(gate, up), f"silu_mul[{dtype}, {shape}]")
+
+
+@kernel_test
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's numpy exp
+def test_silu_mul_special_values():
+    """Saturated gates (exp overflows to inf: silu -> -0), zeros and NaN behave as in torch."""
+    gate = torch.tensor([0.0, -0.0, 1e-30, 20.0, -20.0, 100.0, -100.0, float("nan"), 3.0])
+    up = torch.tensor([1.0, 2.0, 3.0, -1.0, 5.0, 0.5, 7.0, 1.0, float("nan")])
+    for dtype in DTYPES:
+        g, u = gate.to(dtype), up.to(dtype)
+        got = lt.silu_mul(*on_device(g, u))
+        check_ulps(got, reference.silu_mul_reference(g, u), f"silu_mul special [{dtype}]", max_inexact=0)
+
+
+def rope_cos_sin_table(positions: torch.Tensor, d: int, dtype: torch.dtype, base: float = 500000.0):
+    """[n, d] cos and sin for rotary positions ``positions``, as HF's LlamaRotaryEmbedding (fp32
+    angles, then the model dtype)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.int64, device=positions.device).float() / d)
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def split_qkv(qkv: torch.Tensor, hq: int, hkv: int, d: int):
+    """q [n, Hq, D], k and v [n, Hkv, D] as views of one fused projection output [n, (Hq+2Hkv) * D]."""
+    n = qkv.shape[0]
+    q = qkv[:, : hq * d].view(n, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(n, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)
+    return q, k, v
+
+
+def check_rope_qkv_scatter(hq, hkv, d, n, big_n, dtype, trig_dtype, seed=0):
+    """Kernel vs reference: q out, and a [2 layers, 2, Hkv, N, D] cache of which layer 1 is
+    written at shuffled positions; every other slot must keep its 7.0."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=gen).to(dtype)
+    positions = torch.randperm(big_n, generator=gen)[:n]  # distinct, any order
+    cos, sin = rope_cos_sin_table(positions + 3, d, trig_dtype)
+    buf = torch.full((2, 2, hkv, big_n, d), 7.0, dtype=dtype)
+    want_buf = buf.clone()
+    want_q = reference.rope_qkv_scatter_reference(
+        *split_qkv(qkv, hq, hkv, d), cos, sin, positions, want_buf[1, 0], want_buf[1, 1]
+    )
+    buf, qkv, cos, sin, positions = on_device(buf, qkv, cos, sin, positions)
+    got_q = lt.rope_qkv_scatter(*split_qkv(qkv, hq, hkv, d), cos, sin, positions, buf[1, 0], buf[1, 1])
+    name = f"rope_qkv_scatter[{dtype}, cos {trig_dtype}, Hq={hq} Hkv={hkv} D={d} n={n} N={big_n}]"
+    assert got_q.shape == (hq, n, d) and got_q.is_contiguous(), name
+    check_ulps(got_q, want_q, name + " q")
+    check_ulps(buf[1, 0], want_buf[1, 0], name + " k")
+    assert torch.equal(buf[1, 1].cpu(), want_buf[1, 1]), name + ": v is not a plain copy"
+    untouched = torch.ones(big_n, dtype=torch.bool)
+    untouched[positions.cpu()] = False
+    buf = buf.cpu()
+    assert (buf[0] == 7).all() and (buf[1][:, :, untouched] == 7).all(), name + ": wrote outside positions"
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("trig", ["fp32", "model"])
+@pytest.mark.parametrize(
+    ("hq", "hkv", "d", "n", "big_n"),
+    [
+        (4, 2, 64, 7, 20),  # GQA 2
+        (4, 2, 80, 13, 31),  # D / 2 = 40: masked half blocks
+        (2, 2, 96, 5, 16),  # MHA, D / 2 = 48
+        (4, 1, 128, 37, 40),  # several token blocks, the last one partial
+    ],
+)
+def test_rope_qkv_scatter_matches_reference(dtype, trig, hq, hkv, d, n, big_n):
+    trig_dtype = torch.float32 if trig == "fp32" else dtype
+    check_rope_qkv_scatter(hq, hkv, d, n, big_n, dtype, trig_dtype)
+
+
+@kernel_test
+def test_rope_qkv_scatter_skips_slots_outside_cache():
+    """The kernel cannot raise on device values without a sync: out-of-range slots are not written."""
+    q, k, v = (torch.randn(4, h, 64).to(DEVICE) for h in (2, 1, 1))
+    cos, sin = on_device(*rope_cos_sin_table(torch.arange(4), 64, torch.float32))
+    k_out, v_out = torch.zeros(2, 1, 10, 64, device=DEVICE)
+    got = lt.rope_qkv_scatter(q, k, v, cos, sin, torch.tensor([3, 10, -1, 0], device=DEVICE), k_out, v_out)
+    written = (v_out != 0).any(-1)[0].cpu()
+    assert written.tolist() == [True, False, False, True] + [False] * 6
+    assert torch.equal(v_out[0, 3], v[0, 0]) and torch.equal(v_out[0, 0], v[3, 0])
+    want_q = reference.rope_qkv_scatter_reference(
+        q, k, v, cos, sin, torch.arange(4, device=DEVICE), torch.zeros(1, 4, 64, device=DEVICE),
+        torch.zeros(1, 4, 64, device=DEVICE),
+    )  # fmt: skip
+    check_ulps(got, want_q, "q with out-of-range slots")
+
+
+def test_layer_references_match_torch_and_hf():
+    """The references are the torch/HF expressions they stand for: LlamaRMSNorm and F.silu(g) * u
+    bit for bit, HF's apply_rotary_pos_emb bit for bit in fp32 (in bf16 HF rounds after each op)."""
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    gen = torch.Generator().manual_seed(9)
+    for dtype in DTYPES:
+        norm = llama.LlamaRMSNorm(96, eps=1e-5)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.3 * torch.randn(96, generator=gen))
+            norm = norm.to(dtype)
+            x = (torch.randn(1, 13, 96, generator=gen) * 3).to(dtype)
+            assert torch.equal(reference.rms_norm_reference(x, norm.weight, 1e-5), norm(x)), dtype
+            r = torch.randn(1, 13, 96, generator=gen).to(dtype)
+            y, h = reference.rms_norm_reference(x, norm.weight, 1e-5, residual=r)
+            assert torch.equal(h, x + r) and torch.equal(y, norm(x + r)), dtype
+        gate = (torch.randn(7, 96, generator=gen) * 4).to(dtype)
+        up = torch.randn(7, 96, generator=gen).to(dtype)
+        silu_mul = torch.nn.functional.silu(gate) * up
+        assert torch.equal(reference.silu_mul_reference(gate, up), silu_mul), dtype
+
+    n, hq, hkv, d = 13, 4, 2, 64
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = split_qkv(torch.randn(n, (hq + 2 * hkv) * d, generator=gen).to(dtype), hq, hkv, d)
+        cos, sin = rope_cos_sin_table(torch.arange(n) + 100, d, dtype)
+        k_out, v_out = torch.zeros(2, hkv, n, d, dtype=dtype)
+        got_q = reference.rope_qkv_scatter_reference(q, k, v, cos, sin, torch.arange(n), k_out, v_out)
+        hf_q, hf_k = llama.apply_rotary_pos_emb(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None]
+        )
+        tol = (0, 0) if dtype == torch.float32 else (2**-6, 2**-6)
+        assert_close(got_q, hf_q[0], *tol, f"rope q vs HF [{dtype}]")
+        assert_close(k_out, hf_k[0], *tol, f"rope k vs HF [{dtype}]")
+        assert torch.equal(v_out, v.transpose(0, 1))
+
+
+def test_layer_dispatch_uses_reference_on_cpu():
+    gen = torch.Generator().manual_seed(10)
+    x, r = torch.randn(2, 5, 48, generator=gen).bfloat16()
+    w = torch.randn(48, generator=gen).bfloat16()
+    assert torch.equal(kernels.rms_norm(x, w, 1e-6), reference.rms_norm_reference(x, w, 1e-6))
+    got, want = kernels.rms_norm(x, w, 1e-6, r), reference.rms_norm_reference(x, w, 1e-6, r)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(kernels.silu_mul(x, r), reference.silu_mul_reference(x, r))
+    q, k, v = split_qkv(torch.randn(5, 8 * 64, generator=gen), 4, 2, 64)
+    cos, sin = rope_cos_sin_table(torch.arange(5), 64, torch.float32)
+    pos = torch.tensor([4, 0, 7, 2, 9])
+    got_kv, want_kv = torch.zeros(2, 2, 10, 64), torch.zeros(2, 2, 10, 64)
+    got = kernels.rope_qkv_scatter(q, k, v, cos, sin, pos, got_kv[0], got_kv[1])
+    want = reference.rope_qkv_scatter_reference(q, k, v, cos, sin, pos, want_kv[0], want_kv[1])
+    assert torch.equal(got, want) and torch.equal(got_kv, want_kv)
+
+
+@kernel_test
+def test_layer_kernels_reject_bad_arguments():
+    """Kernel launchers, dispatchers and references raise the same ValueErrors before any launch."""
+    dev = lambda *shape, dtype=torch.float32: torch.randn(*shape).to(dtype).to(DEVICE)  # noqa: E731
+    x, w = dev(4, 96), dev(96)
+    norms = (lt.rms_norm, kernels.rms_norm, reference.rms_norm_reference)
+    for args, match in [
+        ((x, dev(48), 1e-5), "weight must be"),
+        ((x, w.bfloat16(), 1e-5), "weight must be"),
+        ((x.int(), w, 1e-5), "x must be"),
+        ((dev(4, 192)[:, ::2], w, 1e-5), "x must be"),
+        ((x, w, 1e-5, dev(5, 96)), "residual must match"),
+        ((x, w, 1e-5, x.half()), "residual must match"),
+    ]:
+        for fn in norms:
+            with pytest.raises(ValueError, match=match):
+                fn(*args)
+    with pytest.raises(ValueError, match="over the kernel's"):
+        lt.rms_norm(dev(1, 70000), dev(70000), 1e-5)
+
+    silus = (lt.silu_mul, kernels.silu_mul, reference.silu_mul_reference)
+    for args, match in [
+        ((dev(4, 96), dev(4, 95)), "must match"),
+        ((dev(4, 96), dev(4, 96).half()), "must match"),
+        ((dev(96, 4).t(), dev(96, 4).t()), "contiguous"),
+        ((torch.ones(4, dtype=torch.int32, device=DEVICE),) * 2, "float32, float16 or bfloat16"),
+    ]:
+        for fn in silus:
+            with pytest.raises(ValueError, match=match):
+                fn(*args)
+
+    n, hq, hkv, d, big_n = 5, 4, 2, 64, 16
+    good = {
+        "q": dev(n, hq, d), "k": dev(n, hkv, d), "v": dev(n, hkv, d), "cos": dev(n, d), "sin": dev(n, d),
+        "positions": torch.arange(n, device=DEVICE), "k_out": dev(hkv, big_n, d), "v_out": dev(hkv, big_n, d),
+    }  # fmt: skip
+    ropes = (lt.rope_qkv_scatter, kernels.rope_qkv_scatter, reference.rope_qkv_scatter_reference)
+    for change, match in [
+        ({"q": dev(n, hq, d + 1), "k": dev(n, hkv, d + 1), "v": dev(n, hkv, d + 1)}, "even"),
+        ({"k": dev(n, hkv, 32), "v": dev(n, hkv, 32)}, "k, v must be"),
+        ({"v": dev(n, hkv + 1, d)}, "q must be"),
+        ({"q": dev(n, hq, d).bfloat16()}, "share"),
+        ({"positions": torch.arange(n, device=DEVICE, dtype=torch.int32)}, "positions must be"),
+        ({"positions": torch.arange(n + 1, device=DEVICE)}, "positions must be"),
+        ({"cos": dev(n, d // 2)}, "cos must be"),
+        ({"sin": dev(2, n, d)}, "sin must be"),
+        ({"k_out": dev(hkv + 1, big_n, d)}, "k_out, v_out must be"),
+        ({"v_out": dev(hkv, big_n, d).half()}, "k_out, v_out must be"),
+        ({"k_out": dev(hkv, big_n, 2 * d)[..., ::2]}, "contiguous last dim"),
+        ({"q": dev(n, hq, 2 * d)[..., ::2]}, "contiguous last dim"),
+    ]:
+        for fn in ropes:
+            with pytest.raises(ValueError, match=match):
+                fn(**{**good, **change})
+    if CUDA:
+        with pytest.raises(ValueError, match="not on q's device"):
+            lt.rope_qkv_scatter(**{**good, "positions": torch.arange(n)})
+
+
+# --------------------------------------------------------- decoder-layer ops on the GPU, Llama-3-8B
+
+
+def replay_in_graph(fn, refill):
+    """Run ``fn`` once (compiles), capture it in a CUDA graph, call ``refill()`` (new inputs, in
+    place) and replay: the launchers must neither sync nor allocate by data. Returns the outputs."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    refill()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_rms_norm_llama_shapes():
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    x, r = (torch.randn(2, 1, 1261, 4096, device="cuda", generator=gen) * 2).bfloat16()
+    w = (1 + 0.3 * torch.randn(4096, device="cuda", generator=gen)).bfloat16()
+    check_ulps(
+        lt.rms_norm(x, w, 1e-5), reference.rms_norm_reference(x, w, 1e-5), "rms_norm 8B", ulps=RMS_ULPS
+    )
+    new_x, new_r = torch.randn_like(x), torch.randn_like(r)
+
+    def refill():
+        x.copy_(new_x)
+        r.copy_(new_r)
+
+    y, h = replay_in_graph(lambda: lt.rms_norm(x, w, 1e-5, residual=r), refill)
+    want_y, want_h = reference.rms_norm_reference(new_x, w, 1e-5, residual=new_r)
+    assert torch.equal(h, want_h)
+    check_ulps(y, want_y, "rms_norm 8B, residual, graph replay", ulps=RMS_ULPS)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_silu_mul_llama_shapes():
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    gate, up = (torch.randn(2, 1261, 14336, device="cuda", generator=gen) * 3).bfloat16()
+    check_ulps(lt.silu_mul(gate, up), torch.nn.functional.silu(gate) * up, "silu_mul 8B vs torch")
+    new_gate = torch.randn_like(gate) * 3
+    out = replay_in_graph(lambda: lt.silu_mul(gate, up), lambda: gate.copy_(new_gate))
+    check_ulps(out, reference.silu_mul_reference(new_gate, up), "silu_mul 8B, graph replay")
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_rope_qkv_scatter_llama_shapes():
+    """Llama-3-8B: 1261 tokens into an 8K cache of two layers; then the same in a CUDA graph with
+    new activations and new positions."""
+    hq, hkv, d, n, big_n = 32, 8, 128, 1261, 8192
+    check_rope_qkv_scatter(hq, hkv, d, n, big_n, torch.bfloat16, torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, device="cuda", generator=gen).bfloat16()
+    positions = torch.randperm(big_n, device="cuda", generator=gen)[:n]
+    cos, sin = rope_cos_sin_table(positions, d, torch.bfloat16)
+    buf = torch.zeros(2, 2, hkv, big_n, d, dtype=torch.bfloat16, device="cuda")
+    new_qkv, new_pos = torch.randn_like(qkv), torch.randperm(big_n, device="cuda", generator=gen)[:n]
+
+    def refill():
+        qkv.copy_(new_qkv)
+        positions.copy_(new_pos)
+        buf.fill_(7.0)
+
+    def step():
+        return lt.rope_qkv_scatter(*split_qkv(qkv, hq, hkv, d), cos, sin, positions, buf[1, 0], buf[1, 1])
+
+    got_q = replay_in_graph(step, refill)
+    want_buf = torch.full_like(buf, 7.0)
+    want_q = reference.rope_qkv_scatter_reference(
+        *split_qkv(new_qkv, hq, hkv, d), cos, sin, new_pos, want_buf[1, 0], want_buf[1, 1]
+    )
+    check_ulps(got_q, want_q, "rope 8B q, graph replay")
+    check_ulps(buf, want_buf, "rope 8B cache, graph replay")
