@@ -195,8 +195,11 @@ class LayerLoader:
     Per layer, every chunk's parts are packed at the same slot offsets (all layers of a chunk
     have the same part shapes), so the launch table is built once."""
 
-    DIRECT_GROUP = 4
-    """Layers per copy when copying straight from a registered map."""
+    DIRECT_GROUP = 8
+    """Layers per copy when copying straight from a registered map (a group's copies are one
+    batch call, whose host cost is per call: 8 layers matches the fusion's graph groups); halved
+    down to ``MIN_GROUP`` while two groups' slots exceed ``Staging.max_bytes``."""
+    MIN_GROUP = 4
     SIDE_ASSEMBLY = True
     """CUDA: assemble each layer on the side stream, right behind its copy (the compute stream
     only waits for an event); False: on the compute stream, as the layer is needed."""
@@ -261,7 +264,10 @@ class LayerLoader:
         maps = staging.maps
         self.direct = maps is not None and all(_covered(maps, parts) for _, parts in parsed)
         aligned = all(p.nbytes % _ALIGN == 0 for p in self.parts)
-        self.group = min(self.DIRECT_GROUP, self.num_layers) if self.direct and aligned else 1
+        g = self.DIRECT_GROUP
+        while g > self.MIN_GROUP and 2 * g * self.slot_bytes > staging.max_bytes:
+            g //= 2  # two groups' slots within the staging budget where possible
+        self.group = min(g, self.num_layers) if self.direct and aligned else 1
         g = self.group
         base = kernels.PackedLayout(self.codec, spec.kv_heads, spec.head_dim)
         it = iter(self.parts)
@@ -433,8 +439,7 @@ class LayerLoader:
                 self._side_stream_start(first, stop)
                 if not self._batch_copy(gbuf, first, stop, j0):
                     torch._foreach_copy_(*pieces(), non_blocking=True)
-                for layer in range(first, stop):
-                    self._copied(layer, gbuf)
+                self._copied(first, stop, gbuf)
         self.host_seconds += time.perf_counter() - t0
         self.staged += stop - first
 
@@ -477,7 +482,7 @@ class LayerLoader:
                 # few calls per layer: each one that releases the GIL may wait to get it back
                 self._side_stream_start(layer, layer + 1)
                 st.dev[s, : self.slot_bytes].copy_(st.host[s, : self.slot_bytes], non_blocking=True)
-                self._copied(layer, st.dev[s])
+                self._copied(layer, layer + 1, st.dev[s])
         self.staged += 1
 
     def _side_stream_start(self, first: int, stop: int) -> None:
@@ -490,31 +495,42 @@ class LayerLoader:
             self.first_copy = torch.cuda.Event(enable_timing=True)
             self.first_copy.record(self.copy_stream)
 
-    def _copied(self, layer: int, dev_slot: torch.Tensor) -> None:
-        """On the side stream, after layer ``layer``'s copy into ``dev_slot`` was queued: its
-        event, then the checksum kernel (after the event: the compute does not wait for it)."""
-        end = torch.cuda.Event(enable_timing=layer == self.num_layers - 1)
+    def _copied(self, first: int, stop: int, dev_slot: torch.Tensor) -> None:
+        """On the copy stream, after the copy of layers ``first .. stop - 1`` into ``dev_slot``
+        (their slots) was queued: its event; then, on the side stream behind it, one assembly
+        launch per layer and one checksum launch for them all (the compute does not wait for it;
+        the slots are free once it ran). Without side assembly the checksum follows the copy."""
+        end = torch.cuda.Event(enable_timing=stop == self.num_layers)
         end.record(self.copy_stream)
-        self.copied[layer] = end
+        for layer in range(first, stop):
+            self.copied[layer] = end
         if not self.side:
-            if self.checked:
-                kernels.checksum_partials(dev_slot, self.sum_tables[layer % self.group], self.got[layer])
+            self._checksum(first, stop, dev_slot)
             return
-        # assemble right behind the copy, on the side stream; the slot is free once checked
         side = self.staging.stream
         side.wait_event(end)
         with torch.cuda.stream(side):
             start = torch.cuda.Event(enable_timing=True)
             start.record(side)
-            self._rerotate(layer)
-            done = torch.cuda.Event(enable_timing=True)
-            done.record(side)
-            self.asm[layer] = (start, done)
-            if self.checked:
-                kernels.checksum_partials(dev_slot, self.sum_tables[layer % self.group], self.got[layer])
+            for layer in range(first, stop):
+                self._rerotate(layer)
+                done = torch.cuda.Event(enable_timing=True)
+                done.record(side)
+                self.asm[layer] = (start, done)  # spans: the previous layer's end to this one's
+                start = done
+            self._checksum(first, stop, dev_slot)
             freed = torch.cuda.Event()
             freed.record(side)
+        for layer in range(first, stop):
             self.freed[layer] = freed
+
+    def _checksum(self, first: int, stop: int, dev_slot: torch.Tensor) -> None:
+        """Queue the checksum kernel over layers ``first .. stop - 1`` of their slots (CUDA)."""
+        if self.checked:
+            j0 = first % self.group
+            table = self.sum_tables[j0 : j0 + stop - first].view(-1, 2)
+            out = self.got[first:stop].view(-1, *self.got.shape[2:])
+            kernels.checksum_partials(dev_slot, table, out)
 
     def _compare(self, layer: int, got: torch.Tensor) -> None:
         bad = (got.cpu() != self.expected[layer].cpu()).any(dim=-1).nonzero()
