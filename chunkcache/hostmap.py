@@ -105,7 +105,7 @@ class _CopyAttributes(ctypes.Structure):
 class MemcpyBatch:
     """``cudaMemcpyBatchAsync`` (CUDA runtime >= 12.8): many host-to-device copies queued with one
     call, where ``torch._foreach_copy_`` costs a Python slice and a driver call per piece (the
-    direct path copies every part of every chunk, 4 layers at a time: 64-96 pieces at 8K tokens).
+    direct path copies every part of every chunk, 8 layers at a time: 64-96 pieces at 8K tokens).
     ``available`` is False on older runtimes or where the symbol is missing; ``__call__`` returns
     False if the runtime refused the batch (the caller then copies piece by piece).
 

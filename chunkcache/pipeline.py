@@ -3,7 +3,7 @@ while earlier layers compute, and assemble each layer with one ``rerotate_scatte
 
     host: LMDB map (zero-copy views of the entries)
             |                                  map page-locked (hostmap): every part's copy for
-            |                                  4 layers in one cudaMemcpyBatchAsync ("direct");
+            |                                  8 layers in one cudaMemcpyBatchAsync ("direct");
             |  else one torch.cat per layer    into pinned slot l % depth, then one H2D copy
             v  (stager thread, copy stream)
           device slot  l % depth  --rerotate_scatter_packed (decode + rotate + write)-->  buf[l]
