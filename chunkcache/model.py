@@ -277,24 +277,30 @@ def _plain_norm(norm, dtype: torch.dtype) -> bool:
     )
 
 
-def fused_ops(layer, h: torch.Tensor) -> bool:
-    """Whether ``layer``'s small ops run as chunkcache's fused Triton kernels (CUDA, triton, a
-    Llama-style block: the RMSNorms above, no q/k norms, a SiLU-gated MLP): RMSNorm (with the
-    residual add) one kernel each, rotary and the K/V writes one, SiLU times up one, instead of
-    about 25 torch kernels a layer. Elsewhere the torch ops run as before."""
-    if not (FUSED_KERNELS and h.is_cuda):
-        return False
-    from chunkcache.kernels import triton_available
-
+def fusable(layer, dtype: torch.dtype) -> bool:
+    """Whether ``layer`` is a Llama-style block the fused kernels compute exactly: the RMSNorms
+    above with weights in ``dtype``, no q/k norms (Qwen3), a SiLU-gated MLP."""
     attn, mlp = layer.self_attn, layer.mlp
     return (
-        triton_available()
-        and _plain_norm(layer.input_layernorm, h.dtype)
-        and _plain_norm(layer.post_attention_layernorm, h.dtype)
+        _plain_norm(layer.input_layernorm, dtype)
+        and _plain_norm(layer.post_attention_layernorm, dtype)
         and getattr(attn, "q_norm", None) is None
         and type(getattr(mlp, "act_fn", None)).__name__ in _SILU
         and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
     )
+
+
+def fused_ops(layer, h: torch.Tensor) -> bool:
+    """Whether ``layer``'s small ops run as chunkcache's fused Triton kernels (CUDA, triton and a
+    ``fusable`` layer): RMSNorm (with the residual add) one kernel each, rotary and the K/V
+    writes one, SiLU times up one, instead of about 25 torch kernels a layer. Elsewhere the torch
+    ops run as before (``fused=True`` in the functions below forces the fused form, which on CPU
+    runs the kernels' torch references)."""
+    if not (FUSED_KERNELS and h.is_cuda):
+        return False
+    from chunkcache.kernels import triton_available
+
+    return triton_available() and fusable(layer, h.dtype)
 
 
 def layer_qkv_into(
@@ -306,10 +312,11 @@ def layer_qkv_into(
     positions: torch.Tensor,  # [n] buffer slots of the rows (slot = position)
     k_out: torch.Tensor,  # [Hkv, N, D] the layer's key buffer
     v_out: torch.Tensor,
+    fused: bool | None = None,  # None: ``fused_ops``
 ) -> torch.Tensor:
     """``layer_qkv``, with the rows' K/V written into ``k_out``/``v_out`` at ``positions``;
     returns q ``[Hq, n, D]``. Fused kernels where ``fused_ops``."""
-    if fused_ops(layer, h):
+    if fused_ops(layer, h) if fused is None else fused:
         from chunkcache import kernels
 
         attn, norm = layer.self_attn, layer.input_layernorm
@@ -377,11 +384,12 @@ def attend_at(
     return attend(q, k_all, v_all, position_causal_mask(q_pos, k_all.shape[1], window), scale)
 
 
-def layer_finish(layer, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-    """o_proj + residual + MLP block. attn_out ``[Hq, n, D]``, h ``[1, n, hidden]``."""
+def layer_finish(layer, h: torch.Tensor, attn_out: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+    """o_proj + residual + MLP block. attn_out ``[Hq, n, D]``, h ``[1, n, hidden]``. Fused
+    kernels where ``fused_ops`` (``fused``: force either form)."""
     n = h.shape[1]
     o = layer.self_attn.o_proj(attn_out.transpose(0, 1).reshape(1, n, -1))
-    if fused_ops(layer, h):
+    if fused_ops(layer, h) if fused is None else fused:
         from chunkcache import kernels
 
         norm, mlp = layer.post_attention_layernorm, layer.mlp

@@ -69,3 +69,30 @@ def test_cuda_default_model_bf16(smol):
         assert "Eiffel" in eng.generate(PASSAGES[::-1], QUESTION, max_new_tokens=12)
     finally:
         smol.model.to("cpu", torch.float32)
+
+
+def test_cuda_fused_layer_form_matches_torch_ops_in_bf16():
+    """On CUDA in bf16 a Llama layer takes the fused Triton form by default; it stays within
+    bf16 rounding of the layer's torch ops (rotary rounds once in fp32 where HF rounds thrice)."""
+    from chunkcache import model as M
+    from chunkcache.model import check_config
+
+    model = tiny_model("llama", hidden_size=256, intermediate_size=512, head_dim=64).to(
+        "cuda", torch.bfloat16
+    )
+    spec = check_config(model.config)
+    layer = model.model.layers[1]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(1, 61, 256, generator=g, device="cuda").to(torch.bfloat16)
+    assert M.fused_ops(layer, h)
+    positions = torch.randperm(200, device="cuda")[:61]
+    cos, sin = M.rotary(model, positions, h)
+    start = torch.randn(2, spec.kv_heads, 200, spec.head_dim, generator=g, device="cuda").to(torch.bfloat16)
+    got = {}
+    for fused in (False, True):
+        buf = start.clone()
+        with torch.no_grad():
+            q = M.layer_qkv_into(layer, h, cos, sin, spec, positions, buf[0], buf[1], fused=fused)
+            got[fused] = (q, buf, M.layer_finish(layer, h, torch.tanh(q), fused=fused))
+    for a, b in zip(got[False], got[True], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02)

@@ -62,3 +62,42 @@ def test_fingerprint_follows_weights_not_name():
         b.model.layers[1].mlp.up_proj.weight[3, 5] += 0.5
     assert fingerprint(a) != fingerprint(b)
     assert fingerprint(tiny_model(seed=1)) != fingerprint(a)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_fused_layer_form_equals_the_torch_layer(arch):
+    """The fused form of a decoder layer (RMSNorm with the residual add, rotary with the K/V
+    writes, SiLU times up: Triton kernels on CUDA, their torch references here) gives what the
+    layer's own torch ops give: the same queries, cache writes and next hidden state."""
+    from chunkcache import model as M
+
+    model = tiny_model(arch)
+    spec = check_config(model.config)
+    layer = model.model.layers[1]
+    assert M.fusable(layer, torch.float32) and not M.fusable(layer, torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1, 7, model.config.hidden_size, generator=g)
+    assert not M.fused_ops(layer, h)  # CPU: the torch ops, unless forced
+    positions = torch.tensor([2, 3, 5, 8, 11, 13, 19])
+    cos, sin = M.rotary(model, positions, h)
+    start = torch.randn(2, spec.kv_heads, 24, spec.head_dim, generator=g)
+    got = {}
+    for fused in (False, True):
+        buf = start.clone()
+        with torch.no_grad():
+            q = M.layer_qkv_into(layer, h, cos, sin, spec, positions, buf[0], buf[1], fused=fused)
+            out = M.layer_finish(layer, h, torch.tanh(q), fused=fused)  # any [Hq, n, D] as attention output
+        got[fused] = (q, buf, out)
+    for a, b in zip(got[False], got[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    untouched = torch.ones(24, dtype=torch.bool)
+    untouched[positions] = False
+    assert torch.equal(got[True][1][:, :, untouched], start[:, :, untouched])
+    assert not torch.equal(got[True][1], start)
+
+
+def test_layers_outside_the_fused_form_are_not_fused():
+    from chunkcache import model as M
+
+    assert not M.fusable(tiny_model("qwen3").model.layers[0], torch.float32)  # q/k norms
+    assert not M.fusable(tiny_model("llama", hidden_act="gelu").model.layers[0], torch.float32)
