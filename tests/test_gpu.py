@@ -94,5 +94,6 @@ def test_cuda_fused_layer_form_matches_torch_ops_in_bf16():
         with torch.no_grad():
             q = M.layer_qkv_into(layer, h, cos, sin, spec, positions, buf[0], buf[1], fused=fused)
             got[fused] = (q, buf, M.layer_finish(layer, h, torch.tanh(q), fused=fused))
-    for a, b in zip(got[False], got[True], strict=True):
-        torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02)
+    for a, b in zip(got[False], got[True], strict=True):  # a few bf16 ulps, amplified by the MLP
+        a, b = a.float(), b.float()
+        assert (a - b).norm() <= 0.01 * a.norm() and (a - b).abs().max() <= 0.02 * a.abs().max()
