@@ -178,22 +178,25 @@ class _Part:
 
 class LayerLoader:
     """Stages the codec parts of a list of entries layer by layer on a background thread and
-    assembles ``buf`` (on CUDA on the side stream behind each copy; see ``SIDE_ASSEMBLY``) (a ``LayerSource`` for ``fuse.fuse_assembled``).
+    assembles ``buf`` (a ``LayerSource`` for ``fuse.fuse_assembled``). It starts at the first
+    ``ready`` (or ``start()``), so the fusion's own small uploads go before its copies.
 
-    Stager thread, per layer ``l`` (slot ``s = l % depth``): wait until layer ``l - depth`` (the
-    slot's previous tenant) was assembled, wait (host) for its H2D copy to finish, then the worker
-    copies every chunk's parts of layer ``l`` into pinned slot ``s`` with one ``torch.cat``
-    (torch's intra-op threads do the copying, outside the GIL: Python threads copying piece by
-    piece were measured 3-5x slower here, waiting on the GIL behind the compute thread), then it queues on the side stream, behind the event
-    ``assembled[l - depth]``, the H2D copy and the checksum kernel over the device slot (the bytes
-    the GPU uses are the bytes checked), and signals the compute thread. Compute thread,
-    ``ready(l)``: wait for that signal, make the compute stream wait for the copy's event (a
-    device-side wait), and assemble every chunk of the layer in one kernel launch. ``check()``,
-    once the fusion is done, compares all layers' sums with the entries' (one sync) and raises
-    ``CorruptEntryError`` naming the first damaged chunk-layer: the result is then never returned.
-    On CPU the sums are checked by the stager before the layer can be used.
-    Per layer, every chunk's parts are packed at the same slot offsets (all layers of a chunk
-    have the same part shapes), so the launch table is built once."""
+    Stager thread, per step of ``_ranges()`` (layer 0, layer 1, then groups of ``group`` layers):
+    - copy: straight from the registered map, every part of the step's layers in one batch call
+      into the step's group buffer (``direct``); otherwise one ``torch.cat`` into pinned slot
+      ``l % depth`` (torch's intra-op threads copy outside the GIL: Python threads copying piece
+      by piece were measured 3-5x slower, waiting on the GIL behind the compute thread), then one
+      copy. On CUDA the copies go on the copy stream, behind the event that frees their slots;
+    - CUDA: on the side stream behind the copy's event, one ``rerotate_scatter_packed`` launch per
+      layer, then one checksum launch over the step's slots (the bytes the GPU uses are the bytes
+      checked); CPU: the sums are checked before the layer can be used;
+    - signal the compute thread.
+    Compute thread, ``ready(l)``: wait for layer ``l``'s signal and make the compute stream wait
+    for its assembly's event (device side; on CPU, and with ``SIDE_ASSEMBLY = False``, assemble
+    the layer there). ``check()``, once the fusion is done, compares all layers' sums with the
+    entries' (one sync) and raises ``CorruptEntryError`` naming the first damaged chunk-layer: the
+    result is then never returned. Every layer of a chunk has the same part shapes, so the launch
+    tables are built once per query (one per position in a group)."""
 
     DIRECT_GROUP = 8
     """Layers per copy when copying straight from a registered map (a group's copies are one
