@@ -277,7 +277,7 @@ def fuse_assembled(
     probe = None
     if policy.probe and schedule:
         probe = _Probe(lm, buf, ids_dev, q_pos, ctx_pos, source, graphs)
-        if graphs is not None and graphs.probe_first:
+        if graphs is not None:
             # The whole probe first, as graphs of a few layers each started as their layers
             # arrive: between groups the compute thread waits (without the GIL) instead of
             # competing with the stager with eager layers.
@@ -465,6 +465,7 @@ class _Probe:
         self.h = lm.model.model.embed_tokens(ids[q_pos])[None]  # [1, nq, hidden]
         self.rows: list[torch.Tensor] = []  # per layer [N]: attention over every buffer position
         self.done = 0
+        self._mask: torch.Tensor | None = None  # [nq, N] position-causal (CPU path), built once
 
     def _layer(self, li: int, h: torch.Tensor, q_pos: torch.Tensor, rope=None):
         buf, lm = self.buf, self.lm
@@ -476,8 +477,9 @@ class _Probe:
             return M.layer_finish(lm.model.model.layers[li], h, out), row
         group = q.shape[0] // keys.shape[0]
         scores = torch.einsum("hqd,hkd->hqk", q.float(), keys.float().repeat_interleave(group, 0)) * scale
-        mask = M.position_causal_mask(q_pos, buf.shape[3], lm.spec.window)  # [nq, N]
-        probs = scores.masked_fill(~mask[None], float("-inf")).softmax(-1)
+        if self._mask is None:
+            self._mask = M.position_causal_mask(q_pos, buf.shape[3], lm.spec.window)  # [nq, N]
+        probs = scores.masked_fill(~self._mask[None], float("-inf")).softmax(-1)
         row = probs.mean(dim=(0, 1))  # [N]
         return _attend_finish(lm, buf, li, h, q, q_pos), row
 

@@ -42,9 +42,6 @@ class FusionGraphs:
         self.n_bucket, self.row_bucket, self.min_uses = n_bucket, row_bucket, min_uses
         self.layer_group = layer_group
         """Layers per recompute graph: each group waits only for its own layers to be loaded."""
-        self.probe_first = True
-        """Run the whole qaware probe before the check layers (True), or only its layers up to
-        the first check layer, the rest after the check layers were queued (False)."""
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], object]] = {}
         self.seen: Counter = Counter()

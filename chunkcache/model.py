@@ -263,8 +263,6 @@ def position_causal_mask(q_pos: torch.Tensor, n_keys: int, window: int | None = 
 _RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 """Norm classes computing ``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)``."""
 _SILU = frozenset({"SiLU", "SiLUActivation"})
-FUSED_KERNELS = True
-"""Switch for ``fused_ops`` (False: always the torch ops; for comparisons)."""
 
 
 def _plain_norm(norm, dtype: torch.dtype) -> bool:
@@ -296,7 +294,7 @@ def fused_ops(layer, h: torch.Tensor) -> bool:
     writes one, SiLU times up one, instead of about 25 torch kernels a layer. Elsewhere the torch
     ops run as before (``fused=True`` in the functions below forces the fused form, which on CPU
     runs the kernels' torch references)."""
-    if not (FUSED_KERNELS and h.is_cuda):
+    if not h.is_cuda:
         return False
     from chunkcache.kernels import triton_available
 

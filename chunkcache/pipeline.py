@@ -13,13 +13,13 @@ while earlier layers compute, and assemble each layer with one ``rerotate_scatte
                                    copy engine never waits behind a kernel.
 
 Layer ``l`` is staged while layer ``l - 1`` computes; the only waits are on per-layer events (the
-compute stream waits for layer ``l``'s assembly, the host for an old ``copied`` before it
-overwrites a pinned slot; a device slot is reused in side-stream order), never a device-wide
-synchronisation. (``LayerLoader.SIDE_ASSEMBLY = False`` assembles on the compute stream instead,
-and the side stream then waits for a slot's previous assembly.)
+compute stream waits for layer ``l``'s assembly, the copy stream for a device slot's previous
+tenant to be assembled and checked, the host for an old ``copied`` before it overwrites a pinned
+slot), never a device-wide synchronisation.
 
 What it knows: the entry format (``format.unpack_parts``), CUDA streams and events, the fusion's
-``LayerSource`` hooks, whether a view lies in a registered map (``hostmap``). What it does not know: selection, models' maths, where entries come from.
+``LayerSource`` hooks, whether a view lies in a registered map (``hostmap``). What it does not
+know: selection, models' maths, where entries come from.
 On CPU the same staging runs into plain memory and the torch reference kernels decode: the
 results equal ``fuse_kv`` over the decoded chunks up to the codecs' one rounding step.
 
@@ -118,11 +118,10 @@ class Staging:
         self.host: torch.Tensor | None = None  # [depth, slot_bytes] uint8 (pinned on CUDA)
         self.dev: torch.Tensor | None = None  # [depth, slot_bytes] uint8 on the device
         self.stream = torch.cuda.Stream(self.device, priority=-1) if self.cuda else None
-        """Side stream: the copies, unless ``copy_stream`` takes them, and the assembly kernels
-        (high priority: they are small and later layers wait for them)."""
+        """Side stream of the assembly and checksum kernels (high priority: they are small and
+        later layers wait for them)."""
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        """The host-to-device copies when the assembly runs on ``stream``: on a stream of their
-        own they never wait behind a kernel."""
+        """The host-to-device copies: on a stream of their own they never wait behind a kernel."""
         self.graphs = None
         """CUDA graphs of the layer loops and the padded KV buffers they read (``graphs.py``):
         a shape seen twice is recorded, then replayed. ``graphs=False`` runs eagerly."""
@@ -192,8 +191,7 @@ class LayerLoader:
       checked); CPU: the sums are checked before the layer can be used;
     - signal the compute thread.
     Compute thread, ``ready(l)``: wait for layer ``l``'s signal and make the compute stream wait
-    for its assembly's event (device side; on CPU, and with ``SIDE_ASSEMBLY = False``, assemble
-    the layer there). ``check()``, once the fusion is done, compares all layers' sums with the
+    for its assembly's event (device side; on CPU, assemble the layer there). ``check()``, once the fusion is done, compares all layers' sums with the
     entries' (one sync) and raises ``CorruptEntryError`` naming the first damaged chunk-layer: the
     result is then never returned. Every layer of a chunk has the same part shapes, so the launch
     tables are built once per query (one per position in a group)."""
@@ -203,9 +201,6 @@ class LayerLoader:
     batch call, whose host cost is per call: 8 layers matches the fusion's graph groups); halved
     down to ``MIN_GROUP`` while two groups' slots exceed ``Staging.max_bytes``."""
     MIN_GROUP = 4
-    SIDE_ASSEMBLY = True
-    """CUDA: assemble each layer on the side stream, right behind its copy (the compute stream
-    only waits for an event); False: on the compute stream, as the layer is needed."""
 
     def __init__(
         self,
@@ -331,20 +326,19 @@ class LayerLoader:
         self.offsets = list(offsets)
         self.staged = 0  # layers staged so far (stager thread)
         self.batch_copies = 0  # direct copies queued as one batch call
-        self.side = staging.cuda and self.SIDE_ASSEMBLY
-        self.copy_stream = staging.copy_stream if self.side else staging.stream
-        self.assembled = 0  # layers assembled (side: made ready) so far (compute thread)
+        self.assembled = 0  # layers assembled (CUDA: made ready) so far (compute thread)
         self.host_seconds = 0.0  # stager time spent copying and checking
         self._cond = threading.Condition()
         self._signals = [threading.Event() for _ in range(self.num_layers)]
         self._error: BaseException | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
-        # CUDA events: per layer the end of its H2D copy (side stream) and its assembly start/end
-        # (main stream); the start of the first copy, for the copy span.
+        # CUDA events: per layer the end of its H2D copy (copy stream), its assembly's start and
+        # end, and the end of its checksum, after which its slot may be reused (side stream); the
+        # start of the first copy, for the copy span.
         self.copied: list[torch.cuda.Event | None] = [None] * self.num_layers
         self.asm: list[tuple | None] = [None] * self.num_layers
-        self.freed: list[torch.cuda.Event | None] = [None] * self.num_layers  # side: slot read
+        self.freed: list[torch.cuda.Event | None] = [None] * self.num_layers
         self.first_copy: torch.cuda.Event | None = None
 
     # -- LayerSource ---------------------------------------------------------------------------
@@ -358,10 +352,12 @@ class LayerLoader:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
-            if self.side:  # the side streams write buf and slots: after what the compute stream queued
+            if (
+                self.staging.cuda
+            ):  # the side streams write buf and slots: after what the compute stream queued
                 main = torch.cuda.current_stream(self.staging.device)
                 self.staging.stream.wait_stream(main)
-                self.copy_stream.wait_stream(main)
+                self.staging.copy_stream.wait_stream(main)
             self._thread = threading.Thread(target=self._run, name="chunkcache-stager", daemon=True)
             self._thread.start()
 
@@ -385,8 +381,10 @@ class LayerLoader:
             if not self.direct:  # (direct copies use no CPU threads; changing the number costs)
                 torch.set_num_threads(self.staging.copy_threads)
             for first, stop in self._ranges():
-                with self._cond:  # the slots' previous tenants must be assembled
-                    while not self.side and not self._stop and stop - 1 - self.depth >= self.assembled:
+                with self._cond:  # CPU: the slots' previous tenants must be assembled
+                    while (
+                        not self.staging.cuda and not self._stop and stop - 1 - self.depth >= self.assembled
+                    ):
                         self._cond.wait()
                     if self._stop:
                         return
@@ -438,8 +436,8 @@ class LayerLoader:
                     got = kernels.checksums(gbuf, self.sum_tables[layer % g], self.sum_longest)
                     self._compare(layer, got)
         else:
-            with torch.cuda.stream(self.copy_stream):
-                self._side_stream_start(first, stop)
+            with torch.cuda.stream(st.copy_stream):
+                self._copy_start(first, stop)
                 if not self._batch_copy(gbuf, first, stop, j0):
                     torch._foreach_copy_(*pieces(), non_blocking=True)
                 self._copied(first, stop, gbuf)
@@ -448,13 +446,13 @@ class LayerLoader:
 
     def _batch_copy(self, gbuf: torch.Tensor, first: int, stop: int, j0: int) -> bool:
         """Every part's layers ``first .. stop - 1`` in one ``cudaMemcpyBatchAsync`` call on the
-        side stream; False (nothing queued) when batching is off or the runtime refused it."""
+        copy stream; False (nothing queued) when batching is off or the runtime refused it."""
         if not self.batched:
             return False
         n = np.uint64(stop - first)
         srcs = self._src0 + np.uint64(first) * self._nb
         dsts = np.uint64(gbuf.data_ptr()) + self._dst0 + np.uint64(j0) * self._nb
-        if self.staging.batch(dsts, srcs, n * self._nb, self.copy_stream.cuda_stream):
+        if self.staging.batch(dsts, srcs, n * self._nb, self.staging.copy_stream.cuda_stream):
             self.batch_copies += 1
             return True
         self.batched = False  # refused: piece by piece from here on (views built on demand)
@@ -481,35 +479,33 @@ class LayerLoader:
             self._compare(layer, kernels.checksums(st.host[s], self.sum_tables[0], self.sum_longest))
         self.host_seconds += time.perf_counter() - t0
         if st.cuda:
-            with torch.cuda.stream(self.copy_stream):
+            with torch.cuda.stream(st.copy_stream):
                 # few calls per layer: each one that releases the GIL may wait to get it back
-                self._side_stream_start(layer, layer + 1)
+                self._copy_start(layer, layer + 1)
                 st.dev[s, : self.slot_bytes].copy_(st.host[s, : self.slot_bytes], non_blocking=True)
                 self._copied(layer, layer + 1, st.dev[s])
         self.staged += 1
 
-    def _side_stream_start(self, first: int, stop: int) -> None:
-        """Before copying layers ``first .. stop - 1`` (on the side stream): wait until their
-        slots' previous tenants were assembled; mark the first copy's start (the copy span)."""
+    def _copy_start(self, first: int, stop: int) -> None:
+        """Before copying layers ``first .. stop - 1`` (on the copy stream): wait until their
+        slots' previous tenants were assembled and checked; mark the first copy's start (the copy
+        span)."""
+        copy_stream = self.staging.copy_stream
         if stop - 1 >= self.depth:  # in order: the last tenant's event implies the rest
-            tenant = stop - 1 - self.depth
-            self.copy_stream.wait_event(self.freed[tenant] if self.side else self.asm[tenant][1])
+            copy_stream.wait_event(self.freed[stop - 1 - self.depth])
         if first == 0:
             self.first_copy = torch.cuda.Event(enable_timing=True)
-            self.first_copy.record(self.copy_stream)
+            self.first_copy.record(copy_stream)
 
     def _copied(self, first: int, stop: int, dev_slot: torch.Tensor) -> None:
         """On the copy stream, after the copy of layers ``first .. stop - 1`` into ``dev_slot``
         (their slots) was queued: its event; then, on the side stream behind it, one assembly
         launch per layer and one checksum launch for them all (the compute does not wait for it;
-        the slots are free once it ran). Without side assembly the checksum follows the copy."""
+        the slots are free once it ran)."""
         end = torch.cuda.Event(enable_timing=stop == self.num_layers)
-        end.record(self.copy_stream)
+        end.record(self.staging.copy_stream)
         for layer in range(first, stop):
             self.copied[layer] = end
-        if not self.side:
-            self._checksum(first, stop, dev_slot)
-            return
         side = self.staging.stream
         side.wait_event(end)
         with torch.cuda.stream(side):
@@ -521,19 +517,15 @@ class LayerLoader:
                 done.record(side)
                 self.asm[layer] = (start, done)  # spans: the previous layer's end to this one's
                 start = done
-            self._checksum(first, stop, dev_slot)
+            if self.checked:
+                j0 = first % self.group
+                table = self.sum_tables[j0 : j0 + stop - first].view(-1, 2)
+                out = self.got[first:stop].view(-1, *self.got.shape[2:])
+                kernels.checksum_partials(dev_slot, table, out)
             freed = torch.cuda.Event()
             freed.record(side)
         for layer in range(first, stop):
             self.freed[layer] = freed
-
-    def _checksum(self, first: int, stop: int, dev_slot: torch.Tensor) -> None:
-        """Queue the checksum kernel over layers ``first .. stop - 1`` of their slots (CUDA)."""
-        if self.checked:
-            j0 = first % self.group
-            table = self.sum_tables[j0 : j0 + stop - first].view(-1, 2)
-            out = self.got[first:stop].view(-1, *self.got.shape[2:])
-            kernels.checksum_partials(dev_slot, table, out)
 
     def _compare(self, layer: int, got: torch.Tensor) -> None:
         bad = (got.cpu() != self.expected[layer].cpu()).any(dim=-1).nonzero()
@@ -568,21 +560,11 @@ class LayerLoader:
         self._signals[layer].wait()
         if self._error is not None:
             raise self._error
-        st = self.staging
-        if self.side:  # assembled on the side stream: the compute stream waits for it there
-            torch.cuda.current_stream(st.device).wait_event(self.asm[layer][1])
+        if self.staging.cuda:  # assembled on the side stream: the compute stream waits for it there
+            torch.cuda.current_stream(self.staging.device).wait_event(self.asm[layer][1])
             self.assembled += 1
             return
-        if st.cuda:
-            main = torch.cuda.current_stream(st.device)
-            main.wait_event(self.copied[layer])
-            start = torch.cuda.Event(enable_timing=True)
-            start.record(main)
         self._rerotate(layer)
-        if st.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record(main)
-            self.asm[layer] = (start, end)
         with self._cond:
             self.assembled += 1
             self._cond.notify_all()
