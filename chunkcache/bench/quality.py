@@ -39,6 +39,7 @@ import torch
 from transformers import DynamicCache
 
 from chunkcache.bench import standalone
+from chunkcache.fuse import FuseConfig
 from chunkcache.model import cache_kwarg
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "demos" / "data" / "musique_dev.json"  # in a checkout
@@ -158,6 +159,11 @@ def full_reference(engine, ids: torch.Tensor, answer_tokens: int, gen_tokens: in
     return steps[0], torch.stack(steps[:answer_tokens]), forced, plain
 
 
+def policy_name(policy) -> str:
+    """A policy's name in result rows: the string, or an object's ``name`` or class name."""
+    return policy if isinstance(policy, str) else getattr(policy, "name", type(policy).__name__)
+
+
 class FusedAnswer:
     """A fused prompt as the benchmark scores it: first-token logits, teacher-forced logits along
     a given answer, and a greedy answer of its own."""
@@ -173,6 +179,50 @@ class FusedAnswer:
 
     def generate(self, n: int) -> torch.Tensor:
         return greedy(self.engine, self.fused.input_ids, self.fused.fresh_cache(), n)
+
+
+class RefinedAnswer:
+    """A fused prompt refined after its first ``after`` answer tokens (``fuse.refine``: a second
+    probe with those tokens, ``extra`` more of the chunk tokens recomputed); ``after = 0`` is a
+    second selection stage before the first token. Teacher-forced, the refinement sees the
+    reference answer's first tokens, which are the fused greedy tokens wherever the answer has not
+    diverged by then; ``generate`` refines on its own tokens."""
+
+    def __init__(self, engine, fused, after: int, extra: float, policy) -> None:
+        from chunkcache.fuse import refine
+
+        self.engine, self.fused, self.after, self.extra, self.policy = engine, fused, after, extra, policy
+        self._refine = refine
+        self.seconds = fused.stats["seconds"]["total"]
+        if after == 0:
+            self.fused = refine(engine.lm, fused, [], extra, policy)
+        self.logits = self.fused.logits
+        self.compute_fraction = None  # set by the first forced() / generate(): it depends on the refinement
+
+    def _refined(self, tokens: torch.Tensor):
+        if self.after == 0:
+            out = self.fused
+        else:
+            out = self._refine(self.engine.lm, self.fused, tokens[: self.after], self.extra, self.policy)
+        full = self.engine.lm.spec.num_layers * (self.fused.stats["prompt_tokens"] - self.fused.stats["prefix_tokens"])
+        self.compute_fraction = out.stats["token_layers"] / full
+        return out
+
+    def forced(self, answer: torch.Tensor) -> torch.Tensor:
+        if self.after == 0 or answer.numel() <= self.after:
+            self._refined(answer)
+            return teacher_forced(self.engine, self.fused, answer)
+        head = teacher_forced(self.engine, self.fused, answer[: self.after])
+        later = self._refined(answer)
+        return torch.cat([head, teacher_forced(self.engine, later, answer[self.after :])])
+
+    def generate(self, n: int) -> torch.Tensor:
+        head = greedy(self.engine, self.fused.input_ids, self.fused.fresh_cache(), min(n, self.after or n))
+        if self.after == 0 or head.numel() < self.after or n <= self.after:
+            self._refined(head)
+            return head
+        later = self._refined(head)
+        return torch.cat([head, greedy(self.engine, later.input_ids, later.fresh_cache(), n - self.after)])
 
 
 class FullAnswer:
@@ -241,6 +291,7 @@ def run(
     noise_engine=None,
     noise_questions: int = 0,
     header: dict | None = None,
+    refines: tuple[tuple[int, float], ...] = (),
 ) -> dict:
     """Run the benchmark; returns ``{"rows": [...per question/config...], "summary": {...}}``.
 
@@ -249,6 +300,9 @@ def run(
     fused cache reproduces that answer token for token. Only disagreeing configs generate (for
     accuracy and F1). ``noise_engine``: an engine of the same model in another dtype whose full
     prefill is scored as config ``full-<dtype>@1`` on the first ``noise_questions`` questions.
+    ``refines``: ``(after, extra)`` pairs; each adds, for every policy that selects before layer 0
+    and every ratio, the config ``<policy>+rp<after>:<extra>@<ratio>`` (``RefinedAnswer``).
+    ``policies`` may hold policy objects (named by their ``name`` attribute or class).
     ``partial``: rewrite the rows so far (with ``header``) to this JSON file after every question."""
     data = load_cases(data_path, split)[start : start + questions]
     rows = []
@@ -275,7 +329,13 @@ def run(
                 texts, question, recompute_ratio=ratio, policy="cacheblend" if policy == "naive" else policy
             )
             row = score(engine, FusedAnswer(engine, fused), full, ex["answers"], gen_tokens)
-            rows.append({"q": start + qi, "policy": policy, "ratio": ratio, **row})
+            rows.append({"q": start + qi, "policy": policy_name(policy), "ratio": ratio, **row})
+            sel = FuseConfig(policy=policy).selector if policy != "naive" else None
+            for after, extra in refines if sel is not None and sel.probe and sel.before_layers else ():
+                refined = RefinedAnswer(engine, fused, after, extra, policy)
+                row = score(engine, refined, full, ex["answers"], gen_tokens)
+                name = f"{policy_name(policy)}+rp{after}:{extra:g}"
+                rows.append({"q": start + qi, "policy": name, "ratio": ratio, **row})
         if noise_name is not None and qi < noise_questions:
             row = score(noise_engine, FullAnswer(noise_engine, ids), full, ex["answers"], gen_tokens)
             rows.append({"q": start + qi, "policy": noise_name, "ratio": 1.0, **row})
@@ -395,6 +455,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="also score a full prefill in --noise-dtype on the first N questions (the noise floor)",
     )
+    p.add_argument(
+        "--refine",
+        default="",
+        help="comma-separated AFTER:EXTRA pairs: also refine each probe policy's fusion after AFTER answer "
+        "tokens (0: a second selection stage before the first) with EXTRA more of the chunk tokens",
+    )
     p.add_argument("--noise-dtype", default="bfloat16", help="dtype of the noise-floor full prefill")
     p.add_argument("--sink", default="prefix", choices=["bos", "prefix"], help="precompute sink")
     p.add_argument("--codec", default="raw", help="codec of the chunk caches")
@@ -447,6 +513,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; choose from {sorted(POLICIES)}")
     ratios = tuple(float(x) for x in args.ratios.split(",") if x)
+    refines = tuple((int(a), float(b)) for a, b in (x.split(":") for x in args.refine.split(",") if x))
     load_cases(args.data, args.split)  # a missing file or split fails before the model loads
     header = {"command": command_line(), "settings": {k: v for k, v in vars(args).items() if not callable(v)}}
     engine = ChunkCache(
@@ -475,6 +542,7 @@ def run_cli(args: argparse.Namespace) -> int:
         noise_engine=noise,
         noise_questions=args.noise_floor,
         header=header,
+        refines=refines,
     )
     print(table(res["summary"]))
     res = {**header, **res}
