@@ -300,8 +300,8 @@ def run(
     fused cache reproduces that answer token for token. Only disagreeing configs generate (for
     accuracy and F1). ``noise_engine``: an engine of the same model in another dtype whose full
     prefill is scored as config ``full-<dtype>@1`` on the first ``noise_questions`` questions.
-    ``refines``: ``(after, extra)`` pairs; each adds, for every policy that selects before layer 0
-    and every ratio, the config ``<policy>+rp<after>:<extra>@<ratio>`` (``RefinedAnswer``).
+    ``refines``: ``(after, extra)`` pairs; each adds, for every policy named in ``POLICIES`` that
+    selects before layer 0 and every ratio, the config ``<policy>+rp<after>:<extra>@<ratio>`` (``RefinedAnswer``).
     ``policies`` may hold policy objects (named by their ``name`` attribute or class).
     ``partial``: rewrite the rows so far (with ``header``) to this JSON file after every question."""
     data = load_cases(data_path, split)[start : start + questions]
@@ -330,7 +330,7 @@ def run(
             )
             row = score(engine, FusedAnswer(engine, fused), full, ex["answers"], gen_tokens)
             rows.append({"q": start + qi, "policy": policy_name(policy), "ratio": ratio, **row})
-            sel = FuseConfig(policy=policy).selector if policy != "naive" else None
+            sel = FuseConfig(policy=policy).selector if isinstance(policy, str) and policy != "naive" else None
             for after, extra in refines if sel is not None and sel.probe and sel.before_layers else ():
                 refined = RefinedAnswer(engine, fused, after, extra, policy)
                 row = score(engine, refined, full, ex["answers"], gen_tokens)
