@@ -374,8 +374,10 @@ def fuse_assembled(
             for start in range(first, spec.num_layers, graphs.layer_group):
                 stop = min(spec.num_layers, start + graphs.layer_group)
                 source.ready(stop - 1)
-                key = ("layers", id(lm.model), id(buf), start, stop, int(active.numel()))
-                h = graphs.run(key, _layers_body(lm, buf, start, stop, None), {"h": h, "active": active})
+                key = ("layers", start, stop, int(active.numel()))
+                h = graphs.run(
+                    key, _layers_body(lm, buf, start, stop, None), {"h": h, "active": active}, (lm.model, buf)
+                )
         computed += (n_act + n_q) * (spec.num_layers - first)
     logits = M.final_logits(mdl, h[0, -1])
     selected = active[:n_act]
@@ -516,8 +518,10 @@ class _Probe:
         for start in range(self.done, layers, group):  # a group runs as soon as its layers are in
             stop = min(layers, start + group)
             self.source.ready(stop - 1)
-            key = ("probe", id(self.lm.model), id(self.buf), start, stop, int(self.q_pos.numel()))
-            rows, h = self.graphs.run(key, body_for(start, stop), {"h": h, "q_pos": self.q_pos})
+            key = ("probe", start, stop, int(self.q_pos.numel()))
+            rows, h = self.graphs.run(
+                key, body_for(start, stop), {"h": h, "q_pos": self.q_pos}, (self.lm.model, self.buf)
+            )
             self.rows.append(rows.clone())
         self.h = h
         self.done = layers
