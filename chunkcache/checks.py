@@ -56,7 +56,9 @@ def device(value: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(value)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device {value!r} is not a torch device (examples: cpu, cuda, cuda:1): {e}") from None
+        raise ValueError(
+            f"device {value!r} is not a torch device (examples: cpu, cuda, cuda:1): {e}"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {value!r} asked for, but CUDA is not available here; use device='cpu'")
     if dev.type not in ("cpu", "cuda"):

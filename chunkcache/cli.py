@@ -294,10 +294,18 @@ def _precompute(args: argparse.Namespace) -> int:
 
 
 def _check_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="model name, HF id or path (default: smollm2-135m)")
-    p.add_argument("--store", default=None, help="chunk store to record the result in (default: none, in memory)")
-    p.add_argument("--sink", default="prefix", choices=["bos", "prefix"], help="attention sink (default: prefix)")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument(
+        "--model", default="smollm2-135m", help="model name, HF id or path (default: smollm2-135m)"
+    )
+    p.add_argument(
+        "--store", default=None, help="chunk store to record the result in (default: none, in memory)"
+    )
+    p.add_argument(
+        "--sink", default="prefix", choices=["bos", "prefix"], help="attention sink (default: prefix)"
+    )
+    p.add_argument(
+        "--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on CUDA, float32 on CPU)"
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
@@ -349,8 +357,11 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 
 COMMANDS: dict[str, Command] = {
     "precompute": ("chunk documents and store their KV caches (resumable)", _precompute_args, _precompute),
-    "check": ("the correctness gate: fusion at ratio 1 against a full prefill of a short prompt",
-              _check_args, _check),  # fmt: skip
+    "check": (
+        "the correctness gate: fusion at ratio 1 against a full prefill of a short prompt",
+        _check_args,
+        _check,
+    ),  # fmt: skip
     "stats": ("entries and bytes in a store", _stats_args, _stats),
     "ls": ("list entries with size, tokens, hits, last access", _ls_args, _ls),
     "inspect": ("print one entry's header as JSON", _inspect_args, _inspect),

@@ -107,7 +107,9 @@ def split_text(
     ids = tokenizer.encode(text, add_special_tokens=False)
     extra = max(count(text) - len(ids), 0)  # tokens the caller's layout adds (a separator)
     if size - extra <= overlap:
-        raise ValueError(f"chunk size {size} leaves no room past the overlap {overlap} and {extra} layout tokens")
+        raise ValueError(
+            f"chunk size {size} leaves no room past the overlap {overlap} and {extra} layout tokens"
+        )
     out, start = [], 0
     while True:
         end = min(start + size - extra, len(ids))

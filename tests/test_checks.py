@@ -148,7 +148,12 @@ def test_prompt_longer_than_the_context_is_refused_before_fusing(smol_tokenizer,
 def test_generator_settings_checked_at_construction(tiny_engine):
     from chunkcache.integrations.langchain import ChunkCacheGenerator
 
-    for bad in ({"recompute_ratio": 1.5}, {"recompute_ratio": -0.1}, {"policy": "nope"}, {"max_new_tokens": 0}):
+    for bad in (
+        {"recompute_ratio": 1.5},
+        {"recompute_ratio": -0.1},
+        {"policy": "nope"},
+        {"max_new_tokens": 0},
+    ):
         with pytest.raises(ValueError):
             ChunkCacheGenerator(engine=tiny_engine, **bad)
     assert ChunkCacheGenerator(engine=tiny_engine, recompute_ratio=1.0, policy="epic").policy == "epic"
@@ -221,4 +226,6 @@ def test_cli_unknown_model_is_one_line_not_a_traceback(tmp_path):
     )  # fmt: skip
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "unknown model 'smollm2-13m'" in lines[0] and "smollm2-135m" in lines[0], r.stderr
+    assert len(lines) == 1 and "unknown model 'smollm2-13m'" in lines[0] and "smollm2-135m" in lines[0], (
+        r.stderr
+    )

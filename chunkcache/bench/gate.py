@@ -39,7 +39,9 @@ def break_attention_theta(model: torch.nn.Module, factor: float) -> None:
     rot = model.model.rotary_emb
     inv = rot.inv_freq.double()
     d = 2 * inv.numel()
-    broken = inv / factor ** (torch.arange(inv.numel(), device=inv.device) * 2.0 / d)  # theta -> factor x theta
+    broken = inv / factor ** (
+        torch.arange(inv.numel(), device=inv.device) * 2.0 / d
+    )  # theta -> factor x theta
     positions: dict[str, torch.Tensor] = {}
 
     def grab(_mod, args, kwargs):
@@ -79,8 +81,8 @@ def break_rotary_forward(model: torch.nn.Module, factor: float) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     from chunkcache import checks
-    from chunkcache.gate import TOLERANCE, measure
     from chunkcache.engine import ChunkCache
+    from chunkcache.gate import TOLERANCE, measure
     from chunkcache.model import load_model
 
     device = checks.device(args.device)
@@ -88,7 +90,10 @@ def run_cli(args: argparse.Namespace) -> int:
     variants = [("exact", None, 1.0)] + [
         (f"{kind} x{f:g}", brk, f)
         for f in factors
-        for kind, brk in (("attention theta", break_attention_theta), ("rotary forward", break_rotary_forward))
+        for kind, brk in (
+            ("attention theta", break_attention_theta),
+            ("rotary forward", break_rotary_forward),
+        )
     ]
     rows = []
     print(f"model {args.model}, device {device.type}; relative differences from a full prefill\n")
