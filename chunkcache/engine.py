@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from chunkcache import checks
 from chunkcache.errors import ModelMismatchError
 from chunkcache.fuse import FuseConfig, FuseResult, fuse_kv
 from chunkcache.generation import astream_text, generate_text, stream_text
@@ -80,12 +81,15 @@ class ChunkCache:
         fast_path: bool | None = None,
         concurrent_fusions: int = 1,
     ) -> None:
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Every argument is checked before the model loads (seconds) or the store opens.
+        dtype = checks.dtype(dtype)
+        device = checks.device(device)
+        settings = PrecomputeConfig(sink=sink)
+        default_fuse = FuseConfig(recompute_ratio=checks.ratio(recompute_ratio), policy=policy)
+        checks.codec(codec)
+        checks.store_writable(store)
         if dtype is None:
-            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if isinstance(model, str):
             self.lm: LoadedModel = load_model(model, dtype=dtype, device=device)
         else:
@@ -95,8 +99,8 @@ class ChunkCache:
         self.template = PromptTemplate.from_tokenizer(
             self.lm.tokenizer, instruction=instruction, system=system
         )
-        self.settings = PrecomputeConfig(sink=sink)
-        self.default_fuse = FuseConfig(recompute_ratio=recompute_ratio, policy=policy)
+        self.settings = settings
+        self.default_fuse = default_fuse
         self.codec = codec
         self.store = _open_store(store)
         self._prefix_ids = self.template.prefix_ids()
@@ -116,6 +120,8 @@ class ChunkCache:
         self._pool = None
         self._index = None
         self._inflight: dict[str, threading.Event] = {}  # keys being encoded -> set when stored
+        self._gate_passed = False
+        self._gate_lock = threading.Lock()
 
     # ---- accessors ------------------------------------------------------------------------
     @property
@@ -260,6 +266,8 @@ class ChunkCache:
         self, texts: Sequence[str], batch_size: int = 8, progress: bool | None = None
     ) -> list[str]:
         """Make sure every text has a stored chunk cache; returns their keys. Idempotent."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of passage strings, got one str (pass [text])")
         return self.precompute_ids(_id_lists(self.resolve(texts)[1]), batch_size, progress)
 
     def precompute_ids(
@@ -377,15 +385,9 @@ class ChunkCache:
         policy: str | None = None,
     ) -> FuseResult:
         """Fuse the chunks' caches (any order; misses are precomputed) with the question."""
-        if not chunks:
-            raise ValueError("no chunks to fuse: pass at least one passage (or call the model directly)")
-        cfg = FuseConfig(
-            recompute_ratio=self.default_fuse.recompute_ratio if recompute_ratio is None else recompute_ratio,
-            policy=policy or self.default_fuse.policy,
-        )
-        suffix = self._suffix_ids(query)
+        cfg, keys, ids, suffix = self._check_query(chunks, query, recompute_ratio, policy)
+        self._ensure_gate()
         t0 = time.perf_counter()
-        keys, ids = self.resolve(chunks)
         if self.fast_path:
             res = self._fuse_stored(keys, ids, suffix, cfg, t0)
             if res is not None:
@@ -396,6 +398,46 @@ class ChunkCache:
         res.stats["seconds"]["load"] = t_load  # text index, store read + decode (+ precompute of misses)
         res.stats["seconds"]["total"] += t_load
         return res
+
+    def _ensure_gate(self) -> None:
+        """Refuse fusion (FusionGateError) unless the correctness gate passed for this model:
+        recorded in the store, else run once (``chunkcache.gate``, a fraction of a second)."""
+        if self._gate_passed:
+            return
+        with self._gate_lock:
+            if not self._gate_passed:
+                from chunkcache.gate import ensure
+
+                ensure(self)
+                self._gate_passed = True
+
+    def _check_query(
+        self, chunks: Sequence[str], query: str, recompute_ratio: float | None, policy: str | None
+    ) -> tuple[FuseConfig, list[str], list[bytes], list[int]]:
+        """The arguments of ``fuse``/``generate``, checked before any fusion work: ``(config, chunk
+        keys, chunk ids as token_bytes, question suffix ids)`` (chunks seen before: from the text
+        index, no tokeniser call). TypeError/ValueError for a str or non-list ``chunks``, a
+        blank chunk, a missing or blank ``query``, a bad ratio or policy, or a prompt longer than
+        the model's context."""
+        checks.passages(chunks, query)
+        cfg = FuseConfig(
+            recompute_ratio=self.default_fuse.recompute_ratio
+            if recompute_ratio is None
+            else checks.ratio(recompute_ratio),
+            policy=policy or self.default_fuse.policy,
+        )
+        keys, ids = self.resolve(chunks)
+        suffix = self._suffix_ids(query)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        n_ctx = sum(len(b) for b in ids) // 8
+        n = len(self._prefix_ids) + n_ctx + len(suffix)
+        if limit is not None and n > limit:
+            raise ValueError(
+                f"the prompt is {n} tokens ({len(ids)} chunks of {n_ctx}, question and "
+                f"template {n - n_ctx}) but {self.lm.name} takes at most {limit}: pass fewer "
+                "or shorter chunks"
+            )
+        return cfg, keys, ids, suffix
 
     def _fuse_stored(
         self, keys: list[str], ids: list[bytes], suffix: list[int], cfg: FuseConfig, t0: float
@@ -469,6 +511,8 @@ class ChunkCache:
         **generate_kwargs,
     ) -> str:
         """Fuse, then greedy-generate (or with ``generate_kwargs``) the answer text."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         fused = self.fuse(chunks, query, recompute_ratio=recompute_ratio, policy=policy)
         return self.generate_from(fused, max_new_tokens=max_new_tokens, **generate_kwargs)
 
