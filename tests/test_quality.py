@@ -143,7 +143,11 @@ def test_factual_cases_answer_in_exactly_one_passage():
     assert len({c["id"] for c in cases}) == 40
     for c in cases:
         assert 4 <= len(c["ctxs"]) <= 6
-        holders = [i for i, x in enumerate(c["ctxs"]) if c["answers"][0].lower() in (x["title"] + " " + x["text"]).lower()]
+        holders = [
+            i
+            for i, x in enumerate(c["ctxs"])
+            if c["answers"][0].lower() in (x["title"] + " " + x["text"]).lower()
+        ]
         assert holders == [c["gold"]]
         assert c["answers"][0].lower() not in c["question"].lower()
         # distractors are of the same kind: every passage holds every literal piece of the kind's sentences

@@ -24,7 +24,10 @@ def test_refining_naive_reuse_to_every_token_is_a_full_prefill_of_the_grown_prom
         out = eng.model(input_ids=ids)
     torch.testing.assert_close(grown.logits, out.logits[0, -1].float(), rtol=1e-4, atol=1e-4)
     want = eng.model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)[0, ids.shape[1] :]
-    assert eng.generate_from(grown, max_new_tokens=5) == eng.tokenizer.decode(want, skip_special_tokens=True).strip()
+    assert (
+        eng.generate_from(grown, max_new_tokens=5)
+        == eng.tokenizer.decode(want, skip_special_tokens=True).strip()
+    )
 
 
 def test_refine_adds_tokens_not_yet_recomputed_and_counts_both_passes(tiny_engine):

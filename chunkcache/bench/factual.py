@@ -30,18 +30,76 @@ from pathlib import Path
 DEFAULT_OUT = Path(__file__).resolve().parent / "data" / "factual.json"
 SPLIT_SEEDS = {"dev": 0, "heldout": 1}
 
-_ONSET = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "st", "t", "v", "z"]
+_ONSET = [
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "st",
+    "t",
+    "v",
+    "z",
+]
 _VOWEL = ["a", "e", "i", "o", "u", "ae", "ei", "ou"]
 _CODA = ["", "", "n", "r", "l", "s", "th", "m", "nd", "rk", "x"]
 _GIVEN = [
-    "Anika", "Boris", "Celia", "Dorian", "Edda", "Felix", "Greta", "Hugo", "Ines", "Jonas", "Kira",
-    "Lorenz", "Mira", "Niels", "Olga", "Pavel", "Quinn", "Rosa", "Stellan", "Tilde", "Ulrich",
-    "Vera", "Wendel", "Xenia", "Yannick", "Zora", "Aurel", "Bettina", "Casimir", "Delphine",
+    "Anika",
+    "Boris",
+    "Celia",
+    "Dorian",
+    "Edda",
+    "Felix",
+    "Greta",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kira",
+    "Lorenz",
+    "Mira",
+    "Niels",
+    "Olga",
+    "Pavel",
+    "Quinn",
+    "Rosa",
+    "Stellan",
+    "Tilde",
+    "Ulrich",
+    "Vera",
+    "Wendel",
+    "Xenia",
+    "Yannick",
+    "Zora",
+    "Aurel",
+    "Bettina",
+    "Casimir",
+    "Delphine",
 ]
 _COLOURS = ["crimson", "teal", "amber", "violet", "ochre", "silver", "emerald", "indigo", "scarlet", "ivory"]
 _ANIMALS = ["heron", "lynx", "otter", "falcon", "badger", "stag", "raven", "salmon", "wolf", "hare"]
-_PRODUCTS = ["ceramic tiles", "bicycle frames", "glass lenses", "copper wire", "wool blankets",
-             "paper lanterns", "clock springs", "leather boots", "rope", "pipe organs"]
+_PRODUCTS = [
+    "ceramic tiles",
+    "bicycle frames",
+    "glass lenses",
+    "copper wire",
+    "wool blankets",
+    "paper lanterns",
+    "clock springs",
+    "leather boots",
+    "rope",
+    "pipe organs",
+]
 _FISH = ["salmon", "trout", "pike", "carp", "eel", "perch", "sturgeon", "catfish"]
 _INSTRUMENTS = ["cello", "oboe", "harp", "trumpet", "accordion", "viola", "clarinet", "mandolin"]
 
@@ -68,7 +126,12 @@ def _year(rng: random.Random) -> str:
 KINDS: dict[str, dict] = {
     "company": {
         "name": lambda r: f"{_word(r, 2)} {r.choice(['Works', 'Industries', 'Company', 'Manufacturing'])}",
-        "attrs": {"founder": _person, "town": _place, "year": _year, "product": lambda r: r.choice(_PRODUCTS)},
+        "attrs": {
+            "founder": _person,
+            "town": _place,
+            "year": _year,
+            "product": lambda r: r.choice(_PRODUCTS),
+        },
         "text": [
             "{name} is a firm that makes {product}.",
             "It was founded in {year} by {founder} in the town of {town}.",
@@ -83,8 +146,12 @@ KINDS: dict[str, dict] = {
     },
     "painter": {
         "name": _person,
-        "attrs": {"city": _place, "teacher": _person, "painting": lambda r: f"The {r.choice(_COLOURS).capitalize()} {r.choice(_ANIMALS).capitalize()}",
-                  "year": _year},
+        "attrs": {
+            "city": _place,
+            "teacher": _person,
+            "painting": lambda r: f"The {r.choice(_COLOURS).capitalize()} {r.choice(_ANIMALS).capitalize()}",
+            "year": _year,
+        },
         "text": [
             "{name} was a painter born in the city of {city} in {year}.",
             "{name} studied under {teacher} and is best known for the painting {painting}.",
@@ -99,7 +166,12 @@ KINDS: dict[str, dict] = {
     },
     "ship": {
         "name": lambda r: _word(r, 2),
-        "attrs": {"captain": _person, "port": _place, "year": _year, "builder": lambda r: f"{_word(r, 2)} Yard"},
+        "attrs": {
+            "captain": _person,
+            "port": _place,
+            "year": _year,
+            "builder": lambda r: f"{_word(r, 2)} Yard",
+        },
         "text": [
             "The ship {name} was launched in {year} at {builder}.",
             "Her first captain was {captain}, and her home port was {port}.",
@@ -114,9 +186,12 @@ KINDS: dict[str, dict] = {
     },
     "river": {
         "name": lambda r: f"the {_word(r, 2)} River",
-        "attrs": {"source": lambda r: f"Mount {_word(r, 2)}", "mouth": lambda r: f"Lake {_word(r, 2)}",
-                  "fish": lambda r: r.choice(_FISH),
-                  "town": _place},
+        "attrs": {
+            "source": lambda r: f"Mount {_word(r, 2)}",
+            "mouth": lambda r: f"Lake {_word(r, 2)}",
+            "fish": lambda r: r.choice(_FISH),
+            "town": _place,
+        },
         "text": [
             "{name} rises on {source} and flows into {mouth}.",
             "The largest town on its banks is {town}.",
@@ -131,8 +206,12 @@ KINDS: dict[str, dict] = {
     },
     "composer": {
         "name": _person,
-        "attrs": {"instrument": lambda r: r.choice(_INSTRUMENTS), "opera": lambda r: f"{_word(r, 3)}",
-                  "town": _place, "patron": _person},
+        "attrs": {
+            "instrument": lambda r: r.choice(_INSTRUMENTS),
+            "opera": lambda r: f"{_word(r, 3)}",
+            "town": _place,
+            "patron": _person,
+        },
         "text": [
             "{name} was a composer from {town} who played the {instrument}.",
             "The opera {opera} is the composer's most performed work.",
@@ -147,8 +226,12 @@ KINDS: dict[str, dict] = {
     },
     "university": {
         "name": lambda r: f"the University of {_word(r, 2)}",
-        "attrs": {"founder": _person, "year": _year, "mascot": lambda r: r.choice(_ANIMALS),
-                  "colour": lambda r: r.choice(_COLOURS)},
+        "attrs": {
+            "founder": _person,
+            "year": _year,
+            "mascot": lambda r: r.choice(_ANIMALS),
+            "colour": lambda r: r.choice(_COLOURS),
+        },
         "text": [
             "{name} was established in {year} by {founder}.",
             "Its mascot is the {mascot}, and its official colour is {colour}.",
@@ -228,7 +311,9 @@ def correct(answer_text: str, answers: list[str]) -> bool:
     return any(a.lower() in low for a in answers)
 
 
-def filter_answerable(engine, cases: list[dict], max_new_tokens: int = 32, batch: int = 8, log=print) -> list[dict]:
+def filter_answerable(
+    engine, cases: list[dict], max_new_tokens: int = 32, batch: int = 8, log=print
+) -> list[dict]:
     """The cases whose full prefill greedy answer (``max_new_tokens``) contains the answer; each
     kept case records that answer under ``full_answer``. Prompts run ``batch`` at a time, left-padded
     (the benchmark rescores every case unbatched; ``full_accuracy`` there shows any case a padded
@@ -241,7 +326,8 @@ def filter_answerable(engine, cases: list[dict], max_new_tokens: int = 32, batch
     for s in range(0, len(cases), batch):
         part = cases[s : s + batch]
         prompts = [
-            engine.prompt_ids([f"{x['title']}\n{x['text']}" for x in c["ctxs"]], c["question"])[0] for c in part
+            engine.prompt_ids([f"{x['title']}\n{x['text']}" for x in c["ctxs"]], c["question"])[0]
+            for c in part
         ]
         width = max(p.numel() for p in prompts)
         ids = torch.full((len(part), width), pad, dtype=torch.long)
@@ -262,14 +348,19 @@ def filter_answerable(engine, cases: list[dict], max_new_tokens: int = 32, batch
             if correct(text, c["answers"]):
                 kept.append({**c, "full_answer": text})
             elif log:
-                log(f"  dropped {c['id']}: {c['question']!r} -> {text!r} (answer {c['answers'][0]!r})", flush=True)
+                log(
+                    f"  dropped {c['id']}: {c['question']!r} -> {text!r} (answer {c['answers'][0]!r})",
+                    flush=True,
+                )
         if log:
             log(f"[{s + len(part)}/{len(cases)}] kept {len(kept)}", flush=True)
     return kept
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m chunkcache.bench.factual", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m chunkcache.bench.factual", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--per-split", type=int, default=150, help="cases generated per split before filtering")
     p.add_argument("--model", default="smollm2-135m", help="model whose full prefill filters the cases")
     p.add_argument("--no-filter", action="store_true", help="write every generated case (no model)")
@@ -283,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         engine = ChunkCache(model=args.model, store=None, dtype="float32", device="cpu")
         cases = filter_answerable(engine, cases)
     out = {
-        "command": " ".join(["python -m chunkcache.bench.factual"] + (argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(
+            ["python -m chunkcache.bench.factual"] + (argv if argv is not None else sys.argv[1:])
+        ),
         "generated": generated,
         "kept": {s: sum(c["split"] == s for c in cases) for s in SPLIT_SEEDS},
         "cases": cases,

@@ -204,7 +204,9 @@ class RefinedAnswer:
             out = self.fused
         else:
             out = self._refine(self.engine.lm, self.fused, tokens[: self.after], self.extra, self.policy)
-        full = self.engine.lm.spec.num_layers * (self.fused.stats["prompt_tokens"] - self.fused.stats["prefix_tokens"])
+        full = self.engine.lm.spec.num_layers * (
+            self.fused.stats["prompt_tokens"] - self.fused.stats["prefix_tokens"]
+        )
         self.compute_fraction = out.stats["token_layers"] / full
         return out
 
@@ -330,7 +332,9 @@ def run(
             )
             row = score(engine, FusedAnswer(engine, fused), full, ex["answers"], gen_tokens)
             rows.append({"q": start + qi, "policy": policy_name(policy), "ratio": ratio, **row})
-            sel = FuseConfig(policy=policy).selector if isinstance(policy, str) and policy != "naive" else None
+            sel = (
+                FuseConfig(policy=policy).selector if isinstance(policy, str) and policy != "naive" else None
+            )
             for after, extra in refines if sel is not None and sel.probe and sel.before_layers else ():
                 refined = RefinedAnswer(engine, fused, after, extra, policy)
                 row = score(engine, refined, full, ex["answers"], gen_tokens)
@@ -448,7 +452,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None, help="factual set only: dev or heldout (default: every case)")
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated")
     p.add_argument("--ratios", default="0.05,0.15,0.30", help="comma-separated recompute ratios")
-    p.add_argument("--answer-tokens", type=int, default=32, help="tokens of the answer scored (KL, agreement)")
+    p.add_argument(
+        "--answer-tokens", type=int, default=32, help="tokens of the answer scored (KL, agreement)"
+    )
     p.add_argument(
         "--noise-floor",
         type=int,
@@ -526,7 +532,9 @@ def run_cli(args: argparse.Namespace) -> int:
     )
     noise = None
     if args.noise_floor:
-        noise = ChunkCache(model=args.model, store=None, dtype=args.noise_dtype, device=args.device, sink=args.sink)
+        noise = ChunkCache(
+            model=args.model, store=None, dtype=args.noise_dtype, device=args.device, sink=args.sink
+        )
     res = run(
         engine,
         data_path=args.data,
