@@ -22,6 +22,7 @@ CODEC_PARTS: dict[str, tuple[str, ...]] = {
     "raw": ("kv",),
     "int8": ("k_q", "v_q", "k_scale", "v_scale"),
     "int4": ("k_q", "v_q", "k_scale", "k_min", "v_scale", "v_min"),
+    "int2": ("k_q", "v_q", "k_scale", "k_min", "v_scale", "v_min", "o_idx", "o_k", "o_v", "o_ks", "o_vs"),
 }
 """The tensors each codec stores for one layer (shapes in ``decode_layer``)."""
 
@@ -45,6 +46,11 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
+def unpack_int2(packed: torch.Tensor) -> torch.Tensor:
+    """[..., D/4] uint8 -> [..., D] uint8; bits 2i..2i+1 of byte b hold q[b + i * D/4] (planar)."""
+    return torch.cat([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=-1)
+
+
 def decode_layer(codec: str, parts: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode one layer of a chunk to float32 keys and values, each ``[kv_heads, tokens, head_dim]``.
 
@@ -54,8 +60,25 @@ def decode_layer(codec: str, parts: Mapping[str, torch.Tensor]) -> tuple[torch.T
     int4: k_q, v_q uint8 [H, T, D/2] (two per byte along D, low nibble = even index);
           k_scale, k_min fp16 [H, ceil(T/128), D] (per channel, token t uses group t // 128);
           v_scale, v_min fp16 [H, T] (per token); x = q * scale + min.
+    int2: k_q, v_q uint8 [H, T, D/4] (four per byte, see ``unpack_int2``); k_scale, k_min fp16
+          [H, G, D] with token t in group t // S (``codec.int2_groups(T)``); v_scale, v_min fp16
+          [H, T]; x = q * scale + min. Then the n kept tokens o_idx int32 [n] are overwritten:
+          k[:, o_idx] = o_k * o_ks[..., None], v likewise (o_k, o_v int8 [H, n, D]; o_ks, o_vs
+          fp16 [H, n]).
     """
     check_parts(codec, parts)
+    if codec == "int2":
+        from chunkcache.codec import int2_groups
+
+        kq, vq = unpack_int2(parts["k_q"]).float(), unpack_int2(parts["v_q"]).float()  # [H, T, D]
+        t = kq.shape[1]
+        group = torch.arange(t, device=kq.device) // int2_groups(t)[1]
+        k = kq * parts["k_scale"].float()[:, group, :] + parts["k_min"].float()[:, group, :]
+        v = vq * parts["v_scale"].float()[:, :, None] + parts["v_min"].float()[:, :, None]
+        idx = parts["o_idx"].long()
+        k[:, idx] = parts["o_k"].float() * parts["o_ks"].float()[..., None]
+        v[:, idx] = parts["o_v"].float() * parts["o_vs"].float()[..., None]
+        return k, v
     if codec == "raw":
         kv = parts["kv"].float()
         return kv[0], kv[1]
@@ -196,6 +219,9 @@ def deviation_reference(
 
 _SCALE_PARTS = ("k_scale", "k_min", "v_scale", "v_min")
 
+META_COLS = 16
+"""Columns of ``PackedLayout.meta``'s launch table."""
+
 
 class PackedLayout:
     """Where every chunk's codec parts of one layer sit inside one packed byte buffer (a staging
@@ -215,6 +241,7 @@ class PackedLayout:
         self.chunks: list[dict[str, tuple[int, torch.dtype, tuple[int, ...]]]] = []
         self.tokens: list[int] = []
         self.dests: list[int] = []
+        self.kept: list[int] = []  # int2: tokens kept at 8 bits per chunk (0 for other codecs)
         self.nbytes = 0  # end of the last part
         self._meta: dict[torch.device, torch.Tensor] = {}
 
@@ -225,7 +252,7 @@ class PackedLayout:
             _, h, t, d = parts["kv"][2]
         else:
             h, t, d = parts["k_q"][2]
-            d = d * 2 if self.codec == "int4" else d
+            d = d * {"int4": 2, "int2": 4}.get(self.codec, 1)
         if (h, d) != (self.heads, self.head_dim):
             raise ValueError(
                 f"chunk parts have {h} heads of dim {d}, layout is {self.heads} x {self.head_dim}"
@@ -238,6 +265,7 @@ class PackedLayout:
         self.chunks.append({k: (int(o), dt, tuple(int(x) for x in sh)) for k, (o, dt, sh) in parts.items()})
         self.tokens.append(int(t))
         self.dests.append(int(dest))
+        self.kept.append(int(parts["o_idx"][2][0]) if self.codec == "int2" else 0)
         self._meta.clear()
 
     def shifted(self, deltas: Sequence[Mapping[str, int]]) -> PackedLayout:
@@ -248,7 +276,7 @@ class PackedLayout:
         if len(deltas) != len(self.chunks):
             raise ValueError(f"{len(deltas)} deltas for {len(self.chunks)} chunks")
         out = PackedLayout(self.codec, self.heads, self.head_dim)
-        out.tokens, out.dests = list(self.tokens), list(self.dests)
+        out.tokens, out.dests, out.kept = list(self.tokens), list(self.dests), list(self.kept)
         for parts, delta in zip(self.chunks, deltas, strict=True):
             moved = {}
             for name, (off, dt, shape) in parts.items():
@@ -278,8 +306,10 @@ class PackedLayout:
         return self.chunks[0]["kv" if self.codec == "raw" else "k_q"][1]
 
     def meta(self, device: torch.device) -> torch.Tensor:
-        """[C, 9] int64 launch table on ``device``: tokens, dest, key groups, then element offsets of
-        k, v (in the data dtype) and k_scale, k_min, v_scale, v_min (in fp16; 0 where unused)."""
+        """[C, META_COLS] int64 launch table on ``device``: tokens, dest, key groups, then element
+        offsets of k, v (in the data dtype) and k_scale, k_min, v_scale, v_min (in fp16; 0 where
+        unused); then for int2 (0 otherwise): tokens per key group, kept tokens n, and the element
+        offsets of o_idx (int32), o_k, o_v (int8), o_ks, o_vs (fp16)."""
         device = torch.device(device)
         if device not in self._meta:
             rows = []
@@ -292,12 +322,26 @@ class PackedLayout:
                     k, v = parts["k_q"][0] // data_size, parts["v_q"][0] // data_size
                     if parts["v_q"][1] != parts["k_q"][1]:
                         raise ValueError("k_q and v_q must share a dtype")
-                groups = parts["k_scale"][2][1] if self.codec == "int4" else 1
+                groups = parts["k_scale"][2][1] if self.codec in ("int4", "int2") else 1
                 sc = [parts[n][0] // 2 if n in parts else 0 for n in _SCALE_PARTS]
                 for n in _SCALE_PARTS:
                     if n in parts and parts[n][1] != torch.float16:
                         raise ValueError(f"{n} must be float16, got {parts[n][1]}")
-                rows.append([t, dest, groups, k, v, *sc])
+                kept = [0] * 7
+                if self.codec == "int2":
+                    from chunkcache.codec import int2_groups
+
+                    g, s = int2_groups(t)
+                    if g != groups:
+                        raise ValueError(f"int2 k_scale has {groups} groups, {t} tokens need {g}")
+                    want = {"o_idx": torch.int32, "o_k": torch.int8, "o_v": torch.int8}
+                    want |= {"o_ks": torch.float16, "o_vs": torch.float16}
+                    for n, dt in want.items():
+                        if parts[n][1] != dt:
+                            raise ValueError(f"{n} must be {dt}, got {parts[n][1]}")
+                    kept = [s, parts["o_idx"][2][0], parts["o_idx"][0] // 4]
+                    kept += [parts[n][0] // (2 if n in ("o_ks", "o_vs") else 1) for n in ("o_k", "o_v", "o_ks", "o_vs")]
+                rows.append([t, dest, groups, k, v, *sc, *kept])
             self._meta[device] = torch.tensor(rows, dtype=torch.int64).to(device)
         return self._meta[device]
 
