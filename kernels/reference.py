@@ -18,16 +18,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-CODEC_PARTS: dict[str, tuple[str, ...]] = {
-    "raw": ("kv",),
-    "int8": ("k_q", "v_q", "k_scale", "v_scale"),
-    "int4": ("k_q", "v_q", "k_scale", "k_min", "v_scale", "v_min"),
-    "int2": ("k_q", "v_q", "k_scale", "k_min", "v_scale", "v_min", "o_idx", "o_k", "o_v", "o_ks", "o_vs"),
-}
-"""The tensors each codec stores for one layer (shapes in ``decode_layer``)."""
+from chunkcache.codec import CODECS, INT4_GROUP, int2_groups
 
-INT4_GROUP = 128
-"""int4 keys share one (scale, min) per channel per group of this many tokens."""
+KERNEL_CODECS = ("raw", "int8", "int4", "int2")
+"""The codecs the decode kernels (and ``decode_layer``) implement."""
+
+CODEC_PARTS: dict[str, tuple[str, ...]] = {name: CODECS[name].parts for name in KERNEL_CODECS}
+"""The tensors each codec stores for one layer (shapes in ``decode_layer``), in ``codec.py``'s
+order: the layout is defined there (with ``INT4_GROUP``, int4 keys' tokens per (scale, min))."""
 
 
 def check_parts(codec: str, parts: Mapping[str, torch.Tensor]) -> None:
@@ -68,8 +66,6 @@ def decode_layer(codec: str, parts: Mapping[str, torch.Tensor]) -> tuple[torch.T
     """
     check_parts(codec, parts)
     if codec == "int2":
-        from chunkcache.codec import int2_groups
-
         kq, vq = unpack_int2(parts["k_q"]).float(), unpack_int2(parts["v_q"]).float()  # [H, T, D]
         t = kq.shape[1]
         group = torch.arange(t, device=kq.device) // int2_groups(t)[1]
@@ -209,14 +205,6 @@ def probe_attention_reference(
     return out.to(q.dtype), probs.mean(dim=(0, 1))
 
 
-def deviation_reference(
-    fresh: torch.Tensor,  # [H, T, D]
-    cached: torch.Tensor,  # [H, T, D]
-) -> torch.Tensor:
-    """Per-token deviation sum_h ||fresh[h, t] - cached[h, t]||_2 in fp32, shape [T]."""
-    return (fresh.float() - cached.float()).norm(dim=-1).sum(dim=0)
-
-
 _SCALE_PARTS = ("k_scale", "k_min", "v_scale", "v_min")
 
 META_COLS = 16
@@ -329,8 +317,6 @@ class PackedLayout:
                         raise ValueError(f"{n} must be float16, got {parts[n][1]}")
                 kept = [0] * 7
                 if self.codec == "int2":
-                    from chunkcache.codec import int2_groups
-
                     g, s = int2_groups(t)
                     if g != groups:
                         raise ValueError(f"int2 k_scale has {groups} groups, {t} tokens need {g}")

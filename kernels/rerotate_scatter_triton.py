@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import INT4_GROUP, META_COLS, check_parts
+from .reference import INT4_GROUP, META_COLS, check_parts, int2_groups
 from .reference import rerotate_scatter_reference as rerotate_scatter_reference
 
 __all__ = ["rerotate_scatter", "rerotate_scatter_packed", "rerotate_scatter_reference"]
@@ -325,8 +325,6 @@ def rerotate_scatter(
     groups, group_tokens = 1, 1
     ks = km = vs = vm = k_src  # placeholders the kernel never reads for this codec
     if codec == "int2":
-        from chunkcache.codec import int2_groups
-
         ks, km = parts["k_scale"].contiguous(), parts["k_min"].contiguous()
         vs, vm = parts["v_scale"].contiguous(), parts["v_min"].contiguous()
         groups, group_tokens = int2_groups(t)
