@@ -9,7 +9,8 @@ fixed: the Triton decode kernels implement exactly these.
     parts = codec.encode(kv)                       # {"k_q": uint8 [L, H, T, D/2], ...}
     kv2 = codec.decode(parts, torch.bfloat16)      # [L, 2, H, T, D]
 
-Formats (L layers, H kv heads, T tokens, D head_dim, G = ceil(T / 128)):
+Formats (L layers, H kv heads, T tokens, D head_dim, G = ceil(T / 128); int2's own groups in
+``int2_groups``):
 
     raw   kv    model dtype [L, 2, H, T, D]   lossless
     int8  k_q   int8    [L, H, T, D]   k = k_q * k_scale[:, :, None, :]   keys per channel
@@ -22,6 +23,12 @@ Formats (L layers, H kv heads, T tokens, D head_dim, G = ceil(T / 128)):
           v_scale, v_min fp16 [L, H, T]
           q = clamp(round((x - min) / scale), 0, 15);  x' = q * scale + min
           two codes per byte along head_dim: byte = q[..., 2i] | (q[..., 2i+1] << 4)
+    int2  rows    uint8 [L, H, T, D/2 + 4]  per (head, token): key codes (D/4 bytes), value codes
+                  (D/4 bytes), value scale and min (fp16 each); 2-bit, x' = q * scale + min
+          side    uint8 [L, E]  per layer the sections of ``int2_side_layout``: kept token ids,
+                  key scale and min per channel per group of S = 128-255 tokens, and the kept
+                  tokens' int8 rows (x = q * scale, one fp16 scale per row), which overwrite theirs
+          four codes per byte, planar: bits 2i..2i+1 of byte b hold q[..., b + i * D/4]
 
 Scales are computed in float32 and stored as float16; quantisation uses the *stored* (rounded)
 scale so encode and decode agree. A zero range stores scale 1, so an all-zero group decodes to
@@ -295,6 +302,46 @@ def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8), scale
 
 
+def int2_side_layout(heads: int, tokens: int, head_dim: int) -> dict[str, tuple[int, torch.dtype, tuple[int, ...]]]:
+    """Where each section of one layer's int2 ``side`` bytes sits: name -> (byte offset, dtype,
+    shape). Every offset is aligned to its dtype, and the total (``int2_side_layout(...)["end"]``,
+    a multiple of 4) keeps the next layer aligned too."""
+    H, T, D = heads, tokens, head_dim
+    G, _ = int2_groups(T)
+    n = int2_kept(T)
+    out, off = {}, 0
+    for name, dtype, shape in (
+        ("o_idx", torch.int32, (n,)),
+        ("k_scale", torch.float16, (H, G, D)),
+        ("k_min", torch.float16, (H, G, D)),
+        ("o_ks", torch.float16, (H, n)),
+        ("o_vs", torch.float16, (H, n)),
+        ("o_k", torch.int8, (H, n, D)),
+        ("o_v", torch.int8, (H, n, D)),
+    ):
+        out[name] = (off, dtype, shape)
+        off += math.prod(shape) * dtype.itemsize
+    out["end"] = (off, torch.uint8, (0,))
+    return out
+
+
+def int2_sections(rows: torch.Tensor, side: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views of one layer's int2 parts (``rows`` uint8 [H, T, D/2 + 4], ``side`` uint8 [E]) by name:
+    k_q, v_q uint8 [H, T, D/4]; v_scale, v_min fp16 [H, T]; and the ``int2_side_layout`` sections."""
+    H, T, R = rows.shape
+    D = 2 * (R - 4)
+    out = {"k_q": rows[..., : D // 4], "v_q": rows[..., D // 4 : D // 2]}
+    sm = rows[..., D // 2 :].contiguous().view(torch.float16)  # [H, T, 2]
+    out["v_scale"], out["v_min"] = sm[..., 0], sm[..., 1]
+    layout = int2_side_layout(H, T, D)
+    if side.shape != (layout["end"][0],):
+        raise ValueError(f"int2 side bytes are {tuple(side.shape)}, rows {tuple(rows.shape)} need {layout['end'][0]}")
+    for name, (off, dtype, shape) in layout.items():
+        if name != "end":
+            out[name] = side[off : off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+    return out
+
+
 class Int2Codec(Codec):
     """2-bit KIVI-style groups plus the tokens that matter at 8 bits (mixed precision, MiKV style).
 
@@ -304,10 +351,15 @@ class Int2Codec(Codec):
     as int8 rows, which the decoder writes over their 2-bit rows. Kept tokens are left out of the
     key groups' ranges, so one outlier token no longer stretches a whole group. Every range is
     the min-max shrunk by the factor among ``INT2_CLIPS`` with the least squared error.
+
+    Two parts, so a loader makes two copies per layer (per-copy cost, not bytes, bounds small
+    parts): ``rows`` [L, H, T, D/2 + 4] uint8 holds per (head, token) the key codes, the value
+    codes and the value (scale, min) in fp16; ``side`` [L, E] uint8 holds the sections of
+    ``int2_side_layout`` (kept token ids, key group scales and mins, kept rows and their scales).
     """
 
     name = "int2"
-    parts = ("k_q", "k_scale", "k_min", "v_q", "v_scale", "v_min", "o_idx", "o_k", "o_ks", "o_v", "o_vs")
+    parts = ("rows", "side")
     lossless = False
 
     def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -320,9 +372,9 @@ class Int2Codec(Codec):
         G, S = int2_groups(T)
         n = int2_kept(T)
         # Which tokens to keep: the first ones, then the largest relative error of a plain 2-bit code.
-        lo, hi = _fit_range(_pad_groups(k, G, S), None, 3, 4)  # [L, H, G, D] over all tokens
-        err_k = _relerr(k, _dequant(_quant(k, _expand(lo, T, S), _expand(hi, T, S), 4), _expand(lo, T, S), _expand(hi, T, S), 4))
-        vlo, vhi = _fit_range(v, None, 3, 4)
+        lo, hi = (_expand(x, T, S) for x in _fit_range(_pad_groups(k, G, S), None, 3, 4))  # [L, H, T, D]
+        err_k = _relerr(k, _dequant(_quant(k, lo, hi, 4), lo, hi, 4))
+        vlo, vhi = _fit_range(v, None, 3, 4)  # [L, H, T]
         err_v = _relerr(v, _dequant(_quant(v, vlo[..., None], vhi[..., None], 4), vlo[..., None], vhi[..., None], 4))
         score = err_k + err_v  # [L, T]
         score[:, : min(INT2_KEEP_FIRST, T)] = float("inf")
@@ -336,57 +388,39 @@ class Int2Codec(Codec):
         v_scale, v_min = _range_fp16(vlo, vhi, 3, "value")  # [L, H, T]
         ks, km = _expand(k_scale.float(), T, S), _expand(k_min.float(), T, S)
         k_q = torch.round((k - km) / ks).clamp_(0, 3).to(torch.uint8)
-        v_q = torch.round((v - v_min.float()[..., None]) / v_scale.float()[..., None]).clamp_(0, 3)
+        v_q = torch.round((v - v_min.float()[..., None]) / v_scale.float()[..., None]).clamp_(0, 3).to(torch.uint8)
         gather = idx[:, None, :, None].expand(L, H, n, D)
         o_k, o_ks = _int8_rows(k.gather(2, gather))  # [L, H, n, D], [L, H, n]
         o_v, o_vs = _int8_rows(v.gather(2, gather))
-        return _cpu(
-            {
-                "k_q": _pack2(k_q),
-                "k_scale": k_scale,
-                "k_min": k_min,
-                "v_q": _pack2(v_q.to(torch.uint8)),
-                "v_scale": v_scale,
-                "v_min": v_min,
-                "o_idx": idx.to(torch.int32),
-                "o_k": o_k,
-                "o_ks": o_ks,
-                "o_v": o_v,
-                "o_vs": o_vs,
-            }
-        )
+        sm = torch.stack([v_scale, v_min], dim=-1).view(torch.uint8)  # [L, H, T, 4]
+        rows = torch.cat([_pack2(k_q), _pack2(v_q), sm], dim=-1)  # [L, H, T, D/2 + 4]
+        sec = {"o_idx": idx.to(torch.int32), "k_scale": k_scale, "k_min": k_min, "o_ks": o_ks,
+               "o_vs": o_vs, "o_k": o_k, "o_v": o_v}  # fmt: skip
+        layout = int2_side_layout(H, T, D)
+        side = torch.cat([sec[name].reshape(L, -1).view(torch.uint8) for name in layout if name != "end"], dim=1)
+        return _cpu({"rows": rows, "side": side})
 
     def decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        T = parts["v_scale"].shape[2]
+        layers = [self._decode_one(parts["rows"][i], parts["side"][i]) for i in range(parts["rows"].shape[0])]
+        return torch.stack(layers).to(dtype)
+
+    @staticmethod
+    def _decode_one(rows: torch.Tensor, side: torch.Tensor) -> torch.Tensor:  # -> [2, H, T, D] fp32
+        p = int2_sections(rows, side)
+        T = rows.shape[1]
         _, S = int2_groups(T)
-        ks, km = _expand(parts["k_scale"].float(), T, S), _expand(parts["k_min"].float(), T, S)
-        k = _unpack2(parts["k_q"]).float() * ks + km  # [L, H, T, D]
-        v = _unpack2(parts["v_q"]).float() * parts["v_scale"].float()[..., None] + parts["v_min"].float()[..., None]
-        idx = parts["o_idx"].long()  # [L, n]
-        L, H, _, D = k.shape
-        where = idx[:, None, :, None].expand(L, H, idx.shape[1], D)
-        k.scatter_(2, where, parts["o_k"].float() * parts["o_ks"].float()[..., None])
-        v.scatter_(2, where, parts["o_v"].float() * parts["o_vs"].float()[..., None])
-        return torch.stack([k, v], dim=1).to(dtype)
+        group = torch.arange(T, device=rows.device) // S
+        k = _unpack2(p["k_q"]).float() * p["k_scale"].float()[:, group] + p["k_min"].float()[:, group]
+        v = _unpack2(p["v_q"]).float() * p["v_scale"].float()[..., None] + p["v_min"].float()[..., None]
+        idx = p["o_idx"].long()
+        k[:, idx] = p["o_k"].float() * p["o_ks"].float()[..., None]
+        v[:, idx] = p["o_v"].float() * p["o_vs"].float()[..., None]
+        return torch.stack([k, v])
 
     def _shapes(self, kv):
         L, _, H, T, D = kv.shape
-        G, _ = int2_groups(T)
-        n = int2_kept(T)
         e = lambda *s, dt: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
-        return {
-            "k_q": e(L, H, T, D // 4, dt=torch.uint8),
-            "k_scale": e(L, H, G, D, dt=torch.float16),
-            "k_min": e(L, H, G, D, dt=torch.float16),
-            "v_q": e(L, H, T, D // 4, dt=torch.uint8),
-            "v_scale": e(L, H, T, dt=torch.float16),
-            "v_min": e(L, H, T, dt=torch.float16),
-            "o_idx": e(L, n, dt=torch.int32),
-            "o_k": e(L, H, n, D, dt=torch.int8),
-            "o_ks": e(L, H, n, dt=torch.float16),
-            "o_v": e(L, H, n, D, dt=torch.int8),
-            "o_vs": e(L, H, n, dt=torch.float16),
-        }
+        return {"rows": e(L, H, T, D // 2 + 4, dt=torch.uint8), "side": e(L, int2_side_layout(H, T, D)["end"][0], dt=torch.uint8)}
 
 
 def _pad_groups(x: torch.Tensor, G: int, S: int, fill=0.0) -> torch.Tensor:

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from chunkcache.codec import CODECS, INT4_GROUP, int2_groups
+from chunkcache.codec import CODECS, INT4_GROUP, int2_groups, int2_kept, int2_sections, int2_side_layout
 
 KERNEL_CODECS = ("raw", "int8", "int4", "int2")
 """The codecs the decode kernels (and ``decode_layer``) implement."""
@@ -44,11 +44,6 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
-def unpack_int2(packed: torch.Tensor) -> torch.Tensor:
-    """[..., D/4] uint8 -> [..., D] uint8; bits 2i..2i+1 of byte b hold q[b + i * D/4] (planar)."""
-    return torch.cat([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=-1)
-
-
 def decode_layer(codec: str, parts: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode one layer of a chunk to float32 keys and values, each ``[kv_heads, tokens, head_dim]``.
 
@@ -58,23 +53,13 @@ def decode_layer(codec: str, parts: Mapping[str, torch.Tensor]) -> tuple[torch.T
     int4: k_q, v_q uint8 [H, T, D/2] (two per byte along D, low nibble = even index);
           k_scale, k_min fp16 [H, ceil(T/128), D] (per channel, token t uses group t // 128);
           v_scale, v_min fp16 [H, T] (per token); x = q * scale + min.
-    int2: k_q, v_q uint8 [H, T, D/4] (four per byte, see ``unpack_int2``); k_scale, k_min fp16
-          [H, G, D] with token t in group t // S (``codec.int2_groups(T)``); v_scale, v_min fp16
-          [H, T]; x = q * scale + min. Then the n kept tokens o_idx int32 [n] are overwritten:
-          k[:, o_idx] = o_k * o_ks[..., None], v likewise (o_k, o_v int8 [H, n, D]; o_ks, o_vs
-          fp16 [H, n]).
+    int2: rows uint8 [H, T, D/2 + 4], side uint8 [E] (``codec.Int2Codec``): 2-bit codes, key
+          groups t // S, then the kept tokens' int8 rows written over theirs.
     """
     check_parts(codec, parts)
-    if codec == "int2":
-        kq, vq = unpack_int2(parts["k_q"]).float(), unpack_int2(parts["v_q"]).float()  # [H, T, D]
-        t = kq.shape[1]
-        group = torch.arange(t, device=kq.device) // int2_groups(t)[1]
-        k = kq * parts["k_scale"].float()[:, group, :] + parts["k_min"].float()[:, group, :]
-        v = vq * parts["v_scale"].float()[:, :, None] + parts["v_min"].float()[:, :, None]
-        idx = parts["o_idx"].long()
-        k[:, idx] = parts["o_k"].float() * parts["o_ks"].float()[..., None]
-        v[:, idx] = parts["o_v"].float() * parts["o_vs"].float()[..., None]
-        return k, v
+    if codec == "int2":  # the layout and its decode are codec.py's (rows, side; see Int2Codec)
+        kv = CODECS["int2"].decode_layer({"rows": parts["rows"][None], "side": parts["side"][None]}, 0, torch.float32)
+        return kv[0], kv[1]
     if codec == "raw":
         kv = parts["kv"].float()
         return kv[0], kv[1]
@@ -238,9 +223,17 @@ class PackedLayout:
         check_parts(self.codec, parts)
         if self.codec == "raw":
             _, h, t, d = parts["kv"][2]
+        elif self.codec == "int2":
+            h, t, r = parts["rows"][2]
+            d = 2 * (r - 4)
+            side = int2_side_layout(h, t, d)["end"][0]
+            if parts["rows"][1] != torch.uint8 or parts["side"][1] != torch.uint8 or parts["side"][2] != (side,):
+                raise ValueError(f"int2 parts must be uint8 rows [H, T, D/2 + 4] and side [{side}]")
+            if parts["side"][0] % 4:
+                raise ValueError(f"part at byte {parts['side'][0]} is not aligned to its int32 section")
         else:
             h, t, d = parts["k_q"][2]
-            d = d * {"int4": 2, "int2": 4}.get(self.codec, 1)
+            d = d * 2 if self.codec == "int4" else d
         if (h, d) != (self.heads, self.head_dim):
             raise ValueError(
                 f"chunk parts have {h} heads of dim {d}, layout is {self.heads} x {self.head_dim}"
@@ -253,7 +246,7 @@ class PackedLayout:
         self.chunks.append({k: (int(o), dt, tuple(int(x) for x in sh)) for k, (o, dt, sh) in parts.items()})
         self.tokens.append(int(t))
         self.dests.append(int(dest))
-        self.kept.append(int(parts["o_idx"][2][0]) if self.codec == "int2" else 0)
+        self.kept.append(int2_kept(int(t)) if self.codec == "int2" else 0)
         self._meta.clear()
 
     def shifted(self, deltas: Sequence[Mapping[str, int]]) -> PackedLayout:
@@ -291,18 +284,33 @@ class PackedLayout:
         return out
 
     def data_dtype(self) -> torch.dtype:
-        return self.chunks[0]["kv" if self.codec == "raw" else "k_q"][1]
+        return self.chunks[0][{"raw": "kv", "int2": "rows"}.get(self.codec, "k_q")][1]
+
+    def _int2_row(self, parts, t: int, dest: int) -> list[int]:
+        """int2's launch-table row: rows at byte r (codes; value codes at r + D/4; value scale,
+        min at fp16 units (r + D/2) / 2 and one further), side sections at s + their offsets."""
+        d = self.head_dim
+        r, s = parts["rows"][0], parts["side"][0]
+        sec = {name: s + off for name, (off, _, _) in int2_side_layout(self.heads, t, d).items()}
+        groups, per_group = int2_groups(t)
+        vs = (r + d // 2) // 2
+        return [t, dest, groups, r, r + d // 4, sec["k_scale"] // 2, sec["k_min"] // 2, vs, vs + 1,
+                per_group, int2_kept(t), sec["o_idx"] // 4, sec["o_k"], sec["o_v"],
+                sec["o_ks"] // 2, sec["o_vs"] // 2]  # fmt: skip
 
     def meta(self, device: torch.device) -> torch.Tensor:
         """[C, META_COLS] int64 launch table on ``device``: tokens, dest, key groups, then element
         offsets of k, v (in the data dtype) and k_scale, k_min, v_scale, v_min (in fp16; 0 where
         unused); then for int2 (0 otherwise): tokens per key group, kept tokens n, and the element
-        offsets of o_idx (int32), o_k, o_v (int8), o_ks, o_vs (fp16)."""
+        offsets of o_idx (int32), o_k, o_v (int8), o_ks, o_vs (fp16); see ``_int2_row``."""
         device = torch.device(device)
         if device not in self._meta:
             rows = []
             data_size = self.data_dtype().itemsize
             for parts, t, dest in zip(self.chunks, self.tokens, self.dests, strict=True):
+                if self.codec == "int2":
+                    rows.append(self._int2_row(parts, t, dest))
+                    continue
                 if self.codec == "raw":
                     k = parts["kv"][0] // data_size
                     v = k + self.heads * t * self.head_dim
@@ -310,23 +318,12 @@ class PackedLayout:
                     k, v = parts["k_q"][0] // data_size, parts["v_q"][0] // data_size
                     if parts["v_q"][1] != parts["k_q"][1]:
                         raise ValueError("k_q and v_q must share a dtype")
-                groups = parts["k_scale"][2][1] if self.codec in ("int4", "int2") else 1
+                groups = parts["k_scale"][2][1] if self.codec == "int4" else 1
                 sc = [parts[n][0] // 2 if n in parts else 0 for n in _SCALE_PARTS]
                 for n in _SCALE_PARTS:
                     if n in parts and parts[n][1] != torch.float16:
                         raise ValueError(f"{n} must be float16, got {parts[n][1]}")
                 kept = [0] * 7
-                if self.codec == "int2":
-                    g, s = int2_groups(t)
-                    if g != groups:
-                        raise ValueError(f"int2 k_scale has {groups} groups, {t} tokens need {g}")
-                    want = {"o_idx": torch.int32, "o_k": torch.int8, "o_v": torch.int8}
-                    want |= {"o_ks": torch.float16, "o_vs": torch.float16}
-                    for n, dt in want.items():
-                        if parts[n][1] != dt:
-                            raise ValueError(f"{n} must be {dt}, got {parts[n][1]}")
-                    kept = [s, parts["o_idx"][2][0], parts["o_idx"][0] // 4]
-                    kept += [parts[n][0] // (2 if n in ("o_ks", "o_vs") else 1) for n in ("o_k", "o_v", "o_ks", "o_vs")]
                 rows.append([t, dest, groups, k, v, *sc, *kept])
             self._meta[device] = torch.tensor(rows, dtype=torch.int64).to(device)
         return self._meta[device]

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import INT4_GROUP, META_COLS, check_parts, int2_groups
+from .reference import INT4_GROUP, META_COLS, check_parts, int2_groups, int2_sections
 from .reference import rerotate_scatter_reference as rerotate_scatter_reference
 
 __all__ = ["rerotate_scatter", "rerotate_scatter_packed", "rerotate_scatter_reference"]
@@ -47,8 +47,8 @@ def _decode_rotate_store(
     rounded once to the output dtype. Decode: int8 x = q * scale; int4 x = q * scale + min, where
     the two halves of an int4 row sit in bytes [0, D/4) and [D/4, D/2), each byte holding an even
     (low nibble) and odd (high nibble) element, so each half is loaded as bytes and interleaved;
-    int2 x = q * scale + min with key group t // S, four planar codes per byte (its kept rows are
-    written afterwards by ``_kept_rows``).
+    int2 x = q * scale + min with key group t // S, four planar codes per byte in rows of D/2 + 4
+    bytes (see ``codec.Int2Codec``; its kept rows are written afterwards by ``_kept_rows``).
     """
     HALF: tl.constexpr = D // 2
 
@@ -60,14 +60,16 @@ def _decode_rotate_store(
     row = h * T + t  # source row of (head, token)
 
     if CODEC == 3:
-        # int2, planar: element e of a row sits in byte e % (D/4), bits 2 * (e // (D/4)).
-        QUARTER2: tl.constexpr = D // 4
-        e1 = j  # first half
+        # int2: a (head, token) row of R = D/2 + 4 bytes holds the key codes (bytes [0, D/4), K_ptr),
+        # the value codes ([D/4, D/2), V_ptr) and the value scale, min (fp16 at VS_ptr, VM_ptr, in
+        # fp16 units R/2 per row). Element e sits in byte e % (D/4), bits 2 * (e // (D/4)).
+        Q2: tl.constexpr = D // 4
+        R: tl.constexpr = D // 2 + 4
         e2 = j + HALF
-        src1 = row[:, None] * QUARTER2 + (e1 % QUARTER2)[None, :]
-        src2 = row[:, None] * QUARTER2 + (e2 % QUARTER2)[None, :]
-        sh1 = (2 * (e1 // QUARTER2)).to(tl.uint8)[None, :]
-        sh2 = (2 * (e2 // QUARTER2)).to(tl.uint8)[None, :]
+        src1 = row[:, None] * R + (j % Q2)[None, :]
+        src2 = row[:, None] * R + (e2 % Q2)[None, :]
+        sh1 = (2 * (j // Q2)).to(tl.uint8)[None, :]
+        sh2 = (2 * (e2 // Q2)).to(tl.uint8)[None, :]
         k1 = ((tl.load(K_ptr + src1, mask=mask, other=0) >> sh1) & 3).to(tl.float32)
         k2 = ((tl.load(K_ptr + src2, mask=mask, other=0) >> sh2) & 3).to(tl.float32)
         v1 = ((tl.load(V_ptr + src1, mask=mask, other=0) >> sh1) & 3).to(tl.float32)
@@ -79,8 +81,8 @@ def _decode_rotate_store(
         k2 = k2 * tl.load(KS_ptr + ks_row + HALF, mask=mask, other=0.0).to(tl.float32) + tl.load(
             KM_ptr + ks_row + HALF, mask=mask, other=0.0
         ).to(tl.float32)
-        vs = tl.load(VS_ptr + row, mask=t_mask, other=0.0).to(tl.float32)[:, None]
-        vm = tl.load(VM_ptr + row, mask=t_mask, other=0.0).to(tl.float32)[:, None]
+        vs = tl.load(VS_ptr + row * (R // 2), mask=t_mask, other=0.0).to(tl.float32)[:, None]
+        vm = tl.load(VM_ptr + row * (R // 2), mask=t_mask, other=0.0).to(tl.float32)[:, None]
         v1 = v1 * vs + vm
         v2 = v2 * vs + vm
     elif CODEC == 2:
@@ -298,10 +300,16 @@ def rerotate_scatter(
     if codec == "raw":
         kv = parts["kv"]
         k_src, v_src = kv[0].contiguous(), kv[1].contiguous()
+    elif codec == "int2":
+        rows = parts["rows"].contiguous()  # [H, T, D/2 + 4]
+        sec = int2_sections(rows, parts["side"].contiguous())
+        k_src, v_src = rows, rows[..., (rows.shape[-1] - 4) // 2 :]  # V_ptr: the value codes' start
     else:
         k_src, v_src = parts["k_q"].contiguous(), parts["v_q"].contiguous()
     h, t = k_src.shape[0], k_src.shape[1]
     d = k_out.shape[-1]
+    if codec == "int2" and rows.shape[-1] != d // 2 + 4:
+        raise ValueError(f"codec 'int2' rows have last dim {rows.shape[-1]}, head_dim {d} needs {d // 2 + 4}")
     if k_out.shape != v_out.shape or k_out.dim() != 3 or k_out.shape[0] != h:
         raise ValueError(
             f"k_out/v_out must be [{h}, N, D], got {tuple(k_out.shape)} and {tuple(v_out.shape)}"
@@ -309,7 +317,7 @@ def rerotate_scatter(
     per_byte = {"int4": 2, "int2": 4}.get(codec, 1)
     if d % (2 * per_byte):
         raise ValueError(f"head_dim {d} must be divisible by {2 * per_byte} for codec {codec!r}")
-    if k_src.shape[-1] != d // per_byte:
+    if codec != "int2" and k_src.shape[-1] != d // per_byte:
         raise ValueError(f"codec {codec!r} data has last dim {k_src.shape[-1]}, head_dim is {d}")
     if offset < 0 or offset + t > k_out.shape[1]:
         raise ValueError(f"chunk of {t} tokens at offset {offset} does not fit in {k_out.shape[1]} slots")
@@ -324,12 +332,11 @@ def rerotate_scatter(
 
     groups, group_tokens = 1, 1
     ks = km = vs = vm = k_src  # placeholders the kernel never reads for this codec
-    if codec == "int2":
-        ks, km = parts["k_scale"].contiguous(), parts["k_min"].contiguous()
-        vs, vm = parts["v_scale"].contiguous(), parts["v_min"].contiguous()
+    if codec == "int2":  # views into rows / side (int2_sections checked the side's size)
+        ks, km = sec["k_scale"], sec["k_min"]
+        sm = rows.view(torch.float16)  # [H, T, R/2]: the kernel steps R/2 fp16 units per row
+        vs, vm = sm[..., d // 4], sm[..., d // 4 + 1]
         groups, group_tokens = int2_groups(t)
-        if ks.shape[1] != groups:
-            raise ValueError(f"int2 k_scale has {ks.shape[1]} groups, {t} tokens need {groups}")
     elif codec == "int8":
         ks, vs = parts["k_scale"].contiguous(), parts["v_scale"].contiguous()
     elif codec == "int4":
@@ -372,12 +379,11 @@ def rerotate_scatter(
         num_warps=4,
     )
     if codec == "int2":  # after the 2-bit rows (stream order): the kept rows overwrite theirs
-        idx = parts["o_idx"].contiguous()
+        idx = sec["o_idx"]
         n = idx.shape[0]
         if n:
             _kept_rows_kernel[(triton.cdiv(n, block_t), h)](
-                idx, parts["o_k"].contiguous(), parts["o_v"].contiguous(),
-                parts["o_ks"].contiguous(), parts["o_vs"].contiguous(), cos, sin, k_out, v_out,
+                idx, sec["o_k"], sec["o_v"], sec["o_ks"], sec["o_vs"], cos, sin, k_out, v_out,
                 n, offset, *k_out.stride(), *v_out.stride(),
                 D=d, BLOCK_T=block_t, BLOCK_HALF=block_half, num_warps=4,
             )  # fmt: skip

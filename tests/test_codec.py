@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chunkcache.codec import CODECS, INT2_KEEP_FIRST, INT4_GROUP, get_codec, int2_groups, int2_kept
+from chunkcache.codec import CODECS, INT2_KEEP_FIRST, INT4_GROUP, get_codec, int2_groups, int2_kept, int2_sections
 
 SHAPES = [(2, 1, 1, 64), (2, 3, 129, 64), (1, 3, 300, 128), (3, 2, 128, 64), (1, 1, 5, 2)]  # L, H, T, D
 
@@ -108,12 +108,11 @@ def test_int2_keeps_chunk_start_and_outliers_at_8_bits():
     kv[:, :, :, 77] *= 40.0  # token 77: an outlier in keys and values, in every layer
     parts = CODECS["int2"].encode(kv)
     n = int2_kept(T)
-    assert tuple(parts["o_idx"].shape) == (L, n) and n == INT2_KEEP_FIRST + 6
+    idx = torch.stack([int2_sections(parts["rows"][i], parts["side"][i])["o_idx"].long() for i in range(L)])
+    assert tuple(idx.shape) == (L, n) and n == INT2_KEEP_FIRST + 6
     for layer in range(L):
-        kept = set(parts["o_idx"][layer].tolist())
-        assert set(range(INT2_KEEP_FIRST)) | {77} <= kept
+        assert set(range(INT2_KEEP_FIRST)) | {77} <= set(idx[layer].tolist())
     out = CODECS["int2"].decode(parts, torch.float32)
-    idx = parts["o_idx"].long()
     for layer in range(L):
         x = kv[layer][:, :, idx[layer]]  # [2, H, n, D] kept rows
         step = x.abs().amax(dim=3, keepdim=True) / 127
@@ -134,10 +133,12 @@ def test_int2_packing_is_planar():
     kv = torch.zeros(1, 2, 1, 300, D)
     kv[0, 1, 0, :, :] = torch.tensor([0.0, 1, 2, 3, 3, 2, 1, 0])  # every value row the same codes
     parts = CODECS["int2"].encode(kv)
-    row = parts["v_q"][0, 0, 100].tolist()
-    assert row == [0 | 2 << 2 | 3 << 4 | 1 << 6, 1 | 3 << 2 | 2 << 4 | 0 << 6]
+    sec = int2_sections(parts["rows"][0], parts["side"][0])
+    assert parts["rows"][0, 0, 100, 2:4].tolist() == [0 | 2 << 2 | 3 << 4 | 1 << 6, 1 | 3 << 2 | 2 << 4 | 0 << 6]
+    assert torch.equal(sec["v_q"][0, 100], parts["rows"][0, 0, 100, 2:4])
+    assert sec["v_scale"][0, 100] == 1 and sec["v_min"][0, 100] == 0  # fp16 (scale, min) after the codes
     rest = torch.ones(300, dtype=torch.bool)
-    rest[parts["o_idx"][0].long()] = False  # kept rows are int8 (not exact for 1 and 2 of 3)
+    rest[sec["o_idx"].long()] = False  # kept rows are int8 (not exact for 1 and 2 of 3)
     assert torch.equal(CODECS["int2"].decode(parts, torch.float32)[:, :, :, rest], kv[:, :, :, rest])
 
 

@@ -81,19 +81,22 @@ def make_parts(codec: str, h: int, t: int, d: int, dtype: torch.dtype, gen: torc
     if codec == "int8":
         q = lambda: torch.randint(-127, 128, (h, t, d), generator=gen, dtype=torch.int8)  # noqa: E731
         return {"k_q": q(), "v_q": q(), "k_scale": half(h, d), "v_scale": half(h, t)}
-    if codec == "int2":
-        from chunkcache.codec import int2_groups, int2_kept
+    if codec == "int2":  # random sections, laid out as codec.Int2Codec lays them out
+        from chunkcache.codec import int2_groups, int2_kept, int2_side_layout
 
         g, n = int2_groups(t)[0], int2_kept(t)
         q = lambda: torch.randint(0, 256, (h, t, d // 4), generator=gen, dtype=torch.uint8)  # noqa: E731
         q8 = lambda: torch.randint(-127, 128, (h, n, d), generator=gen, dtype=torch.int8)  # noqa: E731
         mins = lambda *s: torch.randn(*s, generator=gen).half()  # noqa: E731
-        idx = torch.randperm(t, generator=gen)[:n].sort().values.to(torch.int32)
-        return {
-            "k_q": q(), "v_q": q(), "k_scale": half(h, g, d), "k_min": mins(h, g, d),
-            "v_scale": half(h, t), "v_min": mins(h, t),
-            "o_idx": idx, "o_k": q8(), "o_v": q8(), "o_ks": half(h, n), "o_vs": half(h, n),
+        sm = torch.stack([half(h, t), mins(h, t)], dim=-1).view(torch.uint8)  # [H, T, 4]
+        sec = {
+            "o_idx": torch.randperm(t, generator=gen)[:n].sort().values.to(torch.int32),
+            "k_scale": half(h, g, d), "k_min": mins(h, g, d), "o_ks": half(h, n), "o_vs": half(h, n),
+            "o_k": q8(), "o_v": q8(),
         }  # fmt: skip
+        names = [x for x in int2_side_layout(h, t, d) if x != "end"]
+        side = torch.cat([sec[x].reshape(-1).view(torch.uint8) for x in names])
+        return {"rows": torch.cat([q(), q(), sm], dim=-1), "side": side}
     g = -(-t // reference.INT4_GROUP)
     q = lambda: torch.randint(0, 256, (h, t, d // 2), generator=gen, dtype=torch.uint8)  # noqa: E731
     mins = lambda *s: torch.randn(*s, generator=gen).half()  # noqa: E731
@@ -452,7 +455,7 @@ def test_packed_layout_shifted_equals_built(codec):
     assert torch.equal(got.meta("cpu"), moved.meta("cpu")) and got.chunks == moved.chunks
     assert got.nbytes == moved.nbytes and got.tokens == moved.tokens and got.dests == moved.dests
     with pytest.raises(ValueError, match="cannot move"):
-        base.shifted([{"kv" if codec == "raw" else "k_q": 1 if codec == "raw" else -(10**9)}, {}])
+        base.shifted([{reference.CODEC_PARTS[codec][0]: 1 if codec == "raw" else -(10**9)}, {}])
 
 
 def test_package_import_is_light(tmp_path):
