@@ -19,17 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
-from chunkcache.errors import ModelMismatchError
+from chunkcache.errors import CorruptEntryError, ForeignEntryError, StoreError
+from chunkcache.format import FORMAT_VERSION
 from chunkcache.fuse import FuseConfig, FuseResult, fuse_kv
+from chunkcache.keys import KeyInputs
 from chunkcache.layout import ChunkKV
 from chunkcache.model import DEFAULT_MODEL, LoadedModel, cache_kwarg, load_model, wrap_model
 from chunkcache.precompute import encode_chunks, encode_prefix
 from chunkcache.template import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, PromptTemplate
 
 log = logging.getLogger("chunkcache")
-
-FORMAT_VERSION = 1
-"""Bump when the bytes a chunk cache is made of change meaning (layout, sink handling, ...)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,7 @@ class ChunkCache:
         instruction: str = DEFAULT_INSTRUCTION,
         system: str | None = DEFAULT_SYSTEM,
         fast_path: bool | None = None,
+        readonly: bool = False,
     ) -> None:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
@@ -83,10 +83,11 @@ class ChunkCache:
         self.settings = PrecomputeConfig(sink=sink)
         self.default_fuse = FuseConfig(recompute_ratio=recompute_ratio, policy=policy)
         self.codec = codec
-        self.store = _open_store(store)
+        self.store = _open_store(store, readonly)
         self._prefix_ids = self.template.prefix_ids()
         self._prefix_kv: torch.Tensor | None = None
-        self._key_info: dict | None = None
+        self._key_inputs: KeyInputs | None = None
+        self._warned: set[str] = set()  # one warning per kind (failed writes, a foreign store)
         self.fast_path = self.lm.device.type == "cuda" if fast_path is None else fast_path
         """Fuse stored entries through ``pipeline.fuse_entries`` (layer-wise streaming, one kernel per
         layer, GPU-side checksums, CUDA graphs): the default on CUDA. Calls are serialised per
@@ -103,36 +104,24 @@ class ChunkCache:
         return self.lm.tokenizer
 
     # ---- keys and storage -------------------------------------------------------------------
+    def key_inputs(self) -> KeyInputs:
+        """Everything besides the token ids that determines a chunk cache's bytes (``keys.KeyInputs``:
+        model fingerprint, dtype, codec, sink settings, format version). Fixed for the engine's
+        life, so it is built once. Its dict form is stored once per entry (the header's ``key``)."""
+        if self._key_inputs is None:
+            settings = {"sink": self.settings.sink, "sink_ids": self.template.sink_ids(self.settings.sink)}
+            self._key_inputs = KeyInputs(
+                self.lm.fingerprint, str(self.lm.dtype).removeprefix("torch."), self.codec,
+                _jsonable(settings), FORMAT_VERSION,
+            )  # fmt: skip
+        return self._key_inputs
+
     def key_info(self) -> dict:
-        """Everything besides the token ids that determines a chunk cache's bytes (JSON-safe; a
-        fresh copy each call). Fixed for the engine's life, so it is built once."""
-        if self._key_info is None:
-            self._key_info = _jsonable(
-                {
-                    "model_fingerprint": self.lm.fingerprint,
-                    "dtype": str(self.lm.dtype).removeprefix("torch."),
-                    "codec": self.codec,
-                    "settings": {
-                        "sink": self.settings.sink,
-                        "sink_ids": self.template.sink_ids(self.settings.sink),
-                    },
-                    "format_version": FORMAT_VERSION,
-                }
-            )
-        return _jsonable(self._key_info)
+        """``key_inputs()`` as a JSON-safe dict (a fresh copy each call), as stored in entry headers."""
+        return self.key_inputs().to_dict()
 
     def key_for_ids(self, ids: Sequence[int]) -> str:
-        from chunkcache.keys import chunk_key
-
-        info = self.key_info()
-        return chunk_key(
-            list(ids),
-            info["model_fingerprint"],
-            info["dtype"],
-            info["codec"],
-            info["settings"],
-            info["format_version"],
-        )
+        return self.key_inputs().key(list(ids))
 
     def key(self, text: str) -> str:
         return self.key_for_ids(self._chunk_ids(text))
@@ -147,34 +136,79 @@ class ChunkCache:
         return self.template.chunk_ids(text)
 
     def _load(self, key: str, ids: Sequence[int] | None = None) -> ChunkKV | None:
-        """The stored chunk under ``key`` or None. A damaged entry is dropped (a miss); an entry
-        whose recorded key inputs or token ids differ from what this engine asked for raises
-        ModelMismatchError: it must never be used, and it is not ours to delete."""
+        """The stored chunk under ``key`` or None. A damaged entry, or one that is not this
+        engine's (``_check_entry``), is dropped with a warning and reads as a miss: the caller
+        recomputes it and stores it under this engine's key, so it never blocks the chunk."""
         from chunkcache.format import load_chunk
 
-        chunk = load_chunk(self.store, key, self.lm.dtype)
-        if chunk is None:
-            return None
-        self._check_entry(key, chunk.meta, chunk.token_ids, ids)
-        chunk.check(self.lm.spec.num_layers, self.lm.spec.kv_heads, self.lm.spec.head_dim)
-        return chunk
+        return load_chunk(
+            self.store, key, self.lm.dtype, check=lambda h, c: self._check_entry(key, h, c.token_ids, ids)
+        )
 
-    def _check_entry(self, key: str, meta: dict, token_ids: torch.Tensor, ids: Sequence[int] | None) -> None:
-        """Raise ModelMismatchError if the entry's recorded key inputs (``meta["key_info"]``) or
-        token ids differ from what this engine asked for."""
-        stored, mine = meta.get("key_info"), self.key_info()
-        if stored is not None and stored != mine:
-            diff = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
-            raise ModelMismatchError(
-                f"store entry {key} was made with other {', '.join(diff)} than this engine's"
-            )
+    def _check_entry(
+        self, key: str, header: dict, token_ids: torch.Tensor, ids: Sequence[int] | None
+    ) -> None:
+        """Raise ``ForeignEntryError`` unless the entry (``header`` checked by ``format.read_header``)
+        is this engine's chunk: its one copy of the key inputs equals this engine's and hashes with
+        its tokens to ``key`` (``format.check_identity``), its tokens are the chunk's, and its
+        geometry is this model's (layers, kv heads, head_dim, tokens, base position). Both paths
+        call it before any byte of the entry's KV is used."""
+        from chunkcache.format import check_identity
+
+        check_identity(key, header, token_ids, self.key_info())
         if ids is not None and token_ids.tolist() != list(ids):
-            raise ModelMismatchError(f"store entry {key} holds other tokens than the chunk asked for")
+            raise ForeignEntryError("entry holds other tokens than the chunk asked for")
+        spec = self.lm.spec
+        want = [spec.num_layers, 2, spec.kv_heads, len(token_ids), spec.head_dim]
+        if header["kv_shape"] != want:
+            raise ForeignEntryError(f"entry's kv_shape {header['kv_shape']} is not this model's {want}")
+        base = len(self.key_inputs().settings["sink_ids"])
+        if header["base_pos"] != base:
+            raise ForeignEntryError(f"entry's base_pos {header['base_pos']} is not the sink's length {base}")
 
-    def _save(self, key: str, chunk: ChunkKV) -> None:
+    def _save(self, key: str, chunk: ChunkKV) -> bytes | None:
+        """Store the chunk; None when stored, else its packed bytes: a store that cannot take the
+        write (full disk, Redis down or out of memory, read-only) must not stop serving, so the
+        caller uses these and the failure is warned about once and counted
+        (``store.stats().failed_writes``)."""
         from chunkcache.format import pack_chunk
 
-        self.store.put(key, pack_chunk(chunk, self.codec, self.key_info()))
+        raw = pack_chunk(chunk, self.codec, self.key_info())
+        try:
+            self.store.put(key, raw)
+        except StoreError as e:
+            self._warn_once("write", f"chunkcache: cannot write to the chunk store ({e}); serving the "
+                            "computed KV without storing it (further failures are counted in "
+                            "store.stats().failed_writes, not warned)")  # fmt: skip
+            return raw
+        return None
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            import warnings
+
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _check_store_models(self) -> None:
+        """Before the first precompute into a non-empty store: warn (once) if none of a few sampled
+        entries was made with this engine's key inputs, naming the fields that differ (another codec,
+        dtype, model, sink): this engine can never hit them and builds its own copy of the corpus
+        beside them. Headers only, a handful of keys."""
+        if "models" in self._warned:
+            return
+        self._warned.add("models")
+        from chunkcache.store import foreign_store
+
+        try:
+            diff = foreign_store(self.store, self.key_info(), 8)
+        except StoreError:
+            return
+        if diff is not None:
+            self._warn_once("foreign", f"chunkcache: the store's entries were made with other {diff} "
+                            "than this engine's: this engine cannot use them and stores a second copy of "
+                            "every chunk beside them. Open the store made for these settings, or filter "
+                            "this warning if a store shared by several settings is meant")  # fmt: skip
 
     # ---- precompute -------------------------------------------------------------------------
     def precompute(
@@ -187,13 +221,22 @@ class ChunkCache:
         self, id_lists: Sequence[Sequence[int]], batch_size: int = 8, progress: bool | None = None
     ) -> list[str]:
         """Like ``precompute`` for already tokenised chunks; skips chunks already stored."""
+        return self._precompute(id_lists, batch_size, progress)[0]
+
+    def _precompute(
+        self, id_lists: Sequence[Sequence[int]], batch_size: int = 8, progress: bool | None = None
+    ) -> tuple[list[str], dict[str, bytes]]:
+        """``precompute_ids``, plus the packed entries the store could not take (key -> bytes), for
+        the caller to serve from."""
         keys = [self.key_for_ids(ids) for ids in id_lists]
         missing: dict[str, Sequence[int]] = {}
-        for k, ids in zip(keys, id_lists, strict=True):
-            if k not in missing and not self.store.contains(k):
+        for k, ids, there in zip(keys, id_lists, self.store.contains_many(keys), strict=True):
+            if k not in missing and not there:
                 missing[k] = ids
+        unsaved: dict[str, bytes] = {}
         if not missing:
-            return keys
+            return keys, unsaved
+        self._check_store_models()
         if progress is None:
             progress = len(missing) > 32
         sink = self.template.sink_ids(self.settings.sink)
@@ -210,26 +253,32 @@ class ChunkCache:
             encoded = encode_chunks(self.lm, [ids for _, ids in part], sink, batch_size=batch_size)
             for (k, _), chunk in zip(part, encoded, strict=True):
                 chunk.meta["sink"] = self.settings.sink
-                chunk.meta["key_info"] = self.key_info()
-                self._save(k, chunk)
+                raw = self._save(k, chunk)
+                if raw is not None:
+                    unsaved[k] = raw
             if bar is not None:
                 bar.update(len(part))
         if bar is not None:
             bar.close()
-        return keys
+        return keys, unsaved
 
     def chunk(self, text: str) -> ChunkKV:
         """The cache of one chunk (precomputed if missing)."""
         return self.chunks([text])[0]
 
     def chunks(self, texts: Sequence[str]) -> list[ChunkKV]:
+        from chunkcache.format import unpack_chunk
+
         ids = [self._chunk_ids(t) for t in texts]
         keys = [self.key_for_ids(i) for i in ids]
         out = [self._load(k, i) for k, i in zip(keys, ids, strict=True)]
         miss = [i for i, c in enumerate(out) if c is None]
         if miss:
-            self.precompute_ids([ids[i] for i in miss])
+            _, unsaved = self._precompute([ids[i] for i in miss])
             for i in miss:
+                if keys[i] in unsaved:  # the store refused the write: serve the entry it would hold
+                    out[i] = unpack_chunk(unsaved[keys[i]], self.lm.dtype)
+                    continue
                 out[i] = self._load(keys[i], ids[i])
                 if out[i] is None:
                     raise RuntimeError(
@@ -272,22 +321,24 @@ class ChunkCache:
 
     def _fuse_stored(self, chunks: Sequence[str], suffix: list[int], cfg: FuseConfig) -> FuseResult | None:
         """The fast path: stream the stored entries layer by layer (``pipeline.fuse_entries``).
-        Misses are precomputed first; every entry's recorded key inputs and token ids are checked
-        as in ``_load`` (ModelMismatchError). A damaged entry (CorruptEntryError, raised before any
-        result is returned) is dropped with a warning and None is returned, so the caller takes the
-        eager path, which recomputes it."""
-        from chunkcache.errors import CorruptEntryError
-        from chunkcache.format import load_chunk
+        Misses are precomputed first; every entry's header, key inputs, tokens and geometry are
+        checked as in ``_load`` before any of its KV is staged. A damaged or foreign entry
+        (CorruptEntryError: from those checks, or from a layer checksum, which on CUDA is compared
+        after the fusion ran but before its result is returned) is dropped with a warning and None
+        is returned, so the caller takes the eager path, which recomputes it. None too when the
+        store refused a write (the eager path serves those chunks from memory)."""
         from chunkcache.pipeline import Staging, entry_views, fuse_entries
 
         ids = [self._chunk_ids(t) for t in chunks]
         t0 = time.perf_counter()
-        keys = self.precompute_ids(ids)  # skips stored ones
+        keys, unsaved = self._precompute(ids)  # skips stored ones
+        if unsaved:  # the store refused a write: the eager path serves those from memory
+            return None
         if self._staging is None:
             self._staging = Staging(self.lm.device)
 
         def inspect(i: int, header: dict, parts: dict) -> None:  # token sections already checked
-            self._check_entry(keys[i], header.get("meta", {}), parts["token_ids"], ids[i])
+            self._check_entry(keys[i], header, parts["token_ids"], ids[i])
 
         try:
             with entry_views(self.store, keys, self._staging) as entries:
@@ -296,9 +347,9 @@ class ChunkCache:
                     self.lm, self.prefix_kv(), entries, self._prefix_ids, suffix, cfg, self._staging,
                     inspect=inspect,
                 )  # fmt: skip
-        except CorruptEntryError:
-            for key in keys:  # find and drop the damaged ones (warns), then let the eager path recompute
-                load_chunk(self.store, key)
+        except (CorruptEntryError, KeyError):  # KeyError: deleted meanwhile (another thread or process)
+            for key, i in zip(keys, ids, strict=True):  # find and drop the damaged or foreign ones
+                self._load(key, i)  # (warns), then let the eager path recompute them
             return None
         res.stats["seconds"]["load"] = t_load  # lookup, checks (+ precompute of misses)
         res.stats["seconds"]["total"] += t_load
@@ -346,7 +397,7 @@ def _jsonable(x):
     return json.loads(json.dumps(x))
 
 
-def _open_store(store):
+def _open_store(store, readonly: bool = False):
     from chunkcache.store import open_store
 
-    return open_store(store)
+    return open_store(store, readonly=True) if readonly else open_store(store)
