@@ -13,12 +13,14 @@ maths of fusion (``fuse``), token selection (``select``), bytes on disk (``forma
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from chunkcache import checks
 from chunkcache.errors import CorruptEntryError, ForeignEntryError, StoreError
 from chunkcache.format import FORMAT_VERSION
 from chunkcache.fuse import FuseConfig, FuseResult, fuse_kv
@@ -65,12 +67,16 @@ class ChunkCache:
         fast_path: bool | None = None,
         readonly: bool = False,
     ) -> None:
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Every argument is checked before the model loads (seconds) or the store opens.
+        dtype = checks.dtype(dtype)
+        device = checks.device(device)
+        settings = PrecomputeConfig(sink=sink)
+        default_fuse = FuseConfig(recompute_ratio=checks.ratio(recompute_ratio), policy=policy)
+        checks.codec(codec)
+        if not readonly:
+            checks.store_writable(store)
         if dtype is None:
-            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if isinstance(model, str):
             self.lm: LoadedModel = load_model(model, dtype=dtype, device=device)
         else:
@@ -80,8 +86,8 @@ class ChunkCache:
         self.template = PromptTemplate.from_tokenizer(
             self.lm.tokenizer, instruction=instruction, system=system
         )
-        self.settings = PrecomputeConfig(sink=sink)
-        self.default_fuse = FuseConfig(recompute_ratio=recompute_ratio, policy=policy)
+        self.settings = settings
+        self.default_fuse = default_fuse
         self.codec = codec
         self.store = _open_store(store, readonly)
         self._prefix_ids = self.template.prefix_ids()
@@ -93,6 +99,8 @@ class ChunkCache:
         layer, GPU-side checksums, CUDA graphs): the default on CUDA. Calls are serialised per
         engine (one ``Staging``)."""
         self._staging = None
+        self._gate_passed = False
+        self._gate_lock = threading.Lock()
 
     # ---- accessors ------------------------------------------------------------------------
     @property
@@ -215,6 +223,8 @@ class ChunkCache:
         self, texts: Sequence[str], batch_size: int = 8, progress: bool | None = None
     ) -> list[str]:
         """Make sure every text has a stored chunk cache; returns their keys. Idempotent."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of passage strings, got one str (pass [text])")
         return self.precompute_ids([self._chunk_ids(t) for t in texts], batch_size, progress)
 
     def precompute_ids(
@@ -267,9 +277,11 @@ class ChunkCache:
         return self.chunks([text])[0]
 
     def chunks(self, texts: Sequence[str]) -> list[ChunkKV]:
+        return self._chunks_for_ids([self._chunk_ids(t) for t in texts])
+
+    def _chunks_for_ids(self, ids: list[list[int]]) -> list[ChunkKV]:
         from chunkcache.format import unpack_chunk
 
-        ids = [self._chunk_ids(t) for t in texts]
         keys = [self.key_for_ids(i) for i in ids]
         out = [self._load(k, i) for k, i in zip(keys, ids, strict=True)]
         miss = [i for i, c in enumerate(out) if c is None]
@@ -300,26 +312,59 @@ class ChunkCache:
         policy: str | None = None,
     ) -> FuseResult:
         """Fuse the chunks' caches (any order; misses are precomputed) with the question."""
-        if not chunks:
-            raise ValueError("no chunks to fuse: pass at least one passage (or call the model directly)")
-        cfg = FuseConfig(
-            recompute_ratio=self.default_fuse.recompute_ratio if recompute_ratio is None else recompute_ratio,
-            policy=policy or self.default_fuse.policy,
-        )
-        suffix = self.template.suffix_ids(query)
+        cfg, ids, suffix = self._check_query(chunks, query, recompute_ratio, policy)
+        self._ensure_gate()
         if self.fast_path:
-            res = self._fuse_stored(chunks, suffix, cfg)
+            res = self._fuse_stored(ids, suffix, cfg)
             if res is not None:
                 return res
         t0 = time.perf_counter()
-        kvs = self.chunks(chunks)
+        kvs = self._chunks_for_ids(ids)
         t_load = time.perf_counter() - t0
         res = fuse_kv(self.lm, self.prefix_kv(), kvs, self._prefix_ids, suffix, cfg)
         res.stats["seconds"]["load"] = t_load  # store read + decode (+ precompute of misses)
         res.stats["seconds"]["total"] += t_load
         return res
 
-    def _fuse_stored(self, chunks: Sequence[str], suffix: list[int], cfg: FuseConfig) -> FuseResult | None:
+    def _ensure_gate(self) -> None:
+        """Refuse fusion (FusionGateError) unless the correctness gate passed for this model:
+        recorded in the store, else run once (``chunkcache.gate``, a fraction of a second)."""
+        if self._gate_passed:
+            return
+        with self._gate_lock:
+            if not self._gate_passed:
+                from chunkcache.gate import ensure
+
+                ensure(self)
+                self._gate_passed = True
+
+    def _check_query(
+        self, chunks: Sequence[str], query: str, recompute_ratio: float | None, policy: str | None
+    ) -> tuple[FuseConfig, list[list[int]], list[int]]:
+        """The arguments of ``fuse``/``generate``, checked before any fusion work: ``(config, chunk
+        ids, question suffix ids)``. TypeError/ValueError for a str or non-list ``chunks``, a
+        blank chunk, a missing or blank ``query``, a bad ratio or policy, or a prompt longer than
+        the model's context."""
+        checks.passages(chunks, query)
+        cfg = FuseConfig(
+            recompute_ratio=self.default_fuse.recompute_ratio
+            if recompute_ratio is None
+            else checks.ratio(recompute_ratio),
+            policy=policy or self.default_fuse.policy,
+        )
+        ids = [self.template.chunk_ids(t) for t in chunks]
+        suffix = self.template.suffix_ids(query)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        n = len(self._prefix_ids) + sum(map(len, ids)) + len(suffix)
+        if limit is not None and n > limit:
+            raise ValueError(
+                f"the prompt is {n} tokens ({len(ids)} chunks of {sum(map(len, ids))}, question and "
+                f"template {n - sum(map(len, ids))}) but {self.lm.name} takes at most {limit}: pass fewer "
+                "or shorter chunks"
+            )
+        return cfg, ids, suffix
+
+    def _fuse_stored(self, ids: list[list[int]], suffix: list[int], cfg: FuseConfig) -> FuseResult | None:
         """The fast path: stream the stored entries layer by layer (``pipeline.fuse_entries``).
         Misses are precomputed first; every entry's header, key inputs, tokens and geometry are
         checked as in ``_load`` before any of its KV is staged. A damaged or foreign entry
@@ -329,7 +374,6 @@ class ChunkCache:
         store refused a write (the eager path serves those chunks from memory)."""
         from chunkcache.pipeline import Staging, entry_views, fuse_entries
 
-        ids = [self._chunk_ids(t) for t in chunks]
         t0 = time.perf_counter()
         keys, unsaved = self._precompute(ids)  # skips stored ones
         if unsaved:  # the store refused a write: the eager path serves those from memory
@@ -370,6 +414,8 @@ class ChunkCache:
         **generate_kwargs,
     ) -> str:
         """Fuse, then greedy-generate (or with ``generate_kwargs``) the answer text."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         fused = self.fuse(chunks, query, recompute_ratio=recompute_ratio, policy=policy)
         return self.generate_from(fused, max_new_tokens=max_new_tokens, **generate_kwargs)
 

@@ -33,7 +33,7 @@ from chunkcache import kernels
 from chunkcache import model as M
 from chunkcache.layout import ChunkKV
 from chunkcache.model import LoadedModel
-from chunkcache.select import POLICIES, SelectContext
+from chunkcache.select import POLICIES, Policy, SelectContext
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,31 @@ class FuseConfig:
 
     recompute_ratio: float = 0.15
     """Fraction of chunk tokens recomputed after the policy's selection (0 = plain reuse, 1 = full prefill)."""
-    policy: str = "qfast"
-    """Selection policy, a name in ``chunkcache.select.POLICIES``."""
+    policy: str | Policy = "qfast"
+    """Selection policy: a name in ``chunkcache.select.POLICIES``, or an object with the members
+    of ``select.Policy`` (for experiments that should not register a name globally)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:
             raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose one of {sorted(POLICIES)}")
+        if isinstance(self.policy, str):
+            if self.policy not in POLICIES:
+                raise ValueError(f"unknown policy {self.policy!r}; choose one of {sorted(POLICIES)}")
+        elif not isinstance(self.policy, Policy):
+            raise ValueError(
+                f"policy must be a name in {sorted(POLICIES)} or have probe, before_layers, schedule and "
+                f"select (chunkcache.select.Policy), got {self.policy!r}"
+            )
+
+    @property
+    def selector(self) -> Policy:
+        """The policy object."""
+        return POLICIES[self.policy] if isinstance(self.policy, str) else self.policy
+
+    @property
+    def policy_name(self) -> str:
+        """The policy's name (an object's class name)."""
+        return self.policy if isinstance(self.policy, str) else type(self.policy).__name__
 
 
 @dataclass
@@ -204,6 +221,104 @@ class StageTimer:
         return out
 
 
+@dataclass
+class _Prompt:
+    """Token geometry of one prompt on the fusion's device (the picture at the top):
+    prefix ``0 .. P-1``, chunks back to back ``P .. S-1``, the question ``S .. N-1``."""
+
+    ids: torch.Tensor
+    """[N] token ids."""
+    n_prefix: int
+    n_ctx: int
+    """Chunk tokens (C)."""
+    n_q: int
+    """Question tokens (nq)."""
+    ctx_pos: torch.Tensor
+    """[C] chunk-token positions."""
+    q_pos: torch.Tensor
+    """[nq] question positions."""
+    chunk_of: torch.Tensor
+    """[N] chunk of each position (-1 outside chunks)."""
+    chunk_offsets: torch.Tensor
+    """[chunks] first position of each chunk."""
+
+    @staticmethod
+    def build(ids: torch.Tensor, n_prefix: int, chunk_lengths: list[int], slots: int, dev) -> _Prompt:
+        n = ids.shape[1]
+        if n > slots:
+            raise ValueError(f"buffer holds {slots} positions, the prompt has {n}")
+        n_ctx = sum(chunk_lengths)
+        n_q = n - n_prefix - n_ctx
+        if n_q <= 0:
+            raise ValueError("the question suffix is empty: nothing to generate from")
+        offsets = [n_prefix + sum(chunk_lengths[:i]) for i in range(len(chunk_lengths))]
+        # Built on the host: a repeat_interleave on the device would sync to size its output.
+        chunk_of = torch.full((n,), -1, dtype=torch.long)
+        chunk_of[n_prefix : n_prefix + n_ctx] = torch.repeat_interleave(
+            torch.arange(len(chunk_lengths)), torch.tensor(chunk_lengths)
+        )
+        return _Prompt(
+            ids=ids[0].to(dev),
+            n_prefix=n_prefix,
+            n_ctx=n_ctx,
+            n_q=n_q,
+            ctx_pos=torch.arange(n_prefix, n_prefix + n_ctx, device=dev),
+            q_pos=torch.arange(n - n_q, n, device=dev),
+            chunk_of=chunk_of.to(dev),
+            chunk_offsets=torch.tensor(offsets, dtype=torch.long).to(dev),
+        )
+
+
+@dataclass
+class _Fusion:
+    """What the steps of one fusion share."""
+
+    lm: LoadedModel
+    buf: torch.Tensor
+    """[L, 2, H, N', D] the assembled cache (N' >= N)."""
+    prompt: _Prompt
+    policy: Policy
+    token_scores: torch.Tensor | None
+    """[C] scores stored with the chunks, or None."""
+    source: LayerSource
+    timer: StageTimer
+    graphs: object
+    """chunkcache.graphs.FusionGraphs, or None (eager)."""
+
+
+def _select(
+    f: _Fusion,
+    layer: int,
+    cand: torch.Tensor,  # [c] candidate chunk positions, ascending
+    keep_n: int,
+    probe_attn: torch.Tensor | None,  # [L, C]
+    fresh: torch.Tensor | None = None,  # [2, H, c, D]
+    reused: torch.Tensor | None = None,  # [2, H, c, D]
+    question_q: torch.Tensor | None = None,  # [Hq, nq, D]
+    keys: torch.Tensor | None = None,  # [H, N, D]
+) -> torch.Tensor:
+    """The ``keep_n`` candidates the policy keeps after ``layer``, ascending: the one place a
+    ``SelectContext`` is built (before layer 0 the layer tensors are None)."""
+    prompt, lm = f.prompt, f.lm
+    idx = cand - prompt.n_prefix  # candidates' indices among the chunk tokens
+    ctx = SelectContext(
+        layer=layer,
+        positions=cand,
+        chunk_of=prompt.chunk_of[cand],
+        chunk_offsets=prompt.chunk_offsets,
+        fresh=fresh,
+        reused=reused,
+        question_q=question_q,
+        keys=keys,
+        question_pos=prompt.q_pos,
+        scale=lm.model.model.layers[layer].self_attn.scaling,
+        window=lm.spec.windows[layer],
+        probe_attn=None if probe_attn is None else probe_attn[:, idx],
+        token_scores=None if f.token_scores is None else f.token_scores[idx],
+    )
+    return torch.sort(f.policy.select(ctx, keep_n)).values
+
+
 @torch.no_grad()
 def fuse_assembled(
     lm: LoadedModel,
@@ -231,43 +346,18 @@ def fuse_assembled(
     """
     source = source or _Eager()
     timer = timer or StageTimer(buf.device)
-    spec, mdl = lm.spec, lm.model
-    layers = mdl.model.layers
-    dev = buf.device
-    n = ids.shape[1]
-    if n > buf.shape[3]:
-        raise ValueError(f"buffer holds {buf.shape[3]} positions, the prompt has {n}")
-    if graphs is not None and dev.type != "cuda":
+    if graphs is not None and buf.device.type != "cuda":
         graphs = None
-    n_ctx = sum(chunk_lengths)
-    n_q = n - n_prefix - n_ctx
-    if n_q <= 0:
-        raise ValueError("the question suffix is empty: nothing to generate from")
-    offsets = [n_prefix + sum(chunk_lengths[:i]) for i in range(len(chunk_lengths))]
-    # Built on the host: a repeat_interleave on the device would sync to size its output.
-    chunk_of = torch.full((n,), -1, dtype=torch.long)
-    chunk_of[n_prefix : n_prefix + n_ctx] = torch.repeat_interleave(
-        torch.arange(len(chunk_lengths)), torch.tensor(chunk_lengths)
-    )
-    chunk_of = chunk_of.to(dev)
-    chunk_offsets = torch.tensor(offsets, dtype=torch.long).to(dev)
-    ids_dev = ids[0].to(dev)
-    ctx_pos = torch.arange(n_prefix, n_prefix + n_ctx, device=dev)  # [C] chunk-token positions
-    q_pos = torch.arange(n - n_q, n, device=dev)  # question suffix positions
+    prompt = _Prompt.build(ids, n_prefix, chunk_lengths, buf.shape[3], buf.device)
+    n_ctx, n_q, q_pos = prompt.n_ctx, prompt.n_q, prompt.q_pos
+    policy = config.selector
+    f = _Fusion(lm, buf, prompt, policy, token_scores, source, timer, graphs)
     budget = round(config.recompute_ratio * n_ctx)
-    policy = POLICIES[config.policy]
-
+    # Ratio 0 and 1 need no selection: the question alone, or every token through every layer.
+    schedule = policy.schedule(lm.spec.num_layers, config.recompute_ratio) if 0 < budget < n_ctx else {}
     # Active set: positions run through the current layer, sorted ascending; its first n_act
     # entries are chunk tokens, the rest the question.
-    if budget == 0:
-        schedule: dict[int, float] = {}
-        active, n_act = q_pos, 0
-    elif budget >= n_ctx:
-        schedule = {}
-        active, n_act = torch.cat([ctx_pos, q_pos]), n_ctx
-    else:
-        schedule = policy.schedule(spec.num_layers, config.recompute_ratio)
-        active, n_act = torch.cat([ctx_pos, q_pos]), n_ctx
+    active, n_act = (q_pos, 0) if budget == 0 else (torch.cat([prompt.ctx_pos, q_pos]), n_ctx)
 
     # The probe reads each layer's reused K/V before the recompute overwrites it, so it runs
     # through the layers up to the first selection first; the rest of it (cheap on the GPU,
@@ -276,7 +366,7 @@ def fuse_assembled(
     # recomputed layer overwrites before reading: no copy of the buffer is needed.
     probe = None
     if policy.probe and schedule:
-        probe = _Probe(lm, buf, ids_dev, q_pos, ctx_pos, source, graphs)
+        probe = _Probe(lm, buf, prompt.ids, q_pos, prompt.ctx_pos, source, graphs)
         if graphs is not None:
             # The whole probe first, as graphs of a few layers each started as their layers
             # arrive: between groups the compute thread waits (without the GIL) instead of
@@ -294,30 +384,54 @@ def fuse_assembled(
         if graphs is not None:
             keep_n = graphs.padded_rows(keep_n + n_q, n_ctx + n_q) - n_q
         if keep_n < n_ctx:
-            sctx = SelectContext(
-                layer=0,
-                positions=ctx_pos,
-                chunk_of=chunk_of[ctx_pos],
-                chunk_offsets=chunk_offsets,
-                fresh=None,
-                reused=None,
-                question_q=None,
-                keys=None,
-                question_pos=q_pos,
-                scale=layers[0].self_attn.scaling,
-                probe_attn=probe.attention(),
-                token_scores=token_scores,
-            )
-            keep = torch.sort(policy.select(sctx, keep_n)).values
+            keep = _select(f, 0, prompt.ctx_pos, keep_n, probe.attention())
             active, n_act = torch.cat([keep, q_pos]), keep_n
         schedule = {}
         timer.mark("check")
 
-    h = mdl.model.embed_tokens(ids_dev[active])[None]  # [1, a, hidden]
+    h = lm.model.model.embed_tokens(prompt.ids[active])[None]  # [1, a, hidden]
+    h, active, n_act, computed = _check_layers(f, schedule, budget, probe, h, active, n_act)
+    first = min(max(schedule), lm.spec.num_layers - 1) + 1 if schedule else 0
+    h = _rest_layers(f, first, h, active)
+    computed += (n_act + n_q) * (lm.spec.num_layers - first)
+    logits = M.final_logits(lm.model, h[0, -1])
+    timer.mark("recompute")
+    n = ids.shape[1]
+    full = lm.spec.num_layers * (n - n_prefix)
+    stats = {
+        "prompt_tokens": n,
+        "prefix_tokens": n_prefix,
+        "chunk_tokens": n_ctx,
+        "question_tokens": n_q,
+        "recomputed_tokens": n_act,
+        "reused_tokens": n_ctx - n_act,
+        "compute_fraction": computed / full if full else 0.0,
+        "policy": config.policy_name,
+        "recompute_ratio": config.recompute_ratio,
+        "seconds": {"assemble": 0.0, "probe": 0.0, "check": 0.0, **timer.seconds()},
+    }
+    kv = buf if buf.shape[3] == n else buf[:, :, :, :n]
+    if graphs is not None:  # the graphs' buffer is reused by the next fusion: hand out a copy
+        kv = kv.clone()
+    return FuseResult(input_ids=ids, logits=logits, kv=kv, selected=active[:n_act], stats=stats)
+
+
+def _check_layers(
+    f: _Fusion,
+    schedule: dict[int, float],  # check layer -> fraction of chunk tokens kept after it
+    budget: int,  # chunk tokens recomputed after the last check
+    probe: _Probe | None,
+    h: torch.Tensor,  # [1, a, hidden] the active rows' hidden states
+    active: torch.Tensor,  # [a] their positions: n_act chunk tokens, then the question
+    n_act: int,
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Layers up to the schedule's last check layer, eager, filtering as they go -> (h, active,
+    n_act, token-layers computed). Nothing to do without a schedule."""
+    lm, buf, source, timer, graphs = f.lm, f.buf, f.source, f.timer, f.graphs
     computed = 0
-    last_check = min(max(schedule), spec.num_layers - 1) if schedule else -1
-    for li in range(last_check + 1):  # up to the last check layer: eager, filtering as it goes
-        layer = layers[li]
+    n_ctx, n_q, q_pos = f.prompt.n_ctx, f.prompt.n_q, f.prompt.q_pos
+    last_check = min(max(schedule), lm.spec.num_layers - 1) if schedule else -1
+    for li in range(last_check + 1):
         source.ready(li)
         check = li in schedule
         old = buf[li, :, :, active[:n_act]].clone() if check else None  # [2, H, c, D] reused K/V
@@ -338,22 +452,10 @@ def fuse_assembled(
                     probe.run_rest()
                     timer.mark("probe")
                     probe_attn = probe.attention()  # [L, C]
-                sctx = SelectContext(
-                    layer=li,
-                    positions=cand,
-                    chunk_of=chunk_of[cand],
-                    chunk_offsets=chunk_offsets,
-                    fresh=buf[li, :, :, cand],
-                    reused=old,
-                    question_q=q[:, n_act:],
-                    keys=buf[li, 0],
-                    question_pos=q_pos,
-                    scale=layer.self_attn.scaling,
-                    probe_attn=None if probe_attn is None else probe_attn[:, cand - n_prefix],
-                    token_scores=None if token_scores is None else token_scores[cand - n_prefix],
-                )
-                keep = policy.select(sctx, keep_n)  # positions, subset of cand
-                keep = torch.sort(keep).values
+                keep = _select(
+                    f, li, cand, keep_n, probe_attn,
+                    fresh=buf[li, :, :, cand], reused=old, question_q=q[:, n_act:], keys=buf[li, 0],
+                )  # fmt: skip
                 new_active = torch.cat([keep, q_pos])
                 rows = _index_in(active, new_active)
                 h, q = h[:, rows], q[:, rows]
@@ -363,41 +465,25 @@ def fuse_assembled(
         source.issued(li)
         if check and li == min(schedule):
             timer.mark("check")
-    # The rest: a fixed set of rows through every remaining layer (one CUDA graph with ``graphs``).
-    # Graphs take a few layers each, so a layer group starts as soon as its layers are loaded.
-    first = last_check + 1
-    if first < spec.num_layers:
-        if graphs is None:
-            h = _layers_body(lm, buf, first, spec.num_layers, source)(h=h, active=active)
-        else:
-            h = h.contiguous()
-            for start in range(first, spec.num_layers, graphs.layer_group):
-                stop = min(spec.num_layers, start + graphs.layer_group)
-                source.ready(stop - 1)
-                key = ("layers", id(lm.model), id(buf), start, stop, int(active.numel()))
-                h = graphs.run(key, _layers_body(lm, buf, start, stop, None), {"h": h, "active": active})
-        computed += (n_act + n_q) * (spec.num_layers - first)
-    logits = M.final_logits(mdl, h[0, -1])
-    selected = active[:n_act]
-    timer.mark("recompute")
-    seconds = timer.seconds()
-    full = spec.num_layers * (n - n_prefix)
-    stats = {
-        "prompt_tokens": n,
-        "prefix_tokens": n_prefix,
-        "chunk_tokens": n_ctx,
-        "question_tokens": n_q,
-        "recomputed_tokens": n_act,
-        "reused_tokens": n_ctx - n_act,
-        "compute_fraction": computed / full if full else 0.0,
-        "policy": config.policy,
-        "recompute_ratio": config.recompute_ratio,
-        "seconds": {"assemble": 0.0, "probe": 0.0, "check": 0.0, **seconds},
-    }
-    kv = buf if buf.shape[3] == n else buf[:, :, :, :n]
-    if graphs is not None:  # the graphs' buffer is reused by the next fusion: hand out a copy
-        kv = kv.clone()
-    return FuseResult(input_ids=ids, logits=logits, kv=kv, selected=selected, stats=stats)
+    return h, active, n_act, computed
+
+
+def _rest_layers(f: _Fusion, first: int, h: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Layers ``first ..`` for a fixed set of rows (one CUDA graph per layer group with
+    ``graphs``: a group starts as soon as its layers are loaded)."""
+    lm, buf, source, graphs = f.lm, f.buf, f.source, f.graphs
+    layers = lm.spec.num_layers
+    if first >= layers:
+        return h
+    if graphs is None:
+        return _layers_body(lm, buf, first, layers, source)(h=h, active=active)
+    h = h.contiguous()
+    for start in range(first, layers, graphs.layer_group):
+        stop = min(layers, start + graphs.layer_group)
+        source.ready(stop - 1)
+        key = ("layers", id(lm.model), id(buf), start, stop, int(active.numel()))
+        h = graphs.run(key, _layers_body(lm, buf, start, stop, None), {"h": h, "active": active})
+    return h
 
 
 def _project(
@@ -417,7 +503,7 @@ def _attend_finish(
     """The rest of layer ``li`` for those rows: attention over ``buf[li]`` under the exact
     position-causal mask, o_proj, residual, MLP -> the next hidden ``[1, a, hidden]``."""
     layer = lm.model.model.layers[li]
-    out = M.attend_at(q, active, buf[li, 0], buf[li, 1], layer.self_attn.scaling, lm.spec.window)
+    out = M.attend_at(q, active, buf[li, 0], buf[li, 1], layer.self_attn.scaling, lm.spec.windows[li])
     return M.layer_finish(layer, h, out)
 
 
@@ -465,23 +551,17 @@ class _Probe:
         self.h = lm.model.model.embed_tokens(ids[q_pos])[None]  # [1, nq, hidden]
         self.rows: list[torch.Tensor] = []  # per layer [N]: attention over every buffer position
         self.done = 0
-        self._mask: torch.Tensor | None = None  # [nq, N] position-causal (CPU path), built once
 
     def _layer(self, li: int, h: torch.Tensor, q_pos: torch.Tensor, rope=None):
+        """One probe layer: ``kernels.probe_attention`` gives the output and the mass per key
+        (CUDA: one fused kernel pair, no score tensors; CPU: its torch reference)."""
         buf, lm = self.buf, self.lm
+        layer = lm.model.model.layers[li]
         q = _project(lm, buf, li, h, q_pos, rope)
-        keys = buf[li, 0]
-        scale = lm.model.model.layers[li].self_attn.scaling
-        if keys.is_cuda:  # one fused kernel pair: output and per-key mass, no score tensors
-            out, row = kernels.probe_attention(q, q_pos, keys, buf[li, 1], scale, lm.spec.window)
-            return M.layer_finish(lm.model.model.layers[li], h, out), row
-        group = q.shape[0] // keys.shape[0]
-        scores = torch.einsum("hqd,hkd->hqk", q.float(), keys.float().repeat_interleave(group, 0)) * scale
-        if self._mask is None:
-            self._mask = M.position_causal_mask(q_pos, buf.shape[3], lm.spec.window)  # [nq, N]
-        probs = scores.masked_fill(~self._mask[None], float("-inf")).softmax(-1)
-        row = probs.mean(dim=(0, 1))  # [N]
-        return _attend_finish(lm, buf, li, h, q, q_pos), row
+        out, row = kernels.probe_attention(
+            q, q_pos, buf[li, 0], buf[li, 1], layer.self_attn.scaling, lm.spec.windows[li]
+        )
+        return M.layer_finish(layer, h, out), row  # row: [N]
 
     @torch.no_grad()
     def run_until(self, stop: int) -> None:

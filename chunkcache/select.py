@@ -15,7 +15,9 @@ are None).
     epic        the first tokens of every chunk (EPIC), for comparison
     random      uniform at random (a sanity floor)
 
-What it does not know: models, caches, prompts. It sees tensors in a SelectContext only.
+What it does not know: models, caches, prompts. It sees tensors in a SelectContext only. A
+policy is any object with the four members of ``Policy``; ``FuseConfig`` takes a name from
+``POLICIES`` or such an object (for experiments that should not register globally).
 
     policy = POLICIES["cacheblend"]
     policy.schedule(num_layers=30, ratio=0.15)   # {1: 0.15}
@@ -26,8 +28,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
+
+from chunkcache.kernels.reference import position_mask
 
 
 @dataclass
@@ -53,6 +58,8 @@ class SelectContext:
     """[nq] positions of the question tokens."""
     scale: float
     """Attention scale of the layer."""
+    window: int | None = None
+    """Sliding window of the layer (None: full attention); ``question_attention`` masks with it."""
     probe_attn: torch.Tensor | None = None
     """[layers, c] attention the question paid to each candidate over the reused cache, per layer
     (only for policies with ``probe = True``)."""
@@ -68,14 +75,27 @@ class SelectContext:
         group = self.question_q.shape[0] // self.keys.shape[0]
         k = self.keys.float().repeat_interleave(group, 0)
         scores = torch.einsum("hqd,hkd->hqk", self.question_q.float(), k) * self.scale
-        n = self.keys.shape[1]
-        visible = torch.arange(n, device=scores.device)[None, :] <= self.question_pos[:, None]
+        visible = position_mask(self.question_pos, self.keys.shape[1], self.window)  # [nq, N]
         probs = scores.masked_fill(~visible[None], float("-inf")).softmax(-1)
         return probs.mean(dim=(0, 1))[self.positions]
 
     def within_chunk(self) -> torch.Tensor:
         """[c] index of each candidate inside its chunk (0 = chunk start)."""
         return self.positions - self.chunk_offsets[self.chunk_of]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What fusion asks of a selection policy."""
+
+    probe: bool
+    """Run the question-only probe first and hand its attention to ``select`` (``probe_attn``)."""
+    before_layers: bool
+    """Select from the probe alone before layer 0 (schedule ``{0: r}``): no layer tensors."""
+
+    def schedule(self, num_layers: int, ratio: float) -> dict[int, float]: ...
+
+    def select(self, ctx: SelectContext, k: int) -> torch.Tensor: ...
 
 
 def _top(ctx: SelectContext, score: torch.Tensor, k: int) -> torch.Tensor:
@@ -146,7 +166,7 @@ class QAware:
         return {1: ratio}
 
     def select(self, ctx: SelectContext, k: int) -> torch.Tensor:
-        attn = ctx.probe_attn.sum(0) if ctx.probe_attn is not None else ctx.question_attention()
+        attn = ctx.probe_attn.sum(0)  # probe = True: fusion always hands it over
         dev = ctx.deviation(1)
         score = (attn / attn.mean().clamp_min(1e-12)) * (dev / dev.mean().clamp_min(1e-12)).sqrt()
         return _top(ctx, score, k)
@@ -170,11 +190,10 @@ class QFast(QAware):
         return {0: ratio}
 
     def select(self, ctx: SelectContext, k: int) -> torch.Tensor:
-        attn = ctx.probe_attn.sum(0) if ctx.probe_attn is not None else ctx.question_attention()
-        return _top(ctx, attn, k)
+        return _top(ctx, ctx.probe_attn.sum(0), k)
 
 
-POLICIES: dict[str, object] = {
+POLICIES: dict[str, Policy] = {
     "cacheblend": CacheBlend(),
     "gradual": Gradual(),
     "qaware": QAware(),

@@ -1,7 +1,8 @@
 """Policy exploration: KL at the answer start for many candidate selection rules at one ratio.
 
-How the default policy (``qaware``) was chosen. Variants are registered here, not in the
-library. Logs of the runs quoted in BENCHMARKS.md are in bench_results/explore_policies_*.log.
+How ``qaware``'s rule was chosen. The variants live here, in a local ``VARIANTS`` dict handed
+to ``FuseConfig`` as policy objects (``chunkcache.select.Policy``); the library's ``POLICIES``
+are used by name and never modified. Logs of the runs quoted in BENCHMARKS.md are in bench_results/explore_policies_*.log.
 (In those runs "qaware" was the earlier rule attention x deviation; the shipped rule is
 ``attn_x_sqrtdev``.)
 
@@ -20,16 +21,26 @@ from chunkcache.model import load_model
 from chunkcache.precompute import encode_chunks, encode_prefix
 from chunkcache.template import PromptTemplate
 
+VARIANTS: dict[str, S.Policy] = {}
 
-def mk(name, fn, probe=True, sched=None):
-    class P:
-        pass
 
-    p = P()
-    p.probe = probe
-    p.schedule = sched or (lambda L, r: {1: r})
-    p.select = fn
-    S.POLICIES[name] = p
+class Variant:
+    """A candidate rule ``fn(ctx, k) -> positions``, filtering after layer 1 like ``qaware``."""
+
+    before_layers = False
+
+    def __init__(self, fn, probe: bool = True) -> None:
+        self.fn, self.probe = fn, probe
+
+    def schedule(self, num_layers: int, ratio: float) -> dict[int, float]:
+        return {1: ratio}
+
+    def select(self, ctx: S.SelectContext, k: int):
+        return self.fn(ctx, k)
+
+
+def mk(name, fn, probe=True):
+    VARIANTS[name] = Variant(fn, probe)
 
 
 def norm(x):
@@ -71,7 +82,7 @@ mk(
 ap = argparse.ArgumentParser()
 ap.add_argument("--start", type=int, default=0)
 ap.add_argument("--stop", type=int, default=10)
-ap.add_argument("--policies", default="cacheblend,qaware")
+ap.add_argument("--policies", default="cacheblend,qaware", help=f"library policies or {sorted(VARIANTS)}")
 ap.add_argument("--ratio", type=float, default=0.15)
 ap.add_argument("--sink", default="bos")
 ap.add_argument("--device", default="cpu")
@@ -82,6 +93,9 @@ lm = load_model(args.model, device=args.device, dtype=torch.float32)
 t = PromptTemplate.from_tokenizer(lm.tokenizer)
 data = json.load(open(args.data))
 pols = args.policies.split(",")
+unknown = [p for p in pols if p not in S.POLICIES and p not in VARIANTS]
+if unknown:
+    ap.error(f"unknown policies {unknown}; choose from {sorted(S.POLICIES) + sorted(VARIANTS)}")
 ratio = args.ratio
 res = {p: [] for p in pols + ["naive"]}
 for ex in data[args.start : args.stop]:
@@ -101,7 +115,8 @@ for ex in data[args.start : args.stop]:
 
     res["naive"].append(kl(fuse_kv(lm, pkv, kvs, pre, suf, FuseConfig(0.0, "cacheblend")).logits))
     for p in pols:
-        res[p].append(kl(fuse_kv(lm, pkv, kvs, pre, suf, FuseConfig(ratio, p)).logits))
+        cfg = FuseConfig(ratio, VARIANTS.get(p, p))
+        res[p].append(kl(fuse_kv(lm, pkv, kvs, pre, suf, cfg).logits))
 nv = sum(res["naive"]) / len(res["naive"])
 print("ratio", ratio, "questions", len(res["naive"]))
 for p, v in res.items():

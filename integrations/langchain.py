@@ -292,6 +292,18 @@ class ChunkCacheGenerator(RunnableSerializable[dict, str]):
 
     model_config = {"arbitrary_types_allowed": True}
 
+    def model_post_init(self, context: Any) -> None:
+        """Check the settings at construction, not at the first question."""
+        from chunkcache import checks
+        from chunkcache.select import POLICIES
+
+        if self.recompute_ratio is not None:
+            checks.ratio(self.recompute_ratio)
+        if self.policy is not None and self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {sorted(POLICIES)}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens}")
+
     # -- input ------------------------------------------------------------------------------------
     def _parse(self, input: Any) -> tuple[str, list[str]]:
         if not isinstance(input, dict):

@@ -7,7 +7,6 @@
     probe_attention     the question's attention over the whole cache: output and the mass each
                         key receives, without materialising the probabilities
     checksums           position-weighted 16-bit word sums of byte ranges (checks staged layers)
-    deviation           per-token sum over heads of ||fresh - cached||_2 (for token selection)
     rms_norm            Llama RMSNorm, optionally after the residual add (returns both)
     silu_mul            silu(gate) * up, the Llama MLP's activation
     rope_qkv_scatter    rotary on q and k, q out head-major, k and v written into cache slots
@@ -33,7 +32,6 @@ from .reference import (
     PackedLayout,
     checksum_partials_reference,
     checksums_reference,
-    deviation_reference,
     probe_attention_reference,
     rerotate_scatter_packed_reference,
     rerotate_scatter_reference,
@@ -50,8 +48,6 @@ __all__ = [
     "checksum_partials_reference",
     "checksums",
     "checksums_reference",
-    "deviation",
-    "deviation_reference",
     "probe_attention",
     "probe_attention_reference",
     "rerotate_scatter",
@@ -174,16 +170,6 @@ def probe_attention(
     else:
         fn = probe_attention_reference
     return fn(q, q_pos, k, v, scale=scale, window=window)
-
-
-def deviation(
-    fresh: torch.Tensor,  # [H, T, D]
-    cached: torch.Tensor,  # [H, T, D]
-) -> torch.Tensor:
-    """Per-token deviation sum_h ||fresh[h, t] - cached[h, t]||_2, fp32 [T]."""
-    if _use_triton(fresh):
-        return importlib.import_module(".deviation_triton", __name__).deviation(fresh, cached)
-    return deviation_reference(fresh, cached)
 
 
 def rms_norm(

@@ -18,15 +18,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-CODEC_PARTS: dict[str, tuple[str, ...]] = {
-    "raw": ("kv",),
-    "int8": ("k_q", "v_q", "k_scale", "v_scale"),
-    "int4": ("k_q", "v_q", "k_scale", "k_min", "v_scale", "v_min"),
-}
-"""The tensors each codec stores for one layer (shapes in ``decode_layer``)."""
+from chunkcache.codec import CODECS, INT4_GROUP
 
-INT4_GROUP = 128
-"""int4 keys share one (scale, min) per channel per group of this many tokens."""
+KERNEL_CODECS = ("raw", "int8", "int4")
+"""The codecs the decode kernels (and ``decode_layer``) implement."""
+
+CODEC_PARTS: dict[str, tuple[str, ...]] = {name: CODECS[name].parts for name in KERNEL_CODECS}
+"""The tensors each codec stores for one layer (shapes in ``decode_layer``), in ``codec.py``'s
+order: the layout is defined there (with ``INT4_GROUP``, int4 keys' tokens per (scale, min))."""
 
 
 def check_parts(codec: str, parts: Mapping[str, torch.Tensor]) -> None:
@@ -184,14 +183,6 @@ def probe_attention_reference(
     probs = scores.masked_fill(~mask[None], float("-inf")).softmax(-1)  # [Hq, n, N]
     out = torch.einsum("hnm,hmd->hnd", probs, v.float().repeat_interleave(group, 0))
     return out.to(q.dtype), probs.mean(dim=(0, 1))
-
-
-def deviation_reference(
-    fresh: torch.Tensor,  # [H, T, D]
-    cached: torch.Tensor,  # [H, T, D]
-) -> torch.Tensor:
-    """Per-token deviation sum_h ||fresh[h, t] - cached[h, t]||_2 in fp32, shape [T]."""
-    return (fresh.float() - cached.float()).norm(dim=-1).sum(dim=0)
 
 
 _SCALE_PARTS = ("k_scale", "k_min", "v_scale", "v_min")

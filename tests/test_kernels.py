@@ -26,7 +26,6 @@ if not CUDA:
 triton = pytest.importorskip("triton")
 
 from chunkcache import kernels  # noqa: E402
-from chunkcache.kernels import deviation_triton as dv  # noqa: E402
 from chunkcache.kernels import probe_attention_triton as pa  # noqa: E402
 from chunkcache.kernels import reference  # noqa: E402
 from chunkcache.kernels import rerotate_scatter_triton as rr  # noqa: E402
@@ -397,20 +396,6 @@ def test_probe_attention_split_configs():
         check_probe_attention(4, 2, 64, 301, 7, torch.float32, pad=90, config=config)
 
 
-# -------------------------------------------------------------------------------------- deviation
-
-
-@kernel_test
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("h", "t", "d"), [(3, 131, 80), (1, 5, 64), (8, 67, 128)])
-def test_deviation_matches_reference(dtype, h, t, d):
-    gen = torch.Generator().manual_seed(3)
-    a = torch.randn(h, t, d, generator=gen).to(dtype)
-    b = torch.randn(h, t, d, generator=gen).to(dtype)
-    got = dv.deviation(a.to(DEVICE), b.to(DEVICE))
-    assert_close(got, reference.deviation_reference(a, b), 1e-4, 1e-5, f"deviation[{dtype}, {h}x{t}x{d}]")
-
-
 # ----------------------------------------------------------------------------------- the package
 
 
@@ -427,7 +412,6 @@ def test_dispatch_uses_reference_on_cpu():
     assert torch.equal(
         kernels.selected_attention(q, pos, k, k), reference.selected_attention_reference(q, pos, k, k)
     )
-    assert torch.equal(kernels.deviation(k, k), torch.zeros(10))
     got, want = kernels.probe_attention(q, pos, k, k), reference.probe_attention_reference(q, pos, k, k)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
@@ -514,7 +498,6 @@ def test_gpu_dispatch_uses_kernels():
     pos = torch.arange(40, device="cuda") * 7
     got = kernels.selected_attention(q, pos, k, k)
     assert_close(got, sa.selected_attention(q, pos, k, k), 0, 0, "dispatch")
-    assert_close(kernels.deviation(k, k * 0), dv.deviation(k, k * 0), 0, 0, "dispatch deviation")
 
 
 def test_kernels_in_fresh_process():

@@ -101,3 +101,37 @@ def test_layers_outside_the_fused_form_are_not_fused():
 
     assert not M.fusable(tiny_model("qwen3").model.layers[0], torch.float32)  # q/k norms
     assert not M.fusable(tiny_model("llama", hidden_act="gelu").model.layers[0], torch.float32)
+
+
+def test_layer_windows_follow_the_layer_types():
+    """Qwen2's ``max_window_layers`` and explicit ``layer_types`` give per-layer windows (what
+    transformers applies); an attention kind chunkcache does not implement is refused by name."""
+    qwen2 = tiny_config("qwen2", use_sliding_window=True, sliding_window=24, max_window_layers=2)
+    assert check_config(qwen2).windows == (None, None, 24)
+    off = tiny_config("qwen2", sliding_window=24, max_window_layers=1)  # use_sliding_window False
+    assert check_config(off).windows == (None, None, None)
+    assert check_config(tiny_config("mistral", sliding_window=40)).windows == (40, 40, 40)
+    assert check_config(tiny_config("llama")).windows == (None, None, None)
+    cfg = tiny_config("qwen3", use_sliding_window=True, sliding_window=24)
+    cfg.layer_types = ["full_attention", "chunked_attention", "full_attention"]
+    with pytest.raises(UnsupportedModelError, match="chunked_attention"):
+        check_config(cfg)
+
+
+def test_fingerprint_bit_sum_is_exact_and_chunk_independent(monkeypatch):
+    """The weights' sum is taken over bit patterns, exactly (no float64 copy, no rounding), so the
+    step size it reads in does not change it, and a change in the last bit of one element does."""
+    from chunkcache import model as M
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1000, generator=g).to(dtype)
+        words = x.view({4: torch.int32, 2: torch.int16}[x.element_size()]).numpy().astype("int64")
+        want = int(words.sum()) % (1 << 64)
+        assert M._bit_sum(x) == want
+        monkeypatch.setattr(M, "_SUM_CHUNK", 7)
+        assert M._bit_sum(x) == want
+        monkeypatch.undo()
+        y = x.clone()
+        y.view(torch.int16 if x.element_size() == 2 else torch.int32)[500] ^= 1  # last mantissa bit
+        assert M._bit_sum(y) != want

@@ -11,7 +11,7 @@ from conftest import PASSAGES, QUESTION, tiny_model
 
 from chunkcache.engine import ChunkCache
 from chunkcache.fuse import FuseConfig, fuse_kv
-from chunkcache.pipeline import LayerLoader, Staging, entry_views, fuse_entries
+from chunkcache.pipeline import LayerLoader, LoadPlan, Staging, entry_views, fuse_entries
 from chunkcache.store import LMDBStore
 
 
@@ -107,7 +107,7 @@ def test_loader_order_and_slots(smol_tokenizer):
         # slot budget for exactly 2 slots: layers must cycle through them
         st = Staging("cpu", max_bytes=1)
         rec = _Recorder(eng.lm, parsed, buf, offsets, st, check_layers=[True] * len(parsed))
-        assert rec.depth == 2 and rec.slot_bytes % 16 == 0
+        assert rec.depth == 2 and rec.plan.slot_bytes % 16 == 0
         try:
             for li in range(6):
                 rec.ready(li)
@@ -475,3 +475,48 @@ def test_cpu_direct_group_copies_equal_fuse_kv(smol_tokenizer, codec):
     st.maps = _CoversAll()
     with pytest.raises(CorruptEntryError, match="chunk 1 .*layer 9"):
         fuse_entries(eng.lm, eng.prefix_kv(), [bytes(e) for e in entries], eng._prefix_ids, sfx, cfg, st)
+
+
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4"])
+@pytest.mark.parametrize("direct", [False, True])
+def test_load_plan_alone_places_and_sums_every_layer(smol_tokenizer, codec, direct):
+    """``LoadPlan`` built on its own (no loader, thread or staging memory): executing it by hand
+    (pack a group of layers as the plan says, one reference launch per layer with the plan's
+    launch table and rotations, the plan's checksum table over the packed bytes) gives exactly
+    ``assemble``'s cache and the entries' stored sums, for whole groups of direct copies too."""
+    from chunkcache import kernels
+    from chunkcache.format import unpack_parts
+    from chunkcache.fuse import assemble
+
+    layers = 10
+    eng = _engine(smol_tokenizer, codec, model=tiny_model("llama", num_hidden_layers=layers))
+    keys, chunks = _entries_and_chunks(eng)
+    p = eng.prefix_kv().shape[3]
+    lengths = [c.num_tokens for c in chunks]
+    offsets = [p + sum(lengths[:i]) for i in range(len(lengths))]
+    ref, _, _ = assemble(eng.lm, eng.prefix_kv(), chunks, 1)
+    with entry_views(eng.store, keys) as entries:
+        parsed = [unpack_parts(e) for e in entries]
+        maps = _CoversAll() if direct else None
+        plan = LoadPlan.build(eng.lm, parsed, offsets, torch.device("cpu"), 1 << 30, maps, [True] * 4)
+        assert plan.direct == direct and plan.codec == codec
+        assert all(part.slot_offset % 16 == 0 for part in plan.parts)
+        g = plan.group
+        assert g == (8 if direct and all(part.nbytes % 16 == 0 for part in plan.parts) else 1)
+        assert len(plan.layouts) == g and plan.sum_tables.shape[0] == g
+        buf = torch.zeros_like(ref)
+        for first in range(0, layers, g):
+            stop = min(layers, first + g)
+            gbuf = torch.zeros(g * plan.slot_bytes, dtype=torch.uint8)  # a group buffer
+            for part, flat in zip(plan.parts, plan.flat, strict=True):
+                for j, layer in enumerate(range(first, stop)):
+                    at = g * part.slot_offset + j * part.nbytes
+                    gbuf[at : at + part.nbytes] = flat[layer]
+            for j, layer in enumerate(range(first, stop)):
+                kernels.rerotate_scatter_packed(
+                    plan.layouts[j], gbuf, plan.cos, plan.sin, buf[layer, 0], buf[layer, 1]
+                )
+                got = kernels.checksums(gbuf, plan.sum_tables[j], plan.sum_longest)
+                assert torch.equal(got, plan.expected[layer]), layer
+    n = p + sum(lengths)
+    assert torch.equal(buf[:, :, :, p:n], ref[:, :, :, p:n])

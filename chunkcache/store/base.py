@@ -12,6 +12,7 @@ Backends: ``memory.MemoryStore`` (tests), ``lmdb_store.LMDBStore`` (the default)
 
 from __future__ import annotations
 
+import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -166,6 +167,18 @@ class Store(ABC):
 
     def contains_many(self, keys: Iterable[str]) -> list[bool]:
         return [self.contains(k) for k in keys]
+
+    def get_record(self, name: str) -> dict | None:
+        """A small JSON record kept beside the entries (never listed, evicted or verified as an
+        entry), or None. This default keeps records in memory, for this handle's life."""
+        value = getattr(self, "_records", {}).get(name)
+        return None if value is None else json.loads(value)
+
+    def put_record(self, name: str, record: dict) -> None:
+        """Store ``record`` (JSON-serialisable) under ``name``, replacing it; see ``get_record``."""
+        if not hasattr(self, "_records"):
+            self._records: dict[str, str] = {}
+        self._records[name] = json.dumps(record, sort_keys=True)
 
     def __enter__(self):
         return self

@@ -12,6 +12,7 @@ damaged or truncated file must be refused at open instead of crashing the proces
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import threading
@@ -208,6 +209,7 @@ class LMDBStore(Store):
         self.failed_writes = 0
         self._real = os.path.realpath(self.path)
         self._unmap_hooks: list[Callable[[], None]] = []
+        self._records_handle = None
         if _OPEN_PATHS.get(self._real) == self._pid:
             raise StoreError(f"chunk store {self.path} is already open in this process; reuse that handle")
         data = os.path.join(self.path, "data.mdb")
@@ -472,6 +474,31 @@ class LMDBStore(Store):
         return 0 < len(kb) <= 511
 
     # -- the Store interface ------------------------------------------------------------------
+
+    def _records_db(self, create: bool):
+        """The ``records`` sub-database (opened on first use; None if it does not exist yet)."""
+        if self._records_handle is None:
+            env = self._check()
+            with self._lock:
+                try:
+                    self._records_handle = env.open_db(b"records", create=create and not self.readonly)
+                except lmdb.NotFoundError:
+                    return None
+        return self._records_handle
+
+    def get_record(self, name: str) -> dict | None:
+        """A small JSON record in the ``records`` sub-database (beside the entries, never one of them)."""
+        db = self._records_db(create=False)
+        if db is None:
+            return None
+        with self._txn() as txn:
+            value = txn.get(name.encode(), db=db)
+        return None if value is None else json.loads(bytes(value))
+
+    def put_record(self, name: str, record: dict) -> None:
+        value = json.dumps(record, sort_keys=True).encode()
+        db = self._records_db(create=True)
+        self._write(lambda txn: txn.put(name.encode(), value, db=db), len(value))
 
     def get(self, key: str, *, touch: bool = True) -> bytes | None:
         kb = _kb(key)
