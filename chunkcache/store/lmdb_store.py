@@ -479,11 +479,13 @@ class LMDBStore(Store):
         """The ``records`` sub-database (opened on first use; None if it does not exist yet)."""
         if self._records_handle is None:
             env = self._check()
-            with self._lock:
+            with self._lock, self._map.read():
                 try:
                     self._records_handle = env.open_db(b"records", create=create and not self.readonly)
                 except lmdb.NotFoundError:
                     return None
+                except lmdb.Error as e:  # creating it is a write (a full disk, ...)
+                    raise self._write_error(e, 4096) from None
         return self._records_handle
 
     def get_record(self, name: str) -> dict | None:
