@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from chunkcache import checks
-from chunkcache.errors import CorruptEntryError, ForeignEntryError, StoreError
+from chunkcache.errors import CorruptEntryError, ForeignEntryError, ModelMismatchError, StoreError
 from chunkcache.format import FORMAT_VERSION
 from chunkcache.fuse import FuseConfig, FuseResult, fuse_kv
 from chunkcache.generation import astream_text, generate_text, stream_text
@@ -234,16 +234,19 @@ class ChunkCache:
     ) -> None:
         """Raise ``ForeignEntryError`` unless the entry (``header`` checked by ``format.read_header``)
         is this engine's chunk: its one copy of the key inputs equals this engine's and hashes with
-        its tokens to ``key`` (``format.check_identity``), its tokens are the chunk's (``ids``: a
-        list, or ``token_bytes``), and its geometry is this model's (layers, kv heads, head_dim,
-        tokens, base position). Both paths call it before any byte of the entry's KV is used."""
+        its tokens to ``key`` (``format.check_identity``), and its geometry is this model's
+        (layers, kv heads, head_dim, tokens, base position). ``ModelMismatchError`` if such a whole
+        entry holds other tokens than ``ids`` (a list, or ``token_bytes``): then the caller's ids
+        are what is wrong (a bad text index record). Both paths call it before any of the KV is used."""
         from chunkcache.format import check_identity
 
         check_identity(key, header, token_ids, self._info())
         if ids is not None and token_bytes(token_ids) != (
             ids if isinstance(ids, bytes) else token_bytes(ids)
         ):
-            raise ForeignEntryError("entry holds other tokens than the chunk asked for")
+            # the entry is whole and belongs under its key: the caller's ids (a text index record)
+            # do not match that key. Not the entry's fault: refuse, never use it, keep it.
+            raise ModelMismatchError(f"store entry {key} holds other tokens than the chunk asked for")
         spec = self.lm.spec
         want = [spec.num_layers, 2, spec.kv_heads, len(token_ids), spec.head_dim]
         if header["kv_shape"] != want:

@@ -29,7 +29,7 @@ from chunkcache.errors import StoreError, StoreFullError, StoreReadOnlyError
 from .base import Clock, EntryStats, Store, StoreStats, entry_tokens
 from .eviction import get_policy, pick_victims
 
-__all__ = ["LMDBStore", "check_data_file"]
+__all__ = ["LMDBStore", "check_data_file", "preflight"]
 
 _META = struct.Struct("<QQQqq")  # nbytes, tokens, hits, last_access, created
 _TOTAL = b"total_bytes"
@@ -94,6 +94,26 @@ def check_data_file(path: str) -> None:
             f"{data} is truncated: {size} of {need} bytes (a partial copy?); reading it would crash "
             "the process (SIGBUS): restore it from a full copy or delete the store"
         )
+
+
+def preflight(path: str, create: bool) -> None:
+    """Refuse (``StoreError``) to open the LMDB environment at ``path`` where LMDB would crash the
+    process with SIGBUS: a truncated data file (``check_data_file``), or, when it would be
+    created (``create`` and no data file yet), a file system with less than ``_MIN_FREE`` bytes
+    free (``StoreFullError``). For every LMDB environment chunkcache opens (stores, sidecars)."""
+    data = os.path.join(path, "data.mdb")
+    if create and (not os.path.isfile(data) or os.path.getsize(data) == 0):
+        try:
+            st = os.statvfs(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+        except OSError:
+            st = None
+        free = None if st is None else st.f_bavail * st.f_frsize
+        if free is not None and free < _MIN_FREE:
+            raise StoreFullError(
+                f"cannot create an LMDB environment at {path}: the disk is full ({free} bytes free, "
+                f"it needs {_MIN_FREE})"
+            )
+    check_data_file(path)
 
 
 class _MapLock:
@@ -220,9 +240,7 @@ class LMDBStore(Store):
                 os.makedirs(self.path, exist_ok=True)
             except OSError as e:
                 raise _os_error(e, self.path, "create") from None
-            if not os.path.isfile(data) or os.path.getsize(data) == 0:
-                self._check_free_space()
-        check_data_file(self.path)
+        preflight(self.path, create=not readonly)
         opts = dict(map_size=map_size, max_dbs=self.MAX_DBS, readonly=readonly, writemap=False, meminit=False)
         try:
             env = lmdb.open(self.path, max_readers=512, **opts)
@@ -254,18 +272,6 @@ class LMDBStore(Store):
             raise
         self._env = env
         _OPEN_PATHS[self._real] = self._pid
-
-    def _check_free_space(self) -> None:
-        try:
-            st = os.statvfs(self.path)
-        except OSError:
-            return
-        free = st.f_bavail * st.f_frsize
-        if free < _MIN_FREE:
-            raise StoreFullError(
-                f"cannot create chunk store at {self.path}: the disk is full ({free} bytes free, "
-                f"a new store needs {_MIN_FREE})"
-            )
 
     def _open_dbs(self, env: lmdb.Environment) -> None:
         """Open the three sub-databases; tell a foreign LMDB environment from a damaged one."""
