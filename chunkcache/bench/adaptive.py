@@ -104,7 +104,7 @@ def _median_s(fn, reps: int) -> tuple[float, object]:
 def run(args) -> dict:
     from chunkcache.adaptive import AdaptiveConfig
     from chunkcache.engine import ChunkCache
-    from chunkcache.redis_store import RedisStore
+    from chunkcache.store.redis_store import RedisStore
 
     ex = json.loads(Path(args.data).read_text())[args.question]
     texts = [f"{c['title']}\n{c['text']}" for c in ex["ctxs"][: args.passages]]
