@@ -21,6 +21,7 @@ import torch
 
 from chunkcache.errors import ModelMismatchError
 from chunkcache.fuse import FuseConfig, FuseResult, fuse_kv
+from chunkcache.keys import KeyInputs
 from chunkcache.layout import ChunkKV
 from chunkcache.model import DEFAULT_MODEL, LoadedModel, cache_kwarg, load_model, wrap_model
 from chunkcache.precompute import encode_chunks, encode_prefix
@@ -86,7 +87,7 @@ class ChunkCache:
         self.store = _open_store(store)
         self._prefix_ids = self.template.prefix_ids()
         self._prefix_kv: torch.Tensor | None = None
-        self._key_info: dict | None = None
+        self._key_inputs: KeyInputs | None = None
         self.fast_path = self.lm.device.type == "cuda" if fast_path is None else fast_path
         """Fuse stored entries through ``pipeline.fuse_entries`` (layer-wise streaming, one kernel per
         layer, GPU-side checksums, CUDA graphs): the default on CUDA. Calls are serialised per
@@ -103,36 +104,25 @@ class ChunkCache:
         return self.lm.tokenizer
 
     # ---- keys and storage -------------------------------------------------------------------
-    def key_info(self) -> dict:
-        """Everything besides the token ids that determines a chunk cache's bytes (JSON-safe; a
-        fresh copy each call). Fixed for the engine's life, so it is built once."""
-        if self._key_info is None:
-            self._key_info = _jsonable(
-                {
-                    "model_fingerprint": self.lm.fingerprint,
-                    "dtype": str(self.lm.dtype).removeprefix("torch."),
-                    "codec": self.codec,
-                    "settings": {
-                        "sink": self.settings.sink,
-                        "sink_ids": self.template.sink_ids(self.settings.sink),
-                    },
-                    "format_version": FORMAT_VERSION,
-                }
+    def key_inputs(self) -> KeyInputs:
+        """Everything besides the token ids that determines a chunk cache's bytes. Fixed for the
+        engine's life, so it is built once."""
+        if self._key_inputs is None:
+            self._key_inputs = KeyInputs(
+                model_fingerprint=self.lm.fingerprint,
+                dtype=str(self.lm.dtype).removeprefix("torch."),
+                codec=self.codec,
+                settings={"sink": self.settings.sink, "sink_ids": self.template.sink_ids(self.settings.sink)},
+                format_version=FORMAT_VERSION,
             )
-        return _jsonable(self._key_info)
+        return self._key_inputs
+
+    def key_info(self) -> dict:
+        """``key_inputs()`` in its JSON-safe form, as entry headers store it (a fresh copy each call)."""
+        return self.key_inputs().to_dict()
 
     def key_for_ids(self, ids: Sequence[int]) -> str:
-        from chunkcache.keys import chunk_key
-
-        info = self.key_info()
-        return chunk_key(
-            list(ids),
-            info["model_fingerprint"],
-            info["dtype"],
-            info["codec"],
-            info["settings"],
-            info["format_version"],
-        )
+        return self.key_inputs().key(list(ids))
 
     def key(self, text: str) -> str:
         return self.key_for_ids(self._chunk_ids(text))
@@ -338,12 +328,6 @@ class ChunkCache:
             **kwargs,
         )
         return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-
-
-def _jsonable(x):
-    import json
-
-    return json.loads(json.dumps(x))
 
 
 def _open_store(store):
