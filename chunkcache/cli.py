@@ -20,6 +20,8 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from chunkcache.corpus import TEXT_SUFFIXES
+
 __all__ = ["BENCH_COMMANDS", "COMMANDS", "build_parser", "main", "parse_size"]
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
@@ -51,6 +53,12 @@ def _open(args: argparse.Namespace, readonly: bool):
     if str(args.store).startswith(("redis://", "rediss://")):  # shared store: scans every key (ops use)
         return open_store(args.store, eviction=eviction)
     return LMDBStore(args.store, readonly=readonly, eviction=eviction)
+
+
+def _codec_names() -> list[str]:
+    from chunkcache.codec import CODECS  # the registry: a codec added there is offered here
+
+    return sorted(CODECS)
 
 
 def _add_store(p: argparse.ArgumentParser) -> None:
@@ -176,7 +184,7 @@ def _precompute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default="smollm2-135m", help="model name, HF id or path (default: smollm2-135m)"
     )
-    p.add_argument("--codec", default="raw", help="KV codec: raw, int8 or int4 (default: raw)")
+    p.add_argument("--codec", default="raw", help=f"KV codec: {', '.join(_codec_names())} (default: raw)")
     p.add_argument("--text-field", default=None, help="JSONL field holding the text (default: text)")
     p.add_argument("--chunk-tokens", type=int, default=512, help="tokens per chunk (default: 512)")
     p.add_argument(
@@ -209,6 +217,21 @@ def _precompute_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_writable_file(path: str) -> None:
+    """Raise ValueError unless ``path`` can be created or overwritten as a file."""
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{path} is a folder; give a file path")
+    parent = p.absolute().parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(p if p.exists() else parent, os.W_OK):
+        raise ValueError(f"cannot write {path}: permission denied")
+
+
 def _parse_shard(text: str) -> tuple[int, int]:
     """'2/8' -> (2, 8): shard 2 of 8 (0-based)."""
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
@@ -218,12 +241,24 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def _precompute(args: argparse.Namespace) -> int:
-    from chunkcache.codec import get_codec
+    from chunkcache import checks
     from chunkcache.corpus import chunk_tokens, iter_documents, split_text
     from chunkcache.engine import ChunkCache
 
-    get_codec(args.codec)  # fail on a typo before loading the model
-    chunk_tokens([], args.chunk_tokens, args.overlap)  # validate the window before loading the model
+    # Everything that can be checked without the model is checked before loading it.
+    checks.codec(args.codec)
+    checks.dtype(args.dtype)
+    checks.device(args.device)
+    chunk_tokens([], args.chunk_tokens, args.overlap)  # the window
+    checks.store_writable(args.store)
+    if args.emit:
+        _check_writable_file(args.emit)
+    docs = list(iter_documents(args.input, text_field=args.text_field))  # paths, JSON lines, fields
+    if not docs:
+        raise ValueError(
+            f"no documents with text in {args.input} (a folder is searched for "
+            f"{'/'.join(TEXT_SUFFIXES)} files; JSONL records need a non-blank text field)"
+        )
     eng = ChunkCache(
         model=args.model,
         store=args.store,
@@ -233,8 +268,9 @@ def _precompute(args: argparse.Namespace) -> int:
         device=args.device,
     )
     texts, sources = [], []
-    for doc in iter_documents(args.input, text_field=args.text_field):
-        for text in split_text(eng.tokenizer, doc.text, args.chunk_tokens, args.overlap):
+    count = lambda text: len(eng.template.chunk_ids(text))  # noqa: E731 - tokens as the engine caches them
+    for doc in docs:
+        for text in split_text(eng.tokenizer, doc.text, args.chunk_tokens, args.overlap, count=count):
             texts.append(text)
             sources.append(doc.source)
     if args.shard is not None:  # the same split on every machine: it depends on the key alone
@@ -254,14 +290,54 @@ def _precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- check ------------------------------------------------------------------------------------
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default="smollm2-135m", help="model name, HF id or path (default: smollm2-135m)"
+    )
+    p.add_argument(
+        "--store", default=None, help="chunk store to record the result in (default: none, in memory)"
+    )
+    p.add_argument(
+        "--sink", default="prefix", choices=["bos", "prefix"], help="attention sink (default: prefix)"
+    )
+    p.add_argument(
+        "--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on CUDA, float32 on CPU)"
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def _check(args: argparse.Namespace) -> int:
+    from chunkcache import gate
+    from chunkcache.engine import ChunkCache
+    from chunkcache.errors import FusionGateError
+
+    eng = ChunkCache(model=args.model, store=args.store, sink=args.sink, dtype=args.dtype, device=args.device)
+    try:
+        r = gate.check(eng)
+    except FusionGateError as e:
+        print(f"REFUSED {e}")
+        return 1
+    finally:
+        eng.store.close()
+    print(f"ok {r.model} ({r.dtype}, {r.device}): logits at ratio 1 within {r.logits_diff:.2e}, re-rotated "
+          f"keys within {r.keys_diff:.2e} of a full prefill (tolerance {r.tolerance:g}; {r.prompt_tokens} "
+          f"tokens, {r.seconds:.2f}s)" + (f"; recorded in {args.store}" if args.store else ""))  # fmt: skip
+    return 0
+
+
 # -- bench ------------------------------------------------------------------------------------
 
 BENCH_COMMANDS: dict[str, str] = {
+    "gate": "chunkcache.bench.gate",
     "store": "chunkcache.bench.store",
     "quality": "chunkcache.bench.quality",
     "precompute": "chunkcache.bench.precompute",
     "redis": "chunkcache.bench.redis_store",
     "ttft": "chunkcache.bench.ttft",
+    "serve": "chunkcache.bench.serve",
 }
 """Benchmark name -> module with ``add_arguments(parser)`` and ``run_cli(args) -> int``."""
 
@@ -282,18 +358,30 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 
 COMMANDS: dict[str, Command] = {
     "precompute": ("chunk documents and store their KV caches (resumable)", _precompute_args, _precompute),
+    "check": (
+        "the correctness gate: fusion at ratio 1 against a full prefill of a short prompt",
+        _check_args,
+        _check,
+    ),  # fmt: skip
     "stats": ("entries and bytes in a store", _stats_args, _stats),
     "ls": ("list entries with size, tokens, hits, last access", _ls_args, _ls),
     "inspect": ("print one entry's header as JSON", _inspect_args, _inspect),
     "verify": ("check every entry's checksums; exit 1 on damage", _verify_args, _verify),
     "evict": ("evict entries by policy until the store is under a size", _evict_args, _evict),
-    "bench": ("benchmarks (store, quality)", _bench_args, None),
+    "bench": (f"benchmarks ({', '.join(BENCH_COMMANDS)})", _bench_args, None),
 }
 """Subcommand name -> (help, add_arguments, run). ``run`` None: the subparsers set ``func``."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``chunkcache precompute: error: ... (see --help)``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chunkcache", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="chunkcache", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_, add_arguments, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -304,15 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; returns the exit status. Library errors print one line, not a traceback."""
+    """Run one subcommand; returns the exit status. Library errors (every ``ChunkCacheError``) and
+    bad arguments or input print one line, not a traceback, and exit 2."""
     from chunkcache.errors import ChunkCacheError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ChunkCacheError, FileNotFoundError, ValueError) as e:
-        print(f"chunkcache {args.command}: error: {e}", file=sys.stderr)
+    except (ChunkCacheError, OSError, ValueError, TypeError) as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        print(f"chunkcache {args.command}: error: {text}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"chunkcache {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Document", "TEXT_SUFFIXES", "chunk_tokens", "iter_documents"]
+__all__ = ["Document", "TEXT_SUFFIXES", "chunk_tokens", "iter_documents", "split_text"]
 
 TEXT_SUFFIXES = (".txt", ".md")
 """File suffixes read from a folder (recursively, in sorted path order)."""
@@ -54,7 +54,9 @@ def iter_documents(path: str | os.PathLike, text_field: str | None = None) -> It
                     raise ValueError(f"{p}:{n}: not a JSON line: {e}") from None
                 if not isinstance(rec, dict) or field not in rec:
                     raise ValueError(f"{p}:{n}: record has no field {field!r} (use --text-field)")
-                text = str(rec[field])
+                text = rec[field]
+                if not isinstance(text, str):
+                    raise ValueError(f"{p}:{n}: field {field!r} is {type(text).__name__}, not a string")
                 if text.strip():
                     yield Document(f"{p}:{n}", text)
     elif p.is_file():
@@ -84,15 +86,39 @@ def chunk_tokens(ids: Sequence[int], size: int, overlap: int = 0) -> list[list[i
     return [ids[s : s + size] for s in range(0, max(len(ids) - overlap, 1), stride)]
 
 
-def split_text(tokenizer, text: str, size: int, overlap: int = 0) -> list[str]:
-    """Chunk *texts* of at most about ``size`` tokens. A document that fits is returned unchanged
-    (so its cache key equals ``ChunkCache.key(text)`` for the very text a retriever returns);
-    longer ones are cut into token windows and decoded back to text, the form a vector store
-    indexes and a retriever hands to ``fuse``."""
+def split_text(
+    tokenizer, text: str, size: int, overlap: int = 0, count: Callable[[str], int] | None = None
+) -> list[str]:
+    """Chunk *texts* of at most ``size`` tokens as ``count`` counts them (default: the tokenizer's
+    own ids; the CLI counts the ids the engine caches, separator included). A document that fits
+    is returned unchanged (so its cache key equals ``ChunkCache.key(text)`` for the very text a
+    retriever returns); longer ones are cut into token windows of about ``size`` tokens,
+    consecutive ones sharing ``overlap``, and decoded back to text, the form a vector store
+    indexes and a retriever hands to ``fuse``. A window whose decoded text re-tokenises to more
+    than ``size`` is shortened until it fits."""
+    chunk_tokens([], size, overlap)  # validates size and overlap
     text = text.strip()
     if not text:
         return []
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) <= size:
+    if count is None:
+        count = lambda t: len(tokenizer.encode(t, add_special_tokens=False))  # noqa: E731
+    if count(text) <= size:
         return [text]
-    return [tokenizer.decode(w).strip() for w in chunk_tokens(ids, size, overlap)]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    extra = max(count(text) - len(ids), 0)  # tokens the caller's layout adds (a separator)
+    if size - extra <= overlap:
+        raise ValueError(
+            f"chunk size {size} leaves no room past the overlap {overlap} and {extra} layout tokens"
+        )
+    out, start = [], 0
+    while True:
+        end = min(start + size - extra, len(ids))
+        piece = tokenizer.decode(ids[start:end]).strip()
+        while end - start > 1 and count(piece) > size:  # decode + re-encode may merge differently
+            end -= max(count(piece) - size, 1)
+            piece = tokenizer.decode(ids[start:end]).strip()
+        if piece:
+            out.append(piece)
+        if end >= len(ids):
+            return out
+        start = max(end - overlap, start + 1)

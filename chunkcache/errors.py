@@ -14,7 +14,9 @@ from __future__ import annotations
 __all__ = [
     "ChunkCacheError",
     "CorruptEntryError",
+    "FusionGateError",
     "ModelMismatchError",
+    "ModelNotFoundError",
     "StoreError",
     "StoreFullError",
     "StoreReadOnlyError",
@@ -32,6 +34,15 @@ class CorruptEntryError(ChunkCacheError):
 
 class ModelMismatchError(ChunkCacheError):
     """A chunk cache was made by a model (or shape) other than the one asking for it."""
+
+
+class ModelNotFoundError(ChunkCacheError):
+    """A model name is no alias, no existing folder or ``.gguf`` file and no loadable hub id."""
+
+
+class FusionGateError(ChunkCacheError):
+    """The correctness gate found fusion at ratio 1 disagreeing with a full prefill of this model
+    beyond the dtype's tolerance (``chunkcache.gate``): fused caches would be wrong for it."""
 
 
 class StoreError(ChunkCacheError):

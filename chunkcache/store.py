@@ -16,6 +16,7 @@ per stored byte, with recompute time taken as proportional to the chunk's tokens
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import threading
@@ -206,6 +207,18 @@ class Store(ABC):
     def contains_many(self, keys: Iterable[str]) -> list[bool]:
         return [self.contains(k) for k in keys]
 
+    def get_record(self, name: str) -> dict | None:
+        """A small JSON record kept beside the entries (never listed, evicted or verified as an
+        entry), or None. This default keeps records in memory, for this handle's life."""
+        value = getattr(self, "_records", {}).get(name)
+        return None if value is None else json.loads(value)
+
+    def put_record(self, name: str, record: dict) -> None:
+        """Store ``record`` (JSON-serialisable) under ``name``, replacing it; see ``get_record``."""
+        if not hasattr(self, "_records"):
+            self._records: dict[str, str] = {}
+        self._records[name] = json.dumps(record, sort_keys=True)
+
     def __enter__(self):
         return self
 
@@ -361,6 +374,7 @@ class LMDBStore(Store):
         self._hits = self._misses = self._evictions = 0
         self._real = os.path.realpath(self.path)
         self._unmap_hooks: list[Callable[[], None]] = []
+        self._records_handle = None
         if _OPEN_PATHS.get(self._real) == self._pid:
             raise StoreError(f"chunk store {self.path} is already open in this process; reuse that handle")
         if readonly and not os.path.isfile(os.path.join(self.path, "data.mdb")):
@@ -525,6 +539,31 @@ class LMDBStore(Store):
         return 0 if raw is None else _META.unpack(raw)[0]
 
     # -- the Store interface ------------------------------------------------------------------
+
+    def _records_db(self, create: bool):
+        """The ``records`` sub-database (opened on first use; None if it does not exist yet)."""
+        if self._records_handle is None:
+            env = self._check()
+            with self._lock:
+                try:
+                    self._records_handle = env.open_db(b"records", create=create and not self.readonly)
+                except lmdb.NotFoundError:
+                    return None
+        return self._records_handle
+
+    def get_record(self, name: str) -> dict | None:
+        """A small JSON record in the ``records`` sub-database (beside the entries, never one of them)."""
+        db = self._records_db(create=False)
+        if db is None:
+            return None
+        with self._begin() as txn:
+            value = txn.get(name.encode(), db=db)
+        return None if value is None else json.loads(bytes(value))
+
+    def put_record(self, name: str, record: dict) -> None:
+        value = json.dumps(record, sort_keys=True).encode()
+        db = self._records_db(create=True)
+        self._write(lambda txn: txn.put(name.encode(), value, db=db), len(value))
 
     def get(self, key: str, *, touch: bool = True) -> bytes | None:
         kb = key.encode()

@@ -58,6 +58,12 @@ class TieredStore(Store):
     def get(self, key: str, *, touch: bool = True) -> bytes | None:
         return self.get_many([key], touch=touch)[0]
 
+    def get_record(self, name: str) -> dict | None:
+        return self.local.get_record(name)  # records (e.g. the correctness gate's) are per host
+
+    def put_record(self, name: str, record: dict) -> None:
+        self.local.put_record(name, record)
+
     def get_many(self, keys: Iterable[str], *, touch: bool = True) -> list[bytes | None]:
         keys = list(keys)
         out = [self.local.get(k, touch=touch) for k in keys]

@@ -39,3 +39,30 @@ def test_iter_documents(tmp_path):
         list(iter_documents(jl))
     with pytest.raises(FileNotFoundError):
         list(iter_documents(tmp_path / "nope"))
+
+
+def test_split_text_chunks_are_at_most_size_tokens_as_cached(smol_tokenizer):
+    """``--chunk-tokens N`` gives chunks whose cached ids (the engine's layout, separator included)
+    are at most N tokens, covering the document from its first word to its last."""
+    from chunkcache.corpus import split_text
+    from chunkcache.template import PromptTemplate
+
+    template = PromptTemplate.from_tokenizer(smol_tokenizer)
+    count = lambda t: len(template.chunk_ids(t))  # noqa: E731
+    words = [f"word{i} and {i * 7}, then-{i}!" for i in range(300)]
+    text = " ".join(words)
+    for size, overlap in [(64, 8), (50, 0), (97, 31)]:
+        pieces = split_text(smol_tokenizer, text, size, overlap, count=count)
+        lengths = [count(p) for p in pieces]
+        assert len(pieces) > 3 and max(lengths) <= size and max(lengths) >= size - 4, lengths
+        assert pieces[0].startswith("word0 ") and pieces[-1].endswith("2093, then-299!")
+    assert split_text(smol_tokenizer, "short text", 64, 8, count=count) == ["short text"]
+    plain = split_text(smol_tokenizer, text, 64, 8)  # default count: the tokenizer's ids
+    assert max(len(smol_tokenizer.encode(p, add_special_tokens=False)) for p in plain) <= 64
+
+
+def test_jsonl_text_field_must_be_a_string(tmp_path):
+    jl = tmp_path / "c.jsonl"
+    jl.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": None}) + "\n")
+    with pytest.raises(ValueError, match=r"c.jsonl:2: field 'text' is NoneType, not a string"):
+        list(iter_documents(jl))
