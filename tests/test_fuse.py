@@ -362,3 +362,26 @@ def test_policy_selects_its_top_k(smol_tokenizer):
         if name == "epic":
             assert exact == list(range(first.stop, first.stop + k // 4))
         torch.testing.assert_close(res.kv[:, :, :, exact], full_kv[:, :, :, exact], rtol=1e-5, atol=1e-5)
+
+
+def test_question_attention_respects_the_sliding_window():
+    """``SelectContext.question_attention`` (for policies that rank by the check layer's own
+    attention) is the probe's mass over the assembled keys under the layer's mask, window
+    included: keys that slid out of every question token's window get none."""
+    from chunkcache.select import SelectContext
+
+    g = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(4, 3, 16, generator=g), torch.randn(2, 40, 16, generator=g)
+    q_pos = torch.tensor([37, 38, 39])
+    ctx = SelectContext(
+        layer=1, positions=torch.arange(5, 35), chunk_of=torch.zeros(30, dtype=torch.long),
+        chunk_offsets=torch.tensor([5]), fresh=None, reused=None, question_q=q, keys=keys,
+        question_pos=q_pos, scale=0.25, window=10,
+    )  # fmt: skip
+    scores = torch.einsum("hqd,hkd->hqk", q, keys.repeat_interleave(2, 0)) * 0.25
+    j = torch.arange(40)
+    visible = (j[None, :] <= q_pos[:, None]) & (j[None, :] > q_pos[:, None] - 10)
+    want = scores.masked_fill(~visible[None], float("-inf")).softmax(-1).mean(dim=(0, 1))[5:35]
+    got = ctx.question_attention()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert torch.equal(got[:23], torch.zeros(23)) and bool((got[25:] > 0).all())  # 28..34 visible
