@@ -80,6 +80,7 @@ class ChunkCache:
         system: str | None = DEFAULT_SYSTEM,
         fast_path: bool | None = None,
         concurrent_fusions: int = 1,
+        adaptive=None,
     ) -> None:
         # Every argument is checked before the model loads (seconds) or the store opens.
         dtype = checks.dtype(dtype)
@@ -107,6 +108,14 @@ class ChunkCache:
         self._prefix_kv: torch.Tensor | None = None
         self._key_inputs: KeyInputs | None = None
         self._key_info: dict | None = None
+        self.adaptive = adaptive
+        """An ``adaptive.AdaptiveConfig``: per chunk, fetch it or recompute it from its token ids,
+        from the measured link and recompute rates (``res.stats["adaptive"]`` says what and why).
+        None: always fetch (and stream through the fast path)."""
+        if adaptive is not None:
+            from chunkcache.adaptive import Rates
+
+            self._rates = Rates(adaptive.smoothing)
         self.fast_path = self.lm.device.type == "cuda" if fast_path is None else fast_path
         """Fuse stored entries through ``pipeline.fuse_entries`` (layer-wise streaming, one kernel per
         layer, GPU-side checksums, CUDA graphs): the default on CUDA."""
@@ -351,6 +360,40 @@ class ChunkCache:
                     )
         return out  # type: ignore[return-value]
 
+    def _chunks_adaptive(self, keys: list[str], ids: list[bytes]):
+        """``_chunks`` under ``self.adaptive``: fetch some chunks (a thread) while recomputing the
+        others here (``adaptive.plan``/``load``); chunks not stored are recomputed and stored."""
+        from chunkcache import adaptive
+        from chunkcache.codec import get_codec
+
+        lists = _id_lists(ids)
+        missing = [i for i, k in enumerate(keys) if not self.store.contains(k)]
+        if missing:  # the plain miss path: precompute and store them (no choice to make)
+            self.precompute_ids([lists[i] for i in missing])
+        spec, codec, cfg = self.lm.spec, get_codec(self.codec), self.adaptive
+        tokens = [len(x) for x in lists]
+        sizes = [
+            {self.codec: codec.nbytes(spec.num_layers, spec.kv_heads, t, spec.head_dim, self.lm.dtype)}
+            for t in tokens
+        ]
+        link = cfg.link_bytes_per_s or self._rates.link
+        rate = cfg.recompute_tokens_per_s or self._rates.recompute
+        chosen = adaptive.plan(tokens, sizes, link, rate, enabled=cfg.enabled, slack=cfg.slack)
+        sink = self.template.sink_ids(self.settings.sink)
+
+        def recompute(idx: list[int]) -> list[ChunkKV]:
+            out = encode_chunks(self.lm, [lists[i] for i in idx], sink)
+            for c in out:
+                c.meta.update({"sink": self.settings.sink, "key_info": self.key_info()})
+            return out
+
+        def fetch(i: int, _precision: str) -> ChunkKV:
+            c = self._load(keys[i], ids[i])
+            return c if c is not None else recompute([i])[0]  # dropped meanwhile (damaged): recompute
+
+        kvs = adaptive.load(chosen, fetch, lambda i, p: sizes[i][p], recompute, tokens, self._rates)
+        return kvs, chosen
+
     def prefix_kv(self) -> torch.Tensor:
         if self._prefix_kv is None:
             with self._lock:
@@ -380,13 +423,19 @@ class ChunkCache:
         cfg, keys, ids, suffix = self._check_query(chunks, query, recompute_ratio, policy)
         self._ensure_gate()
         t0 = time.perf_counter()
-        if self.fast_path:
-            res = self._fuse_stored(keys, ids, suffix, cfg, t0)
-            if res is not None:
-                return res
-        kvs = self._chunks(keys, ids)
+        chosen = None
+        if self.adaptive is not None:
+            kvs, chosen = self._chunks_adaptive(keys, ids)
+        else:
+            if self.fast_path:
+                res = self._fuse_stored(keys, ids, suffix, cfg, t0)
+                if res is not None:
+                    return res
+            kvs = self._chunks(keys, ids)
         t_load = time.perf_counter() - t0
         res = fuse_kv(self.lm, self.prefix_kv(), kvs, self._prefix_ids, suffix, cfg)
+        if chosen is not None:
+            res.stats["adaptive"] = chosen.stats()
         res.stats["seconds"]["load"] = t_load  # text index, store read + decode (+ precompute of misses)
         res.stats["seconds"]["total"] += t_load
         return res
