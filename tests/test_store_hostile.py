@@ -510,3 +510,47 @@ def test_inspect_prints_the_key_inputs_once(tmp_path, smol_tokenizer):
     eng.store.close()
     out = _main("inspect", "--store", str(tmp_path / "s"), key)
     assert out.returncode == 0 and out.stdout.count("model_fingerprint") == 1, out.stdout
+
+
+@pytest.mark.gpu
+def test_gpu_zero_copy_readers_survive_map_growth(tmp_path, smol_tokenizer):
+    """The CUDA fast path (views of the map, page-locked for direct copies) on one store handle
+    while another thread's puts keep growing the map: every fusion equals the first, no crash."""
+    import threading
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    store = LMDBStore(tmp_path / "s", map_size=1 << 16)
+    model = tiny_model().to("cuda", torch.bfloat16)
+    eng = ChunkCache(model=model, tokenizer=smol_tokenizer, store=store, fast_path=True, concurrent_fusions=2)
+    ref = eng.fuse(PASSAGES, QUESTION)
+    assert ref.stats.get("fast_path") is True
+    stop = time.monotonic() + 6
+    errors, fused = [], [0]
+
+    def read() -> None:
+        try:
+            while time.monotonic() < stop:
+                got = eng.fuse(PASSAGES, QUESTION)
+                assert got.stats.get("fast_path") is True and torch.equal(got.logits, ref.logits)
+                fused[0] += 1
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def write() -> None:
+        i = 1000
+        try:
+            while time.monotonic() < stop:
+                store.put(*entry(i, tokens=128 + (i % 5) * 128, layers=2))
+                i += 1
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=read) for _ in range(2)] + [threading.Thread(target=write)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert fused[0] > 0 and store._env.info()["map_size"] > 1 << 16
+    store.close()

@@ -116,6 +116,10 @@ def preflight(path: str, create: bool) -> None:
     check_data_file(path)
 
 
+class _NoRoom(Exception):
+    """A write that would have to grow the map, where growing is not allowed (``_write(grow=False)``)."""
+
+
 class _MapLock:
     """Readers (every transaction) share it; moving the map (``set_mapsize``, ``close``) takes it
     alone, so no transaction and no zero-copy view outlives the mapping it points into. A thread
@@ -370,8 +374,9 @@ class LMDBStore(Store):
                 raise StoreError(f"chunk store {self.path}: the map keeps being resized by another process")
             self._resize(0)
 
-    def _write(self, fn: Callable[[lmdb.Transaction], object], nbytes: int = 0) -> object:
-        """Run ``fn`` in one write transaction (with pending access facts), growing the map as needed."""
+    def _write(self, fn: Callable[[lmdb.Transaction], object], nbytes: int = 0, grow: bool = True) -> object:
+        """Run ``fn`` in one write transaction (with pending access facts), growing the map as needed
+        (``grow=False``: raise ``_NoRoom`` instead, for callers that may hold ``self._lock``)."""
         if self.readonly:
             raise StoreReadOnlyError(
                 f"chunk store {self.path} was opened read-only (readonly=True); open it without it to write"
@@ -386,7 +391,7 @@ class LMDBStore(Store):
                         result = fn(txn)
                 except lmdb.MapFullError:  # aborted: nothing happened; grow (below) and redo it all
                     self._pending, self._evictions = pending, evictions
-                    grow = max(env.info()["map_size"] * 2, nbytes * 4)
+                    size = max(env.info()["map_size"] * 2, nbytes * 4)
                 except lmdb.Error as e:
                     self._pending, self._evictions = pending, evictions
                     self.failed_writes += 1
@@ -400,7 +405,9 @@ class LMDBStore(Store):
                     return result
             # outside self._lock: a reader inside views() may need it (touching a get) before it
             # leaves, and the resize waits for every reader to leave
-            self._resize(grow)
+            if not grow:
+                raise _NoRoom()
+            self._resize(size)
 
     def _write_error(self, e: lmdb.Error, nbytes: int) -> StoreError:
         err = _os_error(e, self.path, "write to")
@@ -435,7 +442,9 @@ class LMDBStore(Store):
         due = self._pending_hits >= self.ACCESS_FLUSH_EVERY
         if due or time.monotonic() - self._last_flush > self.ACCESS_FLUSH_SECONDS:
             try:
-                self._write(lambda txn: None)
+                self._write(lambda txn: None, grow=False)  # called under self._lock: never resize here
+            except _NoRoom:  # the map is full: the next put grows it and flushes these
+                pass
             except StoreError as e:  # a read must not fail because bookkeeping could not be written
                 self.failed_writes -= 1  # not a put
                 warnings.warn(f"chunkcache: could not record access times in {self.path}: {e}", stacklevel=3)
