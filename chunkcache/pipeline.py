@@ -55,28 +55,15 @@ _ALIGN = 16  # byte alignment of every part inside a slot (dtype views, 16-byte 
 
 @contextmanager
 def entry_views(store, keys: Sequence[str], staging: Staging | None = None) -> Iterator[list]:
-    """The raw entries under ``keys``, as zero-copy views of the LMDB map where the store is an
-    ``LMDBStore`` (valid only inside the ``with`` block), else as ``store.get_many`` bytes.
-    Raises KeyError naming the first missing key. Hits are not counted (no access bookkeeping).
-    With a CUDA ``staging``, the store's map is registered first (``Staging.register``) so that
-    the views can be copied to the device directly.
-
-    Hook: ``LMDBStore`` has no zero-copy read yet, so this opens a ``buffers=True`` read
-    transaction on its environment directly (``_check`` and ``_db``)."""
-    from chunkcache.store import LMDBStore
-
-    if isinstance(store, LMDBStore):
-        if staging is not None:
-            staging.register(store)
-        txn = store._check().begin(buffers=True)
-        try:
-            views = [txn.get(k.encode(), db=store._db) for k in keys]
-            _missing(keys, views)
-            yield views
-        finally:
-            txn.abort()
-    else:
-        views = store.get_many(keys)
+    """The raw entries under ``keys``, through ``store.views`` (``Store.views``): zero-copy views
+    of the LMDB map for an ``LMDBStore``, valid only inside the ``with`` block (no other thread's
+    growing ``put`` can move the map meanwhile; a map grown by another process is adopted), else
+    copies. Raises KeyError naming the first missing key. Hits are not counted (no access
+    bookkeeping). With a CUDA ``staging``, the store's map is registered first
+    (``Staging.register``) so that the views can be copied to the device directly."""
+    if staging is not None:
+        staging.register(store)
+    with store.views(keys) as views:
         _missing(keys, views)
         yield views
 
@@ -729,7 +716,10 @@ def fuse_entries(
     front, each codec part's layers where they land (``LayerLoader``; on a GPU a kernel on the
     copy stream, overlapped with the compute), and an entry written before per-layer sums existed
     whole, up front. A damaged entry raises
-    ``CorruptEntryError`` before any of its layers is used; it must never be used silently.
+    ``CorruptEntryError`` and no result is returned; it is never used silently. When: the header,
+    section table and token sections before anything is staged; a codec part's layer on CPU as it
+    is staged (before use), on CUDA after the fusion ran (``LayerLoader.check``, one sync at the
+    end: the damaged layer may have been computed with, but that result is discarded).
     ``verify=False`` is only for a store checked by ``chunkcache verify`` since its last write.
     ``inspect(i, header, parts)`` is called for every entry once its header and token sections
     are checked and before anything is staged (the engine checks key inputs and token ids there;

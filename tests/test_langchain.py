@@ -220,6 +220,10 @@ def test_documents_without_text_are_not_cached_and_left_out(engine):
 
 def test_store_made_for_another_model_is_refused(engine, smol_tokenizer):
     engine.precompute(PASSAGES)
+    int4 = ChunkCache(model=tiny_model(), tokenizer=smol_tokenizer, store=engine.store, codec="int4")
+    with pytest.raises(ModelMismatchError, match=r"other codec \(raw vs int4\) in all") as e:
+        check_store(int4)  # the message names the field that differs, not two equal fingerprints
+    assert "model_fingerprint" not in str(e.value) and "check=False (add_documents)" in str(e.value)
     other = ChunkCache(model=tiny_model(seed=1), tokenizer=smol_tokenizer, store=engine.store)
     vs = _vector_store()
     vs.add_documents(_docs())
