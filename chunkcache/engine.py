@@ -106,6 +106,7 @@ class ChunkCache:
         self.store = _open_store(store, readonly)
         self._prefix_ids = self.template.prefix_ids()
         self._prefix_kv: torch.Tensor | None = None
+        self._key_inputs: KeyInputs | None = None
         self._key_info: dict | None = None
         self.adaptive = adaptive
         """An ``adaptive.AdaptiveConfig``: per chunk, fetch it or recompute it from its token ids,
@@ -143,33 +144,31 @@ class ChunkCache:
         return self.lm.tokenizer
 
     # ---- keys and storage -------------------------------------------------------------------
+    def key_inputs(self) -> KeyInputs:
+        """Everything besides the token ids that determines a chunk cache's bytes. Fixed for the
+        engine's life, so it is built once (two threads racing here build equal values)."""
+        if self._key_inputs is None:
+            self._key_inputs = KeyInputs(
+                model_fingerprint=self.lm.fingerprint,
+                dtype=str(self.lm.dtype).removeprefix("torch."),
+                codec=self.codec,
+                settings={"sink": self.settings.sink, "sink_ids": self.template.sink_ids(self.settings.sink)},
+                format_version=FORMAT_VERSION,
+            )
+        return self._key_inputs
+
     def key_info(self) -> dict:
-        """Everything besides the token ids that determines a chunk cache's bytes (JSON-safe; a
-        fresh copy each call). Fixed for the engine's life, so it is built once."""
-        return _jsonable(self._info())
+        """``key_inputs()`` in its JSON-safe form, as entry headers store it (a fresh copy each call)."""
+        return self.key_inputs().to_dict()
 
     def _info(self) -> dict:
         """``key_info`` itself (not a copy: never modify it)."""
         if self._key_info is None:
-            settings = {"sink": self.settings.sink, "sink_ids": self.template.sink_ids(self.settings.sink)}
-            self._key_info = KeyInputs(
-                self.lm.fingerprint, str(self.lm.dtype).removeprefix("torch."), self.codec,
-                _jsonable(settings), FORMAT_VERSION,
-            ).to_dict()  # fmt: skip
+            self._key_info = self.key_info()
         return self._key_info
 
     def key_for_ids(self, ids: Sequence[int] | np.ndarray) -> str:
-        from chunkcache.keys import chunk_key
-
-        info = self._info()
-        return chunk_key(
-            ids,
-            info["model_fingerprint"],
-            info["dtype"],
-            info["codec"],
-            info["settings"],
-            info["format_version"],
-        )
+        return self.key_inputs().key(ids)
 
     def key(self, text: str) -> str:
         return self.resolve([text])[0][0]
@@ -706,12 +705,6 @@ def _check_text(text) -> None:
 
 def _id_lists(ids: Sequence[bytes]) -> list[list[int]]:
     return [np.frombuffer(b, "<i8").tolist() for b in ids]
-
-
-def _jsonable(x):
-    import json
-
-    return json.loads(json.dumps(x))
 
 
 def _open_store(store, readonly: bool = False):
