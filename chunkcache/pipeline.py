@@ -154,11 +154,17 @@ class Staging:
         return self.maps is not None and self.maps.register(store)
 
 
+_REGISTRIES: dict[int, object] = {}  # MapRegistry per limit, shared by every pool's stagings
+_REGISTRIES_GUARD = threading.Lock()
+
+
 class StagingPool:
     """``Staging``s for concurrent fusions: a fusion holds one for its whole run (its slots, streams,
     graphs and the padded KV buffer the graphs read are that fusion's alone), and hands it back
     when done. At most ``size`` exist (each holds up to ``max_bytes`` of device slots, pinned host
-    slots and the graphs' buffers); further callers wait for one to be free.
+    slots and the graphs' buffers); further callers wait for one to be free. The stagings of
+    every pool in the process share one ``hostmap.MapRegistry`` per limit: registering one map
+    twice fails (measured: a second pool then fell back to pinned staging).
 
         pool = StagingPool(torch.device("cuda"), size=1)
         with pool.take() as staging:
@@ -171,7 +177,6 @@ class StagingPool:
         self.device, self.size, self.kwargs = torch.device(device), size, staging_kwargs
         self._free: list[Staging] = []
         self._made = 0
-        self._shared = None  # (MapRegistry, MemcpyBatch) of the first staging, used by all
         self._cond = threading.Condition()
 
     @contextmanager
@@ -187,10 +192,9 @@ class StagingPool:
         if st is None:
             try:
                 st = Staging(self.device, **self.kwargs)
-                with self._cond:  # one registry of the stores' maps (a map is page-locked once)
-                    if self._shared is None:
-                        self._shared = (st.maps, st.batch)
-                    st.maps, st.batch = self._shared
+                if st.maps is not None:  # one registry per process and limit: a map is page-locked once
+                    with _REGISTRIES_GUARD:
+                        st.maps = _REGISTRIES.setdefault(st.maps.limit, st.maps)
             except BaseException:
                 with self._cond:
                     self._made -= 1
