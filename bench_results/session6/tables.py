@@ -9,12 +9,13 @@ from pathlib import Path
 from chunkcache.bench.quality import summarize, table
 
 HERE = Path(__file__).resolve().parent
-# each factual split ran as two processes (cases 0.. with the bf16 noise floor on the first 20,
-# and cases 30..); their rows are pooled here (same code, same CPU)
+# each factual split ran in pieces (cases 0.. with the bf16 noise floor on the first 20, then
+# 30.., 18.. and 41.. without it); their rows are pooled here (same code, same CPU)
 for name, parts in (
     ("musique", ["quality_musique_qfast_cpu"]),
-    ("factual dev", ["quality_factual_dev_cpu", "quality_factual_dev_from30_cpu"]),
-    ("factual heldout", ["quality_factual_heldout_cpu", "quality_factual_heldout_from30_cpu"]),
+    ("factual dev", [f"quality_factual_dev{p}_cpu" for p in ("", "_from30", "_from18", "_from41")]),
+    ("factual heldout", [f"quality_factual_heldout{p}_cpu" for p in ("", "_from30", "_from18", "_from41")]),
+    ("qfast at 30%, factual dev 0-8 (equal compute to the refinements)", ["quality_factual_dev9_qfast30_cpu"]),
     ("exploration, factual dev", ["explore_factual_dev20"]),
     ("exploration, musique q0", ["explore_musique_q0-9"]),
 ):
