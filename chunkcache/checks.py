@@ -6,7 +6,7 @@ and what is accepted. What it does not know: models, stores or fusion themselves
 the registries that own the names (``codec.CODECS``, ``select.POLICIES``).
 
     dtype = checks.dtype("bf16")                 # torch.bfloat16; "float64x" -> ValueError
-    checks.codec("int3")                         # ValueError: unknown codec 'int3'; known: int4, int8, raw
+    checks.codec("int3")                         # ValueError: unknown codec 'int3'; known: int2, int4, int8, raw
     checks.store_writable("cache.lmdb")          # StoreReadOnlyError if it cannot be created or written
     checks.passages(["a", "b"], "question?")     # TypeError for fuse("one string", q) or query=None
 """

@@ -337,6 +337,9 @@ BENCH_COMMANDS: dict[str, str] = {
     "precompute": "chunkcache.bench.precompute",
     "redis": "chunkcache.bench.redis_store",
     "ttft": "chunkcache.bench.ttft",
+    "codec": "chunkcache.bench.codec",
+    "adaptive": "chunkcache.bench.adaptive",
+    "serve": "chunkcache.bench.serve",
 }
 """Benchmark name -> module with ``add_arguments(parser)`` and ``run_cli(args) -> int``."""
 

@@ -9,7 +9,8 @@ fixed: the Triton decode kernels implement exactly these.
     parts = codec.encode(kv)                       # {"k_q": uint8 [L, H, T, D/2], ...}
     kv2 = codec.decode(parts, torch.bfloat16)      # [L, 2, H, T, D]
 
-Formats (L layers, H kv heads, T tokens, D head_dim, G = ceil(T / 128)):
+Formats (L layers, H kv heads, T tokens, D head_dim, G = ceil(T / 128); int2's own groups in
+``int2_groups``):
 
     raw   kv    model dtype [L, 2, H, T, D]   lossless
     int8  k_q   int8    [L, H, T, D]   k = k_q * k_scale[:, :, None, :]   keys per channel
@@ -22,6 +23,12 @@ Formats (L layers, H kv heads, T tokens, D head_dim, G = ceil(T / 128)):
           v_scale, v_min fp16 [L, H, T]
           q = clamp(round((x - min) / scale), 0, 15);  x' = q * scale + min
           two codes per byte along head_dim: byte = q[..., 2i] | (q[..., 2i+1] << 4)
+    int2  rows    uint8 [L, H, T, D/2 + 4]  per (head, token): key codes (D/4 bytes), value codes
+                  (D/4 bytes), value scale and min (fp16 each); 2-bit, x' = q * scale + min
+          side    uint8 [L, E]  per layer the sections of ``int2_side_layout``: kept token ids,
+                  key scale and min per channel per group of S = 128-255 tokens, and the kept
+                  tokens' int8 rows (x = q * scale, one fp16 scale per row), which overwrite theirs
+          four codes per byte, planar: bits 2i..2i+1 of byte b hold q[..., b + i * D/4]
 
 Scales are computed in float32 and stored as float16; quantisation uses the *stored* (rounded)
 scale so encode and decode agree. A zero range stores scale 1, so an all-zero group decodes to
@@ -30,14 +37,24 @@ zeros exactly.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 
-__all__ = ["CODECS", "Codec", "Int4Codec", "Int8Codec", "RawCodec", "get_codec", "INT4_GROUP"]
+__all__ = ["CODECS", "Codec", "Int2Codec", "Int4Codec", "Int8Codec", "RawCodec", "get_codec", "INT4_GROUP"]
 
 INT4_GROUP = 128
 """Tokens per int4 key group along T (the last group may be shorter)."""
+
+INT2_GROUP = 128
+"""int2 keys: at least this many tokens per group (see ``int2_groups``)."""
+INT2_KEEP_FIRST = 4
+"""int2: the chunk's first tokens, always kept at 8 bits."""
+INT2_KEEP_FRAC = 0.02
+"""int2: fraction of a chunk's tokens kept at 8 bits besides the first ones."""
+INT2_CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6)
+"""int2: range shrink factors tried per group (the least squared error wins)."""
 
 _FP16_MAX = 65504.0
 _FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal); smaller scales would round to 0
@@ -228,7 +245,221 @@ def _expand_groups(g: torch.Tensor, T: int) -> torch.Tensor:  # g: [L, H, G, D] 
     return g.repeat_interleave(INT4_GROUP, dim=2)[:, :, :T]
 
 
-CODECS: dict[str, Codec] = {c.name: c for c in (RawCodec(), Int8Codec(), Int4Codec())}
+def int2_groups(tokens: int) -> tuple[int, int]:
+    """(groups, tokens per group) of int2 keys: ``max(1, T // 128)`` groups of ``ceil(T / groups)``
+    tokens (128-255 each; the last may be shorter), so a short chunk pays for one group only."""
+    groups = max(1, tokens // INT2_GROUP)
+    return groups, -(-tokens // groups)
+
+
+def int2_kept(tokens: int) -> int:
+    """Tokens per layer an int2 entry keeps at 8 bits: the chunk's first ``INT2_KEEP_FIRST`` and
+    ``ceil(INT2_KEEP_FRAC * T)`` more (never more than T)."""
+    return min(tokens, INT2_KEEP_FIRST + math.ceil(INT2_KEEP_FRAC * tokens))
+
+
+def _pack2(q: torch.Tensor) -> torch.Tensor:  # q: uint8 [..., D] in 0..3 -> [..., D/4]
+    d4 = q.shape[-1] // 4
+    return q[..., :d4] | (q[..., d4 : 2 * d4] << 2) | (q[..., 2 * d4 : 3 * d4] << 4) | (q[..., 3 * d4 :] << 6)
+
+
+def _unpack2(b: torch.Tensor) -> torch.Tensor:  # b: uint8 [..., D/4] -> [..., D]
+    return torch.cat([b & 3, (b >> 2) & 3, (b >> 4) & 3, b >> 6], dim=-1)
+
+
+def _fit_range(
+    x: torch.Tensor, valid: torch.Tensor | None, dim: int, levels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per slice along ``dim``: the (lo, hi) among ``INT2_CLIPS`` shrinkings of [min, max] towards
+    the middle that gives the least squared error over the valid entries with ``levels`` levels.
+    Returns float32 (lo, hi) with ``dim`` reduced; a slice with no valid entry gets (0, 0)."""
+    inf = torch.tensor(float("inf"), device=x.device)
+    lo0 = (x if valid is None else torch.where(valid, x, inf)).amin(dim=dim, keepdim=True)
+    hi0 = (x if valid is None else torch.where(valid, x, -inf)).amax(dim=dim, keepdim=True)
+    empty = ~torch.isfinite(lo0)
+    lo0, hi0 = torch.where(empty, 0.0, lo0), torch.where(empty, 0.0, hi0)
+    mid, half = (lo0 + hi0) / 2, (hi0 - lo0) / 2
+    best_err = best_lo = best_hi = None
+    for c in INT2_CLIPS:
+        lo, hi = mid - c * half, mid + c * half
+        scale = ((hi - lo) / (levels - 1)).clamp_min(_FP16_TINY)
+        err = (torch.round((x - lo) / scale).clamp_(0, levels - 1) * scale + lo - x) ** 2
+        if valid is not None:
+            err = torch.where(valid, err, 0.0)
+        err = err.sum(dim=dim, keepdim=True)
+        if best_err is None:
+            best_err, best_lo, best_hi = err, lo, hi
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo.squeeze(dim), best_hi.squeeze(dim)
+
+
+def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row (last dim): (q int8, scale fp16 [...])."""
+    scale = _to_fp16_scale(x.abs().amax(dim=-1) / 127.0, "kept token")
+    return torch.round(x / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def int2_side_layout(heads: int, tokens: int, head_dim: int) -> dict[str, tuple[int, torch.dtype, tuple[int, ...]]]:
+    """Where each section of one layer's int2 ``side`` bytes sits: name -> (byte offset, dtype,
+    shape). Every offset is aligned to its dtype, and the total (``int2_side_layout(...)["end"]``,
+    a multiple of 4) keeps the next layer aligned too."""
+    H, T, D = heads, tokens, head_dim
+    G, _ = int2_groups(T)
+    n = int2_kept(T)
+    out, off = {}, 0
+    for name, dtype, shape in (
+        ("o_idx", torch.int32, (n,)),
+        ("k_scale", torch.float16, (H, G, D)),
+        ("k_min", torch.float16, (H, G, D)),
+        ("o_ks", torch.float16, (H, n)),
+        ("o_vs", torch.float16, (H, n)),
+        ("o_k", torch.int8, (H, n, D)),
+        ("o_v", torch.int8, (H, n, D)),
+    ):
+        out[name] = (off, dtype, shape)
+        off += math.prod(shape) * dtype.itemsize
+    out["end"] = (off, torch.uint8, (0,))
+    return out
+
+
+def int2_sections(rows: torch.Tensor, side: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views of one layer's int2 parts (``rows`` uint8 [H, T, D/2 + 4], ``side`` uint8 [E]) by name:
+    k_q, v_q uint8 [H, T, D/4]; v_scale, v_min fp16 [H, T]; and the ``int2_side_layout`` sections."""
+    H, T, R = rows.shape
+    D = 2 * (R - 4)
+    out = {"k_q": rows[..., : D // 4], "v_q": rows[..., D // 4 : D // 2]}
+    sm = rows[..., D // 2 :].contiguous().view(torch.float16)  # [H, T, 2]
+    out["v_scale"], out["v_min"] = sm[..., 0], sm[..., 1]
+    layout = int2_side_layout(H, T, D)
+    if side.shape != (layout["end"][0],):
+        raise ValueError(f"int2 side bytes are {tuple(side.shape)}, rows {tuple(rows.shape)} need {layout['end'][0]}")
+    for name, (off, dtype, shape) in layout.items():
+        if name != "end":
+            out[name] = side[off : off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+    return out
+
+
+class Int2Codec(Codec):
+    """2-bit KIVI-style groups plus the tokens that matter at 8 bits (mixed precision, MiKV style).
+
+    Per layer, the chunk's first ``INT2_KEEP_FIRST`` tokens (the chunk start, where attention
+    sinks form) and the ``ceil(INT2_KEEP_FRAC * T)`` tokens a 2-bit code would hurt most (largest
+    relative reconstruction error of keys plus values, summed over heads) are *kept*: stored again
+    as int8 rows, which the decoder writes over their 2-bit rows. Kept tokens are left out of the
+    key groups' ranges, so one outlier token no longer stretches a whole group. Every range is
+    the min-max shrunk by the factor among ``INT2_CLIPS`` with the least squared error.
+
+    Two parts, so a loader makes two copies per layer (per-copy cost, not bytes, bounds small
+    parts): ``rows`` [L, H, T, D/2 + 4] uint8 holds per (head, token) the key codes, the value
+    codes and the value (scale, min) in fp16; ``side`` [L, E] uint8 holds the sections of
+    ``int2_side_layout`` (kept token ids, key group scales and mins, kept rows and their scales).
+    """
+
+    name = "int2"
+    parts = ("rows", "side")
+    lossless = False
+
+    def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
+        _check_kv(kv)
+        L, _, H, T, D = kv.shape
+        if D % 4:
+            raise ValueError(f"int2 packs four codes per byte along head_dim, which must be a multiple of 4 (got {D})")
+        kv = kv.detach()
+        k, v = kv[:, 0].float(), kv[:, 1].float()  # [L, H, T, D] each
+        G, S = int2_groups(T)
+        n = int2_kept(T)
+        # Which tokens to keep: the first ones, then the largest relative error of a plain 2-bit code.
+        lo, hi = (_expand(x, T, S) for x in _fit_range(_pad_groups(k, G, S), None, 3, 4))  # [L, H, T, D]
+        err_k = _relerr(k, _dequant(_quant(k, lo, hi, 4), lo, hi, 4))
+        vlo, vhi = _fit_range(v, None, 3, 4)  # [L, H, T]
+        err_v = _relerr(v, _dequant(_quant(v, vlo[..., None], vhi[..., None], 4), vlo[..., None], vhi[..., None], 4))
+        score = err_k + err_v  # [L, T]
+        score[:, : min(INT2_KEEP_FIRST, T)] = float("inf")
+        idx = score.topk(n, dim=1).indices.sort(dim=1).values  # [L, n]
+        kept = torch.zeros(L, T, dtype=torch.bool, device=k.device)
+        kept.scatter_(1, idx, True)
+        # Key ranges over the tokens not kept.
+        valid = _pad_groups((~kept)[:, None, :, None].expand(L, H, T, D), G, S, fill=False)
+        lo, hi = _fit_range(_pad_groups(k, G, S), valid, 3, 4)
+        k_scale, k_min = _range_fp16(lo, hi, 3, "key")  # [L, H, G, D]
+        v_scale, v_min = _range_fp16(vlo, vhi, 3, "value")  # [L, H, T]
+        ks, km = _expand(k_scale.float(), T, S), _expand(k_min.float(), T, S)
+        k_q = torch.round((k - km) / ks).clamp_(0, 3).to(torch.uint8)
+        v_q = torch.round((v - v_min.float()[..., None]) / v_scale.float()[..., None]).clamp_(0, 3).to(torch.uint8)
+        gather = idx[:, None, :, None].expand(L, H, n, D)
+        o_k, o_ks = _int8_rows(k.gather(2, gather))  # [L, H, n, D], [L, H, n]
+        o_v, o_vs = _int8_rows(v.gather(2, gather))
+        sm = torch.stack([v_scale, v_min], dim=-1).view(torch.uint8)  # [L, H, T, 4]
+        rows = torch.cat([_pack2(k_q), _pack2(v_q), sm], dim=-1)  # [L, H, T, D/2 + 4]
+        sec = {"o_idx": idx.to(torch.int32), "k_scale": k_scale, "k_min": k_min, "o_ks": o_ks,
+               "o_vs": o_vs, "o_k": o_k, "o_v": o_v}  # fmt: skip
+        layout = int2_side_layout(H, T, D)
+        side = torch.cat([sec[name].reshape(L, -1).view(torch.uint8) for name in layout if name != "end"], dim=1)
+        return _cpu({"rows": rows, "side": side})
+
+    def decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        layers = [self._decode_one(parts["rows"][i], parts["side"][i]) for i in range(parts["rows"].shape[0])]
+        return torch.stack(layers).to(dtype)
+
+    @staticmethod
+    def _decode_one(rows: torch.Tensor, side: torch.Tensor) -> torch.Tensor:  # -> [2, H, T, D] fp32
+        p = int2_sections(rows, side)
+        T = rows.shape[1]
+        _, S = int2_groups(T)
+        group = torch.arange(T, device=rows.device) // S
+        k = _unpack2(p["k_q"]).float() * p["k_scale"].float()[:, group] + p["k_min"].float()[:, group]
+        v = _unpack2(p["v_q"]).float() * p["v_scale"].float()[..., None] + p["v_min"].float()[..., None]
+        idx = p["o_idx"].long()
+        k[:, idx] = p["o_k"].float() * p["o_ks"].float()[..., None]
+        v[:, idx] = p["o_v"].float() * p["o_vs"].float()[..., None]
+        return torch.stack([k, v])
+
+    def _shapes(self, kv):
+        L, _, H, T, D = kv.shape
+        e = lambda *s, dt: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
+        return {"rows": e(L, H, T, D // 2 + 4, dt=torch.uint8), "side": e(L, int2_side_layout(H, T, D)["end"][0], dt=torch.uint8)}
+
+
+def _pad_groups(x: torch.Tensor, G: int, S: int, fill=0.0) -> torch.Tensor:
+    """[L, H, T, D] -> [L, H, G, S, D], padded along T with ``fill`` (masked out by ``valid``)."""
+    L, H, T, D = x.shape
+    pad = G * S - T
+    if pad:
+        x = torch.cat([x, torch.full((L, H, pad, D), fill, dtype=x.dtype, device=x.device)], dim=2)
+    return x.view(L, H, G, S, D)
+
+
+def _expand(g: torch.Tensor, T: int, S: int) -> torch.Tensor:  # [L, H, G, D] -> [L, H, T, D]
+    return g.repeat_interleave(S, dim=2)[:, :, :T]
+
+
+def _quant(x, lo, hi, levels):
+    scale = ((hi - lo) / (levels - 1)).clamp_min(_FP16_TINY)
+    return torch.round((x - lo) / scale).clamp_(0, levels - 1)
+
+
+def _dequant(q, lo, hi, levels):
+    return q * ((hi - lo) / (levels - 1)).clamp_min(_FP16_TINY) + lo
+
+
+def _relerr(x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """[L, H, T, D] pair -> [L, T]: squared error per token over its mean squared norm, summed over heads."""
+    err = ((x - x2) ** 2).sum(dim=3)  # [L, H, T]
+    norm = (x**2).sum(dim=3).mean(dim=2, keepdim=True).clamp_min(1e-30)
+    return (err / norm).sum(dim=1)
+
+
+def _range_fp16(lo: torch.Tensor, hi: torch.Tensor, levels_minus_1: int, what: str):
+    """float32 (lo, hi) -> (scale, min) fp16."""
+    if bool((lo.abs() > _FP16_MAX).any()):
+        raise ValueError(f"{what} exceeds the float16 range of the codec's offsets (|x| too large)")
+    return _to_fp16_scale((hi - lo) / levels_minus_1, what), lo.half()
+
+
+CODECS: dict[str, Codec] = {c.name: c for c in (RawCodec(), Int8Codec(), Int4Codec(), Int2Codec())}
 """Every codec by name. Add one by subclassing ``Codec`` and registering it here."""
 
 

@@ -8,22 +8,35 @@ maths of fusion (``fuse``), token selection (``select``), bytes on disk (``forma
     engine = ChunkCache(model="smollm2-135m", store=None)     # store="path/to/dir" for LMDB
     engine.precompute(["passage one ...", "passage two ..."])
     print(engine.generate(["passage two ...", "passage one ..."], "question?", max_new_tokens=32))
+
+Concurrency: any number of threads (and asyncio tasks, through ``afuse``/``agenerate``/
+``astream_generate``) may call one engine at once, and each result equals the same call made
+alone. Lazy state is built once under a lock; tokeniser calls are serialised (Hugging Face fast
+tokenizers are not safe to call from several threads); each fast-path fusion holds a ``Staging``
+of its own from a pool (``concurrent_fusions`` of them, graphs included); store writes wait for
+fusions holding zero-copy views of the store's map (a write may grow and move the map).
+Chunk texts seen before are resolved by the text index (``textindex``), not the tokeniser.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from chunkcache import checks
 from chunkcache.errors import ModelMismatchError
 from chunkcache.fuse import FuseConfig, FuseResult, fuse_kv
+from chunkcache.generation import astream_text, generate_text, stream_text
+from chunkcache.keys import token_bytes
 from chunkcache.layout import ChunkKV
+from chunkcache.locks import LockRW
 from chunkcache.model import DEFAULT_MODEL, LoadedModel, cache_kwarg, load_model, wrap_model
 from chunkcache.precompute import encode_chunks, encode_prefix
 from chunkcache.template import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, PromptTemplate
@@ -66,6 +79,8 @@ class ChunkCache:
         instruction: str = DEFAULT_INSTRUCTION,
         system: str | None = DEFAULT_SYSTEM,
         fast_path: bool | None = None,
+        concurrent_fusions: int = 1,
+        adaptive=None,
     ) -> None:
         # Every argument is checked before the model loads (seconds) or the store opens.
         dtype = checks.dtype(dtype)
@@ -92,11 +107,28 @@ class ChunkCache:
         self._prefix_ids = self.template.prefix_ids()
         self._prefix_kv: torch.Tensor | None = None
         self._key_info: dict | None = None
+        self.adaptive = adaptive
+        """An ``adaptive.AdaptiveConfig``: per chunk, fetch it or recompute it from its token ids,
+        from the measured link and recompute rates (``res.stats["adaptive"]`` says what and why).
+        None: always fetch (and stream through the fast path)."""
+        if adaptive is not None:
+            from chunkcache.adaptive import Rates
+
+            self._rates = Rates(adaptive.smoothing)
         self.fast_path = self.lm.device.type == "cuda" if fast_path is None else fast_path
         """Fuse stored entries through ``pipeline.fuse_entries`` (layer-wise streaming, one kernel per
-        layer, GPU-side checksums, CUDA graphs): the default on CUDA. Calls are serialised per
-        engine (one ``Staging``)."""
-        self._staging = None
+        layer, GPU-side checksums, CUDA graphs): the default on CUDA."""
+        if concurrent_fusions < 1:
+            raise ValueError(f"concurrent_fusions must be at least 1, got {concurrent_fusions}")
+        self.concurrent_fusions = concurrent_fusions
+        """Fast-path fusions that may run at once (each holds a ``Staging``: slots, streams, graphs
+        and their padded KV buffer); further callers wait. One keeps the GPU busy already at 8K."""
+        self._lock = threading.Lock()  # lazy state: key info, prefix KV, staging pool, text index
+        self._tok_lock = threading.Lock()  # tokenizer calls
+        self._views = LockRW()  # readers: fusions holding map views; writers: store writes
+        self._pool = None
+        self._index = None
+        self._inflight: dict[str, threading.Event] = {}  # keys being encoded -> set when stored
         self._gate_passed = False
         self._gate_lock = threading.Lock()
 
@@ -113,6 +145,10 @@ class ChunkCache:
     def key_info(self) -> dict:
         """Everything besides the token ids that determines a chunk cache's bytes (JSON-safe; a
         fresh copy each call). Fixed for the engine's life, so it is built once."""
+        return _jsonable(self._info())
+
+    def _info(self) -> dict:
+        """``key_info`` itself (not a copy: never modify it)."""
         if self._key_info is None:
             self._key_info = _jsonable(
                 {
@@ -126,14 +162,14 @@ class ChunkCache:
                     "format_version": FORMAT_VERSION,
                 }
             )
-        return _jsonable(self._key_info)
+        return self._key_info
 
-    def key_for_ids(self, ids: Sequence[int]) -> str:
+    def key_for_ids(self, ids: Sequence[int] | np.ndarray) -> str:
         from chunkcache.keys import chunk_key
 
-        info = self.key_info()
+        info = self._info()
         return chunk_key(
-            list(ids),
+            ids,
             info["model_fingerprint"],
             info["dtype"],
             info["codec"],
@@ -142,16 +178,61 @@ class ChunkCache:
         )
 
     def key(self, text: str) -> str:
-        return self.key_for_ids(self._chunk_ids(text))
+        return self.resolve([text])[0][0]
 
     def contains(self, texts: Sequence[str]) -> list[bool]:
         """Whether each text's cache is in the store (no decoding, no hit counted)."""
-        return self.store.contains_many([self.key(t) for t in texts])
+        return self.store.contains_many(self.resolve(texts)[0])
+
+    def resolve(self, texts: Sequence[str]) -> tuple[list[str], list[bytes]]:
+        """Each chunk text's key and token ids (little-endian int64 bytes): from the text index,
+        tokenising only texts it has not seen (then recorded). An index record is checked against
+        the entry's stored token ids wherever the entry is used (``_check_entry``)."""
+        for t in texts:
+            _check_text(t)
+        index = self.text_index()
+        recs = index.get_many(texts)
+        new = []
+        for i, (t, rec) in enumerate(zip(texts, recs, strict=True)):
+            if rec is None:
+                ids = self._chunk_ids(t)
+                recs[i] = rec = (self.key_for_ids(ids), token_bytes(ids))
+                new.append((t, *rec))
+        index.put_many(new)
+        return [r[0] for r in recs], [r[1] for r in recs]  # type: ignore[index]
+
+    def text_index(self):
+        """The ``textindex.TextIndex`` of this engine's namespace (tokenizer, template, key inputs),
+        persisted beside an LMDB store, in memory otherwise."""
+        if self._index is None:
+            with self._lock:
+                if self._index is None:
+                    self._index = self._open_index()
+        return self._index
+
+    def _open_index(self):
+        from chunkcache.keys import canonical_json
+        from chunkcache.store import LMDBStore
+        from chunkcache.textindex import TextIndex, tokenizer_fingerprint
+
+        with self._tok_lock:
+            tok = tokenizer_fingerprint(self.tokenizer)
+        namespace = canonical_json(
+            {"tokenizer": tok, "chunk_format": self.template.chunk_format, "key": self._info()}
+        ).encode()
+        path, readonly = None, False
+        if isinstance(self.store, LMDBStore):
+            path, readonly = self.store.path, self.store.readonly
+        return TextIndex(namespace, path, readonly=readonly)
 
     def _chunk_ids(self, text: str) -> list[int]:
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("a chunk must be non-empty text (got a blank or non-string chunk)")
-        return self.template.chunk_ids(text)
+        _check_text(text)
+        with self._tok_lock:
+            return self.template.chunk_ids(text)
+
+    def _suffix_ids(self, query: str) -> list[int]:
+        with self._tok_lock:
+            return self.template.suffix_ids(query)
 
     def _load(self, key: str, ids: Sequence[int] | None = None) -> ChunkKV | None:
         """The stored chunk under ``key`` or None. A damaged entry is dropped (a miss); an entry
@@ -166,22 +247,28 @@ class ChunkCache:
         chunk.check(self.lm.spec.num_layers, self.lm.spec.kv_heads, self.lm.spec.head_dim)
         return chunk
 
-    def _check_entry(self, key: str, meta: dict, token_ids: torch.Tensor, ids: Sequence[int] | None) -> None:
+    def _check_entry(
+        self, key: str, meta: dict, token_ids: torch.Tensor, ids: Sequence[int] | bytes | None
+    ) -> None:
         """Raise ModelMismatchError if the entry's recorded key inputs (``meta["key_info"]``) or
-        token ids differ from what this engine asked for."""
-        stored, mine = meta.get("key_info"), self.key_info()
+        token ids (a list, or ``token_bytes``) differ from what this engine asked for."""
+        stored, mine = meta.get("key_info"), self._info()
         if stored is not None and stored != mine:
             diff = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
             raise ModelMismatchError(
                 f"store entry {key} was made with other {', '.join(diff)} than this engine's"
             )
-        if ids is not None and token_ids.tolist() != list(ids):
+        if ids is not None and token_bytes(token_ids) != (
+            ids if isinstance(ids, bytes) else token_bytes(ids)
+        ):
             raise ModelMismatchError(f"store entry {key} holds other tokens than the chunk asked for")
 
     def _save(self, key: str, chunk: ChunkKV) -> None:
         from chunkcache.format import pack_chunk
 
-        self.store.put(key, pack_chunk(chunk, self.codec, self.key_info()))
+        value = pack_chunk(chunk, self.codec, self.key_info())
+        with self._views.write():  # a write may grow (move) the map that fusions read views of
+            self.store.put(key, value)
 
     # ---- precompute -------------------------------------------------------------------------
     def precompute(
@@ -190,12 +277,14 @@ class ChunkCache:
         """Make sure every text has a stored chunk cache; returns their keys. Idempotent."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of passage strings, got one str (pass [text])")
-        return self.precompute_ids([self._chunk_ids(t) for t in texts], batch_size, progress)
+        return self.precompute_ids(_id_lists(self.resolve(texts)[1]), batch_size, progress)
 
     def precompute_ids(
         self, id_lists: Sequence[Sequence[int]], batch_size: int = 8, progress: bool | None = None
     ) -> list[str]:
-        """Like ``precompute`` for already tokenised chunks; skips chunks already stored."""
+        """Like ``precompute`` for already tokenised chunks; skips chunks already stored. A chunk
+        another thread of this engine is encoding meanwhile is waited for, not encoded twice (so
+        every caller uses the same bytes)."""
         keys = [self.key_for_ids(ids) for ids in id_lists]
         missing: dict[str, Sequence[int]] = {}
         for k, ids in zip(keys, id_lists, strict=True):
@@ -203,10 +292,43 @@ class ChunkCache:
                 missing[k] = ids
         if not missing:
             return keys
+        mine, theirs = self._claim(list(missing))
+        try:
+            todo = [(k, missing[k]) for k in mine if not self.store.contains(k)]
+            if todo:
+                self._encode_and_save(todo, batch_size, progress)
+        finally:
+            self._unclaim(mine)
+        for ev in theirs:
+            ev.wait()
+        return keys
+
+    def _claim(self, keys: list[str]) -> tuple[list[str], list[threading.Event]]:
+        """Split ``keys`` into those this thread encodes (claimed) and the events of those being
+        encoded by another thread."""
+        mine, theirs = [], []
+        with self._lock:
+            for k in keys:
+                ev = self._inflight.get(k)
+                if ev is None:
+                    self._inflight[k] = threading.Event()
+                    mine.append(k)
+                else:
+                    theirs.append(ev)
+        return mine, theirs
+
+    def _unclaim(self, keys: list[str]) -> None:
+        with self._lock:
+            for k in keys:
+                self._inflight.pop(k).set()
+
+    def _encode_and_save(
+        self, todo: list[tuple[str, Sequence[int]]], batch_size: int, progress: bool | None
+    ) -> None:
         if progress is None:
-            progress = len(missing) > 32
-        sink = self.template.sink_ids(self.settings.sink)
-        todo = list(missing.items())
+            progress = len(todo) > 32
+        with self._tok_lock:
+            sink = self.template.sink_ids(self.settings.sink)
         # Encode and store in slices so an interrupted run keeps what it finished.
         step = max(batch_size, 1) * 4
         bar = None
@@ -225,21 +347,19 @@ class ChunkCache:
                 bar.update(len(part))
         if bar is not None:
             bar.close()
-        return keys
 
     def chunk(self, text: str) -> ChunkKV:
         """The cache of one chunk (precomputed if missing)."""
         return self.chunks([text])[0]
 
     def chunks(self, texts: Sequence[str]) -> list[ChunkKV]:
-        return self._chunks_for_ids([self._chunk_ids(t) for t in texts])
+        return self._chunks(*self.resolve(texts))
 
-    def _chunks_for_ids(self, ids: list[list[int]]) -> list[ChunkKV]:
-        keys = [self.key_for_ids(i) for i in ids]
+    def _chunks(self, keys: list[str], ids: list[bytes]) -> list[ChunkKV]:
         out = [self._load(k, i) for k, i in zip(keys, ids, strict=True)]
         miss = [i for i, c in enumerate(out) if c is None]
         if miss:
-            self.precompute_ids([ids[i] for i in miss])
+            self.precompute_ids(_id_lists([ids[i] for i in miss]))
             for i in miss:
                 out[i] = self._load(keys[i], ids[i])
                 if out[i] is None:
@@ -248,10 +368,56 @@ class ChunkCache:
                     )
         return out  # type: ignore[return-value]
 
+    def _chunks_adaptive(self, keys: list[str], ids: list[bytes]):
+        """``_chunks`` under ``self.adaptive``: fetch some chunks (a thread) while recomputing the
+        others here (``adaptive.plan``/``load``); chunks not stored are recomputed and stored."""
+        from chunkcache import adaptive
+        from chunkcache.codec import get_codec
+
+        lists = _id_lists(ids)
+        missing = [i for i, k in enumerate(keys) if not self.store.contains(k)]
+        if missing:  # the plain miss path: precompute and store them (no choice to make)
+            self.precompute_ids([lists[i] for i in missing])
+        spec, codec, cfg = self.lm.spec, get_codec(self.codec), self.adaptive
+        tokens = [len(x) for x in lists]
+        sizes = [
+            {self.codec: codec.nbytes(spec.num_layers, spec.kv_heads, t, spec.head_dim, self.lm.dtype)}
+            for t in tokens
+        ]
+        link = cfg.link_bytes_per_s or self._rates.link
+        rate = cfg.recompute_tokens_per_s or self._rates.recompute
+        chosen = adaptive.plan(tokens, sizes, link, rate, enabled=cfg.enabled, slack=cfg.slack)
+        sink = self.template.sink_ids(self.settings.sink)
+
+        def recompute(idx: list[int]) -> list[ChunkKV]:
+            out = encode_chunks(self.lm, [lists[i] for i in idx], sink)
+            for c in out:
+                c.meta.update({"sink": self.settings.sink, "key_info": self.key_info()})
+            return out
+
+        def fetch(i: int, _precision: str) -> ChunkKV:
+            c = self._load(keys[i], ids[i])
+            return c if c is not None else recompute([i])[0]  # dropped meanwhile (damaged): recompute
+
+        kvs = adaptive.load(chosen, fetch, lambda i, p: sizes[i][p], recompute, tokens, self._rates)
+        return kvs, chosen
+
     def prefix_kv(self) -> torch.Tensor:
         if self._prefix_kv is None:
-            self._prefix_kv = encode_prefix(self.lm, self._prefix_ids)
+            with self._lock:
+                if self._prefix_kv is None:
+                    self._prefix_kv = encode_prefix(self.lm, self._prefix_ids)
         return self._prefix_kv
+
+    def stagings(self):
+        """The ``pipeline.StagingPool`` of the fast path (``concurrent_fusions`` stagings at most)."""
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    from chunkcache.pipeline import StagingPool
+
+                    self._pool = StagingPool(self.lm.device, size=self.concurrent_fusions)
+        return self._pool
 
     # ---- query time ---------------------------------------------------------------------------
     def fuse(
@@ -262,17 +428,23 @@ class ChunkCache:
         policy: str | None = None,
     ) -> FuseResult:
         """Fuse the chunks' caches (any order; misses are precomputed) with the question."""
-        cfg, ids, suffix = self._check_query(chunks, query, recompute_ratio, policy)
+        cfg, keys, ids, suffix = self._check_query(chunks, query, recompute_ratio, policy)
         self._ensure_gate()
-        if self.fast_path:
-            res = self._fuse_stored(ids, suffix, cfg)
-            if res is not None:
-                return res
         t0 = time.perf_counter()
-        kvs = self._chunks_for_ids(ids)
+        chosen = None
+        if self.adaptive is not None:
+            kvs, chosen = self._chunks_adaptive(keys, ids)
+        else:
+            if self.fast_path:
+                res = self._fuse_stored(keys, ids, suffix, cfg, t0)
+                if res is not None:
+                    return res
+            kvs = self._chunks(keys, ids)
         t_load = time.perf_counter() - t0
         res = fuse_kv(self.lm, self.prefix_kv(), kvs, self._prefix_ids, suffix, cfg)
-        res.stats["seconds"]["load"] = t_load  # store read + decode (+ precompute of misses)
+        if chosen is not None:
+            res.stats["adaptive"] = chosen.stats()
+        res.stats["seconds"]["load"] = t_load  # text index, store read + decode (+ precompute of misses)
         res.stats["seconds"]["total"] += t_load
         return res
 
@@ -290,9 +462,10 @@ class ChunkCache:
 
     def _check_query(
         self, chunks: Sequence[str], query: str, recompute_ratio: float | None, policy: str | None
-    ) -> tuple[FuseConfig, list[list[int]], list[int]]:
+    ) -> tuple[FuseConfig, list[str], list[bytes], list[int]]:
         """The arguments of ``fuse``/``generate``, checked before any fusion work: ``(config, chunk
-        ids, question suffix ids)``. TypeError/ValueError for a str or non-list ``chunks``, a
+        keys, chunk ids as token_bytes, question suffix ids)`` (chunks seen before: from the text
+        index, no tokeniser call). TypeError/ValueError for a str or non-list ``chunks``, a
         blank chunk, a missing or blank ``query``, a bad ratio or policy, or a prompt longer than
         the model's context."""
         checks.passages(chunks, query)
@@ -302,55 +475,80 @@ class ChunkCache:
             else checks.ratio(recompute_ratio),
             policy=policy or self.default_fuse.policy,
         )
-        ids = [self.template.chunk_ids(t) for t in chunks]
-        suffix = self.template.suffix_ids(query)
+        keys, ids = self.resolve(chunks)
+        suffix = self._suffix_ids(query)
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        n = len(self._prefix_ids) + sum(map(len, ids)) + len(suffix)
+        n_ctx = sum(len(b) for b in ids) // 8
+        n = len(self._prefix_ids) + n_ctx + len(suffix)
         if limit is not None and n > limit:
             raise ValueError(
-                f"the prompt is {n} tokens ({len(ids)} chunks of {sum(map(len, ids))}, question and "
-                f"template {n - sum(map(len, ids))}) but {self.lm.name} takes at most {limit}: pass fewer "
+                f"the prompt is {n} tokens ({len(ids)} chunks of {n_ctx}, question and "
+                f"template {n - n_ctx}) but {self.lm.name} takes at most {limit}: pass fewer "
                 "or shorter chunks"
             )
-        return cfg, ids, suffix
+        return cfg, keys, ids, suffix
 
-    def _fuse_stored(self, ids: list[list[int]], suffix: list[int], cfg: FuseConfig) -> FuseResult | None:
-        """The fast path: stream the stored entries layer by layer (``pipeline.fuse_entries``).
-        Misses are precomputed first; every entry's recorded key inputs and token ids are checked
-        as in ``_load`` (ModelMismatchError). A damaged entry (CorruptEntryError, raised before any
-        result is returned) is dropped with a warning and None is returned, so the caller takes the
-        eager path, which recomputes it."""
+    def _fuse_stored(
+        self, keys: list[str], ids: list[bytes], suffix: list[int], cfg: FuseConfig, t0: float
+    ) -> FuseResult | None:
+        """The fast path: stream the stored entries layer by layer (``pipeline.fuse_entries``)
+        with a ``Staging`` of the pool. Misses (absent from the store) are precomputed, then the
+        lookup is made again; every entry's recorded key inputs and token ids are checked as in
+        ``_load`` (ModelMismatchError). A damaged entry (CorruptEntryError, raised before any
+        result is returned) is dropped with a warning and None is returned, so the caller takes
+        the eager path, which recomputes it."""
+        from contextlib import ExitStack
+
         from chunkcache.errors import CorruptEntryError
         from chunkcache.format import load_chunk
-        from chunkcache.pipeline import Staging, entry_views, fuse_entries
-
-        t0 = time.perf_counter()
-        keys = self.precompute_ids(ids)  # skips stored ones
-        if self._staging is None:
-            self._staging = Staging(self.lm.device)
+        from chunkcache.pipeline import entry_views, fuse_entries
 
         def inspect(i: int, header: dict, parts: dict) -> None:  # token sections already checked
             self._check_entry(keys[i], header.get("meta", {}), parts["token_ids"], ids[i])
 
-        try:
-            with entry_views(self.store, keys, self._staging) as entries:
-                t_load = time.perf_counter() - t0
-                res = fuse_entries(
-                    self.lm, self.prefix_kv(), entries, self._prefix_ids, suffix, cfg, self._staging,
-                    inspect=inspect,
-                )  # fmt: skip
-        except CorruptEntryError:
-            for key in keys:  # find and drop the damaged ones (warns), then let the eager path recompute
-                load_chunk(self.store, key)
-            return None
-        res.stats["seconds"]["load"] = t_load  # lookup, checks (+ precompute of misses)
-        res.stats["seconds"]["total"] += t_load
-        res.stats["fast_path"] = True
-        return res
+        prefix_kv = self.prefix_kv()
+        for attempt in range(2):
+            damaged = False
+            with self.stagings().take() as staging, ExitStack() as held:
+                held.enter_context(self._views.read())
+                try:
+                    entries = held.enter_context(entry_views(self.store, keys, staging))
+                except KeyError:
+                    if attempt:
+                        raise
+                    entries = None
+                if entries is not None:
+                    t_load = time.perf_counter() - t0
+                    try:
+                        res = fuse_entries(
+                            self.lm,
+                            prefix_kv,
+                            entries,
+                            self._prefix_ids,
+                            suffix,
+                            cfg,
+                            staging,
+                            inspect=inspect,
+                        )
+                    except CorruptEntryError:
+                        damaged = True
+                    else:
+                        res.stats["seconds"]["load"] = t_load  # text index, lookups (+ precompute of misses)
+                        res.stats["seconds"]["total"] += t_load
+                        res.stats["fast_path"] = True
+                        return res
+            if damaged:
+                for key in keys:  # find and drop the damaged ones (warns), then let the eager path recompute
+                    load_chunk(self.store, key)
+                return None
+            self.precompute_ids(_id_lists(ids))  # skips the stored ones
+        return None  # unreachable
 
     def prompt_ids(self, chunks: Sequence[str], query: str) -> torch.Tensor:
         """``[1, N]`` the exact prompt ids fusion builds (for a full-prefill baseline)."""
-        return self.template.build([self.template.chunk_ids(t) for t in chunks], query)
+        ids = self.resolve(chunks)[1] if chunks else []
+        pieces = [self._prefix_ids, *(np.frombuffer(b, "<i8") for b in ids), self._suffix_ids(query)]
+        return torch.from_numpy(np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces]))[None]
 
     def generate(
         self,
@@ -367,22 +565,78 @@ class ChunkCache:
         fused = self.fuse(chunks, query, recompute_ratio=recompute_ratio, policy=policy)
         return self.generate_from(fused, max_new_tokens=max_new_tokens, **generate_kwargs)
 
-    @torch.no_grad()
     def generate_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> str:
-        kwargs = {
-            "do_sample": False,
-            "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-        }
-        kwargs.update(generate_kwargs)
-        ids = fused.input_ids.to(self.lm.device)
-        out = self.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            **{cache_kwarg(self.model): fused.fresh_cache()},
-            max_new_tokens=max_new_tokens,
-            **kwargs,
+        return generate_text(
+            self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs
         )
-        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+    def stream_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> Iterator[str]:
+        """The answer's text pieces as they are generated (``generation.stream_text``)."""
+        return stream_text(self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs)
+
+    def stream_generate(
+        self,
+        chunks: Sequence[str],
+        query: str,
+        max_new_tokens: int = 64,
+        recompute_ratio: float | None = None,
+        policy: str | None = None,
+        **generate_kwargs,
+    ) -> Iterator[str]:
+        """``generate`` as text pieces while they are produced; closing it early stops the model."""
+        fused = self.fuse(chunks, query, recompute_ratio=recompute_ratio, policy=policy)
+        yield from self.stream_from(fused, max_new_tokens=max_new_tokens, **generate_kwargs)
+
+    # ---- asyncio: the blocking work runs in worker threads, never on the event loop ---------------
+    async def afuse(
+        self,
+        chunks: Sequence[str],
+        query: str,
+        recompute_ratio: float | None = None,
+        policy: str | None = None,
+    ) -> FuseResult:
+        return await asyncio.to_thread(self.fuse, chunks, query, recompute_ratio, policy)
+
+    async def agenerate(
+        self,
+        chunks: Sequence[str],
+        query: str,
+        max_new_tokens: int = 64,
+        recompute_ratio: float | None = None,
+        policy: str | None = None,
+        **generate_kwargs,
+    ) -> str:
+        return await asyncio.to_thread(
+            self.generate, chunks, query, max_new_tokens, recompute_ratio, policy, **generate_kwargs
+        )
+
+    async def astream_generate(
+        self,
+        chunks: Sequence[str],
+        query: str,
+        max_new_tokens: int = 64,
+        recompute_ratio: float | None = None,
+        policy: str | None = None,
+        **generate_kwargs,
+    ) -> AsyncIterator[str]:
+        """``stream_generate`` for asyncio (``generation.astream_text``)."""
+        fused = await self.afuse(chunks, query, recompute_ratio, policy)
+        async for piece in astream_text(
+            self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs
+        ):
+            yield piece
+
+    def _cache_kw(self, fused: FuseResult) -> dict:
+        return {cache_kwarg(self.model): fused.fresh_cache()}
+
+
+def _check_text(text) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("a chunk must be non-empty text (got a blank or non-string chunk)")
+
+
+def _id_lists(ids: Sequence[bytes]) -> list[list[int]]:
+    return [np.frombuffer(b, "<i8").tolist() for b in ids]
 
 
 def _jsonable(x):

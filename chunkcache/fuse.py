@@ -33,7 +33,7 @@ from chunkcache import kernels
 from chunkcache import model as M
 from chunkcache.layout import ChunkKV
 from chunkcache.model import LoadedModel
-from chunkcache.select import POLICIES, Policy, SelectContext
+from chunkcache.select import POLICIES, Excluding, Policy, SelectContext
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,49 @@ def fuse_kv(
         config,
         timer=timer,
     )
+
+
+@torch.no_grad()
+def refine(
+    lm: LoadedModel,
+    fused: FuseResult,
+    new_ids,
+    ratio: float,
+    policy: str | Policy = "qfast",
+) -> FuseResult:
+    """Recompute ``ratio`` more of the chunk tokens of a fused prompt, chosen by a second probe.
+
+    ``new_ids``: the tokens generated since the fusion (``[g]``; none for a second selection
+    stage at prefill time). The probe runs the question and those tokens over the current cache,
+    whose selected tokens are fresh already, so it sees what the answer so far reads; the
+    ``policy`` ranks the chunk tokens not yet recomputed by it, and the top ``ratio`` of them go
+    through every layer with the question and the new tokens (whose K/V are then recomputed
+    over the repaired cache too). Tokens recomputed before keep their K/V. Returns the prompt
+    grown by ``new_ids``, ready to continue decoding (``FuseResult`` convention); its stats count
+    both passes' token-layers against a full prefill of the original prompt."""
+    new = torch.as_tensor(new_ids, dtype=torch.long).reshape(1, -1).cpu()
+    ids = torch.cat([fused.input_ids.cpu(), new], 1)
+    n_prefix, lengths = fused.stats["prefix_tokens"], fused.stats["chunk_lengths"]
+    n_ctx = sum(lengths)
+    extra = min(round(ratio * n_ctx), n_ctx - int(fused.selected.numel()))
+    kv = fused.kv
+    buf = torch.cat([kv, kv.new_zeros(*kv.shape[:3], new.shape[1], kv.shape[4])], 3)  # a copy
+    base = FuseConfig(policy=policy).selector
+    cfg = FuseConfig(recompute_ratio=extra / n_ctx if n_ctx else 0.0, policy=Excluding(base, fused.selected))
+    res = fuse_assembled(lm, buf, ids, n_prefix, lengths, None, cfg)
+    token_layers = fused.stats["token_layers"] + res.stats["token_layers"]
+    full = lm.spec.num_layers * (fused.input_ids.shape[1] - n_prefix)
+    stats = {
+        **res.stats,
+        "recomputed_tokens": int(fused.selected.numel()) + extra,
+        "reused_tokens": n_ctx - int(fused.selected.numel()) - extra,
+        "token_layers": token_layers,
+        "compute_fraction": token_layers / full if full else 0.0,
+        "policy": f"{fused.stats['policy']}+refine({FuseConfig(policy=policy).policy_name})",
+        "refined_after": int(new.shape[1]),
+    }
+    selected = torch.sort(torch.cat([fused.selected, res.selected])).values
+    return FuseResult(input_ids=ids, logits=res.logits, kv=res.kv, selected=selected, stats=stats)
 
 
 class LayerSource(Protocol):
@@ -394,6 +437,7 @@ def fuse_assembled(
     first = min(max(schedule), lm.spec.num_layers - 1) + 1 if schedule else 0
     h = _rest_layers(f, first, h, active)
     computed += (n_act + n_q) * (lm.spec.num_layers - first)
+    probed = n_q * probe.done if probe is not None else 0  # the probe's token-layers count too
     logits = M.final_logits(lm.model, h[0, -1])
     timer.mark("recompute")
     n = ids.shape[1]
@@ -405,7 +449,10 @@ def fuse_assembled(
         "question_tokens": n_q,
         "recomputed_tokens": n_act,
         "reused_tokens": n_ctx - n_act,
-        "compute_fraction": computed / full if full else 0.0,
+        "probe_token_layers": probed,
+        "token_layers": computed + probed,
+        "compute_fraction": (computed + probed) / full if full else 0.0,
+        "chunk_lengths": list(chunk_lengths),
         "policy": config.policy_name,
         "recompute_ratio": config.recompute_ratio,
         "seconds": {"assemble": 0.0, "probe": 0.0, "check": 0.0, **timer.seconds()},
@@ -481,8 +528,10 @@ def _rest_layers(f: _Fusion, first: int, h: torch.Tensor, active: torch.Tensor) 
     for start in range(first, layers, graphs.layer_group):
         stop = min(layers, start + graphs.layer_group)
         source.ready(stop - 1)
-        key = ("layers", id(lm.model), id(buf), start, stop, int(active.numel()))
-        h = graphs.run(key, _layers_body(lm, buf, start, stop, None), {"h": h, "active": active})
+        key = ("layers", start, stop, int(active.numel()))
+        h = graphs.run(
+            key, _layers_body(lm, buf, start, stop, None), {"h": h, "active": active}, (lm.model, buf)
+        )
     return h
 
 
@@ -596,8 +645,10 @@ class _Probe:
         for start in range(self.done, layers, group):  # a group runs as soon as its layers are in
             stop = min(layers, start + group)
             self.source.ready(stop - 1)
-            key = ("probe", id(self.lm.model), id(self.buf), start, stop, int(self.q_pos.numel()))
-            rows, h = self.graphs.run(key, body_for(start, stop), {"h": h, "q_pos": self.q_pos})
+            key = ("probe", start, stop, int(self.q_pos.numel()))
+            rows, h = self.graphs.run(
+                key, body_for(start, stop), {"h": h, "q_pos": self.q_pos}, (self.lm.model, self.buf)
+            )
             self.rows.append(rows.clone())
         self.h = h
         self.done = layers

@@ -7,7 +7,8 @@ per layer on the H100 host measured here, for a GPU that needs far less (BENCHMA
 
     graphs = FusionGraphs()                 # one per device and model; Staging holds one
     buf = graphs.kv_buffer(lm, n)           # [L, 2, H, N_b, D] persistent, N_b = n rounded up
-    out = graphs.run(key, body, inputs)     # eager the first ``min_uses - 1`` times a key is
+    out = graphs.run(key, body, inputs, reads=(lm.model, buf))
+                                            # eager the first ``min_uses - 1`` times a key is
                                             # seen, then captured, then replayed
 
 Shapes are padded to buckets so that queries of similar size share a graph: the KV length to a
@@ -16,7 +17,14 @@ the padding stays zero or holds an earlier prompt's finite values: 0 attention w
 way), and the recomputed rows to a multiple of ``row_bucket`` (the fusion then recomputes a few
 more tokens than the ratio asks, never fewer). A graph reads the buffer it was captured with, so
 the buffer is persistent: a fusion that uses it returns a copy of the KV, and one
-``FusionGraphs`` serves one fusion at a time.
+``FusionGraphs`` serves one fusion at a time (``pipeline.StagingPool`` hands each fusion a
+``Staging`` of its own, graphs included).
+
+Threads: captures are serialised process-wide (``_CAPTURE``): concurrent captures would share
+torch's capture stream and generator-state registration (16 threads capturing at once killed the
+process in a CUDAGraph destructor, issue 13). A graph keeps the objects it reads (``reads``: the
+model, the KV buffer) alive and is keyed by them, so no new object at a freed address can ever
+replay a graph recorded over an old one.
 
 What it knows: CUDA graph capture and replay, static inputs. What it does not know: what the
 bodies compute (``fuse``).
@@ -25,6 +33,7 @@ bodies compute (``fuse``).
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
 from collections.abc import Callable
 
@@ -34,6 +43,9 @@ from chunkcache.model import LoadedModel
 
 __all__ = ["FusionGraphs"]
 
+_CAPTURE = threading.Lock()
+"""Held while any graph is recorded in this process."""
+
 
 class FusionGraphs:
     def __init__(
@@ -42,8 +54,8 @@ class FusionGraphs:
         self.n_bucket, self.row_bucket, self.min_uses = n_bucket, row_bucket, min_uses
         self.layer_group = layer_group
         """Layers per recompute graph: each group waits only for its own layers to be loaded."""
-        self.buffers: dict[tuple, torch.Tensor] = {}
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], object]] = {}
+        self.buffers: dict[tuple, tuple[torch.nn.Module, torch.Tensor]] = {}  # the model kept alive
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], object, tuple]] = {}
         self.seen: Counter = Counter()
         self.pool = None
         self.captures = 0  # how many graphs were recorded (diagnostics, tests)
@@ -61,16 +73,21 @@ class FusionGraphs:
         spec = lm.spec
         n_b = self.padded_length(n)
         key = (id(lm.model), spec.num_layers, spec.kv_heads, spec.head_dim, lm.dtype, str(lm.device), n_b)
-        if key not in self.buffers:
-            self.buffers[key] = torch.zeros(
+        if key not in self.buffers:  # keyed by id(model), which the entry keeps alive
+            self.buffers[key] = (lm.model, torch.zeros(
                 spec.num_layers, 2, spec.kv_heads, n_b, spec.head_dim, dtype=lm.dtype, device=lm.device
-            )
-        return self.buffers[key]
+            ))  # fmt: skip
+        return self.buffers[key][1]
 
-    def run(self, key: tuple, body: Callable[..., object], inputs: dict[str, torch.Tensor]):
+    def run(
+        self, key: tuple, body: Callable[..., object], inputs: dict[str, torch.Tensor], reads: tuple = ()
+    ):
         """``body(**inputs)``: eager until ``key`` was seen ``min_uses`` times, then recorded into a
         CUDA graph whose static inputs are copies of ``inputs`` and replayed from then on. The
-        returned tensors of a replay are the graph's own: read them before the next ``run``."""
+        returned tensors of a replay are the graph's own: read them before the next ``run``.
+        ``reads``: the objects besides ``inputs`` that the body reads (model, buffers); they are part
+        of the key and the graph holds them, so their ids cannot be reused while it exists."""
+        key = (*key, *(id(o) for o in reads))
         entry = self.graphs.get(key)
         if entry is None:
             self.seen[key] += 1
@@ -80,12 +97,13 @@ class FusionGraphs:
                 self.pool = torch.cuda.graph_pool_handle()
             static = {k: v.clone() for k, v in inputs.items()}
             graph = torch.cuda.CUDAGraph()
-            # thread_local: the loader's stager thread keeps issuing copies on its own stream
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            # thread_local: the loader's stager thread (and other fusions' threads) keep issuing
+            # work on their own streams meanwhile
+            with _CAPTURE, torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 out = body(**static)
-            entry = self.graphs[key] = (graph, static, out)
+            entry = self.graphs[key] = (graph, static, out, tuple(reads))
             self.captures += 1
-        graph, static, out = entry
+        graph, static, out, _ = entry
         for k, v in inputs.items():
             static[k].copy_(v)
         graph.replay()

@@ -47,7 +47,7 @@ from chunkcache.format import has_layer_sums, unpack_parts, verify_payload, veri
 from chunkcache.fuse import FuseConfig, FuseResult, StageTimer, fuse_assembled
 from chunkcache.model import LoadedModel
 
-__all__ = ["LayerLoader", "LoadPlan", "Staging", "entry_views", "fuse_entries"]
+__all__ = ["LayerLoader", "LoadPlan", "Staging", "StagingPool", "entry_views", "fuse_entries"]
 
 _ALIGN = 16  # byte alignment of every part inside a slot (dtype views, 16-byte vector loads);
 # parts of codecs are almost always multiples of it, so the per-layer copy needs few pad pieces
@@ -165,6 +165,61 @@ class Staging:
         """Page-lock ``store``'s map for direct copies if it is an LMDB store within the limit
         (``hostmap.MapRegistry.register``); True when every entry in it is covered."""
         return self.maps is not None and self.maps.register(store)
+
+
+class StagingPool:
+    """``Staging``s for concurrent fusions: a fusion holds one for its whole run (its slots, streams,
+    graphs and the padded KV buffer the graphs read are that fusion's alone), and hands it back
+    when done. At most ``size`` exist (each holds up to ``max_bytes`` of device slots, pinned host
+    slots and the graphs' buffers); further callers wait for one to be free.
+
+        pool = StagingPool(torch.device("cuda"), size=1)
+        with pool.take() as staging:
+            res = fuse_entries(lm, prefix_kv, entries, prefix_ids, suffix_ids, cfg, staging)
+    """
+
+    def __init__(self, device: torch.device | str, size: int = 1, **staging_kwargs) -> None:
+        if size < 1:
+            raise ValueError(f"a staging pool needs at least one staging, got size={size}")
+        self.device, self.size, self.kwargs = torch.device(device), size, staging_kwargs
+        self._free: list[Staging] = []
+        self._made = 0
+        self._shared = None  # (MapRegistry, MemcpyBatch) of the first staging, used by all
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def take(self) -> Iterator[Staging]:
+        with self._cond:
+            while not self._free and self._made >= self.size:
+                self._cond.wait()
+            if self._free:
+                st = self._free.pop()
+            else:
+                self._made += 1
+                st = None
+        if st is None:
+            try:
+                st = Staging(self.device, **self.kwargs)
+                with self._cond:  # one registry of the stores' maps (a map is page-locked once)
+                    if self._shared is None:
+                        self._shared = (st.maps, st.batch)
+                    st.maps, st.batch = self._shared
+            except BaseException:
+                with self._cond:
+                    self._made -= 1
+                    self._cond.notify()
+                raise
+        try:
+            yield st
+        finally:
+            with self._cond:
+                self._free.append(st)
+                self._cond.notify()
+
+    def stagings(self) -> list[Staging]:
+        """The stagings not in use now (diagnostics, tests)."""
+        with self._cond:
+            return list(self._free)
 
 
 @dataclass

@@ -61,6 +61,7 @@ def encode_chunks(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             use_cache=True,
+            logits_to_keep=1,  # only the KV is kept: no LM head over every chunk token
             **{cache_kwarg(lm.model): cache},
         )
         keys = torch.stack([layer.keys for layer in cache.layers])  # [L, B, H, width, D]
@@ -88,5 +89,5 @@ def encode_prefix(lm: LoadedModel, prefix: Sequence[int]) -> torch.Tensor:
 
     cache = DynamicCache()  # no config: keep every position even under a sliding window
     ids = torch.tensor([list(prefix)], dtype=torch.long, device=lm.device)
-    lm.model(input_ids=ids, use_cache=True, **{cache_kwarg(lm.model): cache})
+    lm.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(lm.model): cache})
     return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])

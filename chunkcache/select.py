@@ -193,6 +193,33 @@ class QFast(QAware):
         return _top(ctx, ctx.probe_attn.sum(0), k)
 
 
+class Excluding:
+    """``base``'s ranking with some positions left out (those an earlier pass already
+    recomputed): what ``fuse.refine`` selects with. Needs a probe policy that selects before
+    layer 0 (its context then holds every chunk token)."""
+
+    probe = True
+    before_layers = True
+
+    def __init__(self, base: Policy, exclude: torch.Tensor) -> None:
+        if not (base.probe and base.before_layers):
+            raise ValueError(f"refining needs a probe policy that selects before layer 0, got {base!r}")
+        self.base, self.exclude = base, exclude
+
+    def schedule(self, num_layers: int, ratio: float) -> dict[int, float]:
+        return {0: ratio}
+
+    def select(self, ctx: SelectContext, k: int) -> torch.Tensor:
+        left = ~torch.isin(ctx.positions, self.exclude.to(ctx.positions.device))  # the candidates left
+        sub = {
+            "positions": ctx.positions[left],
+            "chunk_of": ctx.chunk_of[left],
+            "probe_attn": ctx.probe_attn[:, left],
+            "token_scores": None if ctx.token_scores is None else ctx.token_scores[left],
+        }
+        return self.base.select(SelectContext(**{**ctx.__dict__, **sub}), k)
+
+
 POLICIES: dict[str, Policy] = {
     "cacheblend": CacheBlend(),
     "gradual": Gradual(),

@@ -33,8 +33,6 @@ import asyncio
 import json
 import logging
 import os
-import threading
-import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
 
@@ -54,6 +52,7 @@ import torch
 
 from chunkcache.engine import ChunkCache
 from chunkcache.errors import ModelMismatchError
+from chunkcache.generation import astream_text, generate_text, stream_text
 
 __all__ = [
     "HIT_FIELD",
@@ -81,21 +80,6 @@ class NoContextError(ValueError):
 
 
 # ---- shared helpers --------------------------------------------------------------------------
-
-_LOCKS: weakref.WeakKeyDictionary[ChunkCache, threading.Lock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def _lock(engine: ChunkCache) -> threading.Lock:
-    """One lock per engine: the engine (model, store handle, lazily built prefix) is not thread-safe,
-    and LangChain's batch/abatch call runnables from a thread pool. A plain Lock, not an RLock: an
-    async stream is advanced from whichever executor thread is free, so the thread that releases it
-    may not be the one that took it (nothing here takes it twice)."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(engine)
-        if lock is None:
-            lock = _LOCKS[engine] = threading.Lock()
-        return lock
 
 
 def _has_text(doc: Document | str) -> bool:
@@ -148,12 +132,11 @@ def precompute_documents(
 ) -> list[Document]:
     """Copies of ``documents`` with ``metadata[KEY_FIELD]`` (and ``HIT_FIELD``) set, after making sure
     each one with text has a stored cache. Documents without text get ``KEY_FIELD: None``."""
-    with _lock(engine):
-        keys: list[str | None] = [engine.key(d.page_content) if _has_text(d) else None for d in documents]
-        hits = [k is not None and engine.store.contains(k) for k in keys]
-        todo = [d.page_content for d, k, hit in zip(documents, keys, hits, strict=True) if k and not hit]
-        if todo:
-            engine.precompute(todo, batch_size=batch_size)
+    keys: list[str | None] = [engine.key(d.page_content) if _has_text(d) else None for d in documents]
+    hits = [k is not None and engine.store.contains(k) for k in keys]
+    todo = [d.page_content for d, k, hit in zip(documents, keys, hits, strict=True) if k and not hit]
+    if todo:
+        engine.precompute(todo, batch_size=batch_size)
     out = []
     for d, k, hit in zip(documents, keys, hits, strict=True):
         if k is None:
@@ -285,7 +268,9 @@ class ChunkCacheGenerator(RunnableSerializable[dict, str]):
     Replaces ``format_docs | prompt | llm | StrOutputParser()`` of a usual chain: the engine's
     template lays out the passages (one chunk per Document, in the given order) and the question.
     invoke/batch/stream and their async forms are supported; ``stream`` yields text pieces as the
-    model produces them. Calls on one engine are serialised (one model, one store handle).
+    model produces them. Any number of calls may run at once (``batch`` runs them in threads,
+    ``abatch`` as asyncio tasks whose blocking work runs in worker threads); each answer equals
+    its own ``invoke``.
     """
 
     engine: ChunkCache
@@ -355,80 +340,29 @@ class ChunkCacheGenerator(RunnableSerializable[dict, str]):
         eng = self.engine
         if not texts:
             log.info("no passages: answering from the question alone (plain prefill)")
-            return eng.prompt_ids([], question).to(eng.lm.device), {}
+            return eng.prompt_ids([], question), {}
         fused = eng.fuse(texts, question, recompute_ratio=self.recompute_ratio, policy=self.policy)
-        from chunkcache.model import cache_kwarg
+        return fused.input_ids, eng._cache_kw(fused)
 
-        return fused.input_ids.to(eng.lm.device), {cache_kwarg(eng.model): fused.fresh_cache()}
-
-    def _generate_kwargs(self) -> dict:
-        tok = self.engine.tokenizer
-        kwargs = {"do_sample": False, "pad_token_id": tok.pad_token_id or tok.eos_token_id}
-        kwargs.update(self.generate_kwargs)
-        return kwargs
-
-    @torch.no_grad()
     def _answer(self, input: dict) -> str:
-        question, texts = self._parse(input)
-        with _lock(self.engine):
-            ids, cache = self._prompt(question, texts)
-            out = self.engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache,
-                                             max_new_tokens=self.max_new_tokens, **self._generate_kwargs())  # fmt: skip
-        return self.engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        ids, cache = self._prompt(*self._parse(input))
+        return generate_text(self.engine.lm, ids, cache, self.max_new_tokens, **self.generate_kwargs)
+
+    async def _aanswer(self, input: dict) -> str:
+        return await asyncio.to_thread(self._answer, input)
 
     def _tokens(self, input: dict) -> Iterator[str]:
-        """Yield answer text as it is generated (generate runs in a thread feeding a streamer).
-        The pieces join to ``_answer``'s text, apart from its final strip of trailing whitespace."""
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        question, texts = self._parse(input)
-        stop = threading.Event()
-        error: list[BaseException] = []
-
-        class _Stop(StoppingCriteria):  # lets an abandoned stream end the generation early
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool)
-
-        lock = _lock(self.engine)
-        lock.acquire()
-        try:
-            with torch.no_grad():
-                ids, cache = self._prompt(question, texts)
-            streamer = TextIteratorStreamer(self.engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-            def work() -> None:
-                try:
-                    with torch.no_grad():
-                        self.engine.model.generate(
-                            input_ids=ids, attention_mask=torch.ones_like(ids), **cache,
-                            max_new_tokens=self.max_new_tokens, streamer=streamer,
-                            stopping_criteria=StoppingCriteriaList([_Stop()]), **self._generate_kwargs(),
-                        )  # fmt: skip
-                except BaseException as e:  # surfaced to the consumer below
-                    error.append(e)
-                    streamer.end()
-
-            thread = threading.Thread(target=work, name="chunkcache-generate", daemon=True)
-            thread.start()
-            started = False
-            try:
-                for piece in streamer:
-                    if not started:
-                        piece = piece.lstrip()
-                        started = bool(piece)
-                    if piece:
-                        yield piece
-            finally:
-                stop.set()
-                thread.join()
-            if error:
-                raise error[0]
-        finally:
-            lock.release()
+        """Yield answer text as it is generated (``generation.stream_text``). The pieces join to
+        ``_answer``'s text, apart from its final strip of trailing whitespace."""
+        ids, cache = self._prompt(*self._parse(input))
+        yield from stream_text(self.engine.lm, ids, cache, self.max_new_tokens, **self.generate_kwargs)
 
     # -- Runnable interface -------------------------------------------------------------------------
     def invoke(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> str:
         return self._call_with_config(self._answer, input, config)
+
+    async def ainvoke(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> str:
+        return await self._acall_with_config(self._aanswer, input, config)
 
     def transform(
         self, input: Iterator[dict], config: RunnableConfig | None = None, **kwargs: Any
@@ -458,13 +392,12 @@ class ChunkCacheGenerator(RunnableSerializable[dict, str]):
 
     async def _atransform(self, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
         parts = [c async for c in chunks]
-        it = self._tokens(_merge(iter(parts)))
-        done = object()
-        try:
-            while (piece := await run_in_executor(None, next, it, done)) is not done:
-                yield piece
-        finally:
-            await asyncio.shield(run_in_executor(None, it.close))
+        question, texts = self._parse(_merge(iter(parts)))
+        ids, cache = await asyncio.to_thread(self._prompt, question, texts)
+        async for piece in astream_text(
+            self.engine.lm, ids, cache, self.max_new_tokens, **self.generate_kwargs
+        ):
+            yield piece
 
 
 def _merge(chunks: Iterator[dict]) -> dict:

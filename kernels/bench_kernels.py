@@ -94,6 +94,11 @@ def _chunk_parts(codec: str, h: int, t: int, d: int, dtype: torch.dtype) -> dict
             "k_scale": torch.rand(h, d, device=dev).half(),
             "v_scale": torch.rand(h, t, device=dev).half(),
         }
+    if codec == "int2":  # a real encode: its kept-row indices must be distinct
+        from chunkcache.codec import CODECS
+
+        parts = CODECS["int2"].encode(torch.randn(1, 2, h, t, d, device=dev))
+        return {name: x[0].to(dev) for name, x in parts.items()}
     g = -(-t // INT4_GROUP)
     q4 = lambda: torch.randint(0, 256, (h, t, d // 2), device=dev, dtype=torch.uint8)  # noqa: E731
     return {
@@ -113,7 +118,7 @@ def bench_rerotate_scatter(tokens: int = 512, n_slots: int = 8192, sweep: bool =
     ang = torch.rand(d // 2, device="cuda") * 6
     cos, sin = torch.cat((ang.cos(), ang.cos())), torch.cat((ang.sin(), ang.sin()))
     buf = torch.zeros(2, h, n_slots, d, device="cuda", dtype=dtype)  # [2, H, N, D], one layer
-    for codec in ("raw", "int8", "int4"):
+    for codec in ("raw", "int8", "int4", "int2"):
         parts = _chunk_parts(codec, h, tokens, d, dtype)
         moved = (
             sum(x.numel() * x.element_size() for x in parts.values())

@@ -18,9 +18,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from chunkcache.codec import CODECS, INT4_GROUP
+from chunkcache.codec import CODECS, INT4_GROUP, int2_groups, int2_kept, int2_sections, int2_side_layout
 
-KERNEL_CODECS = ("raw", "int8", "int4")
+KERNEL_CODECS = ("raw", "int8", "int4", "int2")
 """The codecs the decode kernels (and ``decode_layer``) implement."""
 
 CODEC_PARTS: dict[str, tuple[str, ...]] = {name: CODECS[name].parts for name in KERNEL_CODECS}
@@ -53,8 +53,13 @@ def decode_layer(codec: str, parts: Mapping[str, torch.Tensor]) -> tuple[torch.T
     int4: k_q, v_q uint8 [H, T, D/2] (two per byte along D, low nibble = even index);
           k_scale, k_min fp16 [H, ceil(T/128), D] (per channel, token t uses group t // 128);
           v_scale, v_min fp16 [H, T] (per token); x = q * scale + min.
+    int2: rows uint8 [H, T, D/2 + 4], side uint8 [E] (``codec.Int2Codec``): 2-bit codes, key
+          groups t // S, then the kept tokens' int8 rows written over theirs.
     """
     check_parts(codec, parts)
+    if codec == "int2":  # the layout and its decode are codec.py's (rows, side; see Int2Codec)
+        kv = CODECS["int2"].decode_layer({"rows": parts["rows"][None], "side": parts["side"][None]}, 0, torch.float32)
+        return kv[0], kv[1]
     if codec == "raw":
         kv = parts["kv"].float()
         return kv[0], kv[1]
@@ -187,6 +192,9 @@ def probe_attention_reference(
 
 _SCALE_PARTS = ("k_scale", "k_min", "v_scale", "v_min")
 
+META_COLS = 16
+"""Columns of ``PackedLayout.meta``'s launch table."""
+
 
 class PackedLayout:
     """Where every chunk's codec parts of one layer sit inside one packed byte buffer (a staging
@@ -206,6 +214,7 @@ class PackedLayout:
         self.chunks: list[dict[str, tuple[int, torch.dtype, tuple[int, ...]]]] = []
         self.tokens: list[int] = []
         self.dests: list[int] = []
+        self.kept: list[int] = []  # int2: tokens kept at 8 bits per chunk (0 for other codecs)
         self.nbytes = 0  # end of the last part
         self._meta: dict[torch.device, torch.Tensor] = {}
 
@@ -214,6 +223,14 @@ class PackedLayout:
         check_parts(self.codec, parts)
         if self.codec == "raw":
             _, h, t, d = parts["kv"][2]
+        elif self.codec == "int2":
+            h, t, r = parts["rows"][2]
+            d = 2 * (r - 4)
+            side = int2_side_layout(h, t, d)["end"][0]
+            if parts["rows"][1] != torch.uint8 or parts["side"][1] != torch.uint8 or parts["side"][2] != (side,):
+                raise ValueError(f"int2 parts must be uint8 rows [H, T, D/2 + 4] and side [{side}]")
+            if parts["side"][0] % 4:
+                raise ValueError(f"part at byte {parts['side'][0]} is not aligned to its int32 section")
         else:
             h, t, d = parts["k_q"][2]
             d = d * 2 if self.codec == "int4" else d
@@ -229,6 +246,7 @@ class PackedLayout:
         self.chunks.append({k: (int(o), dt, tuple(int(x) for x in sh)) for k, (o, dt, sh) in parts.items()})
         self.tokens.append(int(t))
         self.dests.append(int(dest))
+        self.kept.append(int2_kept(int(t)) if self.codec == "int2" else 0)
         self._meta.clear()
 
     def shifted(self, deltas: Sequence[Mapping[str, int]]) -> PackedLayout:
@@ -239,7 +257,7 @@ class PackedLayout:
         if len(deltas) != len(self.chunks):
             raise ValueError(f"{len(deltas)} deltas for {len(self.chunks)} chunks")
         out = PackedLayout(self.codec, self.heads, self.head_dim)
-        out.tokens, out.dests = list(self.tokens), list(self.dests)
+        out.tokens, out.dests, out.kept = list(self.tokens), list(self.dests), list(self.kept)
         for parts, delta in zip(self.chunks, deltas, strict=True):
             moved = {}
             for name, (off, dt, shape) in parts.items():
@@ -266,16 +284,33 @@ class PackedLayout:
         return out
 
     def data_dtype(self) -> torch.dtype:
-        return self.chunks[0]["kv" if self.codec == "raw" else "k_q"][1]
+        return self.chunks[0][{"raw": "kv", "int2": "rows"}.get(self.codec, "k_q")][1]
+
+    def _int2_row(self, parts, t: int, dest: int) -> list[int]:
+        """int2's launch-table row: rows at byte r (codes; value codes at r + D/4; value scale,
+        min at fp16 units (r + D/2) / 2 and one further), side sections at s + their offsets."""
+        d = self.head_dim
+        r, s = parts["rows"][0], parts["side"][0]
+        sec = {name: s + off for name, (off, _, _) in int2_side_layout(self.heads, t, d).items()}
+        groups, per_group = int2_groups(t)
+        vs = (r + d // 2) // 2
+        return [t, dest, groups, r, r + d // 4, sec["k_scale"] // 2, sec["k_min"] // 2, vs, vs + 1,
+                per_group, int2_kept(t), sec["o_idx"] // 4, sec["o_k"], sec["o_v"],
+                sec["o_ks"] // 2, sec["o_vs"] // 2]  # fmt: skip
 
     def meta(self, device: torch.device) -> torch.Tensor:
-        """[C, 9] int64 launch table on ``device``: tokens, dest, key groups, then element offsets of
-        k, v (in the data dtype) and k_scale, k_min, v_scale, v_min (in fp16; 0 where unused)."""
+        """[C, META_COLS] int64 launch table on ``device``: tokens, dest, key groups, then element
+        offsets of k, v (in the data dtype) and k_scale, k_min, v_scale, v_min (in fp16; 0 where
+        unused); then for int2 (0 otherwise): tokens per key group, kept tokens n, and the element
+        offsets of o_idx (int32), o_k, o_v (int8), o_ks, o_vs (fp16); see ``_int2_row``."""
         device = torch.device(device)
         if device not in self._meta:
             rows = []
             data_size = self.data_dtype().itemsize
             for parts, t, dest in zip(self.chunks, self.tokens, self.dests, strict=True):
+                if self.codec == "int2":
+                    rows.append(self._int2_row(parts, t, dest))
+                    continue
                 if self.codec == "raw":
                     k = parts["kv"][0] // data_size
                     v = k + self.heads * t * self.head_dim
@@ -288,7 +323,8 @@ class PackedLayout:
                 for n in _SCALE_PARTS:
                     if n in parts and parts[n][1] != torch.float16:
                         raise ValueError(f"{n} must be float16, got {parts[n][1]}")
-                rows.append([t, dest, groups, k, v, *sc])
+                kept = [0] * 7
+                rows.append([t, dest, groups, k, v, *sc, *kept])
             self._meta[device] = torch.tensor(rows, dtype=torch.int64).to(device)
         return self._meta[device]
 

@@ -23,18 +23,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import INT4_GROUP, check_parts
+from .reference import INT4_GROUP, META_COLS, check_parts, int2_groups, int2_sections
 from .reference import rerotate_scatter_reference as rerotate_scatter_reference
 
 __all__ = ["rerotate_scatter", "rerotate_scatter_packed", "rerotate_scatter_reference"]
 
-_CODEC_ID = {"raw": 0, "int8": 1, "int4": 2}
+_CODEC_ID = {"raw": 0, "int8": 1, "int4": 2, "int2": 3}
 
 
 @triton.jit
 def _decode_rotate_store(
     K_ptr, V_ptr, KS_ptr, KM_ptr, VS_ptr, VM_ptr, COS_ptr, SIN_ptr, KO_ptr, VO_ptr,
-    T, G, offset, sko_h, sko_t, sko_d, svo_h, svo_t, svo_d, pid_t, h,
+    T, G, S, offset, sko_h, sko_t, sko_d, svo_h, svo_t, svo_d, pid_t, h,
     D: tl.constexpr, CODEC: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):  # fmt: skip
@@ -46,7 +46,9 @@ def _decode_rotate_store(
         v_out  = v
     rounded once to the output dtype. Decode: int8 x = q * scale; int4 x = q * scale + min, where
     the two halves of an int4 row sit in bytes [0, D/4) and [D/4, D/2), each byte holding an even
-    (low nibble) and odd (high nibble) element, so each half is loaded as bytes and interleaved.
+    (low nibble) and odd (high nibble) element, so each half is loaded as bytes and interleaved;
+    int2 x = q * scale + min with key group t // S, four planar codes per byte in rows of D/2 + 4
+    bytes (see ``codec.Int2Codec``; its kept rows are written afterwards by ``_kept_rows``).
     """
     HALF: tl.constexpr = D // 2
 
@@ -57,7 +59,33 @@ def _decode_rotate_store(
     mask = t_mask[:, None] & j_mask[None, :]
     row = h * T + t  # source row of (head, token)
 
-    if CODEC == 2:
+    if CODEC == 3:
+        # int2: a (head, token) row of R = D/2 + 4 bytes holds the key codes (bytes [0, D/4), K_ptr),
+        # the value codes ([D/4, D/2), V_ptr) and the value scale, min (fp16 at VS_ptr, VM_ptr, in
+        # fp16 units R/2 per row). Element e sits in byte e % (D/4), bits 2 * (e // (D/4)).
+        Q2: tl.constexpr = D // 4
+        R: tl.constexpr = D // 2 + 4
+        e2 = j + HALF
+        src1 = row[:, None] * R + (j % Q2)[None, :]
+        src2 = row[:, None] * R + (e2 % Q2)[None, :]
+        sh1 = (2 * (j // Q2)).to(tl.uint8)[None, :]
+        sh2 = (2 * (e2 // Q2)).to(tl.uint8)[None, :]
+        k1 = ((tl.load(K_ptr + src1, mask=mask, other=0) >> sh1) & 3).to(tl.float32)
+        k2 = ((tl.load(K_ptr + src2, mask=mask, other=0) >> sh2) & 3).to(tl.float32)
+        v1 = ((tl.load(V_ptr + src1, mask=mask, other=0) >> sh1) & 3).to(tl.float32)
+        v2 = ((tl.load(V_ptr + src2, mask=mask, other=0) >> sh2) & 3).to(tl.float32)
+        ks_row = (h * G + t // S)[:, None] * D + j[None, :]
+        k1 = k1 * tl.load(KS_ptr + ks_row, mask=mask, other=0.0).to(tl.float32) + tl.load(
+            KM_ptr + ks_row, mask=mask, other=0.0
+        ).to(tl.float32)
+        k2 = k2 * tl.load(KS_ptr + ks_row + HALF, mask=mask, other=0.0).to(tl.float32) + tl.load(
+            KM_ptr + ks_row + HALF, mask=mask, other=0.0
+        ).to(tl.float32)
+        vs = tl.load(VS_ptr + row * (R // 2), mask=t_mask, other=0.0).to(tl.float32)[:, None]
+        vm = tl.load(VM_ptr + row * (R // 2), mask=t_mask, other=0.0).to(tl.float32)[:, None]
+        v1 = v1 * vs + vm
+        v2 = v2 * vs + vm
+    elif CODEC == 2:
         QUARTER: tl.constexpr = D // 4
         b = tl.arange(0, BLOCK_HALF // 2).to(tl.int64)  # byte inside one half
         b_mask = t_mask[:, None] & (b < QUARTER)[None, :]
@@ -95,6 +123,16 @@ def _decode_rotate_store(
             v1 = v1 * vs
             v2 = v2 * vs
 
+    _rotate_store(k1, k2, v1, v2, offset + t, mask, j, j_mask, h, COS_ptr, SIN_ptr, KO_ptr, VO_ptr,
+                  sko_h, sko_t, sko_d, svo_h, svo_t, svo_d, HALF)  # fmt: skip
+
+
+@triton.jit
+def _rotate_store(
+    k1, k2, v1, v2, dst_t, mask, j, j_mask, h, COS_ptr, SIN_ptr, KO_ptr, VO_ptr,
+    sko_h, sko_t, sko_d, svo_h, svo_t, svo_d, HALF: tl.constexpr,
+):  # fmt: skip
+    """Rotate decoded fp32 key halves by (cos, sin), write keys and values at cache rows ``dst_t``."""
     c1 = tl.load(COS_ptr + j, mask=j_mask, other=0.0)[None, :]
     c2 = tl.load(COS_ptr + HALF + j, mask=j_mask, other=0.0)[None, :]
     s1 = tl.load(SIN_ptr + j, mask=j_mask, other=0.0)[None, :]
@@ -102,13 +140,39 @@ def _decode_rotate_store(
     ko1 = k1 * c1 - k2 * s1
     ko2 = k2 * c2 + k1 * s2
 
-    dst_t = offset + t
     ko = KO_ptr + h * sko_h + dst_t[:, None] * sko_t + j[None, :] * sko_d
     tl.store(ko, ko1.to(KO_ptr.dtype.element_ty), mask=mask)
     tl.store(ko + HALF * sko_d, ko2.to(KO_ptr.dtype.element_ty), mask=mask)
     vo = VO_ptr + h * svo_h + dst_t[:, None] * svo_t + j[None, :] * svo_d
     tl.store(vo, v1.to(VO_ptr.dtype.element_ty), mask=mask)
     tl.store(vo + HALF * svo_d, v2.to(VO_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _kept_rows(
+    IDX_ptr, OK_ptr, OV_ptr, OKS_ptr, OVS_ptr, COS_ptr, SIN_ptr, KO_ptr, VO_ptr,
+    n, offset, sko_h, sko_t, sko_d, svo_h, svo_t, svo_d, pid_t, h,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):  # fmt: skip
+    """int2's kept tokens: BLOCK_T of the n int8 rows of one kv head, decoded (x = q * scale, one
+    scale per row), rotated and written over their 2-bit rows at cache rows offset + idx[t]."""
+    HALF: tl.constexpr = D // 2
+    t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    t_mask = t < n
+    j = tl.arange(0, BLOCK_HALF).to(tl.int64)
+    j_mask = j < HALF
+    mask = t_mask[:, None] & j_mask[None, :]
+    row = h * n + t
+    src = row[:, None] * D + j[None, :]
+    ks = tl.load(OKS_ptr + row, mask=t_mask, other=0.0).to(tl.float32)[:, None]
+    vs = tl.load(OVS_ptr + row, mask=t_mask, other=0.0).to(tl.float32)[:, None]
+    k1 = tl.load(OK_ptr + src, mask=mask, other=0).to(tl.float32) * ks
+    k2 = tl.load(OK_ptr + src + HALF, mask=mask, other=0).to(tl.float32) * ks
+    v1 = tl.load(OV_ptr + src, mask=mask, other=0).to(tl.float32) * vs
+    v2 = tl.load(OV_ptr + src + HALF, mask=mask, other=0).to(tl.float32) * vs
+    dst_t = offset + tl.load(IDX_ptr + t, mask=t_mask, other=0).to(tl.int64)
+    _rotate_store(k1, k2, v1, v2, dst_t, mask, j, j_mask, h, COS_ptr, SIN_ptr, KO_ptr, VO_ptr,
+                  sko_h, sko_t, sko_d, svo_h, svo_t, svo_d, HALF)  # fmt: skip
 
 
 @triton.jit
@@ -124,7 +188,8 @@ def _rerotate_scatter_kernel(
     KO_ptr,  # [H, N, D] output keys, strided
     VO_ptr,  # [H, N, D] output values, strided
     T,
-    G,  # key scale groups per head (int4: ceil(T / 128); int8: 1)
+    G,  # key scale groups per head (int4: ceil(T / 128); int2: codec.int2_groups; int8: 1)
+    S,  # int2: tokens per key group
     offset,
     sko_h,
     sko_t,
@@ -141,7 +206,7 @@ def _rerotate_scatter_kernel(
     """One program = BLOCK_T tokens of one kv head of the chunk (see ``_decode_rotate_store``)."""
     _decode_rotate_store(
         K_ptr, V_ptr, KS_ptr, KM_ptr, VS_ptr, VM_ptr, COS_ptr, SIN_ptr, KO_ptr, VO_ptr,
-        T, G, offset, sko_h, sko_t, sko_d, svo_h, svo_t, svo_d,
+        T, G, S, offset, sko_h, sko_t, sko_d, svo_h, svo_t, svo_d,
         tl.program_id(0), tl.program_id(1).to(tl.int64), D, CODEC, GROUP, BLOCK_T, BLOCK_HALF,
     )  # fmt: skip
 
@@ -150,7 +215,7 @@ def _rerotate_scatter_kernel(
 def _rerotate_scatter_packed_kernel(
     DATA_ptr,  # the packed buffer viewed as the codec's data dtype (raw: model dtype; int8; uint8)
     SC_ptr,  # the same buffer viewed as fp16 (scales and mins)
-    META_ptr,  # [C, 9] int64: tokens, dest offset, key groups, then element offsets of k, v, ks, km, vs, vm
+    META_ptr,  # [C, META_COLS] int64, see reference.PackedLayout.meta
     COS_ptr,  # [C, D] fp32
     SIN_ptr,  # [C, D] fp32
     KO_ptr,
@@ -166,18 +231,53 @@ def _rerotate_scatter_packed_kernel(
     GROUP: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    META_COLS: tl.constexpr,
 ):
     """Every chunk of one layer in one launch: program (t-block, kv head, chunk). Blocks past a
     shorter chunk's end are fully masked."""
     c = tl.program_id(2).to(tl.int64)
-    m = META_ptr + c * 9
+    m = META_ptr + c * META_COLS
     T = tl.load(m)
     _decode_rotate_store(
         DATA_ptr + tl.load(m + 3), DATA_ptr + tl.load(m + 4),
         SC_ptr + tl.load(m + 5), SC_ptr + tl.load(m + 6), SC_ptr + tl.load(m + 7), SC_ptr + tl.load(m + 8),
         COS_ptr + c * D, SIN_ptr + c * D, KO_ptr, VO_ptr,
-        T, tl.load(m + 2), tl.load(m + 1), sko_h, sko_t, sko_d, svo_h, svo_t, svo_d,
+        T, tl.load(m + 2), tl.load(m + 9), tl.load(m + 1), sko_h, sko_t, sko_d, svo_h, svo_t, svo_d,
         tl.program_id(0), tl.program_id(1).to(tl.int64), D, CODEC, GROUP, BLOCK_T, BLOCK_HALF,
+    )  # fmt: skip
+
+
+@triton.jit
+def _kept_rows_packed_kernel(
+    I8_ptr,  # the packed buffer viewed as int8 (o_k, o_v)
+    SC_ptr,  # ... as fp16 (o_ks, o_vs)
+    I32_ptr,  # ... as int32 (o_idx)
+    META_ptr,  # [C, META_COLS] int64
+    COS_ptr, SIN_ptr, KO_ptr, VO_ptr, sko_h, sko_t, sko_d, svo_h, svo_t, svo_d,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, META_COLS: tl.constexpr,
+):  # fmt: skip
+    """int2's kept rows of every chunk of one layer: program (t-block, kv head, chunk)."""
+    c = tl.program_id(2).to(tl.int64)
+    m = META_ptr + c * META_COLS
+    _kept_rows(
+        I32_ptr + tl.load(m + 11), I8_ptr + tl.load(m + 12), I8_ptr + tl.load(m + 13),
+        SC_ptr + tl.load(m + 14), SC_ptr + tl.load(m + 15), COS_ptr + c * D, SIN_ptr + c * D, KO_ptr, VO_ptr,
+        tl.load(m + 10), tl.load(m + 1), sko_h, sko_t, sko_d, svo_h, svo_t, svo_d,
+        tl.program_id(0), tl.program_id(1).to(tl.int64), D, BLOCK_T, BLOCK_HALF,
+    )  # fmt: skip
+
+
+@triton.jit
+def _kept_rows_kernel(
+    IDX_ptr, OK_ptr, OV_ptr, OKS_ptr, OVS_ptr, COS_ptr, SIN_ptr, KO_ptr, VO_ptr,
+    n, offset, sko_h, sko_t, sko_d, svo_h, svo_t, svo_d,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):  # fmt: skip
+    """int2's kept rows of one chunk-layer: program (t-block, kv head)."""
+    _kept_rows(
+        IDX_ptr, OK_ptr, OV_ptr, OKS_ptr, OVS_ptr, COS_ptr, SIN_ptr, KO_ptr, VO_ptr,
+        n, offset, sko_h, sko_t, sko_d, svo_h, svo_t, svo_d,
+        tl.program_id(0), tl.program_id(1).to(tl.int64), D, BLOCK_T, BLOCK_HALF,
     )  # fmt: skip
 
 
@@ -200,19 +300,24 @@ def rerotate_scatter(
     if codec == "raw":
         kv = parts["kv"]
         k_src, v_src = kv[0].contiguous(), kv[1].contiguous()
+    elif codec == "int2":
+        rows = parts["rows"].contiguous()  # [H, T, D/2 + 4]
+        sec = int2_sections(rows, parts["side"].contiguous())
+        k_src, v_src = rows, rows[..., (rows.shape[-1] - 4) // 2 :]  # V_ptr: the value codes' start
     else:
         k_src, v_src = parts["k_q"].contiguous(), parts["v_q"].contiguous()
     h, t = k_src.shape[0], k_src.shape[1]
     d = k_out.shape[-1]
+    if codec == "int2" and rows.shape[-1] != d // 2 + 4:
+        raise ValueError(f"codec 'int2' rows have last dim {rows.shape[-1]}, head_dim {d} needs {d // 2 + 4}")
     if k_out.shape != v_out.shape or k_out.dim() != 3 or k_out.shape[0] != h:
         raise ValueError(
             f"k_out/v_out must be [{h}, N, D], got {tuple(k_out.shape)} and {tuple(v_out.shape)}"
         )
-    if d % (4 if codec == "int4" else 2):
-        raise ValueError(
-            f"head_dim {d} must be divisible by {4 if codec == 'int4' else 2} for codec {codec!r}"
-        )
-    if k_src.shape[-1] != (d // 2 if codec == "int4" else d):
+    per_byte = {"int4": 2, "int2": 4}.get(codec, 1)
+    if d % (2 * per_byte):
+        raise ValueError(f"head_dim {d} must be divisible by {2 * per_byte} for codec {codec!r}")
+    if codec != "int2" and k_src.shape[-1] != d // per_byte:
         raise ValueError(f"codec {codec!r} data has last dim {k_src.shape[-1]}, head_dim is {d}")
     if offset < 0 or offset + t > k_out.shape[1]:
         raise ValueError(f"chunk of {t} tokens at offset {offset} does not fit in {k_out.shape[1]} slots")
@@ -225,9 +330,14 @@ def rerotate_scatter(
     if cos.shape != (d,) or sin.shape != (d,):
         raise ValueError(f"cos/sin must be [{d}], got {tuple(cos.shape)} and {tuple(sin.shape)}")
 
-    groups = 1
+    groups, group_tokens = 1, 1
     ks = km = vs = vm = k_src  # placeholders the kernel never reads for this codec
-    if codec == "int8":
+    if codec == "int2":  # views into rows / side (int2_sections checked the side's size)
+        ks, km = sec["k_scale"], sec["k_min"]
+        sm = rows.view(torch.float16)  # [H, T, R/2]: the kernel steps R/2 fp16 units per row
+        vs, vm = sm[..., d // 4], sm[..., d // 4 + 1]
+        groups, group_tokens = int2_groups(t)
+    elif codec == "int8":
         ks, vs = parts["k_scale"].contiguous(), parts["v_scale"].contiguous()
     elif codec == "int4":
         ks, km = parts["k_scale"].contiguous(), parts["k_min"].contiguous()
@@ -257,6 +367,7 @@ def rerotate_scatter(
         v_out,
         t,
         groups,
+        group_tokens,
         offset,
         *k_out.stride(),
         *v_out.stride(),
@@ -267,6 +378,15 @@ def rerotate_scatter(
         BLOCK_HALF=block_half,
         num_warps=4,
     )
+    if codec == "int2":  # after the 2-bit rows (stream order): the kept rows overwrite theirs
+        idx = sec["o_idx"]
+        n = idx.shape[0]
+        if n:
+            _kept_rows_kernel[(triton.cdiv(n, block_t), h)](
+                idx, sec["o_k"], sec["o_v"], sec["o_ks"], sec["o_vs"], cos, sin, k_out, v_out,
+                n, offset, *k_out.stride(), *v_out.stride(),
+                D=d, BLOCK_T=block_t, BLOCK_HALF=block_half, num_warps=4,
+            )  # fmt: skip
 
 
 def rerotate_scatter_packed(
@@ -304,10 +424,11 @@ def rerotate_scatter_packed(
     if block_t is None:
         block_t = max(1, min(32, 4096 // block_half, triton.next_power_of_2(t_max)))
     grid = (triton.cdiv(t_max, block_t), h, n_chunks)
+    meta = layout.meta(buf.device)
     _rerotate_scatter_packed_kernel[grid](
         data,
         scales,
-        layout.meta(buf.device),
+        meta,
         cos,
         sin,
         k_out,
@@ -319,5 +440,14 @@ def rerotate_scatter_packed(
         GROUP=INT4_GROUP,
         BLOCK_T=block_t,
         BLOCK_HALF=block_half,
+        META_COLS=META_COLS,
         num_warps=4,
     )
+    if layout.codec == "int2":  # after the 2-bit rows (stream order): the kept rows overwrite theirs
+        n_max = max(layout.kept)
+        if n_max:
+            _kept_rows_packed_kernel[(triton.cdiv(n_max, block_t), h, n_chunks)](
+                buf[:usable].view(torch.int8), scales, buf[:usable].view(torch.int32), meta,
+                cos, sin, k_out, v_out, *k_out.stride(), *v_out.stride(),
+                D=d, BLOCK_T=block_t, BLOCK_HALF=block_half, META_COLS=META_COLS, num_warps=4,
+            )  # fmt: skip

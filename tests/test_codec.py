@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chunkcache.codec import CODECS, INT4_GROUP, get_codec
+from chunkcache.codec import CODECS, INT2_KEEP_FIRST, INT4_GROUP, get_codec, int2_groups, int2_kept, int2_sections
 
 SHAPES = [(2, 1, 1, 64), (2, 3, 129, 64), (1, 3, 300, 128), (3, 2, 128, 64), (1, 1, 5, 2)]  # L, H, T, D
 
@@ -100,7 +100,54 @@ def test_int4_packing_is_low_nibble_first():
     assert torch.equal(CODECS["int4"].decode(parts, torch.float32), kv)
 
 
-@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_int2_keeps_chunk_start_and_outliers_at_8_bits():
+    """The first tokens and an outlier token are kept (int8 rows, exact to half an int8 step) and
+    left out of the key ranges, so the other tokens keep a fine 2-bit step."""
+    L, H, T, D = 2, 2, 300, 64
+    kv = make_kv(L, H, T, D, dtype=torch.float32)
+    kv[:, :, :, 77] *= 40.0  # token 77: an outlier in keys and values, in every layer
+    parts = CODECS["int2"].encode(kv)
+    n = int2_kept(T)
+    idx = torch.stack([int2_sections(parts["rows"][i], parts["side"][i])["o_idx"].long() for i in range(L)])
+    assert tuple(idx.shape) == (L, n) and n == INT2_KEEP_FIRST + 6
+    for layer in range(L):
+        assert set(range(INT2_KEEP_FIRST)) | {77} <= set(idx[layer].tolist())
+    out = CODECS["int2"].decode(parts, torch.float32)
+    for layer in range(L):
+        x = kv[layer][:, :, idx[layer]]  # [2, H, n, D] kept rows
+        step = x.abs().amax(dim=3, keepdim=True) / 127
+        assert ((out[layer][:, :, idx[layer]] - x).abs() <= 0.5 * step * 1.01 + 1e-6).all()
+    # the rest: within half a step of a range computed without the kept tokens (clipping may only
+    # shrink a range, so the error bound is the step of the unshrunk range plus the clipped part)
+    G, S = int2_groups(T)
+    rest = torch.ones(T, dtype=torch.bool)
+    rest[idx[0]] = False
+    k = kv[0, 0][:, rest]
+    assert (out[0, 0][:, rest] - k).abs().max() < (k.amax() - k.amin()) / 3  # 77's range would be 40x
+    assert (out[0, 0][:, 77] - kv[0, 0][:, 77]).abs().max() < kv[0, 0][:, 77].abs().max() / 200
+
+
+def test_int2_packing_is_planar():
+    """Byte b of a row holds elements b, b + D/4, b + D/2, b + 3D/4 in bits 0-1, 2-3, 4-5, 6-7."""
+    D = 8
+    kv = torch.zeros(1, 2, 1, 300, D)
+    kv[0, 1, 0, :, :] = torch.tensor([0.0, 1, 2, 3, 3, 2, 1, 0])  # every value row the same codes
+    parts = CODECS["int2"].encode(kv)
+    sec = int2_sections(parts["rows"][0], parts["side"][0])
+    assert parts["rows"][0, 0, 100, 2:4].tolist() == [0 | 2 << 2 | 3 << 4 | 1 << 6, 1 | 3 << 2 | 2 << 4 | 0 << 6]
+    assert torch.equal(sec["v_q"][0, 100], parts["rows"][0, 0, 100, 2:4])
+    assert sec["v_scale"][0, 100] == 1 and sec["v_min"][0, 100] == 0  # fp16 (scale, min) after the codes
+    rest = torch.ones(300, dtype=torch.bool)
+    rest[sec["o_idx"].long()] = False  # kept rows are int8 (not exact for 1 and 2 of 3)
+    assert torch.equal(CODECS["int2"].decode(parts, torch.float32)[:, :, :, rest], kv[:, :, :, rest])
+
+
+def test_int2_needs_head_dim_multiple_of_4():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        CODECS["int2"].encode(torch.zeros(1, 2, 1, 4, 62))
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "int2"])
 def test_zeros_stay_zeros(name):
     kv = torch.zeros(2, 2, 3, 129, 64, dtype=torch.bfloat16)
     kv[0, 0, 0, :, 5] = 3.0  # one non-zero channel next to all-zero ones
@@ -131,7 +178,7 @@ def test_bad_inputs_and_names():
         CODECS["int8"].encode(torch.zeros(1, 3, 1, 4, 64))
     with pytest.raises(ValueError, match="float16 range"):
         CODECS["int8"].encode(torch.full((1, 2, 1, 2, 4), 1e8))
-    with pytest.raises(ValueError, match="known: int4, int8, raw"):
+    with pytest.raises(ValueError, match="known: int2, int4, int8, raw"):
         get_codec("zstd")
 
 
@@ -144,4 +191,5 @@ def test_sizes_against_bf16():
         nbytes = sum(p.numel() * p.element_size() for p in parts.values())
         assert nbytes == codec.nbytes(L, H, T, D, torch.bfloat16), name
     assert bf16 / CODECS["int4"].nbytes(L, H, T, D, torch.bfloat16) >= 3.5
+    assert bf16 / CODECS["int2"].nbytes(L, H, T, D, torch.bfloat16) >= 6.0
     assert bf16 / CODECS["int8"].nbytes(L, H, T, D, torch.bfloat16) >= 1.9

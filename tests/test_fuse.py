@@ -232,15 +232,17 @@ def test_default_model_contracts(smol):
 
 def test_qfast_runs_no_layer_at_full_width(tiny_engine):
     """qfast selects before layer 0 from the probe alone: its compute is the ratio (plus the
-    question), while qaware pays a full-width layer 0 for its deviation term."""
+    question and its probe), while qaware pays a full-width layer 0 for its deviation term."""
     eng = tiny_engine
     fast = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.25, policy="qfast")
     slow = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.25, policy="qaware")
     st_f, st_s = fast.stats, slow.stats
     assert st_f["recomputed_tokens"] == st_s["recomputed_tokens"] == round(0.25 * st_f["chunk_tokens"])
-    share = (st_f["recomputed_tokens"] + st_f["question_tokens"]) / (
+    # the recomputed rows and the question through every layer, plus the question's probe
+    share = (st_f["recomputed_tokens"] + 2 * st_f["question_tokens"]) / (
         st_f["chunk_tokens"] + st_f["question_tokens"]
     )
+    assert st_f["probe_token_layers"] == st_f["question_tokens"] * eng.lm.spec.num_layers
     assert st_f["compute_fraction"] == pytest.approx(share, rel=1e-6)
     assert st_s["compute_fraction"] > st_f["compute_fraction"]
     # no layer-0 projection at full width either: unselected tokens keep their reused K/V there

@@ -35,8 +35,6 @@ def test_cuda_ratio_one_matches_prefill(smol_tokenizer, dtype, arch):
 def test_cuda_matches_cpu_path(smol_tokenizer, fast_path, policy):
     """The engine on CUDA, eager (kernels in ``fuse_kv``) or on the fast path (the default:
     ``pipeline.fuse_entries``, CUDA graphs from the second call of a shape), against the CPU."""
-    from chunkcache.pipeline import Staging
-
     model = tiny_model("llama")
     cpu = ChunkCache(model=model, tokenizer=smol_tokenizer, store=None, device="cpu")
     a = cpu.fuse(PASSAGES, QUESTION, recompute_ratio=0.3, policy=policy)
@@ -44,15 +42,15 @@ def test_cuda_matches_cpu_path(smol_tokenizer, fast_path, policy):
         model=tiny_model("llama").to("cuda"), tokenizer=smol_tokenizer, store=None, fast_path=fast_path
     )
     if fast_path:
-        gpu._staging = Staging("cuda")
-        gpu._staging.graphs.row_bucket = 1  # no padded rows: the same selection as the CPU
+        with gpu.stagings().take() as staging:  # the pool's one staging, used by every call below
+            staging.graphs.row_bucket = 1  # no padded rows: the same selection as the CPU
     for _ in range(3 if fast_path else 1):  # eager, recorded, replayed
         b = gpu.fuse(PASSAGES, QUESTION, recompute_ratio=0.3, policy=policy)
         assert b.stats.get("fast_path", False) is fast_path
         assert torch.equal(a.selected.cpu(), b.selected.cpu())
         torch.testing.assert_close(a.logits, b.logits.cpu(), rtol=1e-3, atol=1e-3)
     if fast_path:
-        assert gpu._staging.graphs.replays >= 1
+        assert staging.graphs.replays >= 1
 
 
 @pytest.mark.skipif(

@@ -81,6 +81,22 @@ def make_parts(codec: str, h: int, t: int, d: int, dtype: torch.dtype, gen: torc
     if codec == "int8":
         q = lambda: torch.randint(-127, 128, (h, t, d), generator=gen, dtype=torch.int8)  # noqa: E731
         return {"k_q": q(), "v_q": q(), "k_scale": half(h, d), "v_scale": half(h, t)}
+    if codec == "int2":  # random sections, laid out as codec.Int2Codec lays them out
+        from chunkcache.codec import int2_groups, int2_kept, int2_side_layout
+
+        g, n = int2_groups(t)[0], int2_kept(t)
+        q = lambda: torch.randint(0, 256, (h, t, d // 4), generator=gen, dtype=torch.uint8)  # noqa: E731
+        q8 = lambda: torch.randint(-127, 128, (h, n, d), generator=gen, dtype=torch.int8)  # noqa: E731
+        mins = lambda *s: torch.randn(*s, generator=gen).half()  # noqa: E731
+        sm = torch.stack([half(h, t), mins(h, t)], dim=-1).view(torch.uint8)  # [H, T, 4]
+        sec = {
+            "o_idx": torch.randperm(t, generator=gen)[:n].sort().values.to(torch.int32),
+            "k_scale": half(h, g, d), "k_min": mins(h, g, d), "o_ks": half(h, n), "o_vs": half(h, n),
+            "o_k": q8(), "o_v": q8(),
+        }  # fmt: skip
+        names = [x for x in int2_side_layout(h, t, d) if x != "end"]
+        side = torch.cat([sec[x].reshape(-1).view(torch.uint8) for x in names])
+        return {"rows": torch.cat([q(), q(), sm], dim=-1), "side": side}
     g = -(-t // reference.INT4_GROUP)
     q = lambda: torch.randint(0, 256, (h, t, d // 2), generator=gen, dtype=torch.uint8)  # noqa: E731
     mins = lambda *s: torch.randn(*s, generator=gen).half()  # noqa: E731
@@ -133,7 +149,7 @@ def check_rerotate_scatter(codec, h, t, d, n, offset, dtype, delta, seed=0, layo
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("codec", ["raw", "int8", "int4"])
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2"])
 @pytest.mark.parametrize(
     ("h", "t", "d", "n", "offset"),
     [(3, 131, 64, 300, 17), (1, 7, 128, 11, 4), (2, 1, 80, 5, 4), (2, 129, 32, 131, 0)],
@@ -144,7 +160,7 @@ def test_rerotate_scatter_matches_reference(codec, dtype, h, t, d, n, offset):
 
 
 @kernel_test
-@pytest.mark.parametrize("codec", ["raw", "int4"])
+@pytest.mark.parametrize("codec", ["raw", "int4", "int2"])
 def test_rerotate_scatter_token_major_output(codec):
     check_rerotate_scatter(codec, 2, 37, 64, 53, 9, torch.float16, delta=-5, layout="token_major")
 
@@ -195,18 +211,19 @@ def pack_layer(codec: str, chunks: list[dict], dests: list[int], h: int, d: int,
 
 
 @kernel_test
-@pytest.mark.parametrize("codec", ["raw", "int8", "int4"])
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rerotate_scatter_packed_matches_per_chunk(codec, dtype):
-    """One launch for chunks of different lengths (one spanning two int4 key groups), each with its
-    own rotation, equals the per-chunk reference; slots outside the chunks are left untouched."""
+    """One launch for chunks of different lengths (one spanning two int4 key groups; int2: two
+    key groups of 130 and 129 tokens), each with its own rotation, equals the per-chunk reference;
+    slots outside the chunks are left untouched."""
     gen = torch.Generator().manual_seed(3)
-    h, d, lengths = 2, 64, [37, 131, 5]
+    h, d, lengths = 2, 64, [37, 131 if codec != "int2" else 259, 5]
     if codec == "raw":
         chunks = [{"kv": torch.randn(2, h, t, d, generator=gen).to(dtype)} for t in lengths]
     else:
         chunks = [make_parts(codec, h, t, d, dtype, gen) for t in lengths]
-    dests = [3, 3 + 37 + 4, 3 + 37 + 4 + 131]
+    dests = [3, 3 + 37 + 4, 3 + 37 + 4 + lengths[1]]
     n = dests[-1] + 5 + 6
     layout, buf = pack_layer(codec, chunks, dests, h, d)
     cos = torch.stack([rope_cos_sin(dl, d)[0] for dl in (11, -7, 900)])
@@ -267,7 +284,7 @@ def test_reference_decode_matches_codec_module():
     """The kernels' decode agrees with chunkcache.codec (the store's formats) layer by layer."""
     codec_mod = pytest.importorskip("chunkcache.codec")
     kv = torch.randn(2, 2, 3, 131, 64, generator=torch.Generator().manual_seed(2))
-    for name in ("raw", "int8", "int4"):
+    for name in ("raw", "int8", "int4", "int2"):
         codec = codec_mod.get_codec(name)
         parts = codec.encode(kv)
         for layer in range(2):
@@ -416,7 +433,7 @@ def test_dispatch_uses_reference_on_cpu():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("codec", ["raw", "int8", "int4"])
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2"])
 def test_packed_layout_shifted_equals_built(codec):
     """A shifted layout (the pipeline's per-layer launch tables) equals one built at those offsets."""
     gen = torch.Generator().manual_seed(5)
@@ -438,7 +455,7 @@ def test_packed_layout_shifted_equals_built(codec):
     assert torch.equal(got.meta("cpu"), moved.meta("cpu")) and got.chunks == moved.chunks
     assert got.nbytes == moved.nbytes and got.tokens == moved.tokens and got.dests == moved.dests
     with pytest.raises(ValueError, match="cannot move"):
-        base.shifted([{"kv" if codec == "raw" else "k_q": 1 if codec == "raw" else -(10**9)}, {}])
+        base.shifted([{reference.CODEC_PARTS[codec][0]: 1 if codec == "raw" else -(10**9)}, {}])
 
 
 def test_package_import_is_light(tmp_path):
@@ -454,7 +471,7 @@ def test_package_import_is_light(tmp_path):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("codec", ["raw", "int8", "int4"])
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2"])
 def test_gpu_rerotate_scatter_llama_layer(codec, dtype):
     for block_t in (None, 8, 32):
         check_rerotate_scatter(codec, 8, 509, 128, 4099, 1031, dtype, delta=1030, block_t=block_t)

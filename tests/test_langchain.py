@@ -159,6 +159,23 @@ def test_chain_invoke_stream_batch_and_async_agree(engine):
     assert len(apieces) > 1 and "".join(apieces).strip() == answers[1]
 
 
+def test_concurrent_batch_and_abatch_equal_each_invoke(engine):
+    """No global lock: batch (threads) and abatch (asyncio tasks) run the calls at once, over
+    different passages and lengths; each answer is its own invoke's."""
+    gen = ChunkCacheGenerator(engine=engine, max_new_tokens=TOKENS)
+    docs = _docs()
+    engine.precompute(PASSAGES)
+    inputs = [
+        {"question": q, "context": docs[i : i + n]}
+        for i, (q, n) in enumerate(
+            [(QUESTION, 1), ("Where is Kilimanjaro?", 3), ("Who studied radioactivity?", 2), (QUESTION, 4)]
+        )
+    ]
+    want = [gen.invoke(x) for x in inputs]
+    assert gen.batch(inputs, {"max_concurrency": 4}) == want
+    assert asyncio.run(gen.abatch(inputs)) == want
+
+
 def test_abandoned_stream_releases_the_engine(engine):
     gen = ChunkCacheGenerator(engine=engine, max_new_tokens=200)
     stream = gen.stream({"question": QUESTION, "context": _docs()[:2]})

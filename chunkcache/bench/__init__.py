@@ -1,4 +1,4 @@
-"""Benchmarks behind ``chunkcache bench``: quality, store, precompute, redis, ttft.
+"""Benchmarks behind ``chunkcache bench``: quality, store, precompute, redis, ttft, codec.
 
 Each module has ``add_arguments(parser)`` and ``run_cli(args)`` (the CLI calls those) and a
 ``main`` from ``standalone`` for ``python -m chunkcache.bench.<name>``.

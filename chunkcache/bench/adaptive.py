@@ -1,0 +1,166 @@
+"""Adaptive loading on a real shaped link: a redis-server in a network namespace, reached through a
+veth pair that ``tc`` limits to each bandwidth in turn (Linux, root; set up and torn down here).
+
+    root namespace  10.77.0.1  cc-veth0 ==tbf rate R==  cc-veth1  10.77.0.2  namespace cc-bench
+                    the engine (SmolLM2, CPU)                    redis-server
+
+Per bandwidth, on the same question (``--passages`` MuSiQue passages, stored once with
+``--codec``), the TTFT from the question to the first token's logits of: full prefill
+(``logits_to_keep=1``); fused with plain fetching (every chunk over the link); fused with adaptive
+loading (``AdaptiveConfig()``: measured rates; two warm-up fusions measure them first). Medians of
+``--reps``. Rates and choices are printed beside the times.
+
+    sudo chunkcache bench adaptive --rates 1,10,25 --out bench_results/adaptive.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from chunkcache.bench import standalone
+from chunkcache.bench.quality import DEFAULT_DATA
+
+NS, DEV0, DEV1, IP0, IP1, PORT = "cc-bench", "cc-veth0", "cc-veth1", "10.77.0.1", "10.77.0.2", 6399
+
+
+def _sh(*cmd: str, ns: bool = False) -> None:
+    full = ["ip", "netns", "exec", NS, *cmd] if ns else list(cmd)
+    subprocess.run(full, check=True, capture_output=True)
+
+
+class ShapedLink:
+    """The namespace, the veth pair, tbf on both ends, and redis-server inside; ``close`` undoes all."""
+
+    def __init__(self) -> None:
+        self.redis = None
+        self.close()  # leftovers of an interrupted run
+        _sh("ip", "netns", "add", NS)
+        _sh("ip", "link", "add", DEV0, "type", "veth", "peer", "name", DEV1)
+        _sh("ip", "link", "set", DEV1, "netns", NS)
+        _sh("ip", "addr", "add", f"{IP0}/24", "dev", DEV0)
+        _sh("ip", "link", "set", DEV0, "up")
+        _sh("ip", "addr", "add", f"{IP1}/24", "dev", DEV1, ns=True)
+        _sh("ip", "link", "set", DEV1, "up", ns=True)
+        _sh("ip", "link", "set", "lo", "up", ns=True)
+        self.redis = subprocess.Popen(
+            ["ip", "netns", "exec", NS, "redis-server", "--port", str(PORT), "--bind", IP1, "--save", "",
+             "--appendonly", "no", "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for _ in range(100):
+            try:
+                socket.create_connection((IP1, PORT), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("redis-server in the namespace did not start")
+        self.url = f"redis://{IP1}:{PORT}/0"
+
+    def set_rate(self, gbit: float) -> None:
+        burst = max(64 * 1024, int(gbit * 1e9 / 8 / 250))  # 4 ms of data
+        for dev, ns in ((DEV0, False), (DEV1, True)):
+            subprocess.run((["ip", "netns", "exec", NS] if ns else []) + ["tc", "qdisc", "del", "dev", dev, "root"],
+                           capture_output=True)  # fmt: skip
+            _sh("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{gbit}gbit", "burst", str(burst),
+                "latency", "50ms", ns=ns)  # fmt: skip
+
+    def close(self) -> None:
+        if self.redis is not None:
+            self.redis.terminate()
+            self.redis.wait(10)
+            self.redis = None
+        subprocess.run(["ip", "link", "del", DEV0], capture_output=True)
+        subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _median_s(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def run(args) -> dict:
+    from chunkcache.adaptive import AdaptiveConfig
+    from chunkcache.engine import ChunkCache
+    from chunkcache.redis_store import RedisStore
+
+    ex = json.loads(Path(args.data).read_text())[args.question]
+    texts = [f"{c['title']}\n{c['text']}" for c in ex["ctxs"][: args.passages]]
+    question = ex["question"]
+    rows = []
+    with ShapedLink() as link:
+        store = RedisStore(link.url)
+        plain = ChunkCache(model=args.model, store=store, codec=args.codec, device="cpu", dtype=args.dtype)
+        lm = plain.lm
+        adapt = ChunkCache(model=lm.model, tokenizer=lm.tokenizer, store=store, codec=args.codec,
+                           device="cpu", adaptive=AdaptiveConfig())  # fmt: skip
+        link.set_rate(max(args.rates))
+        plain.precompute(texts)
+        ids = plain.prompt_ids(texts, question)
+        entry_bytes = sum(len(store.get(plain.key(t))) for t in texts)
+        for gbit in args.rates:
+            link.set_rate(gbit)
+            full = _median_s(lambda: lm.model(input_ids=ids, logits_to_keep=1), args.reps)
+            t_plain = _median_s(lambda: plain.fuse(texts, question), args.reps)
+            for _ in range(2):  # measure the rates at this bandwidth
+                adapt.fuse(texts, question)
+            t_adapt = _median_s(lambda: adapt.fuse(texts, question), args.reps)
+            stats = adapt.fuse(texts, question).stats["adaptive"]
+            row = {"gbit": gbit, "full_s": full, "plain_s": t_plain, "adaptive_s": t_adapt,
+                   "plain_vs_full": t_plain / full, "adaptive_vs_full": t_adapt / full,
+                   "recomputed": stats["recomputed"], "reason": stats["reason"], "rates": stats["rates"]}  # fmt: skip
+            rows.append(row)
+            print(f"{gbit:6g} Gb/s  full {full * 1e3:8.1f} ms | plain fetch {t_plain * 1e3:8.1f} ms "
+                  f"({t_plain / full:.2f}x) | adaptive {t_adapt * 1e3:8.1f} ms ({t_adapt / full:.2f}x), "
+                  f"recomputed {stats['recomputed']}/{len(texts)}: {stats['reason']}", flush=True)  # fmt: skip
+        store.close()
+    return {"rows": rows, "prompt_tokens": int(ids.shape[1]), "entry_bytes": entry_bytes,
+            "codec": args.codec, "passages": args.passages}  # fmt: skip
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--question", type=int, default=0)
+    p.add_argument("--passages", type=int, default=5)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--codec", default="int2")
+    p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 10.0, 25.0],
+                   help="link bandwidths in Gb/s")  # fmt: skip
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default=None)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    res = run(args)
+    res["command"] = " ".join(["chunkcache", "bench", "adaptive"] + sys.argv[1:])
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+main = standalone("chunkcache bench adaptive", __doc__, add_arguments, run_cli)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

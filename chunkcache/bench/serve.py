@@ -1,0 +1,478 @@
+"""Load test: K concurrent clients over a shared corpus, fused prefill against full prefill under
+the same load, each through what a server would call.
+
+Corpus: ``--passages`` passages of about 512 tokens of real text (``bench.texts``), precomputed
+into an LMDB store. A query is ``--k`` passages drawn by Zipf popularity (the passage of rank r
+with weight ``1 / r**s``, ``--zipf s``), each replaced with probability ``--miss`` by a passage
+never seen before (the fused side precomputes it on the spot; full prefill just reads it), and a
+MuSiQue question. ``--clients`` clients (threads, or asyncio tasks with ``--asyncio``) each send
+their next query as soon as their last answer is complete (a closed loop), for ``--seconds`` per
+side; the same query sequence per client on both sides.
+
+  fused   ``engine.fuse(texts, question)`` (TTFT: first-token logits on the host), then greedy
+          decoding of ``--new-tokens`` tokens from its cache (async: ``engine.afuse``)
+  full    ``engine.prompt_ids`` + a forward with ``logits_to_keep=1`` (TTFT), then the same
+          decoding from its cache; ``--full batched``: a batcher joins the waiting prompts into
+          one left-padded forward and decodes them together (static batching); ``--full both``
+          runs both and reports the better as full prefill's best
+
+Reported per side: p50/p99 TTFT, queries/s, generated tokens/s (all decoded tokens over the
+side's wall time), and fused over full ratios from the same run. Absolute times depend on the
+machine (and on CPU, on what else runs): compare the ratios.
+
+    chunkcache bench serve --model smollm2-135m --clients 4 --seconds 60 --out bench_results/serve_cpu
+    chunkcache bench serve --model llama3-8b --clients 8 --seconds 60 --codec int8 --out bench_results/serve_h200
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import queue
+import random
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from chunkcache.bench import standalone
+from chunkcache.bench import sync as _sync
+
+__all__ = ["Workload", "run"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the clients send."""
+
+    passages: int = 64
+    """Distinct precomputed passages (the shared corpus)."""
+    k: int = 8
+    """Passages per query."""
+    zipf: float = 1.1
+    """Popularity exponent: the passage of rank r is drawn with weight 1 / r**zipf."""
+    miss: float = 0.05
+    """Probability that a drawn passage is replaced by one never seen before."""
+    new_tokens: int = 16
+    """Tokens generated per answer (greedy)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= self.passages:
+            raise ValueError(f"k must be in [1, passages], got k={self.k}, passages={self.passages}")
+        if not 0.0 <= self.miss <= 1.0:
+            raise ValueError(f"miss must be in [0, 1], got {self.miss}")
+        if self.new_tokens < 1:
+            raise ValueError("new_tokens must be at least 1")
+
+
+def _queries(w: Workload, corpus: list[str], fresh: list[str], questions: list[str], seed: int):
+    """An endless query stream for one client: (texts, question). ``fresh`` texts are handed out
+    once each (the misses; numbered so each is new even when the pool repeats)."""
+    rng = random.Random(seed)
+    weights = [1 / (r + 1) ** w.zipf for r in range(len(corpus))]
+    n = 0
+    while True:
+        picks: list[str] = []
+        while len(picks) < w.k:
+            t = corpus[rng.choices(range(len(corpus)), weights)[0]]
+            if t not in picks:
+                picks.append(t)
+        for i in range(w.k):
+            if rng.random() < w.miss:
+                n += 1
+                picks[i] = f"[client {seed} miss {n}] {fresh[(seed * 7919 + n) % len(fresh)]}"
+        yield picks, questions[rng.randrange(len(questions))]
+
+
+@torch.no_grad()
+def _decode(model, cache, logits: torch.Tensor, steps: int) -> int:
+    """Greedy decoding of ``steps`` more tokens after ``logits`` (``[B, vocab]``) from ``cache``
+    (``mask``: none, every row is valid). Returns the tokens generated (rows x (steps + 1))."""
+    from chunkcache.model import cache_kwarg
+
+    tok, name = logits.argmax(-1, keepdim=True), cache_kwarg(model)
+    for _ in range(steps):
+        out = model(input_ids=tok, use_cache=True, **{name: cache})
+        cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    tok.cpu()
+    return int(tok.shape[0]) * (steps + 1)
+
+
+def fused_request(eng, texts, question, w: Workload) -> tuple[float, int]:
+    from chunkcache.fuse import kv_to_cache
+
+    t0 = time.perf_counter()
+    res = eng.fuse(texts, question)
+    res.logits.cpu()
+    ttft = time.perf_counter() - t0
+    with torch.no_grad():
+        cache = kv_to_cache(res.kv)  # all N prompt tokens: decoding starts at the first new token
+        return ttft, _decode(eng.model, cache, res.logits[None].to(eng.lm.device), w.new_tokens - 1)
+
+
+def full_request(eng, texts, question, w: Workload) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    ids = eng.prompt_ids(texts, question).to(eng.lm.device)
+    with torch.no_grad():
+        out = eng.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        logits.cpu()
+        ttft = time.perf_counter() - t0
+        return ttft, _decode(eng.model, out.past_key_values, logits, w.new_tokens - 1)
+
+
+class FullBatcher:
+    """Full prefill the way a batching server runs it: one thread takes every prompt waiting,
+    prefills them as one left-padded batch (attention mask), and decodes them together."""
+
+    def __init__(self, eng, w: Workload, max_batch: int) -> None:
+        self.eng, self.w, self.max_batch = eng, w, max_batch
+        self.q: queue.Queue = queue.Queue()
+        self.batches: list[int] = []
+        self._thread = threading.Thread(target=self._loop, name="full-batcher", daemon=True)
+        self._thread.start()
+
+    def request(self, texts, question, w=None) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        done = threading.Event()
+        slot: dict = {}
+        self.q.put((self.eng.prompt_ids(texts, question)[0], t0, done, slot))
+        done.wait()
+        if "error" in slot:
+            raise slot["error"]
+        return slot["ttft"], slot["tokens"]
+
+    def close(self) -> None:
+        self.q.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while (first := self.q.get()) is not None:
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    item = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self.q.put(None)
+                    break
+                batch.append(item)
+            try:
+                self._run(batch)
+            except BaseException as e:  # handed to the waiting clients
+                for *_, done, slot in batch:
+                    slot["error"] = e
+                    done.set()
+
+    @torch.no_grad()
+    def _run(self, batch) -> None:
+        from chunkcache.model import cache_kwarg
+
+        eng, dev = self.eng, self.eng.lm.device
+        n = max(b[0].numel() for b in batch)
+        pad = eng.tokenizer.pad_token_id if eng.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(batch), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, (r, *_) in enumerate(batch):
+            ids[i, n - r.numel() :], mask[i, n - r.numel() :] = r, 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        out = eng.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        logits.cpu()
+        now = time.perf_counter()
+        for _, t0, _, slot in batch:
+            slot["ttft"] = now - t0
+        cache, tok = out.past_key_values, logits.argmax(-1, keepdim=True)
+        for _ in range(self.w.new_tokens - 1):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            o = eng.model(
+                input_ids=tok, attention_mask=mask, use_cache=True, **{cache_kwarg(eng.model): cache}
+            )
+            cache, tok = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+        tok.cpu()
+        self.batches.append(len(batch))
+        for *_, done, slot in batch:
+            slot["tokens"] = self.w.new_tokens
+            done.set()
+
+
+def _threads(call, streams, seconds: float) -> tuple[list[float], int, float]:
+    ttfts: list[float] = []
+    tokens = [0]
+    lock = threading.Lock()
+    t_end = time.perf_counter() + seconds
+
+    def client(stream):
+        while time.perf_counter() < t_end:
+            texts, q = next(stream)
+            t, n = call(texts, q)
+            with lock:
+                ttfts.append(t)
+                tokens[0] += n
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(s,)) for s in streams]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return ttfts, tokens[0], time.perf_counter() - t0
+
+
+def _tasks(acall, streams, seconds: float) -> tuple[list[float], int, float]:
+    async def main():
+        ttfts: list[float] = []
+        tokens = 0
+        t_end = time.perf_counter() + seconds
+
+        async def client(stream):
+            nonlocal tokens
+            while time.perf_counter() < t_end:
+                texts, q = next(stream)
+                t, n = await acall(texts, q)
+                ttfts.append(t)
+                tokens += n
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(s) for s in streams))
+        return ttfts, tokens, time.perf_counter() - t0
+
+    return asyncio.run(main())
+
+
+def _summary(name: str, ttfts: list[float], tokens: int, wall: float, **extra) -> dict:
+    qs = sorted(ttfts)
+
+    def pct(p: float) -> float:
+        return qs[min(len(qs) - 1, int(round(p / 100 * (len(qs) - 1))))] if qs else float("nan")
+
+    return {
+        "side": name, "queries": len(qs), "wall_s": wall, "qps": len(qs) / wall, "tokens_per_s": tokens / wall,
+        "ttft_p50_s": pct(50), "ttft_p99_s": pct(99), "ttft_mean_s": statistics.fmean(qs) if qs else float("nan"),
+        **extra,
+    }  # fmt: skip
+
+
+def _engine(model: str, codec: str, root: str, device: str):
+    from chunkcache.engine import ChunkCache
+
+    if model in ("llama3-8b", "smollm2", "tiny"):  # random weights of a real shape, SmolLM2's tokenizer
+        from chunkcache.bench.ttft import _tokenizer, build_model
+
+        dev = torch.device(device)
+        lm = build_model(model, torch.bfloat16 if dev.type == "cuda" else torch.float32, device)
+        return ChunkCache(model=lm.model, tokenizer=_tokenizer(), store=root, codec=codec)
+    return ChunkCache(model=model, store=root, codec=codec, device=device)
+
+
+def run(
+    eng,
+    clients: int = 4,
+    seconds: float = 60.0,
+    workload: Workload = Workload(),
+    full: str = "both",
+    use_asyncio: bool = False,
+    warmup: int = 2,
+    log=print,
+) -> dict:
+    """The load test on engine ``eng`` (its store gets the corpus); returns a JSON-able dict
+    (``sides``: one summary per side)."""
+    from chunkcache.bench.texts import passages, questions
+
+    w = workload
+    texts = passages(eng.tokenizer, w.passages + 64)
+    corpus, fresh = texts[: w.passages], texts[w.passages :]
+    qs = questions()
+    t0 = time.perf_counter()
+    eng.precompute(corpus, batch_size=4)
+    log(f"{w.passages} passages precomputed ({eng.codec}) in {time.perf_counter() - t0:.1f}s")
+
+    def streams():
+        return [_queries(w, corpus, fresh, qs, seed=c) for c in range(clients)]
+
+    def measure(name, call, acall=None, **extra):
+        warm = streams()[0]
+        for _ in range(warmup):
+            call(*next(warm))
+        _sync()
+        if use_asyncio:
+            got = _tasks(acall or (lambda t, q: asyncio.to_thread(call, t, q)), streams(), seconds)
+        else:
+            got = _threads(call, streams(), seconds)
+        s = _summary(name, *got, **extra)
+        log(
+            f"  {name:14s} {s['queries']:5d} queries  {s['qps']:7.2f} q/s  {s['tokens_per_s']:8.1f} tok/s  "
+            f"TTFT p50 {s['ttft_p50_s'] * 1e3:8.1f} ms  p99 {s['ttft_p99_s'] * 1e3:8.1f} ms"
+        )
+        return s
+
+    sides = []
+
+    async def afused(t, q):
+        from chunkcache.fuse import kv_to_cache
+
+        t0 = time.perf_counter()
+        res = await eng.afuse(t, q)
+        res.logits.cpu()
+        ttft = time.perf_counter() - t0
+        n = await asyncio.to_thread(
+            lambda: _decode(
+                eng.model, kv_to_cache(res.kv), res.logits[None].to(eng.lm.device), w.new_tokens - 1
+            )
+        )
+        return ttft, n
+
+    sides.append(measure("fused", lambda t, q: fused_request(eng, t, q, w), afused))
+    if full in ("sequential", "both"):
+        sides.append(measure("full", lambda t, q: full_request(eng, t, q, w)))
+    if full in ("batched", "both"):
+        batcher = FullBatcher(eng, w, max_batch=clients)
+        try:
+            sides.append(measure("full batched", batcher.request))
+        finally:
+            batcher.close()
+        sides[-1]["mean_batch"] = statistics.fmean(batcher.batches) if batcher.batches else 0.0
+    fused = sides[0]
+    best = max(sides[1:], key=lambda s: s["qps"]) if len(sides) > 1 else None
+    ratios = {}
+    if best is not None:
+        ratios = {
+            "baseline": best["side"],
+            "qps": fused["qps"] / best["qps"],
+            "tokens_per_s": fused["tokens_per_s"] / best["tokens_per_s"],
+            "ttft_p50": best["ttft_p50_s"] / fused["ttft_p50_s"],
+            "ttft_p99": best["ttft_p99_s"] / fused["ttft_p99_s"],
+        }
+        log(f"  fused vs {best['side']}: {json.dumps({k: v for k, v in ratios.items() if k != 'baseline'})}")
+    return {
+        "model": eng.lm.name,
+        "device": torch.cuda.get_device_name() if eng.lm.device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "codec": eng.codec,
+        "clients": clients,
+        "asyncio": use_asyncio,
+        "seconds": seconds,
+        "workload": w.__dict__,
+        "policy": eng.default_fuse.policy,
+        "recompute_ratio": eng.default_fuse.recompute_ratio,
+        "sides": sides,
+        "ratios": ratios,
+    }
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| model | device | clients | mode | side | queries | q/s | tok/s | TTFT p50 ms | TTFT p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        mode = "asyncio" if r["asyncio"] else "threads"
+        for s in r["sides"]:
+            lines.append(
+                f"| {r['model']} | {r['device']} | {r['clients']} | {mode} | {s['side']} | {s['queries']} | "
+                f"{s['qps']:.2f} | {s['tokens_per_s']:.1f} | {s['ttft_p50_s'] * 1e3:.1f} | {s['ttft_p99_s'] * 1e3:.1f} |"
+            )
+        if r["ratios"]:
+            x = r["ratios"]
+            lines.append(
+                f"| | | | | fused / {x['baseline']} | | {x['qps']:.2f}x | {x['tokens_per_s']:.2f}x | "
+                f"{x['ttft_p50']:.2f}x lower | {x['ttft_p99']:.2f}x lower |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    labels, qps, p99 = [], [], []
+    for r in results:
+        for s in r["sides"]:
+            labels.append(f"{s['side']}\n{r['clients']} {'tasks' if r['asyncio'] else 'threads'}")
+            qps.append(s["qps"])
+            p99.append(s["ttft_p99_s"] * 1e3)
+    axes[0].bar(labels, qps, color="tab:blue")
+    axes[0].set_ylabel("queries/s")
+    axes[1].bar(labels, p99, color="tab:red")
+    axes[1].set_ylabel("TTFT p99 ms")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"{results[0]['model']} on {results[0]['device']}, {results[0]['codec']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default="smollm2-135m", help="a model name, or a random shape: llama3-8b, smollm2"
+    )
+    p.add_argument("--clients", default="4", help="comma list of client counts")
+    p.add_argument("--seconds", type=float, default=60.0, help="measured seconds per side")
+    p.add_argument("--passages", type=int, default=64)
+    p.add_argument("--k", type=int, default=8, help="passages per query")
+    p.add_argument("--zipf", type=float, default=1.1)
+    p.add_argument("--miss", type=float, default=0.05)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--codec", default="int8")
+    p.add_argument("--full", default="both", choices=["sequential", "batched", "both"])
+    p.add_argument("--mode", default="threads", help="comma list: threads, asyncio")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dir", default=None, help="folder for the temporary store")
+    p.add_argument("--out", default="bench_results/serve", help="output prefix: .json, .md, .png")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    w = Workload(passages=args.passages, k=args.k, zipf=args.zipf, miss=args.miss, new_tokens=args.new_tokens)
+    results = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    root = tempfile.mkdtemp(prefix="serve-", dir=args.dir)
+    eng = _engine(args.model, args.codec, root, device)
+    print(f"{args.model} on {device}, codec {args.codec}")
+    for mode in args.mode.split(","):
+        for k in [int(x) for x in args.clients.split(",")]:
+            print(f"\n== {k} clients ({mode})")
+            res = run(
+                eng,
+                clients=k,
+                seconds=args.seconds,
+                workload=w,
+                full=args.full,
+                use_asyncio=mode == "asyncio",
+            )
+            res["model"] = args.model
+            res["command"] = "chunkcache bench serve " + " ".join(
+                f"--{k.replace('_', '-')} {v}"
+                for k, v in vars(args).items()
+                if k not in ("bench", "command", "func")
+            )
+            results.append(res)
+            Path(args.out + ".json").write_text(json.dumps(results, indent=1))
+    eng.store.close()
+    shutil.rmtree(root, ignore_errors=True)
+    md = table(results)
+    Path(args.out + ".md").write_text(md + "\n")
+    print("\n" + md)
+    try:
+        plot(results, args.out + ".png")
+    except ImportError:
+        print("matplotlib missing: no plot")
+    return 0
+
+
+main = standalone("chunkcache bench serve", __doc__, add_arguments, run_cli)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""The load test's workload (Zipf popularity, misses never repeated) and a short run of every side
+on a tiny model: each side answers, the summaries and ratios are filled in."""
+
+from __future__ import annotations
+
+from collections import Counter
+from itertools import islice
+
+import pytest
+from conftest import tiny_model
+
+from chunkcache.bench.serve import Workload, _queries, run
+from chunkcache.engine import ChunkCache
+
+
+def test_queries_follow_zipf_and_misses_are_new():
+    corpus = [f"passage {i}" for i in range(20)]
+    w = Workload(passages=20, k=4, zipf=1.2, miss=0.1)
+    qs = list(islice(_queries(w, corpus, ["fresh a", "fresh b"], ["q1", "q2"], seed=3), 400))
+    assert all(len(set(t)) == 4 for t, _ in qs)
+    drawn = Counter(x for t, _ in qs for x in t)
+    misses = [x for x in drawn if x not in corpus]
+    assert all(drawn[m] == 1 for m in misses)  # a miss is never seen again
+    assert 0.05 < len(misses) / (400 * 4) < 0.15
+    assert drawn[corpus[0]] > 2 * drawn[corpus[9]] > 0  # popular ranks come first
+    with pytest.raises(ValueError, match="k must be"):
+        Workload(passages=3, k=4)
+
+
+def test_short_run_of_every_side(smol_tokenizer, tmp_path):
+    eng = ChunkCache(model=tiny_model(), tokenizer=smol_tokenizer, store=str(tmp_path / "s"), codec="int8")
+    out = run(
+        eng,
+        clients=2,
+        seconds=0.5,
+        workload=Workload(passages=8, k=2, new_tokens=3),
+        warmup=1,
+        log=lambda *a: None,
+    )
+    assert [s["side"] for s in out["sides"]] == ["fused", "full", "full batched"]
+    for s in out["sides"]:
+        assert s["queries"] >= 1 and s["tokens_per_s"] > 0 and s["ttft_p99_s"] >= s["ttft_p50_s"] > 0
+    assert out["ratios"]["baseline"] in ("full", "full batched") and out["ratios"]["qps"] > 0
+    eng.store.close()

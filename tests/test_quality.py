@@ -1,0 +1,161 @@
+"""The fidelity benchmark's answer-level metrics and the made-up factual set it is scored on."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from chunkcache.bench import factual, quality
+
+
+def test_divergence_counts_the_leading_greedy_matches():
+    ref = torch.tensor([5, 1, 7, 2])
+    logits = torch.zeros(4, 10)
+    logits[torch.arange(4), torch.tensor([5, 1, 3, 2])] = 1.0  # step 2 picks 3, not 7
+    assert quality.divergence(logits, ref) == 2
+    logits[2, 7] = 2.0
+    assert quality.divergence(logits, ref) == 4
+    logits[0, 0] = 3.0
+    assert quality.divergence(logits, ref) == 0
+
+
+def test_correct_is_containment_case_insensitive():
+    assert quality.correct("It was built by MARGA Olsen in 1901.", ["Marga Olsen"])
+    assert not quality.correct("It was built by Marga.", ["Marga Olsen"])
+
+
+def _one_question(tmp_path, passages):
+    path = tmp_path / "q.json"
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "question": "Which tower was completed in 1889?",
+                    "answers": ["Eiffel"],
+                    "ctxs": [{"title": f"P{i}", "text": t} for i, t in enumerate(passages)],
+                }
+            ]
+        )
+    )
+    return path
+
+
+def test_full_recompute_scores_as_the_reference_itself(tiny_engine, tmp_path):
+    """Ratio 1 is a full prefill: zero KL over the whole answer and agreement on every token;
+    naive reuse is not. The noise-floor config with an engine equal to the reference is zero too.
+    Any offset between the teacher-forced paths and the reference answer breaks the zeros."""
+    from tests.conftest import PASSAGES
+
+    data = _one_question(tmp_path, PASSAGES[:3])
+    res = quality.run(
+        tiny_engine,
+        data,
+        questions=1,
+        passages=3,
+        policies=("qfast",),
+        ratios=(1.0,),
+        answer_tokens=8,
+        gen_tokens=8,
+        log=None,
+        noise_engine=tiny_engine,
+        noise_questions=1,
+    )
+    rows = {r["policy"]: r for r in res["rows"]}
+    assert set(rows) == {"naive", "qfast", "full-float32"}
+    for name in ("qfast", "full-float32"):
+        r = rows[name]
+        assert r["kl_first"] < 1e-6 and r["kl_answer"] < 1e-6, (name, r)
+        assert r["agree"] and r["diverge"] == 8, (name, r)
+        assert r["correct"] == r["full_correct"]
+    assert rows["naive"]["kl_answer"] > 1e-4
+    s = res["summary"]
+    assert s["qfast@1"]["gap_closed_answer"] == pytest.approx(1.0, abs=1e-4)
+    assert s["qfast@1"]["diverge"] == 8
+
+
+class _Scripted:
+    """An answerer whose greedy path follows ``tokens`` (teacher-forced or not)."""
+
+    def __init__(self, tokens: list[int], vocab: int) -> None:
+        self.tokens, self.vocab = tokens, vocab
+        self.logits = self._onehot([tokens[0]])[0]
+        self.compute_fraction, self.seconds = 0.5, 0.0
+
+    def _onehot(self, toks):
+        out = torch.full((len(toks), self.vocab), -10.0)
+        out[torch.arange(len(toks)), torch.tensor(toks)] = 10.0
+        return out
+
+    def forced(self, answer):
+        return self._onehot(self.tokens[: answer.numel()])
+
+    def generate(self, n):
+        return torch.tensor(self.tokens[:n])
+
+
+def test_score_reads_divergence_and_accuracy_off_the_answer(tiny_engine):
+    tok = tiny_engine.tokenizer
+    ref = tok.encode(" built by Marga Olsen in the year")[:6]
+    vocab = len(tok)
+    full = {
+        "first": _Scripted(ref, vocab).logits,
+        "forced_logits": _Scripted(ref, vocab).forced(torch.tensor(ref)),
+        "forced": torch.tensor(ref),
+        "plain": torch.tensor(ref),
+        "text": tok.decode(ref).strip(),
+    }
+    gold = [tok.decode(ref[2:4]).strip()]
+    same = quality.score(tiny_engine, _Scripted(ref, vocab), full, gold, gen_tokens=6)
+    assert same["agree"] and same["diverge"] == 6 and same["kl_answer"] < 1e-6 and same["correct"]
+    other = ref[:3] + [tok.encode(" nobody")[0]] * 3
+    off = quality.score(tiny_engine, _Scripted(other, vocab), full, gold, gen_tokens=6)
+    assert not off["agree"] and off["diverge"] == 3
+    assert off["kl_first"] < 1e-6 < off["kl_answer"]
+    assert off["correct"] == quality.correct(tok.decode(other), gold)
+
+
+def test_summary_aggregates_answer_metrics_against_naive_on_the_same_questions():
+    def row(q, policy, ratio, kla, diverge, ok):
+        return {
+            "q": q, "policy": policy, "ratio": ratio, "kl_first": 2 * kla, "kl_answer": kla,
+            "diverge": diverge, "agree": diverge == 32, "correct": ok, "full_correct": True,
+            "f1": 0.0, "full_f1": 0.0, "compute_fraction": 0.1, "fuse_seconds": 0.0,
+        }  # fmt: skip
+
+    rows = [
+        row(0, "naive", 0.0, 1.0, 0, False),
+        row(1, "naive", 0.0, 3.0, 0, False),
+        row(0, "qfast", 0.15, 0.5, 32, True),
+        row(1, "qfast", 0.15, 0.5, 4, False),
+    ]
+    s = quality.summarize(rows)["qfast@0.15"]
+    assert s["gap_closed_answer"] == pytest.approx(0.75)
+    assert s["diverge"] == 18 and s["agree"] == 0.5
+    assert s["accuracy"] == 0.5 and s["full_accuracy"] == 1.0
+    assert "qfast@0.15" in quality.table(quality.summarize(rows))
+
+
+def test_factual_cases_answer_in_exactly_one_passage():
+    cases = factual.generate("dev", 40)
+    assert len({c["id"] for c in cases}) == 40
+    for c in cases:
+        assert 4 <= len(c["ctxs"]) <= 6
+        holders = [
+            i
+            for i, x in enumerate(c["ctxs"])
+            if c["answers"][0].lower() in (x["title"] + " " + x["text"]).lower()
+        ]
+        assert holders == [c["gold"]]
+        assert c["answers"][0].lower() not in c["question"].lower()
+        # distractors are of the same kind: every passage holds every literal piece of the kind's sentences
+        pieces = [p.strip() for t in factual.KINDS[c["kind"]]["text"] for p in re.split(r"\{\w+\}", t)]
+        for x in c["ctxs"]:
+            assert all(p.lower() in x["text"].lower() for p in pieces if p), (x, pieces)
+
+
+def test_factual_generation_is_deterministic_prefix_stable_and_split_by_seed():
+    assert factual.generate("dev", 12) == factual.generate("dev", 30)[:12]
+    assert factual.generate("heldout", 5) != factual.generate("dev", 5)
