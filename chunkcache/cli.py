@@ -47,12 +47,15 @@ def _human(n: int | None) -> str:
 
 
 def _open(args: argparse.Namespace, readonly: bool):
-    from chunkcache.store import LMDBStore, open_store
+    from chunkcache.store import open_store
 
-    eviction = getattr(args, "policy", "lru")
-    if str(args.store).startswith(("redis://", "rediss://")):  # shared store: scans every key (ops use)
-        return open_store(args.store, eviction=eviction)
-    return LMDBStore(args.store, readonly=readonly, eviction=eviction)
+    # a redis:// URL is a shared store: these commands scan every key there (ops use)
+    return open_store(args.store, readonly=readonly, eviction=getattr(args, "policy", "lru"))
+
+
+def _show(key: str) -> str:
+    """A key as printable text: bytes that were not UTF-8 in the store appear as \\x escapes."""
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _codec_names() -> list[str]:
@@ -62,7 +65,9 @@ def _codec_names() -> list[str]:
 
 
 def _add_store(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", required=True, help="path of the LMDB chunk store (a directory)")
+    p.add_argument(
+        "--store", required=True, help="path of the LMDB chunk store (a directory), or a redis:// URL"
+    )
 
 
 # -- store commands ---------------------------------------------------------------------------
@@ -90,7 +95,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
     _add_store(p)
-    p.add_argument("--delete", action="store_true", help="also delete the damaged entries")
+    p.add_argument("--delete", action="store_true", help="also delete the damaged and the stale entries")
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -99,12 +104,19 @@ def _verify(args: argparse.Namespace) -> int:
     with _open(args, readonly=not args.delete) as store:
         n = store.stats().entries
         bad = verify_store(store, delete=args.delete)
-    for key, reason in bad:
-        print(f"BAD {key}: {reason}")
-    print(f"{n - len(bad)} of {n} entries ok" + (f", {len(bad)} damaged" if bad else ""))
+    stale = [(k, r) for k, r in bad if r.startswith("stale:")]
+    damaged = [(k, r) for k, r in bad if not r.startswith("stale:")]
+    for key, reason in damaged:
+        print(f"BAD {_show(key)}: {reason}")
+    for key, reason in stale:
+        print(f"STALE {_show(key)}: {reason.removeprefix('stale: ')}")
+    print(f"{n - len(bad)} of {n} entries ok" + (f", {len(damaged)} damaged" if damaged else "")
+          + (f", {len(stale)} stale (another format version)" if stale else ""))  # fmt: skip
     if bad and args.delete:
-        print(f"deleted {len(bad)} damaged entries")
-    return 1 if bad else 0
+        print(f"deleted {len(damaged)} damaged and {len(stale)} stale entries")
+    elif stale:
+        print("stale entries are not damage; `chunkcache verify --delete` or `chunkcache evict` removes them")
+    return 1 if damaged else 0
 
 
 def _evict_args(p: argparse.ArgumentParser) -> None:
@@ -116,10 +128,14 @@ def _evict_args(p: argparse.ArgumentParser) -> None:
 
 
 def _evict(args: argparse.Namespace) -> int:
+    from chunkcache.store import remove_stale
+
     with _open(args, readonly=False) as store:
         before = store.stats().bytes
+        stale = remove_stale(store)  # unusable by this build: they go first
         gone = store.evict_to(args.to)
         after = store.stats().bytes
+    print(f"removed {len(stale)} stale entries (another format version)" if stale else "no stale entries")
     print(f"evicted {len(gone)} entries ({args.policy}): {_human(before)} -> {_human(after)}")
     return 0
 
@@ -138,12 +154,15 @@ def _ls(args: argparse.Namespace) -> int:
              "hits": lambda r: -r[1].hits}  # fmt: skip
     rows.sort(key=order[args.sort])
     for key, e in rows[: args.limit]:
-        when = datetime.fromtimestamp(e.last_access / 1e9, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            when = datetime.fromtimestamp(e.last_access / 1e9, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+        except (ValueError, OverflowError, OSError):  # a damaged access record
+            when = "?"
         if args.json:
-            print(json.dumps({"key": key, "nbytes": e.nbytes, "tokens": e.tokens, "hits": e.hits,
+            print(json.dumps({"key": _show(key), "nbytes": e.nbytes, "tokens": e.tokens, "hits": e.hits,
                               "last_access_ns": e.last_access, "created_ns": e.created}))  # fmt: skip
         else:
-            print(f"{key}  {e.nbytes:>12}  {e.tokens:>6} tok  {e.hits:>5} hits  {when}")
+            print(f"{_show(key)}  {e.nbytes:>12}  {e.tokens:>6} tok  {e.hits:>5} hits  {when}")
     return 0
 
 
@@ -156,19 +175,24 @@ def _inspect(args: argparse.Namespace) -> int:
     from chunkcache.errors import CorruptEntryError
     from chunkcache.format import read_header, verify_entry
 
+    if not args.key:
+        print("no entry '' (keys are 64 hex characters, see `chunkcache ls`)", file=sys.stderr)
+        return 1
     with _open(args, readonly=True) as store:
         raw = store.get(args.key, touch=False)
     if raw is None:
-        print(f"no entry {args.key}", file=sys.stderr)
+        print(f"no entry {_show(args.key)}", file=sys.stderr)
         return 1
     try:
         header = read_header(raw)
     except CorruptEntryError as e:
-        print(json.dumps({"entry_key": args.key, "nbytes": len(raw), "damaged": str(e)}, indent=2))
+        print(json.dumps({"entry_key": _show(args.key), "nbytes": len(raw), "damaged": str(e)}, indent=2))
         return 1
-    damage = verify_entry(raw)
-    # "key" in the header holds the key *inputs*; the store key itself is "entry_key".
-    out = {"entry_key": args.key, "nbytes": len(raw), "checksum_ok": damage is None, **header}
+    damage = verify_entry(raw, args.key)
+    # "key" in the header holds the key *inputs* (their one copy); the store key itself is "entry_key".
+    out = {"entry_key": _show(args.key), "nbytes": len(raw), "ok": damage is None, **header}
+    if damage is not None:
+        out["damaged"] = damage
     print(json.dumps(out, indent=2))
     return 0 if damage is None else 1
 
@@ -368,8 +392,12 @@ COMMANDS: dict[str, Command] = {
     "stats": ("entries and bytes in a store", _stats_args, _stats),
     "ls": ("list entries with size, tokens, hits, last access", _ls_args, _ls),
     "inspect": ("print one entry's header as JSON", _inspect_args, _inspect),
-    "verify": ("check every entry's checksums; exit 1 on damage", _verify_args, _verify),
-    "evict": ("evict entries by policy until the store is under a size", _evict_args, _evict),
+    "verify": ("check every entry (header, shapes, checksums, key); exit 1 on damage", _verify_args, _verify),
+    "evict": (
+        "remove stale entries, then evict by policy until the store is under a size",
+        _evict_args,
+        _evict,
+    ),
     "bench": (f"benchmarks ({', '.join(BENCH_COMMANDS)})", _bench_args, None),
 }
 """Subcommand name -> (help, add_arguments, run). ``run`` None: the subparsers set ``func``."""

@@ -100,7 +100,23 @@ class Codec:
         kv = torch.zeros(layers, 2, kv_heads, tokens, head_dim, dtype=dtype, device="meta")
         return sum(p.numel() * p.element_size() for p in self._shapes(kv).values())
 
+    def part_shapes(
+        self, kv_shape: list[int] | tuple[int, ...], dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        """Meta tensors with the exact shape and dtype of every part ``encode`` writes for a kv of
+        ``kv_shape`` in ``dtype``. The entry format checks stored parts against these before
+        decoding (so ``decode`` never broadcasts a crafted small part into a huge tensor); a new
+        codec gets that check by implementing ``_shapes``. ValueError if the codec cannot hold
+        such a kv."""
+        kv = torch.empty(tuple(kv_shape), dtype=dtype, device="meta")
+        _check_kv(kv)
+        out = self._shapes(kv)
+        if set(out) != set(self.parts):
+            raise RuntimeError(f"codec {self.name!r}: _shapes gives {sorted(out)}, parts are {self.parts}")
+        return out
+
     def _shapes(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Meta tensors shaped like ``encode(kv)``'s parts (``kv`` a meta tensor)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -229,6 +245,8 @@ class Int4Codec(Codec):
 
     def _shapes(self, kv):
         L, _, H, T, D = kv.shape
+        if D % 2:
+            raise ValueError(f"int4 packs two codes per byte along head_dim, which must be even (got {D})")
         G = -(-T // INT4_GROUP)
         e = lambda *s, dt: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
         return {

@@ -31,10 +31,11 @@ import numpy as np
 import torch
 
 from chunkcache import checks
-from chunkcache.errors import ModelMismatchError
+from chunkcache.errors import CorruptEntryError, ForeignEntryError, ModelMismatchError, StoreError
+from chunkcache.format import FORMAT_VERSION
 from chunkcache.fuse import FuseConfig, FuseResult, fuse_kv
 from chunkcache.generation import astream_text, generate_text, stream_text
-from chunkcache.keys import token_bytes
+from chunkcache.keys import KeyInputs, token_bytes
 from chunkcache.layout import ChunkKV
 from chunkcache.locks import LockRW
 from chunkcache.model import DEFAULT_MODEL, LoadedModel, cache_kwarg, load_model, wrap_model
@@ -42,9 +43,6 @@ from chunkcache.precompute import encode_chunks, encode_prefix
 from chunkcache.template import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, PromptTemplate
 
 log = logging.getLogger("chunkcache")
-
-FORMAT_VERSION = 1
-"""Bump when the bytes a chunk cache is made of change meaning (layout, sink handling, ...)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +79,7 @@ class ChunkCache:
         fast_path: bool | None = None,
         concurrent_fusions: int = 1,
         adaptive=None,
+        readonly: bool = False,
     ) -> None:
         # Every argument is checked before the model loads (seconds) or the store opens.
         dtype = checks.dtype(dtype)
@@ -88,7 +87,8 @@ class ChunkCache:
         settings = PrecomputeConfig(sink=sink)
         default_fuse = FuseConfig(recompute_ratio=checks.ratio(recompute_ratio), policy=policy)
         checks.codec(codec)
-        checks.store_writable(store)
+        if not readonly:  # a store this user may not write is opened read-only (LMDBStore)
+            checks.store_writable(store)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if isinstance(model, str):
@@ -103,9 +103,10 @@ class ChunkCache:
         self.settings = settings
         self.default_fuse = default_fuse
         self.codec = codec
-        self.store = _open_store(store)
+        self.store = _open_store(store, readonly)
         self._prefix_ids = self.template.prefix_ids()
         self._prefix_kv: torch.Tensor | None = None
+        self._key_inputs: KeyInputs | None = None
         self._key_info: dict | None = None
         self.adaptive = adaptive
         """An ``adaptive.AdaptiveConfig``: per chunk, fetch it or recompute it from its token ids,
@@ -131,6 +132,7 @@ class ChunkCache:
         self._inflight: dict[str, threading.Event] = {}  # keys being encoded -> set when stored
         self._gate_passed = False
         self._gate_lock = threading.Lock()
+        self._warned: set[str] = set()  # one warning per kind (failed writes, a foreign store)
 
     # ---- accessors ------------------------------------------------------------------------
     @property
@@ -142,40 +144,31 @@ class ChunkCache:
         return self.lm.tokenizer
 
     # ---- keys and storage -------------------------------------------------------------------
+    def key_inputs(self) -> KeyInputs:
+        """Everything besides the token ids that determines a chunk cache's bytes. Fixed for the
+        engine's life, so it is built once (two threads racing here build equal values)."""
+        if self._key_inputs is None:
+            self._key_inputs = KeyInputs(
+                model_fingerprint=self.lm.fingerprint,
+                dtype=str(self.lm.dtype).removeprefix("torch."),
+                codec=self.codec,
+                settings={"sink": self.settings.sink, "sink_ids": self.template.sink_ids(self.settings.sink)},
+                format_version=FORMAT_VERSION,
+            )
+        return self._key_inputs
+
     def key_info(self) -> dict:
-        """Everything besides the token ids that determines a chunk cache's bytes (JSON-safe; a
-        fresh copy each call). Fixed for the engine's life, so it is built once."""
-        return _jsonable(self._info())
+        """``key_inputs()`` in its JSON-safe form, as entry headers store it (a fresh copy each call)."""
+        return self.key_inputs().to_dict()
 
     def _info(self) -> dict:
         """``key_info`` itself (not a copy: never modify it)."""
         if self._key_info is None:
-            self._key_info = _jsonable(
-                {
-                    "model_fingerprint": self.lm.fingerprint,
-                    "dtype": str(self.lm.dtype).removeprefix("torch."),
-                    "codec": self.codec,
-                    "settings": {
-                        "sink": self.settings.sink,
-                        "sink_ids": self.template.sink_ids(self.settings.sink),
-                    },
-                    "format_version": FORMAT_VERSION,
-                }
-            )
+            self._key_info = self.key_info()
         return self._key_info
 
     def key_for_ids(self, ids: Sequence[int] | np.ndarray) -> str:
-        from chunkcache.keys import chunk_key
-
-        info = self._info()
-        return chunk_key(
-            ids,
-            info["model_fingerprint"],
-            info["dtype"],
-            info["codec"],
-            info["settings"],
-            info["format_version"],
-        )
+        return self.key_inputs().key(ids)
 
     def key(self, text: str) -> str:
         return self.resolve([text])[0][0]
@@ -234,41 +227,89 @@ class ChunkCache:
         with self._tok_lock:
             return self.template.suffix_ids(query)
 
-    def _load(self, key: str, ids: Sequence[int] | None = None) -> ChunkKV | None:
-        """The stored chunk under ``key`` or None. A damaged entry is dropped (a miss); an entry
-        whose recorded key inputs or token ids differ from what this engine asked for raises
-        ModelMismatchError: it must never be used, and it is not ours to delete."""
+    def _load(self, key: str, ids: Sequence[int] | bytes | None = None) -> ChunkKV | None:
+        """The stored chunk under ``key`` or None. A damaged entry, or one that is not this
+        engine's (``_check_entry``), is dropped with a warning and reads as a miss: the caller
+        recomputes it and stores it under this engine's key, so it never blocks the chunk."""
         from chunkcache.format import load_chunk
 
-        chunk = load_chunk(self.store, key, self.lm.dtype)
-        if chunk is None:
-            return None
-        self._check_entry(key, chunk.meta, chunk.token_ids, ids)
-        chunk.check(self.lm.spec.num_layers, self.lm.spec.kv_heads, self.lm.spec.head_dim)
-        return chunk
+        return load_chunk(
+            self.store, key, self.lm.dtype, check=lambda h, c: self._check_entry(key, h, c.token_ids, ids)
+        )
 
     def _check_entry(
-        self, key: str, meta: dict, token_ids: torch.Tensor, ids: Sequence[int] | bytes | None
+        self, key: str, header: dict, token_ids: torch.Tensor, ids: Sequence[int] | bytes | None
     ) -> None:
-        """Raise ModelMismatchError if the entry's recorded key inputs (``meta["key_info"]``) or
-        token ids (a list, or ``token_bytes``) differ from what this engine asked for."""
-        stored, mine = meta.get("key_info"), self._info()
-        if stored is not None and stored != mine:
-            diff = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
-            raise ModelMismatchError(
-                f"store entry {key} was made with other {', '.join(diff)} than this engine's"
-            )
+        """Raise ``ForeignEntryError`` unless the entry (``header`` checked by ``format.read_header``)
+        is this engine's chunk: its one copy of the key inputs equals this engine's and hashes with
+        its tokens to ``key`` (``format.check_identity``), and its geometry is this model's
+        (layers, kv heads, head_dim, tokens, base position). ``ModelMismatchError`` if such a whole
+        entry holds other tokens than ``ids`` (a list, or ``token_bytes``): then the caller's ids
+        are what is wrong (a bad text index record). Both paths call it before any of the KV is used."""
+        from chunkcache.format import check_identity
+
+        check_identity(key, header, token_ids, self._info())
         if ids is not None and token_bytes(token_ids) != (
             ids if isinstance(ids, bytes) else token_bytes(ids)
         ):
+            # the entry is whole and belongs under its key: the caller's ids (a text index record)
+            # do not match that key. Not the entry's fault: refuse, never use it, keep it.
             raise ModelMismatchError(f"store entry {key} holds other tokens than the chunk asked for")
+        spec = self.lm.spec
+        want = [spec.num_layers, 2, spec.kv_heads, len(token_ids), spec.head_dim]
+        if header["kv_shape"] != want:
+            raise ForeignEntryError(f"entry's kv_shape {header['kv_shape']} is not this model's {want}")
+        base = len(self._info()["settings"]["sink_ids"])
+        if header["base_pos"] != base:
+            raise ForeignEntryError(f"entry's base_pos {header['base_pos']} is not the sink's length {base}")
 
-    def _save(self, key: str, chunk: ChunkKV) -> None:
+    def _save(self, key: str, chunk: ChunkKV) -> bytes | None:
+        """Store the chunk; None when stored, else its packed bytes: a store that cannot take the
+        write (full disk, Redis down or out of memory, read-only) must not stop serving, so the
+        caller uses these and the failure is warned about once and counted
+        (``store.stats().failed_writes``)."""
         from chunkcache.format import pack_chunk
 
         value = pack_chunk(chunk, self.codec, self.key_info())
-        with self._views.write():  # a write may grow (move) the map that fusions read views of
-            self.store.put(key, value)
+        try:
+            with self._views.write():  # a write may grow (move) the map that fusions read views of
+                self.store.put(key, value)
+        except StoreError as e:
+            self._warn_once("write", f"chunkcache: cannot write to the chunk store ({e}); serving the "
+                            "computed KV without storing it (further failures are counted in "
+                            "store.stats().failed_writes, not warned)")  # fmt: skip
+            return value
+        return None
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        with self._lock:
+            if kind in self._warned:
+                return
+            self._warned.add(kind)
+        import warnings
+
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _check_store_models(self) -> None:
+        """Before the first precompute into a non-empty store: warn (once) if none of a few sampled
+        entries was made with this engine's key inputs, naming the fields that differ (another codec,
+        dtype, model, sink): this engine can never hit them and builds its own copy of the corpus
+        beside them. Headers only, a handful of keys (``store.foreign_store``)."""
+        with self._lock:
+            if "models" in self._warned:
+                return
+            self._warned.add("models")
+        from chunkcache.store import foreign_store
+
+        try:
+            diff = foreign_store(self.store, self._info(), 8)
+        except StoreError:
+            return
+        if diff is not None:
+            self._warn_once("foreign", f"chunkcache: the store's entries were made with other {diff} "
+                            "than this engine's: this engine cannot use them and stores a second copy of "
+                            "every chunk beside them. Open the store made for these settings, or filter "
+                            "this warning if a store shared by several settings is meant")  # fmt: skip
 
     # ---- precompute -------------------------------------------------------------------------
     def precompute(
@@ -285,23 +326,36 @@ class ChunkCache:
         """Like ``precompute`` for already tokenised chunks; skips chunks already stored. A chunk
         another thread of this engine is encoding meanwhile is waited for, not encoded twice (so
         every caller uses the same bytes)."""
+        return self._precompute(id_lists, batch_size, progress)[0]
+
+    def _precompute(
+        self, id_lists: Sequence[Sequence[int]], batch_size: int = 8, progress: bool | None = None
+    ) -> tuple[list[str], dict[str, bytes]]:
+        """``precompute_ids``, plus the packed entries the store could not take (key -> bytes),
+        for the caller to serve from."""
         keys = [self.key_for_ids(ids) for ids in id_lists]
         missing: dict[str, Sequence[int]] = {}
-        for k, ids in zip(keys, id_lists, strict=True):
-            if k not in missing and not self.store.contains(k):
+        for k, ids, there in zip(keys, id_lists, self.store.contains_many(keys), strict=True):
+            if k not in missing and not there:
                 missing[k] = ids
+        unsaved: dict[str, bytes] = {}
         if not missing:
-            return keys
+            return keys, unsaved
+        self._check_store_models()
         mine, theirs = self._claim(list(missing))
         try:
-            todo = [(k, missing[k]) for k in mine if not self.store.contains(k)]
+            todo = [
+                (k, missing[k])
+                for k, there in zip(mine, self.store.contains_many(mine), strict=True)
+                if not there
+            ]
             if todo:
-                self._encode_and_save(todo, batch_size, progress)
+                unsaved = self._encode_and_save(todo, batch_size, progress)
         finally:
             self._unclaim(mine)
         for ev in theirs:
             ev.wait()
-        return keys
+        return keys, unsaved
 
     def _claim(self, keys: list[str]) -> tuple[list[str], list[threading.Event]]:
         """Split ``keys`` into those this thread encodes (claimed) and the events of those being
@@ -324,7 +378,9 @@ class ChunkCache:
 
     def _encode_and_save(
         self, todo: list[tuple[str, Sequence[int]]], batch_size: int, progress: bool | None
-    ) -> None:
+    ) -> dict[str, bytes]:
+        """Encode and store ``todo``; the packed entries the store refused (see ``_save``)."""
+        unsaved: dict[str, bytes] = {}
         if progress is None:
             progress = len(todo) > 32
         with self._tok_lock:
@@ -341,12 +397,14 @@ class ChunkCache:
             encoded = encode_chunks(self.lm, [ids for _, ids in part], sink, batch_size=batch_size)
             for (k, _), chunk in zip(part, encoded, strict=True):
                 chunk.meta["sink"] = self.settings.sink
-                chunk.meta["key_info"] = self.key_info()
-                self._save(k, chunk)
+                raw = self._save(k, chunk)
+                if raw is not None:
+                    unsaved[k] = raw
             if bar is not None:
                 bar.update(len(part))
         if bar is not None:
             bar.close()
+        return unsaved
 
     def chunk(self, text: str) -> ChunkKV:
         """The cache of one chunk (precomputed if missing)."""
@@ -356,12 +414,21 @@ class ChunkCache:
         return self._chunks(*self.resolve(texts))
 
     def _chunks(self, keys: list[str], ids: list[bytes]) -> list[ChunkKV]:
+        from chunkcache.format import unpack_chunk
+
         out = [self._load(k, i) for k, i in zip(keys, ids, strict=True)]
         miss = [i for i, c in enumerate(out) if c is None]
         if miss:
-            self.precompute_ids(_id_lists([ids[i] for i in miss]))
+            _, unsaved = self._precompute(_id_lists([ids[i] for i in miss]))
             for i in miss:
-                out[i] = self._load(keys[i], ids[i])
+                raw = unsaved.get(keys[i])
+                if raw is None:
+                    out[i] = self._load(keys[i], ids[i])
+                if out[i] is None and raw is None:  # another thread's write of it failed: encode it here
+                    raw = self._encode_and_save([(keys[i], _id_lists([ids[i]])[0])], 1, False).get(keys[i])
+                    out[i] = None if raw is not None else self._load(keys[i], ids[i])
+                if raw is not None:  # the store refused the write: serve the entry it would hold
+                    out[i] = unpack_chunk(raw, self.lm.dtype)
                 if out[i] is None:
                     raise RuntimeError(
                         f"chunk {keys[i]} was precomputed but cannot be read back from the store"
@@ -493,18 +560,18 @@ class ChunkCache:
     ) -> FuseResult | None:
         """The fast path: stream the stored entries layer by layer (``pipeline.fuse_entries``)
         with a ``Staging`` of the pool. Misses (absent from the store) are precomputed, then the
-        lookup is made again; every entry's recorded key inputs and token ids are checked as in
-        ``_load`` (ModelMismatchError). A damaged entry (CorruptEntryError, raised before any
-        result is returned) is dropped with a warning and None is returned, so the caller takes
-        the eager path, which recomputes it."""
+        lookup is made again; every entry's header, key inputs, tokens and geometry are checked as
+        in ``_load`` before any of its KV is staged. A damaged or foreign entry (CorruptEntryError:
+        from those checks, or from a layer checksum, which on CUDA is compared after the fusion ran
+        but before its result is returned) is dropped with a warning and None is returned, so the
+        caller takes the eager path, which recomputes it. None too when the store refused a write
+        or lost an entry meanwhile (the eager path serves those)."""
         from contextlib import ExitStack
 
-        from chunkcache.errors import CorruptEntryError
-        from chunkcache.format import load_chunk
         from chunkcache.pipeline import entry_views, fuse_entries
 
         def inspect(i: int, header: dict, parts: dict) -> None:  # token sections already checked
-            self._check_entry(keys[i], header.get("meta", {}), parts["token_ids"], ids[i])
+            self._check_entry(keys[i], header, parts["token_ids"], ids[i])
 
         prefix_kv = self.prefix_kv()
         for attempt in range(2):
@@ -514,8 +581,8 @@ class ChunkCache:
                 try:
                     entries = held.enter_context(entry_views(self.store, keys, staging))
                 except KeyError:
-                    if attempt:
-                        raise
+                    if attempt:  # gone again (another process evicted it): the eager path serves it
+                        return None
                     entries = None
                 if entries is not None:
                     t_load = time.perf_counter() - t0
@@ -538,10 +605,11 @@ class ChunkCache:
                         res.stats["fast_path"] = True
                         return res
             if damaged:
-                for key in keys:  # find and drop the damaged ones (warns), then let the eager path recompute
-                    load_chunk(self.store, key)
+                for key, i in zip(keys, ids, strict=True):  # find and drop the damaged or foreign ones
+                    self._load(key, i)  # (warns), then let the eager path recompute them
                 return None
-            self.precompute_ids(_id_lists(ids))  # skips the stored ones
+            if self._precompute(_id_lists(ids))[1]:  # skips the stored ones; a refused write:
+                return None  # the eager path serves those from memory
         return None  # unreachable
 
     def prompt_ids(self, chunks: Sequence[str], query: str) -> torch.Tensor:
@@ -639,13 +707,7 @@ def _id_lists(ids: Sequence[bytes]) -> list[list[int]]:
     return [np.frombuffer(b, "<i8").tolist() for b in ids]
 
 
-def _jsonable(x):
-    import json
-
-    return json.loads(json.dumps(x))
-
-
-def _open_store(store):
+def _open_store(store, readonly: bool = False):
     from chunkcache.store import open_store
 
-    return open_store(store)
+    return open_store(store, readonly=True) if readonly else open_store(store)

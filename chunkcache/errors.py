@@ -14,9 +14,11 @@ from __future__ import annotations
 __all__ = [
     "ChunkCacheError",
     "CorruptEntryError",
+    "ForeignEntryError",
     "FusionGateError",
     "ModelMismatchError",
     "ModelNotFoundError",
+    "StaleEntryError",
     "StoreError",
     "StoreFullError",
     "StoreReadOnlyError",
@@ -29,7 +31,23 @@ class ChunkCacheError(Exception):
 
 
 class CorruptEntryError(ChunkCacheError):
-    """A stored chunk entry is damaged: bad magic, unknown version, truncated, or checksum mismatch."""
+    """A stored chunk entry is damaged: bad magic, truncated, malformed header or checksum mismatch."""
+
+
+class StaleEntryError(CorruptEntryError):
+    """An entry of another format version: not damaged, just unreadable by this build. Readers
+    treat it as a miss without a warning; ``verify`` and ``evict`` report and remove it as stale.
+    (A subclass of CorruptEntryError so that a caller catching damage never uses one either.)"""
+
+    def __init__(self, message: str, version: int | None = None) -> None:
+        super().__init__(message)
+        self.version = version
+
+
+class ForeignEntryError(CorruptEntryError):
+    """A well-formed entry that does not belong under its key: its key inputs are missing, disagree
+    with its header, differ from the engine's, or do not hash (with its token ids) to the key.
+    Never used; the engine replaces it under its own key."""
 
 
 class ModelMismatchError(ChunkCacheError):

@@ -29,22 +29,33 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import sys
 import warnings
 import zlib
+from collections.abc import Callable
 
 import torch
 
 from .codec import get_codec
-from .errors import CorruptEntryError, StoreReadOnlyError
+from .errors import CorruptEntryError, ForeignEntryError, StaleEntryError, StoreError
 from .kernels.reference import sum64
+from .keys import KeyInputs, diff_key_info
 from .layout import ChunkKV
 
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
+    "PREFIX_BYTES",
+    "check_header",
+    "check_identity",
+    "drop_damaged",
+    "header_span",
+    "layer_spans",
     "pack_chunk",
+    "section_views",
+    "unpack_entry",
     "read_header",
     "unpack_chunk",
     "unpack_parts",
@@ -59,13 +70,20 @@ __all__ = [
 
 MAGIC = b"CHUNKKV\x00"
 FORMAT_VERSION = 1
+"""The entry format and what its bytes mean (layout, sink handling, ...). The one definition: chunk
+keys hash it (``keys``), so a bump gives every chunk a new key, and entries of another version
+read as stale (``StaleEntryError``), never as damaged."""
 ALIGN = 64
-_PREFIX = struct.Struct("<8sIIII")
-_SMALL_SECTIONS = (
-    "token_ids",
-    "token_scores",
-    "layer_sums",
-)  # checked whole by their own crc32  # magic, version, header length, header crc32, reserved
+_PREFIX = struct.Struct("<8sIIII")  # magic, version, header length, header crc32, reserved
+PREFIX_BYTES = _PREFIX.size
+_SMALL_SECTIONS = ("token_ids", "token_scores", "layer_sums")  # checked whole by their own crc32
+_MAX_DIM = 1 << 31  # no tensor dimension of a real chunk comes near it
+_CHECKSUM = re.compile(r"crc32:[0-9a-f]{8}")
+_HEADER_FIELDS = {
+    "format_version": int, "codec": str, "dtype": str, "kv_shape": list, "num_tokens": int,
+    "base_pos": int, "has_token_scores": bool, "payload_nbytes": int, "checksum": str,
+    "sections": dict, "meta": dict, "key": dict,
+}  # fmt: skip
 
 _DTYPES = {
     name: getattr(torch, name)
@@ -176,13 +194,17 @@ def pack_chunk(chunk: ChunkKV, codec: str, key_info: dict | None = None) -> byte
     return b"".join([head, *pieces])
 
 
-def read_header(buf: bytes | bytearray | memoryview) -> dict:
+def read_header(buf: bytes | bytearray | memoryview, whole: bool = True) -> dict:
     """Parse and check the header of an entry (not the payload checksum).
 
-    Returns the header dict plus the derived ``"payload_offset"``. Raises ``CorruptEntryError`` on a
-    bad magic, an unknown version, a damaged header or a buffer shorter than the header announces.
+    Returns the header dict plus the derived ``"payload_offset"``. Every field is checked
+    (``check_header``): types, ranges, the section table against the payload, the codec parts'
+    shapes against ``kv_shape``, so a caller may use any field without further checks. Raises
+    ``StaleEntryError`` for another format version and ``CorruptEntryError`` for anything else
+    wrong: a bad magic, a damaged or malformed header, a buffer shorter than the header announces
+    (``whole=False``: ``buf`` may hold only the prefix and header, as read by a partial fetch).
     """
-    mv = memoryview(buf)
+    mv = memoryview(buf).cast("B")
     if mv.nbytes < _PREFIX.size:
         raise CorruptEntryError(
             f"entry truncated: {mv.nbytes} bytes, shorter than the {_PREFIX.size}-byte prefix"
@@ -191,8 +213,10 @@ def read_header(buf: bytes | bytearray | memoryview) -> dict:
     if magic != MAGIC:
         raise CorruptEntryError(f"not a chunkcache entry (magic {bytes(magic)!r}, expected {MAGIC!r})")
     if version != FORMAT_VERSION:
-        raise CorruptEntryError(
-            f"entry format version {version} is not supported (this build reads {FORMAT_VERSION})"
+        raise StaleEntryError(
+            f"entry format version {version}; this build reads version {FORMAT_VERSION} "
+            "(a stale entry: `chunkcache verify --delete` or `chunkcache evict` removes it)",
+            version,
         )
     end = _PREFIX.size + hlen
     if mv.nbytes < end:
@@ -202,15 +226,112 @@ def read_header(buf: bytes | bytearray | memoryview) -> dict:
         raise CorruptEntryError("entry header checksum mismatch (header damaged)")
     try:
         header = json.loads(bytes(raw))
-    except ValueError as e:
-        raise CorruptEntryError(f"entry header is not valid JSON: {e}") from None
-    if not isinstance(header, dict) or not isinstance(header.get("payload_nbytes"), int):
-        raise CorruptEntryError("entry header lacks payload_nbytes")
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise CorruptEntryError(f"entry header is not valid JSON: {type(e).__name__}") from None
+    check_header(header)
     header["payload_offset"] = _align(end)
     need = header["payload_offset"] + header["payload_nbytes"]
-    if mv.nbytes < need:
+    if whole and mv.nbytes < need:
         raise CorruptEntryError(f"entry truncated: {mv.nbytes} bytes, header says {need}")
     return header
+
+
+def header_span(buf: bytes | bytearray | memoryview) -> int:
+    """Bytes an entry's prefix says its prefix and header take (for partial reads); needs the
+    first ``PREFIX_BYTES`` bytes. Raises like ``read_header`` on a bad magic or version."""
+    mv = memoryview(buf).cast("B")
+    if mv.nbytes < _PREFIX.size:
+        raise CorruptEntryError(f"entry truncated: {mv.nbytes} bytes, shorter than the prefix")
+    magic, version, hlen, _, _ = _PREFIX.unpack_from(mv, 0)
+    if magic != MAGIC:
+        raise CorruptEntryError(f"not a chunkcache entry (magic {bytes(magic)!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise StaleEntryError(f"entry format version {version}; this build reads {FORMAT_VERSION}", version)
+    return _PREFIX.size + hlen
+
+
+def _bad(what: str) -> CorruptEntryError:
+    return CorruptEntryError(f"entry header is malformed: {what}")
+
+
+def _int(x, what: str, lo: int = 0, hi: int = _MAX_DIM) -> int:
+    if type(x) is not int or not lo <= x <= hi:
+        raise _bad(f"{what} must be an integer in [{lo}, {hi}], got {str(x)[:40]!r}")
+    return x
+
+
+def _shape(x, what: str, ndim: int | None = None) -> list[int]:
+    if not isinstance(x, list) or (ndim is not None and len(x) != ndim) or len(x) > 8:
+        raise _bad(f"{what} must be a list of {ndim or 'at most 8'} sizes, got {str(x)[:60]!r}")
+    return [_int(d, what) for d in x]
+
+
+def check_header(h) -> None:
+    """Raise ``CorruptEntryError`` unless ``h`` (a parsed header) is well formed: every field of
+    the right type and range, ``num_tokens`` equal to the kv's and the token sections' length, a
+    section table whose sections lie inside the payload without overlapping, and the codec parts
+    exactly the shapes and dtypes ``Codec.part_shapes`` gives for ``kv_shape``. Decoding a
+    header that passes allocates at most a small multiple of the entry's own size."""
+    if not isinstance(h, dict):
+        raise _bad("not a JSON object")
+    for name, kind in _HEADER_FIELDS.items():
+        if not isinstance(h.get(name), kind) or (kind is int and type(h[name]) is bool):
+            raise _bad(f"field {name!r} missing or not {kind.__name__ if isinstance(kind, type) else kind}")
+    try:
+        codec = get_codec(h["codec"])
+    except ValueError as e:
+        raise CorruptEntryError(f"entry names {e}") from None
+    dtype = dtype_from_name(h["dtype"])
+    if not dtype.is_floating_point:
+        raise _bad(f"kv dtype {h['dtype']!r} is not a floating type")
+    L, two, H, T, D = _shape(h["kv_shape"], "kv_shape", 5)
+    if two != 2 or min(L, H, T, D) < 1:
+        raise _bad(f"kv_shape {h['kv_shape']} is not [layers >= 1, 2, heads >= 1, tokens >= 1, dim >= 1]")
+    if _int(h["num_tokens"], "num_tokens") != T:
+        raise _bad(f"num_tokens {h['num_tokens']} differs from kv_shape's {T} tokens")
+    _int(h["base_pos"], "base_pos")
+    payload = _int(h["payload_nbytes"], "payload_nbytes", 0, 1 << 48)
+    if not _CHECKSUM.fullmatch(h["checksum"]):
+        raise _bad(f"checksum {h['checksum'][:40]!r} is not crc32:<8 hex digits>")
+    try:
+        want = {n: (list(t.shape), t.dtype) for n, t in codec.part_shapes(h["kv_shape"], dtype).items()}
+    except (RuntimeError, ValueError) as e:  # e.g. int4 with an odd head_dim
+        raise _bad(f"codec {codec.name!r} cannot hold kv_shape {h['kv_shape']}: {e}") from None
+    want["token_ids"] = ([T], torch.int64)
+    if h["has_token_scores"]:
+        want["token_scores"] = ([T], torch.float32)
+    sums_parts = h.get("layer_sums_parts")
+    if "layer_sums" in h["sections"]:
+        if not isinstance(sums_parts, list) or sorted(map(str, sums_parts)) != sorted(codec.parts):
+            raise _bad(f"layer_sums_parts {str(sums_parts)[:60]!r} are not the codec's parts")
+        want["layer_sums"] = ([len(codec.parts), L, 2], torch.int64)
+    if set(h["sections"]) != set(want):
+        raise _bad(f"sections {sorted(h['sections'])} are not the expected {sorted(want)}")
+    spans = []
+    for name, s in h["sections"].items():
+        if not isinstance(s, dict) or not isinstance(s.get("dtype"), str):
+            raise _bad(f"section {name!r} is not an object with a dtype")
+        shape = _shape(s.get("shape"), f"section {name!r} shape")
+        if (shape, dtype_from_name(s["dtype"])) != want[name]:
+            raise _bad(f"section {name!r} is {s['dtype']} {shape}, expected {dtype_name(want[name][1])} "
+                       f"{want[name][0]} for kv_shape {h['kv_shape']}")  # fmt: skip
+        off, nb = (
+            _int(s.get("offset"), f"{name} offset", 0, payload),
+            _int(s.get("nbytes"), f"{name} nbytes", 0, payload),
+        )
+        if nb != math.prod(shape) * want[name][1].itemsize or off + nb > payload:
+            raise _bad(f"section {name!r} ({off}+{nb} bytes) does not fit its shape or the payload")
+        spans.append((off, off + nb, name))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise _bad(f"sections {a!r} and {b!r} overlap")
+    crcs = h.get("section_crc32")
+    if crcs is not None:
+        if not isinstance(crcs, dict) or not set(crcs) <= set(_SMALL_SECTIONS) & set(h["sections"]):
+            raise _bad(f"section_crc32 {str(crcs)[:60]!r} names unknown sections")
+        for name, c in crcs.items():
+            _int(c, f"section_crc32[{name!r}]", 0, 0xFFFFFFFF)
 
 
 def _payload_crc(mv: memoryview, header: dict) -> int:
@@ -224,34 +345,66 @@ def unpack_parts(
     """Header and every payload section as CPU tensors that view ``buf`` without copying.
 
     The dict holds ``token_ids`` [T] int64, ``token_scores`` [T] fp32 when present, and the codec's
-    parts (``CODECS[header["codec"]].parts``). The tensors alias ``buf``: treat them as read-only and
-    keep ``buf`` alive while they are used. ``verify`` checks the payload crc32 first. ``copy`` gives
-    each tensor its own writable memory instead (a memcpy: ~10x faster here than ``Tensor.clone``).
+    parts (``CODECS[header["codec"]].parts``), each of exactly the shape the codec writes for the
+    header's ``kv_shape`` (``read_header`` checked that). The tensors alias ``buf``: treat them as
+    read-only and keep ``buf`` alive while they are used. ``verify`` checks the payload crc32
+    first. ``copy`` gives each tensor its own writable memory instead (a memcpy: ~10x faster here
+    than ``Tensor.clone``).
     """
     _check_little_endian()
     mv = memoryview(buf).cast("B")
     header = read_header(mv)
     if verify:
         verify_payload(mv, header)
-    base, limit = header["payload_offset"], int(header["payload_nbytes"])
+    return header, _views(mv, header, header["sections"], header["payload_offset"], copy)
+
+
+def _views(mv: memoryview, header: dict, sections: dict, base: int, copy: bool) -> dict[str, torch.Tensor]:
     parts = {}
     with warnings.catch_warnings():
         # frombuffer warns that bytes are not writable; the views are documented as read-only.
         warnings.simplefilter("ignore", UserWarning)
-        for name, s in header["sections"].items():
-            dtype = dtype_from_name(s["dtype"])
-            shape = [int(x) for x in s["shape"]]
-            count = math.prod(shape)
-            off, nbytes = int(s["offset"]), int(s["nbytes"])
-            if nbytes != count * dtype.itemsize or off < 0 or off + nbytes > limit:
-                raise CorruptEntryError(f"entry section {name!r} does not fit its header ({s})")
-            if count == 0:
+        for name, s in sections.items():
+            dtype, shape, off, nbytes = dtype_from_name(s["dtype"]), s["shape"], s["offset"], s["nbytes"]
+            if nbytes == 0:
                 parts[name] = torch.empty(shape, dtype=dtype)
             else:
                 src = bytearray(mv[base + off : base + off + nbytes]) if copy else mv
                 start = 0 if copy else base + off
+                count = nbytes // dtype.itemsize
                 parts[name] = torch.frombuffer(src, dtype=dtype, count=count, offset=start).view(shape)
-    return header, parts
+    return parts
+
+
+def layer_spans(header: dict, layers: range) -> dict[str, dict]:
+    """The section table of ``layers`` only (a contiguous range): every codec part cut to
+    ``[len(layers), ...]`` (all parts have layers first), the small sections whole. Offsets are
+    relative to the payload; ``section_views`` turns fetched bytes of these spans into tensors.
+    For partial reads of an entry (``RedisStore.get_layers``)."""
+    if layers.step != 1:
+        raise ValueError("layers must be a contiguous range")
+    n = header["kv_shape"][0]
+    if not 0 <= layers.start <= layers.stop <= n:
+        raise ValueError(f"layers {layers} outside the entry's {n} layers")
+    out = {}
+    for name, s in header["sections"].items():
+        s = dict(s)
+        if name not in _SMALL_SECTIONS:
+            per = s["nbytes"] // n
+            s["offset"], s["nbytes"] = s["offset"] + layers.start * per, per * len(layers)
+            s["shape"] = [len(layers), *s["shape"][1:]]
+        out[name] = s
+    return out
+
+
+def section_views(header: dict, sections: dict[str, dict], bufs: list[bytes]) -> dict[str, torch.Tensor]:
+    """Tensors over ``bufs`` (one per entry of ``sections``, in order, each exactly its span)."""
+    out = {}
+    for (name, s), b in zip(sections.items(), bufs, strict=True):
+        if len(b) != s["nbytes"]:
+            raise CorruptEntryError(f"section {name!r}: {len(b)} bytes fetched, {s['nbytes']} expected")
+        out.update(_views(memoryview(bytearray(b)), header, {name: {**s, "offset": 0}}, 0, False))
+    return out
 
 
 def unpack_chunk(
@@ -260,66 +413,70 @@ def unpack_chunk(
     """Decode an entry into a ``ChunkKV`` that owns its memory (never aliases ``buf``).
 
     ``dtype`` is the dtype of the returned kv; None means the dtype the kv had when it was packed.
-    Raises ``CorruptEntryError`` for any damage (with ``verify``, also a payload checksum mismatch).
+    Raises ``CorruptEntryError`` for any damage (with ``verify``, also a payload checksum mismatch),
+    ``StaleEntryError`` (a subclass) for an entry of another format version.
     """
-    try:
-        return _unpack_chunk(buf, dtype, verify)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a well-checksummed but malformed header
-        raise CorruptEntryError(f"entry is malformed: {type(e).__name__}: {e}") from None
+    return unpack_entry(buf, dtype, verify)[1]
 
 
-def _unpack_chunk(buf: bytes | bytearray | memoryview, dtype: torch.dtype | None, verify: bool) -> ChunkKV:
+def unpack_entry(
+    buf: bytes | bytearray | memoryview, dtype: torch.dtype | None = None, verify: bool = True
+) -> tuple[dict, ChunkKV]:
+    """``unpack_chunk`` that also returns the checked header (key inputs, meta, ...)."""
     header = read_header(buf)
-    try:
-        codec = get_codec(header["codec"])
-    except ValueError as e:
-        raise CorruptEntryError(str(e)) from None
+    codec = get_codec(header["codec"])  # known: read_header checked it
     out_dtype = dtype if dtype is not None else dtype_from_name(header["dtype"])
     # A lossless codec decoding to the stored dtype returns the section itself: copy it out of buf.
     header, parts = unpack_parts(
         buf, verify=verify, copy=codec.lossless and dtype_name(out_dtype) == header["dtype"]
     )
-    missing = [p for p in codec.parts if p not in parts]
-    if missing or "token_ids" not in parts:
-        raise CorruptEntryError(f"entry lacks sections {missing or ['token_ids']}")
-    kv = codec.decode(parts, out_dtype)  # [L, 2, H, T, D]
-    if list(kv.shape) != list(header["kv_shape"]):
+    kv = codec.decode(parts, out_dtype)  # [L, 2, H, T, D]: the part shapes were checked, no broadcast
+    if list(kv.shape) != header["kv_shape"]:  # a codec bug, not damage; still never used
         raise CorruptEntryError(f"decoded kv shape {list(kv.shape)} differs from header {header['kv_shape']}")
     scores = parts.get("token_scores")
     chunk = ChunkKV(
         token_ids=parts["token_ids"].clone(),  # tiny; clone so nothing aliases buf
         kv=kv,
-        base_pos=int(header["base_pos"]),
+        base_pos=header["base_pos"],
         token_scores=None if scores is None else scores.clone(),
-        meta=dict(header.get("meta", {})),
+        meta=dict(header["meta"]),
     )
+    return header, chunk
+
+
+def check_identity(
+    store_key: str, header: dict, token_ids: torch.Tensor, expected: dict | None = None
+) -> None:
+    """Raise ``ForeignEntryError`` unless the entry belongs under ``store_key``: its header's key
+    inputs (``header["key"]``, the one copy of them) are complete, agree with the header's own
+    codec, dtype and version, differ in no field from ``expected`` (an engine's ``key_info``)
+    when given, and hash with ``token_ids`` (``keys.chunk_key``) to ``store_key`` itself. The
+    one checker of an entry's identity: the engine (both paths) and ``verify_store`` call it."""
+    info = header["key"]
     try:
-        chunk.check()
-    except ValueError as e:
-        raise CorruptEntryError(f"entry breaks the KV layout: {e}") from None
-    return chunk
+        inputs = KeyInputs.from_dict(info)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ForeignEntryError(f"entry lacks complete key inputs ({type(e).__name__}: {e})") from None
+    own = {"codec": header["codec"], "dtype": header["dtype"], "format_version": header["format_version"]}
+    clash = [f for f, v in own.items() if info[f] != v]
+    if clash:
+        raise ForeignEntryError(f"entry's key inputs disagree with its own header on {', '.join(clash)}")
+    if expected is not None:
+        diff = diff_key_info(info, expected)
+        if diff:
+            raise ForeignEntryError(f"entry was made with other {', '.join(diff)} than this engine's")
+    if inputs.key(token_ids) != store_key:
+        raise ForeignEntryError("entry's key inputs and tokens do not hash to the key it is stored under")
 
 
 def has_layer_sums(header: dict) -> bool:
     """Whether the entry carries per-layer checksums of its codec parts (the ``layer_sums``
-    section, see ``kernels.reference.sum64``); entries written before they existed are checked
-    whole with the payload crc32."""
-    sc, names, sections = (
-        header.get("section_crc32"),
-        header.get("layer_sums_parts"),
-        header.get("sections", {}),
-    )
-    if not isinstance(sc, dict) or not isinstance(names, list) or "layer_sums" not in sc:
-        return False
-    shape = sections.get("layer_sums", {}).get("shape")
-    codec_parts = set(sections) - set(_SMALL_SECTIONS)
-    return (
-        set(names) == codec_parts
-        and isinstance(shape, list)
-        and len(shape) == 3
-        and shape[0] == len(names)
-        and all(shape[1] == int(sections[n]["shape"][0]) for n in names)
-    )
+    section, see ``kernels.reference.sum64``) and crc32s of every small section; entries written
+    before they existed are checked whole with the payload crc32. (``read_header`` checked the
+    shapes of all of them.)"""
+    small = set(_SMALL_SECTIONS) & set(header["sections"])
+    crcs = header.get("section_crc32")
+    return "layer_sums" in header["sections"] and isinstance(crcs, dict) and set(crcs) == small
 
 
 def verify_small_sections(buf: bytes | bytearray | memoryview, header: dict) -> None:
@@ -329,7 +486,7 @@ def verify_small_sections(buf: bytes | bytearray | memoryview, header: dict) -> 
     base = header["payload_offset"]
     for name, want in header["section_crc32"].items():
         s = header["sections"][name]
-        got = zlib.crc32(mv[base + int(s["offset"]) : base + int(s["offset"]) + int(s["nbytes"])])
+        got = zlib.crc32(mv[base + s["offset"] : base + s["offset"] + s["nbytes"]])
         if got != want:
             raise CorruptEntryError(f"entry section {name!r} checksum mismatch")
 
@@ -342,31 +499,55 @@ def verify_payload(buf: bytes | bytearray | memoryview, header: dict) -> None:
         raise CorruptEntryError(f"entry payload checksum mismatch ({got}, header says {want})")
 
 
-def verify_entry(buf: bytes | bytearray | memoryview) -> str | None:
-    """None if the entry's header and payload checksums hold, else the reason it is damaged."""
+def verify_entry(buf: bytes | bytearray | memoryview, store_key: str | None = None) -> str | None:
+    """None if the entry is whole and well formed, else the reason it is not: header, section
+    table, codec part shapes, payload checksum, and with ``store_key`` its identity
+    (``check_identity``). A stale entry's reason starts with ``"stale:"``."""
     try:
-        unpack_parts(buf, verify=True)
+        header, parts = unpack_parts(buf, verify=True)
+        if store_key is not None:
+            check_identity(store_key, header, parts["token_ids"])
+    except StaleEntryError as e:
+        return f"stale: {e}"
     except CorruptEntryError as e:
         return str(e)
     return None
 
 
-def load_chunk(store, key: str, dtype: torch.dtype | None = None) -> ChunkKV | None:
+def load_chunk(
+    store,
+    key: str,
+    dtype: torch.dtype | None = None,
+    check: Callable[[dict, ChunkKV], None] | None = None,
+) -> ChunkKV | None:
     """The decoded chunk under ``key`` in ``store`` (a ``store.Store``), or None on a miss.
 
-    A damaged entry (``CorruptEntryError``) is reported with a RuntimeWarning naming the key, deleted
-    (unless the store is read-only) and treated as a miss, so the caller recomputes it. The engine
-    and the CLI both read entries through here.
+    A damaged entry (``CorruptEntryError``, from the format or from ``check(header, chunk)``, the
+    caller's own test, e.g. ``check_identity``) is reported with a RuntimeWarning naming the key,
+    deleted (unless the store is read-only or unreachable) and treated as a miss, so the caller
+    recomputes it. A stale entry (another format version) is a plain miss: no warning, left for
+    ``verify``/``evict`` to remove. The engine and the CLI read entries through here.
     """
     raw = store.get(key)
     if raw is None:
         return None
     try:
-        return unpack_chunk(raw, dtype)
-    except CorruptEntryError as e:
-        warnings.warn(f"chunkcache: dropping damaged entry {key}: {e}", RuntimeWarning, stacklevel=2)
-        try:
-            store.delete(key)
-        except StoreReadOnlyError:
-            pass
+        header, chunk = unpack_entry(raw, dtype)
+        if check is not None:
+            check(header, chunk)
+        return chunk
+    except StaleEntryError:
         return None
+    except CorruptEntryError as e:
+        drop_damaged(store, key, str(e))
+        return None
+
+
+def drop_damaged(store, key: str, reason: str) -> None:
+    """Warn that the entry under ``key`` is damaged (or foreign) and delete it where the store
+    can be written; the caller recomputes it."""
+    warnings.warn(f"chunkcache: dropping damaged entry {key}: {reason}", RuntimeWarning, stacklevel=3)
+    try:
+        store.delete(key)
+    except StoreError:  # read-only or unreachable: it stays, and is dropped again next time
+        pass

@@ -115,6 +115,8 @@ def kv_to_cache(kv: torch.Tensor):
 
 def assemble(lm: LoadedModel, prefix_kv: torch.Tensor, chunks: list[ChunkKV], n_suffix: int):
     """Place prefix and re-rotated chunk KV in one buffer ``[L, 2, H, N, D]`` (suffix slots zero).
+    Each chunk-layer goes through ``kernels.rerotate_scatter`` (codec ``raw``), the assembly the
+    pipelined loader runs too: keys rotated in fp32 and rounded once to the model's dtype.
 
     Returns (buffer, chunk_of ``[N]`` with -1 outside chunks, offset of each chunk)."""
     spec = lm.spec
@@ -129,8 +131,8 @@ def assemble(lm: LoadedModel, prefix_kv: torch.Tensor, chunks: list[ChunkKV], n_
         c.check(spec.num_layers, spec.kv_heads, spec.head_dim)
         kv = c.kv.to(device=lm.device)
         cos, sin = M.rotation(lm.model, o - c.base_pos, lm.device)
-        buf[:, 0, :, o : o + c.num_tokens] = M.apply_rotation(kv[:, 0].to(lm.dtype), cos, sin)
-        buf[:, 1, :, o : o + c.num_tokens] = kv[:, 1].to(lm.dtype)
+        for li in range(spec.num_layers):
+            kernels.rerotate_scatter("raw", {"kv": kv[li]}, cos, sin, buf[li, 0], buf[li, 1], o)
         chunk_of[o : o + c.num_tokens] = i
         offsets.append(o)
         o += c.num_tokens

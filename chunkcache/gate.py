@@ -26,11 +26,12 @@ store), the GPU fast path (it checks the maths on the model's own device, eagerl
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from chunkcache.errors import FusionGateError
+from chunkcache.errors import FusionGateError, StoreError
 
 __all__ = ["GATE_VERSION", "GateResult", "TOLERANCE", "check", "ensure", "measure", "record_name"]
 
@@ -156,7 +157,11 @@ def check(engine) -> GateResult:
     """Run the gate now and record the result in the engine's store (replacing an older one);
     raise FusionGateError if fusion is not exact for the model."""
     result = measure(engine)
-    engine.store.put_record(record_name(engine), asdict(result))
+    try:
+        engine.store.put_record(record_name(engine), asdict(result))
+    except StoreError as e:  # a full disk or a read-only store must not stop serving
+        warnings.warn(f"chunkcache: the correctness gate's result could not be recorded in the store "
+                      f"({e}); it is kept for this engine only", RuntimeWarning, stacklevel=2)  # fmt: skip
     if not result.passed:
         raise result.error()
     return result

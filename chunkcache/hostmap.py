@@ -178,15 +178,13 @@ class MapRegistry:
         self.seconds = 0.0  # time spent registering (diagnostics)
 
     def register(self, store) -> bool:
-        """Register the written part of ``store``'s data file (an ``LMDBStore``; anything else:
-        False). Idempotent; registers only what the file grew by since. True when every byte of
+        """Register the written part of ``store``'s data file (a store with a ``mapping()``, i.e.
+        an ``LMDBStore``; anything else: False). Idempotent; registers only what the file grew by since. True when every byte of
         the file is registered, so that every entry read from it is covered."""
-        from chunkcache.store import LMDBStore
-
-        if self.limit <= 0 or not isinstance(store, LMDBStore) or not torch.cuda.is_available():
+        mapping = getattr(store, "mapping", None)  # LMDBStore.mapping: the map held in place
+        if self.limit <= 0 or mapping is None or not torch.cuda.is_available():
             return False
-        data = os.path.join(store.path, "data.mdb")
-        with self._lock:
+        with mapping() as data, self._lock:
             reg = self._regs.get(store)
             if reg is not None and reg.failed:
                 return False
@@ -197,7 +195,6 @@ class MapRegistry:
             if size > self.limit:
                 return False
             if reg is None:
-                store._check()  # a closed store has no map
                 base = _mapping_base(data)
                 if base is None:
                     return False

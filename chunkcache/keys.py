@@ -16,12 +16,12 @@ import hashlib
 import json
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["KeyInputs", "chunk_key", "canonical_json", "token_bytes"]
+__all__ = ["KeyInputs", "chunk_key", "canonical_json", "diff_key_info", "token_bytes"]
 
 _DOMAIN = b"chunkcache/chunk-key/v1\x00"
 
@@ -79,10 +79,10 @@ class KeyInputs:
     """The dtype the KV was computed and stored in, e.g. ``"bfloat16"``."""
     codec: str
     """Codec name from ``codec.CODECS``."""
-    settings: dict = field(default_factory=dict)
+    settings: dict
     """Precompute settings that change the KV bytes (sink kind, template, ...); JSON-safe."""
-    format_version: int = 1
-    """Entry format version (``format.FORMAT_VERSION``)."""
+    format_version: int
+    """Entry format version: ``format.FORMAT_VERSION`` (its one definition) for every entry made now."""
 
     def __post_init__(self) -> None:
         canonical_json(self.settings)  # fail early on settings that cannot be hashed canonically
@@ -104,11 +104,28 @@ class KeyInputs:
 
     @classmethod
     def from_dict(cls, d: dict) -> KeyInputs:
-        """Inverse of ``to_dict``; raises KeyError if a field is missing."""
-        return cls(
-            model_fingerprint=d["model_fingerprint"],
-            dtype=d["dtype"],
-            codec=d["codec"],
-            settings=dict(d.get("settings", {})),
-            format_version=int(d["format_version"]),
-        )
+        """Inverse of ``to_dict``, strict (it reads entry headers): KeyError if a field is missing,
+        TypeError if one has the wrong type, ValueError for unknown fields."""
+        if not isinstance(d, dict):
+            raise TypeError(f"key inputs must be an object, got {type(d).__name__}")
+        extra = set(d) - set(_FIELDS)
+        if extra:
+            raise ValueError(f"unknown key input fields {sorted(extra)}")
+        for name, kind in _FIELDS.items():
+            if not isinstance(d[name], kind) or isinstance(d[name], bool):
+                raise TypeError(f"key input {name!r} must be {kind.__name__}, got {type(d[name]).__name__}")
+        return cls(d["model_fingerprint"], d["dtype"], d["codec"], dict(d["settings"]), d["format_version"])
+
+
+_FIELDS = {"model_fingerprint": str, "dtype": str, "codec": str, "settings": dict, "format_version": int}
+
+
+def diff_key_info(stored: dict, mine: dict) -> list[str]:
+    """The key input fields (sorted) in which two ``KeyInputs.to_dict()`` records differ; a field
+    missing on one side differs. The one comparison of key inputs (engine, verify, LangChain)."""
+    if not isinstance(stored, dict):
+        return sorted(mine)
+    return sorted(k for k in set(stored) | set(mine) if stored.get(k, _MISSING) != mine.get(k, _MISSING))
+
+
+_MISSING = object()

@@ -336,12 +336,6 @@ def rotation(
     return cos[0], sin[0]
 
 
-def apply_rotation(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate keys ``[..., tokens, head_dim]`` by cos/sin (broadcast), in fp32, one rounding."""
-    kf = k.float()
-    return (kf * cos + rotate_half(kf) * sin).to(k.dtype)
-
-
 # --------------------------------------------------------------------------------------------
 # Running decoder layers on selected positions
 # --------------------------------------------------------------------------------------------

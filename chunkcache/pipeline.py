@@ -55,28 +55,15 @@ _ALIGN = 16  # byte alignment of every part inside a slot (dtype views, 16-byte 
 
 @contextmanager
 def entry_views(store, keys: Sequence[str], staging: Staging | None = None) -> Iterator[list]:
-    """The raw entries under ``keys``, as zero-copy views of the LMDB map where the store is an
-    ``LMDBStore`` (valid only inside the ``with`` block), else as ``store.get_many`` bytes.
-    Raises KeyError naming the first missing key. Hits are not counted (no access bookkeeping).
-    With a CUDA ``staging``, the store's map is registered first (``Staging.register``) so that
-    the views can be copied to the device directly.
-
-    Hook: ``LMDBStore`` has no zero-copy read yet, so this opens a ``buffers=True`` read
-    transaction on its environment directly (``_check`` and ``_db``)."""
-    from chunkcache.store import LMDBStore
-
-    if isinstance(store, LMDBStore):
-        if staging is not None:
-            staging.register(store)
-        txn = store._check().begin(buffers=True)
-        try:
-            views = [txn.get(k.encode(), db=store._db) for k in keys]
-            _missing(keys, views)
-            yield views
-        finally:
-            txn.abort()
-    else:
-        views = store.get_many(keys)
+    """The raw entries under ``keys``, through ``store.views`` (``Store.views``): zero-copy views
+    of the LMDB map for an ``LMDBStore``, valid only inside the ``with`` block (no other thread's
+    growing ``put`` can move the map meanwhile; a map grown by another process is adopted), else
+    copies. Raises KeyError naming the first missing key. Hits are not counted (no access
+    bookkeeping). With a CUDA ``staging``, the store's map is registered first
+    (``Staging.register``) so that the views can be copied to the device directly."""
+    if staging is not None:
+        staging.register(store)
+    with store.views(keys) as views:
         _missing(keys, views)
         yield views
 
@@ -167,11 +154,17 @@ class Staging:
         return self.maps is not None and self.maps.register(store)
 
 
+_REGISTRIES: dict[int, object] = {}  # MapRegistry per limit, shared by every pool's stagings
+_REGISTRIES_GUARD = threading.Lock()
+
+
 class StagingPool:
     """``Staging``s for concurrent fusions: a fusion holds one for its whole run (its slots, streams,
     graphs and the padded KV buffer the graphs read are that fusion's alone), and hands it back
     when done. At most ``size`` exist (each holds up to ``max_bytes`` of device slots, pinned host
-    slots and the graphs' buffers); further callers wait for one to be free.
+    slots and the graphs' buffers); further callers wait for one to be free. The stagings of
+    every pool in the process share one ``hostmap.MapRegistry`` per limit: registering one map
+    twice fails (measured: a second pool then fell back to pinned staging).
 
         pool = StagingPool(torch.device("cuda"), size=1)
         with pool.take() as staging:
@@ -184,7 +177,6 @@ class StagingPool:
         self.device, self.size, self.kwargs = torch.device(device), size, staging_kwargs
         self._free: list[Staging] = []
         self._made = 0
-        self._shared = None  # (MapRegistry, MemcpyBatch) of the first staging, used by all
         self._cond = threading.Condition()
 
     @contextmanager
@@ -200,10 +192,9 @@ class StagingPool:
         if st is None:
             try:
                 st = Staging(self.device, **self.kwargs)
-                with self._cond:  # one registry of the stores' maps (a map is page-locked once)
-                    if self._shared is None:
-                        self._shared = (st.maps, st.batch)
-                    st.maps, st.batch = self._shared
+                if st.maps is not None:  # one registry per process and limit: a map is page-locked once
+                    with _REGISTRIES_GUARD:
+                        st.maps = _REGISTRIES.setdefault(st.maps.limit, st.maps)
             except BaseException:
                 with self._cond:
                     self._made -= 1
@@ -725,7 +716,10 @@ def fuse_entries(
     front, each codec part's layers where they land (``LayerLoader``; on a GPU a kernel on the
     copy stream, overlapped with the compute), and an entry written before per-layer sums existed
     whole, up front. A damaged entry raises
-    ``CorruptEntryError`` before any of its layers is used; it must never be used silently.
+    ``CorruptEntryError`` and no result is returned; it is never used silently. When: the header,
+    section table and token sections before anything is staged; a codec part's layer on CPU as it
+    is staged (before use), on CUDA after the fusion ran (``LayerLoader.check``, one sync at the
+    end: the damaged layer may have been computed with, but that result is discarded).
     ``verify=False`` is only for a store checked by ``chunkcache verify`` since its last write.
     ``inspect(i, header, parts)`` is called for every entry once its header and token sections
     are checked and before anything is staged (the engine checks key inputs and token ids there;

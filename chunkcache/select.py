@@ -32,7 +32,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from chunkcache.kernels.reference import position_mask
+from chunkcache import kernels
 
 
 @dataclass
@@ -71,13 +71,14 @@ class SelectContext:
         return (self.fresh[which].float() - self.reused[which].float()).norm(dim=-1).sum(0)
 
     def question_attention(self) -> torch.Tensor:
-        """[c] attention mass of the question on each candidate at this layer (mean over heads, tokens)."""
-        group = self.question_q.shape[0] // self.keys.shape[0]
-        k = self.keys.float().repeat_interleave(group, 0)
-        scores = torch.einsum("hqd,hkd->hqk", self.question_q.float(), k) * self.scale
-        visible = position_mask(self.question_pos, self.keys.shape[1], self.window)  # [nq, N]
-        probs = scores.masked_fill(~visible[None], float("-inf")).softmax(-1)
-        return probs.mean(dim=(0, 1))[self.positions]
+        """[c] attention mass of the question on each candidate at this layer (mean over heads,
+        tokens), over the assembled keys: the probe's attention (``kernels.probe_attention``, the
+        keys standing in for the values, whose output is not used)."""
+        keys = self.keys
+        _, mass = kernels.probe_attention(
+            self.question_q, self.question_pos, keys, keys, self.scale, self.window
+        )
+        return mass[self.positions]
 
     def within_chunk(self) -> torch.Tensor:
         """[c] index of each candidate inside its chunk (0 = chunk start)."""

@@ -164,9 +164,13 @@ def _sidecar(store_path: str, readonly: bool) -> _Sidecar | None:
             return side
         if readonly and not os.path.isfile(os.path.join(path, "data.mdb")):
             return None
+        from chunkcache.errors import StoreError
+        from chunkcache.store.lmdb_store import preflight
+
         try:
+            preflight(path, create=not readonly)  # a full disk or a truncated file: SIGBUS in lmdb.open
             env = lmdb.open(path, map_size=TextIndex.MAP_SIZE, readonly=readonly, max_readers=512)
-        except lmdb.Error:  # read-only media, no permission: the index stays in memory
+        except (lmdb.Error, StoreError):  # read-only media, no permission, full: the index stays in memory
             return None
         side = _SIDECARS[real] = _Sidecar(env, readonly)
         return side

@@ -24,7 +24,8 @@ Bad input, on purpose and documented (docs/langchain.md):
   (``chunkcache_key`` is None), left out of the prompt with a logged warning;
 - a store whose entries were all made for another model (or dtype, codec, sink): the retriever and
   ``add_documents`` raise ``ModelMismatchError`` on first use instead of silently precomputing a
-  second copy of the corpus beside them (``check_store=False`` allows it).
+  second copy of the corpus beside them (``check_store=False`` on the retriever, ``check=False``
+  on ``add_documents`` allow it).
 """
 
 from __future__ import annotations
@@ -88,38 +89,22 @@ def _has_text(doc: Document | str) -> bool:
 
 
 def check_store(engine: ChunkCache, sample: int = 16) -> None:
-    """Raise ModelMismatchError if the engine's store holds entries but none of the first ``sample``
-    was made with this engine's key inputs (model fingerprint, dtype, codec, sink settings).
+    """Raise ModelMismatchError if the engine's store holds entries but none of ``sample`` sampled
+    ones (headers only, ``chunkcache.store.foreign_store``) was made with this engine's key inputs
+    (model fingerprint, dtype, codec, sink settings); the message names the fields that differ.
 
     Chunk keys hash those inputs, so such a store can never give this engine a hit: every chunk
     would be precomputed again beside the foreign ones. A store shared by several models passes as
     long as one sampled entry is this engine's; an empty store always passes.
     """
-    from chunkcache.format import read_header
+    from chunkcache.store import foreign_store
 
-    mine = _jsonable(engine.key_info())
-    seen: list[dict] = []
-    for key in engine.store.keys():
-        raw = engine.store.get(key, touch=False)
-        if raw is None:
-            continue
-        try:
-            info = read_header(raw).get("key") or {}
-        except Exception:  # a damaged entry says nothing about the model; load_chunk drops it later
-            continue
-        if info == mine:
-            return
-        seen.append(info)
-        if len(seen) >= sample:
-            break
-    if seen:
-        first = seen[0]
-        diff = sorted(k for k in set(first) | set(mine) if first.get(k) != mine.get(k))
+    diff = foreign_store(engine.store, engine.key_info(), sample)
+    if diff is not None:
         raise ModelMismatchError(
-            f"the chunk store holds caches made with other {', '.join(diff)} than this engine's "
-            f"(none of {len(seen)} sampled entries matches; e.g. model {str(first.get('model_fingerprint'))[:12]}.. "
-            f"vs {str(mine.get('model_fingerprint'))[:12]}..): open the store made for this model, or pass "
-            "check_store=False to add this model's caches beside them"
+            f"the chunk store holds caches made with other {diff} than this engine's: open the store "
+            "made for this engine's settings, or pass check_store=False (ChunkCacheRetriever) / "
+            "check=False (add_documents) to add this engine's caches beside them"
         )
 
 

@@ -46,7 +46,7 @@ def test_inspect(store_path, capsys):
     assert main(["inspect", "--store", path, key]) == 0
     h = json.loads(capsys.readouterr().out)
     assert h["entry_key"] == key and h["key"] == KEY_INPUTS.to_dict()
-    assert h["codec"] == "raw" and h["checksum_ok"] is True
+    assert h["codec"] == "raw" and h["ok"] is True
     assert h["kv_shape"] == [2, 2, 2, 16, 64] and h["num_tokens"] == 16 and h["meta"] == {"seed": 0}
     assert main(["inspect", "--store", path, "nope"]) == 1
 

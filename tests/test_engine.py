@@ -3,12 +3,14 @@ survive a restart and are reused, damaged or foreign entries are never used sile
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import PASSAGES, QUESTION, tiny_model
 
 from chunkcache.engine import ChunkCache
-from chunkcache.errors import ModelMismatchError
+from chunkcache.format import read_header
 
 
 def test_precompute_is_idempotent_and_fuse_precomputes_misses(smol_tokenizer):
@@ -44,19 +46,25 @@ def test_other_model_never_gets_these_caches(tmp_path, smol_tokenizer):
     b.store.close()
 
 
-def test_entry_under_a_forged_key_is_refused(smol_tokenizer):
+def test_entry_under_a_forged_key_is_replaced_not_used(smol_tokenizer):
     """Even if an entry sits under the key this engine computes (a copied store, a bug), it is
-    checked against the engine's key inputs and token ids before use."""
+    checked against the engine's key inputs and token ids before use; a foreign one is dropped
+    with a warning and replaced under the engine's own key, so it never blocks the chunk."""
     a = ChunkCache(model=tiny_model(seed=0), tokenizer=smol_tokenizer, store=None)
-    b = ChunkCache(model=tiny_model(seed=1), tokenizer=smol_tokenizer, store=a.store)
+    b = ChunkCache(model=tiny_model(seed=1), tokenizer=smol_tokenizer, store=None)
+    want = b.fuse([PASSAGES[0]], QUESTION).logits
     a.precompute([PASSAGES[0]])
     b.store.put(b.key(PASSAGES[0]), a.store.get(a.key(PASSAGES[0])))
-    with pytest.raises(ModelMismatchError, match="model_fingerprint"):
-        b.fuse([PASSAGES[0]], QUESTION)
-    b.store.put(b.key(PASSAGES[1]), a.store.get(a.key(PASSAGES[0])))  # right model, wrong tokens
-    a.store.put(a.key(PASSAGES[1]), a.store.get(a.key(PASSAGES[0])))
-    with pytest.raises(ModelMismatchError, match="other tokens"):
+    with pytest.warns(RuntimeWarning, match="other model_fingerprint than this engine"):
+        got = b.fuse([PASSAGES[0]], QUESTION).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert read_header(b.store.get(b.key(PASSAGES[0])))["key"] == b.key_info()  # replaced
+    a.store.put(a.key(PASSAGES[1]), a.store.get(a.key(PASSAGES[0])))  # right model, wrong tokens
+    with pytest.warns(RuntimeWarning, match="do not hash to the key"):
         a.fuse([PASSAGES[1]], QUESTION)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a.fuse([PASSAGES[1]], QUESTION)  # replaced: a hit now, no warning
 
 
 def test_corrupted_entry_is_recomputed_not_used(smol_tokenizer):
@@ -128,8 +136,10 @@ def test_fast_path_refuses_foreign_and_recomputes_damaged(smol_tokenizer):
     b = ChunkCache(model=tiny_model(seed=1), tokenizer=smol_tokenizer, store=a.store, fast_path=True)
     a.precompute([PASSAGES[0]])
     b.store.put(b.key(PASSAGES[0]), a.store.get(a.key(PASSAGES[0])))
-    with pytest.raises(ModelMismatchError, match="model_fingerprint"):
-        b.fuse([PASSAGES[0]], QUESTION)
+    with pytest.warns(RuntimeWarning, match="other model_fingerprint"):
+        b.fuse([PASSAGES[0]], QUESTION)  # dropped, replaced under b's key
+    assert read_header(b.store.get(b.key(PASSAGES[0])))["key"] == b.key_info()
+    assert b.fuse([PASSAGES[0]], QUESTION).stats.get("fast_path") is True
     good = a.fuse(PASSAGES, QUESTION, recompute_ratio=0.2)
     key = a.key(PASSAGES[2])
     raw = bytearray(a.store.get(key))

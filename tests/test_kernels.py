@@ -160,6 +160,23 @@ def test_rerotate_scatter_matches_reference(codec, dtype, h, t, d, n, offset):
 
 
 @kernel_test
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_rerotate_scatter_raw_fp32_chunk_into_lower_precision_cache(dtype):
+    """``fuse.assemble`` hands fp32 chunks (a lossy codec's decode) to the raw form: rotated in
+    fp32 and rounded once to the cache's dtype, as the reference does."""
+    gen = torch.Generator().manual_seed(5)
+    parts = make_parts("raw", 3, 37, 64, torch.float32, gen)
+    cos, sin = rope_cos_sin(913, 64)
+    want_k, want_v = torch.zeros(3, 50, 64, dtype=dtype), torch.zeros(3, 50, 64, dtype=dtype)
+    reference.rerotate_scatter_reference("raw", parts, cos, sin, want_k, want_v, 9)
+    k, v = torch.zeros_like(want_k).to(DEVICE), torch.zeros_like(want_v).to(DEVICE)
+    rr.rerotate_scatter("raw", to_device(parts, DEVICE), cos, sin, k, v, 9)
+    atol, rtol = RR_TOL[dtype]
+    assert_close(k, want_k, atol, rtol, f"raw fp32 -> {dtype} keys")
+    assert_close(v, want_v, atol, rtol, f"raw fp32 -> {dtype} values")  # (interpreter casts truncate)
+
+
+@kernel_test
 @pytest.mark.parametrize("codec", ["raw", "int4", "int2"])
 def test_rerotate_scatter_token_major_output(codec):
     check_rerotate_scatter(codec, 2, 37, 64, 53, 9, torch.float16, delta=-5, layout="token_major")

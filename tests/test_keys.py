@@ -71,7 +71,7 @@ def test_rejects_what_cannot_be_hashed_canonically():
     with pytest.raises(ValueError):
         chunk_key([1], "m", "bfloat16", "raw", {"x": float("nan")}, 1)
     with pytest.raises(TypeError):
-        KeyInputs("m", "bfloat16", "raw", {"x": object()})
+        KeyInputs("m", "bfloat16", "raw", {"x": object()}, 1)
 
 
 def test_key_inputs_describe_the_key():

@@ -46,6 +46,15 @@ def _vector_store() -> InMemoryVectorStore:
     return InMemoryVectorStore(DeterministicFakeEmbedding(size=16))
 
 
+def _full_prefill_answer(engine, texts, question) -> str:
+    """The answer by transformers alone: a full prefill of the prompt and greedy ``generate``,
+    decoded as the engine decodes (the independent reference for fusion at ratio 1)."""
+    ids = engine.prompt_ids(list(texts), question)
+    out = engine.model.generate(input_ids=ids, max_new_tokens=TOKENS, do_sample=False,
+                                pad_token_id=engine.tokenizer.eos_token_id)  # fmt: skip
+    return engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
 def _chain(retriever, engine, **kwargs):
     return (
         {"context": retriever, "question": RunnablePassthrough()}
@@ -126,8 +135,12 @@ def test_retriever_without_precompute_only_records_keys(engine):
 
 
 def test_generator_answers_exactly_as_the_engine(engine):
-    gen = ChunkCacheGenerator(engine=engine, max_new_tokens=TOKENS, recompute_ratio=0.3)
     docs = _docs()[:3]
+    texts = [d.page_content for d in docs]
+    full = ChunkCacheGenerator(engine=engine, max_new_tokens=TOKENS, recompute_ratio=1.0)
+    want = _full_prefill_answer(engine, texts, QUESTION)  # independent of the engine's fusion
+    assert full.invoke({"question": QUESTION, "context": docs}) == want and want
+    gen = ChunkCacheGenerator(engine=engine, max_new_tokens=TOKENS, recompute_ratio=0.3)
     want = engine.generate(
         [d.page_content for d in docs], QUESTION, max_new_tokens=TOKENS, recompute_ratio=0.3
     )
@@ -140,12 +153,13 @@ def test_generator_answers_exactly_as_the_engine(engine):
 def test_chain_invoke_stream_batch_and_async_agree(engine):
     vs = _vector_store()
     add_documents(vs, _docs(), engine)
-    chain = _chain(
-        ChunkCacheRetriever(retriever=vs.as_retriever(search_kwargs={"k": 2}), engine=engine), engine
-    )
+    retriever = vs.as_retriever(search_kwargs={"k": 2})
+    # ratio 1: every answer must be the full prefill's over the documents the retriever returns
+    chain = _chain(ChunkCacheRetriever(retriever=retriever, engine=engine), engine, recompute_ratio=1.0)
     questions = [QUESTION, "Where is Kilimanjaro?", "Who studied radioactivity?"]
     answers = [chain.invoke(q) for q in questions]
-    assert all(isinstance(a, str) and a for a in answers)
+    want = [_full_prefill_answer(engine, [d.page_content for d in retriever.invoke(q)], q) for q in questions]
+    assert answers == want and all(answers)
     pieces = list(chain.stream(questions[0]))
     assert len(pieces) > 1 and "".join(pieces).strip() == answers[0]  # streamed token by token
     assert chain.batch(questions) == answers
@@ -190,10 +204,7 @@ def test_abandoned_stream_releases_the_engine(engine):
 def test_empty_retrieval_answers_from_the_question_alone_or_raises(engine):
     chain = _chain(ChunkCacheRetriever(retriever=_vector_store().as_retriever(), engine=engine), engine)
     answer = chain.invoke(QUESTION)  # empty vector store: no passages
-    ids = engine.prompt_ids([], QUESTION)
-    out = engine.model.generate(input_ids=ids, max_new_tokens=TOKENS, do_sample=False,
-                                pad_token_id=engine.tokenizer.eos_token_id)  # fmt: skip
-    assert answer == engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert answer == _full_prefill_answer(engine, [], QUESTION)
     assert "".join(chain.stream(QUESTION)).strip() == answer
     strict = ChunkCacheGenerator(engine=engine, on_empty="raise")
     with pytest.raises(NoContextError, match="no retrieved document"):
@@ -220,6 +231,10 @@ def test_documents_without_text_are_not_cached_and_left_out(engine):
 
 def test_store_made_for_another_model_is_refused(engine, smol_tokenizer):
     engine.precompute(PASSAGES)
+    int4 = ChunkCache(model=tiny_model(), tokenizer=smol_tokenizer, store=engine.store, codec="int4")
+    with pytest.raises(ModelMismatchError, match=r"other codec \(raw vs int4\) in all") as e:
+        check_store(int4)  # the message names the field that differs, not two equal fingerprints
+    assert "model_fingerprint" not in str(e.value) and "check=False (add_documents)" in str(e.value)
     other = ChunkCache(model=tiny_model(seed=1), tokenizer=smol_tokenizer, store=engine.store)
     vs = _vector_store()
     vs.add_documents(_docs())

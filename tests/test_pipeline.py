@@ -265,10 +265,15 @@ def test_cuda_fast_path_matches_cpu_reference(gpu_tokenizer, codec, dtype):
             assert torch.equal(got.selected.cpu(), ref.selected)
             torch.testing.assert_close(got.logits.cpu(), ref.logits, rtol=1e-3, atol=1e-3)
             torch.testing.assert_close(eager.logits.cpu(), ref.logits, rtol=1e-3, atol=1e-3)
-        else:  # bf16: the fast path against the eager GPU path (same dtype), and loosely the CPU one
-            overlap = len(set(got.selected.tolist()) & set(eager.selected.tolist())) / ref.selected.numel()
-            assert overlap > 0.8, overlap
-            torch.testing.assert_close(got.logits, eager.logits, rtol=0.05, atol=0.25)
+        else:
+            # bf16: the fast path against the eager GPU path. Both assemble with the same kernel
+            # math (decode and rotate in fp32, one rounding: ``assemble`` calls the raw form of
+            # the kernel) and run the same layer kernels on the same device without graphs (so
+            # no row padding): the same tokens are selected, and logits agree to bf16 rounding
+            # (int4's decode may differ in one fp32 rounding, an FMA). The CPU fp32 path only
+            # loosely: bf16 moves the scores themselves.
+            assert got.selected.tolist() == eager.selected.tolist()
+            torch.testing.assert_close(got.logits, eager.logits, rtol=0, atol=0.04)
             assert (got.logits.cpu() - ref.logits).abs().max() < 1.0
         assert got.stats["seconds"]["h2d"] > 0 and got.stats["seconds"]["assemble"] > 0
 
@@ -340,9 +345,13 @@ def test_cuda_graphs_replay_equals_eager(gpu_tokenizer, policy, ratio):
             fuse_entries(gpu.lm, gpu.prefix_kv(), entries, gpu._prefix_ids, sfx, cfg, st) for _ in range(2)
         ]
     assert torch.equal(runs[1].kv, kept)  # later fusions did not touch an earlier result
+    # Padding happens only at the last check layer (gradual: layer 3; layers 1 and 2 keep what
+    # eager keeps, from the same inputs), and takes the next-best tokens of the same scores: the
+    # eager set plus extra rows, for every policy.
     for r in padded:
-        assert set(eager.selected.tolist()) <= set(r.selected.tolist()) or policy == "gradual"
+        assert set(eager.selected.tolist()) <= set(r.selected.tolist()), (policy, r.selected, eager.selected)
         assert r.stats["recomputed_tokens"] >= eager.stats["recomputed_tokens"]
+        assert r.stats["recomputed_tokens"] == r.selected.numel()
 
 
 @pytest.mark.gpu
@@ -425,12 +434,16 @@ def test_cuda_store_over_register_limit_is_staged(gpu_tokenizer, tmp_path):
     keys, _ = _entries_and_chunks(cpu, PASSAGES[:2])
     gpu = ChunkCache(model=tiny_model("llama").to("cuda"), tokenizer=gpu_tokenizer, store=None, codec="int8")
     st = Staging("cuda", graphs=False, register_limit=4096)  # smaller than the file
+    sfx = gpu.template.suffix_ids(QUESTION)
     with entry_views(store, keys, st) as entries:
-        res = fuse_entries(
-            gpu.lm, gpu.prefix_kv(), entries, gpu._prefix_ids, gpu.template.suffix_ids(QUESTION), staging=st
-        )
+        res = fuse_entries(gpu.lm, gpu.prefix_kv(), entries, gpu._prefix_ids, sfx, staging=st)
     assert not res.stats["direct_copies"] and st.maps.registered_bytes(store) == 0
-    assert torch.isfinite(res.logits).all()
+    # exactly what staging through pinned memory by choice (register_limit=0) gives
+    pinned = Staging("cuda", graphs=False, register_limit=0)
+    with entry_views(store, keys, pinned) as entries:
+        want = fuse_entries(gpu.lm, gpu.prefix_kv(), entries, gpu._prefix_ids, sfx, staging=pinned)
+    assert torch.equal(res.selected, want.selected) and torch.equal(res.kv, want.kv)
+    assert torch.equal(res.logits, want.logits)
     store.close()
 
 

@@ -39,7 +39,7 @@ def urls():
 
 @pytest.fixture(params=["single", "cluster"])
 def store(request, urls):
-    from chunkcache.redis_store import RedisStore
+    from chunkcache.store.redis_store import RedisStore
 
     s = RedisStore(urls[request.param], prefix=f"t{uuid.uuid4().hex[:8]}:", piece_bytes=4096)
     yield s
@@ -119,7 +119,7 @@ def test_a_corrupted_piece_is_caught_by_checksums_and_dropped(store):
 
 
 def test_killed_server_warns_and_misses_within_the_timeout():
-    from chunkcache.redis_store import RedisStore, RemoteUnavailableError
+    from chunkcache.store.redis_store import RedisStore, RemoteUnavailableError
 
     require_redis()
     with RedisServer() as srv:
@@ -142,7 +142,7 @@ def test_killed_server_warns_and_misses_within_the_timeout():
 
 
 def test_hung_server_never_blocks_past_the_socket_timeout():
-    from chunkcache.redis_store import RedisStore
+    from chunkcache.store.redis_store import RedisStore
 
     require_redis()
     with RedisServer() as srv:
@@ -162,7 +162,7 @@ def test_hung_server_never_blocks_past_the_socket_timeout():
 
 
 def test_cluster_node_killed_mid_run_gives_misses_not_errors():
-    from chunkcache.redis_store import RedisStore
+    from chunkcache.store.redis_store import RedisStore
 
     require_redis()
     with RedisClusterProcs(3) as cl:
@@ -241,11 +241,12 @@ def test_cli_store_commands_accept_a_redis_url(urls, capsys):
 
     from chunkcache.cli import main
     from chunkcache.format import pack_chunk
-    from chunkcache.redis_store import RedisStore
+    from chunkcache.store.redis_store import RedisStore
 
     s = RedisStore(urls["single"])
-    key = f"cli{uuid.uuid4().hex[:8]}"
-    s.put(key, pack_chunk(random_chunk(seed=7), "raw", KEY_INPUTS.to_dict()))
+    c = random_chunk(seed=int(uuid.uuid4().hex[:6], 16))
+    key = KEY_INPUTS.key(c.token_ids)  # verify checks that an entry hashes to its key
+    s.put(key, pack_chunk(c, "raw", KEY_INPUTS.to_dict()))
     assert main(["ls", "--store", urls["single"]]) == 0
     assert key in capsys.readouterr().out
     assert main(["verify", "--store", urls["single"]]) == 0

@@ -185,7 +185,7 @@ def test_lmdb_access_is_amortised(tmp_path):
         s.put(k, v)
 
         def committed() -> int:
-            with s._begin() as txn:
+            with s._txn() as txn:
                 return dict(s._read_entries(txn))[k].hits
 
         s.get(k)

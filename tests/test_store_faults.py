@@ -1,5 +1,6 @@
 """Faults with real processes and real OS errors: a writer killed by SIGKILL, entries damaged behind
-the store's back, read-only paths, a full disk (a real 1 MiB tmpfs when mounting is permitted)."""
+the store's back, read-only paths, a full disk (a real 1 MiB tmpfs; skipped where it cannot be
+mounted). More hostile cases (crashes, crafted entries, Redis faults): ``test_store_hostile``."""
 
 from __future__ import annotations
 
@@ -128,50 +129,23 @@ def test_read_only_filesystem(tmp_path):
 
 
 def test_full_disk_gives_store_full_and_loses_nothing_committed():
-    """A real 1 MiB tmpfs where mounting is permitted (root); elsewhere ENOSPC is simulated by a
-    transaction whose commit fails the way LMDB reports a short write (``lmdb.Error`` EIO)."""
+    """A real 1 MiB tmpfs; where it cannot be mounted (not root), skip: a faked disk (a commit
+    patched to raise the very error text the code parses) would test nothing."""
     small = [entry(i, tokens=16) for i in range(3)]  # ~17 KB each
     big = entry(99, tokens=2048)  # ~2 MB: cannot fit in 1 MiB
     with _mount_tmpfs("size=1m") as mnt:
-        if mnt is not None:
-            with LMDBStore(os.path.join(mnt, "store"), map_size=64 << 20) as s:
-                _fill_and_overflow(s, small, big)
-            return
-    with tempfile.TemporaryDirectory() as d, LMDBStore(d) as s:
-        real_begin = s._begin
-
-        class FailingCommit:
-            def __init__(self, txn):
-                self.txn = txn
-
-            def __enter__(self):
-                return self.txn
-
-            def __exit__(self, *exc):
-                self.txn.abort()
-                raise lmdb.Error("mdb_txn_commit: Input/output error")
-
-        def begin(write=False):
-            txn = real_begin(write)
-            return FailingCommit(txn) if write and s._fail else txn
-
-        s._fail = False
-        s._begin = begin
-        statvfs = os.statvfs
-        os.statvfs = lambda p: os.statvfs_result((4096, 4096, 256, 0, 0, 0, 0, 0, 0, 255))
-        try:
-            _fill_and_overflow(s, small, big, fail=lambda on: setattr(s, "_fail", on))
-        finally:
-            os.statvfs = statvfs
+        if mnt is None:
+            pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): no real full disk")
+        with LMDBStore(os.path.join(mnt, "store"), map_size=64 << 20) as s:
+            _fill_and_overflow(s, small, big)
+            assert s.stats().failed_writes == 1
 
 
-def _fill_and_overflow(s: LMDBStore, small, big, fail=lambda on: None) -> None:
+def _fill_and_overflow(s: LMDBStore, small, big) -> None:
     for k, v in small:
         s.put(k, v)
-    fail(True)
     with pytest.raises(StoreFullError, match="disk is full"):
         s.put(*big)
-    fail(False)
     assert not s.contains(big[0])
     assert s.stats().entries == 3 and verify_store(s) == []
     assert all(s.get(k) == v for k, v in small)

@@ -15,7 +15,7 @@ from store_worker import entry
 
 from chunkcache.format import load_chunk
 from chunkcache.store import LMDBStore
-from chunkcache.tiered import TieredStore
+from chunkcache.store.tiered import TieredStore
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def server():
 
 
 def _remote(url, **kw):
-    from chunkcache.redis_store import RedisStore
+    from chunkcache.store.redis_store import RedisStore
 
     return RedisStore(url, prefix=f"t{uuid.uuid4().hex[:8]}:", piece_bytes=8192, **kw)
 

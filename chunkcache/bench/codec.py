@@ -117,7 +117,7 @@ def run(engine, codecs: list[str], data_path=DEFAULT_DATA, questions: int = 3, s
         log=print, partial: str | Path | None = None) -> dict:  # fmt: skip
     """Returns ``{"rows": [per question and codec], "summary": {codec: {...}}}``."""
     from chunkcache.codec import get_codec
-    from chunkcache.engine import _open_store
+    from chunkcache.store import MemoryStore
     from chunkcache.format import pack_chunk
     from chunkcache.layout import ChunkKV
 
@@ -169,7 +169,7 @@ def run(engine, codecs: list[str], data_path=DEFAULT_DATA, questions: int = 3, s
                     dec_s += time.perf_counter() - t
                     nbytes += sum(p.numel() * p.element_size() for p in parts.values())
                 decoded.append(ChunkKV(token_ids=ch.token_ids, kv=out.to(kv.dtype).contiguous(), base_pos=ch.base_pos, meta=dict(ch.meta)))
-            store = _open_store(None)  # the decoded caches as lossless entries, same keys
+            store = MemoryStore()  # the decoded caches as lossless entries, same keys
             for ch in decoded:
                 store.put(engine.key_for_ids(ch.token_ids.tolist()), pack_chunk(ch, engine.codec, engine.key_info()))
             engine.store = store

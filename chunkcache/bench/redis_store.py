@@ -95,7 +95,7 @@ def run(
     cluster_url: str | None = None,
 ) -> dict:
     """Run the benchmark; returns {"entry_bytes", "rows": {name: GB/s}, ...} and prints a table."""
-    from chunkcache.redis_store import RedisStore
+    from chunkcache.store.redis_store import RedisStore
 
     sh = SHAPES[shape]
     base = _make_chunk(sh, tokens, 0)

@@ -260,16 +260,16 @@ def _summary(name: str, ttfts: list[float], tokens: int, wall: float, **extra) -
     }  # fmt: skip
 
 
-def _engine(model: str, codec: str, root: str, device: str):
+def _engine(model: str, codec: str, root: str, device: str, fusions: int = 1):
     from chunkcache.engine import ChunkCache
 
     if model in ("llama3-8b", "smollm2", "tiny"):  # random weights of a real shape, SmolLM2's tokenizer
-        from chunkcache.bench.ttft import _tokenizer, build_model
+        from chunkcache.bench.ttft import _tokenizer, build_model, speed_engine
 
         dev = torch.device(device)
         lm = build_model(model, torch.bfloat16 if dev.type == "cuda" else torch.float32, device)
-        return ChunkCache(model=lm.model, tokenizer=_tokenizer(), store=root, codec=codec)
-    return ChunkCache(model=model, store=root, codec=codec, device=device)
+        return speed_engine(lm.model, _tokenizer(), root, codec, concurrent_fusions=fusions)
+    return ChunkCache(model=model, store=root, codec=codec, device=device, concurrent_fusions=fusions)
 
 
 def run(
@@ -369,20 +369,21 @@ def run(
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| model | device | clients | mode | side | queries | q/s | tok/s | TTFT p50 ms | TTFT p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | device | clients | mode | fusions | miss | side | queries | q/s | tok/s | TTFT p50 ms | TTFT p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         mode = "asyncio" if r["asyncio"] else "threads"
         for s in r["sides"]:
             lines.append(
-                f"| {r['model']} | {r['device']} | {r['clients']} | {mode} | {s['side']} | {s['queries']} | "
+                f"| {r['model']} | {r['device']} | {r['clients']} | {mode} | {r.get('concurrent_fusions', 1)} | "
+                f"{r['workload']['miss']} | {s['side']} | {s['queries']} | "
                 f"{s['qps']:.2f} | {s['tokens_per_s']:.1f} | {s['ttft_p50_s'] * 1e3:.1f} | {s['ttft_p99_s'] * 1e3:.1f} |"
             )
         if r["ratios"]:
             x = r["ratios"]
             lines.append(
-                f"| | | | | fused / {x['baseline']} | | {x['qps']:.2f}x | {x['tokens_per_s']:.2f}x | "
+                f"| | | | | | | fused / {x['baseline']} | | {x['qps']:.2f}x | {x['tokens_per_s']:.2f}x | "
                 f"{x['ttft_p50']:.2f}x lower | {x['ttft_p99']:.2f}x lower |"
             )
     return "\n".join(lines)
@@ -398,7 +399,7 @@ def plot(results: list[dict], path: str) -> None:
     labels, qps, p99 = [], [], []
     for r in results:
         for s in r["sides"]:
-            labels.append(f"{s['side']}\n{r['clients']} {'tasks' if r['asyncio'] else 'threads'}")
+            labels.append(f"{s['side']}\n{r['clients']} {'tasks' if r['asyncio'] else 'threads'}, f{r.get('concurrent_fusions', 1)}")
             qps.append(s["qps"])
             p99.append(s["ttft_p99_s"] * 1e3)
     axes[0].bar(labels, qps, color="tab:blue")
@@ -425,7 +426,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--miss", type=float, default=0.05)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--codec", default="int8")
-    p.add_argument("--full", default="both", choices=["sequential", "batched", "both"])
+    p.add_argument(
+        "--fusions", default="1", help="comma list of the engine's concurrent_fusions (fused side)"
+    )
+    p.add_argument("--full", default="both", choices=["sequential", "batched", "both", "none"])
     p.add_argument("--mode", default="threads", help="comma list: threads, asyncio")
     p.add_argument("--device", default=None)
     p.add_argument("--dir", default=None, help="folder for the temporary store")
@@ -438,27 +442,24 @@ def run_cli(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     root = tempfile.mkdtemp(prefix="serve-", dir=args.dir)
-    eng = _engine(args.model, args.codec, root, device)
+    fusions = [int(x) for x in args.fusions.split(",")]
+    eng = _engine(args.model, args.codec, root, device, fusions[0])
     print(f"{args.model} on {device}, codec {args.codec}")
+    command = "chunkcache bench serve " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("bench", "command", "func")
+    )
     for mode in args.mode.split(","):
         for k in [int(x) for x in args.clients.split(",")]:
-            print(f"\n== {k} clients ({mode})")
-            res = run(
-                eng,
-                clients=k,
-                seconds=args.seconds,
-                workload=w,
-                full=args.full,
-                use_asyncio=mode == "asyncio",
-            )
-            res["model"] = args.model
-            res["command"] = "chunkcache bench serve " + " ".join(
-                f"--{k.replace('_', '-')} {v}"
-                for k, v in vars(args).items()
-                if k not in ("bench", "command", "func")
-            )
-            results.append(res)
-            Path(args.out + ".json").write_text(json.dumps(results, indent=1))
+            for i, f in enumerate(fusions):  # later pool sizes: the fused side only
+                print(f"\n== {k} clients ({mode}), concurrent_fusions {f}")
+                eng._pool, eng.concurrent_fusions = None, f
+                full = args.full if i == 0 else "none"
+                res = run(
+                    eng, clients=k, seconds=args.seconds, workload=w, full=full, use_asyncio=mode == "asyncio"
+                )
+                res.update(model=args.model, concurrent_fusions=f, command=command)
+                results.append(res)
+                Path(args.out + ".json").write_text(json.dumps(results, indent=1))
     eng.store.close()
     shutil.rmtree(root, ignore_errors=True)
     md = table(results)

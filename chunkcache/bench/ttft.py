@@ -121,15 +121,26 @@ def _tokenizer():
         return AutoTokenizer.from_pretrained(Path.cwd() / ".tok")
 
 
+def speed_engine(model, tokenizer, store, codec: str, **kwargs):
+    """A ``ChunkCache`` over a random-weight model, for speed only. Its correctness gate (fusion at
+    ratio 1 against a full prefill, ``gate.py``) is marked passed without running: random bf16
+    weights over 32 layers drift past the gate's bf16 tolerance (0.064 against 0.05 measured for
+    the 8B shape), which says nothing about the model family; fidelity is measured on real
+    weights (``bench quality``, the gate on SmolLM2)."""
+    from chunkcache.engine import ChunkCache
+
+    eng = ChunkCache(model=model, tokenizer=tokenizer, store=store, codec=codec, **kwargs)
+    eng._gate_passed = True
+    return eng
+
+
 def make_engines(lm, tokenizer, codecs, root: str, texts: list[str], log=print) -> dict:
     """One ``ChunkCache`` per codec over the same model, each with its own LMDB store holding every
     passage (precomputed by the engine)."""
-    from chunkcache.engine import ChunkCache
-
     engines = {}
     for codec in codecs:
         t0 = time.perf_counter()
-        eng = ChunkCache(model=lm.model, tokenizer=tokenizer, store=os.path.join(root, codec), codec=codec)
+        eng = speed_engine(lm.model, tokenizer, os.path.join(root, codec), codec)
         eng.precompute(texts, batch_size=4)
         engines[codec] = eng
         log(f"  {codec}: {len(texts)} passages precomputed in {time.perf_counter() - t0:.1f}s")
@@ -242,7 +253,6 @@ def cold_runs(engines, texts, question, ratio, log=print) -> list[dict]:
     """One 8K ``engine.fuse`` per codec after dropping the store file from the page cache, through
     pinned staging (a registered map is page-locked, so it cannot be cold); warmed first so the
     cold run pays for the reads, not for pinning or graph capture."""
-    from chunkcache.engine import ChunkCache
     from chunkcache.fuse import FuseConfig
     from chunkcache.pipeline import StagingPool
 
@@ -252,7 +262,7 @@ def cold_runs(engines, texts, question, ratio, log=print) -> list[dict]:
         path = eng.store.path
         eng.store.close()
         fd = os.open(os.path.join(path, "data.mdb"), os.O_RDONLY)
-        fresh = ChunkCache(model=eng.model, tokenizer=eng.tokenizer, store=path, codec=codec)
+        fresh = speed_engine(eng.model, eng.tokenizer, path, codec)
         fresh._pool = StagingPool(fresh.lm.device, size=1, register_limit=0)
         _median_runs(lambda fresh=fresh, cfg=cfg: _fused_once(fresh, texts, question, cfg), 1, 2)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -30,9 +30,6 @@ checksums in ``load_chunk`` (and per piece in ``get_range``), never used.
 
 from __future__ import annotations
 
-import json
-import math
-import struct
 import threading
 import time
 import warnings
@@ -42,15 +39,15 @@ from dataclasses import dataclass, replace
 from typing import Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import torch
+import torch  # noqa: F401 - get_layers returns tensors
 
-from .errors import CorruptEntryError, StoreError, StoreFullError
-from .format import FORMAT_VERSION, MAGIC, dtype_from_name
-from .store import EntryStats, Store, StoreStats, _Clock, _entry_tokens, _policy, pick_victims
+from chunkcache.errors import CorruptEntryError, StoreError, StoreFullError
+from chunkcache.format import PREFIX_BYTES, header_span, layer_spans, read_header, section_views
+
+from .base import Clock, EntryStats, Store, StoreStats, entry_tokens
+from .eviction import get_policy, pick_victims
 
 __all__ = ["RedisConfig", "RedisStore", "RemoteUnavailableError"]
-
-_PREFIX = struct.Struct("<8sIIII")  # the entry prefix (format's docstring): magic, version, hlen, hcrc, 0
 
 
 class RemoteUnavailableError(StoreError):
@@ -87,7 +84,7 @@ class RedisConfig:
             raise ValueError(f"piece_bytes must be at least 4096, got {self.piece_bytes}")
         if min(self.socket_timeout, self.connect_timeout) <= 0 or self.retries < 0 or self.down_seconds < 0:
             raise ValueError("timeouts must be > 0, retries and down_seconds >= 0")
-        _policy(self.eviction)
+        get_policy(self.eviction)
 
 
 def _split_url(url: str) -> tuple[str, bool | None]:
@@ -122,12 +119,13 @@ class RedisStore(Store):
             replace(url, **overrides) if isinstance(url, RedisConfig) else RedisConfig(url, **overrides)
         )
         self.url, self._cluster = _split_url(self.config.url)
-        self.policy = _policy(self.config.eviction)
+        self.policy = get_policy(self.config.eviction)
+        self.failed_writes = 0
         self.max_bytes = None  # Redis's maxmemory caps the shared store
         self._client_obj = None
         self._down_until = 0.0
         self._lock = threading.Lock()
-        self._clock = _Clock()
+        self._clock = Clock()
         self._hits = self._misses = self._evictions = 0
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -183,7 +181,7 @@ class RedisStore(Store):
         except Exception as e:
             import redis.exceptions as rx
 
-            if isinstance(e, rx.ResponseError) and str(e).startswith("OOM"):
+            if isinstance(e, rx.ResponseError) and ("OOM" in str(e) or "maxmemory" in str(e)):
                 raise StoreFullError(f"Redis at {self.url} is full (maxmemory, noeviction): {e}") from None
             if isinstance(e, rx.RedisError):
                 raise StoreError(f"Redis at {self.url} refused {what}: {type(e).__name__}: {e}") from None
@@ -213,13 +211,33 @@ class RedisStore(Store):
                 if touch:  # on a miss this creates a stray access record; removed below
                     p.hincrby(self._rkey(k) + ":a", "hits", 1)
                     p.hset(self._rkey(k) + ":a", "last", now)
-            return p.execute()[:: 3 if touch else 1]
+            res = p.execute(raise_on_error=False)  # access facts may be refused (OOM): reads go on
+            hashes = res[:: 3 if touch else 1]
+            for h in hashes:
+                if isinstance(h, Exception):
+                    raise h
+            return hashes
 
         try:
             hashes, reached = self._run("get", fn), True
         except RemoteUnavailableError:
             hashes, reached = [{}] * len(keys), False
-        out = [_join(h) for h in hashes]
+        out = []
+        for k, h in zip(keys, hashes, strict=True):
+            try:
+                out.append(_join(h))
+            except CorruptEntryError as e:  # bad framing fields: damaged, dropped, recomputed
+                warnings.warn(
+                    f"chunkcache: dropping damaged entry {k} (its Redis hash): {e}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                out.append(None)
+                if reached:
+                    try:
+                        self.delete(k)
+                    except StoreError:
+                        pass
         if touch:
             for v in out:
                 self._count(v is not None)
@@ -243,25 +261,30 @@ class RedisStore(Store):
         def fn(r):
             p = r.pipeline(transaction=False)
             for k in (k for k, _ in items):
-                p.hget(self._rkey(k), "n")
-            old_n = p.execute()
+                p.hkeys(self._rkey(k))
+            old_fields = p.execute()
             p = r.pipeline(transaction=False)
-            for (k, v), old in zip(items, old_n, strict=True):
+            for (k, v), old in zip(items, old_fields, strict=True):
                 mv = memoryview(v).cast("B")
                 pieces = [mv[i : i + pb] for i in range(0, max(len(mv), 1), pb)]
                 fields: dict[str, bytes | int | str] = {f"p{i}": bytes(x) for i, x in enumerate(pieces)}
-                fields.update(n=len(pieces), pb=pb, nbytes=len(mv), tokens=_entry_tokens(v),
+                fields.update(n=len(pieces), pb=pb, nbytes=len(mv), tokens=entry_tokens(v),
                               crc=",".join(f"{zlib.crc32(x):08x}" for x in pieces))  # fmt: skip
                 rk = self._rkey(k)
                 p.hset(rk, mapping=fields)
-                if old is not None and int(old) > len(pieces):  # a shorter value: drop the stale tail
-                    p.hdel(rk, *[f"p{i}" for i in range(len(pieces), int(old))])
+                stale = [f for f in (x.decode(errors="replace") for x in old or []) if f not in fields]
+                if stale:  # a shorter value's tail, or fields a damaged entry had: never mixed in
+                    p.hdel(rk, *stale)
                 p.hsetnx(rk + ":a", "created", now)
                 p.hsetnx(rk + ":a", "hits", 0)
                 p.hset(rk + ":a", "last", now)
             p.execute()
 
-        self._run("put", fn)
+        try:
+            self._run("put", fn)
+        except StoreError:
+            self.failed_writes += 1
+            raise
 
     def contains(self, key: str) -> bool:
         return self.contains_many([key])[0]
@@ -307,8 +330,7 @@ class RedisStore(Store):
                 (nbytes, tokens), (hits, last, created) = res[2 * i], res[2 * i + 1]
                 if nbytes is None:  # deleted meanwhile
                     continue
-                out.append((k, EntryStats(int(nbytes), int(tokens or 0), int(hits or 0), int(last or 0),
-                                          int(created or 0))))  # fmt: skip
+                out.append((k, EntryStats(_num(nbytes), _num(tokens), _num(hits), _num(last), _num(created))))
             return out
 
         yield from self._run("entries", fn)
@@ -324,8 +346,9 @@ class RedisStore(Store):
     def stats(self) -> StoreStats:
         ents = list(self.entries())
         return StoreStats(
-            self._hits, self._misses, self._evictions, sum(e.nbytes for _, e in ents), len(ents), None
-        )
+            self._hits, self._misses, self._evictions, sum(e.nbytes for _, e in ents), len(ents), None,
+            failed_writes=self.failed_writes,
+        )  # fmt: skip
 
     def flushdb_prefix(self) -> int:
         """Delete every entry under this store's prefix (tests, benchmarks); the count removed."""
@@ -364,7 +387,7 @@ class RedisStore(Store):
             return [None] * len(spans)
         if res[0] is None:
             return [None] * len(spans)
-        n, stored_pb, nbytes, crcs = int(res[0]), int(res[1]), int(res[2]), res[3].decode().split(",")
+        n, stored_pb, nbytes, crcs = _framing(key, res[:4])
         if stored_pb != pb:  # written with another piece size: fetch by that one
             pb = stored_pb
             idx = sorted({i for a, b in spans for i in range(a // pb, (b - 1) // pb + 1) if b > a})
@@ -389,45 +412,89 @@ class RedisStore(Store):
         ``token_scores`` / ``layer_sums``. Feed it to ``get_codec(header["codec"]).decode(parts, dtype)`` to get
         ``[len(layers), 2, H, T, D]``. Moves only the pieces those layers lie in (and piece 0 for
         the header); every piece is crc-checked. None on a miss or Redis down."""
-        if layers.step != 1:
-            raise ValueError("layers must be a contiguous range")
-        head = self._ranges(key, [(0, _PREFIX.size)])[0]
+        head = self._ranges(key, [(0, PREFIX_BYTES)])[0]
         if head is None:
             return None
-        magic, version, hlen, hcrc, _ = _PREFIX.unpack_from(head, 0)
-        if magic != MAGIC or version != FORMAT_VERSION:
-            raise CorruptEntryError(f"Redis entry {key} is not a version-{FORMAT_VERSION} chunkcache entry")
-        raw = self.get_range(key, _PREFIX.size, _PREFIX.size + hlen)
-        if raw is None or zlib.crc32(raw) != hcrc:
-            raise CorruptEntryError(f"Redis entry {key}: header checksum mismatch")
-        header = json.loads(raw)
-        base = -(-(_PREFIX.size + hlen) // 64) * 64
-        spans, shapes = [], []
-        for name, s in header["sections"].items():
-            shape, off, nb = [int(x) for x in s["shape"]], int(s["offset"]), int(s["nbytes"])
-            if name not in ("token_ids", "token_scores", "layer_sums"):  # whole: small, not layers-first
-                if not (0 <= layers.start <= layers.stop <= shape[0]):
-                    raise ValueError(f"layers {layers} outside the entry's {shape[0]} layers")
-                per = nb // shape[0]
-                off, nb = off + layers.start * per, per * len(layers)
-                shape = [len(layers), *shape[1:]]
-            spans.append((base + off, base + off + nb))
-            shapes.append((name, dtype_from_name(s["dtype"]), shape))
-        bufs = self._ranges(key, spans)
-        if bufs[0] is None:
+        raw = self.get_range(key, 0, header_span(head))
+        if raw is None:
             return None
-        parts = {}
-        for (name, dtype, shape), buf in zip(shapes, bufs, strict=True):
-            t = torch.frombuffer(bytearray(buf), dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-            parts[name] = t.view(shape) if math.prod(shape) else torch.empty(shape, dtype=dtype)
-        return header, parts
+        header = read_header(raw, whole=False)  # every field checked, as for any other reader
+        sections = layer_spans(header, layers)
+        base = header["payload_offset"]
+        bufs = self._ranges(
+            key, [(base + s["offset"], base + s["offset"] + s["nbytes"]) for s in sections.values()]
+        )
+        if bufs and bufs[0] is None:
+            return None
+        return header, section_views(header, sections, bufs)
+
+    def read_prefix(self, key: str, nbytes: int) -> bytes | None:
+        """The first ``nbytes`` bytes (fewer if the entry is shorter), moving only their pieces."""
+        try:
+            total = self._run("read_prefix", lambda r: r.hget(self._rkey(key), "nbytes"))
+        except RemoteUnavailableError:
+            return None
+        if total is None:
+            return None
+        stop = min(nbytes, _num(total))
+        return self.get_range(key, 0, stop) if stop > 0 else b""
+
+    def sample_keys(self, n: int) -> list[str]:
+        """Up to ``n`` keys from the first SCAN batches (not the whole key space)."""
+        pre = self.config.prefix + "{"
+
+        def fn(r):
+            found: list[str] = []
+            for raw in r.scan_iter(match=_glob_escape(pre) + "*", count=max(n, 100)):
+                name = raw.decode(errors="replace")
+                if name.endswith("}") and name[len(pre) : -1] not in found:
+                    found.append(name[len(pre) : -1])
+                    if len(found) >= n:
+                        break
+            return found
+
+        return self._run("sample", fn)
+
+
+def _num(x, default: int = 0) -> int:
+    """A bookkeeping field, 0 if missing or garbage (``ls`` and eviction must not crash on it)."""
+    try:
+        return int(x)
+    except (TypeError, ValueError):
+        return default
+
+
+def _framing(key: str, fields: list) -> tuple[int, int, int, list[str]]:
+    """(n, pb, nbytes, piece crcs) of an entry hash, checked against each other; CorruptEntryError
+    for missing, non-numeric or inconsistent fields (``n=abc``, ``n=10**12``: never looped over)."""
+    n, pb, nbytes, crc = fields
+    try:
+        n, pb, nbytes = int(n), int(pb), int(nbytes)
+        crcs = crc.decode("ascii").split(",")
+    except (TypeError, ValueError, AttributeError, UnicodeDecodeError):
+        raise CorruptEntryError(
+            f"Redis entry {key}: framing fields n/pb/nbytes/crc missing or not numbers"
+        ) from None
+    if not (pb >= 1 and 0 <= nbytes and n == max(-(-nbytes // pb), 1) and len(crcs) == n):
+        raise CorruptEntryError(
+            f"Redis entry {key}: framing fields disagree (n={n}, pb={pb}, nbytes={nbytes}, {len(crcs)} crcs)"
+        )
+    return n, pb, nbytes, crcs
 
 
 def _join(h: dict) -> bytes | None:
-    n = h.get(b"n")
-    if n is None:
+    """The value of an entry hash (None if there is none); CorruptEntryError if its framing or a
+    piece is bad (checked before anything is joined)."""
+    if not h:
         return None
-    return b"".join(h.get(b"p%d" % i, b"") for i in range(int(n)))
+    n, pb, nbytes, crcs = _framing("", [h.get(b"n"), h.get(b"pb"), h.get(b"nbytes"), h.get(b"crc")])
+    pieces = [h.get(b"p%d" % i) for i in range(n)]
+    for i, piece in enumerate(pieces):
+        if piece is None or len(piece) != (pb if i < n - 1 else nbytes - pb * (n - 1)):
+            raise CorruptEntryError(f"piece {i} is missing or has the wrong size")
+        if f"{zlib.crc32(piece):08x}" != crcs[i]:
+            raise CorruptEntryError(f"piece {i} fails its crc32")
+    return b"".join(pieces)
 
 
 def _delete_keys(r, names: list[str]) -> int:

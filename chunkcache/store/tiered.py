@@ -22,8 +22,9 @@ import threading
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
-from .errors import StoreError, StoreFullError
-from .store import EntryStats, Store, StoreStats
+from chunkcache.errors import StoreError, StoreFullError
+
+from .base import EntryStats, Store, StoreStats
 
 __all__ = ["TieredStore"]
 
@@ -43,6 +44,7 @@ class TieredStore(Store):
         self.promote = promote
         """Copy remote hits into the local tier (the read-through cache)."""
         self.tier_hits = {"local": 0, "remote": 0}
+        self.failed_writes = 0
         self._misses = 0
         self._lock = threading.Lock()
 
@@ -101,7 +103,8 @@ class TieredStore(Store):
         if not local_ok:  # at least one value is bigger than the local cap: the remote must take it
             self.remote.put_many(items)
             return
-        self._remote("put", lambda: self.remote.put_many(items), None)
+        if self._remote("put", lambda: self.remote.put_many(items), False) is False:
+            self.failed_writes += 1  # the local copy is kept; the shared tier lacks it
 
     def contains(self, key: str) -> bool:
         return self.contains_many([key])[0]
@@ -135,7 +138,7 @@ class TieredStore(Store):
         shared = loc if rem is None else rem
         return StoreStats(
             sum(self.tier_hits.values()), self._misses, loc.evictions, shared.bytes, shared.entries,
-            loc.max_bytes, loc.file_bytes,
+            loc.max_bytes, loc.file_bytes, loc.failed_writes + self.failed_writes,
         )  # fmt: skip
 
     def close(self) -> None:
