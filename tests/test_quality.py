@@ -159,3 +159,16 @@ def test_factual_cases_answer_in_exactly_one_passage():
 def test_factual_generation_is_deterministic_prefix_stable_and_split_by_seed():
     assert factual.generate("dev", 12) == factual.generate("dev", 30)[:12]
     assert factual.generate("heldout", 5) != factual.generate("dev", 5)
+
+
+def test_committed_factual_set_is_the_generators_output():
+    """The data file is what the committed generator makes (the filter only drops cases)."""
+    data = json.loads(factual.DEFAULT_OUT.read_text())
+    assert sum(data["kept"].values()) == len(data["cases"]) >= 100
+    for split in factual.SPLIT_SEEDS:
+        kept = [c for c in data["cases"] if c["split"] == split]
+        assert kept, split
+        gen = {c["id"]: c for c in factual.generate(split, 1 + max(int(c["id"].split("-")[1]) for c in kept))}
+        for c in kept:
+            assert {k: v for k, v in c.items() if k != "full_answer"} == gen[c["id"]]
+            assert quality.correct(c["full_answer"], c["answers"])
