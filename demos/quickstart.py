@@ -6,7 +6,7 @@
    stored caches at 15% recompute; prints both answers, the time to first token (TTFT) of each,
    and the KL divergence of the fused next-token distribution from the full prefill's.
 
-    python demos/quickstart.py [--questions 3] [--store chunkcache.lmdb] [--ratio 0.15]
+    .venv/bin/python demos/quickstart.py [--questions 3] [--store chunkcache.lmdb] [--ratio 0.15]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from chunkcache import gate
 from chunkcache.engine import ChunkCache
 
 DATA = Path(__file__).resolve().parent / "data" / "musique_dev.json"
@@ -44,13 +45,17 @@ def main() -> None:
         f"precompute: {len(all_texts)} chunks ready in {time.perf_counter() - t:.1f}s (stored ones are skipped)"
     )
     engine.prefix_kv()  # the template prefix is computed once per engine
+    check = gate.ensure(engine)  # once per model and store (recorded); the first fuse would run it
+    print(f"correctness gate: ok (logits within {check.logits_diff:.1e} of a full prefill, {check.seconds:.1f}s "
+          "when it ran)")  # fmt: skip
 
     for ex in data:
         texts = [f"{c['title']}\n{c['text']}" for c in ex["ctxs"][: args.passages]]
         ids = engine.prompt_ids(texts, ex["question"])
         with torch.no_grad():
             t = time.perf_counter()
-            full_logits = engine.model(input_ids=ids).logits[0, -1].float()
+            # The baseline computes only the last position's logits, as fusion does (logits_to_keep=1).
+            full_logits = engine.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
             ttft_full = time.perf_counter() - t
         t = time.perf_counter()
         fused = engine.fuse(texts, ex["question"], recompute_ratio=args.ratio)

@@ -12,7 +12,7 @@ the ``chunkcache`` CLI into LMDB, answers generated from fused caches.
    per question, the answer, the gold answer and the time to first token (TTFT) of a full prefill
    of the same prompt against fusion from the stored caches; then a summary.
 
-    python demos/rag_faiss.py [--index-questions 6] [--questions 5] [--top-k 5] [--store chunkcache.lmdb]
+    .venv/bin/python demos/rag_faiss.py [--index-questions 6] [--questions 5] [--top-k 5] [--store chunkcache.lmdb]
 
 TTFT here is the time until the first answer token's logits exist: full = one forward over the
 prompt ids; fused = ``engine.fuse`` (reading the chunks from LMDB, re-rotating, recomputing
@@ -38,6 +38,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnableParallel, RunnablePassthrough
 
+from chunkcache import gate
 from chunkcache.engine import ChunkCache
 from chunkcache.integrations.langchain import (
     HIT_FIELD,
@@ -153,6 +154,7 @@ def main() -> None:
     t = time.perf_counter()
     engine = ChunkCache(model="smollm2-135m", store=args.store, recompute_ratio=args.ratio)
     engine.prefix_kv()  # computed once per engine; also warms up the model
+    gate.ensure(engine)  # the correctness gate: once per model and store (the first fuse would run it)
     print(f"loaded {engine.lm.name} in {time.perf_counter() - t:.1f}s; store {args.store}: "
           f"{engine.store.stats().entries} entries")  # fmt: skip
 
@@ -173,7 +175,8 @@ def main() -> None:
         ids = engine.prompt_ids(ctx, ex["question"])
         with torch.no_grad():
             t = time.perf_counter()
-            full = engine.model(input_ids=ids, use_cache=True)  # the full prefill: first-token logits
+            # The full prefill: first-token logits only (logits_to_keep=1), as fusion computes them.
+            full = engine.model(input_ids=ids, use_cache=True, logits_to_keep=1)
             ttft_full = time.perf_counter() - t
             t = time.perf_counter()
             fused = engine.fuse(ctx, ex["question"])  # caches from LMDB, re-rotated, 15% recomputed
