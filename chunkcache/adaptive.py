@@ -99,7 +99,11 @@ class Plan:
             "reason": self.reason,
             "estimate_s": self.estimate_s,
             "rates": self.rates,
-            "fetched": {p: sum(1 for c in self.chunks if c.precision == p) for p in {c.precision for c in self.chunks} if p},
+            "fetched": {
+                p: sum(1 for c in self.chunks if c.precision == p)
+                for p in {c.precision for c in self.chunks}
+                if p
+            },
             "recomputed": sum(1 for c in self.chunks if c.action == "recompute"),
             "chunks": [c.__dict__ for c in self.chunks],
         }
@@ -120,7 +124,10 @@ def plan(
     rates = {"link_bytes_per_s": link_bytes_per_s, "recompute_tokens_per_s": recompute_tokens_per_s}
     best = [next(iter(s)) for s in sizes]
     if not enabled or link_bytes_per_s is None or recompute_tokens_per_s is None:
-        fetch = [None if link_bytes_per_s is None else s[p] / link_bytes_per_s for s, p in zip(sizes, best, strict=True)]
+        fetch = [
+            None if link_bytes_per_s is None else s[p] / link_bytes_per_s
+            for s, p in zip(sizes, best, strict=True)
+        ]
         rec = [None if recompute_tokens_per_s is None else t / recompute_tokens_per_s for t in tokens]
         chunks = [ChunkPlan("fetch", p, f, r) for p, f, r in zip(best, fetch, rec, strict=True)]
         why = "adaptation off: fetch all"
@@ -148,7 +155,9 @@ def plan(
             else:
                 break
         chunks = [
-            ChunkPlan("recompute", None, fetch[i], rec[i]) if i in moved else ChunkPlan("fetch", pick[i], fetch[i], rec[i])
+            ChunkPlan("recompute", None, fetch[i], rec[i])
+            if i in moved
+            else ChunkPlan("fetch", pick[i], fetch[i], rec[i])
             for i in range(len(tokens))
         ]
         options.append((max(f_total, r_total), rank, p, chunks))

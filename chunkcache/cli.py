@@ -347,7 +347,7 @@ def _check(args: argparse.Namespace) -> int:
     finally:
         eng.store.close()
     print(f"ok {r.model} ({r.dtype}, {r.device}): logits at ratio 1 within {r.logits_diff:.2e}, re-rotated "
-          f"keys within {r.keys_diff:.2e} of a full prefill (tolerance {r.tolerance:g}; {r.prompt_tokens} "
+          f"keys within {r.keys_diff:.2e} of a full prefill (tolerances {r.logits_tolerance:g} / {r.tolerance:g}; {r.prompt_tokens} "
           f"tokens, {r.seconds:.2f}s)" + (f"; recorded in {args.store}" if args.store else ""))  # fmt: skip
     return 0
 

@@ -320,7 +320,9 @@ def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8), scale
 
 
-def int2_side_layout(heads: int, tokens: int, head_dim: int) -> dict[str, tuple[int, torch.dtype, tuple[int, ...]]]:
+def int2_side_layout(
+    heads: int, tokens: int, head_dim: int
+) -> dict[str, tuple[int, torch.dtype, tuple[int, ...]]]:
     """Where each section of one layer's int2 ``side`` bytes sits: name -> (byte offset, dtype,
     shape). Every offset is aligned to its dtype, and the total (``int2_side_layout(...)["end"]``,
     a multiple of 4) keeps the next layer aligned too."""
@@ -353,7 +355,9 @@ def int2_sections(rows: torch.Tensor, side: torch.Tensor) -> dict[str, torch.Ten
     out["v_scale"], out["v_min"] = sm[..., 0], sm[..., 1]
     layout = int2_side_layout(H, T, D)
     if side.shape != (layout["end"][0],):
-        raise ValueError(f"int2 side bytes are {tuple(side.shape)}, rows {tuple(rows.shape)} need {layout['end'][0]}")
+        raise ValueError(
+            f"int2 side bytes are {tuple(side.shape)}, rows {tuple(rows.shape)} need {layout['end'][0]}"
+        )
     for name, (off, dtype, shape) in layout.items():
         if name != "end":
             out[name] = side[off : off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
@@ -384,7 +388,9 @@ class Int2Codec(Codec):
         _check_kv(kv)
         L, _, H, T, D = kv.shape
         if D % 4:
-            raise ValueError(f"int2 packs four codes per byte along head_dim, which must be a multiple of 4 (got {D})")
+            raise ValueError(
+                f"int2 packs four codes per byte along head_dim, which must be a multiple of 4 (got {D})"
+            )
         kv = kv.detach()
         k, v = kv[:, 0].float(), kv[:, 1].float()  # [L, H, T, D] each
         G, S = int2_groups(T)
@@ -393,7 +399,9 @@ class Int2Codec(Codec):
         lo, hi = (_expand(x, T, S) for x in _fit_range(_pad_groups(k, G, S), None, 3, 4))  # [L, H, T, D]
         err_k = _relerr(k, _dequant(_quant(k, lo, hi, 4), lo, hi, 4))
         vlo, vhi = _fit_range(v, None, 3, 4)  # [L, H, T]
-        err_v = _relerr(v, _dequant(_quant(v, vlo[..., None], vhi[..., None], 4), vlo[..., None], vhi[..., None], 4))
+        err_v = _relerr(
+            v, _dequant(_quant(v, vlo[..., None], vhi[..., None], 4), vlo[..., None], vhi[..., None], 4)
+        )
         score = err_k + err_v  # [L, T]
         score[:, : min(INT2_KEEP_FIRST, T)] = float("inf")
         idx = score.topk(n, dim=1).indices.sort(dim=1).values  # [L, n]
@@ -406,7 +414,11 @@ class Int2Codec(Codec):
         v_scale, v_min = _range_fp16(vlo, vhi, 3, "value")  # [L, H, T]
         ks, km = _expand(k_scale.float(), T, S), _expand(k_min.float(), T, S)
         k_q = torch.round((k - km) / ks).clamp_(0, 3).to(torch.uint8)
-        v_q = torch.round((v - v_min.float()[..., None]) / v_scale.float()[..., None]).clamp_(0, 3).to(torch.uint8)
+        v_q = (
+            torch.round((v - v_min.float()[..., None]) / v_scale.float()[..., None])
+            .clamp_(0, 3)
+            .to(torch.uint8)
+        )
         gather = idx[:, None, :, None].expand(L, H, n, D)
         o_k, o_ks = _int8_rows(k.gather(2, gather))  # [L, H, n, D], [L, H, n]
         o_v, o_vs = _int8_rows(v.gather(2, gather))
@@ -415,7 +427,9 @@ class Int2Codec(Codec):
         sec = {"o_idx": idx.to(torch.int32), "k_scale": k_scale, "k_min": k_min, "o_ks": o_ks,
                "o_vs": o_vs, "o_k": o_k, "o_v": o_v}  # fmt: skip
         layout = int2_side_layout(H, T, D)
-        side = torch.cat([sec[name].reshape(L, -1).view(torch.uint8) for name in layout if name != "end"], dim=1)
+        side = torch.cat(
+            [sec[name].reshape(L, -1).view(torch.uint8) for name in layout if name != "end"], dim=1
+        )
         return _cpu({"rows": rows, "side": side})
 
     def decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -438,7 +452,10 @@ class Int2Codec(Codec):
     def _shapes(self, kv):
         L, _, H, T, D = kv.shape
         e = lambda *s, dt: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
-        return {"rows": e(L, H, T, D // 2 + 4, dt=torch.uint8), "side": e(L, int2_side_layout(H, T, D)["end"][0], dt=torch.uint8)}
+        return {
+            "rows": e(L, H, T, D // 2 + 4, dt=torch.uint8),
+            "side": e(L, int2_side_layout(H, T, D)["end"][0], dt=torch.uint8),
+        }
 
 
 def _pad_groups(x: torch.Tensor, G: int, S: int, fill=0.0) -> torch.Tensor:

@@ -13,7 +13,8 @@ are measured, each relative to the reference's largest magnitude:
   keys (a layer-0 key depends only on its token and position, so re-rotation must reproduce it).
   It catches a rotary whose re-rotation by a position delta is not exact.
 
-Either beyond the dtype's tolerance (``TOLERANCE``) refuses fusion with ``FusionGateError``,
+Either beyond the dtype's tolerance (``TOLERANCE`` for the keys, ``LOGITS_TOLERANCE`` for the
+logits) refuses fusion with ``FusionGateError``,
 naming the model and the difference. The result is stored as a small JSON record beside the
 entries (``Store.put_record``; a memory store keeps it in memory), so it runs once per model and
 store. What it does not know: selection policies, codecs (the gate's caches never touch the
@@ -33,7 +34,16 @@ import torch
 
 from chunkcache.errors import FusionGateError, StoreError
 
-__all__ = ["GATE_VERSION", "GateResult", "TOLERANCE", "check", "ensure", "measure", "record_name"]
+__all__ = [
+    "GATE_VERSION",
+    "GateResult",
+    "LOGITS_TOLERANCE",
+    "TOLERANCE",
+    "check",
+    "ensure",
+    "measure",
+    "record_name",
+]
 
 GATE_VERSION = 1
 """Part of the record name: bump when what the gate checks changes, so models are checked again."""
@@ -49,10 +59,22 @@ TOLERANCE: dict[torch.dtype, float] = {
     torch.float16: 2e-2,
     torch.bfloat16: 5e-2,
 }
-"""Largest allowed relative difference (``max |a - b| / max |b|``) per model dtype, for both the
-logits and the keys. Measured (BENCHMARKS.md, "correctness gate"): an exact model stays two or
-more orders of magnitude below these on CPU, and a rotary theta off by 1% exceeds them many times
-over."""
+"""Largest allowed relative difference (``max |a - b| / max |b|``) of the re-rotated layer-0 keys
+per model dtype. A layer-0 key is one projection and one rotation away from its token, so only a
+rounding or two separate the two sides: measured (BENCHMARKS.md, "correctness gate") 1.2e-6 in
+fp32 and 6.4e-3 in bf16 for an exact SmolLM2, against 0.255 for a rotary theta off by 2x."""
+
+LOGITS_TOLERANCE: dict[torch.dtype, float] = {
+    torch.float32: 1e-3,
+    torch.float16: 5e-2,
+    torch.bfloat16: 0.2,
+}
+"""Largest allowed relative difference of the next-token logits at ratio 1, per model dtype. In
+fp32 both sides agree to 1e-6. In 16-bit dtypes the two sides round differently in every layer
+(SDPA with an explicit mask against causal SDPA) and that drift grows with depth: 1.2-1.8e-2 for
+an exact SmolLM2 in bf16 on the CPU, 0.064 for a random-weight Llama-3-8B shape in bf16 on an H200.
+So in 16-bit dtypes this check only catches layers that do something else entirely (differences
+of order 1); the keys check is the one that catches a rotary that re-rotates wrongly."""
 
 
 @dataclass(frozen=True)
@@ -72,33 +94,45 @@ class GateResult:
     keys_diff: float
     """``max |rerotated - full| / max |full|`` of the chunk tokens' layer-0 keys."""
     tolerance: float
-    """The dtype's tolerance both are held to."""
+    """The dtype's tolerance for ``keys_diff`` (``TOLERANCE``)."""
     prompt_tokens: int
     """Length of the gate's prompt."""
     seconds: float
     """Wall time of the check."""
     version: int = GATE_VERSION
+    logits_tolerance: float = 0.0
+    """The dtype's tolerance for ``logits_diff`` (``LOGITS_TOLERANCE``)."""
 
     @property
     def passed(self) -> bool:
-        return self.logits_diff <= self.tolerance and self.keys_diff <= self.tolerance
+        return self.logits_diff <= self.logits_tolerance and self.keys_diff <= self.tolerance
 
     def error(self) -> FusionGateError:
         what = []
-        if self.logits_diff > self.tolerance:
-            what.append(f"logits at ratio 1 differ from a full prefill by {self.logits_diff:.3g}")
+        if self.logits_diff > self.logits_tolerance:
+            what.append(
+                f"logits at ratio 1 differ from a full prefill by {self.logits_diff:.3g} "
+                f"(tolerance {self.logits_tolerance:g})"
+            )
         if self.keys_diff > self.tolerance:
-            what.append(f"re-rotated layer-0 keys differ from the full prefill's by {self.keys_diff:.3g}")
+            what.append(
+                f"re-rotated layer-0 keys differ from the full prefill's by {self.keys_diff:.3g} "
+                f"(tolerance {self.tolerance:g})"
+            )
         return FusionGateError(
             f"fusion is not exact for model {self.model!r} ({self.dtype}, {self.device}, fingerprint "
-            f"{self.fingerprint[:12]}): {' and '.join(what)} (relative; the {self.dtype} tolerance is "
-            f"{self.tolerance:g}). Its layers or rotary differ from what chunkcache re-implements, so "
-            "fused caches would be wrong; fusion is refused"
+            f"{self.fingerprint[:12]}): {' and '.join(what)} (relative to the reference's largest "
+            "value). Its layers or rotary differ from what chunkcache re-implements, so fused caches "
+            "would be wrong; fusion is refused"
         )
 
 
-def _tolerance(dtype: torch.dtype) -> float:
-    return TOLERANCE.get(dtype, TOLERANCE[torch.bfloat16])
+def _tolerances(dtype: torch.dtype) -> dict[str, float]:
+    """``tolerance`` (keys) and ``logits_tolerance`` of a model dtype (bf16's for others)."""
+    return {
+        "tolerance": TOLERANCE.get(dtype, TOLERANCE[torch.bfloat16]),
+        "logits_tolerance": LOGITS_TOLERANCE.get(dtype, LOGITS_TOLERANCE[torch.bfloat16]),
+    }
 
 
 def record_name(engine) -> str:
@@ -147,9 +181,9 @@ def measure(engine) -> GateResult:
         device=lm.device.type,
         logits_diff=logits_diff,
         keys_diff=keys_diff,
-        tolerance=_tolerance(lm.dtype),
         prompt_tokens=int(ids.shape[1]),
         seconds=time.perf_counter() - t0,
+        **_tolerances(lm.dtype),
     )
 
 
@@ -176,7 +210,7 @@ def ensure(engine) -> GateResult:
             result = GateResult(**record)
         except TypeError:  # a record of another shape: check again
             return check(engine)
-        result = replace(result, tolerance=_tolerance(engine.lm.dtype))  # today's tolerance
+        result = replace(result, **_tolerances(engine.lm.dtype))  # today's tolerances
         if not result.passed:
             raise result.error()
         return result

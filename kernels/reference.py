@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from chunkcache.codec import CODECS, INT4_GROUP, int2_groups, int2_kept, int2_sections, int2_side_layout
+from chunkcache.codec import CODECS, INT4_GROUP, int2_groups, int2_kept, int2_side_layout
 
 KERNEL_CODECS = ("raw", "int8", "int4", "int2")
 """The codecs the decode kernels (and ``decode_layer``) implement."""
@@ -58,7 +58,9 @@ def decode_layer(codec: str, parts: Mapping[str, torch.Tensor]) -> tuple[torch.T
     """
     check_parts(codec, parts)
     if codec == "int2":  # the layout and its decode are codec.py's (rows, side; see Int2Codec)
-        kv = CODECS["int2"].decode_layer({"rows": parts["rows"][None], "side": parts["side"][None]}, 0, torch.float32)
+        kv = CODECS["int2"].decode_layer(
+            {"rows": parts["rows"][None], "side": parts["side"][None]}, 0, torch.float32
+        )
         return kv[0], kv[1]
     if codec == "raw":
         kv = parts["kv"].float()
@@ -227,7 +229,11 @@ class PackedLayout:
             h, t, r = parts["rows"][2]
             d = 2 * (r - 4)
             side = int2_side_layout(h, t, d)["end"][0]
-            if parts["rows"][1] != torch.uint8 or parts["side"][1] != torch.uint8 or parts["side"][2] != (side,):
+            if (
+                parts["rows"][1] != torch.uint8
+                or parts["side"][1] != torch.uint8
+                or parts["side"][2] != (side,)
+            ):
                 raise ValueError(f"int2 parts must be uint8 rows [H, T, D/2 + 4] and side [{side}]")
             if parts["side"][0] % 4:
                 raise ValueError(f"part at byte {parts['side'][0]} is not aligned to its int32 section")

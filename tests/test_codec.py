@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chunkcache.codec import CODECS, INT2_KEEP_FIRST, INT4_GROUP, get_codec, int2_groups, int2_kept, int2_sections
+from chunkcache.codec import (
+    CODECS,
+    INT2_KEEP_FIRST,
+    INT4_GROUP,
+    get_codec,
+    int2_groups,
+    int2_kept,
+    int2_sections,
+)
 
 SHAPES = [(2, 1, 1, 64), (2, 3, 129, 64), (1, 3, 300, 128), (3, 2, 128, 64), (1, 1, 5, 2)]  # L, H, T, D
 
@@ -134,7 +142,10 @@ def test_int2_packing_is_planar():
     kv[0, 1, 0, :, :] = torch.tensor([0.0, 1, 2, 3, 3, 2, 1, 0])  # every value row the same codes
     parts = CODECS["int2"].encode(kv)
     sec = int2_sections(parts["rows"][0], parts["side"][0])
-    assert parts["rows"][0, 0, 100, 2:4].tolist() == [0 | 2 << 2 | 3 << 4 | 1 << 6, 1 | 3 << 2 | 2 << 4 | 0 << 6]
+    assert parts["rows"][0, 0, 100, 2:4].tolist() == [
+        0 | 2 << 2 | 3 << 4 | 1 << 6,
+        1 | 3 << 2 | 2 << 4 | 0 << 6,
+    ]
     assert torch.equal(sec["v_q"][0, 100], parts["rows"][0, 0, 100, 2:4])
     assert sec["v_scale"][0, 100] == 1 and sec["v_min"][0, 100] == 0  # fp16 (scale, min) after the codes
     rest = torch.ones(300, dtype=torch.bool)

@@ -117,9 +117,9 @@ def run(engine, codecs: list[str], data_path=DEFAULT_DATA, questions: int = 3, s
         log=print, partial: str | Path | None = None) -> dict:  # fmt: skip
     """Returns ``{"rows": [per question and codec], "summary": {codec: {...}}}``."""
     from chunkcache.codec import get_codec
-    from chunkcache.store import MemoryStore
     from chunkcache.format import pack_chunk
     from chunkcache.layout import ChunkKV
+    from chunkcache.store import MemoryStore
 
     spec = None
     data = json.loads(Path(data_path).read_text())[start : start + questions]
@@ -135,9 +135,10 @@ def run(engine, codecs: list[str], data_path=DEFAULT_DATA, questions: int = 3, s
         ids = engine.prompt_ids(texts, question).to(engine.lm.device)
         full_first, full_forced, forced_ans, _ = full_reference(engine, ids, answer_tokens, 0)
 
-        def fused_kl(r, pol):
+        def fused_kl(r, pol, texts=texts, question=question, ref=(full_first, full_forced, forced_ans)):
             f = engine.fuse(texts, question, recompute_ratio=r, policy=pol)
-            return float(kl(full_first, f.logits)), float(kl(full_forced, teacher_forced(engine, f, forced_ans)).mean())
+            first, forced, ans = ref
+            return float(kl(first, f.logits)), float(kl(forced, teacher_forced(engine, f, ans)).mean())
 
         naive = fused_kl(0.0, "cacheblend")
         for name in codecs:
@@ -168,10 +169,19 @@ def run(engine, codecs: list[str], data_path=DEFAULT_DATA, questions: int = 3, s
                     out = codec.decode(parts, kv.dtype)
                     dec_s += time.perf_counter() - t
                     nbytes += sum(p.numel() * p.element_size() for p in parts.values())
-                decoded.append(ChunkKV(token_ids=ch.token_ids, kv=out.to(kv.dtype).contiguous(), base_pos=ch.base_pos, meta=dict(ch.meta)))
+                decoded.append(
+                    ChunkKV(
+                        token_ids=ch.token_ids,
+                        kv=out.to(kv.dtype).contiguous(),
+                        base_pos=ch.base_pos,
+                        meta=dict(ch.meta),
+                    )
+                )
             store = MemoryStore()  # the decoded caches as lossless entries, same keys
             for ch in decoded:
-                store.put(engine.key_for_ids(ch.token_ids.tolist()), pack_chunk(ch, engine.codec, engine.key_info()))
+                store.put(
+                    engine.key_for_ids(ch.token_ids.tolist()), pack_chunk(ch, engine.codec, engine.key_info())
+                )
             engine.store = store
             kf, ka = fused_kl(ratio, policy)
             bf16 = sum(_bf16_bytes(c.kv) for c in chunks)
@@ -241,7 +251,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--questions", type=int, default=3)
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--passages", type=int, default=5)
-    p.add_argument("--codecs", default="raw,int8,int4,int2,cachegen", help="comma list; raw is the lossless yardstick")
+    p.add_argument(
+        "--codecs", default="raw,int8,int4,int2,cachegen", help="comma list; raw is the lossless yardstick"
+    )
     p.add_argument("--policy", default="qfast")
     p.add_argument("--ratio", type=float, default=0.15)
     p.add_argument("--out", default=None, help="write JSON results here (rewritten after every question)")

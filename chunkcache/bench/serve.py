@@ -399,7 +399,9 @@ def plot(results: list[dict], path: str) -> None:
     labels, qps, p99 = [], [], []
     for r in results:
         for s in r["sides"]:
-            labels.append(f"{s['side']}\n{r['clients']} {'tasks' if r['asyncio'] else 'threads'}, f{r.get('concurrent_fusions', 1)}")
+            labels.append(
+                f"{s['side']}\n{r['clients']} {'tasks' if r['asyncio'] else 'threads'}, f{r.get('concurrent_fusions', 1)}"
+            )
             qps.append(s["qps"])
             p99.append(s["ttft_p99_s"] * 1e3)
     axes[0].bar(labels, qps, color="tab:blue")
