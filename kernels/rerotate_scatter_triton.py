@@ -23,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import INT4_GROUP, META_COLS, check_parts, int2_groups, int2_sections
+from chunkcache.codec import int2_sections
+
+from .reference import INT4_GROUP, META_COLS, check_parts, int2_groups
 from .reference import rerotate_scatter_reference as rerotate_scatter_reference
 
 __all__ = ["rerotate_scatter", "rerotate_scatter_packed", "rerotate_scatter_reference"]
