@@ -25,6 +25,19 @@ def standalone(
     return main
 
 
+def write_report(out: str, md: str, plot: Callable[[list, str], None], results: list) -> None:
+    """Write a benchmark's Markdown table to ``out.md`` (and print it) and its plot to ``out.png``
+    (skipped with a line when matplotlib is missing)."""
+    from pathlib import Path
+
+    Path(out + ".md").write_text(md + "\n")
+    print("\n" + md)
+    try:
+        plot(results, out + ".png")
+    except ImportError:
+        print("matplotlib missing: no plot")
+
+
 def sync() -> None:
     """Wait for the GPU (if any), so host timers measure finished work."""
     if torch.cuda.is_available():

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from chunkcache.bench import standalone
+from chunkcache.bench import standalone, write_report
 from chunkcache.bench import sync as _sync
 
 __all__ = ["Workload", "run"]
@@ -464,13 +464,7 @@ def run_cli(args: argparse.Namespace) -> int:
                 Path(args.out + ".json").write_text(json.dumps(results, indent=1))
     eng.store.close()
     shutil.rmtree(root, ignore_errors=True)
-    md = table(results)
-    Path(args.out + ".md").write_text(md + "\n")
-    print("\n" + md)
-    try:
-        plot(results, args.out + ".png")
-    except ImportError:
-        print("matplotlib missing: no plot")
+    write_report(args.out, table(results), plot, results)
     return 0
 
 

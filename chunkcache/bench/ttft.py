@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from chunkcache.bench import standalone
+from chunkcache.bench import standalone, write_report
 from chunkcache.bench import sync as _sync
 
 SHAPES = {
@@ -471,13 +471,7 @@ def run_cli(args: argparse.Namespace) -> int:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     Path(args.out + ".json").write_text(json.dumps(results, indent=1))
-    md = "\n\n".join(table(r) for r in results)
-    Path(args.out + ".md").write_text(md + "\n")
-    print("\n" + md)
-    try:
-        plot(results, args.out + ".png")
-    except ImportError:
-        print("matplotlib missing: no plot")
+    write_report(args.out, "\n\n".join(table(r) for r in results), plot, results)
     return 0
 
 

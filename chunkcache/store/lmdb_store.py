@@ -525,15 +525,21 @@ class LMDBStore(Store):
                 value = txn.get(kb, db=self._db)
         if touch:
             with self._lock:
-                if value is None:
-                    self._misses += 1
-                else:
-                    self._hits += 1
-                    rec = self._pending.get(kb)
-                    self._pending[kb] = [self._clock(), 1 + (rec[1] if rec else 0)]
-                    self._pending_hits += 1
+                self._count_access(kb, value)
+                if value is not None:
                     self._maybe_flush()
         return value
+
+    def _count_access(self, kb: bytes, value) -> None:
+        """A hit or a miss in the stats; a hit's access time and count wait in ``_pending`` for the
+        next flush. Called under ``self._lock``."""
+        if value is None:
+            self._misses += 1
+            return
+        self._hits += 1
+        rec = self._pending.get(kb)
+        self._pending[kb] = [self._clock(), 1 + (rec[1] if rec else 0)]
+        self._pending_hits += 1
 
     def get_many(self, keys: Iterable[str]) -> list[bytes | None]:
         kbs = [_kb(k) for k in keys]
@@ -541,13 +547,7 @@ class LMDBStore(Store):
             values = [txn.get(kb, db=self._db) if self._valid(kb) else None for kb in kbs]
         with self._lock:
             for kb, v in zip(kbs, values, strict=True):
-                if v is None:
-                    self._misses += 1
-                else:
-                    self._hits += 1
-                    rec = self._pending.get(kb)
-                    self._pending[kb] = [self._clock(), 1 + (rec[1] if rec else 0)]
-                    self._pending_hits += 1
+                self._count_access(kb, v)
             self._maybe_flush()
         return values
 
