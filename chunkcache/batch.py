@@ -41,10 +41,21 @@ from dataclasses import dataclass
 
 import torch
 
+from chunkcache import fuse as F
+from chunkcache import kernels
 from chunkcache import model as M
+from chunkcache.fuse import FuseConfig, FuseJob, FuseResult
 from chunkcache.model import LoadedModel
 
-__all__ = ["Pack", "Segment", "packed_attend_finish", "packed_layer", "packed_project"]
+__all__ = [
+    "FuseJob",
+    "Pack",
+    "Segment",
+    "fuse_many",
+    "packed_attend_finish",
+    "packed_layer",
+    "packed_project",
+]
 
 
 @dataclass(frozen=True)
@@ -158,3 +169,136 @@ def packed_layer(
     pack = pack if isinstance(pack, Pack) else Pack(pack)
     pack.check_rows(h)
     return packed_attend_finish(lm, li, h, packed_project(lm, li, h, pack, rope), pack)
+
+
+# --------------------------------------------------------------------------------------------
+# Batched fusion: several requests' fusions through the layers together
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    f: object  # fuse._Fusion
+    config: FuseConfig
+    budget: int
+    schedule: dict
+    active: torch.Tensor
+    n_act: int
+    probe_attn: torch.Tensor | None = None
+    computed: int = 0
+    probed: int = 0
+
+
+@torch.no_grad()
+def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob], pad_rows=None) -> list[FuseResult]:
+    """``fuse.fuse_assembled`` for several requests at once -> their results, in order.
+
+    Every request keeps its own cache, prompt geometry, policy and budget; per layer the rows of
+    all of them go through ``packed_layer`` together. The probes (policies with ``probe``) run
+    first, packed (each question over its own stale cache, ``kernels.probe_attention``), through
+    every layer: the same reads as the one-request path, which interleaves its probe with the
+    check layers only to overlap loading; then each request selects (before layer 0 for ``qfast``,
+    at its check layers otherwise) and the recompute runs packed. ``pad_rows``
+    (``FusionGraphs.padded_rows``) pads each final set as the one-request path with CUDA graphs
+    does, so both select the same tokens; no graphs are replayed here (the buffers differ per
+    batch). Results equal each request fused alone up to the GEMMs' row count (module
+    docstring): selections are equal unless two candidates' scores tie to the last bits.
+    """
+    if not jobs:
+        return []
+    states = []
+    for j in jobs:
+        f, budget, schedule, active, n_act = F._begin(
+            lm, j.buf, j.ids, j.n_prefix, j.chunk_lengths, j.token_scores, j.config, j.source, j.timer, None
+        )
+        states.append(_State(f, j.config, budget, dict(schedule), active, n_act))
+    layers = lm.spec.num_layers
+    probing = [s for s in states if s.f.policy.probe and s.schedule]
+    if probing:
+        _probe(lm, probing)
+    for s in probing:
+        s.f.timer.mark("probe")
+        p = s.f.prompt
+        if s.f.policy.before_layers:
+            keep_n = F._kept(s.budget, s.schedule[0], p.n_ctx, p.n_q, p.n_ctx, pad_rows)
+            if keep_n < p.n_ctx:
+                keep = F._select(s.f, 0, p.ctx_pos, keep_n, s.probe_attn)
+                s.active, s.n_act = torch.cat([keep, p.q_pos]), keep_n
+            s.schedule = {}
+            s.f.timer.mark("check")
+    embed = lm.model.model.embed_tokens
+    hs = [embed(s.f.prompt.ids[s.active])[None] for s in states]
+    h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)
+    pack = Pack([Segment(s.f.buf, s.active) for s in states])
+    rope = pack.rope(lm, h)  # every row's rotary, the same for every layer until the rows change
+    for li in range(layers):
+        for s in states:
+            s.f.source.ready(li)
+        checks = [i for i, s in enumerate(states) if li in s.schedule]
+        old = {i: states[i].f.buf[li, :, :, states[i].active[: states[i].n_act]].clone() for i in checks}
+        qs = packed_project(lm, li, h, pack, rope)
+        filtered = False
+        hs = [h[:, r] for r in pack.rows]
+        for i in checks:
+            # as fuse._check_layers: every candidate's fresh K/V is written, the kept rows go on
+            s, p = states[i], states[i].f.prompt
+            pad = pad_rows if li == max(s.schedule) else None  # the final set padded like the graphs'
+            keep_n = F._kept(s.budget, s.schedule[li], p.n_ctx, p.n_q, s.n_act, pad)
+            if keep_n < s.n_act:
+                cand = s.active[: s.n_act]
+                keep = F._select(
+                    s.f, li, cand, keep_n, s.probe_attn,
+                    fresh=s.f.buf[li, :, :, cand], reused=old[i], question_q=qs[i][:, s.n_act :],
+                    keys=s.f.buf[li, 0],
+                )  # fmt: skip
+                new_active = torch.cat([keep, p.q_pos])
+                rows = F._index_in(s.active, new_active)
+                hs[i], qs[i] = hs[i][:, rows], qs[i][:, rows]
+                s.active, s.n_act = new_active, keep_n
+                filtered = True
+        if filtered:
+            h = torch.cat(hs, dim=1)
+            pack = Pack([Segment(s.f.buf, s.active) for s in states])
+            rope = pack.rope(lm, h)
+        h = packed_attend_finish(lm, li, h, qs, pack)
+        for s in states:
+            s.computed += s.n_act + s.f.prompt.n_q
+            if s.schedule and li == min(s.schedule):
+                s.f.timer.mark("check")
+            s.f.source.issued(li)
+    logits = M.final_logits(lm.model, torch.stack([h[0, r.stop - 1] for r in pack.rows]))  # [J, vocab]
+    out = []
+    for i, (s, j) in enumerate(zip(states, jobs, strict=True)):
+        s.f.timer.mark("recompute")
+        res = F._result(s.f, j.ids, s.config, logits[i], s.active, s.n_act, s.computed + s.probed, s.probed)
+        out.append(res)
+    return out
+
+
+def _probe(lm: LoadedModel, states: Sequence[_State]) -> None:
+    """Every request's question through every layer over its own stale cache, packed (as
+    ``fuse._Probe``: ``kernels.probe_attention`` per request gives the output and the attention
+    mass per key) -> each state's ``probe_attn`` ``[L, C]`` and ``probed`` token-layers."""
+    layers = lm.spec.num_layers
+    pack = Pack([Segment(s.f.buf, s.f.prompt.q_pos) for s in states])
+    embed = lm.model.model.embed_tokens
+    hs = [embed(s.f.prompt.ids[s.f.prompt.q_pos])[None] for s in states]
+    h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)
+    rope = pack.rope(lm, h)
+    masses: list[list[torch.Tensor]] = [[] for _ in states]
+    for li in range(layers):
+        for s in states:
+            s.f.source.ready(li)
+        layer = lm.model.model.layers[li]
+        scale, window = layer.self_attn.scaling, lm.spec.windows[li]
+        outs = []
+        for i, (q, seg) in enumerate(zip(packed_project(lm, li, h, pack, rope), pack.segments, strict=True)):
+            o, mass = kernels.probe_attention(q, seg.positions, seg.buf[li, 0], seg.buf[li, 1], scale, window)
+            outs.append(o)
+            masses[i].append(mass)
+        h = M.layer_finish(layer, h, outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
+        for s in states:
+            s.f.source.issued(li)
+    for s, m in zip(states, masses, strict=True):
+        s.probe_attn = torch.stack(m)[:, s.f.prompt.ctx_pos]
+        s.probed = s.f.prompt.n_q * layers

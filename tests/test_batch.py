@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import PASSAGES, tiny_model
 
 from chunkcache import fuse as F
 from chunkcache import model as M
-from chunkcache.batch import Pack, Segment, packed_layer
+from chunkcache.batch import Pack, Segment, fuse_many, packed_layer
 from chunkcache.model import wrap_model
 
 # fp32: packing changes only the GEMMs' row count, and a BLAS may then sum in another order
@@ -152,3 +152,73 @@ def test_packed_layer_on_cuda_with_fused_kernels(smol_tokenizer, arch, overrides
     lm = _lm(arch, smol_tokenizer, device="cuda", **overrides)
     assert M.fused_ops(lm.model.model.layers[0], torch.zeros(1, device="cuda"))
     _check_equal(lm)
+
+
+QUESTIONS = [
+    "Which tower was completed in 1889?",
+    "Where is the highest mountain in Africa?",
+    "Which river has the largest discharge?",
+    "Who researched radioactivity?",
+    "Name a volcano and a tower.",
+    "What did Marie Curie study, and where is Kilimanjaro?",
+]
+
+
+def _requests():
+    """Different chunk sets, orders and lengths; every policy kind (probe before layer 0, probe +
+    check layer, check layers without a probe); ratios 0 and 1."""
+    p = PASSAGES
+    return [
+        (p[:2], QUESTIONS[0], 0.3, "qfast"),
+        (p[::-1], QUESTIONS[1], 0.15, "qaware"),
+        (p[1:3], QUESTIONS[2], 0.5, "cacheblend"),
+        ([p[3]], QUESTIONS[3], 0.0, "qfast"),
+        (p[:3], QUESTIONS[4], 1.0, "gradual"),
+        (p, QUESTIONS[5], 0.3, "gradual"),
+        (p[2:], QUESTIONS[0], 0.15, "qfast"),
+    ]
+
+
+def _check_fuse_many(eng, requests):
+    lm, prefix = eng.lm, eng.prefix_kv()
+    args = [
+        (eng.chunks(texts), eng._suffix_ids(q), F.FuseConfig(recompute_ratio=r, policy=pol))
+        for texts, q, r, pol in requests
+    ]
+    alone = [F.fuse_kv(lm, prefix, c, eng._prefix_ids, s, cfg) for c, s, cfg in args]
+    jobs = [F.assembled_job(lm, prefix, c, eng._prefix_ids, s, cfg) for c, s, cfg in args]
+    many = fuse_many(lm, jobs)
+    assert len(many) == len(alone)
+    for a, b in zip(alone, many, strict=True):
+        assert torch.equal(a.input_ids, b.input_ids)
+        assert torch.equal(a.selected, b.selected)
+        _assert_rows_close(b.logits[None], a.logits[None])
+        _assert_rows_close(b.kv, a.kv)
+        for k in ("recomputed_tokens", "token_layers", "probe_token_layers", "compute_fraction", "policy"):
+            assert a.stats[k] == b.stats[k], k
+
+
+def test_fuse_many_equals_each_fusion_alone(tiny_engine):
+    _check_fuse_many(tiny_engine, _requests())
+
+
+def test_fuse_many_equals_each_fusion_alone_smollm2(smol):
+    from chunkcache.engine import ChunkCache
+
+    eng = ChunkCache(model=smol.model, tokenizer=smol.tokenizer, store=None)
+    _check_fuse_many(eng, [r for r in _requests() if r[3] == "qfast"])
+
+
+def test_fuse_many_of_one_is_fuse_assembled_bit_for_bit(tiny_engine):
+    """One request: the same GEMM shapes as the one-request path, so the very same bits."""
+    eng = tiny_engine
+    for texts, q, r, pol in _requests()[:3]:
+        cfg = F.FuseConfig(recompute_ratio=r, policy=pol)
+        c, s = eng.chunks(texts), eng._suffix_ids(q)
+        a = F.fuse_kv(eng.lm, eng.prefix_kv(), c, eng._prefix_ids, s, cfg)
+        (b,) = fuse_many(eng.lm, [F.assembled_job(eng.lm, eng.prefix_kv(), c, eng._prefix_ids, s, cfg)])
+        assert (
+            torch.equal(a.logits, b.logits)
+            and torch.equal(a.kv, b.kv)
+            and torch.equal(a.selected, b.selected)
+        )
