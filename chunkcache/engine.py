@@ -529,7 +529,7 @@ class ChunkCache:
 
         front_ids = [t for x in lists[:k] for t in x]
         fetched, ext, t_fetch, t_front = adaptive.overlap(
-            fetch, back, lambda: exact_prefix(self.lm, prefix_kv, front_ids) if k else prefix_kv
+            fetch, back, lambda: exact_prefix(self.lm, prefix_kv, front_ids)[0]
         )
         rates.saw("link", sum(sizes[i][precision[i]] for i in back), t_fetch)
         rates.saw("recompute", len(front_ids), t_front)

@@ -214,22 +214,24 @@ def refine(
 
 
 @torch.no_grad()
-def exact_prefix(lm: LoadedModel, prefix_kv: torch.Tensor, ids) -> torch.Tensor:
-    """``[L, 2, H, P + n, D]``: ``prefix_kv`` (``[L, 2, H, P, D]``) extended by the exact KV of
-    ``ids`` (``[n]``) at positions ``P ..``: the tokens run as active rows through every layer
-    over the buffer (the fusion's own layer loop at ratio 1), attending to the prefix and to each
-    other. What adaptive loading recomputes in place, in front of the fused chunks."""
-    layers = lm.spec.num_layers
-    p, n = prefix_kv.shape[3], len(ids)
-    buf = prefix_kv.new_empty(*prefix_kv.shape[:3], p + n, prefix_kv.shape[4])
-    buf[:, :, :, :p] = prefix_kv
-    if n == 0:
-        return buf
-    active = torch.arange(p, p + n, device=buf.device)
-    h = lm.model.model.embed_tokens(torch.as_tensor(ids, dtype=torch.long).to(buf.device))[None]
-    h = _layers_body(lm, buf, 0, layers - 1, None)(h=h, active=active)
-    _project(lm, buf, layers - 1, h, active)  # the last layer's K/V; its attention and MLP feed nothing
-    return buf
+def exact_prefix(lm: LoadedModel, prefix_kv: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``prefix_kv`` (``[L, 2, H, P, D]``) extended by the exact KV of ``ids`` (``[n]``) at
+    positions ``P ..``, and the next-token logits after them (None when ``ids`` is empty): the
+    model's own forward over ``ids`` behind a cache holding the prefix, so every token attends
+    to the prefix and to the tokens before it, as in a full prefill. What adaptive loading
+    recomputes in place in front of the fused chunks, and its full prefill (``prefill``).
+    Returns ``([L, 2, H, P + n, D], [vocab] fp32)``."""
+    from transformers import DynamicCache
+
+    if len(ids) == 0:
+        return prefix_kv, None
+    cache = DynamicCache()  # no config: keep every position even under a sliding window
+    for li in range(prefix_kv.shape[0]):
+        cache.update(prefix_kv[li, 0][None], prefix_kv[li, 1][None], li)  # (the next update copies)
+    x = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(lm.device)
+    out = lm.model(input_ids=x, use_cache=True, logits_to_keep=1, **{M.cache_kwarg(lm.model): cache})
+    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+    return kv, out.logits[0, -1].float()
 
 
 def with_front(res: FuseResult, n_prefix: int, front_lengths: list[int], num_layers: int) -> FuseResult:
@@ -263,16 +265,9 @@ def prefill(
     """A plain full prefill of the prompt behind the prefix KV (the model's own forward,
     ``logits_to_keep=1``) as a ``FuseResult``: every chunk token recomputed. What adaptive
     loading falls back to when no mix of fetching and recomputing is faster."""
-    from transformers import DynamicCache
-
     timer = StageTimer(lm.device)
     p, layers = prefix_kv.shape[3], lm.spec.num_layers
-    cache = DynamicCache()  # no config: keep every position even under a sliding window
-    for li in range(layers):
-        cache.update(prefix_kv[li, 0][None], prefix_kv[li, 1][None], li)
-    rest = ids[:, p:].to(lm.device)
-    out = lm.model(input_ids=rest, use_cache=True, logits_to_keep=1, **{M.cache_kwarg(lm.model): cache})
-    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+    kv, logits = exact_prefix(lm, prefix_kv, ids[0, p:])
     timer.mark("prefill")
     n, n_ctx = ids.shape[1], sum(chunk_lengths)
     stats = {
@@ -291,7 +286,7 @@ def prefill(
         "seconds": timer.seconds(),
     }
     selected = torch.arange(p, p + n_ctx, device=lm.device)
-    return FuseResult(input_ids=ids, logits=out.logits[0, -1].float(), kv=kv, selected=selected, stats=stats)
+    return FuseResult(input_ids=ids, logits=logits, kv=kv, selected=selected, stats=stats)
 
 
 class LayerSource(Protocol):
