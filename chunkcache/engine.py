@@ -498,7 +498,7 @@ class ChunkCache:
         chosen = adaptive.plan(
             tokens,
             sizes,
-            conf.link_bytes_per_s or rates.link,
+            conf.link_bytes_per_s or dict(rates.link),
             conf.recompute_tokens_per_s or rates.recompute,
             conf.fuse_tokens_per_s or rates.fuse,
             enabled=conf.enabled,
@@ -524,14 +524,16 @@ class ChunkCache:
         fast = self.fast_path and bool(back)
 
         def fetch(i: int):  # fast path: raw bytes (fuse_entries checks them), else decoded and checked
-            p = precision[i]
-            return self.store.get(pkeys[p][i]) if fast else self._load_at(i, p, pkeys, ids, infos)
+            p, t = precision[i], time.perf_counter()
+            got = self.store.get(pkeys[p][i]) if fast else self._load_at(i, p, pkeys, ids, infos)
+            if got is not None:
+                rates.saw_fetch(p, sizes[i][p], time.perf_counter() - t)
+            return got
 
         front_ids = [t for x in lists[:k] for t in x]
         fetched, ext, t_fetch, t_front = adaptive.overlap(
             fetch, back, lambda: exact_prefix(self.lm, prefix_kv, front_ids)[0]
         )
-        rates.saw("link", sum(sizes[i][precision[i]] for i in back), t_fetch)
         rates.saw("recompute", len(front_ids), t_front)
         ext_ids = list(self._prefix_ids) + front_ids
         t = time.perf_counter()
