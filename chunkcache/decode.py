@@ -21,7 +21,7 @@ end-of-sequence token (emitted, as ``model.generate`` emits it), after ``max_new
 its consumer goes away (closes the iterator, is cancelled): it is retired before the next step
 and its buffer is freed.
 
-What it knows: the model's layers through ``chunkcache.model`` and ``chunkcache.batch``, Hugging
+What it knows: the model's layers through ``chunkcache.batch`` (``packed_layer``), Hugging
 Face's sampling rules (``Sampling``). What it does not know: fusion, prompts, text (it hands out
 token ids; ``generation`` turns them into text).
 
@@ -42,7 +42,7 @@ from numbers import Integral, Real
 
 import torch
 
-from chunkcache import model as M
+from chunkcache.batch import Pack, Segment, packed_layer
 from chunkcache.model import LoadedModel
 
 __all__ = ["DecodeConfig", "Decoder", "Sampling", "sampling_from"]
@@ -425,24 +425,8 @@ class Decoder:
         ids = torch.tensor([r.token for r in active], device=dev)
         pos = torch.tensor([r.pos for r in active], device=dev)
         h = mdl.model.embed_tokens(ids)[None]  # [1, B, hidden]
-        rope = M.rotary(mdl, pos, h)
-        rows = [slice(i, i + 1) for i in range(len(active))]
+        pack = Pack([Segment(r.buf, pos[i : i + 1]) for i, r in enumerate(active)])
+        rope = pack.rope(lm, h)  # the rows' positions: the same for every layer
         for li in range(lm.spec.num_layers):
-            segments = [(rows[i], pos[i : i + 1], r.buf[li]) for i, r in enumerate(active)]
-            h = _packed_layer(lm, li, h, rope, segments)
+            h = packed_layer(lm, li, h, pack, rope)
         return mdl.lm_head(mdl.model.norm(h))[0].float()
-
-
-def _packed_layer(lm: LoadedModel, li: int, h: torch.Tensor, rope, segments) -> torch.Tensor:
-    """STAND-IN for ``chunkcache.batch.packed_layer`` until it lands on main (then removed):
-    decoder layer ``li`` over packed rows ``h`` ``[1, n, hidden]``; each segment ``(rows, positions,
-    kv [2, H, N, D])`` writes its rows' K/V at its positions and attends over its own buffer under
-    the exact position-causal mask."""
-    layer = lm.model.model.layers[li]
-    q, k, v = M.layer_qkv(layer, h, rope[0], rope[1], lm.spec)
-    outs = []
-    for rows, p, kv in segments:
-        kv[0][:, p] = k[:, rows]
-        kv[1][:, p] = v[:, rows]
-        outs.append(M.attend_at(q[:, rows], p, kv[0], kv[1], layer.self_attn.scaling, lm.spec.windows[li]))
-    return M.layer_finish(layer, h, torch.cat(outs, 1))
