@@ -16,6 +16,9 @@ tokenizers are not safe to call from several threads); each fast-path fusion hol
 of its own from a pool (``concurrent_fusions`` of them, graphs included); store writes wait for
 fusions holding zero-copy views of the store's map (a write may grow and move the map).
 Chunk texts seen before are resolved by the text index (``textindex``), not the tokeniser.
+With ``decode_batching=DecodeConfig(...)`` the answers of concurrent calls decode together, one
+batched step for all active requests (``chunkcache.decode``); without it (the default) each
+answer decodes alone through ``model.generate``.
 """
 
 from __future__ import annotations
@@ -31,10 +34,18 @@ import numpy as np
 import torch
 
 from chunkcache import checks
+from chunkcache.decode import DecodeConfig, Decoder, Sampling, check_max_new_tokens, sampling_from
 from chunkcache.errors import CorruptEntryError, ForeignEntryError, ModelMismatchError, StoreError
 from chunkcache.format import FORMAT_VERSION
 from chunkcache.fuse import FuseConfig, FuseResult, fuse_kv
-from chunkcache.generation import astream_text, generate_text, stream_text
+from chunkcache.generation import (
+    answer_text,
+    astream_text,
+    atoken_text,
+    generate_text,
+    stream_text,
+    token_text,
+)
 from chunkcache.keys import KeyInputs, token_bytes
 from chunkcache.layout import ChunkKV
 from chunkcache.locks import LockRW
@@ -80,6 +91,7 @@ class ChunkCache:
         concurrent_fusions: int = 1,
         adaptive=None,
         readonly: bool = False,
+        decode_batching: DecodeConfig | None = None,
     ) -> None:
         # Every argument is checked before the model loads (seconds) or the store opens.
         dtype = checks.dtype(dtype)
@@ -87,6 +99,10 @@ class ChunkCache:
         settings = PrecomputeConfig(sink=sink)
         default_fuse = FuseConfig(recompute_ratio=checks.ratio(recompute_ratio), policy=policy)
         checks.codec(codec)
+        if decode_batching is not None and not isinstance(decode_batching, DecodeConfig):
+            raise TypeError(
+                f"decode_batching must be a DecodeConfig or None, got {type(decode_batching).__name__}"
+            )
         if not readonly:  # a store this user may not write is opened read-only (LMDBStore)
             checks.store_writable(store)
         if dtype is None:
@@ -139,6 +155,10 @@ class ChunkCache:
         self._gate_passed = False
         self._gate_lock = threading.Lock()
         self._warned: set[str] = set()  # one warning per kind (failed writes, a foreign store)
+        self.decode_batching = decode_batching
+        """A ``decode.DecodeConfig``: answers decode together through one ``decode.Decoder`` (a
+        worker thread steps all active requests at once). None: each through ``model.generate``."""
+        self._decoder: Decoder | None = None
 
     # ---- accessors ------------------------------------------------------------------------
     @property
@@ -775,19 +795,44 @@ class ChunkCache:
         **generate_kwargs,
     ) -> str:
         """Fuse, then greedy-generate (or with ``generate_kwargs``) the answer text."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        self._sampling(generate_kwargs)  # bad sampling arguments fail before the fusion
         fused = self.fuse(chunks, query, recompute_ratio=recompute_ratio, policy=policy)
         return self.generate_from(fused, max_new_tokens=max_new_tokens, **generate_kwargs)
 
     def generate_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> str:
-        return generate_text(
-            self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs
-        )
+        """The answer to a fused prompt (``generate`` after its fusion)."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        sampling = self._sampling(generate_kwargs)
+        if sampling is None:
+            return generate_text(
+                self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs
+            )
+        return answer_text(self.tokenizer, list(self.decoder.tokens(fused, max_new_tokens, sampling)))
 
     def stream_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> Iterator[str]:
-        """The answer's text pieces as they are generated (``generation.stream_text``)."""
-        return stream_text(self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs)
+        """The answer's text pieces as they are generated (``generation.stream_text``, or
+        ``generation.token_text`` over the batched decoder)."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        sampling = self._sampling(generate_kwargs)
+        if sampling is None:
+            return stream_text(
+                self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs
+            )
+        return token_text(self.tokenizer, self.decoder.tokens(fused, max_new_tokens, sampling))
+
+    def astream_from(
+        self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs
+    ) -> AsyncIterator[str]:
+        """``stream_from`` for asyncio (``generation.astream_text``, or ``generation.atoken_text``
+        over the batched decoder): the event loop never blocks."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        sampling = self._sampling(generate_kwargs)
+        if sampling is None:
+            return astream_text(
+                self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs
+            )
+        return atoken_text(self.tokenizer, self.decoder.atokens(fused, max_new_tokens, sampling))
 
     def stream_generate(
         self,
@@ -798,9 +843,16 @@ class ChunkCache:
         policy: str | None = None,
         **generate_kwargs,
     ) -> Iterator[str]:
-        """``generate`` as text pieces while they are produced; closing it early stops the model."""
-        fused = self.fuse(chunks, query, recompute_ratio=recompute_ratio, policy=policy)
-        yield from self.stream_from(fused, max_new_tokens=max_new_tokens, **generate_kwargs)
+        """``generate`` as text pieces while they are produced; closing it early stops the model.
+        Bad arguments raise here; the fusion runs at the first ``next``."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        self._sampling(generate_kwargs)
+
+        def pieces() -> Iterator[str]:
+            fused = self.fuse(chunks, query, recompute_ratio=recompute_ratio, policy=policy)
+            yield from self.stream_from(fused, max_new_tokens=max_new_tokens, **generate_kwargs)
+
+        return pieces()
 
     # ---- asyncio: the blocking work runs in worker threads, never on the event loop ---------------
     async def afuse(
@@ -821,11 +873,18 @@ class ChunkCache:
         policy: str | None = None,
         **generate_kwargs,
     ) -> str:
-        return await asyncio.to_thread(
-            self.generate, chunks, query, max_new_tokens, recompute_ratio, policy, **generate_kwargs
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        sampling = self._sampling(generate_kwargs)
+        if sampling is None:
+            return await asyncio.to_thread(
+                self.generate, chunks, query, max_new_tokens, recompute_ratio, policy, **generate_kwargs
+            )
+        fused = await self.afuse(chunks, query, recompute_ratio, policy)  # no thread waits for the decoder
+        return answer_text(
+            self.tokenizer, [t async for t in self.decoder.atokens(fused, max_new_tokens, sampling)]
         )
 
-    async def astream_generate(
+    def astream_generate(
         self,
         chunks: Sequence[str],
         query: str,
@@ -834,12 +893,50 @@ class ChunkCache:
         policy: str | None = None,
         **generate_kwargs,
     ) -> AsyncIterator[str]:
-        """``stream_generate`` for asyncio (``generation.astream_text``)."""
-        fused = await self.afuse(chunks, query, recompute_ratio, policy)
-        async for piece in astream_text(
-            self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs
-        ):
-            yield piece
+        """``stream_generate`` for asyncio (``astream_from``). Bad arguments raise here."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        self._sampling(generate_kwargs)
+
+        async def pieces() -> AsyncIterator[str]:
+            fused = await self.afuse(chunks, query, recompute_ratio, policy)
+            async for piece in self.astream_from(fused, max_new_tokens, **generate_kwargs):
+                yield piece
+
+        return pieces()
+
+    # ---- decoding -------------------------------------------------------------------------------
+    @property
+    def decoder(self) -> Decoder:
+        """The batched decoder (``decode_batching``), started on first use."""
+        if self.decode_batching is None:
+            raise RuntimeError(
+                "this engine decodes through model.generate: pass decode_batching=DecodeConfig()"
+            )
+        if self._decoder is None:
+            with self._lock:
+                if self._decoder is None:
+                    self._decoder = Decoder(self.lm, self.decode_batching)
+        return self._decoder
+
+    def _sampling(self, generate_kwargs: dict) -> Sampling | None:
+        """The batched decoder's ``Sampling`` for these ``generate`` keyword arguments, or None:
+        ``model.generate`` decodes (no ``decode_batching``, or arguments it does not do; those are
+        warned about once). Bad sampling values raise; so does ``seed`` where ``model.generate``
+        decodes (it draws from torch's global generator)."""
+        if self.decode_batching is None:
+            reasons = ["decode_batching is off"]
+        else:
+            sampling, reasons = sampling_from(generate_kwargs, self.model.generation_config)
+            if sampling is not None:
+                return sampling
+            self._warn_once(
+                "decode:" + ",".join(reasons),
+                f"chunkcache: the batched decoder does not do {', '.join(reasons)}; these answers decode "
+                "one at a time through model.generate",
+            )
+        if "seed" in generate_kwargs:
+            raise ValueError(f"seed= needs the batched decoder ({', '.join(reasons)})")
+        return None
 
     def _cache_kw(self, fused: FuseResult) -> dict:
         return {cache_kwarg(self.model): fused.fresh_cache()}
