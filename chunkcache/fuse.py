@@ -24,7 +24,7 @@ What it does not know: where caches come from (store, precompute), tokenisation,
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -238,6 +238,82 @@ def refine(
     return FuseResult(input_ids=ids, logits=res.logits, kv=res.kv, selected=selected, stats=stats)
 
 
+@torch.no_grad()
+def exact_prefix(lm: LoadedModel, prefix_kv: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``prefix_kv`` (``[L, 2, H, P, D]``) extended by the exact KV of ``ids`` (``[n]``) at
+    positions ``P ..``, and the next-token logits after them (None when ``ids`` is empty): the
+    model's own forward over ``ids`` behind a cache holding the prefix, so every token attends
+    to the prefix and to the tokens before it, as in a full prefill. What adaptive loading
+    recomputes in place in front of the fused chunks, and its full prefill (``prefill``).
+    Returns ``([L, 2, H, P + n, D], [vocab] fp32)``."""
+    from transformers import DynamicCache
+
+    if len(ids) == 0:
+        return prefix_kv, None
+    cache = DynamicCache()  # no config: keep every position even under a sliding window
+    for li in range(prefix_kv.shape[0]):
+        cache.update(prefix_kv[li, 0][None], prefix_kv[li, 1][None], li)  # (the next update copies)
+    x = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(lm.device)
+    out = lm.model(input_ids=x, use_cache=True, logits_to_keep=1, **{M.cache_kwarg(lm.model): cache})
+    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+    return kv, out.logits[0, -1].float()
+
+
+def with_front(res: FuseResult, n_prefix: int, front_lengths: list[int], num_layers: int) -> FuseResult:
+    """A fusion made behind an exact front (``exact_prefix`` of the first chunks, then those
+    chunks counted as prefix) restated for the whole prompt: the front's tokens are chunk tokens
+    recomputed through every layer (their token-layers count), and ``selected`` includes them."""
+    f, s = sum(front_lengths), res.stats
+    front = torch.arange(n_prefix, n_prefix + f, device=res.selected.device)
+    token_layers = s["token_layers"] + f * num_layers
+    full = num_layers * (s["prompt_tokens"] - n_prefix)
+    stats = {
+        **s,
+        "prefix_tokens": n_prefix,
+        "chunk_tokens": s["chunk_tokens"] + f,
+        "recomputed_tokens": s["recomputed_tokens"] + f,
+        "front_recomputed_tokens": f,
+        "token_layers": token_layers,
+        "compute_fraction": token_layers / full if full else 0.0,
+        "chunk_lengths": list(front_lengths) + list(s["chunk_lengths"]),
+    }
+    return replace(res, selected=torch.cat([front, res.selected]), stats=stats, _cache=None)
+
+
+@torch.no_grad()
+def prefill(
+    lm: LoadedModel,
+    prefix_kv: torch.Tensor,  # [L, 2, H, P, D] exact prefix KV
+    ids: torch.Tensor,  # [1, N] the whole prompt
+    chunk_lengths: list[int],
+) -> FuseResult:
+    """A plain full prefill of the prompt behind the prefix KV (the model's own forward,
+    ``logits_to_keep=1``) as a ``FuseResult``: every chunk token recomputed. What adaptive
+    loading falls back to when no mix of fetching and recomputing is faster."""
+    timer = StageTimer(lm.device)
+    p, layers = prefix_kv.shape[3], lm.spec.num_layers
+    kv, logits = exact_prefix(lm, prefix_kv, ids[0, p:])
+    timer.mark("prefill")
+    n, n_ctx = ids.shape[1], sum(chunk_lengths)
+    stats = {
+        "prompt_tokens": n,
+        "prefix_tokens": p,
+        "chunk_tokens": n_ctx,
+        "question_tokens": n - p - n_ctx,
+        "recomputed_tokens": n_ctx,
+        "reused_tokens": 0,
+        "probe_token_layers": 0,
+        "token_layers": layers * (n - p),
+        "compute_fraction": 1.0,
+        "chunk_lengths": list(chunk_lengths),
+        "policy": "full prefill",
+        "recompute_ratio": 1.0,
+        "seconds": timer.seconds(),
+    }
+    selected = torch.arange(p, p + n_ctx, device=lm.device)
+    return FuseResult(input_ids=ids, logits=logits, kv=kv, selected=selected, stats=stats)
+
+
 class LayerSource(Protocol):
     """Where the reused chunk K/V of each layer comes from, for callers that fill ``buf`` lazily
     (``chunkcache.pipeline``). ``ready(l)`` is called before any read of ``buf[l]`` (layers in
@@ -326,7 +402,7 @@ class _Prompt:
         # Built on the host: a repeat_interleave on the device would sync to size its output.
         chunk_of = torch.full((n,), -1, dtype=torch.long)
         chunk_of[n_prefix : n_prefix + n_ctx] = torch.repeat_interleave(
-            torch.arange(len(chunk_lengths)), torch.tensor(chunk_lengths)
+            torch.arange(len(chunk_lengths)), torch.tensor(chunk_lengths, dtype=torch.long)
         )
         return _Prompt(
             ids=ids[0].to(dev),
@@ -643,7 +719,7 @@ def _index_in(haystack: torch.Tensor, needles: torch.Tensor) -> torch.Tensor:
 
 
 def _token_scores(chunks: list[ChunkKV], device) -> torch.Tensor | None:
-    if any(c.token_scores is None for c in chunks):
+    if not chunks or any(c.token_scores is None for c in chunks):
         return None
     return torch.cat([c.token_scores.to(device) for c in chunks])
 
