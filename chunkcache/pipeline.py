@@ -44,7 +44,7 @@ from chunkcache import kernels
 from chunkcache import model as M
 from chunkcache.errors import CorruptEntryError
 from chunkcache.format import has_layer_sums, unpack_parts, verify_payload, verify_small_sections
-from chunkcache.fuse import FuseConfig, FuseResult, StageTimer, fuse_assembled
+from chunkcache.fuse import FuseConfig, FuseJob, FuseResult, StageTimer, run_job
 from chunkcache.model import LoadedModel
 
 __all__ = ["LayerLoader", "LoadPlan", "Staging", "StagingPool", "entry_views", "fuse_entries"]
@@ -707,6 +707,7 @@ def fuse_entries(
     staging: Staging | None = None,
     verify: bool = True,
     inspect: Callable[[int, dict, dict[str, torch.Tensor]], None] | None = None,
+    run: Callable[[FuseJob], FuseResult] | None = None,
 ) -> FuseResult:
     """``fuse.fuse_kv`` over stored entries, loading layer by layer behind the compute.
 
@@ -723,7 +724,9 @@ def fuse_entries(
     ``verify=False`` is only for a store checked by ``chunkcache verify`` since its last write.
     ``inspect(i, header, parts)`` is called for every entry once its header and token sections
     are checked and before anything is staged (the engine checks key inputs and token ids there;
-    it may raise). ``stats["seconds"]`` gains ``read`` (header
+    it may raise). ``run(job)`` runs the fusion (default ``fuse.run_job``: alone; the engine's
+    batching hands the job to ``batch.Batcher.run``, which fuses it with others' while this
+    thread waits; the loader streams meanwhile). ``stats["seconds"]`` gains ``read`` (header
     parsing), ``stage_host``, ``h2d`` and ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
     """
     if not suffix_ids:
@@ -779,10 +782,9 @@ def fuse_entries(
     # held the compute stream idle for 11 ms on the H100).
     timer.mark("read")
     config = config or FuseConfig()
+    job = FuseJob(buf, ids, p, lengths, token_scores, config, source=loader, timer=timer, graphs=graphs)
     try:
-        res = fuse_assembled(
-            lm, buf, ids, p, lengths, token_scores, config, source=loader, timer=timer, graphs=graphs
-        )
+        res = run_job(lm, job) if run is None else run(job)
         loader.check()  # a damaged layer raises here: the result is never returned
     finally:
         loader.close()
