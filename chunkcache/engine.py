@@ -96,6 +96,7 @@ class ChunkCache:
         adaptive=None,
         readonly: bool = False,
         decode_batching: DecodeConfig | None = None,
+        device_cache_bytes: int = 0,
         batching: BatchConfig | None = None,
     ) -> None:
         # Every argument is checked before the model loads (seconds) or the store opens.
@@ -104,6 +105,7 @@ class ChunkCache:
         settings = PrecomputeConfig(sink=sink)
         default_fuse = FuseConfig(recompute_ratio=checks.ratio(recompute_ratio), policy=policy)
         checks.codec(codec)
+        checks.nonnegative_int(device_cache_bytes, "device_cache_bytes")
         if decode_batching is not None and not isinstance(decode_batching, DecodeConfig):
             raise TypeError(
                 f"decode_batching must be a DecodeConfig or None, got {type(decode_batching).__name__}"
@@ -153,6 +155,15 @@ class ChunkCache:
         self.concurrent_fusions = concurrent_fusions
         """Fast-path fusions that may run at once (each holds a ``Staging``: slots, streams, graphs
         and their padded KV buffer); further callers wait. One keeps the GPU busy already at 8K."""
+        self.device_cache = None
+        """A ``devicecache.DeviceCache`` of ``device_cache_bytes`` (0: none): the fast path keeps
+        the entries it fused, once verified, on the device in their stored format, and takes them
+        from there next time (no store read, header parse or host-to-device copy; the same result
+        bit for bit). ``res.stats["device_cache"]`` counts hits and admissions per fusion."""
+        if device_cache_bytes:
+            from chunkcache.devicecache import DeviceCache
+
+            self.device_cache = DeviceCache(self.lm.device, device_cache_bytes)
         self._lock = threading.Lock()  # lazy state: key info, prefix KV, staging pool, text index
         self._tok_lock = threading.Lock()  # tokenizer calls
         self._views = LockRW()  # readers: fusions holding map views; writers: store writes
@@ -790,16 +801,22 @@ class ChunkCache:
             self._check_entry(keys[i], header, parts["token_ids"], ids[i])
 
         prefix_kv = self.prefix_kv()
+        cache = self.device_cache
         for attempt in range(2):
             damaged = False
+            resident = cache.get_many(keys) if cache is not None else [None] * len(keys)
+            need = [k for k, r in zip(keys, resident, strict=True) if r is None]
             with self.stagings().take() as staging, ExitStack() as held:
-                held.enter_context(self._views.read())
-                try:
-                    entries = held.enter_context(entry_views(self.store, keys, staging))
-                except KeyError:
-                    if attempt:  # gone again (another process evicted it): the eager path serves it
-                        return None
-                    entries = None
+                entries = [None] * len(keys)
+                if need:
+                    held.enter_context(self._views.read())
+                    try:
+                        views = iter(held.enter_context(entry_views(self.store, need, staging)))
+                        entries = [next(views) if r is None else None for r in resident]
+                    except KeyError:
+                        if attempt:  # gone again (another process evicted it): the eager path serves it
+                            return None
+                        entries = None
                 if entries is not None:
                     t_load = time.perf_counter() - t0
                     try:
@@ -812,11 +829,14 @@ class ChunkCache:
                             cfg,
                             staging,
                             inspect=inspect,
+                            resident=resident,
                             run=run,
                         )
                     except CorruptEntryError:
                         damaged = True
                     else:
+                        if cache is not None:
+                            res.stats["device_cache"] = self._admit(keys, entries, resident)
                         res.stats["seconds"]["load"] = t_load  # text index, lookups (+ precompute of misses)
                         res.stats["seconds"]["total"] += t_load
                         res.stats["fast_path"] = True
@@ -828,6 +848,20 @@ class ChunkCache:
             if self._precompute(_id_lists(ids))[1]:  # skips the stored ones; a refused write:
                 return None  # the eager path serves those from memory
         return None  # unreachable
+
+    def _admit(self, keys: list[str], entries: list, resident: list) -> dict:
+        """After a fast-path fusion verified them (headers, key inputs, token ids, every layer's
+        checksum), keep the entries it read from the store in the device cache (inside the views,
+        which the copies read). Returns the fusion's ``device_cache`` stats."""
+        from chunkcache.codec import get_codec
+        from chunkcache.format import unpack_parts
+
+        admitted = 0
+        for key, entry, r in zip(keys, entries, resident, strict=True):
+            if r is None:
+                header, parts = unpack_parts(entry, verify=False)
+                admitted += self.device_cache.admit(key, header, parts, get_codec(header["codec"]).parts)
+        return {"hits": sum(r is not None for r in resident), "admitted": admitted}
 
     def prompt_ids(self, chunks: Sequence[str], query: str) -> torch.Tensor:
         """``[1, N]`` the exact prompt ids fusion builds (for a full-prefill baseline)."""

@@ -68,6 +68,14 @@ def entry_views(store, keys: Sequence[str], staging: Staging | None = None) -> I
         yield views
 
 
+def _direct_ok(maps, codec: str, parts: dict[str, torch.Tensor]) -> bool:
+    """Whether an entry's codec parts can be copied without host staging: all resident on the
+    device (``devicecache``), or every section inside a registered map."""
+    if all(parts[n].is_cuda for n in kernels.reference.CODEC_PARTS[codec]):
+        return True
+    return maps is not None and _covered(maps, parts)
+
+
 def _covered(maps, parts: dict[str, torch.Tensor]) -> bool:
     """Whether the registry covers the span of an entry's sections (one lookup per entry)."""
     spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in parts.values() if t.numel()]
@@ -324,7 +332,7 @@ class LoadPlan:
         # the entries where they are; otherwise each layer is first packed into pinned memory.
         # A direct copy moves `group` layers of a part at once (its layers are contiguous in the
         # entry; per-copy overhead, not bytes, bounds the small parts of int8/int4).
-        direct = maps is not None and all(_covered(maps, ps) for _, ps in parsed)
+        direct = all(_direct_ok(maps, codec, ps) for _, ps in parsed)
         aligned = all(p.nbytes % _ALIGN == 0 for p in parts)
         g = cls.DIRECT_GROUP
         while g > cls.MIN_GROUP and 2 * g * slot_bytes > max_bytes:
@@ -707,6 +715,7 @@ def fuse_entries(
     staging: Staging | None = None,
     verify: bool = True,
     inspect: Callable[[int, dict, dict[str, torch.Tensor]], None] | None = None,
+    resident: Sequence[tuple[dict, dict[str, torch.Tensor]] | None] | None = None,
     run: Callable[[FuseJob], FuseResult] | None = None,
 ) -> FuseResult:
     """``fuse.fuse_kv`` over stored entries, loading layer by layer behind the compute.
@@ -724,10 +733,13 @@ def fuse_entries(
     ``verify=False`` is only for a store checked by ``chunkcache verify`` since its last write.
     ``inspect(i, header, parts)`` is called for every entry once its header and token sections
     are checked and before anything is staged (the engine checks key inputs and token ids there;
-    it may raise). ``run(job)`` runs the fusion (default ``fuse.run_job``: alone; the engine's
-    batching hands the job to ``batch.Batcher.run``, which fuses it with others' while this
-    thread waits; the loader streams meanwhile). ``stats["seconds"]`` gains ``read`` (header
-    parsing), ``stage_host``, ``h2d`` and ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
+    it may raise). ``resident``: per entry, its ``(header, parts)`` already verified and kept on
+    the device (``devicecache.DeviceCache``; that entry's raw value may be None): no parsing and
+    no checksums for it (it was checked when admitted), ``inspect`` still runs. ``run(job)`` runs
+    the fusion (default ``fuse.run_job``: alone; the engine's batching hands the job to
+    ``batch.Batcher.run``, which fuses it with others' while this thread waits; the loader streams
+    meanwhile). ``stats["seconds"]`` gains ``read`` (header parsing), ``stage_host``, ``h2d`` and
+    ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
     """
     if not suffix_ids:
         raise ValueError("the question suffix is empty: nothing to generate from")
@@ -736,10 +748,17 @@ def fuse_entries(
     t0 = time.perf_counter()
     p, ns = prefix_kv.shape[3], len(suffix_ids)
     lengths, token_ids, scores = [], [], []
-    parsed = [unpack_parts(e, verify=False) for e in entries]  # zero-copy views, headers checked
+    resident = list(resident) if resident is not None else [None] * len(entries)
+    if len(resident) != len(entries):
+        raise ValueError(f"{len(entries)} entries but {len(resident)} resident slots")
+    parsed = [  # zero-copy views, headers checked
+        r if r is not None else unpack_parts(e, verify=False) for e, r in zip(entries, resident, strict=True)
+    ]
     check_layers = [False] * len(parsed)
     if verify:  # per-layer sums are checked where layers land; older entries are checked whole here
         for i, (e, (header, _)) in enumerate(zip(entries, parsed, strict=True)):
+            if resident[i] is not None:
+                continue  # verified when it was admitted
             if has_layer_sums(header):
                 verify_small_sections(e, header)
                 check_layers[i] = True
