@@ -831,6 +831,7 @@ class ChunkCache:
                             inspect=inspect,
                             resident=resident,
                             run=run,
+                            preload=run is not None and self.batching is not None and self.batching.preload,
                         )
                     except CorruptEntryError:
                         damaged = True

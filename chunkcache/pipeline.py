@@ -717,6 +717,7 @@ def fuse_entries(
     inspect: Callable[[int, dict, dict[str, torch.Tensor]], None] | None = None,
     resident: Sequence[tuple[dict, dict[str, torch.Tensor]] | None] | None = None,
     run: Callable[[FuseJob], FuseResult] | None = None,
+    preload: bool = False,
 ) -> FuseResult:
     """``fuse.fuse_kv`` over stored entries, loading layer by layer behind the compute.
 
@@ -737,9 +738,10 @@ def fuse_entries(
     the device (``devicecache.DeviceCache``; that entry's raw value may be None): no parsing and
     no checksums for it (it was checked when admitted), ``inspect`` still runs. ``run(job)`` runs
     the fusion (default ``fuse.run_job``: alone; the engine's batching hands the job to
-    ``batch.Batcher.run``, which fuses it with others' while this thread waits; the loader streams
-    meanwhile). ``stats["seconds"]`` gains ``read`` (header parsing), ``stage_host``, ``h2d`` and
-    ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
+    ``batch.Batcher.run``, which fuses it with others' while this thread waits). ``preload``:
+    start the loader before ``run`` (its layers stream in while the job waits for its batch;
+    otherwise at the fusion's first layer). ``stats["seconds"]`` gains ``read`` (header parsing),
+    ``stage_host``, ``h2d`` and ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
     """
     if not suffix_ids:
         raise ValueError("the question suffix is empty: nothing to generate from")
@@ -803,6 +805,9 @@ def fuse_entries(
     config = config or FuseConfig()
     job = FuseJob(buf, ids, p, lengths, token_scores, config, source=loader, timer=timer, graphs=graphs)
     try:
+        if preload:  # its small uploads first, then the layers stream in while the job waits
+            job.place()
+            loader.start()
         res = run_job(lm, job) if run is None else run(job)
         loader.check()  # a damaged layer raises here: the result is never returned
     finally:

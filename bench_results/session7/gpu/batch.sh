@@ -18,15 +18,15 @@ case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) source bench_results/session7/g
 OUT=${OUT:-/tmp/out}
 O=$OUT/batch; mkdir -p $O
 S="python3 -m chunkcache.cli bench serve --model llama3-8b --clients 8 --seconds 12 --k 16 --passages 64 \
-  --new-tokens 1 --codec int8 --batching off,on --max-wait-ms 0"
+  --new-tokens 1 --codec int8 --max-wait-ms 0"
 
 timeout 120 python3 -m pytest -q -x -m gpu tests/test_batch.py tests/test_gpu_concurrency.py > $O/tests.log 2>&1
 echo "tests rc=$?" >> $O/rc.txt
 timeout 100 python3 bench_results/session7/gpu/batch_micro.py --out $O/micro.json > $O/micro.log 2>&1
 echo "micro rc=$?" >> $O/rc.txt
-timeout 150 $S --miss 0 --full both --out $O/serve_hits > $O/serve_hits.log 2>&1
+timeout 170 $S --miss 0 --full both --batching off,on,lazy --out $O/serve_hits > $O/serve_hits.log 2>&1
 echo "serve hits rc=$?" >> $O/rc.txt
-timeout 130 $S --miss 0.05 --full sequential --out $O/serve_miss > $O/serve_miss.log 2>&1
+timeout 130 $S --miss 0.05 --full sequential --batching off,on --out $O/serve_miss > $O/serve_miss.log 2>&1
 echo "serve miss rc=$?" >> $O/rc.txt
 cat $O/rc.txt
 tail -n 3 $O/tests.log; cat $O/micro.log | grep '^{' ; grep -E "q/s|fused" $O/serve_hits.log $O/serve_miss.log
