@@ -36,7 +36,12 @@ each must be < N_i and, within a segment, distinct and ascending.
 
 from __future__ import annotations
 
+import math
+import threading
+import time
+from collections import Counter, deque
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +53,9 @@ from chunkcache.fuse import FuseConfig, FuseJob, FuseResult
 from chunkcache.model import LoadedModel
 
 __all__ = [
+    "BatchConfig",
+    "BatchRetry",
+    "Batcher",
     "FuseJob",
     "Pack",
     "Segment",
@@ -190,7 +198,7 @@ class _State:
 
 
 @torch.no_grad()
-def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob], pad_rows=None) -> list[FuseResult]:
+def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob]) -> list[FuseResult]:
     """``fuse.fuse_assembled`` for several requests at once -> their results, in order.
 
     Every request keeps its own cache, prompt geometry, policy and budget; per layer the rows of
@@ -198,10 +206,9 @@ def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob], pad_rows=None) -> list[F
     first, packed (each question over its own stale cache, ``kernels.probe_attention``), through
     every layer: the same reads as the one-request path, which interleaves its probe with the
     check layers only to overlap loading; then each request selects (before layer 0 for ``qfast``,
-    at its check layers otherwise) and the recompute runs packed. ``pad_rows``
-    (``FusionGraphs.padded_rows``) pads each final set as the one-request path with CUDA graphs
-    does, so both select the same tokens; no graphs are replayed here (the buffers differ per
-    batch). Results equal each request fused alone up to the GEMMs' row count (module
+    at its check layers otherwise) and the recompute runs packed. A job with ``graphs`` has its
+    final set padded as the one-request path pads it for its graphs (``FusionGraphs.padded_rows``),
+    so both select the same tokens; no graphs are replayed here (the buffers differ per batch). Results equal each request fused alone up to the GEMMs' row count (module
     docstring): selections are equal unless two candidates' scores tie to the last bits.
     """
     if not jobs:
@@ -209,8 +216,17 @@ def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob], pad_rows=None) -> list[F
     states = []
     for j in jobs:
         f, budget, schedule, active, n_act = F._begin(
-            lm, j.buf, j.ids, j.n_prefix, j.chunk_lengths, j.token_scores, j.config, j.source, j.timer, None
-        )
+            lm,
+            j.buf,
+            j.ids,
+            j.n_prefix,
+            j.chunk_lengths,
+            j.token_scores,
+            j.config,
+            j.source,
+            j.timer,
+            j.graphs,
+        )  # (f.graphs: its padding, and a copy of its persistent buffer in the result)
         states.append(_State(f, j.config, budget, dict(schedule), active, n_act))
     layers = lm.spec.num_layers
     probing = [s for s in states if s.f.policy.probe and s.schedule]
@@ -220,7 +236,7 @@ def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob], pad_rows=None) -> list[F
         s.f.timer.mark("probe")
         p = s.f.prompt
         if s.f.policy.before_layers:
-            keep_n = F._kept(s.budget, s.schedule[0], p.n_ctx, p.n_q, p.n_ctx, pad_rows)
+            keep_n = F._kept(s.budget, s.schedule[0], p.n_ctx, p.n_q, p.n_ctx, _pad(s))
             if keep_n < p.n_ctx:
                 keep = F._select(s.f, 0, p.ctx_pos, keep_n, s.probe_attn)
                 s.active, s.n_act = torch.cat([keep, p.q_pos]), keep_n
@@ -242,7 +258,7 @@ def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob], pad_rows=None) -> list[F
         for i in checks:
             # as fuse._check_layers: every candidate's fresh K/V is written, the kept rows go on
             s, p = states[i], states[i].f.prompt
-            pad = pad_rows if li == max(s.schedule) else None  # the final set padded like the graphs'
+            pad = _pad(s) if li == max(s.schedule) else None  # the final set padded like the graphs'
             keep_n = F._kept(s.budget, s.schedule[li], p.n_ctx, p.n_q, s.n_act, pad)
             if keep_n < s.n_act:
                 cand = s.active[: s.n_act]
@@ -275,6 +291,10 @@ def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob], pad_rows=None) -> list[F
     return out
 
 
+def _pad(s: _State):
+    return s.f.graphs.padded_rows if s.f.graphs is not None else None
+
+
 def _probe(lm: LoadedModel, states: Sequence[_State]) -> None:
     """Every request's question through every layer over its own stale cache, packed (as
     ``fuse._Probe``: ``kernels.probe_attention`` per request gives the output and the attention
@@ -302,3 +322,114 @@ def _probe(lm: LoadedModel, states: Sequence[_State]) -> None:
     for s, m in zip(states, masses, strict=True):
         s.probe_attn = torch.stack(m)[:, s.f.prompt.ctx_pos]
         s.probed = s.f.prompt.n_q * layers
+
+
+# --------------------------------------------------------------------------------------------
+# The scheduler: one worker thread fuses what waits, FIFO, in batches
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How an engine batches concurrent fusions (``ChunkCache(batching=BatchConfig())``)."""
+
+    max_batch: int = 8
+    """Most requests fused in one pass. Each waiting fast-path request holds a ``Staging`` (its
+    slots and padded KV buffer), so the engine's staging pool grows to this size."""
+    max_wait_ms: float = 0.0
+    """How long the worker holds a batch that is not full for more requests to arrive, from the
+    oldest one's arrival. 0: it fuses whatever waits as soon as it is free (requests that arrive
+    while a batch runs are batched together anyway)."""
+    idle_s: float = 5.0
+    """The worker thread exits after this long with nothing to do (a new request starts it again)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {self.max_batch!r}")
+        for name in ("max_wait_ms", "idle_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.idle_s == 0:
+            raise ValueError("idle_s must be > 0")
+
+
+class BatchRetry(Exception):
+    """A batch failed as a whole: the caller redoes its request alone (from scratch: the failed
+    pass may have written into its cache), which raises its own error if the request was the
+    cause. Never escapes the engine."""
+
+
+@dataclass
+class _Waiting:
+    job: FuseJob
+    future: Future
+    since: float
+
+
+class Batcher:
+    """Fuses the jobs handed to ``run`` on one worker thread, FIFO, up to ``max_batch`` at a time
+    (``fuse_many``; a batch of one through ``fuse.run_job``, CUDA graphs included). Callers
+    prepare their job themselves (argument checks, lookups, tokenising, loads and assembly stay in
+    their threads, overlapping the batch that runs) and wait on a future, without the GIL.
+    An error of a batch of one goes to its caller; a batch of several that fails hands every
+    caller ``BatchRetry``. ``stats()``: batches run and their sizes."""
+
+    def __init__(self, lm: LoadedModel, config: BatchConfig) -> None:
+        self.lm, self.config = lm, config
+        self._queue: deque[_Waiting] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._sizes: Counter = Counter()
+
+    def run(self, job: FuseJob) -> FuseResult:
+        fut: Future = Future()
+        with self._cond:
+            self._queue.append(_Waiting(job, fut, time.perf_counter()))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="chunkcache-batcher", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return fut.result()
+
+    def stats(self) -> dict:
+        """``{"batches": n, "requests": n, "sizes": {size: batches}}`` so far."""
+        with self._cond:
+            sizes = dict(sorted(self._sizes.items()))
+        return {
+            "batches": sum(sizes.values()),
+            "requests": sum(k * v for k, v in sizes.items()),
+            "sizes": sizes,
+        }
+
+    def _take(self) -> list[_Waiting] | None:
+        cfg = self.config
+        with self._cond:
+            while not self._queue:
+                if not self._cond.wait(cfg.idle_s) and not self._queue:
+                    self._thread = None  # (under the lock: a new run() starts another)
+                    return None
+            if cfg.max_wait_ms > 0:
+                deadline = self._queue[0].since + cfg.max_wait_ms / 1e3
+                while len(self._queue) < cfg.max_batch and (left := deadline - time.perf_counter()) > 0:
+                    self._cond.wait(left)
+            n = min(cfg.max_batch, len(self._queue))
+            batch = [self._queue.popleft() for _ in range(n)]
+            self._sizes[n] += 1
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            jobs = [w.job for w in batch]
+            try:
+                results = [F.run_job(self.lm, jobs[0])] if len(jobs) == 1 else fuse_many(self.lm, jobs)
+            except BaseException as e:  # handed to the callers; the worker goes on
+                if len(batch) == 1:
+                    batch[0].future.set_exception(e)
+                else:
+                    for w in batch:
+                        w.future.set_exception(BatchRetry(f"a batch of {len(batch)} failed: {e!r}"))
+                continue
+            for w, res in zip(batch, results, strict=True):
+                res.stats["batch_size"] = len(batch)
+                w.future.set_result(res)

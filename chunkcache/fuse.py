@@ -148,9 +148,14 @@ def fuse_kv(
     suffix_ids: list[int],
     config: FuseConfig = FuseConfig(),
 ) -> FuseResult:
-    j = assembled_job(lm, prefix_kv, chunks, prefix_ids, suffix_ids, config)
+    return run_job(lm, assembled_job(lm, prefix_kv, chunks, prefix_ids, suffix_ids, config))
+
+
+def run_job(lm: LoadedModel, job: FuseJob) -> FuseResult:
+    """``fuse_assembled`` over a ``FuseJob`` (one request alone)."""
+    j = job
     return fuse_assembled(
-        lm, j.buf, j.ids, j.n_prefix, j.chunk_lengths, j.token_scores, j.config, timer=j.timer
+        lm, j.buf, j.ids, j.n_prefix, j.chunk_lengths, j.token_scores, j.config, j.source, j.timer, j.graphs
     )
 
 
@@ -168,8 +173,12 @@ class FuseJob:
     token_scores: torch.Tensor | None
     config: FuseConfig
     source: LayerSource | None = None
-    """A ``fuse.LayerSource`` (``pipeline.LayerLoader``), or None: ``buf`` is assembled."""
+    """A ``LayerSource`` (``pipeline.LayerLoader``), or None: ``buf`` is assembled."""
     timer: StageTimer | None = None
+    graphs: object = None
+    """``graphs.FusionGraphs`` whose persistent buffer ``buf`` is (CUDA fast path), or None: alone,
+    the layer loops replay as graphs; in a batch only its row padding applies, and the result
+    gets a copy of the KV either way."""
 
 
 def assembled_job(

@@ -44,7 +44,7 @@ from chunkcache import kernels
 from chunkcache import model as M
 from chunkcache.errors import CorruptEntryError
 from chunkcache.format import has_layer_sums, unpack_parts, verify_payload, verify_small_sections
-from chunkcache.fuse import FuseConfig, FuseResult, StageTimer, fuse_assembled
+from chunkcache.fuse import FuseConfig, FuseJob, FuseResult, StageTimer, run_job
 from chunkcache.model import LoadedModel
 
 __all__ = ["LayerLoader", "LoadPlan", "Staging", "StagingPool", "entry_views", "fuse_entries"]
@@ -762,6 +762,7 @@ def fuse_entries(
     inspect: Callable[[int, dict, dict[str, torch.Tensor]], None] | None = None,
     resident: Sequence[tuple[dict, dict[str, torch.Tensor]] | None] | None = None,
     arena: torch.Tensor | None = None,
+    run: Callable[[FuseJob], FuseResult] | None = None,
 ) -> FuseResult:
     """``fuse.fuse_kv`` over stored entries, loading layer by layer behind the compute.
 
@@ -781,9 +782,11 @@ def fuse_entries(
     it may raise). ``resident``: per entry, its ``(header, parts)`` already verified and kept on
     the device (``devicecache.DeviceCache``; that entry's raw value may be None): no parsing and
     no checksums for it (it was checked when admitted), ``inspect`` still runs; with the cache's
-    ``arena`` and every entry resident, nothing is copied (``LayerLoader.zero_copy``). ``stats["seconds"]``
-    gains ``read`` (header parsing), ``stage_host``, ``h2d`` and ``assemble`` (overlapped work,
-    see ``LayerLoader.seconds``).
+    ``arena`` and every entry resident, nothing is copied (``LayerLoader.zero_copy``). ``run(job)``
+    runs the fusion (default ``fuse.run_job``: alone; the engine's batching hands the job to
+    ``batch.Batcher.run``, which fuses it with others' while this thread waits; the loader streams
+    meanwhile). ``stats["seconds"]`` gains ``read`` (header parsing), ``stage_host``, ``h2d`` and
+    ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
     """
     if not suffix_ids:
         raise ValueError("the question suffix is empty: nothing to generate from")
@@ -845,10 +848,9 @@ def fuse_entries(
     # held the compute stream idle for 11 ms on the H100).
     timer.mark("read")
     config = config or FuseConfig()
+    job = FuseJob(buf, ids, p, lengths, token_scores, config, source=loader, timer=timer, graphs=graphs)
     try:
-        res = fuse_assembled(
-            lm, buf, ids, p, lengths, token_scores, config, source=loader, timer=timer, graphs=graphs
-        )
+        res = run_job(lm, job) if run is None else run(job)
         loader.check()  # a damaged layer raises here: the result is never returned
     finally:
         loader.close()
