@@ -808,6 +808,17 @@ class ChunkCache:
             )
         return answer_text(self.tokenizer, list(self.decoder.tokens(fused, max_new_tokens, sampling)))
 
+    async def agenerate_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> str:
+        """``generate_from`` for asyncio: the event loop never blocks (over the batched decoder no
+        thread waits for the answer either)."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        sampling = self._sampling(generate_kwargs)
+        if sampling is None:
+            return await asyncio.to_thread(self.generate_from, fused, max_new_tokens, **generate_kwargs)
+        return answer_text(
+            self.tokenizer, [t async for t in self.decoder.atokens(fused, max_new_tokens, sampling)]
+        )
+
     def stream_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> Iterator[str]:
         """The answer's text pieces as they are generated (``generation.stream_text``, or
         ``generation.token_text`` over the batched decoder)."""
@@ -877,10 +888,8 @@ class ChunkCache:
             return await asyncio.to_thread(
                 self.generate, chunks, query, max_new_tokens, recompute_ratio, policy, **generate_kwargs
             )
-        fused = await self.afuse(chunks, query, recompute_ratio, policy)  # no thread waits for the decoder
-        return answer_text(
-            self.tokenizer, [t async for t in self.decoder.atokens(fused, max_new_tokens, sampling)]
-        )
+        fused = await self.afuse(chunks, query, recompute_ratio, policy)
+        return await self.agenerate_from(fused, max_new_tokens, **generate_kwargs)
 
     def astream_generate(
         self,
