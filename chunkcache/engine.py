@@ -804,9 +804,15 @@ class ChunkCache:
         cache = self.device_cache
         for attempt in range(2):
             damaged = False
-            resident = cache.get_many(keys) if cache is not None else [None] * len(keys)
+            resident = cache.acquire(keys) if cache is not None else [None] * len(keys)
             need = [k for k, r in zip(keys, resident, strict=True) if r is None]
             with self.stagings().take() as staging, ExitStack() as held:
+                if cache is not None:  # unpinned once the fusion queued its reads (or failed)
+                    held.callback(cache.release, keys, list(resident))
+                    if need and len(need) < len(keys) and staging.cuda and not staging.register(self.store):
+                        # a mix needs direct copies (resident parts are device memory): without a
+                        # registered map the store's entries go through pinned staging, so read all
+                        resident, need = [None] * len(keys), list(keys)
                 entries = [None] * len(keys)
                 if need:
                     held.enter_context(self._views.read())
@@ -830,6 +836,7 @@ class ChunkCache:
                             staging,
                             inspect=inspect,
                             resident=resident,
+                            arena=cache.arena if cache is not None else None,
                             run=run,
                         )
                     except CorruptEntryError:
