@@ -130,14 +130,16 @@ class ChunkCache:
         measured link, recompute and fusion rates (``res.stats["adaptive"]`` says what and why).
         None: always fetch (and stream through the fast path)."""
         self.precisions: tuple[str, ...] = (codec,)
-        """The codecs each chunk is stored in: the engine's, then ``adaptive.precisions``."""
+        """The codecs each chunk is stored in: the engine's, then ``adaptive.precisions`` (when
+        adaptive loading is on)."""
         if adaptive is not None:
             from chunkcache.adaptive import AdaptiveConfig, Rates
 
             if not isinstance(adaptive, AdaptiveConfig):
                 raise TypeError(f"adaptive must be an AdaptiveConfig or None, got {type(adaptive).__name__}")
             self._rates = Rates(adaptive.smoothing)
-            self.precisions = tuple(dict.fromkeys((codec, *adaptive.precisions)))
+            if adaptive.enabled:
+                self.precisions = tuple(dict.fromkeys((codec, *adaptive.precisions)))
         self.fast_path = self.lm.device.type == "cuda" if fast_path is None else fast_path
         """Fuse stored entries through ``pipeline.fuse_entries`` (layer-wise streaming, one kernel per
         layer, GPU-side checksums, CUDA graphs): the default on CUDA."""
@@ -501,7 +503,7 @@ class ChunkCache:
         if missing:  # the plain miss path: precompute and store them (no choice to make)
             self.precompute_ids([lists[i] for i in missing])
         t_plan = time.perf_counter()
-        precisions = self.precisions if conf.enabled else (self.codec,)
+        precisions = self.precisions
         pkeys = {p: [self.key_inputs_at(p).key(x) for x in lists] for p in precisions}
         stored = {
             p: [True] * len(keys) if p == self.codec else self.store.contains_many(pkeys[p])
@@ -521,7 +523,6 @@ class ChunkCache:
             conf.link_bytes_per_s or dict(rates.link),
             conf.recompute_tokens_per_s or rates.recompute,
             conf.fuse_tokens_per_s or rates.fuse,
-            enabled=conf.enabled,
             slack=conf.slack,
             fallback=conf.fallback,
             front=conf.recompute_chunks,
@@ -671,8 +672,22 @@ class ChunkCache:
         cfg, keys, ids, suffix = self._check_query(chunks, query, recompute_ratio, policy)
         self._ensure_gate()
         t0 = time.perf_counter()
-        if self.adaptive is not None:
+        if self.adaptive is not None and self.adaptive.enabled:
             return self._fuse_adaptive(keys, ids, suffix, cfg, t0)
+        res = self._fuse_plain(keys, ids, suffix, cfg, t0)
+        if self.adaptive is not None:  # turned off: the plain path, and the stats say so
+            from chunkcache.adaptive import plan
+
+            tokens = [len(b) // 8 for b in ids]
+            res.stats["adaptive"] = plan(
+                tokens, [{self.codec: 0}] * len(ids), None, None, enabled=False
+            ).stats()
+        return res
+
+    def _fuse_plain(
+        self, keys: list[str], ids: list[bytes], suffix: list[int], cfg: FuseConfig, t0: float
+    ) -> FuseResult:
+        """Fetch every chunk (the fast path where it applies, else decoded) and fuse."""
         if self.fast_path:
             res = self._fuse_stored(keys, ids, suffix, cfg, t0)
             if res is not None:
