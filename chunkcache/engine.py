@@ -18,7 +18,10 @@ fusions holding zero-copy views of the store's map (a write may grow and move th
 Chunk texts seen before are resolved by the text index (``textindex``), not the tokeniser.
 With ``decode_batching=DecodeConfig(...)`` the answers of concurrent calls decode together, one
 batched step for all active requests (``chunkcache.decode``); without it (the default) each
-answer decodes alone through ``model.generate``.
+answer decodes alone through ``model.generate``. With ``batching=BatchConfig(...)`` concurrent
+fusions are fused together: each caller checks, looks up, loads and assembles its request on its
+own thread, then one worker fuses the waiting requests in one pass per layer (``batch``); results
+equal the same call alone to the last bits of fp32 GEMMs (``batch.fuse_many``).
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ import numpy as np
 import torch
 
 from chunkcache import checks
+from chunkcache.batch import BatchConfig, Batcher, BatchRetry
 from chunkcache.decode import DecodeConfig, Decoder, Sampling, check_max_new_tokens, sampling_from
 from chunkcache.errors import CorruptEntryError, ForeignEntryError, ModelMismatchError, StoreError
 from chunkcache.format import FORMAT_VERSION
-from chunkcache.fuse import FuseConfig, FuseResult, fuse_kv
+from chunkcache.fuse import FuseConfig, FuseResult, assembled_job, fuse_kv, run_job
 from chunkcache.generation import (
     answer_text,
     astream_text,
@@ -92,6 +96,8 @@ class ChunkCache:
         adaptive=None,
         readonly: bool = False,
         decode_batching: DecodeConfig | None = None,
+        device_cache_bytes: int = 0,
+        batching: BatchConfig | None = None,
     ) -> None:
         # Every argument is checked before the model loads (seconds) or the store opens.
         dtype = checks.dtype(dtype)
@@ -99,10 +105,13 @@ class ChunkCache:
         settings = PrecomputeConfig(sink=sink)
         default_fuse = FuseConfig(recompute_ratio=checks.ratio(recompute_ratio), policy=policy)
         checks.codec(codec)
+        checks.nonnegative_int(device_cache_bytes, "device_cache_bytes")
         if decode_batching is not None and not isinstance(decode_batching, DecodeConfig):
             raise TypeError(
                 f"decode_batching must be a DecodeConfig or None, got {type(decode_batching).__name__}"
             )
+        if batching is not None and not isinstance(batching, BatchConfig):
+            raise TypeError(f"batching must be a BatchConfig or None, got {type(batching).__name__}")
         if not readonly:  # a store this user may not write is opened read-only (LMDBStore)
             checks.store_writable(store)
         if dtype is None:
@@ -148,6 +157,15 @@ class ChunkCache:
         self.concurrent_fusions = concurrent_fusions
         """Fast-path fusions that may run at once (each holds a ``Staging``: slots, streams, graphs
         and their padded KV buffer); further callers wait. One keeps the GPU busy already at 8K."""
+        self.device_cache = None
+        """A ``devicecache.DeviceCache`` of ``device_cache_bytes`` (0: none): the fast path keeps
+        the entries it fused, once verified, on the device in their stored format, and takes them
+        from there next time (no store read, header parse or host-to-device copy; the same result
+        bit for bit). ``res.stats["device_cache"]`` counts hits and admissions per fusion."""
+        if device_cache_bytes:
+            from chunkcache.devicecache import DeviceCache
+
+            self.device_cache = DeviceCache(self.lm.device, device_cache_bytes)
         self._lock = threading.Lock()  # lazy state: key info, prefix KV, staging pool, text index
         self._tok_lock = threading.Lock()  # tokenizer calls
         self._views = LockRW()  # readers: fusions holding map views; writers: store writes
@@ -161,6 +179,10 @@ class ChunkCache:
         """A ``decode.DecodeConfig``: answers decode together through one ``decode.Decoder`` (a
         worker thread steps all active requests at once). None: each through ``model.generate``."""
         self._decoder: Decoder | None = None
+        self.batching = batching
+        """A ``batch.BatchConfig``: concurrent fusions wait in one queue and a worker thread fuses
+        them together (``batch.Batcher``). None: each caller fuses on its own thread."""
+        self._batcher: Batcher | None = None
 
     # ---- accessors ------------------------------------------------------------------------
     @property
@@ -269,8 +291,19 @@ class ChunkCache:
         from chunkcache.format import load_chunk
 
         return load_chunk(
-            self.store, key, self.lm.dtype, check=lambda h, c: self._check_entry(key, h, c.token_ids, ids)
+            self.store,
+            key,
+            self.lm.dtype,
+            check=lambda h, c: self._check_entry(key, h, c.token_ids, ids),
+            drop=self._drop,
         )
+
+    def _drop(self, key: str, reason: str) -> None:
+        """``format.drop_damaged`` behind the store write lock (a delete writes the map too)."""
+        from chunkcache.format import drop_damaged
+
+        with self._views.write():
+            drop_damaged(self.store, key, reason)
 
     def _check_entry(
         self,
@@ -604,12 +637,12 @@ class ChunkCache:
         from chunkcache.format import load_chunk
 
         key = pkeys[p][i]
-        return load_chunk(self.store, key, self.lm.dtype,
+        return load_chunk(self.store, key, self.lm.dtype, drop=self._drop,
                           check=lambda h, c: self._check_entry(key, h, c.token_ids, ids[i], infos[p]))  # fmt: skip
 
     def _decode_at(self, raw, i: int, p: str, pkeys: dict, ids: list[bytes], infos: dict) -> ChunkKV | None:
         """``_load_at`` on bytes already fetched (None stays None)."""
-        from chunkcache.format import drop_damaged, unpack_entry
+        from chunkcache.format import unpack_entry
 
         if raw is None:
             return None
@@ -618,7 +651,7 @@ class ChunkCache:
             self._check_entry(pkeys[p][i], header, chunk.token_ids, ids[i], infos[p])
             return chunk
         except CorruptEntryError as e:  # (ForeignEntryError is one)
-            drop_damaged(self.store, pkeys[p][i], str(e))
+            self._drop(pkeys[p][i], str(e))
             return None
 
     def _fuse_fetched(self, ext_kv, entries, ext_ids, suffix, cfg, keys, ids, info) -> FuseResult | None:
@@ -657,7 +690,10 @@ class ChunkCache:
                 if self._pool is None:
                     from chunkcache.pipeline import StagingPool
 
-                    self._pool = StagingPool(self.lm.device, size=self.concurrent_fusions)
+                    size = self.concurrent_fusions  # batching: every waiting request holds one
+                    if self.batching is not None:
+                        size = max(size, self.batching.max_batch)
+                    self._pool = StagingPool(self.lm.device, size=size)
         return self._pool
 
     # ---- query time ---------------------------------------------------------------------------
@@ -674,7 +710,13 @@ class ChunkCache:
         t0 = time.perf_counter()
         if self.adaptive is not None and self.adaptive.enabled:
             return self._fuse_adaptive(keys, ids, suffix, cfg, t0)
-        res = self._fuse_plain(keys, ids, suffix, cfg, t0)
+        if self.batching is None:
+            res = self._fuse_checked(keys, ids, suffix, cfg, t0, None)
+        else:
+            try:
+                res = self._fuse_checked(keys, ids, suffix, cfg, t0, self.batcher().run)
+            except BatchRetry:  # the batch it was in failed: alone, from scratch (its own error, if any)
+                res = self._fuse_checked(keys, ids, suffix, cfg, t0, None)
         if self.adaptive is not None:  # turned off: the plain path, and the stats say so
             from chunkcache.adaptive import plan
 
@@ -684,17 +726,28 @@ class ChunkCache:
             ).stats()
         return res
 
-    def _fuse_plain(
-        self, keys: list[str], ids: list[bytes], suffix: list[int], cfg: FuseConfig, t0: float
-    ) -> FuseResult:
-        """Fetch every chunk (the fast path where it applies, else decoded) and fuse."""
+    def batcher(self) -> Batcher:
+        """The fusion scheduler (``batching``), made on first use."""
+        if self.batching is None:
+            raise RuntimeError("this engine fuses each call on its own thread: pass batching=BatchConfig()")
+        if self._batcher is None:
+            with self._lock:
+                if self._batcher is None:
+                    self._batcher = Batcher(self.lm, self.batching)
+        return self._batcher
+
+    def _fuse_checked(self, keys, ids, suffix, cfg, t0: float, run) -> FuseResult:
+        """``fuse`` after its checks: the fast path, else decode and fuse; ``run(job)`` fuses the
+        prepared job (None: here, alone; ``Batcher.run``: in the next batch). Everything before it
+        (lookups, loads, misses precomputed, assembly) runs on the caller's thread."""
         if self.fast_path:
-            res = self._fuse_stored(keys, ids, suffix, cfg, t0)
+            res = self._fuse_stored(keys, ids, suffix, cfg, t0, run)
             if res is not None:
                 return res
         kvs = self._chunks(keys, ids)
         t_load = time.perf_counter() - t0
-        res = fuse_kv(self.lm, self.prefix_kv(), kvs, self._prefix_ids, suffix, cfg)
+        job = assembled_job(self.lm, self.prefix_kv(), kvs, self._prefix_ids, suffix, cfg)
+        res = run_job(self.lm, job) if run is None else run(job)
         res.stats["seconds"]["load"] = t_load  # text index, store read + decode (+ precompute of misses)
         res.stats["seconds"]["total"] += t_load
         return res
@@ -740,7 +793,7 @@ class ChunkCache:
         return cfg, keys, ids, suffix
 
     def _fuse_stored(
-        self, keys: list[str], ids: list[bytes], suffix: list[int], cfg: FuseConfig, t0: float
+        self, keys: list[str], ids: list[bytes], suffix: list[int], cfg: FuseConfig, t0: float, run=None
     ) -> FuseResult | None:
         """The fast path: stream the stored entries layer by layer (``pipeline.fuse_entries``)
         with a ``Staging`` of the pool. Misses (absent from the store) are precomputed, then the
@@ -758,16 +811,22 @@ class ChunkCache:
             self._check_entry(keys[i], header, parts["token_ids"], ids[i])
 
         prefix_kv = self.prefix_kv()
+        cache = self.device_cache
         for attempt in range(2):
             damaged = False
+            resident = cache.get_many(keys) if cache is not None else [None] * len(keys)
+            need = [k for k, r in zip(keys, resident, strict=True) if r is None]
             with self.stagings().take() as staging, ExitStack() as held:
-                held.enter_context(self._views.read())
-                try:
-                    entries = held.enter_context(entry_views(self.store, keys, staging))
-                except KeyError:
-                    if attempt:  # gone again (another process evicted it): the eager path serves it
-                        return None
-                    entries = None
+                entries = [None] * len(keys)
+                if need:
+                    held.enter_context(self._views.read())
+                    try:
+                        views = iter(held.enter_context(entry_views(self.store, need, staging)))
+                        entries = [next(views) if r is None else None for r in resident]
+                    except KeyError:
+                        if attempt:  # gone again (another process evicted it): the eager path serves it
+                            return None
+                        entries = None
                 if entries is not None:
                     t_load = time.perf_counter() - t0
                     try:
@@ -780,10 +839,14 @@ class ChunkCache:
                             cfg,
                             staging,
                             inspect=inspect,
+                            resident=resident,
+                            run=run,
                         )
                     except CorruptEntryError:
                         damaged = True
                     else:
+                        if cache is not None:
+                            res.stats["device_cache"] = self._admit(keys, entries, resident)
                         res.stats["seconds"]["load"] = t_load  # text index, lookups (+ precompute of misses)
                         res.stats["seconds"]["total"] += t_load
                         res.stats["fast_path"] = True
@@ -795,6 +858,20 @@ class ChunkCache:
             if self._precompute(_id_lists(ids))[1]:  # skips the stored ones; a refused write:
                 return None  # the eager path serves those from memory
         return None  # unreachable
+
+    def _admit(self, keys: list[str], entries: list, resident: list) -> dict:
+        """After a fast-path fusion verified them (headers, key inputs, token ids, every layer's
+        checksum), keep the entries it read from the store in the device cache (inside the views,
+        which the copies read). Returns the fusion's ``device_cache`` stats."""
+        from chunkcache.codec import get_codec
+        from chunkcache.format import unpack_parts
+
+        admitted = 0
+        for key, entry, r in zip(keys, entries, resident, strict=True):
+            if r is None:
+                header, parts = unpack_parts(entry, verify=False)
+                admitted += self.device_cache.admit(key, header, parts, get_codec(header["codec"]).parts)
+        return {"hits": sum(r is not None for r in resident), "admitted": admitted}
 
     def prompt_ids(self, chunks: Sequence[str], query: str) -> torch.Tensor:
         """``[1, N]`` the exact prompt ids fusion builds (for a full-prefill baseline)."""

@@ -44,7 +44,7 @@ from chunkcache import kernels
 from chunkcache import model as M
 from chunkcache.errors import CorruptEntryError
 from chunkcache.format import has_layer_sums, unpack_parts, verify_payload, verify_small_sections
-from chunkcache.fuse import FuseConfig, FuseResult, StageTimer, fuse_assembled
+from chunkcache.fuse import FuseConfig, FuseJob, FuseResult, StageTimer, run_job
 from chunkcache.model import LoadedModel
 
 __all__ = ["LayerLoader", "LoadPlan", "Staging", "StagingPool", "entry_views", "fuse_entries"]
@@ -66,6 +66,14 @@ def entry_views(store, keys: Sequence[str], staging: Staging | None = None) -> I
     with store.views(keys) as views:
         _missing(keys, views)
         yield views
+
+
+def _direct_ok(maps, codec: str, parts: dict[str, torch.Tensor]) -> bool:
+    """Whether an entry's codec parts can be copied without host staging: all resident on the
+    device (``devicecache``), or every section inside a registered map."""
+    if all(parts[n].is_cuda for n in kernels.reference.CODEC_PARTS[codec]):
+        return True
+    return maps is not None and _covered(maps, parts)
 
 
 def _covered(maps, parts: dict[str, torch.Tensor]) -> bool:
@@ -324,7 +332,7 @@ class LoadPlan:
         # the entries where they are; otherwise each layer is first packed into pinned memory.
         # A direct copy moves `group` layers of a part at once (its layers are contiguous in the
         # entry; per-copy overhead, not bytes, bounds the small parts of int8/int4).
-        direct = maps is not None and all(_covered(maps, ps) for _, ps in parsed)
+        direct = all(_direct_ok(maps, codec, ps) for _, ps in parsed)
         aligned = all(p.nbytes % _ALIGN == 0 for p in parts)
         g = cls.DIRECT_GROUP
         while g > cls.MIN_GROUP and 2 * g * slot_bytes > max_bytes:
@@ -707,6 +715,8 @@ def fuse_entries(
     staging: Staging | None = None,
     verify: bool = True,
     inspect: Callable[[int, dict, dict[str, torch.Tensor]], None] | None = None,
+    resident: Sequence[tuple[dict, dict[str, torch.Tensor]] | None] | None = None,
+    run: Callable[[FuseJob], FuseResult] | None = None,
 ) -> FuseResult:
     """``fuse.fuse_kv`` over stored entries, loading layer by layer behind the compute.
 
@@ -723,8 +733,13 @@ def fuse_entries(
     ``verify=False`` is only for a store checked by ``chunkcache verify`` since its last write.
     ``inspect(i, header, parts)`` is called for every entry once its header and token sections
     are checked and before anything is staged (the engine checks key inputs and token ids there;
-    it may raise). ``stats["seconds"]`` gains ``read`` (header
-    parsing), ``stage_host``, ``h2d`` and ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
+    it may raise). ``resident``: per entry, its ``(header, parts)`` already verified and kept on
+    the device (``devicecache.DeviceCache``; that entry's raw value may be None): no parsing and
+    no checksums for it (it was checked when admitted), ``inspect`` still runs. ``run(job)`` runs
+    the fusion (default ``fuse.run_job``: alone; the engine's batching hands the job to
+    ``batch.Batcher.run``, which fuses it with others' while this thread waits; the loader streams
+    meanwhile). ``stats["seconds"]`` gains ``read`` (header parsing), ``stage_host``, ``h2d`` and
+    ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
     """
     if not suffix_ids:
         raise ValueError("the question suffix is empty: nothing to generate from")
@@ -733,10 +748,17 @@ def fuse_entries(
     t0 = time.perf_counter()
     p, ns = prefix_kv.shape[3], len(suffix_ids)
     lengths, token_ids, scores = [], [], []
-    parsed = [unpack_parts(e, verify=False) for e in entries]  # zero-copy views, headers checked
+    resident = list(resident) if resident is not None else [None] * len(entries)
+    if len(resident) != len(entries):
+        raise ValueError(f"{len(entries)} entries but {len(resident)} resident slots")
+    parsed = [  # zero-copy views, headers checked
+        r if r is not None else unpack_parts(e, verify=False) for e, r in zip(entries, resident, strict=True)
+    ]
     check_layers = [False] * len(parsed)
     if verify:  # per-layer sums are checked where layers land; older entries are checked whole here
         for i, (e, (header, _)) in enumerate(zip(entries, parsed, strict=True)):
+            if resident[i] is not None:
+                continue  # verified when it was admitted
             if has_layer_sums(header):
                 verify_small_sections(e, header)
                 check_layers[i] = True
@@ -779,10 +801,9 @@ def fuse_entries(
     # held the compute stream idle for 11 ms on the H100).
     timer.mark("read")
     config = config or FuseConfig()
+    job = FuseJob(buf, ids, p, lengths, token_scores, config, source=loader, timer=timer, graphs=graphs)
     try:
-        res = fuse_assembled(
-            lm, buf, ids, p, lengths, token_scores, config, source=loader, timer=timer, graphs=graphs
-        )
+        res = run_job(lm, job) if run is None else run(job)
         loader.check()  # a damaged layer raises here: the result is never returned
     finally:
         loader.close()
