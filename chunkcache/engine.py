@@ -814,9 +814,15 @@ class ChunkCache:
         cache = self.device_cache
         for attempt in range(2):
             damaged = False
-            resident = cache.get_many(keys) if cache is not None else [None] * len(keys)
+            resident = cache.acquire(keys) if cache is not None else [None] * len(keys)
             need = [k for k, r in zip(keys, resident, strict=True) if r is None]
             with self.stagings().take() as staging, ExitStack() as held:
+                if cache is not None:  # unpinned once the fusion queued its reads (or failed)
+                    held.callback(cache.release, keys, list(resident))
+                    if need and len(need) < len(keys) and staging.cuda and not staging.register(self.store):
+                        # a mix needs direct copies (resident parts are device memory): without a
+                        # registered map the store's entries go through pinned staging, so read all
+                        resident, need = [None] * len(keys), list(keys)
                 entries = [None] * len(keys)
                 if need:
                     held.enter_context(self._views.read())
@@ -840,6 +846,7 @@ class ChunkCache:
                             staging,
                             inspect=inspect,
                             resident=resident,
+                            arena=cache.arena if cache is not None else None,
                             run=run,
                         )
                     except CorruptEntryError:
@@ -901,6 +908,17 @@ class ChunkCache:
                 self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs
             )
         return answer_text(self.tokenizer, list(self.decoder.tokens(fused, max_new_tokens, sampling)))
+
+    async def agenerate_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> str:
+        """``generate_from`` for asyncio: the event loop never blocks (over the batched decoder no
+        thread waits for the answer either)."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        sampling = self._sampling(generate_kwargs)
+        if sampling is None:
+            return await asyncio.to_thread(self.generate_from, fused, max_new_tokens, **generate_kwargs)
+        return answer_text(
+            self.tokenizer, [t async for t in self.decoder.atokens(fused, max_new_tokens, sampling)]
+        )
 
     def stream_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> Iterator[str]:
         """The answer's text pieces as they are generated (``generation.stream_text``, or
@@ -971,10 +989,8 @@ class ChunkCache:
             return await asyncio.to_thread(
                 self.generate, chunks, query, max_new_tokens, recompute_ratio, policy, **generate_kwargs
             )
-        fused = await self.afuse(chunks, query, recompute_ratio, policy)  # no thread waits for the decoder
-        return answer_text(
-            self.tokenizer, [t async for t in self.decoder.atokens(fused, max_new_tokens, sampling)]
-        )
+        fused = await self.afuse(chunks, query, recompute_ratio, policy)
+        return await self.agenerate_from(fused, max_new_tokens, **generate_kwargs)
 
     def astream_generate(
         self,
