@@ -139,14 +139,16 @@ class ChunkCache:
         measured link, recompute and fusion rates (``res.stats["adaptive"]`` says what and why).
         None: always fetch (and stream through the fast path)."""
         self.precisions: tuple[str, ...] = (codec,)
-        """The codecs each chunk is stored in: the engine's, then ``adaptive.precisions``."""
+        """The codecs each chunk is stored in: the engine's, then ``adaptive.precisions`` (when
+        adaptive loading is on)."""
         if adaptive is not None:
             from chunkcache.adaptive import AdaptiveConfig, Rates
 
             if not isinstance(adaptive, AdaptiveConfig):
                 raise TypeError(f"adaptive must be an AdaptiveConfig or None, got {type(adaptive).__name__}")
             self._rates = Rates(adaptive.smoothing)
-            self.precisions = tuple(dict.fromkeys((codec, *adaptive.precisions)))
+            if adaptive.enabled:
+                self.precisions = tuple(dict.fromkeys((codec, *adaptive.precisions)))
         self.fast_path = self.lm.device.type == "cuda" if fast_path is None else fast_path
         """Fuse stored entries through ``pipeline.fuse_entries`` (layer-wise streaming, one kernel per
         layer, GPU-side checksums, CUDA graphs): the default on CUDA."""
@@ -534,7 +536,7 @@ class ChunkCache:
         if missing:  # the plain miss path: precompute and store them (no choice to make)
             self.precompute_ids([lists[i] for i in missing])
         t_plan = time.perf_counter()
-        precisions = self.precisions if conf.enabled else (self.codec,)
+        precisions = self.precisions
         pkeys = {p: [self.key_inputs_at(p).key(x) for x in lists] for p in precisions}
         stored = {
             p: [True] * len(keys) if p == self.codec else self.store.contains_many(pkeys[p])
@@ -554,7 +556,6 @@ class ChunkCache:
             conf.link_bytes_per_s or dict(rates.link),
             conf.recompute_tokens_per_s or rates.recompute,
             conf.fuse_tokens_per_s or rates.fuse,
-            enabled=conf.enabled,
             slack=conf.slack,
             fallback=conf.fallback,
             front=conf.recompute_chunks,
@@ -707,14 +708,23 @@ class ChunkCache:
         cfg, keys, ids, suffix = self._check_query(chunks, query, recompute_ratio, policy)
         self._ensure_gate()
         t0 = time.perf_counter()
-        if self.adaptive is not None:
+        if self.adaptive is not None and self.adaptive.enabled:
             return self._fuse_adaptive(keys, ids, suffix, cfg, t0)
         if self.batching is None:
-            return self._fuse_checked(keys, ids, suffix, cfg, t0, None)
-        try:
-            return self._fuse_checked(keys, ids, suffix, cfg, t0, self.batcher().run)
-        except BatchRetry:  # the batch it was in failed: alone, from scratch (its own error, if any)
-            return self._fuse_checked(keys, ids, suffix, cfg, t0, None)
+            res = self._fuse_checked(keys, ids, suffix, cfg, t0, None)
+        else:
+            try:
+                res = self._fuse_checked(keys, ids, suffix, cfg, t0, self.batcher().run)
+            except BatchRetry:  # the batch it was in failed: alone, from scratch (its own error, if any)
+                res = self._fuse_checked(keys, ids, suffix, cfg, t0, None)
+        if self.adaptive is not None:  # turned off: the plain path, and the stats say so
+            from chunkcache.adaptive import plan
+
+            tokens = [len(b) // 8 for b in ids]
+            res.stats["adaptive"] = plan(
+                tokens, [{self.codec: 0}] * len(ids), None, None, enabled=False
+            ).stats()
+        return res
 
     def batcher(self) -> Batcher:
         """The fusion scheduler (``batching``), made on first use."""
@@ -903,6 +913,17 @@ class ChunkCache:
             )
         return answer_text(self.tokenizer, list(self.decoder.tokens(fused, max_new_tokens, sampling)))
 
+    async def agenerate_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> str:
+        """``generate_from`` for asyncio: the event loop never blocks (over the batched decoder no
+        thread waits for the answer either)."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        sampling = self._sampling(generate_kwargs)
+        if sampling is None:
+            return await asyncio.to_thread(self.generate_from, fused, max_new_tokens, **generate_kwargs)
+        return answer_text(
+            self.tokenizer, [t async for t in self.decoder.atokens(fused, max_new_tokens, sampling)]
+        )
+
     def stream_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> Iterator[str]:
         """The answer's text pieces as they are generated (``generation.stream_text``, or
         ``generation.token_text`` over the batched decoder)."""
@@ -972,10 +993,8 @@ class ChunkCache:
             return await asyncio.to_thread(
                 self.generate, chunks, query, max_new_tokens, recompute_ratio, policy, **generate_kwargs
             )
-        fused = await self.afuse(chunks, query, recompute_ratio, policy)  # no thread waits for the decoder
-        return answer_text(
-            self.tokenizer, [t async for t in self.decoder.atokens(fused, max_new_tokens, sampling)]
-        )
+        fused = await self.afuse(chunks, query, recompute_ratio, policy)
+        return await self.agenerate_from(fused, max_new_tokens, **generate_kwargs)
 
     def astream_generate(
         self,
