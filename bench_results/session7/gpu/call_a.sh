@@ -12,8 +12,9 @@ CODECS=${CODECS:-int8}
 step lead_ttft 120 python3 -m chunkcache.bench.ttft --model llama3-8b --contexts 8192,32768 --codecs $CODECS \
   --policies qfast --reps 3 --warmup 2 --no-cold --batch 0 --device-cache 24 --out $OUT/lead/ttft
 step batch 210 bash bench_results/session7/gpu/batch.sh
-step decode 105 bash bench_results/session7/gpu/decode.sh
-step adaptive 105 bash bench_results/session7/gpu/adaptive.sh
+mkdir -p $OUT/decode $OUT/adaptive
+step decode 105 env OUT=$OUT/decode bash bench_results/session7/gpu/decode.sh
+step adaptive 105 env OUT=$OUT/adaptive bash bench_results/session7/gpu/adaptive.sh
 cat $OUT/steps.txt
 grep -E "engine.fuse|full prefill" $OUT/lead_ttft.log | head -12
 tail -n 2 $OUT/lead_tests.log
