@@ -139,14 +139,16 @@ class ChunkCache:
         measured link, recompute and fusion rates (``res.stats["adaptive"]`` says what and why).
         None: always fetch (and stream through the fast path)."""
         self.precisions: tuple[str, ...] = (codec,)
-        """The codecs each chunk is stored in: the engine's, then ``adaptive.precisions``."""
+        """The codecs each chunk is stored in: the engine's, then ``adaptive.precisions`` (when
+        adaptive loading is on)."""
         if adaptive is not None:
             from chunkcache.adaptive import AdaptiveConfig, Rates
 
             if not isinstance(adaptive, AdaptiveConfig):
                 raise TypeError(f"adaptive must be an AdaptiveConfig or None, got {type(adaptive).__name__}")
             self._rates = Rates(adaptive.smoothing)
-            self.precisions = tuple(dict.fromkeys((codec, *adaptive.precisions)))
+            if adaptive.enabled:
+                self.precisions = tuple(dict.fromkeys((codec, *adaptive.precisions)))
         self.fast_path = self.lm.device.type == "cuda" if fast_path is None else fast_path
         """Fuse stored entries through ``pipeline.fuse_entries`` (layer-wise streaming, one kernel per
         layer, GPU-side checksums, CUDA graphs): the default on CUDA."""
@@ -534,7 +536,7 @@ class ChunkCache:
         if missing:  # the plain miss path: precompute and store them (no choice to make)
             self.precompute_ids([lists[i] for i in missing])
         t_plan = time.perf_counter()
-        precisions = self.precisions if conf.enabled else (self.codec,)
+        precisions = self.precisions
         pkeys = {p: [self.key_inputs_at(p).key(x) for x in lists] for p in precisions}
         stored = {
             p: [True] * len(keys) if p == self.codec else self.store.contains_many(pkeys[p])
@@ -554,7 +556,6 @@ class ChunkCache:
             conf.link_bytes_per_s or dict(rates.link),
             conf.recompute_tokens_per_s or rates.recompute,
             conf.fuse_tokens_per_s or rates.fuse,
-            enabled=conf.enabled,
             slack=conf.slack,
             fallback=conf.fallback,
             front=conf.recompute_chunks,
@@ -707,14 +708,23 @@ class ChunkCache:
         cfg, keys, ids, suffix = self._check_query(chunks, query, recompute_ratio, policy)
         self._ensure_gate()
         t0 = time.perf_counter()
-        if self.adaptive is not None:
+        if self.adaptive is not None and self.adaptive.enabled:
             return self._fuse_adaptive(keys, ids, suffix, cfg, t0)
         if self.batching is None:
-            return self._fuse_checked(keys, ids, suffix, cfg, t0, None)
-        try:
-            return self._fuse_checked(keys, ids, suffix, cfg, t0, self.batcher().run)
-        except BatchRetry:  # the batch it was in failed: alone, from scratch (its own error, if any)
-            return self._fuse_checked(keys, ids, suffix, cfg, t0, None)
+            res = self._fuse_checked(keys, ids, suffix, cfg, t0, None)
+        else:
+            try:
+                res = self._fuse_checked(keys, ids, suffix, cfg, t0, self.batcher().run)
+            except BatchRetry:  # the batch it was in failed: alone, from scratch (its own error, if any)
+                res = self._fuse_checked(keys, ids, suffix, cfg, t0, None)
+        if self.adaptive is not None:  # turned off: the plain path, and the stats say so
+            from chunkcache.adaptive import plan
+
+            tokens = [len(b) // 8 for b in ids]
+            res.stats["adaptive"] = plan(
+                tokens, [{self.codec: 0}] * len(ids), None, None, enabled=False
+            ).stats()
+        return res
 
     def batcher(self) -> Batcher:
         """The fusion scheduler (``batching``), made on first use."""
@@ -798,15 +808,25 @@ class ChunkCache:
         from chunkcache.pipeline import entry_views, fuse_entries
 
         def inspect(i: int, header: dict, parts: dict) -> None:  # token sections already checked
+            if resident[i] is not None:  # its key inputs and tokens were checked when admitted
+                if token_bytes(parts["token_ids"]) != ids[i]:
+                    raise ModelMismatchError(f"store entry {keys[i]} holds other tokens than the chunk asked for")
+                return
             self._check_entry(keys[i], header, parts["token_ids"], ids[i])
 
         prefix_kv = self.prefix_kv()
         cache = self.device_cache
         for attempt in range(2):
             damaged = False
-            resident = cache.get_many(keys) if cache is not None else [None] * len(keys)
+            resident = cache.acquire(keys) if cache is not None else [None] * len(keys)
             need = [k for k, r in zip(keys, resident, strict=True) if r is None]
             with self.stagings().take() as staging, ExitStack() as held:
+                if cache is not None:  # unpinned once the fusion queued its reads (or failed)
+                    held.callback(cache.release, keys, list(resident))
+                    if need and len(need) < len(keys) and staging.cuda and not staging.register(self.store):
+                        # a mix needs direct copies (resident parts are device memory): without a
+                        # registered map the store's entries go through pinned staging, so read all
+                        resident, need = [None] * len(keys), list(keys)
                 entries = [None] * len(keys)
                 if need:
                     held.enter_context(self._views.read())
@@ -830,6 +850,7 @@ class ChunkCache:
                             staging,
                             inspect=inspect,
                             resident=resident,
+                            arena=cache.arena if cache is not None else None,
                             run=run,
                             preload=run is not None and self.batching is not None and self.batching.preload,
                         )
@@ -892,6 +913,17 @@ class ChunkCache:
                 self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs
             )
         return answer_text(self.tokenizer, list(self.decoder.tokens(fused, max_new_tokens, sampling)))
+
+    async def agenerate_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> str:
+        """``generate_from`` for asyncio: the event loop never blocks (over the batched decoder no
+        thread waits for the answer either)."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        sampling = self._sampling(generate_kwargs)
+        if sampling is None:
+            return await asyncio.to_thread(self.generate_from, fused, max_new_tokens, **generate_kwargs)
+        return answer_text(
+            self.tokenizer, [t async for t in self.decoder.atokens(fused, max_new_tokens, sampling)]
+        )
 
     def stream_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> Iterator[str]:
         """The answer's text pieces as they are generated (``generation.stream_text``, or
@@ -962,10 +994,8 @@ class ChunkCache:
             return await asyncio.to_thread(
                 self.generate, chunks, query, max_new_tokens, recompute_ratio, policy, **generate_kwargs
             )
-        fused = await self.afuse(chunks, query, recompute_ratio, policy)  # no thread waits for the decoder
-        return answer_text(
-            self.tokenizer, [t async for t in self.decoder.atokens(fused, max_new_tokens, sampling)]
-        )
+        fused = await self.afuse(chunks, query, recompute_ratio, policy)
+        return await self.agenerate_from(fused, max_new_tokens, **generate_kwargs)
 
     def astream_generate(
         self,

@@ -328,3 +328,56 @@ def test_generate_text_unchanged_by_the_refactor(engine, smol_tokenizer):
     assert generate_text(engine.lm, fused.input_ids, cache, 10) == answer_text(
         smol_tokenizer, _hf_tokens(engine.lm, fused, 10)
     )
+
+
+@pytest.mark.parametrize("max_batch", [4, 16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_many_threads_on_cuda_equal_alone(smol_tokenizer, max_batch):
+    """32 requests of different lengths from 16 threads (greedy and seeded sampling), at most
+    ``max_batch`` decoded together, on CUDA (fused kernels in ``packed_layer``): each gets its
+    own-alone tokens; greedy ones also what ``model.generate`` gives."""
+    eng = ChunkCache(model=tiny_model().to("cuda"), tokenizer=smol_tokenizer, store=None)
+    reqs = _requests(32, seed=9)
+    fused = [eng.fuse(c, q, recompute_ratio=0.2) for c, q in reqs]
+    news = [2 + (7 * i) % 29 for i in range(32)]
+    eos = _eos(eng.lm)
+    modes = [
+        Sampling(eos=eos) if i % 3 else Sampling(do_sample=True, top_p=0.9, seed=i, eos=eos)
+        for i in range(32)
+    ]
+    alone = [_alone(eng, f, n, m) for f, n, m in zip(fused, news, modes, strict=True)]
+    greedy = [i for i in range(32) if not modes[i].do_sample][:6]
+    assert [alone[i] for i in greedy] == [_hf_tokens(eng.lm, fused[i], news[i]) for i in greedy]
+    dec = Decoder(eng.lm, DecodeConfig(max_batch=max_batch))
+    with ThreadPoolExecutor(16) as ex:
+        got = list(ex.map(lambda f, n, m: list(dec.tokens(f, n, m)), fused, news, modes))
+    assert got == alone
+    assert dec.rows > dec.steps and dec.pending() == 0
+    dec.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_asyncio_on_cuda_equal_sequential(smol_tokenizer):
+    model = tiny_model().to("cuda")
+    eng = ChunkCache(model=model, tokenizer=smol_tokenizer, store=None, decode_batching=DecodeConfig(8))
+    reqs = _requests(16, seed=10)
+    news = [3 + (5 * i) % 17 for i in range(16)]
+    want = [
+        eng.generate(c, q, max_new_tokens=n) for (c, q), n in zip(reqs, news, strict=True)
+    ]  # one at a time
+
+    async def main():
+        texts = asyncio.gather(
+            *(eng.agenerate(c, q, max_new_tokens=n) for (c, q), n in zip(reqs, news, strict=True))
+        )
+
+        async def pieces(c, q, n):
+            return "".join([p async for p in eng.astream_generate(c, q, max_new_tokens=n)]).strip()
+
+        streams = asyncio.gather(*(pieces(c, q, n) for (c, q), n in zip(reqs, news, strict=True)))
+        return await texts, await streams
+
+    texts, streams = asyncio.run(main())
+    assert texts == want and streams == want

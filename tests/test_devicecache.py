@@ -48,6 +48,7 @@ def test_resident_fusion_equals_store_fusion(smol_tokenizer, model, tmp_path, co
     assert again.stats["device_cache"] == {"hits": 3, "admitted": 1}  # a mix: 3 resident, 1 read
     third = hot.fuse(chunks, QUESTION, recompute_ratio=0.3)
     assert third.stats["device_cache"] == {"hits": 3, "admitted": 0}
+    assert third.stats["zero_copy"] and not first.stats["zero_copy"] and not again.stats["zero_copy"]
     _same(want, first)
     _same(want, third)
     _same(ref.fuse(list(reversed(chunks)) + [PASSAGES[3]], QUESTION, recompute_ratio=0.3), again)
@@ -68,7 +69,7 @@ def test_budget_evicts_least_recently_used(smol_tokenizer, model, tmp_path):
     assert len(cache) == 2 and cache.nbytes <= cache.max_bytes
     assert cache.stats()["evicted"] == 1
     keys = hot.resolve(PASSAGES[:3])[0]
-    assert [r is not None for r in cache.get_many(keys)] == [False, True, True]
+    assert [r is not None for r in cache.acquire(keys)] == [False, True, True]
 
 
 def test_damaged_store_entry_after_admission_is_not_used(smol_tokenizer, model, tmp_path):

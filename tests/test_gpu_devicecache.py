@@ -32,10 +32,10 @@ def test_resident_fusion_equals_store_fusion_on_cuda(smol_tokenizer, tmp_path, c
         assert torch.equal(want.selected.cpu(), got.selected.cpu())
         assert torch.equal(want.logits, got.logits)
         assert torch.equal(want.kv, got.kv)
-    assert got.stats["device_cache"] == {"hits": 4, "admitted": 0}
+    assert got.stats["device_cache"] == {"hits": 4, "admitted": 0} and got.stats["zero_copy"]
     assert all(
         t.is_cuda
-        for _, parts in hot.device_cache.get_many(hot.resolve(chunks)[0])
+        for _, parts in hot.device_cache.acquire(hot.resolve(chunks)[0])
         for n, t in parts.items()
         if n != "token_ids"
     )

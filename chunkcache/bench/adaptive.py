@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import socket
 import statistics
 import subprocess
@@ -124,6 +125,7 @@ def run(args) -> dict:
     texts = [f"{c['title']}\n{c['text']}" for c in ex["ctxs"][: args.passages]]
     question = ex["question"]
     rows = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still tears the link down
     with ShapedLink() as link:
         store = RedisStore(link.url)
         plain = ChunkCache(model=args.model, store=store, codec=args.codec, device="cpu", dtype=args.dtype)

@@ -474,6 +474,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="threads", help="comma list: threads, asyncio")
     p.add_argument("--device", default=None)
     p.add_argument("--dir", default=None, help="folder for the temporary store")
+    p.add_argument(
+        "--device-cache",
+        type=float,
+        default=0.0,
+        help="GiB of device cache of hot entries for the fused side",
+    )
     p.add_argument("--out", default="bench_results/serve", help="output prefix: .json, .md, .png")
 
 
@@ -485,6 +491,10 @@ def run_cli(args: argparse.Namespace) -> int:
     root = tempfile.mkdtemp(prefix="serve-", dir=args.dir)
     fusions = [int(x) for x in args.fusions.split(",")]
     eng = _engine(args.model, args.codec, root, device, fusions[0])
+    if args.device_cache:  # the fused side keeps hot entries on the device (ChunkCache(device_cache_bytes=))
+        from chunkcache.devicecache import DeviceCache
+
+        eng.device_cache = DeviceCache(eng.lm.device, int(args.device_cache * 2**30))
     print(f"{args.model} on {device}, codec {args.codec}")
     command = "chunkcache bench serve " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("bench", "command", "func")
@@ -509,7 +519,12 @@ def run_cli(args: argparse.Namespace) -> int:
                 res = run(
                     eng, clients=k, seconds=args.seconds, workload=w, full=full, use_asyncio=mode == "asyncio"
                 )
-                res.update(model=args.model, concurrent_fusions=f, command=command)
+                res.update(
+                    model=args.model,
+                    concurrent_fusions=f,
+                    command=command,
+                    device_cache_gib=args.device_cache,
+                )
                 results.append(res)
                 Path(args.out + ".json").write_text(json.dumps(results, indent=1))
     cross_ratios(results)
