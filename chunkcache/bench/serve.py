@@ -379,12 +379,14 @@ def run(
 
 def cross_ratios(results: list[dict]) -> None:
     """For a result without full-prefill sides of its own (later fused settings of one run), its
-    ratios against the best full side measured in the same run for the same clients and mode."""
+    ratios against the best full side measured in the same run for the same clients, mode and
+    workload."""
     for r in results:
         if r["ratios"] or not r["sides"]:
             continue
         fulls = [
-            s for o in results if o["clients"] == r["clients"] and o["asyncio"] == r["asyncio"]
+            s for o in results
+            if (o["clients"], o["asyncio"], o["workload"]) == (r["clients"], r["asyncio"], r["workload"])
             for s in o["sides"] if s["side"].startswith("full")
         ]  # fmt: skip
         if not fulls:
