@@ -1,23 +1,34 @@
-"""Loading that adapts to the link: per chunk, fetch it (at which stored precision) or recompute it.
+"""Loading that adapts to the link: which chunks to fetch (at which stored precision), which to
+recompute in place, or a plain full prefill.
 
-A chunk's cache can come over the tier's link (``bytes / link rate``) or be recomputed from its
-token ids on the model's device (``tokens / recompute rate``, the same independent encode as
-precompute, so a recomputed chunk equals a lossless stored one). The two run at once (fetches on
-a thread, recompute on the caller's), so the load takes max(fetch time, recompute time). The
-planner moves the chunks that are dearest to fetch per recompute second to recompute while that
-lowers the maximum, for each stored precision, and takes the best-quality precision whose
-estimate is within ``slack`` of the fastest (Cake's "compute or load? both"; CacheGen's
-per-chunk level).
+A fused prompt's chunks can come over the tier's link (``bytes / link rate``) or be recomputed
+*inside the fusion*: their tokens run as active rows at their true positions through every
+layer, attending to everything before them (exact, as in a full prefill; no separate encode, no
+selection budget spent on them). The recomputed chunks are always the **front** ones (Cake:
+"compute from the front while loading from the back"): they attend only to the template prefix
+and to each other, so their rows run while the link delivers the back chunks, and the fusion of
+the back then reads the front's exact KV. The default qfast probe selects before layer 0 from the
+question's attention over the whole cache, so it waits for every fetched layer; recomputing any
+other chunks would have to wait for the fetch too (no overlap). The plan, per number ``k`` of
+front chunks recomputed and per stored precision ``p`` of the fetched ones::
 
-    time ->   link:     fetch c0 | fetch c2 | fetch c3
-              device:   recompute c1 | recompute c4          TTFT ~ max(both) + fusion
+    time ->   link:    fetch chunk k .. n-1 at p      |
+              device:  recompute chunks 0 .. k-1      | fuse chunks k .. n-1 (probe, select, recompute)
+    estimate(k, p) = max(fetch_s, recompute_s) + fuse_s,   fuse_s = back tokens / fuse rate
 
-Rates are measured, not guessed: ``Rates`` keeps an exponential average of the bytes/s every
-fetch through the engine achieved and of the tokens/s every recompute achieved; until a rate has
-been seen once, every chunk is fetched (and that measures the link). It knows nothing about
-stores, codecs' byte formats or fusion; ``engine`` calls ``load``.
+It takes the ``k`` with the least estimate per precision, then the best-quality precision whose
+estimate is within ``slack`` of the fastest (CacheGen's per-chunk level). If that is no faster
+than a full prefill (all tokens / recompute rate: a slow link, or every chunk recomputed), it
+does the plain full prefill instead, so TTFT is never worse than one (beyond planning overhead).
 
-    eng = ChunkCache(store=remote, codec="int2", adaptive=AdaptiveConfig())
+Rates are measured, not guessed: ``Rates`` keeps exponential averages of the bytes/s each fetch
+achieved (store read, checks and, on CPU, decode), the tokens/s of the in-place recompute and of
+full prefills, and the chunk tokens/s of the fusion after the fetch. Until the link and the
+recompute rate have been seen, the first chunk is recomputed and the rest fetched (which
+measures all three). This module knows nothing about stores, codecs' bytes or fusion maths;
+``engine.ChunkCache`` runs the plan.
+
+    eng = ChunkCache(store=remote, codec="int8", adaptive=AdaptiveConfig(precisions=("int2",)))
     res = eng.fuse(passages, question); res.stats["adaptive"]   # what was chosen and why
 """
 
@@ -28,8 +39,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 
-__all__ = ["AdaptiveConfig", "ChunkPlan", "Plan", "Rates", "plan"]
+__all__ = ["AdaptiveConfig", "ChunkPlan", "Plan", "Rates", "overlap", "plan"]
 
 
 @dataclass(frozen=True)
@@ -37,169 +49,233 @@ class AdaptiveConfig:
     """How fusion loads its chunks when they come from a slow tier."""
 
     enabled: bool = True
-    """False: always fetch every chunk (the plain path; stats still say so)."""
+    """False: always fetch every chunk at the engine's codec (the plain path; stats still say so)."""
+    precisions: tuple[str, ...] = ()
+    """Further codecs each chunk is stored in besides the engine's own (separate entries: the key
+    hashes the codec), best quality first, e.g. ``("int2",)`` beside an int8 engine. Precompute
+    writes them all; the planner picks per chunk and link rate."""
     slack: float = 0.1
     """Take a better-quality precision if its estimate is at most this fraction slower."""
+    fallback: bool = True
+    """Do a plain full prefill when the best plan is estimated no faster than one."""
     link_bytes_per_s: float | None = None
     """Fix the link rate instead of measuring it (benchmarks, projections)."""
     recompute_tokens_per_s: float | None = None
-    """Fix the recompute rate instead of measuring it."""
+    """Fix the recompute rate (tokens through every layer per second) instead of measuring it."""
+    fuse_tokens_per_s: float | None = None
+    """Fix the fusion rate (fetched chunk tokens fused per second once they are in) instead of
+    measuring it."""
+    recompute_chunks: int | None = None
+    """Fix how many front chunks are recomputed in place (the rest fetched; no fallback): for
+    benchmarks and tests. None: planned."""
     smoothing: float = 0.5
     """Weight of the newest measurement in the running averages."""
 
     def __post_init__(self) -> None:
+        from chunkcache import checks
+
+        if not isinstance(self.precisions, tuple):
+            raise TypeError(
+                f"precisions must be a tuple of codec names, got {type(self.precisions).__name__}"
+            )
+        for p in self.precisions:
+            checks.codec(p)
+        if len(set(self.precisions)) != len(self.precisions):
+            raise ValueError(f"precisions lists a codec twice: {self.precisions}")
         if self.slack < 0 or not 0 < self.smoothing <= 1:
             raise ValueError("slack must be >= 0 and smoothing in (0, 1]")
-        for name in ("link_bytes_per_s", "recompute_tokens_per_s"):
+        for name in ("link_bytes_per_s", "recompute_tokens_per_s", "fuse_tokens_per_s"):
             v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise ValueError(f"{name} must be positive")
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be positive, got {v}")
+        k = self.recompute_chunks
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ValueError(f"recompute_chunks must be a non-negative int or None, got {k!r}")
 
 
 class Rates:
-    """Measured link bytes/s and recompute tokens/s (exponential averages; thread-safe)."""
+    """Measured rates (exponential averages; thread-safe): per stored precision the link's bytes/s
+    (a fetch's store read, checks and, on CPU, decode, so codecs that decode slower fetch
+    slower), the recompute's tokens/s and the fusion's tokens/s."""
 
     def __init__(self, smoothing: float = 0.5) -> None:
         self.smoothing = smoothing
-        self.link: float | None = None
+        self.link: dict[str, float] = {}
         self.recompute: float | None = None
+        self.fuse: float | None = None
         self._lock = threading.Lock()
 
     def _mix(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
 
-    def saw_fetch(self, nbytes: int, seconds: float) -> None:
-        if nbytes > 0 and seconds > 0:
-            with self._lock:
-                self.link = self._mix(self.link, nbytes / seconds)
-
-    def saw_recompute(self, tokens: int, seconds: float) -> None:
+    def saw(self, what: Literal["recompute", "fuse"], tokens: float, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
             with self._lock:
-                self.recompute = self._mix(self.recompute, tokens / seconds)
+                setattr(self, what, self._mix(getattr(self, what), tokens / seconds))
+
+    def saw_fetch(self, precision: str, nbytes: float, seconds: float) -> None:
+        if nbytes > 0 and seconds > 0:
+            with self._lock:
+                self.link[precision] = self._mix(self.link.get(precision), nbytes / seconds)
 
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    action: str  # "fetch" or "recompute"
-    precision: str | None  # the stored codec fetched (None when recomputed)
-    fetch_s: float | None  # estimated seconds to fetch at that precision (None: rate unknown)
+    action: Literal["fetch", "recompute", "prefill"]
+    precision: str | None
+    """The stored codec fetched (None unless fetched)."""
+    fetch_s: float | None
+    """Estimated seconds to fetch it at that precision (None: link rate unknown)."""
     recompute_s: float | None
 
 
 @dataclass(frozen=True)
 class Plan:
     chunks: list[ChunkPlan]
-    estimate_s: float | None  # max(fetch, recompute) of the plan, when both rates are known
+    front: int
+    """Chunks ``0 .. front-1`` are recomputed in place, the rest fetched."""
+    full_prefill: bool
+    """Do a plain full prefill instead (every chunk's action is then ``prefill``)."""
+    estimate_s: float | None
+    """Estimated load + fusion seconds of the plan, when the rates are known."""
+    full_s: float | None
+    """Estimated seconds of a full prefill (all chunk tokens / recompute rate)."""
     reason: str
     rates: dict = field(default_factory=dict)
 
     def stats(self) -> dict:
         return {
+            "choice": "full prefill" if self.full_prefill else "fused",
             "reason": self.reason,
             "estimate_s": self.estimate_s,
+            "full_prefill_estimate_s": self.full_s,
             "rates": self.rates,
             "fetched": {
                 p: sum(1 for c in self.chunks if c.precision == p)
-                for p in {c.precision for c in self.chunks}
+                for p in dict.fromkeys(c.precision for c in self.chunks)
                 if p
             },
-            "recomputed": sum(1 for c in self.chunks if c.action == "recompute"),
+            "recomputed": sum(1 for c in self.chunks if c.action != "fetch"),
             "chunks": [c.__dict__ for c in self.chunks],
         }
 
 
 def plan(
-    tokens: Sequence[int],
+    tokens: Sequence[int],  # per chunk, in prompt order
     sizes: Sequence[Mapping[str, int]],  # per chunk: stored precision -> bytes, best quality first
-    link_bytes_per_s: float | None,
+    link_bytes_per_s: float | Mapping[str, float] | None,  # one rate, or per precision (measured ones)
     recompute_tokens_per_s: float | None,
+    fuse_tokens_per_s: float | None = None,  # None: the fusion after the fetch counts as free
     *,
     enabled: bool = True,
     slack: float = 0.1,
+    fallback: bool = True,
+    front: int | None = None,  # fix the number of front chunks recomputed (then no fallback)
 ) -> Plan:
-    """Choose, per chunk, fetch at which precision or recompute (see the module docstring)."""
-    if len(tokens) != len(sizes) or any(not s for s in sizes):
-        raise ValueError("every chunk needs its token count and at least one stored precision")
-    rates = {"link_bytes_per_s": link_bytes_per_s, "recompute_tokens_per_s": recompute_tokens_per_s}
-    best = [next(iter(s)) for s in sizes]
-    if not enabled or link_bytes_per_s is None or recompute_tokens_per_s is None:
-        fetch = [
-            None if link_bytes_per_s is None else s[p] / link_bytes_per_s
-            for s, p in zip(sizes, best, strict=True)
+    """Choose the front chunks to recompute in place, the precision of the fetched rest, or a full
+    prefill (see the module docstring)."""
+    n = len(tokens)
+    if n != len(sizes) or any(not s for s in sizes) or any(t <= 0 for t in tokens):
+        raise ValueError("every chunk needs a positive token count and at least one stored precision")
+    if front is not None and not 0 <= front <= n:
+        raise ValueError(f"front must be in 0..{n}, got {front}")
+    link_of = _link_rates(link_bytes_per_s)
+    rec_rate, fuse_rate = recompute_tokens_per_s, fuse_tokens_per_s
+    shown = dict(link_bytes_per_s) if isinstance(link_bytes_per_s, Mapping) else link_bytes_per_s
+    rates = {"link_bytes_per_s": shown, "recompute_tokens_per_s": rec_rate, "fuse_tokens_per_s": fuse_rate}
+    rec = [None if rec_rate is None else t / rec_rate for t in tokens]
+    full_s = None if rec_rate is None else sum(tokens) / rec_rate
+
+    def chunks_for(k: int, pick: Sequence[str]) -> list[ChunkPlan]:
+        fetch = [None if link_of is None else s[q] / link_of(q) for s, q in zip(sizes, pick, strict=True)]
+        return [
+            ChunkPlan("recompute", None, fetch[i], rec[i])
+            if i < k
+            else ChunkPlan("fetch", pick[i], fetch[i], rec[i])
+            for i in range(n)
         ]
-        rec = [None if recompute_tokens_per_s is None else t / recompute_tokens_per_s for t in tokens]
-        chunks = [ChunkPlan("fetch", p, f, r) for p, f, r in zip(best, fetch, rec, strict=True)]
-        why = "adaptation off: fetch all"
-        if enabled:
-            why = "rates not measured yet: fetch all (measures the link)"
-            if recompute_tokens_per_s is None:  # probe: recompute the shortest chunk alongside
-                i = min(range(len(tokens)), key=tokens.__getitem__)
-                chunks[i] = ChunkPlan("recompute", None, fetch[i], None)
-                why = "rates not measured yet: fetch all but the shortest chunk, recompute it (measures both)"
-        return Plan(chunks, None, why, rates)
-    rec = [t / recompute_tokens_per_s for t in tokens]
+
+    def estimate(k: int, pick: Sequence[str]) -> float:
+        f = sum(sizes[i][pick[i]] / link_of(pick[i]) for i in range(k, n))  # type: ignore[misc]
+        r = sum(tokens[:k]) / rec_rate  # type: ignore[operator]
+        tail = sum(tokens[k:]) / fuse_rate if fuse_rate else 0.0
+        return max(f, r) + tail
+
+    best = [next(iter(s)) for s in sizes]
+    known = link_of is not None and rec_rate is not None
+    if not enabled or front is not None or not known:
+        if not enabled:
+            k, why = 0, "adaptation off: fetch all"
+        elif front is not None:
+            k, why = front, f"fixed split: recompute the first {front} in place, fetch {n - front}"
+        else:
+            k = 1 if n > 1 and rec_rate is None else 0
+            why = "rates not measured yet: " + (
+                "recompute the first chunk in place, fetch the rest (measures both)"
+                if k
+                else "fetch all (measures the link)"
+            )
+        est = estimate(k, best) if known else None
+        return Plan(chunks_for(k, best), k, False, est, full_s, why, rates)
+
     precisions = list(dict.fromkeys(p for s in sizes for p in s))  # in the order stored, best first
     options = []
     for rank, p in enumerate(precisions):
-        # each chunk at p if stored at p, else at its smallest stored precision
-        pick = [p if p in s else min(s, key=s.get) for s in sizes]
-        fetch = [s[q] / link_bytes_per_s for s, q in zip(sizes, pick, strict=True)]
-        order = sorted(range(len(tokens)), key=lambda i: fetch[i] / rec[i], reverse=True)
-        moved: set[int] = set()
-        f_total, r_total = sum(fetch), 0.0
-        for i in order:  # move while it lowers max(fetch, recompute)
-            if max(f_total - fetch[i], r_total + rec[i]) < max(f_total, r_total):
-                moved.add(i)
-                f_total, r_total = f_total - fetch[i], r_total + rec[i]
-            else:
-                break
-        chunks = [
-            ChunkPlan("recompute", None, fetch[i], rec[i])
-            if i in moved
-            else ChunkPlan("fetch", pick[i], fetch[i], rec[i])
-            for i in range(len(tokens))
-        ]
-        options.append((max(f_total, r_total), rank, p, chunks))
+        pick = [p if p in s else min(s, key=s.get) for s in sizes]  # else its smallest stored one
+        k = min(range(n + 1), key=lambda k, pick=pick: (estimate(k, pick), k))
+        options.append((estimate(k, pick), rank, p, k, pick))
     fastest = min(o[0] for o in options)
-    est, _, p, chunks = min((o for o in options if o[0] <= fastest * (1 + slack)), key=lambda o: o[1])
-    n_rec = sum(c.action == "recompute" for c in chunks)
-    fetch_all = sum(s[best_p] for s, best_p in zip(sizes, best, strict=True)) / link_bytes_per_s
-    reason = (
-        f"link {link_bytes_per_s / 1e9:.3g} GB/s, recompute {recompute_tokens_per_s:.4g} tokens/s: "
-        f"fetch {len(chunks) - n_rec} at {p}, recompute {n_rec}; estimated {est * 1e3:.1f} ms "
-        f"(fetch all at their best precision: {fetch_all * 1e3:.1f} ms, recompute all: {sum(rec) * 1e3:.1f} ms)"
+    est, _, p, k, pick = min((o for o in options if o[0] <= fastest * (1 + slack)), key=lambda o: o[1])
+    fetch_all = sum(s[b] / link_of(b) for s, b in zip(sizes, best, strict=True))  # type: ignore[misc]
+    per = {q: link_of(q) for q in precisions}  # type: ignore[misc]
+    detail = (
+        "link "
+        + ", ".join(f"{q} {r / 1e9:.3g} GB/s" for q, r in per.items())
+        + f", recompute {rec_rate:.4g} tokens/s, fuse "
+        + (f"{fuse_rate:.4g} tokens/s" if fuse_rate else "not measured")
+        + f": fetch all at their best precision {fetch_all * 1e3:.1f} ms, full prefill {full_s * 1e3:.1f} ms"  # type: ignore[operator]
     )
-    return Plan(chunks, est, reason, rates)
+    if fallback and est >= full_s:  # type: ignore[operator]
+        prefill = [ChunkPlan("prefill", None, c.fetch_s, c.recompute_s) for c in chunks_for(n, pick)]
+        why = f"full prefill: the best mix (recompute {k}, fetch {n - k} at {p}) is estimated {est * 1e3:.1f} ms; {detail}"
+        return Plan(prefill, n, True, est, full_s, why, rates)
+    why = f"recompute the first {k} in place, fetch {n - k} at {p}: estimated {est * 1e3:.1f} ms; {detail}"
+    return Plan(chunks_for(k, pick), k, False, est, full_s, why, rates)
 
 
-def load(
-    chunks_plan: Plan,
-    fetch: Callable[[int, str], object],  # (chunk index, precision) -> chunk cache; timed here
-    fetch_nbytes: Callable[[int, str], int],
-    recompute: Callable[[list[int]], list],  # chunk indices -> their caches, in that order
-    tokens: Sequence[int],
-    rates: Rates,
-) -> list:
-    """Run a plan: fetches on a thread while this thread recomputes; records both rates."""
-    n = len(chunks_plan.chunks)
-    out: list = [None] * n
-    to_fetch = [i for i, c in enumerate(chunks_plan.chunks) if c.action == "fetch"]
-    to_rec = [i for i, c in enumerate(chunks_plan.chunks) if c.action == "recompute"]
+def _link_rates(link) -> Callable[[str], float] | None:
+    """precision -> bytes/s from one rate or measured ones (a precision not measured yet: the
+    slowest measured), or None when nothing is known."""
+    if link is None:
+        return None
+    if not isinstance(link, Mapping):
+        return lambda p: link
+    if not link:
+        return None
+    slowest = min(link.values())
+    return lambda p: link.get(p, slowest)
 
-    def fetch_all() -> None:
-        for i in to_fetch:
-            p = chunks_plan.chunks[i].precision
-            t = time.perf_counter()
-            out[i] = fetch(i, p)
-            rates.saw_fetch(fetch_nbytes(i, p), time.perf_counter() - t)
+
+def overlap(
+    fetch: Callable[[int], object],  # chunk index -> its fetched form (or None: unusable)
+    indices: Sequence[int],
+    compute: Callable[[], object],
+) -> tuple[list, object, float, float]:
+    """``fetch`` each of ``indices`` in order on a thread while this thread runs ``compute``;
+    returns (fetched, compute's result, fetch seconds, compute seconds). An exception on the
+    fetch thread is raised here, after ``compute`` finished."""
+    out: list = [None] * len(indices)
+
+    def fetch_all() -> float:
+        t = time.perf_counter()
+        for j, i in enumerate(indices):
+            out[j] = fetch(i)
+        return time.perf_counter() - t
 
     with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(fetch_all)
-        if to_rec:
-            t = time.perf_counter()
-            for i, c in zip(to_rec, recompute(to_rec), strict=True):
-                out[i] = c
-            rates.saw_recompute(sum(tokens[i] for i in to_rec), time.perf_counter() - t)
-        job.result()
-    return out
+        job = pool.submit(fetch_all) if indices else None
+        t = time.perf_counter()
+        result = compute()
+        t_compute = time.perf_counter() - t
+        t_fetch = job.result() if job is not None else 0.0
+    return out, result, t_fetch, t_compute

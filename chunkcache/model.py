@@ -394,7 +394,25 @@ def layer_qkv_into(
     fused: bool | None = None,  # None: ``fused_ops``
 ) -> torch.Tensor:
     """``layer_qkv``, with the rows' K/V written into ``k_out``/``v_out`` at ``positions``;
-    returns q ``[Hq, n, D]``. Fused kernels where ``fused_ops``."""
+    returns q ``[Hq, n, D]``. Fused kernels where ``fused_ops``. (``layer_qkv_segments`` with
+    one segment.)"""
+    seg = (slice(0, h.shape[1]), positions, k_out, v_out)
+    return layer_qkv_segments(layer, h, cos, sin, spec, [seg], fused)[0]
+
+
+def layer_qkv_segments(
+    layer,
+    h: torch.Tensor,  # [1, n, hidden] the rows of every segment, packed
+    cos: torch.Tensor,  # [n, D]
+    sin: torch.Tensor,
+    spec: ModelSpec,
+    segments,  # per segment (rows: slice of h's rows, positions [a], k_out [Hkv, N, D], v_out)
+    fused: bool | None = None,  # None: ``fused_ops``
+) -> list[torch.Tensor]:
+    """``layer_qkv_into`` for rows of several caches packed in one ``h``: the norm and the q/k/v
+    projections run once over all rows; each segment's rows are rotated and their K/V written
+    into its own ``k_out``/``v_out`` at its ``positions``. Returns each segment's q ``[Hq, a, D]``
+    (a view into the rows' q where no kernel makes a new one)."""
     if fused_ops(layer, h) if fused is None else fused:
         from chunkcache import kernels
 
@@ -404,11 +422,17 @@ def layer_qkv_into(
         q = attn.q_proj(x).view(n, spec.q_heads, spec.head_dim)
         k = attn.k_proj(x).view(n, spec.kv_heads, spec.head_dim)
         v = attn.v_proj(x).view(n, spec.kv_heads, spec.head_dim)
-        return kernels.rope_qkv_scatter(q, k, v, cos, sin, positions, k_out, v_out)
+        return [
+            kernels.rope_qkv_scatter(q[r], k[r], v[r], cos[r], sin[r], pos, k_out, v_out)
+            for r, pos, k_out, v_out in segments
+        ]
     q, k, v = layer_qkv(layer, h, cos, sin, spec)
-    k_out[:, positions] = k
-    v_out[:, positions] = v
-    return q
+    out = []
+    for r, pos, k_out, v_out in segments:
+        k_out[:, pos] = k[:, r]
+        v_out[:, pos] = v[:, r]
+        out.append(q[:, r])
+    return out
 
 
 def layer_qkv(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: ModelSpec):
@@ -463,8 +487,10 @@ def layer_finish(layer, h: torch.Tensor, attn_out: torch.Tensor, fused: bool | N
 
 
 def final_logits(model: torch.nn.Module, h_last: torch.Tensor) -> torch.Tensor:
-    """Logits ``[vocab]`` (fp32) from the last hidden state ``[hidden]``."""
-    return model.lm_head(model.model.norm(h_last.view(1, 1, -1)))[0, 0].float()
+    """Logits ``[vocab]`` (fp32) from the last hidden state ``[hidden]`` (``[J, vocab]`` from the
+    last hidden states of J prompts ``[J, hidden]``, one head GEMM)."""
+    out = model.lm_head(model.model.norm(h_last.reshape(1, -1, h_last.shape[-1])))[0].float()
+    return out[0] if h_last.dim() == 1 else out
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:

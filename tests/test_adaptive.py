@@ -1,4 +1,7 @@
-"""Adaptive loading: the planner's choices (exact), and fusion with fetched + recomputed chunks."""
+"""Adaptive loading: the planner's choices (exact), in-place recompute against its two contracts
+(all chunks: a full prefill; none: the plain fused result), the full-prefill fallback, several
+stored precisions, and damaged or missing entries (never used silently). CPU, a throttling
+wrapper store standing in for a slow link."""
 
 from __future__ import annotations
 
@@ -8,42 +11,99 @@ import pytest
 import torch
 from conftest import PASSAGES, QUESTION, tiny_model
 
-from chunkcache.adaptive import AdaptiveConfig, plan
+from chunkcache.adaptive import AdaptiveConfig, Rates, overlap, plan
 from chunkcache.engine import ChunkCache
 from chunkcache.store import MemoryStore
 
+# ---- the planner (no model) --------------------------------------------------------------------
 
-def test_fast_link_fetches_everything_slow_link_recomputes():
+
+def test_fast_link_fetches_everything_slow_link_falls_back_to_full_prefill():
     tokens, sizes = [100] * 4, [{"int8": 1000}] * 4
     fast = plan(tokens, sizes, link_bytes_per_s=1e6, recompute_tokens_per_s=100)  # 1 ms vs 1 s a chunk
-    assert [c.action for c in fast.chunks] == ["fetch"] * 4 and fast.estimate_s == pytest.approx(0.004)
+    assert [c.action for c in fast.chunks] == ["fetch"] * 4 and fast.front == 0
+    assert fast.estimate_s == pytest.approx(0.004) and not fast.full_prefill
     slow = plan(tokens, sizes, link_bytes_per_s=1.0, recompute_tokens_per_s=100)  # 1000 s vs 1 s
-    assert [c.action for c in slow.chunks] == ["recompute"] * 4 and slow.estimate_s == pytest.approx(4.0)
+    assert slow.full_prefill and [c.action for c in slow.chunks] == ["prefill"] * 4
+    assert slow.full_s == pytest.approx(4.0) and slow.stats()["choice"] == "full prefill"
+    inplace = plan(tokens, sizes, link_bytes_per_s=1.0, recompute_tokens_per_s=100, fallback=False)
+    assert [c.action for c in inplace.chunks] == ["recompute"] * 4 and inplace.estimate_s == pytest.approx(
+        4.0
+    )
 
 
-def test_balanced_link_splits_the_work():
-    """Fetching a chunk takes as long as recomputing it: half and half gives max(2, 2) = 2 s."""
+def test_balanced_link_recomputes_the_front_and_fetches_the_back():
+    """Fetching a chunk takes as long as recomputing it: 2 + 2 gives max(2, 2) = 2 s, and the
+    recomputed ones are the first two (they attend to nothing fetched)."""
     p = plan([100] * 4, [{"int8": 100}] * 4, link_bytes_per_s=100, recompute_tokens_per_s=100)
-    assert sorted(c.action for c in p.chunks) == ["fetch", "fetch", "recompute", "recompute"]
-    assert p.estimate_s == pytest.approx(2.0) and p.stats()["recomputed"] == 2
+    assert [c.action for c in p.chunks] == ["recompute", "recompute", "fetch", "fetch"]
+    assert p.front == 2 and p.estimate_s == pytest.approx(2.0) and p.stats()["recomputed"] == 2
+    # the fusion after the fetch costs back tokens / fuse rate: it pushes work to the front
+    tail = plan([100] * 4, [{"int8": 100}] * 4, 100, 100, fuse_tokens_per_s=400)
+    assert tail.front == 2 and tail.estimate_s == pytest.approx(2.0 + 200 / 400)
+    # fuse no faster than the recompute itself: a full prefill is as fast, so it is taken
+    assert plan([100] * 4, [{"int8": 100}] * 4, 100, 100, fuse_tokens_per_s=100).full_prefill
 
 
-def test_precision_best_quality_within_slack_else_smallest():
+def test_precision_follows_the_link_rate():
     sizes = [{"int8": 200, "int2": 60}] * 4
     roomy = plan([1000] * 4, sizes, link_bytes_per_s=1e9, recompute_tokens_per_s=1.0)
     assert {c.precision for c in roomy.chunks} == {"int2"}  # 800 ns vs 240 ns: int8 is > 10% slower
     tied = plan([1000] * 4, [{"int8": 100, "int2": 95}] * 4, link_bytes_per_s=1e9, recompute_tokens_per_s=1.0)
     assert {c.precision for c in tied.chunks} == {"int8"} and tied.stats()["fetched"] == {"int8": 4}
+    # fuse time dominates at a fast link: both within slack, the better one is kept
+    fast = plan([1000] * 4, sizes, 1e9, 1.0, fuse_tokens_per_s=1e3)
+    assert fast.stats()["fetched"] == {"int8": 4}
+    # a chunk stored at int8 only is fetched at int8 while the others take int2
+    mixed = plan([1000] * 3, [sizes[0], {"int8": 200}, sizes[0]], 1e9, 1.0)
+    assert [c.precision for c in mixed.chunks] == ["int2", "int8", "int2"]
 
 
-def test_off_or_unmeasured():
+def test_off_unmeasured_fixed_and_bad_input():
     sizes = [{"int8": 100}] * 3
     off = plan([5, 3, 9], sizes, 1.0, 1e9, enabled=False)
     assert [c.action for c in off.chunks] == ["fetch"] * 3 and "off" in off.reason
-    probe = plan([5, 3, 9], sizes, None, None)  # nothing measured: recompute the shortest, fetch the rest
-    assert [c.action for c in probe.chunks] == ["fetch", "recompute", "fetch"]
+    first = plan([5, 3, 9], sizes, None, None)  # nothing measured: recompute the first, fetch the rest
+    assert [c.action for c in first.chunks] == ["recompute", "fetch", "fetch"] and first.estimate_s is None
+    fixed = plan([5, 3, 9], sizes, 1.0, 1.0, front=3)  # fixed: never falls back
+    assert fixed.front == 3 and not fixed.full_prefill and "fixed" in fixed.reason
     with pytest.raises(ValueError):
-        AdaptiveConfig(link_bytes_per_s=0)
+        plan([5, 3], sizes, 1.0, 1.0)
+    with pytest.raises(ValueError):
+        plan([5, 3, 9], sizes, 1.0, 1.0, front=4)
+    for bad in (dict(link_bytes_per_s=0), dict(recompute_chunks=-1), dict(recompute_chunks=True),
+                dict(precisions=("int9",)), dict(precisions=("int2", "int2")), dict(slack=-1)):  # fmt: skip
+        with pytest.raises((ValueError, TypeError)):
+            AdaptiveConfig(**bad)
+    with pytest.raises(TypeError):
+        AdaptiveConfig(precisions=["int2"])
+
+
+def test_rates_average_and_overlap_runs_both():
+    r = Rates(0.5)
+    r.saw_fetch("int8", 100, 1.0)
+    r.saw_fetch("int8", 300, 1.0)
+    r.saw_fetch("int2", 50, 1.0)
+    r.saw("fuse", 0, 1.0)  # nothing seen: ignored
+    r.saw("recompute", 10, 2.0)
+    assert r.link == {"int8": 200, "int2": 50} and r.fuse is None and r.recompute == 5
+    # per-precision rates: int2 decodes so slowly here that int8 is the faster fetch
+    p = plan([1000] * 2, [{"int8": 200, "int2": 60}] * 2, r.link, 1.0)
+    assert p.stats()["fetched"] == {"int8": 2}
+    # a precision not measured yet is assumed as slow as the slowest measured one
+    q = plan([1000] * 2, [{"int8": 200, "int4": 100}] * 2, {"int8": 200.0}, 1.0)
+    assert q.stats()["fetched"] == {"int4": 2}
+    got, res, t_fetch, t_compute = overlap(lambda i: i * 10, [1, 2], lambda: "front")
+    assert got == [10, 20] and res == "front" and t_fetch >= 0 and t_compute >= 0
+
+    def boom(i):
+        raise KeyError(i)
+
+    with pytest.raises(KeyError):
+        overlap(boom, [1], lambda: None)
+
+
+# ---- the engine --------------------------------------------------------------------------------
 
 
 class SlowStore(MemoryStore):
@@ -60,23 +120,147 @@ class SlowStore(MemoryStore):
         return value
 
 
-def test_adaptive_fusion_equals_plain_fusion_and_measures_rates(smol_tokenizer):
-    """Recomputed chunks are the same independent encode as precompute, so the fused logits are
-    exactly the plain ones; the stats say how many were recomputed; both rates get measured."""
-    model = tiny_model("llama")
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def engine(model, tok, store=None, **adaptive):
+    store = store if store is not None else MemoryStore()
+    return ChunkCache(model=model, tokenizer=tok, store=store, adaptive=AdaptiveConfig(**adaptive))
+
+
+def full_prefill(eng: ChunkCache) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = eng.prompt_ids(PASSAGES, QUESTION)
+    with torch.no_grad():
+        out = eng.model(input_ids=ids, use_cache=True)
+    kv = torch.stack([torch.stack([lay.keys[0], lay.values[0]]) for lay in out.past_key_values.layers])
+    return out.logits[0, -1].float(), kv
+
+
+def test_recompute_all_in_place_equals_full_prefill(model, smol_tokenizer):
+    eng = engine(model, smol_tokenizer, recompute_chunks=len(PASSAGES))
+    got = eng.fuse(PASSAGES, QUESTION)
+    logits, kv = full_prefill(eng)
+    torch.testing.assert_close(got.logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.kv[:, :, :, :-1], kv[:, :, :, :-1], rtol=1e-5, atol=1e-5)
+    s = got.stats
+    assert s["recomputed_tokens"] == s["chunk_tokens"] == sum(s["chunk_lengths"]) and s["reused_tokens"] == 0
+    assert s["compute_fraction"] == pytest.approx(1.0)  # every chunk and question token, every layer
+    assert s["adaptive"]["recomputed"] == len(PASSAGES) and s["adaptive"]["choice"] == "fused"
+
+
+def test_recompute_none_equals_the_plain_fused_result(model, smol_tokenizer):
     plain = ChunkCache(model=model, tokenizer=smol_tokenizer, store=MemoryStore())
     want = plain.fuse(PASSAGES, QUESTION)
-    store = SlowStore(rate=2e6)
-    forced = ChunkCache(model=model, tokenizer=smol_tokenizer, store=store,
-                        adaptive=AdaptiveConfig(link_bytes_per_s=1.0, recompute_tokens_per_s=1e9))  # fmt: skip
-    forced.precompute(PASSAGES)
-    got = forced.fuse(PASSAGES, QUESTION)
-    assert got.stats["adaptive"]["recomputed"] == len(PASSAGES)
-    assert torch.equal(got.logits, want.logits)
-    measured = ChunkCache(model=model, tokenizer=smol_tokenizer, store=store, adaptive=AdaptiveConfig())
-    first = measured.fuse(PASSAGES, QUESTION)
-    assert first.stats["adaptive"]["recomputed"] == 1 and "not measured" in first.stats["adaptive"]["reason"]
-    assert measured._rates.link is not None and measured._rates.recompute is not None
-    second = measured.fuse(PASSAGES, QUESTION)
-    assert second.stats["adaptive"]["estimate_s"] is not None
-    assert torch.equal(first.logits, want.logits) and torch.equal(second.logits, want.logits)
+    for conf in (dict(recompute_chunks=0), dict(enabled=False)):
+        got = engine(model, smol_tokenizer, **conf).fuse(PASSAGES, QUESTION)
+        assert torch.equal(got.logits, want.logits) and torch.equal(got.kv, want.kv)
+        assert torch.equal(got.selected, want.selected)
+        assert got.stats["token_layers"] == want.stats["token_layers"]
+        assert got.stats["adaptive"]["recomputed"] == 0
+
+
+def test_mixed_split_front_is_exact_and_counted(model, smol_tokenizer):
+    eng = engine(model, smol_tokenizer, recompute_chunks=2)
+    got = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.25)
+    _, kv = full_prefill(eng)
+    s, layers = got.stats, eng.lm.spec.num_layers
+    p, lengths = s["prefix_tokens"], s["chunk_lengths"]
+    front = sum(lengths[:2])
+    torch.testing.assert_close(got.kv[:, :, :, : p + front], kv[:, :, :, : p + front], rtol=1e-5, atol=1e-5)
+    back = sum(lengths[2:])
+    selected = round(0.25 * back)  # the budget is the fetched chunks' only
+    assert s["recomputed_tokens"] == front + selected and s["front_recomputed_tokens"] == front
+    assert got.selected.numel() == front + selected
+    assert s["token_layers"] == layers * (front + selected + s["question_tokens"]) + s["probe_token_layers"]
+    assert s["compute_fraction"] == pytest.approx(s["token_layers"] / (layers * (s["prompt_tokens"] - p)))
+    assert torch.equal(got.input_ids, eng.prompt_ids(PASSAGES, QUESTION))
+    assert eng.generate_from(got, max_new_tokens=3)  # the cache it hands over is usable
+
+
+def test_decisions_follow_the_measured_rates(model, smol_tokenizer):
+    """Through a throttled store: first call measures (recompute the first, fetch the rest); on a
+    fast link it then fetches all; on a link too slow for any mix it falls back to a full
+    prefill, equal to the model's own."""
+    fast = SlowStore(rate=1e12)
+    eng = engine(model, smol_tokenizer, fast)
+    eng.precompute(PASSAGES)
+    first = eng.fuse(PASSAGES, QUESTION)
+    a = first.stats["adaptive"]
+    assert "not measured" in a["reason"] and a["recomputed"] == 1
+    assert eng._rates.link and eng._rates.recompute and eng._rates.fuse
+    eng._rates.fuse = 1e12  # (a tiny model fuses slower than it recomputes: count the fusion as free)
+    eng._rates.link = {"raw": 1e15}
+    second = eng.fuse(PASSAGES, QUESTION).stats["adaptive"]
+    assert second["recomputed"] == 0 and second["choice"] == "fused" and second["estimate_s"] is not None
+    slow = SlowStore(rate=1e12)
+    eng2 = engine(model, smol_tokenizer, slow)
+    eng2.precompute(PASSAGES)
+    eng2.fuse(PASSAGES, QUESTION)  # measures
+    eng2._rates.link = {"raw": 1.0}  # one byte per second: nothing is worth fetching
+    got = eng2.fuse(PASSAGES, QUESTION)
+    assert got.stats["adaptive"]["choice"] == "full prefill" and got.stats["policy"] == "full prefill"
+    logits, kv = full_prefill(eng2)
+    torch.testing.assert_close(got.logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.kv[:, :, :, :-1], kv[:, :, :, :-1], rtol=1e-5, atol=1e-5)
+    assert got.stats["compute_fraction"] == 1.0 and "prefill" in got.stats["adaptive"]["seconds"]
+
+
+def test_several_precisions_stored_and_picked_per_link_rate(model, smol_tokenizer):
+    store = MemoryStore()
+    kw = dict(precisions=("int2",), recompute_tokens_per_s=1.0, fuse_tokens_per_s=1e12)
+    eng = ChunkCache(model=model, tokenizer=smol_tokenizer, store=store, codec="int8",
+                     adaptive=AdaptiveConfig(link_bytes_per_s=1e6, **kw))  # fmt: skip
+    eng.precompute(PASSAGES)
+    assert len(list(store.keys())) == 2 * len(PASSAGES)  # one entry per codec
+    slow = eng.fuse(PASSAGES, QUESTION).stats["adaptive"]
+    assert slow["fetched"] == {"int2": len(PASSAGES)} and "at int2" in slow["reason"]
+    fast_eng = ChunkCache(model=model, tokenizer=smol_tokenizer, store=store, codec="int8",
+                          adaptive=AdaptiveConfig(link_bytes_per_s=1e15, **kw))  # fmt: skip
+    fast = fast_eng.fuse(PASSAGES, QUESTION)
+    assert fast.stats["adaptive"]["fetched"] == {"int8": len(PASSAGES)}
+    # the fetched int2 entries are the ones an int2 engine makes: the same fused result
+    int2 = ChunkCache(model=model, tokenizer=smol_tokenizer, store=MemoryStore(), codec="int2")
+    assert torch.equal(eng.fuse(PASSAGES, QUESTION).logits, int2.fuse(PASSAGES, QUESTION).logits)
+    int8 = ChunkCache(model=model, tokenizer=smol_tokenizer, store=MemoryStore(), codec="int8")
+    assert torch.equal(fast.logits, int8.fuse(PASSAGES, QUESTION).logits)
+
+
+def test_damaged_or_missing_entry_is_never_used(model, smol_tokenizer):
+    store = MemoryStore()
+    conf = AdaptiveConfig(precisions=("int2",), link_bytes_per_s=1e6, recompute_tokens_per_s=1.0,
+                          fuse_tokens_per_s=1e12)  # fmt: skip
+    eng = ChunkCache(model=model, tokenizer=smol_tokenizer, store=store, codec="int8", adaptive=conf)
+    eng.precompute(PASSAGES)
+    _, ids = eng.resolve(PASSAGES)
+    int2_key = [
+        eng.key_inputs_at("int2").key(x) for x in (torch.frombuffer(b, dtype=torch.int64) for b in ids)
+    ]
+    # chunk 1's int2 entry is missing: it is fetched at int8, the others at int2
+    store.delete(int2_key[1])
+    got = eng.fuse(PASSAGES, QUESTION).stats["adaptive"]
+    assert [c["precision"] for c in got["chunks"]] == ["int2", "int8", "int2", "int2"]
+    # chunk 2's int2 entry is damaged: dropped with a warning, recomputed and stored as a miss
+    raw = bytearray(store.get(int2_key[2]))
+    raw[len(raw) // 2] ^= 0xFF  # inside the codes
+    store.put(int2_key[2], bytes(raw))
+    with pytest.warns(RuntimeWarning, match="damaged|checksum|corrupt"):
+        res = eng.fuse(PASSAGES, QUESTION)
+    assert res.stats["adaptive"]["repaired"] == [2] and not store.contains(int2_key[2])
+    # what it used for chunk 2 is the engine's own (int8) entry: the same as fusing with it
+    mixed = ChunkCache(model=model, tokenizer=smol_tokenizer, store=MemoryStore(), codec="int8")
+    chunks = [*eng.chunks(PASSAGES)]  # int8 entries
+    chunks[0], chunks[3] = (eng._load_at(i, "int2", {"int2": int2_key}, ids, {"int2": eng.key_inputs_at("int2").to_dict()})
+                            for i in (0, 3))  # fmt: skip
+    from chunkcache.fuse import FuseConfig, fuse_kv
+
+    want = fuse_kv(
+        mixed.lm, eng.prefix_kv(), chunks, eng._prefix_ids, eng._suffix_ids(QUESTION), FuseConfig()
+    )
+    assert torch.equal(res.logits, want.logits)
+
+
+def test_not_a_config_is_refused(model, smol_tokenizer):
+    with pytest.raises(TypeError):
+        ChunkCache(model=model, tokenizer=smol_tokenizer, store=None, adaptive={"enabled": True})
