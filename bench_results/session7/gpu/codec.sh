@@ -11,7 +11,7 @@
 #   2. `chunkcache bench ttft` on the Llama-3-8B shape (random bf16 weights), 8K and 32K, int8
 #      against int2r, qfast, in one run (fused TTFT of int2r must not exceed int8's).
 #   3. the gpu-marked kernel and pipeline tests of the int2 family.
-# About 8 minutes: quality 290 s (cut), ttft 150 s (cut at 170), tests 60 s (cut at 90).
+# About 8.5 minutes, under 9: quality 260 s (cut), merges ~20 s, ttft cut at 170 s, tests cut at 75 s.
 #
 #   source bench_results/session7/gpu/setup.sh      # the lead's set-up (skipped here if done)
 #   bash bench_results/session7/gpu/codec.sh        # writes codec_report.txt, quality_*.json, ttft_codec.{md,json}, tests.log, logs.txt to $OUT
@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED=1
 case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) source bench_results/session7/gpu/setup.sh ;; esac
 OUT=${OUT:-/tmp/out}
 T=/tmp/codec; rm -rf $T; mkdir -p $T $OUT
-SLICE_S=${SLICE_S:-290}
+SLICE_S=${SLICE_S:-260}
 CODECS=${CODECS:-raw int4 int2 int2r}
 Q="python3 -m chunkcache.bench.quality --device cuda --dtype float32 --policies qfast --ratios 0.15 --answer-tokens 32 --passages 5"
 
@@ -42,7 +42,7 @@ timeout 170 python3 -m chunkcache.bench.ttft --model llama3-8b --contexts 8192,3
 echo "ttft rc=$?" >> $T/env.log
 rm -rf /tmp/codec_ttft
 
-timeout 90 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_pipeline.py -k "int2" > $OUT/tests.log 2>&1
+timeout 75 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_pipeline.py -k "int2" > $OUT/tests.log 2>&1
 echo "tests rc=$?" >> $T/env.log
 
 cat $T/env.log > $OUT/logs.txt
