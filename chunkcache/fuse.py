@@ -155,8 +155,9 @@ def run_job(lm: LoadedModel, job: FuseJob) -> FuseResult:
     """``fuse_assembled`` over a ``FuseJob`` (one request alone)."""
     j = job
     return fuse_assembled(
-        lm, j.buf, j.ids, j.n_prefix, j.chunk_lengths, j.token_scores, j.config, j.source, j.timer, j.graphs
-    )
+        lm, j.buf, j.ids, j.n_prefix, j.chunk_lengths, j.token_scores, j.config, j.source, j.timer, j.graphs,
+        prompt=j.prompt,
+    )  # fmt: skip
 
 
 @dataclass
@@ -179,6 +180,17 @@ class FuseJob:
     """``graphs.FusionGraphs`` whose persistent buffer ``buf`` is (CUDA fast path), or None: alone,
     the layer loops replay as graphs; in a batch only its row padding applies, and the result
     gets a copy of the KV either way."""
+    prompt: _Prompt | None = None
+    """Its prompt geometry on the device, built ahead (``place``), or None: built when it runs."""
+
+    def place(self) -> FuseJob:
+        """Build the prompt geometry on the device now (a few small host-to-device copies), so
+        that running the job later copies nothing from the host: a loader may then stream ahead
+        (``pipeline.fuse_entries(preload=True)``) without the fusion's copies queueing behind it."""
+        self.prompt = _Prompt.build(
+            self.ids, self.n_prefix, self.chunk_lengths, self.buf.shape[3], self.buf.device
+        )
+        return self
 
 
 def assembled_job(
@@ -488,6 +500,7 @@ def fuse_assembled(
     source: LayerSource | None = None,
     timer: StageTimer | None = None,
     graphs=None,  # chunkcache.graphs.FusionGraphs (CUDA): replay the layer loops as CUDA graphs
+    prompt: _Prompt | None = None,  # the geometry built ahead (FuseJob.place), or None
 ) -> FuseResult:
     """The fusion proper over an assembled buffer: probe, check layers, selective recompute.
 
@@ -504,7 +517,7 @@ def fuse_assembled(
     if graphs is not None and buf.device.type != "cuda":
         graphs = None
     f, budget, schedule, active, n_act = _begin(
-        lm, buf, ids, n_prefix, chunk_lengths, token_scores, config, source, timer, graphs
+        lm, buf, ids, n_prefix, chunk_lengths, token_scores, config, source, timer, graphs, prompt
     )
     prompt, policy, timer, source = f.prompt, f.policy, f.timer, f.source
     n_ctx, n_q, q_pos = prompt.n_ctx, prompt.n_q, prompt.q_pos
@@ -585,13 +598,13 @@ def _result(
     return FuseResult(input_ids=ids, logits=logits, kv=kv, selected=active[:n_act], stats=stats)
 
 
-def _begin(lm, buf, ids, n_prefix, chunk_lengths, token_scores, config, source, timer, graphs):
+def _begin(lm, buf, ids, n_prefix, chunk_lengths, token_scores, config, source, timer, graphs, prompt=None):
     """A fusion's shared state and its plan -> (``_Fusion``, budget: chunk tokens recomputed after
     the last check, schedule: check layer -> fraction kept after it, the first active positions,
     how many of them are chunk tokens)."""
     source = source or _Eager()
     timer = timer or StageTimer(buf.device)
-    prompt = _Prompt.build(ids, n_prefix, chunk_lengths, buf.shape[3], buf.device)
+    prompt = prompt or _Prompt.build(ids, n_prefix, chunk_lengths, buf.shape[3], buf.device)
     n_ctx, q_pos = prompt.n_ctx, prompt.q_pos
     policy = config.selector
     f = _Fusion(lm, buf, prompt, policy, token_scores, source, timer, graphs)
