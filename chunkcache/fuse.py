@@ -167,6 +167,9 @@ def fuse_kv(
         _token_scores(chunks, lm.device),
         config,
         timer=timer,
+        exact_chunks=exact_chunks(
+            prefix_kv.shape[3], [c.num_tokens for c in chunks], [c.base_pos for c in chunks]
+        ),
     )
 
 
@@ -197,7 +200,8 @@ def refine(
     buf = torch.cat([kv, kv.new_zeros(*kv.shape[:3], new.shape[1], kv.shape[4])], 3)  # a copy
     base = FuseConfig(policy=policy).selector
     cfg = FuseConfig(recompute_ratio=extra / n_ctx if n_ctx else 0.0, policy=Excluding(base, fused.selected))
-    res = fuse_assembled(lm, buf, ids, n_prefix, lengths, None, cfg)
+    exact = fused.stats.get("exact_chunks")
+    res = fuse_assembled(lm, buf, ids, n_prefix, lengths, None, cfg, exact_chunks=exact)
     token_layers = fused.stats["token_layers"] + res.stats["token_layers"]
     full = lm.spec.num_layers * (fused.input_ids.shape[1] - n_prefix)
     stats = {
@@ -405,6 +409,8 @@ class _Fusion:
     timer: StageTimer
     graphs: object
     """chunkcache.graphs.FusionGraphs, or None (eager)."""
+    exact: torch.Tensor | None = None
+    """[C] bool: chunk tokens whose reused K/V are exact (``exact_chunks``), or None."""
 
 
 def _select(
@@ -436,6 +442,7 @@ def _select(
         window=lm.spec.windows[layer],
         probe_attn=None if probe_attn is None else probe_attn[:, idx],
         token_scores=None if f.token_scores is None else f.token_scores[idx],
+        exact=None if f.exact is None else f.exact[idx],
     )
     return torch.sort(f.policy.select(ctx, keep_n)).values
 
@@ -452,6 +459,7 @@ def fuse_assembled(
     source: LayerSource | None = None,
     timer: StageTimer | None = None,
     graphs=None,  # chunkcache.graphs.FusionGraphs (CUDA): replay the layer loops as CUDA graphs
+    exact_chunks: list[bool] | None = None,  # per chunk: its reused K/V are exact (``exact_chunks``)
 ) -> FuseResult:
     """The fusion proper over an assembled buffer: probe, check layers, selective recompute.
 
@@ -472,7 +480,12 @@ def fuse_assembled(
     prompt = _Prompt.build(ids, n_prefix, chunk_lengths, buf.shape[3], buf.device)
     n_ctx, n_q, q_pos = prompt.n_ctx, prompt.n_q, prompt.q_pos
     policy = config.selector
-    f = _Fusion(lm, buf, prompt, policy, token_scores, source, timer, graphs)
+    exact = None
+    if exact_chunks is not None and any(exact_chunks):
+        exact = torch.repeat_interleave(torch.tensor(exact_chunks), torch.tensor(chunk_lengths)).to(
+            buf.device
+        )
+    f = _Fusion(lm, buf, prompt, policy, token_scores, source, timer, graphs, exact)
     budget = round(config.recompute_ratio * n_ctx)
     # Ratio 0 and 1 need no selection: the question alone, or every token through every layer.
     schedule = policy.schedule(lm.spec.num_layers, config.recompute_ratio) if 0 < budget < n_ctx else {}
@@ -531,6 +544,7 @@ def fuse_assembled(
         "token_layers": computed + probed,
         "compute_fraction": (computed + probed) / full if full else 0.0,
         "chunk_lengths": list(chunk_lengths),
+        "exact_chunks": None if exact_chunks is None else list(exact_chunks),
         "policy": config.policy_name,
         "recompute_ratio": config.recompute_ratio,
         "seconds": {"assemble": 0.0, "probe": 0.0, "check": 0.0, **timer.seconds()},
@@ -655,6 +669,16 @@ def _layers_body(lm: LoadedModel, buf: torch.Tensor, first: int, stop: int, sour
 def _index_in(haystack: torch.Tensor, needles: torch.Tensor) -> torch.Tensor:
     """Indices i with haystack[i] == needle for each needle (haystack sorted ascending)."""
     return torch.searchsorted(haystack, needles)
+
+
+def exact_chunks(n_prefix: int, lengths: list[int], base_pos: list[int]) -> list[bool]:
+    """Per chunk: whether its reused K/V are exact in this prompt, i.e. it sits at the positions it
+    was encoded at (offset = its ``base_pos``). Chunks are encoded behind the prompt's prefix
+    (``sink="prefix"``, base_pos = P) or one BOS token (base_pos = 1), so a chunk at its encoding
+    offset was encoded behind the very tokens it follows: the first chunk with the prefix sink.
+    The codec's rounding is not context: a lossy chunk counts as exact too."""
+    offsets = [n_prefix + sum(lengths[:i]) for i in range(len(lengths))]
+    return [o == b for o, b in zip(offsets, base_pos, strict=True)]
 
 
 def _token_scores(chunks: list[ChunkKV], device) -> torch.Tensor | None:

@@ -44,7 +44,7 @@ from chunkcache import kernels
 from chunkcache import model as M
 from chunkcache.errors import CorruptEntryError
 from chunkcache.format import has_layer_sums, unpack_parts, verify_payload, verify_small_sections
-from chunkcache.fuse import FuseConfig, FuseResult, StageTimer, fuse_assembled
+from chunkcache.fuse import FuseConfig, FuseResult, StageTimer, exact_chunks, fuse_assembled
 from chunkcache.model import LoadedModel
 
 __all__ = ["LayerLoader", "LoadPlan", "Staging", "StagingPool", "entry_views", "fuse_entries"]
@@ -781,7 +781,17 @@ def fuse_entries(
     config = config or FuseConfig()
     try:
         res = fuse_assembled(
-            lm, buf, ids, p, lengths, token_scores, config, source=loader, timer=timer, graphs=graphs
+            lm,
+            buf,
+            ids,
+            p,
+            lengths,
+            token_scores,
+            config,
+            source=loader,
+            timer=timer,
+            graphs=graphs,
+            exact_chunks=exact_chunks(p, lengths, [int(h["base_pos"]) for h, _ in parsed]),
         )
         loader.check()  # a damaged layer raises here: the result is never returned
     finally:
