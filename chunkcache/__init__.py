@@ -11,10 +11,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__all__ = ["ChunkCache", "ChunkKV", "FuseConfig", "FuseResult", "ChunkCacheError", "POLICIES", "__version__"]
+__all__ = [
+    "BatchConfig",
+    "ChunkCache",
+    "ChunkKV",
+    "FuseConfig",
+    "FuseResult",
+    "ChunkCacheError",
+    "POLICIES",
+    "__version__",
+]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from chunkcache.batch import BatchConfig
     from chunkcache.engine import ChunkCache
     from chunkcache.errors import ChunkCacheError
     from chunkcache.fuse import FuseConfig, FuseResult
@@ -22,6 +32,7 @@ if TYPE_CHECKING:
     from chunkcache.select import POLICIES
 
 _LAZY = {
+    "BatchConfig": "chunkcache.batch",
     "ChunkCache": "chunkcache.engine",
     "ChunkKV": "chunkcache.layout",
     "FuseConfig": "chunkcache.fuse",

@@ -94,22 +94,29 @@ class AdaptiveConfig:
 
 
 class Rates:
-    """Measured link bytes/s, recompute tokens/s and fusion tokens/s (exponential averages;
-    thread-safe)."""
+    """Measured rates (exponential averages; thread-safe): per stored precision the link's bytes/s
+    (a fetch's store read, checks and, on CPU, decode, so codecs that decode slower fetch
+    slower), the recompute's tokens/s and the fusion's tokens/s."""
 
     def __init__(self, smoothing: float = 0.5) -> None:
         self.smoothing = smoothing
-        self.link: float | None = None
+        self.link: dict[str, float] = {}
         self.recompute: float | None = None
         self.fuse: float | None = None
         self._lock = threading.Lock()
 
-    def saw(self, what: Literal["link", "recompute", "fuse"], amount: float, seconds: float) -> None:
-        """``amount`` bytes (link) or tokens in ``seconds``."""
-        if amount > 0 and seconds > 0:
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+
+    def saw(self, what: Literal["recompute", "fuse"], tokens: float, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
             with self._lock:
-                old, new = getattr(self, what), amount / seconds
-                setattr(self, what, new if old is None else (1 - self.smoothing) * old + self.smoothing * new)
+                setattr(self, what, self._mix(getattr(self, what), tokens / seconds))
+
+    def saw_fetch(self, precision: str, nbytes: float, seconds: float) -> None:
+        if nbytes > 0 and seconds > 0:
+            with self._lock:
+                self.link[precision] = self._mix(self.link.get(precision), nbytes / seconds)
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,7 @@ class Plan:
 def plan(
     tokens: Sequence[int],  # per chunk, in prompt order
     sizes: Sequence[Mapping[str, int]],  # per chunk: stored precision -> bytes, best quality first
-    link_bytes_per_s: float | None,
+    link_bytes_per_s: float | Mapping[str, float] | None,  # one rate, or per precision (measured ones)
     recompute_tokens_per_s: float | None,
     fuse_tokens_per_s: float | None = None,  # None: the fusion after the fetch counts as free
     *,
@@ -172,13 +179,15 @@ def plan(
         raise ValueError("every chunk needs a positive token count and at least one stored precision")
     if front is not None and not 0 <= front <= n:
         raise ValueError(f"front must be in 0..{n}, got {front}")
-    link, rec_rate, fuse_rate = link_bytes_per_s, recompute_tokens_per_s, fuse_tokens_per_s
-    rates = {"link_bytes_per_s": link, "recompute_tokens_per_s": rec_rate, "fuse_tokens_per_s": fuse_rate}
+    link_of = _link_rates(link_bytes_per_s)
+    rec_rate, fuse_rate = recompute_tokens_per_s, fuse_tokens_per_s
+    shown = dict(link_bytes_per_s) if isinstance(link_bytes_per_s, Mapping) else link_bytes_per_s
+    rates = {"link_bytes_per_s": shown, "recompute_tokens_per_s": rec_rate, "fuse_tokens_per_s": fuse_rate}
     rec = [None if rec_rate is None else t / rec_rate for t in tokens]
     full_s = None if rec_rate is None else sum(tokens) / rec_rate
 
     def chunks_for(k: int, pick: Sequence[str]) -> list[ChunkPlan]:
-        fetch = [None if link is None else s[q] / link for s, q in zip(sizes, pick, strict=True)]
+        fetch = [None if link_of is None else s[q] / link_of(q) for s, q in zip(sizes, pick, strict=True)]
         return [
             ChunkPlan("recompute", None, fetch[i], rec[i])
             if i < k
@@ -187,13 +196,13 @@ def plan(
         ]
 
     def estimate(k: int, pick: Sequence[str]) -> float:
-        f = sum(sizes[i][pick[i]] for i in range(k, n)) / link  # type: ignore[operator]
+        f = sum(sizes[i][pick[i]] / link_of(pick[i]) for i in range(k, n))  # type: ignore[misc]
         r = sum(tokens[:k]) / rec_rate  # type: ignore[operator]
         tail = sum(tokens[k:]) / fuse_rate if fuse_rate else 0.0
         return max(f, r) + tail
 
     best = [next(iter(s)) for s in sizes]
-    known = link is not None and rec_rate is not None
+    known = link_of is not None and rec_rate is not None
     if not enabled or front is not None or not known:
         if not enabled:
             k, why = 0, "adaptation off: fetch all"
@@ -217,9 +226,12 @@ def plan(
         options.append((estimate(k, pick), rank, p, k, pick))
     fastest = min(o[0] for o in options)
     est, _, p, k, pick = min((o for o in options if o[0] <= fastest * (1 + slack)), key=lambda o: o[1])
-    fetch_all = sum(s[b] for s, b in zip(sizes, best, strict=True)) / link
+    fetch_all = sum(s[b] / link_of(b) for s, b in zip(sizes, best, strict=True))  # type: ignore[misc]
+    per = {q: link_of(q) for q in precisions}  # type: ignore[misc]
     detail = (
-        f"link {link / 1e9:.3g} GB/s, recompute {rec_rate:.4g} tokens/s, fuse "
+        "link "
+        + ", ".join(f"{q} {r / 1e9:.3g} GB/s" for q, r in per.items())
+        + f", recompute {rec_rate:.4g} tokens/s, fuse "
         + (f"{fuse_rate:.4g} tokens/s" if fuse_rate else "not measured")
         + f": fetch all at their best precision {fetch_all * 1e3:.1f} ms, full prefill {full_s * 1e3:.1f} ms"  # type: ignore[operator]
     )
@@ -229,6 +241,19 @@ def plan(
         return Plan(prefill, n, True, est, full_s, why, rates)
     why = f"recompute the first {k} in place, fetch {n - k} at {p}: estimated {est * 1e3:.1f} ms; {detail}"
     return Plan(chunks_for(k, pick), k, False, est, full_s, why, rates)
+
+
+def _link_rates(link) -> Callable[[str], float] | None:
+    """precision -> bytes/s from one rate or measured ones (a precision not measured yet: the
+    slowest measured), or None when nothing is known."""
+    if link is None:
+        return None
+    if not isinstance(link, Mapping):
+        return lambda p: link
+    if not link:
+        return None
+    slowest = min(link.values())
+    return lambda p: link.get(p, slowest)
 
 
 def overlap(

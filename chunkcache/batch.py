@@ -36,15 +36,34 @@ each must be < N_i and, within a segment, distinct and ascending.
 
 from __future__ import annotations
 
+import math
+import threading
+import time
+from collections import Counter, deque
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
+from chunkcache import fuse as F
+from chunkcache import kernels
 from chunkcache import model as M
+from chunkcache.fuse import FuseConfig, FuseJob, FuseResult
 from chunkcache.model import LoadedModel
 
-__all__ = ["Pack", "Segment", "packed_attend_finish", "packed_layer", "packed_project"]
+__all__ = [
+    "BatchConfig",
+    "BatchRetry",
+    "Batcher",
+    "FuseJob",
+    "Pack",
+    "Segment",
+    "fuse_many",
+    "packed_attend_finish",
+    "packed_layer",
+    "packed_project",
+]
 
 
 @dataclass(frozen=True)
@@ -158,3 +177,260 @@ def packed_layer(
     pack = pack if isinstance(pack, Pack) else Pack(pack)
     pack.check_rows(h)
     return packed_attend_finish(lm, li, h, packed_project(lm, li, h, pack, rope), pack)
+
+
+# --------------------------------------------------------------------------------------------
+# Batched fusion: several requests' fusions through the layers together
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    f: object  # fuse._Fusion
+    config: FuseConfig
+    budget: int
+    schedule: dict
+    active: torch.Tensor
+    n_act: int
+    probe_attn: torch.Tensor | None = None
+    computed: int = 0
+    probed: int = 0
+
+
+@torch.no_grad()
+def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob]) -> list[FuseResult]:
+    """``fuse.fuse_assembled`` for several requests at once -> their results, in order.
+
+    Every request keeps its own cache, prompt geometry, policy and budget; per layer the rows of
+    all of them go through ``packed_layer`` together. The probes (policies with ``probe``) run
+    first, packed (each question over its own stale cache, ``kernels.probe_attention``), through
+    every layer: the same reads as the one-request path, which interleaves its probe with the
+    check layers only to overlap loading; then each request selects (before layer 0 for ``qfast``,
+    at its check layers otherwise) and the recompute runs packed. A job with ``graphs`` has its
+    final set padded as the one-request path pads it for its graphs (``FusionGraphs.padded_rows``),
+    so both select the same tokens; no graphs are replayed here (the buffers differ per batch). Results equal each request fused alone up to the GEMMs' row count (module
+    docstring): selections are equal unless two candidates' scores tie to the last bits.
+    """
+    if not jobs:
+        return []
+    states = []
+    for j in jobs:
+        f, budget, schedule, active, n_act = F._begin(
+            lm,
+            j.buf,
+            j.ids,
+            j.n_prefix,
+            j.chunk_lengths,
+            j.token_scores,
+            j.config,
+            j.source,
+            j.timer,
+            j.graphs,
+            j.exact_chunks,
+        )  # (f.graphs: its padding, and a copy of its persistent buffer in the result)
+        states.append(_State(f, j.config, budget, dict(schedule), active, n_act))
+    layers = lm.spec.num_layers
+    probing = [s for s in states if s.f.policy.probe and s.schedule]
+    if probing:
+        _probe(lm, probing)
+    for s in probing:
+        s.f.timer.mark("probe")
+        p = s.f.prompt
+        if s.f.policy.before_layers:
+            keep_n = F._kept(s.budget, s.schedule[0], p.n_ctx, p.n_q, p.n_ctx, _pad(s))
+            if keep_n < p.n_ctx:
+                keep = F._select(s.f, 0, p.ctx_pos, keep_n, s.probe_attn)
+                s.active, s.n_act = torch.cat([keep, p.q_pos]), keep_n
+            s.schedule = {}
+            s.f.timer.mark("check")
+    embed = lm.model.model.embed_tokens
+    hs = [embed(s.f.prompt.ids[s.active])[None] for s in states]
+    h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)
+    pack = Pack([Segment(s.f.buf, s.active) for s in states])
+    rope = pack.rope(lm, h)  # every row's rotary, the same for every layer until the rows change
+    for li in range(layers):
+        for s in states:
+            s.f.source.ready(li)
+        checks = [i for i, s in enumerate(states) if li in s.schedule]
+        old = {i: states[i].f.buf[li, :, :, states[i].active[: states[i].n_act]].clone() for i in checks}
+        qs = packed_project(lm, li, h, pack, rope)
+        filtered = False
+        hs = [h[:, r] for r in pack.rows]
+        for i in checks:
+            # as fuse._check_layers: every candidate's fresh K/V is written, the kept rows go on
+            s, p = states[i], states[i].f.prompt
+            pad = _pad(s) if li == max(s.schedule) else None  # the final set padded like the graphs'
+            keep_n = F._kept(s.budget, s.schedule[li], p.n_ctx, p.n_q, s.n_act, pad)
+            if keep_n < s.n_act:
+                cand = s.active[: s.n_act]
+                keep = F._select(
+                    s.f, li, cand, keep_n, s.probe_attn,
+                    fresh=s.f.buf[li, :, :, cand], reused=old[i], question_q=qs[i][:, s.n_act :],
+                    keys=s.f.buf[li, 0],
+                )  # fmt: skip
+                new_active = torch.cat([keep, p.q_pos])
+                rows = F._index_in(s.active, new_active)
+                hs[i], qs[i] = hs[i][:, rows], qs[i][:, rows]
+                s.active, s.n_act = new_active, keep_n
+                filtered = True
+        if filtered:
+            h = torch.cat(hs, dim=1)
+            pack = Pack([Segment(s.f.buf, s.active) for s in states])
+            rope = pack.rope(lm, h)
+        h = packed_attend_finish(lm, li, h, qs, pack)
+        for s in states:
+            s.computed += s.n_act + s.f.prompt.n_q
+            if s.schedule and li == min(s.schedule):
+                s.f.timer.mark("check")
+            s.f.source.issued(li)
+    logits = M.final_logits(lm.model, torch.stack([h[0, r.stop - 1] for r in pack.rows]))  # [J, vocab]
+    out = []
+    for i, (s, j) in enumerate(zip(states, jobs, strict=True)):
+        s.f.timer.mark("recompute")
+        res = F._result(s.f, j.ids, s.config, logits[i], s.active, s.n_act, s.computed + s.probed, s.probed)
+        out.append(res)
+    return out
+
+
+def _pad(s: _State):
+    return s.f.graphs.padded_rows if s.f.graphs is not None else None
+
+
+def _probe(lm: LoadedModel, states: Sequence[_State]) -> None:
+    """Every request's question through every layer over its own stale cache, packed (as
+    ``fuse._Probe``: ``kernels.probe_attention`` per request gives the output and the attention
+    mass per key) -> each state's ``probe_attn`` ``[L, C]`` and ``probed`` token-layers."""
+    layers = lm.spec.num_layers
+    pack = Pack([Segment(s.f.buf, s.f.prompt.q_pos) for s in states])
+    embed = lm.model.model.embed_tokens
+    hs = [embed(s.f.prompt.ids[s.f.prompt.q_pos])[None] for s in states]
+    h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)
+    rope = pack.rope(lm, h)
+    masses: list[list[torch.Tensor]] = [[] for _ in states]
+    for li in range(layers):
+        for s in states:
+            s.f.source.ready(li)
+        layer = lm.model.model.layers[li]
+        scale, window = layer.self_attn.scaling, lm.spec.windows[li]
+        outs = []
+        for i, (q, seg) in enumerate(zip(packed_project(lm, li, h, pack, rope), pack.segments, strict=True)):
+            o, mass = kernels.probe_attention(q, seg.positions, seg.buf[li, 0], seg.buf[li, 1], scale, window)
+            outs.append(o)
+            masses[i].append(mass)
+        h = M.layer_finish(layer, h, outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
+        for s in states:
+            s.f.source.issued(li)
+    for s, m in zip(states, masses, strict=True):
+        s.probe_attn = torch.stack(m)[:, s.f.prompt.ctx_pos]
+        s.probed = s.f.prompt.n_q * layers
+
+
+# --------------------------------------------------------------------------------------------
+# The scheduler: one worker thread fuses what waits, FIFO, in batches
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How an engine batches concurrent fusions (``ChunkCache(batching=BatchConfig())``)."""
+
+    max_batch: int = 8
+    """Most requests fused in one pass. Each waiting fast-path request holds a ``Staging`` (its
+    slots and padded KV buffer), so the engine's staging pool grows to this size."""
+    max_wait_ms: float = 0.0
+    """How long the worker holds a batch that is not full for more requests to arrive, from the
+    oldest one's arrival. 0: it fuses whatever waits as soon as it is free (requests that arrive
+    while a batch runs are batched together anyway)."""
+    idle_s: float = 5.0
+    """The worker thread exits after this long with nothing to do (a new request starts it again)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {self.max_batch!r}")
+        for name in ("max_wait_ms", "idle_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.idle_s == 0:
+            raise ValueError("idle_s must be > 0")
+
+
+class BatchRetry(Exception):
+    """A batch failed as a whole: the caller redoes its request alone (from scratch: the failed
+    pass may have written into its cache), which raises its own error if the request was the
+    cause. Never escapes the engine."""
+
+
+@dataclass
+class _Waiting:
+    job: FuseJob
+    future: Future
+    since: float
+
+
+class Batcher:
+    """Fuses the jobs handed to ``run`` on one worker thread, FIFO, up to ``max_batch`` at a time
+    (``fuse_many``; a batch of one through ``fuse.run_job``, CUDA graphs included). Callers
+    prepare their job themselves (argument checks, lookups, tokenising, loads and assembly stay in
+    their threads, overlapping the batch that runs) and wait on a future, without the GIL.
+    An error of a batch of one goes to its caller; a batch of several that fails hands every
+    caller ``BatchRetry``. ``stats()``: batches run and their sizes."""
+
+    def __init__(self, lm: LoadedModel, config: BatchConfig) -> None:
+        self.lm, self.config = lm, config
+        self._queue: deque[_Waiting] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._sizes: Counter = Counter()
+
+    def run(self, job: FuseJob) -> FuseResult:
+        fut: Future = Future()
+        with self._cond:
+            self._queue.append(_Waiting(job, fut, time.perf_counter()))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="chunkcache-batcher", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return fut.result()
+
+    def stats(self) -> dict:
+        """``{"batches": n, "requests": n, "sizes": {size: batches}}`` so far."""
+        with self._cond:
+            sizes = dict(sorted(self._sizes.items()))
+        return {
+            "batches": sum(sizes.values()),
+            "requests": sum(k * v for k, v in sizes.items()),
+            "sizes": sizes,
+        }
+
+    def _take(self) -> list[_Waiting] | None:
+        cfg = self.config
+        with self._cond:
+            while not self._queue:
+                if not self._cond.wait(cfg.idle_s) and not self._queue:
+                    self._thread = None  # (under the lock: a new run() starts another)
+                    return None
+            if cfg.max_wait_ms > 0:
+                deadline = self._queue[0].since + cfg.max_wait_ms / 1e3
+                while len(self._queue) < cfg.max_batch and (left := deadline - time.perf_counter()) > 0:
+                    self._cond.wait(left)
+            n = min(cfg.max_batch, len(self._queue))
+            batch = [self._queue.popleft() for _ in range(n)]
+            self._sizes[n] += 1
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            jobs = [w.job for w in batch]
+            try:
+                results = [F.run_job(self.lm, jobs[0])] if len(jobs) == 1 else fuse_many(self.lm, jobs)
+            except BaseException as e:  # handed to the callers; the worker goes on
+                if len(batch) == 1:
+                    batch[0].future.set_exception(e)
+                else:
+                    for w in batch:
+                        w.future.set_exception(BatchRetry(f"a batch of {len(batch)} failed: {e!r}"))
+                continue
+            for w, res in zip(batch, results, strict=True):
+                res.stats["batch_size"] = len(batch)
+                w.future.set_result(res)

@@ -85,6 +85,13 @@ def ratio(value: float, what: str = "recompute_ratio") -> float:
     return float(value)
 
 
+def nonnegative_int(value, what: str) -> int:
+    """``value`` if it is an int >= 0 (not a bool), else ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative int, got {value!r}")
+    return value
+
+
 def store_writable(spec) -> None:
     """Raise StoreReadOnlyError if ``spec`` is a filesystem path the store could not be created in
     or written to. Stores given as objects, None, ``:memory:`` and URLs are left to the store."""

@@ -364,6 +364,7 @@ BENCH_COMMANDS: dict[str, str] = {
     "codec": "chunkcache.bench.codec",
     "adaptive": "chunkcache.bench.adaptive",
     "serve": "chunkcache.bench.serve",
+    "decode": "chunkcache.bench.decode",
 }
 """Benchmark name -> module with ``add_arguments(parser)`` and ``run_cli(args) -> int``."""
 

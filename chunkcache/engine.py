@@ -16,6 +16,12 @@ tokenizers are not safe to call from several threads); each fast-path fusion hol
 of its own from a pool (``concurrent_fusions`` of them, graphs included); store writes wait for
 fusions holding zero-copy views of the store's map (a write may grow and move the map).
 Chunk texts seen before are resolved by the text index (``textindex``), not the tokeniser.
+With ``decode_batching=DecodeConfig(...)`` the answers of concurrent calls decode together, one
+batched step for all active requests (``chunkcache.decode``); without it (the default) each
+answer decodes alone through ``model.generate``. With ``batching=BatchConfig(...)`` concurrent
+fusions are fused together: each caller checks, looks up, loads and assembles its request on its
+own thread, then one worker fuses the waiting requests in one pass per layer (``batch``); results
+equal the same call alone to the last bits of fp32 GEMMs (``batch.fuse_many``).
 """
 
 from __future__ import annotations
@@ -31,10 +37,19 @@ import numpy as np
 import torch
 
 from chunkcache import checks
+from chunkcache.batch import BatchConfig, Batcher, BatchRetry
+from chunkcache.decode import DecodeConfig, Decoder, Sampling, check_max_new_tokens, sampling_from
 from chunkcache.errors import CorruptEntryError, ForeignEntryError, ModelMismatchError, StoreError
 from chunkcache.format import FORMAT_VERSION
-from chunkcache.fuse import FuseConfig, FuseResult, fuse_kv
-from chunkcache.generation import astream_text, generate_text, stream_text
+from chunkcache.fuse import FuseConfig, FuseResult, assembled_job, fuse_kv, run_job
+from chunkcache.generation import (
+    answer_text,
+    astream_text,
+    atoken_text,
+    generate_text,
+    stream_text,
+    token_text,
+)
 from chunkcache.keys import KeyInputs, token_bytes
 from chunkcache.layout import ChunkKV
 from chunkcache.locks import LockRW
@@ -80,6 +95,9 @@ class ChunkCache:
         concurrent_fusions: int = 1,
         adaptive=None,
         readonly: bool = False,
+        decode_batching: DecodeConfig | None = None,
+        device_cache_bytes: int = 0,
+        batching: BatchConfig | None = None,
     ) -> None:
         # Every argument is checked before the model loads (seconds) or the store opens.
         dtype = checks.dtype(dtype)
@@ -87,6 +105,13 @@ class ChunkCache:
         settings = PrecomputeConfig(sink=sink)
         default_fuse = FuseConfig(recompute_ratio=checks.ratio(recompute_ratio), policy=policy)
         checks.codec(codec)
+        checks.nonnegative_int(device_cache_bytes, "device_cache_bytes")
+        if decode_batching is not None and not isinstance(decode_batching, DecodeConfig):
+            raise TypeError(
+                f"decode_batching must be a DecodeConfig or None, got {type(decode_batching).__name__}"
+            )
+        if batching is not None and not isinstance(batching, BatchConfig):
+            raise TypeError(f"batching must be a BatchConfig or None, got {type(batching).__name__}")
         if not readonly:  # a store this user may not write is opened read-only (LMDBStore)
             checks.store_writable(store)
         if dtype is None:
@@ -114,14 +139,16 @@ class ChunkCache:
         measured link, recompute and fusion rates (``res.stats["adaptive"]`` says what and why).
         None: always fetch (and stream through the fast path)."""
         self.precisions: tuple[str, ...] = (codec,)
-        """The codecs each chunk is stored in: the engine's, then ``adaptive.precisions``."""
+        """The codecs each chunk is stored in: the engine's, then ``adaptive.precisions`` (when
+        adaptive loading is on)."""
         if adaptive is not None:
             from chunkcache.adaptive import AdaptiveConfig, Rates
 
             if not isinstance(adaptive, AdaptiveConfig):
                 raise TypeError(f"adaptive must be an AdaptiveConfig or None, got {type(adaptive).__name__}")
             self._rates = Rates(adaptive.smoothing)
-            self.precisions = tuple(dict.fromkeys((codec, *adaptive.precisions)))
+            if adaptive.enabled:
+                self.precisions = tuple(dict.fromkeys((codec, *adaptive.precisions)))
         self.fast_path = self.lm.device.type == "cuda" if fast_path is None else fast_path
         """Fuse stored entries through ``pipeline.fuse_entries`` (layer-wise streaming, one kernel per
         layer, GPU-side checksums, CUDA graphs): the default on CUDA."""
@@ -130,6 +157,15 @@ class ChunkCache:
         self.concurrent_fusions = concurrent_fusions
         """Fast-path fusions that may run at once (each holds a ``Staging``: slots, streams, graphs
         and their padded KV buffer); further callers wait. One keeps the GPU busy already at 8K."""
+        self.device_cache = None
+        """A ``devicecache.DeviceCache`` of ``device_cache_bytes`` (0: none): the fast path keeps
+        the entries it fused, once verified, on the device in their stored format, and takes them
+        from there next time (no store read, header parse or host-to-device copy; the same result
+        bit for bit). ``res.stats["device_cache"]`` counts hits and admissions per fusion."""
+        if device_cache_bytes:
+            from chunkcache.devicecache import DeviceCache
+
+            self.device_cache = DeviceCache(self.lm.device, device_cache_bytes)
         self._lock = threading.Lock()  # lazy state: key info, prefix KV, staging pool, text index
         self._tok_lock = threading.Lock()  # tokenizer calls
         self._views = LockRW()  # readers: fusions holding map views; writers: store writes
@@ -139,6 +175,14 @@ class ChunkCache:
         self._gate_passed = False
         self._gate_lock = threading.Lock()
         self._warned: set[str] = set()  # one warning per kind (failed writes, a foreign store)
+        self.decode_batching = decode_batching
+        """A ``decode.DecodeConfig``: answers decode together through one ``decode.Decoder`` (a
+        worker thread steps all active requests at once). None: each through ``model.generate``."""
+        self._decoder: Decoder | None = None
+        self.batching = batching
+        """A ``batch.BatchConfig``: concurrent fusions wait in one queue and a worker thread fuses
+        them together (``batch.Batcher``). None: each caller fuses on its own thread."""
+        self._batcher: Batcher | None = None
 
     # ---- accessors ------------------------------------------------------------------------
     @property
@@ -247,8 +291,19 @@ class ChunkCache:
         from chunkcache.format import load_chunk
 
         return load_chunk(
-            self.store, key, self.lm.dtype, check=lambda h, c: self._check_entry(key, h, c.token_ids, ids)
+            self.store,
+            key,
+            self.lm.dtype,
+            check=lambda h, c: self._check_entry(key, h, c.token_ids, ids),
+            drop=self._drop,
         )
+
+    def _drop(self, key: str, reason: str) -> None:
+        """``format.drop_damaged`` behind the store write lock (a delete writes the map too)."""
+        from chunkcache.format import drop_damaged
+
+        with self._views.write():
+            drop_damaged(self.store, key, reason)
 
     def _check_entry(
         self,
@@ -481,7 +536,7 @@ class ChunkCache:
         if missing:  # the plain miss path: precompute and store them (no choice to make)
             self.precompute_ids([lists[i] for i in missing])
         t_plan = time.perf_counter()
-        precisions = self.precisions if conf.enabled else (self.codec,)
+        precisions = self.precisions
         pkeys = {p: [self.key_inputs_at(p).key(x) for x in lists] for p in precisions}
         stored = {
             p: [True] * len(keys) if p == self.codec else self.store.contains_many(pkeys[p])
@@ -498,10 +553,9 @@ class ChunkCache:
         chosen = adaptive.plan(
             tokens,
             sizes,
-            conf.link_bytes_per_s or rates.link,
+            conf.link_bytes_per_s or dict(rates.link),
             conf.recompute_tokens_per_s or rates.recompute,
             conf.fuse_tokens_per_s or rates.fuse,
-            enabled=conf.enabled,
             slack=conf.slack,
             fallback=conf.fallback,
             front=conf.recompute_chunks,
@@ -524,14 +578,16 @@ class ChunkCache:
         fast = self.fast_path and bool(back)
 
         def fetch(i: int):  # fast path: raw bytes (fuse_entries checks them), else decoded and checked
-            p = precision[i]
-            return self.store.get(pkeys[p][i]) if fast else self._load_at(i, p, pkeys, ids, infos)
+            p, t = precision[i], time.perf_counter()
+            got = self.store.get(pkeys[p][i]) if fast else self._load_at(i, p, pkeys, ids, infos)
+            if got is not None:
+                rates.saw_fetch(p, sizes[i][p], time.perf_counter() - t)
+            return got
 
         front_ids = [t for x in lists[:k] for t in x]
         fetched, ext, t_fetch, t_front = adaptive.overlap(
             fetch, back, lambda: exact_prefix(self.lm, prefix_kv, front_ids)[0]
         )
-        rates.saw("link", sum(sizes[i][precision[i]] for i in back), t_fetch)
         rates.saw("recompute", len(front_ids), t_front)
         ext_ids = list(self._prefix_ids) + front_ids
         t = time.perf_counter()
@@ -581,12 +637,12 @@ class ChunkCache:
         from chunkcache.format import load_chunk
 
         key = pkeys[p][i]
-        return load_chunk(self.store, key, self.lm.dtype,
+        return load_chunk(self.store, key, self.lm.dtype, drop=self._drop,
                           check=lambda h, c: self._check_entry(key, h, c.token_ids, ids[i], infos[p]))  # fmt: skip
 
     def _decode_at(self, raw, i: int, p: str, pkeys: dict, ids: list[bytes], infos: dict) -> ChunkKV | None:
         """``_load_at`` on bytes already fetched (None stays None)."""
-        from chunkcache.format import drop_damaged, unpack_entry
+        from chunkcache.format import unpack_entry
 
         if raw is None:
             return None
@@ -595,7 +651,7 @@ class ChunkCache:
             self._check_entry(pkeys[p][i], header, chunk.token_ids, ids[i], infos[p])
             return chunk
         except CorruptEntryError as e:  # (ForeignEntryError is one)
-            drop_damaged(self.store, pkeys[p][i], str(e))
+            self._drop(pkeys[p][i], str(e))
             return None
 
     def _fuse_fetched(self, ext_kv, entries, ext_ids, suffix, cfg, keys, ids, info) -> FuseResult | None:
@@ -634,7 +690,10 @@ class ChunkCache:
                 if self._pool is None:
                     from chunkcache.pipeline import StagingPool
 
-                    self._pool = StagingPool(self.lm.device, size=self.concurrent_fusions)
+                    size = self.concurrent_fusions  # batching: every waiting request holds one
+                    if self.batching is not None:
+                        size = max(size, self.batching.max_batch)
+                    self._pool = StagingPool(self.lm.device, size=size)
         return self._pool
 
     # ---- query time ---------------------------------------------------------------------------
@@ -649,15 +708,46 @@ class ChunkCache:
         cfg, keys, ids, suffix = self._check_query(chunks, query, recompute_ratio, policy)
         self._ensure_gate()
         t0 = time.perf_counter()
-        if self.adaptive is not None:
+        if self.adaptive is not None and self.adaptive.enabled:
             return self._fuse_adaptive(keys, ids, suffix, cfg, t0)
+        if self.batching is None:
+            res = self._fuse_checked(keys, ids, suffix, cfg, t0, None)
+        else:
+            try:
+                res = self._fuse_checked(keys, ids, suffix, cfg, t0, self.batcher().run)
+            except BatchRetry:  # the batch it was in failed: alone, from scratch (its own error, if any)
+                res = self._fuse_checked(keys, ids, suffix, cfg, t0, None)
+        if self.adaptive is not None:  # turned off: the plain path, and the stats say so
+            from chunkcache.adaptive import plan
+
+            tokens = [len(b) // 8 for b in ids]
+            res.stats["adaptive"] = plan(
+                tokens, [{self.codec: 0}] * len(ids), None, None, enabled=False
+            ).stats()
+        return res
+
+    def batcher(self) -> Batcher:
+        """The fusion scheduler (``batching``), made on first use."""
+        if self.batching is None:
+            raise RuntimeError("this engine fuses each call on its own thread: pass batching=BatchConfig()")
+        if self._batcher is None:
+            with self._lock:
+                if self._batcher is None:
+                    self._batcher = Batcher(self.lm, self.batching)
+        return self._batcher
+
+    def _fuse_checked(self, keys, ids, suffix, cfg, t0: float, run) -> FuseResult:
+        """``fuse`` after its checks: the fast path, else decode and fuse; ``run(job)`` fuses the
+        prepared job (None: here, alone; ``Batcher.run``: in the next batch). Everything before it
+        (lookups, loads, misses precomputed, assembly) runs on the caller's thread."""
         if self.fast_path:
-            res = self._fuse_stored(keys, ids, suffix, cfg, t0)
+            res = self._fuse_stored(keys, ids, suffix, cfg, t0, run)
             if res is not None:
                 return res
         kvs = self._chunks(keys, ids)
         t_load = time.perf_counter() - t0
-        res = fuse_kv(self.lm, self.prefix_kv(), kvs, self._prefix_ids, suffix, cfg)
+        job = assembled_job(self.lm, self.prefix_kv(), kvs, self._prefix_ids, suffix, cfg)
+        res = run_job(self.lm, job) if run is None else run(job)
         res.stats["seconds"]["load"] = t_load  # text index, store read + decode (+ precompute of misses)
         res.stats["seconds"]["total"] += t_load
         return res
@@ -703,7 +793,7 @@ class ChunkCache:
         return cfg, keys, ids, suffix
 
     def _fuse_stored(
-        self, keys: list[str], ids: list[bytes], suffix: list[int], cfg: FuseConfig, t0: float
+        self, keys: list[str], ids: list[bytes], suffix: list[int], cfg: FuseConfig, t0: float, run=None
     ) -> FuseResult | None:
         """The fast path: stream the stored entries layer by layer (``pipeline.fuse_entries``)
         with a ``Staging`` of the pool. Misses (absent from the store) are precomputed, then the
@@ -718,19 +808,37 @@ class ChunkCache:
         from chunkcache.pipeline import entry_views, fuse_entries
 
         def inspect(i: int, header: dict, parts: dict) -> None:  # token sections already checked
+            if resident[i] is not None:  # its key inputs and tokens were checked when admitted
+                if token_bytes(parts["token_ids"]) != ids[i]:
+                    raise ModelMismatchError(
+                        f"store entry {keys[i]} holds other tokens than the chunk asked for"
+                    )
+                return
             self._check_entry(keys[i], header, parts["token_ids"], ids[i])
 
         prefix_kv = self.prefix_kv()
+        cache = self.device_cache
         for attempt in range(2):
             damaged = False
+            resident = cache.acquire(keys) if cache is not None else [None] * len(keys)
+            need = [k for k, r in zip(keys, resident, strict=True) if r is None]
             with self.stagings().take() as staging, ExitStack() as held:
-                held.enter_context(self._views.read())
-                try:
-                    entries = held.enter_context(entry_views(self.store, keys, staging))
-                except KeyError:
-                    if attempt:  # gone again (another process evicted it): the eager path serves it
-                        return None
-                    entries = None
+                if cache is not None:  # unpinned once the fusion queued its reads (or failed)
+                    held.callback(cache.release, keys, list(resident))
+                    if need and len(need) < len(keys) and staging.cuda and not staging.register(self.store):
+                        # a mix needs direct copies (resident parts are device memory): without a
+                        # registered map the store's entries go through pinned staging, so read all
+                        resident, need = [None] * len(keys), list(keys)
+                entries = [None] * len(keys)
+                if need:
+                    held.enter_context(self._views.read())
+                    try:
+                        views = iter(held.enter_context(entry_views(self.store, need, staging)))
+                        entries = [next(views) if r is None else None for r in resident]
+                    except KeyError:
+                        if attempt:  # gone again (another process evicted it): the eager path serves it
+                            return None
+                        entries = None
                 if entries is not None:
                     t_load = time.perf_counter() - t0
                     try:
@@ -743,10 +851,15 @@ class ChunkCache:
                             cfg,
                             staging,
                             inspect=inspect,
+                            resident=resident,
+                            arena=cache.arena if cache is not None else None,
+                            run=run,
                         )
                     except CorruptEntryError:
                         damaged = True
                     else:
+                        if cache is not None:
+                            res.stats["device_cache"] = self._admit(keys, entries, resident)
                         res.stats["seconds"]["load"] = t_load  # text index, lookups (+ precompute of misses)
                         res.stats["seconds"]["total"] += t_load
                         res.stats["fast_path"] = True
@@ -758,6 +871,20 @@ class ChunkCache:
             if self._precompute(_id_lists(ids))[1]:  # skips the stored ones; a refused write:
                 return None  # the eager path serves those from memory
         return None  # unreachable
+
+    def _admit(self, keys: list[str], entries: list, resident: list) -> dict:
+        """After a fast-path fusion verified them (headers, key inputs, token ids, every layer's
+        checksum), keep the entries it read from the store in the device cache (inside the views,
+        which the copies read). Returns the fusion's ``device_cache`` stats."""
+        from chunkcache.codec import get_codec
+        from chunkcache.format import unpack_parts
+
+        admitted = 0
+        for key, entry, r in zip(keys, entries, resident, strict=True):
+            if r is None:
+                header, parts = unpack_parts(entry, verify=False)
+                admitted += self.device_cache.admit(key, header, parts, get_codec(header["codec"]).parts)
+        return {"hits": sum(r is not None for r in resident), "admitted": admitted}
 
     def prompt_ids(self, chunks: Sequence[str], query: str) -> torch.Tensor:
         """``[1, N]`` the exact prompt ids fusion builds (for a full-prefill baseline)."""
@@ -773,19 +900,55 @@ class ChunkCache:
         **generate_kwargs,
     ) -> str:
         """Fuse, then greedy-generate (or with ``generate_kwargs``) the answer text."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        self._sampling(generate_kwargs)  # bad sampling arguments fail before the fusion
         fused = self.fuse(chunks, query, recompute_ratio=recompute_ratio, policy=policy)
         return self.generate_from(fused, max_new_tokens=max_new_tokens, **generate_kwargs)
 
     def generate_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> str:
-        return generate_text(
-            self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs
+        """The answer to a fused prompt (``generate`` after its fusion)."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        sampling = self._sampling(generate_kwargs)
+        if sampling is None:
+            return generate_text(
+                self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs
+            )
+        return answer_text(self.tokenizer, list(self.decoder.tokens(fused, max_new_tokens, sampling)))
+
+    async def agenerate_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> str:
+        """``generate_from`` for asyncio: the event loop never blocks (over the batched decoder no
+        thread waits for the answer either)."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        sampling = self._sampling(generate_kwargs)
+        if sampling is None:
+            return await asyncio.to_thread(self.generate_from, fused, max_new_tokens, **generate_kwargs)
+        return answer_text(
+            self.tokenizer, [t async for t in self.decoder.atokens(fused, max_new_tokens, sampling)]
         )
 
     def stream_from(self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs) -> Iterator[str]:
-        """The answer's text pieces as they are generated (``generation.stream_text``)."""
-        return stream_text(self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs)
+        """The answer's text pieces as they are generated (``generation.stream_text``, or
+        ``generation.token_text`` over the batched decoder)."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        sampling = self._sampling(generate_kwargs)
+        if sampling is None:
+            return stream_text(
+                self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs
+            )
+        return token_text(self.tokenizer, self.decoder.tokens(fused, max_new_tokens, sampling))
+
+    def astream_from(
+        self, fused: FuseResult, max_new_tokens: int = 64, **generate_kwargs
+    ) -> AsyncIterator[str]:
+        """``stream_from`` for asyncio (``generation.astream_text``, or ``generation.atoken_text``
+        over the batched decoder): the event loop never blocks."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        sampling = self._sampling(generate_kwargs)
+        if sampling is None:
+            return astream_text(
+                self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs
+            )
+        return atoken_text(self.tokenizer, self.decoder.atokens(fused, max_new_tokens, sampling))
 
     def stream_generate(
         self,
@@ -796,9 +959,16 @@ class ChunkCache:
         policy: str | None = None,
         **generate_kwargs,
     ) -> Iterator[str]:
-        """``generate`` as text pieces while they are produced; closing it early stops the model."""
-        fused = self.fuse(chunks, query, recompute_ratio=recompute_ratio, policy=policy)
-        yield from self.stream_from(fused, max_new_tokens=max_new_tokens, **generate_kwargs)
+        """``generate`` as text pieces while they are produced; closing it early stops the model.
+        Bad arguments raise here; the fusion runs at the first ``next``."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        self._sampling(generate_kwargs)
+
+        def pieces() -> Iterator[str]:
+            fused = self.fuse(chunks, query, recompute_ratio=recompute_ratio, policy=policy)
+            yield from self.stream_from(fused, max_new_tokens=max_new_tokens, **generate_kwargs)
+
+        return pieces()
 
     # ---- asyncio: the blocking work runs in worker threads, never on the event loop ---------------
     async def afuse(
@@ -819,11 +989,16 @@ class ChunkCache:
         policy: str | None = None,
         **generate_kwargs,
     ) -> str:
-        return await asyncio.to_thread(
-            self.generate, chunks, query, max_new_tokens, recompute_ratio, policy, **generate_kwargs
-        )
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        sampling = self._sampling(generate_kwargs)
+        if sampling is None:
+            return await asyncio.to_thread(
+                self.generate, chunks, query, max_new_tokens, recompute_ratio, policy, **generate_kwargs
+            )
+        fused = await self.afuse(chunks, query, recompute_ratio, policy)
+        return await self.agenerate_from(fused, max_new_tokens, **generate_kwargs)
 
-    async def astream_generate(
+    def astream_generate(
         self,
         chunks: Sequence[str],
         query: str,
@@ -832,12 +1007,50 @@ class ChunkCache:
         policy: str | None = None,
         **generate_kwargs,
     ) -> AsyncIterator[str]:
-        """``stream_generate`` for asyncio (``generation.astream_text``)."""
-        fused = await self.afuse(chunks, query, recompute_ratio, policy)
-        async for piece in astream_text(
-            self.lm, fused.input_ids, self._cache_kw(fused), max_new_tokens, **generate_kwargs
-        ):
-            yield piece
+        """``stream_generate`` for asyncio (``astream_from``). Bad arguments raise here."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        self._sampling(generate_kwargs)
+
+        async def pieces() -> AsyncIterator[str]:
+            fused = await self.afuse(chunks, query, recompute_ratio, policy)
+            async for piece in self.astream_from(fused, max_new_tokens, **generate_kwargs):
+                yield piece
+
+        return pieces()
+
+    # ---- decoding -------------------------------------------------------------------------------
+    @property
+    def decoder(self) -> Decoder:
+        """The batched decoder (``decode_batching``), started on first use."""
+        if self.decode_batching is None:
+            raise RuntimeError(
+                "this engine decodes through model.generate: pass decode_batching=DecodeConfig()"
+            )
+        if self._decoder is None:
+            with self._lock:
+                if self._decoder is None:
+                    self._decoder = Decoder(self.lm, self.decode_batching)
+        return self._decoder
+
+    def _sampling(self, generate_kwargs: dict) -> Sampling | None:
+        """The batched decoder's ``Sampling`` for these ``generate`` keyword arguments, or None:
+        ``model.generate`` decodes (no ``decode_batching``, or arguments it does not do; those are
+        warned about once). Bad sampling values raise; so does ``seed`` where ``model.generate``
+        decodes (it draws from torch's global generator)."""
+        if self.decode_batching is None:
+            reasons = ["decode_batching is off"]
+        else:
+            sampling, reasons = sampling_from(generate_kwargs, self.model.generation_config)
+            if sampling is not None:
+                return sampling
+            self._warn_once(
+                "decode:" + ",".join(reasons),
+                f"chunkcache: the batched decoder does not do {', '.join(reasons)}; these answers decode "
+                "one at a time through model.generate",
+            )
+        if "seed" in generate_kwargs:
+            raise ValueError(f"seed= needs the batched decoder ({', '.join(reasons)})")
+        return None
 
     def _cache_kw(self, fused: FuseResult) -> dict:
         return {cache_kwarg(self.model): fused.fresh_cache()}

@@ -519,6 +519,7 @@ def load_chunk(
     key: str,
     dtype: torch.dtype | None = None,
     check: Callable[[dict, ChunkKV], None] | None = None,
+    drop: Callable[[str, str], None] | None = None,
 ) -> ChunkKV | None:
     """The decoded chunk under ``key`` in ``store`` (a ``store.Store``), or None on a miss.
 
@@ -527,6 +528,7 @@ def load_chunk(
     deleted (unless the store is read-only or unreachable) and treated as a miss, so the caller
     recomputes it. A stale entry (another format version) is a plain miss: no warning, left for
     ``verify``/``evict`` to remove. The engine and the CLI read entries through here.
+    ``drop(key, reason)`` replaces ``drop_damaged`` (the engine's takes its store write lock).
     """
     raw = store.get(key)
     if raw is None:
@@ -539,7 +541,10 @@ def load_chunk(
     except StaleEntryError:
         return None
     except CorruptEntryError as e:
-        drop_damaged(store, key, str(e))
+        if drop is None:
+            drop_damaged(store, key, str(e))
+        else:
+            drop(key, str(e))
         return None
 
 

@@ -148,6 +148,51 @@ def fuse_kv(
     suffix_ids: list[int],
     config: FuseConfig = FuseConfig(),
 ) -> FuseResult:
+    return run_job(lm, assembled_job(lm, prefix_kv, chunks, prefix_ids, suffix_ids, config))
+
+
+def run_job(lm: LoadedModel, job: FuseJob) -> FuseResult:
+    """``fuse_assembled`` over a ``FuseJob`` (one request alone)."""
+    j = job
+    return fuse_assembled(
+        lm, j.buf, j.ids, j.n_prefix, j.chunk_lengths, j.token_scores, j.config, j.source, j.timer, j.graphs,
+        j.exact_chunks,
+    )  # fmt: skip
+
+
+@dataclass
+class FuseJob:
+    """One fusion's inputs: the arguments of ``fuse_assembled`` (a request of
+    ``batch.fuse_many``)."""
+
+    buf: torch.Tensor
+    """[L, 2, H, N', D] its assembled cache (or filled lazily by ``source``), its own tensor."""
+    ids: torch.Tensor
+    """[1, N] its prompt ids (CPU)."""
+    n_prefix: int
+    chunk_lengths: list[int]
+    token_scores: torch.Tensor | None
+    config: FuseConfig
+    source: LayerSource | None = None
+    """A ``LayerSource`` (``pipeline.LayerLoader``), or None: ``buf`` is assembled."""
+    timer: StageTimer | None = None
+    graphs: object = None
+    """``graphs.FusionGraphs`` whose persistent buffer ``buf`` is (CUDA fast path), or None: alone,
+    the layer loops replay as graphs; in a batch only its row padding applies, and the result
+    gets a copy of the KV either way."""
+    exact_chunks: list[bool] | None = None
+    """Per chunk: its reused K/V are exact in this prompt (``exact_chunks``), or None (not known)."""
+
+
+def assembled_job(
+    lm: LoadedModel,
+    prefix_kv: torch.Tensor,
+    chunks: list[ChunkKV],
+    prefix_ids: list[int],
+    suffix_ids: list[int],
+    config: FuseConfig,
+) -> FuseJob:
+    """``fuse_kv``'s fusion, assembled (``assemble``) and not yet run."""
     if not suffix_ids:
         raise ValueError("the question suffix is empty: nothing to generate from")
     timer = StageTimer(lm.device)
@@ -158,19 +203,10 @@ def fuse_kv(
     if ids.shape[1] != buf.shape[3]:
         raise ValueError(f"prefix KV covers {prefix_kv.shape[3]} tokens but prefix_ids has {len(prefix_ids)}")
     timer.mark("assemble")
-    return fuse_assembled(
-        lm,
-        buf,
-        ids,
-        prefix_kv.shape[3],
-        [c.num_tokens for c in chunks],
-        _token_scores(chunks, lm.device),
-        config,
-        timer=timer,
-        exact_chunks=exact_chunks(
-            prefix_kv.shape[3], [c.num_tokens for c in chunks], [c.base_pos for c in chunks]
-        ),
-    )
+    lengths = [c.num_tokens for c in chunks]
+    exact = exact_chunks(prefix_kv.shape[3], lengths, [c.base_pos for c in chunks])
+    return FuseJob(buf, ids, prefix_kv.shape[3], lengths, _token_scores(chunks, lm.device), config,
+                   timer=timer, exact_chunks=exact)  # fmt: skip
 
 
 @torch.no_grad()
@@ -255,6 +291,10 @@ def with_front(res: FuseResult, n_prefix: int, front_lengths: list[int], num_lay
         "token_layers": token_layers,
         "compute_fraction": token_layers / full if full else 0.0,
         "chunk_lengths": list(front_lengths) + list(s["chunk_lengths"]),
+        # the front was computed exactly behind the prefix
+        "exact_chunks": None
+        if s.get("exact_chunks") is None
+        else [True] * len(front_lengths) + s["exact_chunks"],
     }
     return replace(res, selected=torch.cat([front, res.selected]), stats=stats, _cache=None)
 
@@ -366,6 +406,7 @@ class _Prompt:
     """[N] chunk of each position (-1 outside chunks)."""
     chunk_offsets: torch.Tensor
     """[chunks] first position of each chunk."""
+    chunk_lengths: list[int]
 
     @staticmethod
     def build(ids: torch.Tensor, n_prefix: int, chunk_lengths: list[int], slots: int, dev) -> _Prompt:
@@ -391,6 +432,7 @@ class _Prompt:
             q_pos=torch.arange(n - n_q, n, device=dev),
             chunk_of=chunk_of.to(dev),
             chunk_offsets=torch.tensor(offsets, dtype=torch.long).to(dev),
+            chunk_lengths=list(chunk_lengths),
         )
 
 
@@ -409,8 +451,10 @@ class _Fusion:
     timer: StageTimer
     graphs: object
     """chunkcache.graphs.FusionGraphs, or None (eager)."""
+    exact_chunks: list[bool] | None = None
+    """Per chunk: its reused K/V are exact (``exact_chunks``), or None (not known)."""
     exact: torch.Tensor | None = None
-    """[C] bool: chunk tokens whose reused K/V are exact (``exact_chunks``), or None."""
+    """[C] bool: the chunk tokens of exact chunks, or None where no chunk is (or it is not known)."""
 
 
 def _select(
@@ -473,25 +517,13 @@ def fuse_assembled(
     its chunk part is a prefix of known length, tracked on the host. The loop therefore needs no
     host-device synchronisation (no ``nonzero``, boolean masks or ``.item()``) until the end.
     """
-    source = source or _Eager()
-    timer = timer or StageTimer(buf.device)
     if graphs is not None and buf.device.type != "cuda":
         graphs = None
-    prompt = _Prompt.build(ids, n_prefix, chunk_lengths, buf.shape[3], buf.device)
+    f, budget, schedule, active, n_act = _begin(
+        lm, buf, ids, n_prefix, chunk_lengths, token_scores, config, source, timer, graphs, exact_chunks
+    )
+    prompt, policy, timer, source = f.prompt, f.policy, f.timer, f.source
     n_ctx, n_q, q_pos = prompt.n_ctx, prompt.n_q, prompt.q_pos
-    policy = config.selector
-    exact = None
-    if exact_chunks is not None and any(exact_chunks):
-        exact = torch.repeat_interleave(torch.tensor(exact_chunks), torch.tensor(chunk_lengths)).to(
-            buf.device
-        )
-    f = _Fusion(lm, buf, prompt, policy, token_scores, source, timer, graphs, exact)
-    budget = round(config.recompute_ratio * n_ctx)
-    # Ratio 0 and 1 need no selection: the question alone, or every token through every layer.
-    schedule = policy.schedule(lm.spec.num_layers, config.recompute_ratio) if 0 < budget < n_ctx else {}
-    # Active set: positions run through the current layer, sorted ascending; its first n_act
-    # entries are chunk tokens, the rest the question.
-    active, n_act = (q_pos, 0) if budget == 0 else (torch.cat([prompt.ctx_pos, q_pos]), n_ctx)
 
     # The probe reads each layer's reused K/V before the recompute overwrites it, so it runs
     # through the layers up to the first selection first; the rest of it (cheap on the GPU,
@@ -514,9 +546,9 @@ def fuse_assembled(
         # first) runs over the kept rows only, as one fixed set (graphs from layer 0).
         probe.run_rest()
         timer.mark("probe")
-        keep_n = max(budget, round(schedule[0] * n_ctx))
-        if graphs is not None:
-            keep_n = graphs.padded_rows(keep_n + n_q, n_ctx + n_q) - n_q
+        keep_n = _kept(
+            budget, schedule[0], n_ctx, n_q, n_ctx, graphs.padded_rows if graphs is not None else None
+        )
         if keep_n < n_ctx:
             keep = _select(f, 0, prompt.ctx_pos, keep_n, probe.attention())
             active, n_act = torch.cat([keep, q_pos]), keep_n
@@ -531,28 +563,77 @@ def fuse_assembled(
     probed = n_q * probe.done if probe is not None else 0  # the probe's token-layers count too
     logits = M.final_logits(lm.model, h[0, -1])
     timer.mark("recompute")
-    n = ids.shape[1]
-    full = lm.spec.num_layers * (n - n_prefix)
+    return _result(f, ids, config, logits, active, n_act, computed + probed, probed)
+
+
+def _result(
+    f: _Fusion,
+    ids: torch.Tensor,
+    config: FuseConfig,
+    logits: torch.Tensor,
+    active: torch.Tensor,  # the last layer's active positions: n_act chunk tokens, then the question
+    n_act: int,
+    token_layers: int,  # everything computed, the probe's included
+    probed: int,  # the probe's token-layers
+) -> FuseResult:
+    """One fusion's ``FuseResult`` and its stats (the single and the batched paths)."""
+    prompt, buf = f.prompt, f.buf
+    n, n_prefix, n_ctx = ids.shape[1], prompt.n_prefix, prompt.n_ctx
+    full = f.lm.spec.num_layers * (n - n_prefix)
     stats = {
         "prompt_tokens": n,
         "prefix_tokens": n_prefix,
         "chunk_tokens": n_ctx,
-        "question_tokens": n_q,
+        "question_tokens": prompt.n_q,
         "recomputed_tokens": n_act,
         "reused_tokens": n_ctx - n_act,
         "probe_token_layers": probed,
-        "token_layers": computed + probed,
-        "compute_fraction": (computed + probed) / full if full else 0.0,
-        "chunk_lengths": list(chunk_lengths),
-        "exact_chunks": None if exact_chunks is None else list(exact_chunks),
+        "token_layers": token_layers,
+        "compute_fraction": token_layers / full if full else 0.0,
+        "chunk_lengths": list(prompt.chunk_lengths),
+        "exact_chunks": f.exact_chunks,
         "policy": config.policy_name,
         "recompute_ratio": config.recompute_ratio,
-        "seconds": {"assemble": 0.0, "probe": 0.0, "check": 0.0, **timer.seconds()},
+        "seconds": {"assemble": 0.0, "probe": 0.0, "check": 0.0, **f.timer.seconds()},
     }
     kv = buf if buf.shape[3] == n else buf[:, :, :, :n]
-    if graphs is not None:  # the graphs' buffer is reused by the next fusion: hand out a copy
+    if f.graphs is not None:  # the graphs' buffer is reused by the next fusion: hand out a copy
         kv = kv.clone()
     return FuseResult(input_ids=ids, logits=logits, kv=kv, selected=active[:n_act], stats=stats)
+
+
+def _begin(
+    lm, buf, ids, n_prefix, chunk_lengths, token_scores, config, source, timer, graphs, exact_chunks=None
+):
+    """A fusion's shared state and its plan -> (``_Fusion``, budget: chunk tokens recomputed after
+    the last check, schedule: check layer -> fraction kept after it, the first active positions,
+    how many of them are chunk tokens)."""
+    source = source or _Eager()
+    timer = timer or StageTimer(buf.device)
+    prompt = _Prompt.build(ids, n_prefix, chunk_lengths, buf.shape[3], buf.device)
+    n_ctx, q_pos = prompt.n_ctx, prompt.q_pos
+    policy = config.selector
+    f = _Fusion(lm, buf, prompt, policy, token_scores, source, timer, graphs)
+    if exact_chunks is not None:
+        f.exact_chunks = list(exact_chunks)
+        if any(exact_chunks):
+            exact = torch.repeat_interleave(torch.tensor(exact_chunks), torch.tensor(chunk_lengths))
+            f.exact = exact.to(buf.device)
+    budget = round(config.recompute_ratio * n_ctx)
+    # Ratio 0 and 1 need no selection: the question alone, or every token through every layer.
+    schedule = policy.schedule(lm.spec.num_layers, config.recompute_ratio) if 0 < budget < n_ctx else {}
+    # Active set: positions run through the current layer, sorted ascending; its first n_act
+    # entries are chunk tokens, the rest the question.
+    active, n_act = (q_pos, 0) if budget == 0 else (torch.cat([prompt.ctx_pos, q_pos]), n_ctx)
+    return f, budget, schedule, active, n_act
+
+
+def _kept(budget: int, fraction: float, n_ctx: int, n_q: int, limit: int, pad_rows=None) -> int:
+    """Chunk tokens kept after a check: the schedule's ``fraction`` of the ``n_ctx``, at least
+    ``budget``; with ``pad_rows`` (``FusionGraphs.padded_rows``) rounded up with the next-best
+    tokens so that kept + question rows fill a graph bucket, at most ``limit`` + question."""
+    keep_n = max(budget, round(fraction * n_ctx))
+    return keep_n if pad_rows is None else pad_rows(keep_n + n_q, limit + n_q) - n_q
 
 
 def _check_layers(
@@ -580,9 +661,8 @@ def _check_layers(
             # written (as if the whole layer ran at full width), but only the kept rows go on
             # through attention and MLP. Row-wise identical to filtering after the layer, at a
             # fraction of the check layer's cost.
-            keep_n = max(budget, round(schedule[li] * n_ctx))
-            if graphs is not None and li == max(schedule):  # pad the final set to a graph bucket
-                keep_n = graphs.padded_rows(keep_n + n_q, n_act + n_q) - n_q
+            pad = graphs.padded_rows if graphs is not None and li == max(schedule) else None
+            keep_n = _kept(budget, schedule[li], n_ctx, n_q, n_act, pad)  # (the final set padded)
             cand = active[:n_act]
             if keep_n < n_act:
                 probe_attn = None

@@ -156,9 +156,12 @@ def measure(engine) -> GateResult:
     t0 = time.perf_counter()
     lm, template = engine.lm, engine.template
     prefix_ids = engine._prefix_ids
-    chunk_ids = [template.chunk_ids(p) for p in PASSAGES]
-    suffix = template.suffix_ids(QUESTION)
-    ids = template.build(chunk_ids, QUESTION).to(lm.device)  # [1, N]
+    with (
+        engine._tok_lock
+    ):  # the engine's tokenizer calls are serialised (fast tokenizers are not thread-safe)
+        chunk_ids = [template.chunk_ids(p) for p in PASSAGES]
+        suffix = template.suffix_ids(QUESTION)
+        ids = template.build(chunk_ids, QUESTION).to(lm.device)  # [1, N]
 
     from transformers import DynamicCache
 

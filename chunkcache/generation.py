@@ -5,7 +5,9 @@ asyncio, with the engine's greedy defaults.
 tokenizer's incremental decode, ``transformers.TextStreamer``) to the consumer: a queue for the
 iterator form, ``loop.call_soon_threadsafe`` for the async form, which never blocks the event
 loop. A consumer that stops early (closes the iterator, or is cancelled) stops the generation at
-its next step.
+its next step. ``token_text``/``atoken_text`` cut a stream of token ids (the batched decoder's,
+``chunkcache.decode``) into the same pieces, and ``answer_text`` decodes a whole answer as
+``generate_text`` does.
 
 What it knows: ``model.generate`` and its streamer and stopping hooks. What it does not know:
 fusion, caches' contents, prompts.
@@ -13,6 +15,7 @@ fusion, caches' contents, prompts.
     text = generate_text(lm, ids, cache_kw, max_new_tokens=32)
     for piece in stream_text(lm, ids, cache_kw): ...
     async for piece in astream_text(lm, ids, cache_kw): ...
+    for piece in token_text(tokenizer, decoder.tokens(fused, 32)): ...
 """
 
 from __future__ import annotations
@@ -20,13 +23,21 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 import torch
 
 from chunkcache.model import LoadedModel
 
-__all__ = ["astream_text", "generate_defaults", "generate_text", "stream_text"]
+__all__ = [
+    "answer_text",
+    "astream_text",
+    "atoken_text",
+    "generate_defaults",
+    "generate_text",
+    "stream_text",
+    "token_text",
+]
 
 
 def generate_defaults(tokenizer) -> dict:
@@ -46,7 +57,37 @@ def generate_text(
     out = lm.model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kw, max_new_tokens=max_new_tokens, **gen
     )
-    return lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    return answer_text(lm.tokenizer, out[0, ids.shape[1] :])
+
+
+def answer_text(tokenizer, tokens: Iterable[int] | torch.Tensor) -> str:
+    """The answer's text from its token ids: special tokens dropped, whitespace stripped."""
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def _streamer(tokenizer, emit: Callable[[str], None], skip_prompt: bool):
+    """A ``TextStreamer`` handing each finalised text piece to ``emit`` (special tokens dropped)."""
+    from transformers import TextStreamer
+
+    class _Pieces(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                emit(text)
+
+    return _Pieces(tokenizer, skip_prompt=skip_prompt, skip_special_tokens=True)
+
+
+class _Leading:
+    """Drops the answer's leading whitespace (``generate_text`` strips it), keeps everything else."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def __call__(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        return piece
 
 
 _END = object()
@@ -55,20 +96,15 @@ _END = object()
 def _start(lm: LoadedModel, ids, cache_kw, max_new_tokens, kwargs, emit: Callable[[object], None]):
     """Run generate on a worker thread; ``emit(piece)`` per text piece, then ``emit(_END)`` or
     ``emit(exception)``. Returns (thread, stop event)."""
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList
 
     stop = threading.Event()
-
-    class _Pieces(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            if text:
-                emit(text)
 
     class _Stop(StoppingCriteria):  # an abandoned stream ends the generation at its next step
         def __call__(self, input_ids, scores, **kw):
             return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
-    streamer = _Pieces(lm.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = _streamer(lm.tokenizer, emit, skip_prompt=True)
     gen = {**generate_defaults(lm.tokenizer), **kwargs}
     ids = ids.to(lm.device)
 
@@ -92,12 +128,9 @@ def _start(lm: LoadedModel, ids, cache_kw, max_new_tokens, kwargs, emit: Callabl
 
 def _strip_start(pieces: Iterator[str]) -> Iterator[str]:
     """Drop the answer's leading whitespace (``generate_text`` strips it), keep everything else."""
-    started = False
+    lead = _Leading()
     for piece in pieces:
-        if not started:
-            piece = piece.lstrip()
-            started = bool(piece)
-        if piece:
+        if piece := lead(piece):
             yield piece
 
 
@@ -131,16 +164,57 @@ async def astream_text(
     thread, stop = _start(
         lm, ids, cache_kw, max_new_tokens, kwargs, lambda x: loop.call_soon_threadsafe(q.put_nowait, x)
     )
-    started = False
+    lead = _Leading()
     try:
         while (item := await q.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
-            if not started:
-                item = item.lstrip()
-                started = bool(item)
-            if item:
+            if item := lead(item):
                 yield item
     finally:
         stop.set()
         await asyncio.to_thread(thread.join)
+
+
+def token_text(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
+    """Text pieces of a stream of token ids, cut as ``stream_text`` cuts them; joined, they equal
+    ``answer_text`` of the ids up to its trailing whitespace. Closing it closes ``tokens``."""
+    out: list[str] = []
+    streamer = _streamer(tokenizer, out.append, skip_prompt=False)
+    lead = _Leading()
+    try:
+        for t in tokens:
+            streamer.put(torch.tensor([t]))
+            while out:
+                if piece := lead(out.pop(0)):
+                    yield piece
+        streamer.end()
+        for piece in out:
+            if piece := lead(piece):
+                yield piece
+    finally:
+        close = getattr(tokens, "close", None)
+        if close is not None:
+            close()
+
+
+async def atoken_text(tokenizer, tokens: AsyncIterator[int]) -> AsyncIterator[str]:
+    """``token_text`` for an async stream of token ids (the incremental decode of one token costs
+    microseconds, so it runs on the event loop)."""
+    out: list[str] = []
+    streamer = _streamer(tokenizer, out.append, skip_prompt=False)
+    lead = _Leading()
+    try:
+        async for t in tokens:
+            streamer.put(torch.tensor([t]))
+            while out:
+                if piece := lead(out.pop(0)):
+                    yield piece
+        streamer.end()
+        for piece in out:
+            if piece := lead(piece):
+                yield piece
+    finally:
+        close = getattr(tokens, "aclose", None)
+        if close is not None:
+            await close()

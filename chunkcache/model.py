@@ -487,8 +487,10 @@ def layer_finish(layer, h: torch.Tensor, attn_out: torch.Tensor, fused: bool | N
 
 
 def final_logits(model: torch.nn.Module, h_last: torch.Tensor) -> torch.Tensor:
-    """Logits ``[vocab]`` (fp32) from the last hidden state ``[hidden]``."""
-    return model.lm_head(model.model.norm(h_last.view(1, 1, -1)))[0, 0].float()
+    """Logits ``[vocab]`` (fp32) from the last hidden state ``[hidden]`` (``[J, vocab]`` from the
+    last hidden states of J prompts ``[J, hidden]``, one head GEMM)."""
+    out = model.lm_head(model.model.norm(h_last.reshape(1, -1, h_last.shape[-1])))[0].float()
+    return out[0] if h_last.dim() == 1 else out
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:

@@ -44,7 +44,7 @@ from chunkcache import kernels
 from chunkcache import model as M
 from chunkcache.errors import CorruptEntryError
 from chunkcache.format import has_layer_sums, unpack_parts, verify_payload, verify_small_sections
-from chunkcache.fuse import FuseConfig, FuseResult, StageTimer, exact_chunks, fuse_assembled
+from chunkcache.fuse import FuseConfig, FuseJob, FuseResult, StageTimer, exact_chunks, run_job
 from chunkcache.model import LoadedModel
 
 __all__ = ["LayerLoader", "LoadPlan", "Staging", "StagingPool", "entry_views", "fuse_entries"]
@@ -66,6 +66,19 @@ def entry_views(store, keys: Sequence[str], staging: Staging | None = None) -> I
     with store.views(keys) as views:
         _missing(keys, views)
         yield views
+
+
+def _direct_ok(maps, codec: str, parts: dict[str, torch.Tensor]) -> bool:
+    """Whether an entry's codec parts can be copied without host staging: all resident on the
+    device (``devicecache``), or every section inside a registered map."""
+    if all(parts[n].is_cuda for n in kernels.reference.CODEC_PARTS[codec]):
+        return True
+    return maps is not None and _covered(maps, parts)
+
+
+def _in_arena(arena: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether ``t`` is a view inside ``arena`` (same device, same storage)."""
+    return t.device == arena.device and t.untyped_storage().data_ptr() == arena.untyped_storage().data_ptr()
 
 
 def _covered(maps, parts: dict[str, torch.Tensor]) -> bool:
@@ -262,6 +275,9 @@ class LoadPlan:
     sin: torch.Tensor
     offsets: list[int]
     """First position of each chunk in the assembled cache."""
+    arena: torch.Tensor | None = None
+    """Zero copy: every codec part lies in this 1-D uint8 device tensor (``devicecache``), and
+    ``layouts[l]`` places layer ``l`` of each part inside it: nothing is staged."""
 
     DIRECT_GROUP = 8
     """Layers per copy when copying straight from a registered map (a group's copies are one
@@ -279,6 +295,7 @@ class LoadPlan:
         max_bytes: int = 1 << 30,  # staging budget (``Staging.max_bytes``)
         maps=None,  # hostmap.MapRegistry, or None: no direct copies
         check_layers: Sequence[bool] | None = None,  # per entry: check its layer sums while staging
+        arena: torch.Tensor | None = None,  # devicecache arena: zero copy if every part lies in it
     ) -> LoadPlan:
         spec = lm.spec
         headers = []
@@ -324,7 +341,7 @@ class LoadPlan:
         # the entries where they are; otherwise each layer is first packed into pinned memory.
         # A direct copy moves `group` layers of a part at once (its layers are contiguous in the
         # entry; per-copy overhead, not bytes, bounds the small parts of int8/int4).
-        direct = maps is not None and all(_covered(maps, ps) for _, ps in parsed)
+        direct = all(_direct_ok(maps, codec, ps) for _, ps in parsed)
         aligned = all(p.nbytes % _ALIGN == 0 for p in parts)
         g = cls.DIRECT_GROUP
         while g > cls.MIN_GROUP and 2 * g * slot_bytes > max_bytes:
@@ -362,6 +379,26 @@ class LoadPlan:
             if checked
             else torch.zeros(spec.num_layers, 0, 2, dtype=torch.int64, device=device)
         )
+        if arena is not None and all(_in_arena(arena, ps[n]) for _, ps in parsed for n in shapes[0]):
+            # Zero copy: the kernel reads each layer straight out of the arena (checked on admission).
+            g, direct, checked = 1, True, []
+            base = kernels.PackedLayout(codec, spec.kv_heads, spec.head_dim)
+            for c, dest in enumerate(offsets):
+                ps = parsed[c][1]
+                base.add(
+                    {n: (ps[n].data_ptr() - arena.data_ptr(), dt, sh) for n, (dt, sh) in shapes[c].items()},
+                    dest,
+                )
+            layouts = [base] + [
+                base.shifted([{k: j * b for k, b in d.items()} for d in step])
+                for j in range(1, spec.num_layers)
+            ]
+            for layout in layouts:
+                layout.meta(device)  # the launch tables now, off the layer loop
+            sum_tables = torch.zeros(1, 0, 2, dtype=torch.int64, device=device)
+            expected = torch.zeros(spec.num_layers, 0, 2, dtype=torch.int64, device=device)
+        else:
+            arena = None
         deltas = [o - int(h["base_pos"]) for o, h in zip(offsets, headers, strict=True)]
         cos, sin = M.rotations(lm.model, deltas, device)  # [C, D]
         return cls(
@@ -381,6 +418,7 @@ class LoadPlan:
             cos=cos,
             sin=sin,
             offsets=list(offsets),
+            arena=arena,
         )
 
 
@@ -414,15 +452,21 @@ class LayerLoader:
         offsets: Sequence[int],  # first position of each chunk in buf
         staging: Staging,
         check_layers: Sequence[bool] | None = None,  # per entry: check its layer sums while staging
+        arena: torch.Tensor | None = None,  # devicecache arena (zero copy when every part lies in it)
     ) -> None:
         self.buf, self.staging = buf, staging
         self.plan = plan = LoadPlan.build(
-            lm, parsed, offsets, buf.device, staging.max_bytes, staging.maps, check_layers
+            lm, parsed, offsets, buf.device, staging.max_bytes, staging.maps, check_layers, arena
         )
         self.codec, self.direct, self.group = plan.codec, plan.direct, plan.group
         self.num_layers = lm.spec.num_layers
+        self.zero_copy = plan.arena is not None
+        """Every part resident in the device cache's arena: each layer is decoded from there on the
+        compute stream at its ``ready``; no stager thread, no slots, no copies."""
         g = self.group
-        self.depth = staging.slots(plan.slot_bytes, self.num_layers, not self.direct, g)
+        self.depth = (
+            0 if self.zero_copy else staging.slots(plan.slot_bytes, self.num_layers, not self.direct, g)
+        )
         # Batched direct copies: per part its first layer's address, bytes per layer, offset in a
         # group buffer (a group's copy list is then three vector operations).
         self.batched = self.direct and staging.cuda and staging.batch is not None
@@ -454,11 +498,17 @@ class LayerLoader:
 
     # -- LayerSource ---------------------------------------------------------------------------
     def ready(self, layer: int) -> None:
+        if self.zero_copy:
+            while self.assembled <= layer:
+                self._rerotate(self.assembled)
+                self.assembled += 1
+            return
         while self.assembled <= layer:
             self._assemble(self.assembled)
 
     def issued(self, layer: int) -> None:
-        self.start()  # staging runs on its own thread; this only makes sure it started
+        if not self.zero_copy:
+            self.start()  # staging runs on its own thread; this only makes sure it started
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -663,10 +713,13 @@ class LayerLoader:
                 self._compare(layer, got[layer])
 
     def _rerotate(self, layer: int) -> None:
+        if self.zero_copy:
+            layout, src = self.plan.layouts[layer], self.plan.arena
+        else:
+            layout, src = self.plan.layouts[layer % self.group], self._slot(layer)
         kernels.rerotate_scatter_packed(
-            self.plan.layouts[layer % self.group], self._slot(layer), self.plan.cos, self.plan.sin,
-            self.buf[layer, 0], self.buf[layer, 1],
-        )  # fmt: skip
+            layout, src, self.plan.cos, self.plan.sin, self.buf[layer, 0], self.buf[layer, 1]
+        )
 
     def _assemble(self, layer: int) -> None:
         self.start()
@@ -707,6 +760,9 @@ def fuse_entries(
     staging: Staging | None = None,
     verify: bool = True,
     inspect: Callable[[int, dict, dict[str, torch.Tensor]], None] | None = None,
+    resident: Sequence[tuple[dict, dict[str, torch.Tensor]] | None] | None = None,
+    arena: torch.Tensor | None = None,
+    run: Callable[[FuseJob], FuseResult] | None = None,
 ) -> FuseResult:
     """``fuse.fuse_kv`` over stored entries, loading layer by layer behind the compute.
 
@@ -723,8 +779,14 @@ def fuse_entries(
     ``verify=False`` is only for a store checked by ``chunkcache verify`` since its last write.
     ``inspect(i, header, parts)`` is called for every entry once its header and token sections
     are checked and before anything is staged (the engine checks key inputs and token ids there;
-    it may raise). ``stats["seconds"]`` gains ``read`` (header
-    parsing), ``stage_host``, ``h2d`` and ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
+    it may raise). ``resident``: per entry, its ``(header, parts)`` already verified and kept on
+    the device (``devicecache.DeviceCache``; that entry's raw value may be None): no parsing and
+    no checksums for it (it was checked when admitted), ``inspect`` still runs; with the cache's
+    ``arena`` and every entry resident, nothing is copied (``LayerLoader.zero_copy``). ``run(job)``
+    runs the fusion (default ``fuse.run_job``: alone; the engine's batching hands the job to
+    ``batch.Batcher.run``, which fuses it with others' while this thread waits; the loader streams
+    meanwhile). ``stats["seconds"]`` gains ``read`` (header parsing), ``stage_host``, ``h2d`` and
+    ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
     """
     if not suffix_ids:
         raise ValueError("the question suffix is empty: nothing to generate from")
@@ -733,10 +795,17 @@ def fuse_entries(
     t0 = time.perf_counter()
     p, ns = prefix_kv.shape[3], len(suffix_ids)
     lengths, token_ids, scores = [], [], []
-    parsed = [unpack_parts(e, verify=False) for e in entries]  # zero-copy views, headers checked
+    resident = list(resident) if resident is not None else [None] * len(entries)
+    if len(resident) != len(entries):
+        raise ValueError(f"{len(entries)} entries but {len(resident)} resident slots")
+    parsed = [  # zero-copy views, headers checked
+        r if r is not None else unpack_parts(e, verify=False) for e, r in zip(entries, resident, strict=True)
+    ]
     check_layers = [False] * len(parsed)
     if verify:  # per-layer sums are checked where layers land; older entries are checked whole here
         for i, (e, (header, _)) in enumerate(zip(entries, parsed, strict=True)):
+            if resident[i] is not None:
+                continue  # verified when it was admitted
             if has_layer_sums(header):
                 verify_small_sections(e, header)
                 check_layers[i] = True
@@ -763,7 +832,7 @@ def fuse_entries(
     buf[:, :, :, :p] = prefix_kv
     buf[:, :, :, n - ns : n] = 0
     offsets = [p + sum(lengths[:i]) for i in range(len(lengths))]
-    loader = LayerLoader(lm, parsed, buf, offsets, st, check_layers)
+    loader = LayerLoader(lm, parsed, buf, offsets, st, check_layers, arena)
     ids = torch.cat(
         [torch.tensor(list(prefix_ids), dtype=torch.long)]
         + [t.to(torch.long) for t in token_ids]
@@ -779,20 +848,21 @@ def fuse_entries(
     # held the compute stream idle for 11 ms on the H100).
     timer.mark("read")
     config = config or FuseConfig()
+    exact = exact_chunks(p, lengths, [int(h["base_pos"]) for h, _ in parsed])
+    job = FuseJob(
+        buf,
+        ids,
+        p,
+        lengths,
+        token_scores,
+        config,
+        source=loader,
+        timer=timer,
+        graphs=graphs,
+        exact_chunks=exact,
+    )
     try:
-        res = fuse_assembled(
-            lm,
-            buf,
-            ids,
-            p,
-            lengths,
-            token_scores,
-            config,
-            source=loader,
-            timer=timer,
-            graphs=graphs,
-            exact_chunks=exact_chunks(p, lengths, [int(h["base_pos"]) for h, _ in parsed]),
-        )
+        res = run_job(lm, job) if run is None else run(job)
         loader.check()  # a damaged layer raises here: the result is never returned
     finally:
         loader.close()
@@ -804,6 +874,7 @@ def fuse_entries(
     secs["assemble"] = load["assemble"]
     res.stats["codec"] = loader.codec
     res.stats["direct_copies"] = loader.direct
+    res.stats["zero_copy"] = loader.zero_copy
     res.stats["pipeline_depth"] = loader.depth
     res.stats["copy_group"] = loader.group
     res.stats["batched_copies"] = loader.batch_copies

@@ -7,7 +7,9 @@ the retriever returns the same Documents with their chunk key in ``metadata["chu
 question and generates (invoke, ainvoke, batch, abatch, token streaming with stream/astream).
 
 What it knows: LangChain's Runnable/retriever/vector-store interfaces and how they map onto the
-engine's public calls (``precompute``, ``key``, ``fuse``, ``model.generate``). What it does not
+engine's public calls (``precompute``, ``key``, ``fuse``, ``generate_from``/``stream_from``/
+``agenerate_from``/``astream_from``: decoded together with other answers where the engine has
+``decode_batching``). What it does not
 know: fusion, keys, stores or prompt geometry -- the engine's template formats the prompt, not a
 LangChain ``PromptTemplate``. The core never imports this module.
 
@@ -53,6 +55,7 @@ import torch
 
 from chunkcache.engine import ChunkCache
 from chunkcache.errors import ModelMismatchError
+from chunkcache.fuse import FuseResult
 from chunkcache.generation import astream_text, generate_text, stream_text
 
 __all__ = [
@@ -320,27 +323,36 @@ class ChunkCacheGenerator(RunnableSerializable[dict, str]):
         return question, texts
 
     # -- the one place that touches the model -------------------------------------------------------
-    def _prompt(self, question: str, texts: list[str]) -> tuple[torch.Tensor, dict]:
-        """Prompt ids ``[1, N]`` and the cache argument for generate (fused, or none without passages)."""
+    def _prompt(self, question: str, texts: list[str]) -> FuseResult | torch.Tensor:
+        """The fused prompt, or without passages the prompt ids ``[1, N]`` alone (plain prefill)."""
         eng = self.engine
         if not texts:
             log.info("no passages: answering from the question alone (plain prefill)")
-            return eng.prompt_ids([], question), {}
-        fused = eng.fuse(texts, question, recompute_ratio=self.recompute_ratio, policy=self.policy)
-        return fused.input_ids, eng._cache_kw(fused)
+            return eng.prompt_ids([], question)
+        return eng.fuse(texts, question, recompute_ratio=self.recompute_ratio, policy=self.policy)
 
     def _answer(self, input: dict) -> str:
-        ids, cache = self._prompt(*self._parse(input))
-        return generate_text(self.engine.lm, ids, cache, self.max_new_tokens, **self.generate_kwargs)
+        p = self._prompt(*self._parse(input))
+        if isinstance(p, torch.Tensor):
+            return generate_text(self.engine.lm, p, {}, self.max_new_tokens, **self.generate_kwargs)
+        return self.engine.generate_from(p, self.max_new_tokens, **self.generate_kwargs)
 
     async def _aanswer(self, input: dict) -> str:
-        return await asyncio.to_thread(self._answer, input)
+        p = await asyncio.to_thread(lambda: self._prompt(*self._parse(input)))
+        if isinstance(p, torch.Tensor):
+            return await asyncio.to_thread(
+                generate_text, self.engine.lm, p, {}, self.max_new_tokens, **self.generate_kwargs
+            )
+        return await self.engine.agenerate_from(p, self.max_new_tokens, **self.generate_kwargs)
 
     def _tokens(self, input: dict) -> Iterator[str]:
-        """Yield answer text as it is generated (``generation.stream_text``). The pieces join to
+        """Yield answer text as it is generated (``engine.stream_from``). The pieces join to
         ``_answer``'s text, apart from its final strip of trailing whitespace."""
-        ids, cache = self._prompt(*self._parse(input))
-        yield from stream_text(self.engine.lm, ids, cache, self.max_new_tokens, **self.generate_kwargs)
+        p = self._prompt(*self._parse(input))
+        if isinstance(p, torch.Tensor):
+            yield from stream_text(self.engine.lm, p, {}, self.max_new_tokens, **self.generate_kwargs)
+        else:
+            yield from self.engine.stream_from(p, self.max_new_tokens, **self.generate_kwargs)
 
     # -- Runnable interface -------------------------------------------------------------------------
     def invoke(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> str:
@@ -378,10 +390,12 @@ class ChunkCacheGenerator(RunnableSerializable[dict, str]):
     async def _atransform(self, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
         parts = [c async for c in chunks]
         question, texts = self._parse(_merge(iter(parts)))
-        ids, cache = await asyncio.to_thread(self._prompt, question, texts)
-        async for piece in astream_text(
-            self.engine.lm, ids, cache, self.max_new_tokens, **self.generate_kwargs
-        ):
+        p = await asyncio.to_thread(self._prompt, question, texts)
+        if isinstance(p, torch.Tensor):
+            pieces = astream_text(self.engine.lm, p, {}, self.max_new_tokens, **self.generate_kwargs)
+        else:
+            pieces = self.engine.astream_from(p, self.max_new_tokens, **self.generate_kwargs)
+        async for piece in pieces:
             yield piece
 
 

@@ -81,10 +81,18 @@ def test_off_unmeasured_fixed_and_bad_input():
 
 def test_rates_average_and_overlap_runs_both():
     r = Rates(0.5)
-    r.saw("link", 100, 1.0)
-    r.saw("link", 300, 1.0)
+    r.saw_fetch("int8", 100, 1.0)
+    r.saw_fetch("int8", 300, 1.0)
+    r.saw_fetch("int2", 50, 1.0)
     r.saw("fuse", 0, 1.0)  # nothing seen: ignored
-    assert r.link == 200 and r.fuse is None
+    r.saw("recompute", 10, 2.0)
+    assert r.link == {"int8": 200, "int2": 50} and r.fuse is None and r.recompute == 5
+    # per-precision rates: int2 decodes so slowly here that int8 is the faster fetch
+    p = plan([1000] * 2, [{"int8": 200, "int2": 60}] * 2, r.link, 1.0)
+    assert p.stats()["fetched"] == {"int8": 2}
+    # a precision not measured yet is assumed as slow as the slowest measured one
+    q = plan([1000] * 2, [{"int8": 200, "int4": 100}] * 2, {"int8": 200.0}, 1.0)
+    assert q.stats()["fetched"] == {"int4": 2}
     got, res, t_fetch, t_compute = overlap(lambda i: i * 10, [1, 2], lambda: "front")
     assert got == [10, 20] and res == "front" and t_fetch >= 0 and t_compute >= 0
 
@@ -183,14 +191,14 @@ def test_decisions_follow_the_measured_rates(model, smol_tokenizer):
     assert "not measured" in a["reason"] and a["recomputed"] == 1
     assert eng._rates.link and eng._rates.recompute and eng._rates.fuse
     eng._rates.fuse = 1e12  # (a tiny model fuses slower than it recomputes: count the fusion as free)
-    eng._rates.link = 1e15
+    eng._rates.link = {"raw": 1e15}
     second = eng.fuse(PASSAGES, QUESTION).stats["adaptive"]
     assert second["recomputed"] == 0 and second["choice"] == "fused" and second["estimate_s"] is not None
     slow = SlowStore(rate=1e12)
     eng2 = engine(model, smol_tokenizer, slow)
     eng2.precompute(PASSAGES)
     eng2.fuse(PASSAGES, QUESTION)  # measures
-    eng2._rates.link = 1.0  # one byte per second: nothing is worth fetching
+    eng2._rates.link = {"raw": 1.0}  # one byte per second: nothing is worth fetching
     got = eng2.fuse(PASSAGES, QUESTION)
     assert got.stats["adaptive"]["choice"] == "full prefill" and got.stats["policy"] == "full prefill"
     logits, kv = full_prefill(eng2)
@@ -235,7 +243,7 @@ def test_damaged_or_missing_entry_is_never_used(model, smol_tokenizer):
     assert [c["precision"] for c in got["chunks"]] == ["int2", "int8", "int2", "int2"]
     # chunk 2's int2 entry is damaged: dropped with a warning, recomputed and stored as a miss
     raw = bytearray(store.get(int2_key[2]))
-    raw[-5] ^= 0xFF
+    raw[len(raw) // 2] ^= 0xFF  # inside the codes
     store.put(int2_key[2], bytes(raw))
     with pytest.warns(RuntimeWarning, match="damaged|checksum|corrupt"):
         res = eng.fuse(PASSAGES, QUESTION)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import PASSAGES, tiny_model
 
 from chunkcache import fuse as F
 from chunkcache import model as M
-from chunkcache.batch import Pack, Segment, packed_layer
+from chunkcache.batch import Pack, Segment, fuse_many, packed_layer
 from chunkcache.model import wrap_model
 
 # fp32: packing changes only the GEMMs' row count, and a BLAS may then sum in another order
@@ -152,3 +152,221 @@ def test_packed_layer_on_cuda_with_fused_kernels(smol_tokenizer, arch, overrides
     lm = _lm(arch, smol_tokenizer, device="cuda", **overrides)
     assert M.fused_ops(lm.model.model.layers[0], torch.zeros(1, device="cuda"))
     _check_equal(lm)
+
+
+QUESTIONS = [
+    "Which tower was completed in 1889?",
+    "Where is the highest mountain in Africa?",
+    "Which river has the largest discharge?",
+    "Who researched radioactivity?",
+    "Name a volcano and a tower.",
+    "What did Marie Curie study, and where is Kilimanjaro?",
+]
+
+
+def _requests():
+    """Different chunk sets, orders and lengths; every policy kind (probe before layer 0, probe +
+    check layer, check layers without a probe); ratios 0 and 1."""
+    p = PASSAGES
+    return [
+        (p[:2], QUESTIONS[0], 0.3, "qfast"),
+        (p[::-1], QUESTIONS[1], 0.15, "qaware"),
+        (p[1:3], QUESTIONS[2], 0.5, "cacheblend"),
+        ([p[3]], QUESTIONS[3], 0.0, "qfast"),
+        (p[:3], QUESTIONS[4], 1.0, "gradual"),
+        (p, QUESTIONS[5], 0.3, "gradual"),
+        (p[2:], QUESTIONS[0], 0.15, "qfast"),
+    ]
+
+
+def _check_fuse_many(eng, requests):
+    lm, prefix = eng.lm, eng.prefix_kv()
+    args = [
+        (eng.chunks(texts), eng._suffix_ids(q), F.FuseConfig(recompute_ratio=r, policy=pol))
+        for texts, q, r, pol in requests
+    ]
+    alone = [F.fuse_kv(lm, prefix, c, eng._prefix_ids, s, cfg) for c, s, cfg in args]
+    jobs = [F.assembled_job(lm, prefix, c, eng._prefix_ids, s, cfg) for c, s, cfg in args]
+    many = fuse_many(lm, jobs)
+    assert len(many) == len(alone)
+    for a, b in zip(alone, many, strict=True):
+        assert torch.equal(a.input_ids, b.input_ids)
+        assert torch.equal(a.selected, b.selected)
+        _assert_rows_close(b.logits[None], a.logits[None])
+        _assert_rows_close(b.kv, a.kv)
+        for k in ("recomputed_tokens", "token_layers", "probe_token_layers", "compute_fraction", "policy"):
+            assert a.stats[k] == b.stats[k], k
+
+
+def test_fuse_many_equals_each_fusion_alone(tiny_engine):
+    _check_fuse_many(tiny_engine, _requests())
+
+
+def test_fuse_many_equals_each_fusion_alone_smollm2(smol):
+    from chunkcache.engine import ChunkCache
+
+    eng = ChunkCache(model=smol.model, tokenizer=smol.tokenizer, store=None)
+    _check_fuse_many(eng, [r for r in _requests() if r[3] == "qfast"])
+
+
+def test_fuse_many_of_one_is_fuse_assembled_bit_for_bit(tiny_engine):
+    """One request: the same GEMM shapes as the one-request path, so the very same bits."""
+    eng = tiny_engine
+    for texts, q, r, pol in _requests()[:3]:
+        cfg = F.FuseConfig(recompute_ratio=r, policy=pol)
+        c, s = eng.chunks(texts), eng._suffix_ids(q)
+        a = F.fuse_kv(eng.lm, eng.prefix_kv(), c, eng._prefix_ids, s, cfg)
+        (b,) = fuse_many(eng.lm, [F.assembled_job(eng.lm, eng.prefix_kv(), c, eng._prefix_ids, s, cfg)])
+        assert (
+            torch.equal(a.logits, b.logits)
+            and torch.equal(a.kv, b.kv)
+            and torch.equal(a.selected, b.selected)
+        )
+
+
+# ---- the engine's scheduler -------------------------------------------------------------------
+
+
+def _same_within_rounding(a, b) -> None:
+    """A result fused in a batch against the same call alone: the same prompt and selection,
+    logits and KV to the GEMMs' last bits (ROW_TOL)."""
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert torch.equal(a.selected, b.selected)
+    _assert_rows_close(b.logits[None], a.logits[None])
+    _assert_rows_close(b.kv, a.kv)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_batched_threads_equal_each_call_alone(smol_tokenizer, model, tmp_path, fast_path):
+    """8 threads, 24 requests over different chunk sets and lengths (some chunks never
+    precomputed: misses), ratios and policies; the worker waits for full batches, so requests
+    really are fused together."""
+    from test_concurrency import _requests as concurrency_requests
+
+    from chunkcache.batch import BatchConfig
+    from chunkcache.engine import ChunkCache
+
+    store = str(tmp_path / "s")
+    eng = ChunkCache(model=model, tokenizer=smol_tokenizer, store=store, fast_path=fast_path,
+                     batching=BatchConfig(max_batch=4, max_wait_ms=500))  # fmt: skip
+    eng.precompute(PASSAGES[:3])
+    reqs = [
+        (c, q, (0.15, 0.3, 0.5)[i % 3], ("qfast", "qaware", "cacheblend")[i % 3])
+        for i, (c, q) in enumerate(concurrency_requests(24, seed=3))
+    ]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(lambda r: eng.fuse(r[0], r[1], recompute_ratio=r[2], policy=r[3]), reqs))
+    sizes = eng.batcher().stats()["sizes"]
+    assert max(sizes) > 1, sizes
+    assert sum(k * v for k, v in sizes.items()) == len(reqs)
+    alone = ChunkCache(model=model, tokenizer=smol_tokenizer, store=eng.store, fast_path=fast_path)
+    for (c, q, r, pol), b in zip(reqs, got, strict=True):
+        assert b.stats.get("fast_path", False) is fast_path
+        _same_within_rounding(alone.fuse(c, q, recompute_ratio=r, policy=pol), b)
+    eng.store.close()
+
+
+def test_batched_generate_and_asyncio_equal_alone(smol_tokenizer, model):
+    import asyncio
+
+    from chunkcache.batch import BatchConfig
+    from chunkcache.engine import ChunkCache
+
+    eng = ChunkCache(
+        model=model, tokenizer=smol_tokenizer, batching=BatchConfig(max_batch=6, max_wait_ms=500)
+    )
+    alone = ChunkCache(model=model, tokenizer=smol_tokenizer)
+    reqs = [(PASSAGES[i % 4 :] + PASSAGES[: i % 4], QUESTIONS[i]) for i in range(6)]
+    for c, _ in reqs:
+        alone.precompute(c)
+        eng.precompute(c)
+
+    async def main():
+        return await asyncio.gather(*(eng.agenerate(c, q, max_new_tokens=6) for c, q in reqs))
+
+    got = asyncio.run(main())
+    assert max(eng.batcher().stats()["sizes"]) > 1
+    assert got == [alone.generate(c, q, max_new_tokens=6) for c, q in reqs]
+
+
+def test_a_failing_request_fails_alone_in_its_batch(smol_tokenizer, model):
+    """A request whose fusion raises inside a batch gets its own error; the others of its batch
+    get their results (redone alone), equal to their calls alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from chunkcache.batch import BatchConfig
+    from chunkcache.engine import ChunkCache
+    from chunkcache.select import QFast
+
+    class Boom(QFast):
+        def select(self, ctx, k):
+            raise RuntimeError("boom")
+
+    eng = ChunkCache(
+        model=model, tokenizer=smol_tokenizer, batching=BatchConfig(max_batch=4, max_wait_ms=1000)
+    )
+    alone = ChunkCache(model=model, tokenizer=smol_tokenizer)
+    reqs = [(PASSAGES[:3], QUESTIONS[i], Boom() if i == 2 else None) for i in range(4)]
+
+    def call(r):
+        try:
+            return eng.fuse(r[0], r[1], recompute_ratio=0.3, policy=r[2])
+        except RuntimeError as e:
+            return e
+
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(call, reqs))
+    assert eng.batcher().stats()["sizes"] == {4: 1}
+    assert isinstance(got[2], RuntimeError) and str(got[2]) == "boom"
+    for i in (0, 1, 3):
+        want = alone.fuse(reqs[i][0], reqs[i][1], recompute_ratio=0.3)
+        assert torch.equal(want.logits, got[i].logits)  # redone alone: the very same bits
+
+
+def test_batch_config_is_checked():
+    from chunkcache.batch import BatchConfig
+    from chunkcache.engine import ChunkCache
+
+    for bad in ({"max_batch": 0}, {"max_batch": 2.0}, {"max_batch": True}, {"max_wait_ms": -1},
+                {"max_wait_ms": float("nan")}, {"idle_s": 0}):  # fmt: skip
+        with pytest.raises(ValueError):
+            BatchConfig(**bad)
+    with pytest.raises(TypeError, match="BatchConfig"):
+        ChunkCache(model=object(), batching={"max_batch": 4})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("max_wait_ms", [0.0, 200.0])
+def test_batched_threads_on_cuda_equal_each_call_alone(smol_tokenizer, tmp_path, max_wait_ms):
+    """16 threads, 48 requests with different chunk sets and lengths (some misses) through the
+    CUDA fast path with batching (stagings, loaders, CUDA graphs for batches of one); each result
+    against the same call on an engine without batching over the same store."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_concurrency import _requests as concurrency_requests
+
+    from chunkcache.batch import BatchConfig
+    from chunkcache.engine import ChunkCache
+
+    model = tiny_model().to("cuda")
+    eng = ChunkCache(model=model, tokenizer=smol_tokenizer, store=str(tmp_path / "s"),
+                     batching=BatchConfig(max_batch=8, max_wait_ms=max_wait_ms))  # fmt: skip
+    reqs = concurrency_requests(48, seed=11)
+    with ThreadPoolExecutor(16) as ex:
+        got = list(ex.map(lambda r: eng.fuse(r[0], r[1], recompute_ratio=0.3), reqs))
+    torch.cuda.synchronize()
+    assert all(g.stats.get("fast_path") for g in got)
+    if max_wait_ms:
+        assert max(eng.batcher().stats()["sizes"]) > 1
+    alone = ChunkCache(model=model, tokenizer=smol_tokenizer, store=eng.store)
+    for (c, q), b in zip(reqs, got, strict=True):
+        _same_within_rounding(alone.fuse(c, q, recompute_ratio=0.3), b)
+    eng.store.close()

@@ -42,3 +42,26 @@ def test_short_run_of_every_side(smol_tokenizer, tmp_path):
         assert s["queries"] >= 1 and s["tokens_per_s"] > 0 and s["ttft_p99_s"] >= s["ttft_p50_s"] > 0
     assert out["ratios"]["baseline"] in ("full", "full batched") and out["ratios"]["qps"] > 0
     eng.store.close()
+
+
+def test_batched_fused_side_and_its_ratios_against_the_same_run(smol_tokenizer, tmp_path):
+    from chunkcache.batch import BatchConfig
+    from chunkcache.bench.serve import cross_ratios
+
+    eng = ChunkCache(model=tiny_model(), tokenizer=smol_tokenizer, store=str(tmp_path / "s"), codec="int8")
+    kw = dict(
+        clients=2,
+        seconds=0.5,
+        workload=Workload(passages=8, k=2, new_tokens=2),
+        warmup=1,
+        log=lambda *a: None,
+    )
+    first = run(eng, full="sequential", **kw)
+    eng.batching = BatchConfig(max_batch=2)
+    batched = run(eng, full="none", **kw)
+    assert [s["side"] for s in batched["sides"]] == ["fused batched"]
+    assert batched["sides"][0]["mean_batch"] >= 1 and batched["batching"]["max_batch"] == 2
+    assert batched["ratios"] == {}
+    cross_ratios([first, batched])
+    assert batched["ratios"]["baseline"] == "full" and batched["ratios"]["qps"] > 0
+    eng.store.close()

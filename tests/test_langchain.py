@@ -190,6 +190,30 @@ def test_concurrent_batch_and_abatch_equal_each_invoke(engine):
     assert asyncio.run(gen.abatch(inputs)) == want
 
 
+def test_decode_batching_engine_answers_as_the_default_one(engine, smol_tokenizer):
+    """Over an engine with ``decode_batching`` the answers of invoke, batch, abatch, stream and
+    astream (decoded together where they run at once) equal the default engine's."""
+    from chunkcache.decode import DecodeConfig
+
+    batched = ChunkCache(
+        model=engine.model, tokenizer=smol_tokenizer, store=None, decode_batching=DecodeConfig(4)
+    )
+    docs = _docs()
+    inputs = [{"question": q, "context": docs[i : i + n]} for i, (q, n) in enumerate([(QUESTION, 1), ("Where?", 3), ("Who?", 2), (QUESTION, 0)])]  # fmt: skip
+    want = [ChunkCacheGenerator(engine=engine, max_new_tokens=TOKENS).invoke(x) for x in inputs]
+    gen = ChunkCacheGenerator(engine=batched, max_new_tokens=TOKENS)
+    assert [gen.invoke(x) for x in inputs] == want
+    assert gen.batch(inputs, {"max_concurrency": 4}) == want
+    assert asyncio.run(gen.abatch(inputs)) == want
+    assert ["".join(gen.stream(x)).strip() for x in inputs] == want
+
+    async def astreams():
+        return [("".join([p async for p in gen.astream(x)])).strip() for x in inputs]
+
+    assert asyncio.run(astreams()) == want
+    assert batched.decoder.steps > 0  # the fused ones went through the batched decoder
+
+
 def test_abandoned_stream_releases_the_engine(engine):
     gen = ChunkCacheGenerator(engine=engine, max_new_tokens=200)
     stream = gen.stream({"question": QUESTION, "context": _docs()[:2]})

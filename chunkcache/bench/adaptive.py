@@ -5,11 +5,14 @@ veth pair that ``tc`` limits to each bandwidth in turn (Linux, root; set up and 
                     the engine (SmolLM2, CPU)                    redis-server
 
 Per bandwidth, on the same question (``--passages`` MuSiQue passages, stored once with
-``--codec``), the TTFT from the question to the first token's logits of: full prefill
-(``logits_to_keep=1``); fused with plain fetching (every chunk over the link); fused with adaptive
-loading (``AdaptiveConfig()``: measured rates). Medians of
-``--reps``; before them, one adaptive fusion measures the link at the new bandwidth (the link
-rate of the last bandwidth is forgotten). Rates and choices are printed beside the times.
+``--codec`` and any ``--precisions``), the TTFT from the question to the first token's logits of:
+full prefill (``logits_to_keep=1``); fused with plain fetching (every chunk over the link); fused
+with adaptive loading (``AdaptiveConfig(precisions=...)``: measured rates; the front chunks
+recomputed in place while the back ones are fetched, or a full prefill). Medians of ``--reps``;
+before them, one adaptive fusion measures the link at the new bandwidth (the link rate of the last
+bandwidth is forgotten). The link itself is measured too (a 32 MB GET, median of 3), since a
+veth pair on a small machine may not reach the rate ``tc`` allows. Rates and choices are printed
+beside the times.
 
     sudo chunkcache bench adaptive --rates 1,10,25 --out bench_results/adaptive.json
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import socket
 import statistics
 import subprocess
@@ -67,6 +71,17 @@ class ShapedLink:
             raise RuntimeError("redis-server in the namespace did not start")
         self.url = f"redis://{IP1}:{PORT}/0"
 
+    def measure(self, nbytes: int = 32 << 20, reps: int = 3) -> float:
+        """Bytes/s of one GET of ``nbytes`` through the link (median of ``reps``)."""
+        import redis
+
+        r = redis.Redis(host=IP1, port=PORT)
+        r.set("cc-bench-blob", b"\x5a" * nbytes)
+        secs, _ = _median_s(lambda: r.get("cc-bench-blob"), reps)
+        r.delete("cc-bench-blob")
+        r.close()
+        return nbytes / secs
+
     def set_rate(self, gbit: float) -> None:
         burst = max(64 * 1024, int(gbit * 1e9 / 8 / 250))  # 4 ms of data
         for dev, ns in ((DEV0, False), (DEV1, True)):
@@ -110,34 +125,38 @@ def run(args) -> dict:
     texts = [f"{c['title']}\n{c['text']}" for c in ex["ctxs"][: args.passages]]
     question = ex["question"]
     rows = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still tears the link down
     with ShapedLink() as link:
         store = RedisStore(link.url)
         plain = ChunkCache(model=args.model, store=store, codec=args.codec, device="cpu", dtype=args.dtype)
         lm = plain.lm
         adapt = ChunkCache(model=lm.model, tokenizer=lm.tokenizer, store=store, codec=args.codec,
-                           device="cpu", adaptive=AdaptiveConfig())  # fmt: skip
+                           device="cpu", adaptive=AdaptiveConfig(precisions=args.precisions))  # fmt: skip
         link.set_rate(max(args.rates))
-        plain.precompute(texts)
+        adapt.precompute(texts)  # every precision
         ids = plain.prompt_ids(texts, question)
         entry_bytes = sum(len(store.get(plain.key(t))) for t in texts)
         for gbit in args.rates:
             link.set_rate(gbit)
+            link_bps = link.measure()
             full, _ = _median_s(lambda: lm.model(input_ids=ids, logits_to_keep=1), args.reps)
             t_plain, _ = _median_s(lambda: plain.fuse(texts, question), args.reps)
-            adapt._rates.link = None  # forget the last bandwidth's rate: the warm-up measures this one
+            adapt._rates.link = {}  # forget the last bandwidth's rate: the warm-up measures this one
             adapt.fuse(texts, question)
             t_adapt, res = _median_s(lambda: adapt.fuse(texts, question), args.reps)
             stats = res.stats["adaptive"]
-            row = {"gbit": gbit, "full_s": full, "plain_s": t_plain, "adaptive_s": t_adapt,
+            row = {"gbit": gbit, "link_measured_bytes_per_s": link_bps, "full_s": full, "plain_s": t_plain, "adaptive_s": t_adapt,
                    "plain_vs_full": t_plain / full, "adaptive_vs_full": t_adapt / full,
-                   "recomputed": stats["recomputed"], "reason": stats["reason"], "rates": stats["rates"]}  # fmt: skip
+                   "choice": stats["choice"], "recomputed": stats["recomputed"], "fetched": stats["fetched"],
+                   "reason": stats["reason"], "rates": stats["rates"], "stages_s": stats["seconds"]}  # fmt: skip
             rows.append(row)
-            print(f"{gbit:6g} Gb/s  full {full * 1e3:8.1f} ms | plain fetch {t_plain * 1e3:8.1f} ms "
+            print(f"{gbit:6g} Gb/s (measured {link_bps * 8 / 1e9:.2f} Gb/s)  full {full * 1e3:8.1f} ms | plain fetch {t_plain * 1e3:8.1f} ms "
                   f"({t_plain / full:.2f}x) | adaptive {t_adapt * 1e3:8.1f} ms ({t_adapt / full:.2f}x), "
-                  f"recomputed {stats['recomputed']}/{len(texts)}: {stats['reason']}", flush=True)  # fmt: skip
+                  f"{stats['choice']}, recomputed {stats['recomputed']}/{len(texts)}, fetched {stats['fetched']}: "
+                  f"{stats['reason']}", flush=True)  # fmt: skip
         store.close()
     return {"rows": rows, "prompt_tokens": int(ids.shape[1]), "entry_bytes": entry_bytes,
-            "codec": args.codec, "passages": args.passages}  # fmt: skip
+            "codec": args.codec, "precisions": list(args.precisions), "passages": args.passages}  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -146,7 +165,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passages", type=int, default=5)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--codec", default="int2")
+    p.add_argument("--codec", default="int8")
+    p.add_argument("--precisions", type=lambda s: tuple(x for x in s.split(",") if x), default=("int2",),
+                   help="further codecs stored for adaptive loading (comma list; '' for none)")  # fmt: skip
     p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 10.0, 25.0],
                    help="link bandwidths in Gb/s")  # fmt: skip
     p.add_argument("--reps", type=int, default=3)

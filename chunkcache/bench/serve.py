@@ -11,6 +11,8 @@ side; the same query sequence per client on both sides.
 
   fused   ``engine.fuse(texts, question)`` (TTFT: first-token logits on the host), then greedy
           decoding of ``--new-tokens`` tokens from its cache (async: ``engine.afuse``)
+  fused batched  the same calls on an engine with ``batching=BatchConfig(...)`` (``--batching
+          on``, or ``off,on`` for both): waiting requests are fused together by one worker
   full    ``engine.prompt_ids`` + a forward with ``logits_to_keep=1`` (TTFT), then the same
           decoding from its cache; ``--full batched``: a batcher joins the waiting prompts into
           one left-padded forward and decodes them together (static batching); ``--full both``
@@ -22,6 +24,7 @@ machine (and on CPU, on what else runs): compare the ratios.
 
     chunkcache bench serve --model smollm2-135m --clients 4 --seconds 60 --out bench_results/serve_cpu
     chunkcache bench serve --model llama3-8b --clients 8 --seconds 60 --codec int8 --out bench_results/serve_h200
+    chunkcache bench serve --clients 8 --batching off,on --max-wait-ms 0 ...   # fused alone, batched
 """
 
 from __future__ import annotations
@@ -329,7 +332,12 @@ def run(
         )
         return ttft, n
 
-    sides.append(measure("fused", lambda t, q: fused_request(eng, t, q, w), afused))
+    name = "fused" if getattr(eng, "batching", None) is None else "fused batched"
+    sides.append(measure(name, lambda t, q: fused_request(eng, t, q, w), afused))
+    if name == "fused batched":
+        b = eng.batcher().stats()  # (warm-up batches included)
+        sides[-1]["mean_batch"] = b["requests"] / b["batches"] if b["batches"] else 0.0
+        sides[-1]["batch_sizes"] = b["sizes"]
     if full in ("sequential", "both"):
         sides.append(measure("full", lambda t, q: full_request(eng, t, q, w)))
     if full in ("batched", "both"):
@@ -357,6 +365,7 @@ def run(
         "torch": torch.__version__,
         "codec": eng.codec,
         "clients": clients,
+        "batching": None if getattr(eng, "batching", None) is None else eng.batching.__dict__,
         "asyncio": use_asyncio,
         "seconds": seconds,
         "workload": w.__dict__,
@@ -365,6 +374,28 @@ def run(
         "sides": sides,
         "ratios": ratios,
     }
+
+
+def cross_ratios(results: list[dict]) -> None:
+    """For a result without full-prefill sides of its own (later fused settings of one run), its
+    ratios against the best full side measured in the same run for the same clients and mode."""
+    for r in results:
+        if r["ratios"] or not r["sides"]:
+            continue
+        fulls = [
+            s for o in results if o["clients"] == r["clients"] and o["asyncio"] == r["asyncio"]
+            for s in o["sides"] if s["side"].startswith("full")
+        ]  # fmt: skip
+        if not fulls:
+            continue
+        best, fused = max(fulls, key=lambda s: s["qps"]), r["sides"][0]
+        r["ratios"] = {
+            "baseline": best["side"],
+            "qps": fused["qps"] / best["qps"],
+            "tokens_per_s": fused["tokens_per_s"] / best["tokens_per_s"],
+            "ttft_p50": best["ttft_p50_s"] / fused["ttft_p50_s"],
+            "ttft_p99": best["ttft_p99_s"] / fused["ttft_p99_s"],
+        }
 
 
 def table(results: list[dict]) -> str:
@@ -383,7 +414,7 @@ def table(results: list[dict]) -> str:
         if r["ratios"]:
             x = r["ratios"]
             lines.append(
-                f"| | | | | | | fused / {x['baseline']} | | {x['qps']:.2f}x | {x['tokens_per_s']:.2f}x | "
+                f"| | | | | | | {r['sides'][0]['side']} / {x['baseline']} | | {x['qps']:.2f}x | {x['tokens_per_s']:.2f}x | "
                 f"{x['ttft_p50']:.2f}x lower | {x['ttft_p99']:.2f}x lower |"
             )
     return "\n".join(lines)
@@ -432,9 +463,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--fusions", default="1", help="comma list of the engine's concurrent_fusions (fused side)"
     )
     p.add_argument("--full", default="both", choices=["sequential", "batched", "both", "none"])
+    p.add_argument(
+        "--batching", default="off", help="comma list: off (each caller fuses alone), on (BatchConfig)"
+    )
+    p.add_argument("--max-batch", type=int, default=None, help="BatchConfig.max_batch (default: clients)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0, help="BatchConfig.max_wait_ms")
     p.add_argument("--mode", default="threads", help="comma list: threads, asyncio")
     p.add_argument("--device", default=None)
     p.add_argument("--dir", default=None, help="folder for the temporary store")
+    p.add_argument(
+        "--device-cache",
+        type=float,
+        default=0.0,
+        help="GiB of device cache of hot entries for the fused side",
+    )
     p.add_argument("--out", default="bench_results/serve", help="output prefix: .json, .md, .png")
 
 
@@ -446,22 +488,44 @@ def run_cli(args: argparse.Namespace) -> int:
     root = tempfile.mkdtemp(prefix="serve-", dir=args.dir)
     fusions = [int(x) for x in args.fusions.split(",")]
     eng = _engine(args.model, args.codec, root, device, fusions[0])
+    if args.device_cache:  # the fused side keeps hot entries on the device (ChunkCache(device_cache_bytes=))
+        from chunkcache.devicecache import DeviceCache
+
+        eng.device_cache = DeviceCache(eng.lm.device, int(args.device_cache * 2**30))
     print(f"{args.model} on {device}, codec {args.codec}")
     command = "chunkcache bench serve " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("bench", "command", "func")
     )
+    from chunkcache.batch import BatchConfig
+
+    batching = args.batching.split(",")
+    if not set(batching) <= {"off", "on"}:
+        raise SystemExit(f"--batching takes off and on, got {args.batching!r}")
     for mode in args.mode.split(","):
         for k in [int(x) for x in args.clients.split(",")]:
-            for i, f in enumerate(fusions):  # later pool sizes: the fused side only
-                print(f"\n== {k} clients ({mode}), concurrent_fusions {f}")
-                eng._pool, eng.concurrent_fusions = None, f
+            settings = [(f, b) for b in batching for f in fusions]
+            for i, (f, b) in enumerate(settings):  # later settings: the fused side only
+                print(f"\n== {k} clients ({mode}), concurrent_fusions {f}, batching {b}")
+                eng._pool, eng.concurrent_fusions, eng._batcher = None, f, None
+                eng.batching = (
+                    BatchConfig(max_batch=args.max_batch or k, max_wait_ms=args.max_wait_ms)
+                    if b == "on"
+                    else None
+                )
                 full = args.full if i == 0 else "none"
                 res = run(
                     eng, clients=k, seconds=args.seconds, workload=w, full=full, use_asyncio=mode == "asyncio"
                 )
-                res.update(model=args.model, concurrent_fusions=f, command=command)
+                res.update(
+                    model=args.model,
+                    concurrent_fusions=f,
+                    command=command,
+                    device_cache_gib=args.device_cache,
+                )
                 results.append(res)
                 Path(args.out + ".json").write_text(json.dumps(results, indent=1))
+    cross_ratios(results)
+    Path(args.out + ".json").write_text(json.dumps(results, indent=1))
     eng.store.close()
     shutil.rmtree(root, ignore_errors=True)
     write_report(args.out, table(results), plot, results)

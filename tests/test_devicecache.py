@@ -1,0 +1,102 @@
+"""The device cache of hot entries (``devicecache.DeviceCache``, ``ChunkCache(device_cache_bytes=)``):
+fusions that take entries from it equal fusions from the store bit for bit; it keeps to its byte
+budget, least recently used out; a store entry damaged after admission does not matter (the
+resident copy was verified); threads share it safely. On CPU the "device" is host memory: the
+same code paths (the CUDA ones are in tests/test_gpu_devicecache.py)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import PASSAGES, QUESTION, tiny_model
+
+from chunkcache.devicecache import DeviceCache
+from chunkcache.engine import ChunkCache
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def _pair(tok, model, tmp_path, codec="int8", budget=1 << 30):
+    ref = ChunkCache(model=model, tokenizer=tok, store=str(tmp_path / "s"), codec=codec, fast_path=True)
+    ref.precompute(PASSAGES)
+    hot = ChunkCache(
+        model=model, tokenizer=tok, store=ref.store, codec=codec, fast_path=True, device_cache_bytes=budget
+    )
+    return ref, hot
+
+
+def _same(a, b) -> None:
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert torch.equal(a.selected, b.selected)
+    assert torch.equal(a.logits, b.logits)
+    assert torch.equal(a.kv, b.kv)
+
+
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4"])
+def test_resident_fusion_equals_store_fusion(smol_tokenizer, model, tmp_path, codec):
+    ref, hot = _pair(smol_tokenizer, model, tmp_path, codec)
+    chunks = PASSAGES[:3]
+    want = ref.fuse(chunks, QUESTION, recompute_ratio=0.3)
+    first = hot.fuse(chunks, QUESTION, recompute_ratio=0.3)  # from the store, then admitted
+    assert first.stats["device_cache"] == {"hits": 0, "admitted": 3}
+    again = hot.fuse(list(reversed(chunks)) + [PASSAGES[3]], QUESTION, recompute_ratio=0.3)
+    assert again.stats["device_cache"] == {"hits": 3, "admitted": 1}  # a mix: 3 resident, 1 read
+    third = hot.fuse(chunks, QUESTION, recompute_ratio=0.3)
+    assert third.stats["device_cache"] == {"hits": 3, "admitted": 0}
+    assert third.stats["zero_copy"] and not first.stats["zero_copy"] and not again.stats["zero_copy"]
+    _same(want, first)
+    _same(want, third)
+    _same(ref.fuse(list(reversed(chunks)) + [PASSAGES[3]], QUESTION, recompute_ratio=0.3), again)
+
+
+def test_budget_evicts_least_recently_used(smol_tokenizer, model, tmp_path):
+    ref, probe = _pair(smol_tokenizer, model, tmp_path)
+    sizes = []
+    for p in PASSAGES[:3]:  # each entry's device bytes
+        before = probe.device_cache.nbytes
+        probe.fuse([p], QUESTION)
+        sizes.append(probe.device_cache.nbytes - before)
+    assert min(sizes) > 0
+    _, hot = _pair(smol_tokenizer, model, tmp_path / "b", budget=sizes[1] + sizes[2])
+    hot.fuse(PASSAGES[:2], QUESTION)
+    hot.fuse(PASSAGES[2:3], QUESTION)  # over budget: the least recently used goes
+    cache = hot.device_cache
+    assert len(cache) == 2 and cache.nbytes <= cache.max_bytes
+    assert cache.stats()["evicted"] == 1
+    keys = hot.resolve(PASSAGES[:3])[0]
+    assert [r is not None for r in cache.acquire(keys)] == [False, True, True]
+
+
+def test_damaged_store_entry_after_admission_is_not_used(smol_tokenizer, model, tmp_path):
+    ref, hot = _pair(smol_tokenizer, model, tmp_path, codec="raw")
+    chunks = PASSAGES[:2]
+    want = ref.fuse(chunks, QUESTION)
+    hot.fuse(chunks, QUESTION)
+    key = hot.resolve(chunks[:1])[0][0]
+    value = bytearray(hot.store.get(key))
+    value[-100] ^= 0xFF  # damage a KV byte in the store's copy
+    hot.store.put(key, bytes(value))
+    got = hot.fuse(chunks, QUESTION)
+    assert got.stats["device_cache"]["hits"] == 2
+    _same(want, got)
+
+
+def test_threads_share_it_and_equal_sequential(smol_tokenizer, model, tmp_path):
+    ref, hot = _pair(smol_tokenizer, model, tmp_path)
+    reqs = [([PASSAGES[(i + j) % len(PASSAGES)] for j in range(1 + i % 3)], QUESTION) for i in range(12)]
+    with ThreadPoolExecutor(6) as ex:
+        got = list(ex.map(lambda r: hot.fuse(*r), reqs))
+    for (c, q), g in zip(reqs, got, strict=True):
+        _same(ref.fuse(c, q), g)
+
+
+def test_bad_budget_is_refused_before_the_model_loads():
+    with pytest.raises(ValueError, match="device_cache_bytes"):
+        DeviceCache("cpu", -1)
+    with pytest.raises(ValueError, match="device_cache_bytes"):
+        ChunkCache(model="/nonexistent", device_cache_bytes=1.5)
