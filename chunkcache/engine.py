@@ -854,6 +854,7 @@ class ChunkCache:
                             resident=resident,
                             arena=cache.arena if cache is not None else None,
                             run=run,
+                            preload=run is not None and self.batching is not None and self.batching.preload,
                         )
                     except CorruptEntryError:
                         damaged = True

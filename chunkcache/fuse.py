@@ -156,7 +156,7 @@ def run_job(lm: LoadedModel, job: FuseJob) -> FuseResult:
     j = job
     return fuse_assembled(
         lm, j.buf, j.ids, j.n_prefix, j.chunk_lengths, j.token_scores, j.config, j.source, j.timer, j.graphs,
-        j.exact_chunks,
+        prompt=j.prompt, exact_chunks=j.exact_chunks,
     )  # fmt: skip
 
 
@@ -182,6 +182,17 @@ class FuseJob:
     gets a copy of the KV either way."""
     exact_chunks: list[bool] | None = None
     """Per chunk: its reused K/V are exact in this prompt (``exact_chunks``), or None (not known)."""
+    prompt: _Prompt | None = None
+    """Its prompt geometry on the device, built ahead (``place``), or None: built when it runs."""
+
+    def place(self) -> FuseJob:
+        """Build the prompt geometry on the device now (a few small host-to-device copies), so
+        that running the job later copies nothing from the host: a loader may then stream ahead
+        (``pipeline.fuse_entries(preload=True)``) without the fusion's copies queueing behind it."""
+        self.prompt = _Prompt.build(
+            self.ids, self.n_prefix, self.chunk_lengths, self.buf.shape[3], self.buf.device, self.exact_chunks
+        )
+        return self
 
 
 def assembled_job(
@@ -407,9 +418,15 @@ class _Prompt:
     chunk_offsets: torch.Tensor
     """[chunks] first position of each chunk."""
     chunk_lengths: list[int]
+    exact_chunks: list[bool] | None = None
+    """Per chunk: its reused K/V are exact (``exact_chunks``), or None (not known)."""
+    exact: torch.Tensor | None = None
+    """[C] bool: the tokens of exact chunks, or None where no chunk is (or it is not known)."""
 
     @staticmethod
-    def build(ids: torch.Tensor, n_prefix: int, chunk_lengths: list[int], slots: int, dev) -> _Prompt:
+    def build(
+        ids: torch.Tensor, n_prefix: int, chunk_lengths: list[int], slots: int, dev, exact_chunks=None
+    ) -> _Prompt:
         n = ids.shape[1]
         if n > slots:
             raise ValueError(f"buffer holds {slots} positions, the prompt has {n}")
@@ -433,6 +450,10 @@ class _Prompt:
             chunk_of=chunk_of.to(dev),
             chunk_offsets=torch.tensor(offsets, dtype=torch.long).to(dev),
             chunk_lengths=list(chunk_lengths),
+            exact_chunks=None if exact_chunks is None else list(exact_chunks),
+            exact=None
+            if exact_chunks is None or not any(exact_chunks)
+            else torch.repeat_interleave(torch.tensor(exact_chunks), torch.tensor(chunk_lengths)).to(dev),
         )
 
 
@@ -451,10 +472,6 @@ class _Fusion:
     timer: StageTimer
     graphs: object
     """chunkcache.graphs.FusionGraphs, or None (eager)."""
-    exact_chunks: list[bool] | None = None
-    """Per chunk: its reused K/V are exact (``exact_chunks``), or None (not known)."""
-    exact: torch.Tensor | None = None
-    """[C] bool: the chunk tokens of exact chunks, or None where no chunk is (or it is not known)."""
 
 
 def _select(
@@ -486,7 +503,7 @@ def _select(
         window=lm.spec.windows[layer],
         probe_attn=None if probe_attn is None else probe_attn[:, idx],
         token_scores=None if f.token_scores is None else f.token_scores[idx],
-        exact=None if f.exact is None else f.exact[idx],
+        exact=None if prompt.exact is None else prompt.exact[idx],
     )
     return torch.sort(f.policy.select(ctx, keep_n)).values
 
@@ -503,6 +520,7 @@ def fuse_assembled(
     source: LayerSource | None = None,
     timer: StageTimer | None = None,
     graphs=None,  # chunkcache.graphs.FusionGraphs (CUDA): replay the layer loops as CUDA graphs
+    prompt: _Prompt | None = None,  # the geometry built ahead (FuseJob.place), or None
     exact_chunks: list[bool] | None = None,  # per chunk: its reused K/V are exact (``exact_chunks``)
 ) -> FuseResult:
     """The fusion proper over an assembled buffer: probe, check layers, selective recompute.
@@ -520,7 +538,18 @@ def fuse_assembled(
     if graphs is not None and buf.device.type != "cuda":
         graphs = None
     f, budget, schedule, active, n_act = _begin(
-        lm, buf, ids, n_prefix, chunk_lengths, token_scores, config, source, timer, graphs, exact_chunks
+        lm,
+        buf,
+        ids,
+        n_prefix,
+        chunk_lengths,
+        token_scores,
+        config,
+        source,
+        timer,
+        graphs,
+        prompt,
+        exact_chunks,
     )
     prompt, policy, timer, source = f.prompt, f.policy, f.timer, f.source
     n_ctx, n_q, q_pos = prompt.n_ctx, prompt.n_q, prompt.q_pos
@@ -591,7 +620,7 @@ def _result(
         "token_layers": token_layers,
         "compute_fraction": token_layers / full if full else 0.0,
         "chunk_lengths": list(prompt.chunk_lengths),
-        "exact_chunks": f.exact_chunks,
+        "exact_chunks": prompt.exact_chunks,
         "policy": config.policy_name,
         "recompute_ratio": config.recompute_ratio,
         "seconds": {"assemble": 0.0, "probe": 0.0, "check": 0.0, **f.timer.seconds()},
@@ -603,22 +632,18 @@ def _result(
 
 
 def _begin(
-    lm, buf, ids, n_prefix, chunk_lengths, token_scores, config, source, timer, graphs, exact_chunks=None
-):
+    lm, buf, ids, n_prefix, chunk_lengths, token_scores, config, source, timer, graphs, prompt=None,
+    exact_chunks=None,
+):  # fmt: skip
     """A fusion's shared state and its plan -> (``_Fusion``, budget: chunk tokens recomputed after
     the last check, schedule: check layer -> fraction kept after it, the first active positions,
     how many of them are chunk tokens)."""
     source = source or _Eager()
     timer = timer or StageTimer(buf.device)
-    prompt = _Prompt.build(ids, n_prefix, chunk_lengths, buf.shape[3], buf.device)
+    prompt = prompt or _Prompt.build(ids, n_prefix, chunk_lengths, buf.shape[3], buf.device, exact_chunks)
     n_ctx, q_pos = prompt.n_ctx, prompt.q_pos
     policy = config.selector
     f = _Fusion(lm, buf, prompt, policy, token_scores, source, timer, graphs)
-    if exact_chunks is not None:
-        f.exact_chunks = list(exact_chunks)
-        if any(exact_chunks):
-            exact = torch.repeat_interleave(torch.tensor(exact_chunks), torch.tensor(chunk_lengths))
-            f.exact = exact.to(buf.device)
     budget = round(config.recompute_ratio * n_ctx)
     # Ratio 0 and 1 need no selection: the question alone, or every token through every layer.
     schedule = policy.schedule(lm.spec.num_layers, config.recompute_ratio) if 0 < budget < n_ctx else {}
