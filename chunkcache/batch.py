@@ -208,8 +208,10 @@ def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob]) -> list[FuseResult]:
     check layers only to overlap loading; then each request selects (before layer 0 for ``qfast``,
     at its check layers otherwise) and the recompute runs packed. A job with ``graphs`` has its
     final set padded as the one-request path pads it for its graphs (``FusionGraphs.padded_rows``),
-    so both select the same tokens; no graphs are replayed here (the buffers differ per batch). Results equal each request fused alone up to the GEMMs' row count (module
-    docstring): selections are equal unless two candidates' scores tie to the last bits.
+    so both select the same tokens; no graphs are replayed here (the buffers differ per batch).
+    Results equal each request fused alone up to the GEMMs' row count (module docstring):
+    selections are equal unless two candidates' scores tie to the last bits. A job's
+    ``prompt`` built ahead (``FuseJob.place``) is used as is.
     """
     if not jobs:
         return []
@@ -226,6 +228,8 @@ def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob]) -> list[FuseResult]:
             j.source,
             j.timer,
             j.graphs,
+            j.prompt,
+            j.exact_chunks,
         )  # (f.graphs: its padding, and a copy of its persistent buffer in the result)
         states.append(_State(f, j.config, budget, dict(schedule), active, n_act))
     layers = lm.spec.num_layers
@@ -340,6 +344,10 @@ class BatchConfig:
     """How long the worker holds a batch that is not full for more requests to arrive, from the
     oldest one's arrival. 0: it fuses whatever waits as soon as it is free (requests that arrive
     while a batch runs are batched together anyway)."""
+    preload: bool = True
+    """Fast path: a waiting request's layers stream to the device while it waits for its batch
+    (``pipeline.fuse_entries(preload=True)``), so its batch need not wait for loads; False: they
+    stream in as its batch reaches each layer, as for a call alone."""
     idle_s: float = 5.0
     """The worker thread exits after this long with nothing to do (a new request starts it again)."""
 
@@ -350,6 +358,8 @@ class BatchConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not isinstance(self.preload, bool):
+            raise ValueError(f"preload must be a bool, got {self.preload!r}")
         if self.idle_s == 0:
             raise ValueError("idle_s must be > 0")
 

@@ -42,7 +42,9 @@ from typing import ClassVar
 
 import torch
 
-__all__ = ["CODECS", "Codec", "Int2Codec", "Int4Codec", "Int8Codec", "RawCodec", "get_codec", "INT4_GROUP"]
+__all__ = [
+    "CODECS", "Codec", "Int2Codec", "Int2RCodec", "Int4Codec", "Int8Codec", "RawCodec", "get_codec", "INT4_GROUP",
+]  # fmt: skip
 
 INT4_GROUP = 128
 """Tokens per int4 key group along T (the last group may be shorter)."""
@@ -387,20 +389,18 @@ class Int2Codec(Codec):
     def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
         _check_kv(kv)
         L, _, H, T, D = kv.shape
-        if D % 4:
-            raise ValueError(
-                f"int2 packs four codes per byte along head_dim, which must be a multiple of 4 (got {D})"
-            )
+        self._check_head_dim(D)
         kv = kv.detach()
         k, v = kv[:, 0].float(), kv[:, 1].float()  # [L, H, T, D] each
+        vr = self._rotate(v)  # the values as coded (int2r: rotated by the randomised Hadamard)
         G, S = int2_groups(T)
         n = int2_kept(T)
         # Which tokens to keep: the first ones, then the largest relative error of a plain 2-bit code.
         lo, hi = (_expand(x, T, S) for x in _fit_range(_pad_groups(k, G, S), None, 3, 4))  # [L, H, T, D]
         err_k = _relerr(k, _dequant(_quant(k, lo, hi, 4), lo, hi, 4))
-        vlo, vhi = _fit_range(v, None, 3, 4)  # [L, H, T]
-        err_v = _relerr(
-            v, _dequant(_quant(v, vlo[..., None], vhi[..., None], 4), vlo[..., None], vhi[..., None], 4)
+        vlo, vhi = _fit_range(vr, None, 3, 4)  # [L, H, T]
+        err_v = _relerr(  # an orthogonal rotation keeps squared errors: measured where coded
+            vr, _dequant(_quant(vr, vlo[..., None], vhi[..., None], 4), vlo[..., None], vhi[..., None], 4)
         )
         score = err_k + err_v  # [L, T]
         score[:, : min(INT2_KEEP_FIRST, T)] = float("inf")
@@ -415,7 +415,7 @@ class Int2Codec(Codec):
         ks, km = _expand(k_scale.float(), T, S), _expand(k_min.float(), T, S)
         k_q = torch.round((k - km) / ks).clamp_(0, 3).to(torch.uint8)
         v_q = (
-            torch.round((v - v_min.float()[..., None]) / v_scale.float()[..., None])
+            torch.round((vr - v_min.float()[..., None]) / v_scale.float()[..., None])
             .clamp_(0, 3)
             .to(torch.uint8)
         )
@@ -437,13 +437,27 @@ class Int2Codec(Codec):
         return torch.stack(layers).to(dtype)
 
     @staticmethod
-    def _decode_one(rows: torch.Tensor, side: torch.Tensor) -> torch.Tensor:  # -> [2, H, T, D] fp32
+    def _check_head_dim(D: int) -> None:
+        if D % 4:
+            raise ValueError(
+                f"int2 packs four codes per byte along head_dim, which must be a multiple of 4 (got {D})"
+            )
+
+    @staticmethod
+    def _rotate(v: torch.Tensor) -> torch.Tensor:
+        return v
+
+    @staticmethod
+    def _decode_values(p: dict[str, torch.Tensor]) -> torch.Tensor:  # -> [H, T, D] fp32
+        return _unpack2(p["v_q"]).float() * p["v_scale"].float()[..., None] + p["v_min"].float()[..., None]
+
+    def _decode_one(self, rows: torch.Tensor, side: torch.Tensor) -> torch.Tensor:  # -> [2, H, T, D] fp32
         p = int2_sections(rows, side)
         T = rows.shape[1]
         _, S = int2_groups(T)
         group = torch.arange(T, device=rows.device) // S
         k = _unpack2(p["k_q"]).float() * p["k_scale"].float()[:, group] + p["k_min"].float()[:, group]
-        v = _unpack2(p["v_q"]).float() * p["v_scale"].float()[..., None] + p["v_min"].float()[..., None]
+        v = self._decode_values(p)
         idx = p["o_idx"].long()
         k[:, idx] = p["o_k"].float() * p["o_ks"].float()[..., None]
         v[:, idx] = p["o_v"].float() * p["o_vs"].float()[..., None]
@@ -451,11 +465,89 @@ class Int2Codec(Codec):
 
     def _shapes(self, kv):
         L, _, H, T, D = kv.shape
+        self._check_head_dim(D)
         e = lambda *s, dt: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
         return {
             "rows": e(L, H, T, D // 2 + 4, dt=torch.uint8),
             "side": e(L, int2_side_layout(H, T, D)["end"][0], dt=torch.uint8),
         }
+
+
+_M32 = 0xFFFFFFFF
+
+
+def hadamard_signs(head_dim: int) -> torch.Tensor:
+    """int2r's fixed random signs, fp32 ``[head_dim]`` of +-1: element j is -1 where the low bit
+    of ``fmix32(j * 0x9E3779B1)`` (MurmurHash3's finaliser, 32-bit arithmetic) is set. A formula,
+    so the Triton decode computes the same signs and no entry stores them."""
+    h = (torch.arange(head_dim, dtype=torch.int64) * 0x9E3779B1) & _M32
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    h ^= h >> 16
+    return 1.0 - 2.0 * (h & 1).float()
+
+
+def hadamard_matrix(head_dim: int) -> torch.Tensor:
+    """The Sylvester Hadamard matrix fp32 ``[D, D]``: ``H[i, j] = (-1) ** popcount(i & j)``
+    (symmetric, ``H @ H = D * I``); D a power of two."""
+    i = torch.arange(head_dim)
+    x = i[:, None] & i[None, :]
+    parity = torch.zeros_like(x)
+    while bool(x.any()):
+        parity ^= x & 1
+        x = x >> 1
+    return 1.0 - 2.0 * parity.float()
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+class Int2RCodec(Int2Codec):
+    """int2 with the values rotated before they are coded: ``Int2Codec``'s bytes and layout, but
+    each value row ``v`` (one head, one token) is coded as ``v' = ((v * s) @ H) / sqrt(D)``, a
+    randomised Hadamard rotation of head_dim (``s = hadamard_signs(D)``, ``H = hadamard_matrix(D)``).
+    A rotation spreads a row's outlier channels over all D, so 4 levels over the row's range lose
+    far less; keys stay per channel (their outliers are per channel, which KIVI's grouping already
+    isolates). Decode, in fp32 with these rounding points:
+
+        c = q @ H                       (exact: integers)
+        a = c * v_scale + (D * v_min at j == 0, else 0)      (= v' @ H)
+        v = a * (s / sqrt(D))
+
+    Kept tokens' value rows are stored unrotated (int8, as in int2). head_dim must be a power of two.
+    """
+
+    name = "int2r"
+
+    @staticmethod
+    def _check_head_dim(D: int) -> None:
+        if not _is_pow2(D) or D < 4:
+            raise ValueError(
+                f"int2r rotates head_dim by a Hadamard matrix: it must be a power of two >= 4 (got {D})"
+            )
+
+    @staticmethod
+    def _rotate(v: torch.Tensor) -> torch.Tensor:
+        D = v.shape[-1]
+        H = hadamard_matrix(D).to(v.device)
+        return ((v * hadamard_signs(D).to(v.device)) @ H) * (D**-0.5)
+
+    @staticmethod
+    def _decode_values(p: dict[str, torch.Tensor]) -> torch.Tensor:  # -> [H, T, D] fp32
+        q = _unpack2(p["v_q"]).float()  # [H, T, D]
+        D = q.shape[-1]
+        a = (q @ hadamard_matrix(D).to(q.device)) * p["v_scale"].float()[..., None]
+        a[..., 0] += p["v_min"].float() * D
+        return a * rotation_weights(D).to(q.device)
+
+
+def rotation_weights(head_dim: int) -> torch.Tensor:
+    """int2r's last decode factor, fp32 ``[D]``: ``hadamard_signs(D) * (1 / sqrt(D))``, with the
+    fp32 sqrt and division each correctly rounded (as the Triton decode computes it)."""
+    return hadamard_signs(head_dim) * torch.tensor(float(head_dim)).sqrt().reciprocal()
 
 
 def _pad_groups(x: torch.Tensor, G: int, S: int, fill=0.0) -> torch.Tensor:
@@ -494,7 +586,9 @@ def _range_fp16(lo: torch.Tensor, hi: torch.Tensor, levels_minus_1: int, what: s
     return _to_fp16_scale((hi - lo) / levels_minus_1, what), lo.half()
 
 
-CODECS: dict[str, Codec] = {c.name: c for c in (RawCodec(), Int8Codec(), Int4Codec(), Int2Codec())}
+CODECS: dict[str, Codec] = {
+    c.name: c for c in (RawCodec(), Int8Codec(), Int4Codec(), Int2Codec(), Int2RCodec())
+}
 """Every codec by name. Add one by subclassing ``Codec`` and registering it here."""
 
 

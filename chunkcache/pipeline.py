@@ -44,7 +44,7 @@ from chunkcache import kernels
 from chunkcache import model as M
 from chunkcache.errors import CorruptEntryError
 from chunkcache.format import has_layer_sums, unpack_parts, verify_payload, verify_small_sections
-from chunkcache.fuse import FuseConfig, FuseJob, FuseResult, StageTimer, run_job
+from chunkcache.fuse import FuseConfig, FuseJob, FuseResult, StageTimer, exact_chunks, run_job
 from chunkcache.model import LoadedModel
 
 __all__ = ["LayerLoader", "LoadPlan", "Staging", "StagingPool", "entry_views", "fuse_entries"]
@@ -758,6 +758,7 @@ def fuse_entries(
     resident: Sequence[tuple[dict, dict[str, torch.Tensor]] | None] | None = None,
     arena: torch.Tensor | None = None,
     run: Callable[[FuseJob], FuseResult] | None = None,
+    preload: bool = False,
 ) -> FuseResult:
     """``fuse.fuse_kv`` over stored entries, loading layer by layer behind the compute.
 
@@ -779,9 +780,10 @@ def fuse_entries(
     no checksums for it (it was checked when admitted), ``inspect`` still runs; with the cache's
     ``arena`` and every entry resident, nothing is copied (``LayerLoader.zero_copy``). ``run(job)``
     runs the fusion (default ``fuse.run_job``: alone; the engine's batching hands the job to
-    ``batch.Batcher.run``, which fuses it with others' while this thread waits; the loader streams
-    meanwhile). ``stats["seconds"]`` gains ``read`` (header parsing), ``stage_host``, ``h2d`` and
-    ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
+    ``batch.Batcher.run``, which fuses it with others' while this thread waits). ``preload``:
+    start the loader before ``run`` (its layers stream in while the job waits for its batch;
+    otherwise at the fusion's first layer). ``stats["seconds"]`` gains ``read`` (header parsing),
+    ``stage_host``, ``h2d`` and ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
     """
     if not suffix_ids:
         raise ValueError("the question suffix is empty: nothing to generate from")
@@ -843,8 +845,23 @@ def fuse_entries(
     # held the compute stream idle for 11 ms on the H100).
     timer.mark("read")
     config = config or FuseConfig()
-    job = FuseJob(buf, ids, p, lengths, token_scores, config, source=loader, timer=timer, graphs=graphs)
+    exact = exact_chunks(p, lengths, [int(h["base_pos"]) for h, _ in parsed])
+    job = FuseJob(
+        buf,
+        ids,
+        p,
+        lengths,
+        token_scores,
+        config,
+        source=loader,
+        timer=timer,
+        graphs=graphs,
+        exact_chunks=exact,
+    )
     try:
+        if preload and not loader.zero_copy:  # its small uploads first, then the layers stream in
+            job.place()  # while the job waits (a zero-copy loader has nothing to stream)
+            loader.start()
         res = run_job(lm, job) if run is None else run(job)
         loader.check()  # a damaged layer raises here: the result is never returned
     finally:

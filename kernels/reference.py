@@ -20,8 +20,11 @@ import torch
 
 from chunkcache.codec import CODECS, INT4_GROUP, int2_groups, int2_kept, int2_side_layout
 
-KERNEL_CODECS = ("raw", "int8", "int4", "int2")
+KERNEL_CODECS = ("raw", "int8", "int4", "int2", "int2r")
 """The codecs the decode kernels (and ``decode_layer``) implement."""
+
+INT2_FAMILY = ("int2", "int2r")
+"""Codecs with int2's two parts (``rows``, ``side``) and layout; int2r rotates its values."""
 
 CODEC_PARTS: dict[str, tuple[str, ...]] = {name: CODECS[name].parts for name in KERNEL_CODECS}
 """The tensors each codec stores for one layer (shapes in ``decode_layer``), in ``codec.py``'s
@@ -55,10 +58,11 @@ def decode_layer(codec: str, parts: Mapping[str, torch.Tensor]) -> tuple[torch.T
           v_scale, v_min fp16 [H, T] (per token); x = q * scale + min.
     int2: rows uint8 [H, T, D/2 + 4], side uint8 [E] (``codec.Int2Codec``): 2-bit codes, key
           groups t // S, then the kept tokens' int8 rows written over theirs.
+    int2r: int2's parts; values decoded through the inverse Hadamard rotation (``codec.Int2RCodec``).
     """
     check_parts(codec, parts)
-    if codec == "int2":  # the layout and its decode are codec.py's (rows, side; see Int2Codec)
-        kv = CODECS["int2"].decode_layer(
+    if codec in INT2_FAMILY:  # the layout and its decode are codec.py's (rows, side; see Int2Codec)
+        kv = CODECS[codec].decode_layer(
             {"rows": parts["rows"][None], "side": parts["side"][None]}, 0, torch.float32
         )
         return kv[0], kv[1]
@@ -230,7 +234,7 @@ class PackedLayout:
         check_parts(self.codec, parts)
         if self.codec == "raw":
             _, h, t, d = parts["kv"][2]
-        elif self.codec == "int2":
+        elif self.codec in INT2_FAMILY:
             h, t, r = parts["rows"][2]
             d = 2 * (r - 4)
             side = int2_side_layout(h, t, d)["end"][0]
@@ -242,6 +246,8 @@ class PackedLayout:
                 raise ValueError(f"int2 parts must be uint8 rows [H, T, D/2 + 4] and side [{side}]")
             if parts["side"][0] % 4:
                 raise ValueError(f"part at byte {parts['side'][0]} is not aligned to its int32 section")
+            if self.codec == "int2r":
+                CODECS["int2r"]._check_head_dim(d)
         else:
             h, t, d = parts["k_q"][2]
             d = d * 2 if self.codec == "int4" else d
@@ -257,7 +263,7 @@ class PackedLayout:
         self.chunks.append({k: (int(o), dt, tuple(int(x) for x in sh)) for k, (o, dt, sh) in parts.items()})
         self.tokens.append(int(t))
         self.dests.append(int(dest))
-        self.kept.append(int2_kept(int(t)) if self.codec == "int2" else 0)
+        self.kept.append(int2_kept(int(t)) if self.codec in INT2_FAMILY else 0)
         self._meta.clear()
 
     def shifted(self, deltas: Sequence[Mapping[str, int]]) -> PackedLayout:
@@ -295,7 +301,7 @@ class PackedLayout:
         return out
 
     def data_dtype(self) -> torch.dtype:
-        return self.chunks[0][{"raw": "kv", "int2": "rows"}.get(self.codec, "k_q")][1]
+        return self.chunks[0][{"raw": "kv", "int2": "rows", "int2r": "rows"}.get(self.codec, "k_q")][1]
 
     def _int2_row(self, parts, t: int, dest: int) -> list[int]:
         """int2's launch-table row: rows at byte r (codes; value codes at r + D/4; value scale,
@@ -352,7 +358,7 @@ class PackedLayout:
             rows = []
             data_size = self.data_dtype().itemsize
             for parts, t, dest in zip(self.chunks, self.tokens, self.dests, strict=True):
-                if self.codec == "int2":
+                if self.codec in INT2_FAMILY:
                     rows.append(self._int2_row(parts, t, dest))
                     continue
                 if self.codec == "raw":

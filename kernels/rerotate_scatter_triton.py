@@ -25,12 +25,39 @@ import triton.language as tl
 
 from chunkcache.codec import int2_sections
 
-from .reference import INT4_GROUP, META_COLS, check_parts, int2_groups
+from .reference import INT2_FAMILY, INT4_GROUP, META_COLS, check_parts, int2_groups
 from .reference import rerotate_scatter_reference as rerotate_scatter_reference
 
 __all__ = ["rerotate_scatter", "rerotate_scatter_packed", "rerotate_scatter_reference"]
 
-_CODEC_ID = {"raw": 0, "int8": 1, "int4": 2, "int2": 3}
+_CODEC_ID = {"raw": 0, "int8": 1, "int4": 2, "int2": 3, "int2r": 4}
+
+
+@triton.jit
+def _fmix_sign(j):
+    """int2r's sign of head_dim element j (int64 tensor): ``codec.hadamard_signs``, bit for bit."""
+    h = (j * 0x9E3779B1) & 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    h ^= h >> 16
+    return 1.0 - 2.0 * (h & 1).to(tl.float32)
+
+
+@triton.jit
+def _hadamard_half(q, i, j, USE_DOT: tl.constexpr):
+    """q [BT, D] (small integers, fp32) @ H[:, j] for the column indices j [BH] of the Sylvester
+    Hadamard matrix (H[i, j] = (-1) ** popcount(i & j), i = arange(D)): exact integer sums, so
+    the tensor-core dot (fp16 in, fp32 accumulate) and the broadcast sum give the same."""
+    x = i[:, None] & j[None, :]  # [D, BH], < 256
+    x ^= x >> 4
+    x ^= x >> 2
+    x ^= x >> 1
+    h = 1.0 - 2.0 * (x & 1).to(tl.float32)
+    if USE_DOT:
+        return tl.dot(q.to(tl.float16), h.to(tl.float16), out_dtype=tl.float32)
+    return tl.sum(q[:, :, None] * h[None, :, :], axis=1)
 
 
 @triton.jit
@@ -61,7 +88,7 @@ def _decode_rotate_store(
     mask = t_mask[:, None] & j_mask[None, :]
     row = h * T + t  # source row of (head, token)
 
-    if CODEC == 3:
+    if CODEC == 3 or CODEC == 4:
         # int2: a (head, token) row of R = D/2 + 4 bytes holds the key codes (bytes [0, D/4), K_ptr),
         # the value codes ([D/4, D/2), V_ptr) and the value scale, min (fp16 at VS_ptr, VM_ptr, in
         # fp16 units R/2 per row). Element e sits in byte e % (D/4), bits 2 * (e // (D/4)).
@@ -74,8 +101,6 @@ def _decode_rotate_store(
         sh2 = (2 * (e2 // Q2)).to(tl.uint8)[None, :]
         k1 = ((tl.load(K_ptr + src1, mask=mask, other=0) >> sh1) & 3).to(tl.float32)
         k2 = ((tl.load(K_ptr + src2, mask=mask, other=0) >> sh2) & 3).to(tl.float32)
-        v1 = ((tl.load(V_ptr + src1, mask=mask, other=0) >> sh1) & 3).to(tl.float32)
-        v2 = ((tl.load(V_ptr + src2, mask=mask, other=0) >> sh2) & 3).to(tl.float32)
         ks_row = (h * G + t // S)[:, None] * D + j[None, :]
         k1 = k1 * tl.load(KS_ptr + ks_row, mask=mask, other=0.0).to(tl.float32) + tl.load(
             KM_ptr + ks_row, mask=mask, other=0.0
@@ -85,8 +110,21 @@ def _decode_rotate_store(
         ).to(tl.float32)
         vs = tl.load(VS_ptr + row * (R // 2), mask=t_mask, other=0.0).to(tl.float32)[:, None]
         vm = tl.load(VM_ptr + row * (R // 2), mask=t_mask, other=0.0).to(tl.float32)[:, None]
-        v1 = v1 * vs + vm
-        v2 = v2 * vs + vm
+        if CODEC == 4:
+            # int2r (codec.Int2RCodec): c = q @ H over the whole row, a = c * scale + (D * min at
+            # column 0), v = a * sign / sqrt(D); D is a power of two, so 2 * BLOCK_HALF == D.
+            i = tl.arange(0, 2 * BLOCK_HALF).to(tl.int64)
+            srcq = row[:, None] * R + (i % Q2)[None, :]
+            shq = (2 * (i // Q2)).to(tl.uint8)[None, :]
+            q = ((tl.load(V_ptr + srcq, mask=t_mask[:, None], other=0) >> shq) & 3).to(tl.float32)
+            USE_DOT: tl.constexpr = (BLOCK_T >= 16) and (BLOCK_HALF >= 16)
+            w = tl.div_rn(1.0, tl.sqrt_rn(tl.full([BLOCK_HALF], D, tl.float32)))  # as codec.rotation_weights
+            v1 = _hadamard_half(q, i, j, USE_DOT) * vs + tl.where((j == 0)[None, :], vm * D, 0.0)
+            v1 = v1 * (_fmix_sign(j) * w)[None, :]
+            v2 = (_hadamard_half(q, i, j + HALF, USE_DOT) * vs) * (_fmix_sign(j + HALF) * w)[None, :]
+        else:
+            v1 = ((tl.load(V_ptr + src1, mask=mask, other=0) >> sh1) & 3).to(tl.float32) * vs + vm
+            v2 = ((tl.load(V_ptr + src2, mask=mask, other=0) >> sh2) & 3).to(tl.float32) * vs + vm
     elif CODEC == 2:
         QUARTER: tl.constexpr = D // 4
         b = tl.arange(0, BLOCK_HALF // 2).to(tl.int64)  # byte inside one half
@@ -302,7 +340,7 @@ def rerotate_scatter(
     if codec == "raw":
         kv = parts["kv"]
         k_src, v_src = kv[0].contiguous(), kv[1].contiguous()
-    elif codec == "int2":
+    elif codec in INT2_FAMILY:
         rows = parts["rows"].contiguous()  # [H, T, D/2 + 4]
         sec = int2_sections(rows, parts["side"].contiguous())
         k_src, v_src = rows, rows[..., (rows.shape[-1] - 4) // 2 :]  # V_ptr: the value codes' start
@@ -310,16 +348,20 @@ def rerotate_scatter(
         k_src, v_src = parts["k_q"].contiguous(), parts["v_q"].contiguous()
     h, t = k_src.shape[0], k_src.shape[1]
     d = k_out.shape[-1]
-    if codec == "int2" and rows.shape[-1] != d // 2 + 4:
-        raise ValueError(f"codec 'int2' rows have last dim {rows.shape[-1]}, head_dim {d} needs {d // 2 + 4}")
+    if codec in INT2_FAMILY and rows.shape[-1] != d // 2 + 4:
+        raise ValueError(
+            f"codec {codec!r} rows have last dim {rows.shape[-1]}, head_dim {d} needs {d // 2 + 4}"
+        )
+    if codec == "int2r" and d & (d - 1):
+        raise ValueError(f"codec 'int2r' needs a power-of-two head_dim, got {d}")
     if k_out.shape != v_out.shape or k_out.dim() != 3 or k_out.shape[0] != h:
         raise ValueError(
             f"k_out/v_out must be [{h}, N, D], got {tuple(k_out.shape)} and {tuple(v_out.shape)}"
         )
-    per_byte = {"int4": 2, "int2": 4}.get(codec, 1)
+    per_byte = {"int4": 2, "int2": 4, "int2r": 4}.get(codec, 1)
     if d % (2 * per_byte):
         raise ValueError(f"head_dim {d} must be divisible by {2 * per_byte} for codec {codec!r}")
-    if codec != "int2" and k_src.shape[-1] != d // per_byte:
+    if codec not in INT2_FAMILY and k_src.shape[-1] != d // per_byte:
         raise ValueError(f"codec {codec!r} data has last dim {k_src.shape[-1]}, head_dim is {d}")
     if offset < 0 or offset + t > k_out.shape[1]:
         raise ValueError(f"chunk of {t} tokens at offset {offset} does not fit in {k_out.shape[1]} slots")
@@ -334,7 +376,7 @@ def rerotate_scatter(
 
     groups, group_tokens = 1, 1
     ks = km = vs = vm = k_src  # placeholders the kernel never reads for this codec
-    if codec == "int2":  # views into rows / side (int2_sections checked the side's size)
+    if codec in INT2_FAMILY:  # views into rows / side (int2_sections checked the side's size)
         ks, km = sec["k_scale"], sec["k_min"]
         sm = rows.view(torch.float16)  # [H, T, R/2]: the kernel steps R/2 fp16 units per row
         vs, vm = sm[..., d // 4], sm[..., d // 4 + 1]
@@ -355,6 +397,8 @@ def rerotate_scatter(
         # H100, 8 kv heads, D 128: 16-64 tokens per program all reach ~1.4-2.3 TB/s at 8K tokens;
         # short chunks are latency-bound (~15-40 us per launch) whatever the block.
         block_t = max(1, min(32, 4096 // block_half, triton.next_power_of_2(t)))
+        if codec == "int2r":  # its value decode is a tensor-core dot, which needs >= 16 rows
+            block_t = max(block_t, 16)
     grid = (triton.cdiv(t, block_t), h)
     _rerotate_scatter_kernel[grid](
         k_src,
@@ -380,7 +424,7 @@ def rerotate_scatter(
         BLOCK_HALF=block_half,
         num_warps=4,
     )
-    if codec == "int2":  # after the 2-bit rows (stream order): the kept rows overwrite theirs
+    if codec in INT2_FAMILY:  # after the 2-bit rows (stream order): the kept rows overwrite theirs
         idx = sec["o_idx"]
         n = idx.shape[0]
         if n:
@@ -425,6 +469,8 @@ def rerotate_scatter_packed(
     t_max = max(layout.tokens)
     if block_t is None:
         block_t = max(1, min(32, 4096 // block_half, triton.next_power_of_2(t_max)))
+        if layout.codec == "int2r":  # its value decode is a tensor-core dot, which needs >= 16 rows
+            block_t = max(block_t, 16)
     grid = (triton.cdiv(t_max, block_t), h, n_chunks)
     meta = layout.meta(buf.device)
     _rerotate_scatter_packed_kernel[grid](
@@ -445,7 +491,7 @@ def rerotate_scatter_packed(
         META_COLS=META_COLS,
         num_warps=4,
     )
-    if layout.codec == "int2":  # after the 2-bit rows (stream order): the kept rows overwrite theirs
+    if layout.codec in INT2_FAMILY:  # after the 2-bit rows (stream order): the kept rows overwrite theirs
         n_max = max(layout.kept)
         if n_max:
             _kept_rows_packed_kernel[(triton.cdiv(n_max, block_t), h, n_chunks)](

@@ -241,8 +241,8 @@ def model():
     return tiny_model()
 
 
-@pytest.mark.parametrize("fast_path", [False, True])
-def test_batched_threads_equal_each_call_alone(smol_tokenizer, model, tmp_path, fast_path):
+@pytest.mark.parametrize(("fast_path", "preload"), [(False, True), (True, True), (True, False)])
+def test_batched_threads_equal_each_call_alone(smol_tokenizer, model, tmp_path, fast_path, preload):
     """8 threads, 24 requests over different chunk sets and lengths (some chunks never
     precomputed: misses), ratios and policies; the worker waits for full batches, so requests
     really are fused together."""
@@ -253,7 +253,7 @@ def test_batched_threads_equal_each_call_alone(smol_tokenizer, model, tmp_path, 
 
     store = str(tmp_path / "s")
     eng = ChunkCache(model=model, tokenizer=smol_tokenizer, store=store, fast_path=fast_path,
-                     batching=BatchConfig(max_batch=4, max_wait_ms=500))  # fmt: skip
+                     batching=BatchConfig(max_batch=4, max_wait_ms=500, preload=preload))  # fmt: skip
     eng.precompute(PASSAGES[:3])
     reqs = [
         (c, q, (0.15, 0.3, 0.5)[i % 3], ("qfast", "qaware", "cacheblend")[i % 3])
@@ -335,7 +335,7 @@ def test_batch_config_is_checked():
     from chunkcache.engine import ChunkCache
 
     for bad in ({"max_batch": 0}, {"max_batch": 2.0}, {"max_batch": True}, {"max_wait_ms": -1},
-                {"max_wait_ms": float("nan")}, {"idle_s": 0}):  # fmt: skip
+                {"max_wait_ms": float("nan")}, {"idle_s": 0}, {"preload": 1}):  # fmt: skip
         with pytest.raises(ValueError):
             BatchConfig(**bad)
     with pytest.raises(TypeError, match="BatchConfig"):

@@ -10,9 +10,12 @@ from chunkcache.codec import (
     INT2_KEEP_FIRST,
     INT4_GROUP,
     get_codec,
+    hadamard_matrix,
+    hadamard_signs,
     int2_groups,
     int2_kept,
     int2_sections,
+    rotation_weights,
 )
 
 SHAPES = [(2, 1, 1, 64), (2, 3, 129, 64), (1, 3, 300, 128), (3, 2, 128, 64), (1, 1, 5, 2)]  # L, H, T, D
@@ -158,7 +161,7 @@ def test_int2_needs_head_dim_multiple_of_4():
         CODECS["int2"].encode(torch.zeros(1, 2, 1, 4, 62))
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "int2"])
+@pytest.mark.parametrize("name", ["int8", "int4", "int2", "int2r"])
 def test_zeros_stay_zeros(name):
     kv = torch.zeros(2, 2, 3, 129, 64, dtype=torch.bfloat16)
     kv[0, 0, 0, :, 5] = 3.0  # one non-zero channel next to all-zero ones
@@ -189,7 +192,7 @@ def test_bad_inputs_and_names():
         CODECS["int8"].encode(torch.zeros(1, 3, 1, 4, 64))
     with pytest.raises(ValueError, match="float16 range"):
         CODECS["int8"].encode(torch.full((1, 2, 1, 2, 4), 1e8))
-    with pytest.raises(ValueError, match="known: int2, int4, int8, raw"):
+    with pytest.raises(ValueError, match="known: int2, int2r, int4, int8, raw"):
         get_codec("zstd")
 
 
@@ -203,4 +206,78 @@ def test_sizes_against_bf16():
         assert nbytes == codec.nbytes(L, H, T, D, torch.bfloat16), name
     assert bf16 / CODECS["int4"].nbytes(L, H, T, D, torch.bfloat16) >= 3.5
     assert bf16 / CODECS["int2"].nbytes(L, H, T, D, torch.bfloat16) >= 6.0
+    assert CODECS["int2r"].nbytes(L, H, T, D, torch.bfloat16) == CODECS["int2"].nbytes(
+        L, H, T, D, torch.bfloat16
+    )
     assert bf16 / CODECS["int8"].nbytes(L, H, T, D, torch.bfloat16) >= 1.9
+
+
+def test_hadamard_rotation_is_orthogonal_and_fixed():
+    for d in (4, 16, 64, 128):
+        h, s = hadamard_matrix(d), hadamard_signs(d)
+        assert torch.equal(h, h.T) and torch.equal(h @ h, d * torch.eye(d))
+        assert set(s.tolist()) == {-1.0, 1.0}
+    # the signs are a formula (no entry stores them): pinned, so a change is a format change
+    assert hadamard_signs(16).tolist() == [1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, 1, -1, 1]
+    assert torch.equal(rotation_weights(64), hadamard_signs(64) / 8)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 129, 64), (1, 2, 300, 128), (1, 1, 5, 16), (2, 1, 1, 4)])
+def test_int2r_decodes_its_formula_and_keeps_int2_keys(shape):
+    """Same keys, layout and kept tokens as int2 would code for these values; values decode as
+    (q @ H * scale + D * min at column 0) * sign / sqrt(D), and invert the encode's rotation."""
+    L, H, T, D = shape
+    kv = make_kv(L, H, T, D, dtype=torch.float32)
+    parts = CODECS["int2r"].encode(kv)
+    assert {n: (tuple(p.shape), p.dtype) for n, p in parts.items()} == {
+        n: (tuple(m.shape), m.dtype) for n, m in CODECS["int2r"].part_shapes(kv.shape, torch.float32).items()
+    }
+    out = CODECS["int2r"].decode(parts, torch.float32)
+    hm, w = hadamard_matrix(D), rotation_weights(D)
+    for layer in range(L):
+        sec = int2_sections(parts["rows"][layer], parts["side"][layer])
+        q = torch.cat([sec["v_q"] >> (2 * i) & 3 for i in range(4)], dim=-1).float()  # planar
+        vr = q * sec["v_scale"].float()[..., None] + sec["v_min"].float()[..., None]  # rotated domain
+        want = (vr @ hm) * w
+        rest = torch.ones(T, dtype=torch.bool)
+        rest[sec["o_idx"].long()] = False
+        torch.testing.assert_close(out[layer, 1][:, rest], want[:, rest], atol=1e-5, rtol=1e-5)
+        # kept rows: the unrotated values at int8 (half a step)
+        idx = sec["o_idx"].long()
+        x = kv[layer, 1][:, idx]
+        assert (
+            (out[layer, 1][:, idx] - x).abs() <= 0.5 * x.abs().amax(-1, keepdim=True) / 127 * 1.01 + 1e-6
+        ).all()
+    # the encode rotated by exactly this matrix: a 2-bit code of the rotated row is within half a step there
+    vr_true = ((kv[:, 1] * hadamard_signs(D)) @ hm) / D**0.5
+    vr_dec = ((out[:, 1] * hadamard_signs(D)) @ hm) / D**0.5
+    span = vr_true.amax(-1, keepdim=True) - vr_true.amin(-1, keepdim=True)
+    assert (
+        (vr_dec - vr_true).abs() <= span / 3 / 2 * 1.01 + span * 0.41 + 1e-5
+    ).all()  # clipping <= 0.4 of the span
+    # keys: int2's exactly (the rotation touches values only)
+    k2 = CODECS["int2"].decode(CODECS["int2"].encode(kv), torch.float32)[:, 0]
+    assert torch.equal(out[:, 0][:, :, :4], k2[:, :, :4])  # the first tokens, kept by both
+
+
+def test_int2r_spreads_a_value_outlier_channel():
+    """A value channel 8x larger than the rest makes int2's per-token range coarse for every other
+    channel; int2r's rotation spreads it over the row, so its value error is less than half int2's
+    (on Gaussian rows without an outlier the two are within 2%)."""
+    err = {}
+    for outlier in (1.0, 8.0):
+        kv = make_kv(2, 2, 256, 64, dtype=torch.float32)
+        kv[:, 1, :, :, 7] *= outlier
+        for name in ("int2", "int2r"):
+            out = CODECS[name].decode(CODECS[name].encode(kv), torch.float32)
+            err[name, outlier] = float(((out[:, 1] - kv[:, 1]) ** 2).sum() / (kv[:, 1] ** 2).sum())
+    assert err["int2r", 8.0] < err["int2", 8.0] / 2, err
+    assert abs(err["int2r", 1.0] - err["int2", 1.0]) < 0.02 * err["int2", 1.0], err
+
+
+@pytest.mark.parametrize("d", [80, 96, 2, 12])
+def test_int2r_needs_power_of_two_head_dim(d):
+    with pytest.raises(ValueError, match="power of two"):
+        CODECS["int2r"].encode(torch.zeros(1, 2, 1, 4, d))
+    with pytest.raises(ValueError, match="power of two"):
+        CODECS["int2r"].part_shapes([1, 2, 1, 4, d], torch.float32)

@@ -252,7 +252,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--passages", type=int, default=5)
     p.add_argument(
-        "--codecs", default="raw,int8,int4,int2,cachegen", help="comma list; raw is the lossless yardstick"
+        "--codecs",
+        default="raw,int8,int4,int2,int2r,cachegen",
+        help="comma list; raw is the lossless yardstick",
     )
     p.add_argument("--policy", default="qfast")
     p.add_argument("--ratio", type=float, default=0.15)

@@ -332,9 +332,10 @@ def run(
         )
         return ttft, n
 
-    name = "fused" if getattr(eng, "batching", None) is None else "fused batched"
+    b = getattr(eng, "batching", None)
+    name = "fused" if b is None else "fused batched" if b.preload else "fused batched lazy"
     sides.append(measure(name, lambda t, q: fused_request(eng, t, q, w), afused))
-    if name == "fused batched":
+    if b is not None:
         b = eng.batcher().stats()  # (warm-up batches included)
         sides[-1]["mean_batch"] = b["requests"] / b["batches"] if b["batches"] else 0.0
         sides[-1]["batch_sizes"] = b["sizes"]
@@ -378,12 +379,14 @@ def run(
 
 def cross_ratios(results: list[dict]) -> None:
     """For a result without full-prefill sides of its own (later fused settings of one run), its
-    ratios against the best full side measured in the same run for the same clients and mode."""
+    ratios against the best full side measured in the same run for the same clients, mode and
+    workload."""
     for r in results:
         if r["ratios"] or not r["sides"]:
             continue
         fulls = [
-            s for o in results if o["clients"] == r["clients"] and o["asyncio"] == r["asyncio"]
+            s for o in results
+            if (o["clients"], o["asyncio"], o["workload"]) == (r["clients"], r["asyncio"], r["workload"])
             for s in o["sides"] if s["side"].startswith("full")
         ]  # fmt: skip
         if not fulls:
@@ -464,7 +467,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--full", default="both", choices=["sequential", "batched", "both", "none"])
     p.add_argument(
-        "--batching", default="off", help="comma list: off (each caller fuses alone), on (BatchConfig)"
+        "--batching",
+        default="off",
+        help="comma list: off (each caller fuses alone), on (BatchConfig), lazy (BatchConfig(preload=False))",
     )
     p.add_argument("--max-batch", type=int, default=None, help="BatchConfig.max_batch (default: clients)")
     p.add_argument("--max-wait-ms", type=float, default=0.0, help="BatchConfig.max_wait_ms")
@@ -499,19 +504,19 @@ def run_cli(args: argparse.Namespace) -> int:
     from chunkcache.batch import BatchConfig
 
     batching = args.batching.split(",")
-    if not set(batching) <= {"off", "on"}:
-        raise SystemExit(f"--batching takes off and on, got {args.batching!r}")
+    if not set(batching) <= {"off", "on", "lazy"}:
+        raise SystemExit(f"--batching takes off, on and lazy, got {args.batching!r}")
     for mode in args.mode.split(","):
         for k in [int(x) for x in args.clients.split(",")]:
             settings = [(f, b) for b in batching for f in fusions]
             for i, (f, b) in enumerate(settings):  # later settings: the fused side only
                 print(f"\n== {k} clients ({mode}), concurrent_fusions {f}, batching {b}")
                 eng._pool, eng.concurrent_fusions, eng._batcher = None, f, None
-                eng.batching = (
-                    BatchConfig(max_batch=args.max_batch or k, max_wait_ms=args.max_wait_ms)
-                    if b == "on"
-                    else None
-                )
+                eng.batching = None
+                if b != "off":
+                    eng.batching = BatchConfig(
+                        max_batch=args.max_batch or k, max_wait_ms=args.max_wait_ms, preload=b == "on"
+                    )
                 full = args.full if i == 0 else "none"
                 res = run(
                     eng, clients=k, seconds=args.seconds, workload=w, full=full, use_asyncio=mode == "asyncio"
