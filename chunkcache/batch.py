@@ -229,6 +229,7 @@ def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob]) -> list[FuseResult]:
             j.timer,
             j.graphs,
             j.prompt,
+            j.exact_chunks,
         )  # (f.graphs: its padding, and a copy of its persistent buffer in the result)
         states.append(_State(f, j.config, budget, dict(schedule), active, n_act))
     layers = lm.spec.num_layers

@@ -810,7 +810,9 @@ class ChunkCache:
         def inspect(i: int, header: dict, parts: dict) -> None:  # token sections already checked
             if resident[i] is not None:  # its key inputs and tokens were checked when admitted
                 if token_bytes(parts["token_ids"]) != ids[i]:
-                    raise ModelMismatchError(f"store entry {keys[i]} holds other tokens than the chunk asked for")
+                    raise ModelMismatchError(
+                        f"store entry {keys[i]} holds other tokens than the chunk asked for"
+                    )
                 return
             self._check_entry(keys[i], header, parts["token_ids"], ids[i])
 

@@ -13,10 +13,11 @@ export PYTHONUNBUFFERED=1
 case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) source bench_results/session7/gpu/setup.sh ;; esac
 OUT=${OUT:-/tmp/out}
 T=/tmp/fidelity; rm -rf $T; mkdir -p $T $OUT
-POLICIES=${POLICIES:-qfast}
+POLICIES=${POLICIES:-qfast,qstale}
 SLICE_S=${SLICE_S:-360}
+EXTRA=${EXTRA:-}                               # e.g. EXTRA="--refine 4:0.05"
 Q="python3 -m chunkcache.bench.quality --device cuda --dtype float32 --policies $POLICIES --ratios 0.05,0.15 \
-  --answer-tokens 32 --noise-floor 1000"
+  --answer-tokens 32 --noise-floor 1000 $EXTRA"
 FACT=chunkcache/bench/data/factual.json
 
 python3 -c "import torch, chunkcache; from chunkcache.select import POLICIES; \
@@ -36,6 +37,8 @@ for split in dev heldout; do                   # factual: 4 slices of 14-15 case
 done
 for p in "${pids[@]}"; do wait $p; echo "pid $p rc=$?" >> $T/env.log; done
 
+# a slice killed by its timeout while rewriting its file leaves broken JSON: merge only whole files
+for f in $T/*.json; do python3 -c "import json,sys; json.load(open(sys.argv[1]))" $f 2>/dev/null || mv $f $f.broken; done
 M="python3 -m chunkcache.bench.quality --questions 1000 --merge"
 {
   echo "== H200, SmolLM2-135M fp32, policies $POLICIES; noise floor: bf16 full prefill"
