@@ -389,12 +389,7 @@ class LoadPlan:
                     {n: (ps[n].data_ptr() - arena.data_ptr(), dt, sh) for n, (dt, sh) in shapes[c].items()},
                     dest,
                 )
-            layouts = [base] + [
-                base.shifted([{k: j * b for k, b in d.items()} for d in step])
-                for j in range(1, spec.num_layers)
-            ]
-            for layout in layouts:
-                layout.meta(device)  # the launch tables now, off the layer loop
+            layouts = base.series(step, spec.num_layers, device)  # one launch table, one copy
             sum_tables = torch.zeros(1, 0, 2, dtype=torch.int64, device=device)
             expected = torch.zeros(spec.num_layers, 0, 2, dtype=torch.int64, device=device)
         else:

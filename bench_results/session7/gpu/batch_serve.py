@@ -33,15 +33,16 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--misses", default="0,0.05")
+    ap.add_argument("--passages", type=int, default=64)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="serve_batch")
     a = ap.parse_args()
     eng = serve._engine(a.model, "int8", tempfile.mkdtemp(prefix="serve-batch-"), a.device)
     results = []
     for miss in [float(x) for x in a.misses.split(",")]:
-        w = serve.Workload(passages=64, k=a.k, miss=miss, new_tokens=1)
+        w = serve.Workload(passages=a.passages, k=a.k, miss=miss, new_tokens=1)
         settings = [None, BatchConfig(max_batch=a.clients)]
-        if miss == 0:
+        if miss == 0 and eng.fast_path:  # (preload is a fast-path setting)
             settings.append(BatchConfig(max_batch=a.clients, preload=False))
         for i, b in enumerate(settings):
             eng.batching, eng._batcher, eng._pool = b, None, None
