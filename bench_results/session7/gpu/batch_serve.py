@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--misses", default="0,0.05")
+    ap.add_argument("--passages", type=int, default=64)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="serve_batch")
     ap.add_argument(
@@ -43,11 +44,11 @@ def main() -> None:
     eng = serve._engine(a.model, "int8", tempfile.mkdtemp(prefix="serve-batch-"), a.device)
     results = []
     for miss in [float(x) for x in a.misses.split(",")]:
-        w = serve.Workload(passages=64, k=a.k, miss=miss, new_tokens=1)
+        w = serve.Workload(passages=a.passages, k=a.k, miss=miss, new_tokens=1)
         settings = [(None, 0), (BatchConfig(max_batch=a.clients), 0)]
-        if a.device_cache:  # the lead's device cache of hot entries, behind batching
+        if a.device_cache and eng.fast_path:  # the lead's device cache of hot entries, behind batching
             settings.append((BatchConfig(max_batch=a.clients), a.device_cache))
-        elif miss == 0:
+        elif miss == 0 and eng.fast_path:  # (preload is a fast-path setting)
             settings.append((BatchConfig(max_batch=a.clients, preload=False), 0))
         for i, (b, gib) in enumerate(settings):
             eng.batching, eng._batcher, eng._pool = b, None, None
