@@ -489,6 +489,9 @@ def _select(
     ``SelectContext`` is built (before layer 0 the layer tensors are None)."""
     prompt, lm = f.prompt, f.lm
     idx = cand - prompt.n_prefix  # candidates' indices among the chunk tokens
+    values = None
+    if getattr(f.policy, "value_norms", False):  # [L, c]: norms over the whole buffer, then the columns
+        values = torch.linalg.vector_norm(f.buf[:, 1], dim=-1, dtype=torch.float32).mean(1)[:, cand]
     ctx = SelectContext(
         layer=layer,
         positions=cand,
@@ -504,6 +507,7 @@ def _select(
         probe_attn=None if probe_attn is None else probe_attn[:, idx],
         token_scores=None if f.token_scores is None else f.token_scores[idx],
         exact=None if prompt.exact is None else prompt.exact[idx],
+        value_norms=values,
     )
     return torch.sort(f.policy.select(ctx, keep_n)).values
 
