@@ -283,13 +283,19 @@ class Decoder:
         async def run() -> AsyncIterator[int]:
             loop = asyncio.get_running_loop()
             q: asyncio.Queue = asyncio.Queue()
-            req = await asyncio.to_thread(
+            started = loop.run_in_executor(
+                None,
                 self.submit,
                 fused,
                 max_new_tokens,
                 sampling,
                 lambda x: loop.call_soon_threadsafe(q.put_nowait, x),
             )
+            try:
+                req = await asyncio.shield(started)
+            except asyncio.CancelledError:  # cancelled while the request was set up: retire it once it is
+                started.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().cancel())
+                raise
             try:
                 while (item := await q.get()) is not _END:
                     if isinstance(item, BaseException):

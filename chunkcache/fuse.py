@@ -156,7 +156,7 @@ def run_job(lm: LoadedModel, job: FuseJob) -> FuseResult:
     j = job
     return fuse_assembled(
         lm, j.buf, j.ids, j.n_prefix, j.chunk_lengths, j.token_scores, j.config, j.source, j.timer, j.graphs,
-        prompt=j.prompt,
+        prompt=j.prompt, exact_chunks=j.exact_chunks,
     )  # fmt: skip
 
 
@@ -180,6 +180,8 @@ class FuseJob:
     """``graphs.FusionGraphs`` whose persistent buffer ``buf`` is (CUDA fast path), or None: alone,
     the layer loops replay as graphs; in a batch only its row padding applies, and the result
     gets a copy of the KV either way."""
+    exact_chunks: list[bool] | None = None
+    """Per chunk: its reused K/V are exact in this prompt (``exact_chunks``), or None (not known)."""
     prompt: _Prompt | None = None
     """Its prompt geometry on the device, built ahead (``place``), or None: built when it runs."""
 
@@ -188,7 +190,7 @@ class FuseJob:
         that running the job later copies nothing from the host: a loader may then stream ahead
         (``pipeline.fuse_entries(preload=True)``) without the fusion's copies queueing behind it."""
         self.prompt = _Prompt.build(
-            self.ids, self.n_prefix, self.chunk_lengths, self.buf.shape[3], self.buf.device
+            self.ids, self.n_prefix, self.chunk_lengths, self.buf.shape[3], self.buf.device, self.exact_chunks
         )
         return self
 
@@ -212,8 +214,10 @@ def assembled_job(
     if ids.shape[1] != buf.shape[3]:
         raise ValueError(f"prefix KV covers {prefix_kv.shape[3]} tokens but prefix_ids has {len(prefix_ids)}")
     timer.mark("assemble")
-    return FuseJob(buf, ids, prefix_kv.shape[3], [c.num_tokens for c in chunks],
-                   _token_scores(chunks, lm.device), config, timer=timer)  # fmt: skip
+    lengths = [c.num_tokens for c in chunks]
+    exact = exact_chunks(prefix_kv.shape[3], lengths, [c.base_pos for c in chunks])
+    return FuseJob(buf, ids, prefix_kv.shape[3], lengths, _token_scores(chunks, lm.device), config,
+                   timer=timer, exact_chunks=exact)  # fmt: skip
 
 
 @torch.no_grad()
@@ -243,7 +247,8 @@ def refine(
     buf = torch.cat([kv, kv.new_zeros(*kv.shape[:3], new.shape[1], kv.shape[4])], 3)  # a copy
     base = FuseConfig(policy=policy).selector
     cfg = FuseConfig(recompute_ratio=extra / n_ctx if n_ctx else 0.0, policy=Excluding(base, fused.selected))
-    res = fuse_assembled(lm, buf, ids, n_prefix, lengths, None, cfg)
+    exact = fused.stats.get("exact_chunks")
+    res = fuse_assembled(lm, buf, ids, n_prefix, lengths, None, cfg, exact_chunks=exact)
     token_layers = fused.stats["token_layers"] + res.stats["token_layers"]
     full = lm.spec.num_layers * (fused.input_ids.shape[1] - n_prefix)
     stats = {
@@ -279,6 +284,10 @@ def with_front(
         "token_layers": token_layers,
         "compute_fraction": token_layers / full if full else 0.0,
         "chunk_lengths": list(front_lengths) + list(s["chunk_lengths"]),
+        # the front was computed exactly behind the prefix
+        "exact_chunks": None
+        if s.get("exact_chunks") is None
+        else [True] * len(front_lengths) + s["exact_chunks"],
     }
     return replace(res, selected=torch.cat([front, res.selected]), stats=stats, _cache=None)
 
@@ -387,9 +396,15 @@ class _Prompt:
     chunk_offsets: torch.Tensor
     """[chunks] first position of each chunk."""
     chunk_lengths: list[int]
+    exact_chunks: list[bool] | None = None
+    """Per chunk: its reused K/V are exact (``exact_chunks``), or None (not known)."""
+    exact: torch.Tensor | None = None
+    """[C] bool: the tokens of exact chunks, or None where no chunk is (or it is not known)."""
 
     @staticmethod
-    def build(ids: torch.Tensor, n_prefix: int, chunk_lengths: list[int], slots: int, dev) -> _Prompt:
+    def build(
+        ids: torch.Tensor, n_prefix: int, chunk_lengths: list[int], slots: int, dev, exact_chunks=None
+    ) -> _Prompt:
         n = ids.shape[1]
         if n > slots:
             raise ValueError(f"buffer holds {slots} positions, the prompt has {n}")
@@ -413,6 +428,10 @@ class _Prompt:
             chunk_of=chunk_of.to(dev),
             chunk_offsets=torch.tensor(offsets, dtype=torch.long).to(dev),
             chunk_lengths=list(chunk_lengths),
+            exact_chunks=None if exact_chunks is None else list(exact_chunks),
+            exact=None
+            if exact_chunks is None or not any(exact_chunks)
+            else torch.repeat_interleave(torch.tensor(exact_chunks), torch.tensor(chunk_lengths)).to(dev),
         )
 
 
@@ -462,6 +481,7 @@ def _select(
         window=lm.spec.windows[layer],
         probe_attn=None if probe_attn is None else probe_attn[:, idx],
         token_scores=None if f.token_scores is None else f.token_scores[idx],
+        exact=None if prompt.exact is None else prompt.exact[idx],
     )
     return torch.sort(f.policy.select(ctx, keep_n)).values
 
@@ -479,6 +499,7 @@ def fuse_assembled(
     timer: StageTimer | None = None,
     graphs=None,  # chunkcache.graphs.FusionGraphs (CUDA): replay the layer loops as CUDA graphs
     prompt: _Prompt | None = None,  # the geometry built ahead (FuseJob.place), or None
+    exact_chunks: list[bool] | None = None,  # per chunk: its reused K/V are exact (``exact_chunks``)
 ) -> FuseResult:
     """The fusion proper over an assembled buffer: probe, check layers, selective recompute.
 
@@ -495,7 +516,18 @@ def fuse_assembled(
     if graphs is not None and buf.device.type != "cuda":
         graphs = None
     f, budget, schedule, active, n_act = _begin(
-        lm, buf, ids, n_prefix, chunk_lengths, token_scores, config, source, timer, graphs, prompt
+        lm,
+        buf,
+        ids,
+        n_prefix,
+        chunk_lengths,
+        token_scores,
+        config,
+        source,
+        timer,
+        graphs,
+        prompt,
+        exact_chunks,
     )
     prompt, policy, timer, source = f.prompt, f.policy, f.timer, f.source
     n_ctx, n_q, q_pos = prompt.n_ctx, prompt.n_q, prompt.q_pos
@@ -566,6 +598,7 @@ def _result(
         "token_layers": token_layers,
         "compute_fraction": token_layers / full if full else 0.0,
         "chunk_lengths": list(prompt.chunk_lengths),
+        "exact_chunks": prompt.exact_chunks,
         "policy": config.policy_name,
         "recompute_ratio": config.recompute_ratio,
         "seconds": {"assemble": 0.0, "probe": 0.0, "check": 0.0, **f.timer.seconds()},
@@ -576,13 +609,16 @@ def _result(
     return FuseResult(input_ids=ids, logits=logits, kv=kv, selected=active[:n_act], stats=stats)
 
 
-def _begin(lm, buf, ids, n_prefix, chunk_lengths, token_scores, config, source, timer, graphs, prompt=None):
+def _begin(
+    lm, buf, ids, n_prefix, chunk_lengths, token_scores, config, source, timer, graphs, prompt=None,
+    exact_chunks=None,
+):  # fmt: skip
     """A fusion's shared state and its plan -> (``_Fusion``, budget: chunk tokens recomputed after
     the last check, schedule: check layer -> fraction kept after it, the first active positions,
     how many of them are chunk tokens)."""
     source = source or _Eager()
     timer = timer or StageTimer(buf.device)
-    prompt = prompt or _Prompt.build(ids, n_prefix, chunk_lengths, buf.shape[3], buf.device)
+    prompt = prompt or _Prompt.build(ids, n_prefix, chunk_lengths, buf.shape[3], buf.device, exact_chunks)
     n_ctx, q_pos = prompt.n_ctx, prompt.q_pos
     policy = config.selector
     f = _Fusion(lm, buf, prompt, policy, token_scores, source, timer, graphs)
@@ -716,6 +752,16 @@ def _layers_body(lm: LoadedModel, buf: torch.Tensor, first: int, stop: int, sour
 def _index_in(haystack: torch.Tensor, needles: torch.Tensor) -> torch.Tensor:
     """Indices i with haystack[i] == needle for each needle (haystack sorted ascending)."""
     return torch.searchsorted(haystack, needles)
+
+
+def exact_chunks(n_prefix: int, lengths: list[int], base_pos: list[int]) -> list[bool]:
+    """Per chunk: whether its reused K/V are exact in this prompt, i.e. it sits at the positions it
+    was encoded at (offset = its ``base_pos``). Chunks are encoded behind the prompt's prefix
+    (``sink="prefix"``, base_pos = P) or one BOS token (base_pos = 1), so a chunk at its encoding
+    offset was encoded behind the very tokens it follows: the first chunk with the prefix sink.
+    The codec's rounding is not context: a lossy chunk counts as exact too."""
+    offsets = [n_prefix + sum(lengths[:i]) for i in range(len(lengths))]
+    return [o == b for o, b in zip(offsets, base_pos, strict=True)]
 
 
 def _token_scores(chunks: list[ChunkKV], device) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ are None).
     gradual     the paper's gradual filtering: V deviation at layers 1, 2, 3 keeping 3r, 2r, r
     qaware      ours: question-aware (probe attention x layer-1 deviation). See ``QAware``.
     qfast       ours (default): the probe's attention alone, selected before layer 0. See ``QFast``.
+    qstale      ours: qfast's ranking over the stale tokens only (exact ones never). See ``QStale``.
     epic        the first tokens of every chunk (EPIC), for comparison
     random      uniform at random (a sanity floor)
 
@@ -65,6 +66,11 @@ class SelectContext:
     (only for policies with ``probe = True``)."""
     token_scores: torch.Tensor | None = None
     """[c] scores stored with the chunks at precompute time, if every chunk has them."""
+    exact: torch.Tensor | None = None
+    """[c] bool: the candidate's reused K/V were computed behind exactly the tokens that precede it
+    in this prompt (its chunk sits where it was encoded, behind the prefix: the first chunk with
+    the prefix sink), so they equal a full prefill's up to the codec's rounding and recomputing
+    it restores no context. None: no candidate is known to be exact."""
 
     def deviation(self, which: int = 1) -> torch.Tensor:
         """[c] L2 distance between fresh and reused K (0) or V (1), summed over heads."""
@@ -194,6 +200,21 @@ class QFast(QAware):
         return _top(ctx, ctx.probe_attn.sum(0), k)
 
 
+class QStale(QFast):
+    """QFast that spends the whole budget on stale tokens: a candidate whose reused K/V are
+    already exact (``SelectContext.exact``: the first chunk, encoded behind the very prefix it
+    sits behind) is never picked, however much the question reads it, since recomputing it
+    changes nothing. The budget stays ``ratio`` x all chunk tokens, so at equal compute the
+    share qfast spends on the first chunk goes to the chunks that miss context (the first
+    chunk is taken only when the stale tokens run out)."""
+
+    def select(self, ctx: SelectContext, k: int) -> torch.Tensor:
+        score = ctx.probe_attn.sum(0)
+        if ctx.exact is not None:
+            score = torch.where(ctx.exact, score - (score.max() + 1), score)  # exact ones rank last
+        return _top(ctx, score, k)
+
+
 class Excluding:
     """``base``'s ranking with some positions left out (those an earlier pass already
     recomputed): what ``fuse.refine`` selects with. Needs a probe policy that selects before
@@ -217,6 +238,7 @@ class Excluding:
             "chunk_of": ctx.chunk_of[left],
             "probe_attn": ctx.probe_attn[:, left],
             "token_scores": None if ctx.token_scores is None else ctx.token_scores[left],
+            "exact": None if ctx.exact is None else ctx.exact[left],
         }
         return self.base.select(SelectContext(**{**ctx.__dict__, **sub}), k)
 
@@ -226,6 +248,7 @@ POLICIES: dict[str, Policy] = {
     "gradual": Gradual(),
     "qaware": QAware(),
     "qfast": QFast(),
+    "qstale": QStale(),
     "epic": Epic(),
     "random": Random(),
 }

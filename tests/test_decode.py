@@ -381,3 +381,29 @@ def test_asyncio_on_cuda_equal_sequential(smol_tokenizer):
 
     texts, streams = asyncio.run(main())
     assert texts == want and streams == want
+
+
+def test_engine_streams_closed_early_free_their_requests(engine):
+    def idle() -> bool:
+        for _ in range(500):
+            if engine.decoder.pending() == 0:
+                return True
+            threading.Event().wait(0.01)
+        return False
+
+    it = engine.stream_generate(PASSAGES[:2], QUESTION, max_new_tokens=3000)
+    next(it)
+    for _ in range(500):  # the first token comes before the request is queued
+        if engine.decoder.pending() == 1:
+            break
+        threading.Event().wait(0.01)
+    assert engine.decoder.pending() == 1
+    it.close()
+    assert idle()
+
+    async def first_piece():
+        async for piece in engine.astream_generate(PASSAGES[:2], QUESTION, max_new_tokens=3000):
+            return piece  # leaves the loop: the generator is closed
+
+    assert asyncio.run(first_piece())
+    assert idle()
