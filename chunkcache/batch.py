@@ -431,6 +431,9 @@ class Batcher:
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
             jobs = [w.job for w in batch]
+            for j in jobs:  # the time it waited for its batch, apart from the fusion's stages
+                if j.timer is not None:
+                    j.timer.mark("queue")
             try:
                 results = [F.run_job(self.lm, jobs[0])] if len(jobs) == 1 else fuse_many(self.lm, jobs)
             except BaseException as e:  # handed to the callers; the worker goes on

@@ -174,6 +174,11 @@ def value_aware(p, vn, ctx):
     return (p.mean(2) * vn).mean(1).sum(0)
 
 
+def value_aware_mean(p, vn, ctx):
+    """The head-mean mass times the head-mean V norm (what the probe kernel's mass allows)."""
+    return (p.mean(dim=(1, 2)) * vn.mean(1)).sum(0)
+
+
 def chunk_normed(p, vn, ctx):
     """Each row's attention renormalised over the chunk tokens (sink, prefix and question out)."""
     q = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
@@ -242,6 +247,7 @@ VARIANTS = {
     "rowmax": Variant("rowmax", max_rows),
     "headmax": Variant("headmax", max_heads),
     "vaware": Variant("vaware", value_aware),
+    "vawarem": Variant("vawarem", value_aware_mean),
     "cnorm": Variant("cnorm", chunk_normed),
     "L50-100": Variant("L50-100", layers(0.5, 1.0)),
     "skip0": Variant("skip0", skip_first()),
@@ -281,7 +287,9 @@ def main():
     )
     print(quality.table(res["summary"]))
     if SHARE:
-        print(f"qfast's top 15% in the first chunk: {sum(SHARE) / len(SHARE):.3f} of the budget (mean of {len(SHARE)})")
+        print(
+            f"qfast's top 15% in the first chunk: {sum(SHARE) / len(SHARE):.3f} of the budget (mean of {len(SHARE)})"
+        )
     Path(args.out).write_text(json.dumps({**header, **res}, indent=1))
 
 
