@@ -229,6 +229,7 @@ def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob]) -> list[FuseResult]:
             j.timer,
             j.graphs,
             j.prompt,
+            j.exact_chunks,
         )  # (f.graphs: its padding, and a copy of its persistent buffer in the result)
         states.append(_State(f, j.config, budget, dict(schedule), active, n_act))
     layers = lm.spec.num_layers
@@ -430,6 +431,9 @@ class Batcher:
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
             jobs = [w.job for w in batch]
+            for j in jobs:  # the time it waited for its batch, apart from the fusion's stages
+                if j.timer is not None:
+                    j.timer.mark("queue")
             try:
                 results = [F.run_job(self.lm, jobs[0])] if len(jobs) == 1 else fuse_many(self.lm, jobs)
             except BaseException as e:  # handed to the callers; the worker goes on

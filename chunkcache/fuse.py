@@ -156,7 +156,7 @@ def run_job(lm: LoadedModel, job: FuseJob) -> FuseResult:
     j = job
     return fuse_assembled(
         lm, j.buf, j.ids, j.n_prefix, j.chunk_lengths, j.token_scores, j.config, j.source, j.timer, j.graphs,
-        prompt=j.prompt,
+        prompt=j.prompt, exact_chunks=j.exact_chunks,
     )  # fmt: skip
 
 
@@ -180,6 +180,8 @@ class FuseJob:
     """``graphs.FusionGraphs`` whose persistent buffer ``buf`` is (CUDA fast path), or None: alone,
     the layer loops replay as graphs; in a batch only its row padding applies, and the result
     gets a copy of the KV either way."""
+    exact_chunks: list[bool] | None = None
+    """Per chunk: its reused K/V are exact in this prompt (``exact_chunks``), or None (not known)."""
     prompt: _Prompt | None = None
     """Its prompt geometry on the device, built ahead (``place``), or None: built when it runs."""
 
@@ -188,7 +190,7 @@ class FuseJob:
         that running the job later copies nothing from the host: a loader may then stream ahead
         (``pipeline.fuse_entries(preload=True)``) without the fusion's copies queueing behind it."""
         self.prompt = _Prompt.build(
-            self.ids, self.n_prefix, self.chunk_lengths, self.buf.shape[3], self.buf.device
+            self.ids, self.n_prefix, self.chunk_lengths, self.buf.shape[3], self.buf.device, self.exact_chunks
         )
         return self
 
@@ -212,8 +214,10 @@ def assembled_job(
     if ids.shape[1] != buf.shape[3]:
         raise ValueError(f"prefix KV covers {prefix_kv.shape[3]} tokens but prefix_ids has {len(prefix_ids)}")
     timer.mark("assemble")
-    return FuseJob(buf, ids, prefix_kv.shape[3], [c.num_tokens for c in chunks],
-                   _token_scores(chunks, lm.device), config, timer=timer)  # fmt: skip
+    lengths = [c.num_tokens for c in chunks]
+    exact = exact_chunks(prefix_kv.shape[3], lengths, [c.base_pos for c in chunks])
+    return FuseJob(buf, ids, prefix_kv.shape[3], lengths, _token_scores(chunks, lm.device), config,
+                   timer=timer, exact_chunks=exact)  # fmt: skip
 
 
 @torch.no_grad()
@@ -243,7 +247,8 @@ def refine(
     buf = torch.cat([kv, kv.new_zeros(*kv.shape[:3], new.shape[1], kv.shape[4])], 3)  # a copy
     base = FuseConfig(policy=policy).selector
     cfg = FuseConfig(recompute_ratio=extra / n_ctx if n_ctx else 0.0, policy=Excluding(base, fused.selected))
-    res = fuse_assembled(lm, buf, ids, n_prefix, lengths, None, cfg)
+    exact = fused.stats.get("exact_chunks")
+    res = fuse_assembled(lm, buf, ids, n_prefix, lengths, None, cfg, exact_chunks=exact)
     token_layers = fused.stats["token_layers"] + res.stats["token_layers"]
     full = lm.spec.num_layers * (fused.input_ids.shape[1] - n_prefix)
     stats = {
@@ -259,34 +264,16 @@ def refine(
     return FuseResult(input_ids=ids, logits=res.logits, kv=res.kv, selected=selected, stats=stats)
 
 
-@torch.no_grad()
-def exact_prefix(lm: LoadedModel, prefix_kv: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``prefix_kv`` (``[L, 2, H, P, D]``) extended by the exact KV of ``ids`` (``[n]``) at
-    positions ``P ..``, and the next-token logits after them (None when ``ids`` is empty): the
-    model's own forward over ``ids`` behind a cache holding the prefix, so every token attends
-    to the prefix and to the tokens before it, as in a full prefill. What adaptive loading
-    recomputes in place in front of the fused chunks, and its full prefill (``prefill``).
-    Returns ``([L, 2, H, P + n, D], [vocab] fp32)``."""
-    from transformers import DynamicCache
-
-    if len(ids) == 0:
-        return prefix_kv, None
-    cache = DynamicCache()  # no config: keep every position even under a sliding window
-    for li in range(prefix_kv.shape[0]):
-        cache.update(prefix_kv[li, 0][None], prefix_kv[li, 1][None], li)  # (the next update copies)
-    x = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(lm.device)
-    out = lm.model(input_ids=x, use_cache=True, logits_to_keep=1, **{M.cache_kwarg(lm.model): cache})
-    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
-    return kv, out.logits[0, -1].float()
-
-
-def with_front(res: FuseResult, n_prefix: int, front_lengths: list[int], num_layers: int) -> FuseResult:
-    """A fusion made behind an exact front (``exact_prefix`` of the first chunks, then those
-    chunks counted as prefix) restated for the whole prompt: the front's tokens are chunk tokens
-    recomputed through every layer (their token-layers count), and ``selected`` includes them."""
+def with_front(
+    res: FuseResult, n_prefix: int, front_lengths: list[int], num_layers: int, prefix_recomputed: bool = False
+) -> FuseResult:
+    """A fusion made behind an exact front (``precompute.encode_exact`` of the prefix and the first
+    chunks, then those chunks counted as prefix) restated for the whole prompt: the front's tokens are chunk tokens
+    recomputed through every layer (their token-layers count, and the prefix's where
+    ``prefix_recomputed``), and ``selected`` includes them."""
     f, s = sum(front_lengths), res.stats
     front = torch.arange(n_prefix, n_prefix + f, device=res.selected.device)
-    token_layers = s["token_layers"] + f * num_layers
+    token_layers = s["token_layers"] + (f + (n_prefix if prefix_recomputed else 0)) * num_layers
     full = num_layers * (s["prompt_tokens"] - n_prefix)
     stats = {
         **s,
@@ -297,41 +284,41 @@ def with_front(res: FuseResult, n_prefix: int, front_lengths: list[int], num_lay
         "token_layers": token_layers,
         "compute_fraction": token_layers / full if full else 0.0,
         "chunk_lengths": list(front_lengths) + list(s["chunk_lengths"]),
+        # the front was computed exactly behind the prefix
+        "exact_chunks": None
+        if s.get("exact_chunks") is None
+        else [True] * len(front_lengths) + s["exact_chunks"],
     }
     return replace(res, selected=torch.cat([front, res.selected]), stats=stats, _cache=None)
 
 
-@torch.no_grad()
-def prefill(
-    lm: LoadedModel,
-    prefix_kv: torch.Tensor,  # [L, 2, H, P, D] exact prefix KV
-    ids: torch.Tensor,  # [1, N] the whole prompt
-    chunk_lengths: list[int],
-) -> FuseResult:
-    """A plain full prefill of the prompt behind the prefix KV (the model's own forward,
-    ``logits_to_keep=1``) as a ``FuseResult``: every chunk token recomputed. What adaptive
-    loading falls back to when no mix of fetching and recomputing is faster."""
+def prefill(lm: LoadedModel, ids: torch.Tensor, n_prefix: int, chunk_lengths: list[int]) -> FuseResult:
+    """A plain full prefill of the prompt ``ids`` (``[1, N]``; the model's own forward,
+    ``logits_to_keep=1``: ``precompute.encode_exact``) as a ``FuseResult``, every chunk token
+    recomputed. What adaptive loading falls back to when no mix of fetching and recomputing is
+    faster: the same call as a plain prefill, so it is never slower than one."""
+    from chunkcache.precompute import encode_exact
+
     timer = StageTimer(lm.device)
-    p, layers = prefix_kv.shape[3], lm.spec.num_layers
-    kv, logits = exact_prefix(lm, prefix_kv, ids[0, p:])
+    kv, logits = encode_exact(lm, ids[0])
     timer.mark("prefill")
-    n, n_ctx = ids.shape[1], sum(chunk_lengths)
+    n, n_ctx, layers = ids.shape[1], sum(chunk_lengths), lm.spec.num_layers
     stats = {
         "prompt_tokens": n,
-        "prefix_tokens": p,
+        "prefix_tokens": n_prefix,
         "chunk_tokens": n_ctx,
-        "question_tokens": n - p - n_ctx,
+        "question_tokens": n - n_prefix - n_ctx,
         "recomputed_tokens": n_ctx,
         "reused_tokens": 0,
         "probe_token_layers": 0,
-        "token_layers": layers * (n - p),
-        "compute_fraction": 1.0,
+        "token_layers": layers * n,  # the prefix too: a plain prefill recomputes it
+        "compute_fraction": n / (n - n_prefix),
         "chunk_lengths": list(chunk_lengths),
         "policy": "full prefill",
         "recompute_ratio": 1.0,
         "seconds": timer.seconds(),
     }
-    selected = torch.arange(p, p + n_ctx, device=lm.device)
+    selected = torch.arange(n_prefix, n_prefix + n_ctx, device=lm.device)
     return FuseResult(input_ids=ids, logits=logits, kv=kv, selected=selected, stats=stats)
 
 
@@ -409,9 +396,15 @@ class _Prompt:
     chunk_offsets: torch.Tensor
     """[chunks] first position of each chunk."""
     chunk_lengths: list[int]
+    exact_chunks: list[bool] | None = None
+    """Per chunk: its reused K/V are exact (``exact_chunks``), or None (not known)."""
+    exact: torch.Tensor | None = None
+    """[C] bool: the tokens of exact chunks, or None where no chunk is (or it is not known)."""
 
     @staticmethod
-    def build(ids: torch.Tensor, n_prefix: int, chunk_lengths: list[int], slots: int, dev) -> _Prompt:
+    def build(
+        ids: torch.Tensor, n_prefix: int, chunk_lengths: list[int], slots: int, dev, exact_chunks=None
+    ) -> _Prompt:
         n = ids.shape[1]
         if n > slots:
             raise ValueError(f"buffer holds {slots} positions, the prompt has {n}")
@@ -435,6 +428,10 @@ class _Prompt:
             chunk_of=chunk_of.to(dev),
             chunk_offsets=torch.tensor(offsets, dtype=torch.long).to(dev),
             chunk_lengths=list(chunk_lengths),
+            exact_chunks=None if exact_chunks is None else list(exact_chunks),
+            exact=None
+            if exact_chunks is None or not any(exact_chunks)
+            else torch.repeat_interleave(torch.tensor(exact_chunks), torch.tensor(chunk_lengths)).to(dev),
         )
 
 
@@ -470,6 +467,9 @@ def _select(
     ``SelectContext`` is built (before layer 0 the layer tensors are None)."""
     prompt, lm = f.prompt, f.lm
     idx = cand - prompt.n_prefix  # candidates' indices among the chunk tokens
+    values = None
+    if getattr(f.policy, "value_norms", False):  # [L, c]: norms over the whole buffer, then the columns
+        values = torch.linalg.vector_norm(f.buf[:, 1], dim=-1, dtype=torch.float32).mean(1)[:, cand]
     ctx = SelectContext(
         layer=layer,
         positions=cand,
@@ -484,6 +484,8 @@ def _select(
         window=lm.spec.windows[layer],
         probe_attn=None if probe_attn is None else probe_attn[:, idx],
         token_scores=None if f.token_scores is None else f.token_scores[idx],
+        exact=None if prompt.exact is None else prompt.exact[idx],
+        value_norms=values,
     )
     return torch.sort(f.policy.select(ctx, keep_n)).values
 
@@ -501,6 +503,7 @@ def fuse_assembled(
     timer: StageTimer | None = None,
     graphs=None,  # chunkcache.graphs.FusionGraphs (CUDA): replay the layer loops as CUDA graphs
     prompt: _Prompt | None = None,  # the geometry built ahead (FuseJob.place), or None
+    exact_chunks: list[bool] | None = None,  # per chunk: its reused K/V are exact (``exact_chunks``)
 ) -> FuseResult:
     """The fusion proper over an assembled buffer: probe, check layers, selective recompute.
 
@@ -517,7 +520,18 @@ def fuse_assembled(
     if graphs is not None and buf.device.type != "cuda":
         graphs = None
     f, budget, schedule, active, n_act = _begin(
-        lm, buf, ids, n_prefix, chunk_lengths, token_scores, config, source, timer, graphs, prompt
+        lm,
+        buf,
+        ids,
+        n_prefix,
+        chunk_lengths,
+        token_scores,
+        config,
+        source,
+        timer,
+        graphs,
+        prompt,
+        exact_chunks,
     )
     prompt, policy, timer, source = f.prompt, f.policy, f.timer, f.source
     n_ctx, n_q, q_pos = prompt.n_ctx, prompt.n_q, prompt.q_pos
@@ -588,6 +602,7 @@ def _result(
         "token_layers": token_layers,
         "compute_fraction": token_layers / full if full else 0.0,
         "chunk_lengths": list(prompt.chunk_lengths),
+        "exact_chunks": prompt.exact_chunks,
         "policy": config.policy_name,
         "recompute_ratio": config.recompute_ratio,
         "seconds": {"assemble": 0.0, "probe": 0.0, "check": 0.0, **f.timer.seconds()},
@@ -598,13 +613,16 @@ def _result(
     return FuseResult(input_ids=ids, logits=logits, kv=kv, selected=active[:n_act], stats=stats)
 
 
-def _begin(lm, buf, ids, n_prefix, chunk_lengths, token_scores, config, source, timer, graphs, prompt=None):
+def _begin(
+    lm, buf, ids, n_prefix, chunk_lengths, token_scores, config, source, timer, graphs, prompt=None,
+    exact_chunks=None,
+):  # fmt: skip
     """A fusion's shared state and its plan -> (``_Fusion``, budget: chunk tokens recomputed after
     the last check, schedule: check layer -> fraction kept after it, the first active positions,
     how many of them are chunk tokens)."""
     source = source or _Eager()
     timer = timer or StageTimer(buf.device)
-    prompt = prompt or _Prompt.build(ids, n_prefix, chunk_lengths, buf.shape[3], buf.device)
+    prompt = prompt or _Prompt.build(ids, n_prefix, chunk_lengths, buf.shape[3], buf.device, exact_chunks)
     n_ctx, q_pos = prompt.n_ctx, prompt.q_pos
     policy = config.selector
     f = _Fusion(lm, buf, prompt, policy, token_scores, source, timer, graphs)
@@ -738,6 +756,16 @@ def _layers_body(lm: LoadedModel, buf: torch.Tensor, first: int, stop: int, sour
 def _index_in(haystack: torch.Tensor, needles: torch.Tensor) -> torch.Tensor:
     """Indices i with haystack[i] == needle for each needle (haystack sorted ascending)."""
     return torch.searchsorted(haystack, needles)
+
+
+def exact_chunks(n_prefix: int, lengths: list[int], base_pos: list[int]) -> list[bool]:
+    """Per chunk: whether its reused K/V are exact in this prompt, i.e. it sits at the positions it
+    was encoded at (offset = its ``base_pos``). Chunks are encoded behind the prompt's prefix
+    (``sink="prefix"``, base_pos = P) or one BOS token (base_pos = 1), so a chunk at its encoding
+    offset was encoded behind the very tokens it follows: the first chunk with the prefix sink.
+    The codec's rounding is not context: a lossy chunk counts as exact too."""
+    offsets = [n_prefix + sum(lengths[:i]) for i in range(len(lengths))]
+    return [o == b for o, b in zip(offsets, base_pos, strict=True)]
 
 
 def _token_scores(chunks: list[ChunkKV], device) -> torch.Tensor | None:

@@ -44,7 +44,7 @@ from chunkcache import kernels
 from chunkcache import model as M
 from chunkcache.errors import CorruptEntryError
 from chunkcache.format import has_layer_sums, unpack_parts, verify_payload, verify_small_sections
-from chunkcache.fuse import FuseConfig, FuseJob, FuseResult, StageTimer, run_job
+from chunkcache.fuse import FuseConfig, FuseJob, FuseResult, StageTimer, exact_chunks, run_job
 from chunkcache.model import LoadedModel
 
 __all__ = ["LayerLoader", "LoadPlan", "Staging", "StagingPool", "entry_views", "fuse_entries"]
@@ -389,12 +389,7 @@ class LoadPlan:
                     {n: (ps[n].data_ptr() - arena.data_ptr(), dt, sh) for n, (dt, sh) in shapes[c].items()},
                     dest,
                 )
-            layouts = [base] + [
-                base.shifted([{k: j * b for k, b in d.items()} for d in step])
-                for j in range(1, spec.num_layers)
-            ]
-            for layout in layouts:
-                layout.meta(device)  # the launch tables now, off the layer loop
+            layouts = base.series(step, spec.num_layers, device)  # one launch table, one copy
             sum_tables = torch.zeros(1, 0, 2, dtype=torch.int64, device=device)
             expected = torch.zeros(spec.num_layers, 0, 2, dtype=torch.int64, device=device)
         else:
@@ -850,7 +845,19 @@ def fuse_entries(
     # held the compute stream idle for 11 ms on the H100).
     timer.mark("read")
     config = config or FuseConfig()
-    job = FuseJob(buf, ids, p, lengths, token_scores, config, source=loader, timer=timer, graphs=graphs)
+    exact = exact_chunks(p, lengths, [int(h["base_pos"]) for h, _ in parsed])
+    job = FuseJob(
+        buf,
+        ids,
+        p,
+        lengths,
+        token_scores,
+        config,
+        source=loader,
+        timer=timer,
+        graphs=graphs,
+        exact_chunks=exact,
+    )
     try:
         if preload and not loader.zero_copy:  # its small uploads first, then the layers stream in
             job.place()  # while the job waits (a zero-copy loader has nothing to stream)

@@ -340,6 +340,39 @@ class PackedLayout:
         offsets of o_idx (int32), o_k, o_v (int8), o_ks, o_vs (fp16); see ``_int2_row``."""
         device = torch.device(device)
         if device not in self._meta:
+            self._meta[device] = self._rows().to(device)
+        return self._meta[device]
+
+    def series(
+        self, steps: Sequence[Mapping[str, int]], layers: int, device: torch.device
+    ) -> list[PackedLayout]:
+        """The layouts of ``layers`` consecutive layers of the same parts, this one being layer 0:
+        chunk ``c``'s part ``name`` lies ``steps[c][name]`` bytes further per layer (a part's layers
+        side by side). Equal to ``[self.shifted(j * steps) for j]``, but with one launch table for
+        all of them, made by one host-to-device copy (the table is linear in the layer); each
+        layer's offsets are made only when asked for (``views``, the CPU reference)."""
+        device = torch.device(device)
+        one = self.shifted(steps)
+        m0, m1 = self._rows(), one._rows()
+        delta = m1 - m0
+        if layers > 2 and not torch.equal(
+            self.shifted([{k: 2 * b for k, b in d.items()} for d in steps])._rows() - m1, delta
+        ):
+            return [self] + [
+                self.shifted([{k: j * b for k, b in d.items()} for d in steps]) for j in range(1, layers)
+            ]
+        tables = (m0[None] + torch.arange(layers)[:, None, None] * delta[None]).to(device)  # [L, C, cols]
+        grow = max((b for d in steps for b in d.values()), default=0)  # the end moves at most this much
+        out = []
+        for j in range(layers):
+            lay = _SeriesLayer(self, steps, j, self.nbytes + j * grow)
+            lay._meta[device] = tables[j]
+            out.append(lay)
+        return out
+
+    def _rows(self) -> torch.Tensor:
+        """The launch table (``meta``) on the host."""
+        if True:
             rows = []
             data_size = self.data_dtype().itemsize
             for parts, t, dest in zip(self.chunks, self.tokens, self.dests, strict=True):
@@ -360,8 +393,31 @@ class PackedLayout:
                         raise ValueError(f"{n} must be float16, got {parts[n][1]}")
                 kept = [0] * 7
                 rows.append([t, dest, groups, k, v, *sc, *kept])
-            self._meta[device] = torch.tensor(rows, dtype=torch.int64).to(device)
-        return self._meta[device]
+            return torch.tensor(rows, dtype=torch.int64)
+
+
+class _SeriesLayer(PackedLayout):
+    """Layer ``j`` of ``PackedLayout.series``: tokens, destinations and launch table shared with the
+    series; the part offsets (``chunks``) made on first use. ``nbytes`` is an upper bound (layer 0's
+    end plus ``j`` times the largest per-layer growth)."""
+
+    def __init__(self, base: PackedLayout, steps, j: int, nbytes: int) -> None:
+        self.codec, self.heads, self.head_dim = base.codec, base.heads, base.head_dim
+        self.tokens, self.dests, self.kept = base.tokens, base.dests, base.kept
+        self.nbytes = nbytes
+        self._meta = {}
+        self._base, self._steps, self._j = base, steps, j
+        self._chunks = None
+
+    @property
+    def chunks(self):
+        if self._chunks is None:
+            j = self._j
+            self._chunks = self._base.shifted([{k: j * b for k, b in d.items()} for d in self._steps]).chunks
+        return self._chunks
+
+    def data_dtype(self) -> torch.dtype:
+        return self._base.data_dtype()
 
 
 def rerotate_scatter_packed_reference(

@@ -10,7 +10,7 @@ import torch
 from conftest import PASSAGES, QUESTION, tiny_model
 
 from chunkcache.engine import ChunkCache
-from chunkcache.fuse import FuseConfig, assemble, fuse_kv
+from chunkcache.fuse import FuseConfig, assemble, exact_chunks, fuse_kv
 from chunkcache.kernels import rerotate_scatter_reference
 from chunkcache.model import cache_kwarg, rotation
 from chunkcache.select import POLICIES
@@ -273,6 +273,38 @@ def test_qfast_runs_no_layer_at_full_width(tiny_engine):
     assert not torch.equal(fast.kv[0, :, :, fast.selected], naive.kv[0, :, :, fast.selected])
 
 
+def test_exact_chunks_are_those_at_their_encoding_offset():
+    """A chunk is exact where it sits at the positions it was encoded at: behind the prefix sink
+    only the first chunk; behind BOS (base_pos 1) none."""
+    assert exact_chunks(5, [3, 4, 2], [5, 5, 5]) == [True, False, False]
+    assert exact_chunks(5, [3, 4], [1, 1]) == [False, False]
+    assert exact_chunks(5, [], []) == []
+
+
+def test_qstale_spends_the_budget_on_stale_chunks(smol_tokenizer, tiny_engine):
+    """qstale ranks like qfast but never picks a token of an exact chunk while stale ones are
+    left: with the prefix sink, qfast spends part of its budget on the first chunk, where the
+    recompute reproduces the reused K/V (so those rows are wasted), and qstale gives the same
+    number of tokens to the other chunks. Behind BOS no chunk is exact and the two agree."""
+    eng, r = tiny_engine, 0.3
+    fast = eng.fuse(PASSAGES, QUESTION, recompute_ratio=r, policy="qfast")
+    stale = eng.fuse(PASSAGES, QUESTION, recompute_ratio=r, policy="qstale")
+    naive = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.0, policy="qfast")
+    p, first = fast.stats["prefix_tokens"], eng.chunks(PASSAGES)[0].num_tokens
+    assert stale.stats["exact_chunks"] == [True, False, False, False]
+    wasted = fast.selected[fast.selected < p + first]
+    assert wasted.numel() > 0  # the question reads the first chunk: qfast picks some of it
+    torch.testing.assert_close(fast.kv[:, :, :, wasted], naive.kv[:, :, :, wasted], rtol=1e-5, atol=1e-5)
+    assert int((stale.selected < p + first).sum()) == 0
+    assert stale.stats["recomputed_tokens"] == fast.stats["recomputed_tokens"]
+    assert set(fast.selected.tolist()) - set(wasted.tolist()) < set(stale.selected.tolist())
+    bos = ChunkCache(model=eng.model, tokenizer=smol_tokenizer, store=None, sink="bos")
+    a = bos.fuse(PASSAGES, QUESTION, recompute_ratio=r, policy="qfast")
+    b = bos.fuse(PASSAGES, QUESTION, recompute_ratio=r, policy="qstale")
+    assert b.stats["exact_chunks"] == [False] * 4
+    assert torch.equal(a.selected, b.selected) and torch.equal(a.logits, b.logits)
+
+
 def _policy_references(eng):
     """Independent inputs of every policy's score, from transformers alone: the full prefill's
     layer-1 V (fusion's fresh V at its first check layer: layers 0 and 1's projections run at full
@@ -327,10 +359,15 @@ def test_policy_selects_its_top_k(smol_tokenizer):
         return set((pos[torch.topk(score, kk).indices]).tolist())
 
     attn = mass.sum(0)
+    reused = assemble(eng.lm, eng.prefix_kv(), chunks, len(suf))[0]
+    vnorm = reused[:, 1, :, p : p + n_ctx].float().norm(dim=-1).mean(1)  # [L, C] head-mean V norms
     within = torch.cat([torch.arange(c.num_tokens) for c in chunks])
+    in_first = torch.arange(n_ctx) < chunks[0].num_tokens  # exact: behind the prefix it was encoded behind
     expected = {
         "cacheblend": top(dev),
         "qfast": top(attn),
+        "qstale": top(torch.where(in_first, attn - attn.max() - 1, attn)),
+        "qvalue": top(torch.where(in_first, -1.0, (mass * vnorm).sum(0))),
         "qaware": top((attn / attn.mean()) * (dev / dev.mean()).sqrt()),
         "epic": set(pos[within < k // 4].tolist()),
         "random": set(pos[torch.randperm(n_ctx, generator=torch.Generator().manual_seed(0))[:k]].tolist()),

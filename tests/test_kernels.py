@@ -497,6 +497,31 @@ def test_packed_layout_shifted_equals_built(codec):
         base.shifted([{reference.CODEC_PARTS[codec][0]: 1 if codec == "raw" else -(10**9)}, {}])
 
 
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2"])
+def test_packed_layout_series_equals_shifted(codec):
+    """``series`` (the zero-copy loader's per-layer layouts, one launch table for all layers)
+    equals ``shifted`` by j steps for every layer: tables, offsets, bounds."""
+    gen = torch.Generator().manual_seed(6)
+    chunks = [make_parts(codec, 2, t, 64, torch.float16, gen) for t in (9, 16, 300)]
+    base, off, steps = reference.PackedLayout(codec, 2, 64), 0, []
+    for dest, parts in zip((3, 12, 28), chunks, strict=True):
+        where, step = {}, {}
+        for name, x in parts.items():
+            nbytes = x.numel() * x.element_size()
+            where[name] = (off, x.dtype, tuple(x.shape))
+            step[name] = nbytes
+            off += 5 * nbytes  # 5 layers of each part side by side
+        base.add(where, dest)
+        steps.append(step)
+    series = base.series(steps, 5, torch.device("cpu"))
+    assert len(series) == 5
+    for j, lay in enumerate(series):
+        want = base.shifted([{k: j * b for k, b in d.items()} for d in steps])
+        assert torch.equal(lay.meta("cpu"), want.meta("cpu")), j
+        assert lay.chunks == want.chunks and lay.tokens == want.tokens and lay.dests == want.dests
+        assert lay.nbytes >= want.nbytes and lay.data_dtype() == want.data_dtype()
+
+
 def test_package_import_is_light(tmp_path):
     """Importing chunkcache.kernels must not import triton (CPU machines without a driver)."""
     code = "import sys, chunkcache.kernels; assert 'triton' not in sys.modules, 'triton imported'"

@@ -31,6 +31,8 @@ def _entries_and_chunks(eng, texts=PASSAGES):
     [
         ("qaware", 0.3),
         ("qfast", 0.3),
+        ("qstale", 0.3),
+        ("qvalue", 0.3),
         ("cacheblend", 0.3),
         ("gradual", 0.2),
         ("qaware", 0.0),

@@ -8,13 +8,18 @@ end-of-sequence off (every answer has exactly that many tokens, so every side do
 
   hf-sequential  ``model.generate`` over each fused cache, one request after another (the engine's
                  default path for one caller at a time)
-  hf-threads     the same from K threads at once (the default path under K concurrent callers)
   batched        ``Decoder.tokens`` from K threads at once: one packed step for all of them
                  (``decode_batching=DecodeConfig(max_batch=K)``)
+  batched-graphs the same with ``DecodeConfig(graphs=True)`` (CUDA only): the step recorded as a
+                 CUDA graph once a set of requests ran it twice, then replayed
+  hf-threads     ``model.generate`` from K threads at once (the default path under K concurrent
+                 callers; run last)
 
 Reported per K and side: seconds for all K answers, generated tokens/s, the ratio to
 hf-sequential from the same run, the decoder's mean rows per step, and whether every side
-produced the same tokens (greedy: they must). Absolute times depend on the machine (on a shared
+produced the same tokens (greedy in fp32: they must; in bf16 the batched rows' GEMMs and
+attention kernels round differently from ``generate``'s, so an answer may part from it after a
+near tie: how many are equal is printed). Absolute times depend on the machine (on a shared
 CPU, on its load): compare the ratios.
 
     chunkcache bench decode --model smollm2-135m --context 2048 --k 1,4,8 --new-tokens 32 --out bench_results/decode_cpu
@@ -115,7 +120,16 @@ def run(
         with ThreadPoolExecutor(len(fs)) as ex:
             return list(ex.map(lambda f: list(decoder.tokens(f, new_tokens, greedy)), fs))
 
-    sides = {"hf-sequential": hf_sequential, "hf-threads": hf_threads, "batched": batched}
+    sides = {"hf-sequential": hf_sequential, "batched": batched}
+    if torch.device(device).type == "cuda":
+        graphed = Decoder(eng.lm, DecodeConfig(max_batch=k_max, graphs=True))
+
+        def batched_graphs(fs):
+            with ThreadPoolExecutor(len(fs)) as ex:
+                return list(ex.map(lambda f: list(graphed.tokens(f, new_tokens, greedy)), fs))
+
+        sides["batched-graphs"] = batched_graphs
+    sides["hf-threads"] = hf_threads  # last: a crash there loses nothing else
     for fn in sides.values():  # warm-up: allocator, kernels, threads
         fn(fused[:2])
     results = []
@@ -144,10 +158,18 @@ def run(
             log(f"K={k:>2} {name:<14} {secs[name]:7.2f}s {tokens / secs[name]:8.1f} tok/s "
                 f"x{row['vs_hf_sequential']:.2f} vs hf-sequential")  # fmt: skip
         same = got["hf-sequential"] == got["hf-threads"] == got["batched"]
+        equal = sum(a == b for a, b in zip(got["hf-sequential"], got["batched"], strict=True))
+        if "batched-graphs" in got:
+            log(f"K={k:>2} batched-graphs tokens equal batched's: {got['batched-graphs'] == got['batched']}")
         for r in results[-len(sides) :]:
             r["same_tokens"] = same
-        log(f"K={k:>2} same tokens on every side: {same}")
+            r["batched_answers_equal_hf"] = equal
+        log(
+            f"K={k:>2} same tokens on every side: {same} (batched answers equal to hf-sequential's: {equal}/{k})"
+        )
     decoder.close()
+    if "batched-graphs" in sides:
+        graphed.close()
     return results
 
 
@@ -160,14 +182,15 @@ def _device_name(device: str) -> str:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| model | device | prompt | K | new | side | seconds | tok/s | vs hf-sequential | rows/step | same tokens |",
+        "| model | device | prompt | K | new | side | seconds | tok/s | vs hf-sequential | rows/step | same tokens (batched = hf) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         rows = f"{r['rows_per_step']:.1f}" if "rows_per_step" in r else ""
         lines.append(
             f"| {r['model']} | {r['device']} | {r['prompt_tokens']} | {r['k']} | {r['new_tokens']} | {r['side']} | "
-            f"{r['seconds']:.2f} | {r['tokens_per_s']:.1f} | {r['vs_hf_sequential']:.2f}x | {rows} | {r['same_tokens']} |"
+            f"{r['seconds']:.2f} | {r['tokens_per_s']:.1f} | {r['vs_hf_sequential']:.2f}x | {rows} | "
+            f"{r['same_tokens']} ({r['batched_answers_equal_hf']}/{r['k']}) |"
         )
     return "\n".join(lines)
 

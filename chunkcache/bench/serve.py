@@ -334,6 +334,8 @@ def run(
 
     b = getattr(eng, "batching", None)
     name = "fused" if b is None else "fused batched" if b.preload else "fused batched lazy"
+    if getattr(eng, "device_cache", None) is not None:
+        name += " +dev"  # behind a device cache of hot entries
     sides.append(measure(name, lambda t, q: fused_request(eng, t, q, w), afused))
     if b is not None:
         b = eng.batcher().stats()  # (warm-up batches included)

@@ -174,6 +174,11 @@ def value_aware(p, vn, ctx):
     return (p.mean(2) * vn).mean(1).sum(0)
 
 
+def value_aware_mean(p, vn, ctx):
+    """The head-mean mass times the head-mean V norm (what the probe kernel's mass allows)."""
+    return (p.mean(dim=(1, 2)) * vn.mean(1)).sum(0)
+
+
 def chunk_normed(p, vn, ctx):
     """Each row's attention renormalised over the chunk tokens (sink, prefix and question out)."""
     q = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
@@ -188,6 +193,51 @@ def layers(lo, hi):
     return f
 
 
+def chunk_boost(beta, base=mean_rows):
+    """Each token's attention times (its chunk's share of the probe mass / the mean share) ** beta:
+    tokens of the chunks the question reads most come first (A^3's chunk relevance, softly)."""
+
+    def f(p, vn, ctx):
+        s = base(p, vn, ctx)
+        chunks = int(ctx.chunk_offsets.numel())
+        mass = torch.zeros(chunks, dtype=s.dtype).index_add_(0, ctx.chunk_of.cpu(), s.cpu())
+        rel = (mass / mass.mean().clamp_min(1e-12)).clamp_min(1e-6) ** beta
+        return s * rel.to(s.device)[ctx.chunk_of]
+
+    return f
+
+
+def chunk_density(beta, base=mean_rows):
+    """Like chunk_boost, with a chunk's mass per token (long chunks are not favoured)."""
+
+    def f(p, vn, ctx):
+        s = base(p, vn, ctx)
+        chunks = int(ctx.chunk_offsets.numel())
+        mass = torch.zeros(chunks, dtype=s.dtype).index_add_(0, ctx.chunk_of.cpu(), s.cpu())
+        size = torch.bincount(ctx.chunk_of.cpu(), minlength=chunks).to(s.dtype)
+        dens = mass / size
+        rel = (dens / dens.mean().clamp_min(1e-12)).clamp_min(1e-6) ** beta
+        return s * rel.to(s.device)[ctx.chunk_of]
+
+    return f
+
+
+SHARE: list[float] = []  # qfast's share of the budget spent on the first chunk, per fusion
+
+
+def skip_first(base=mean_rows):
+    """The first chunk's reused K/V are exact (encoded behind the same prefix it sits behind):
+    rank only the other chunks' tokens."""
+
+    def f(p, vn, ctx):
+        s = base(p, vn, ctx)
+        k = max(1, round(0.15 * s.numel()))
+        SHARE.append(float((ctx.chunk_of[torch.topk(s, k).indices] == 0).float().mean()))
+        return torch.where(ctx.chunk_of == 0, torch.full_like(s, -1.0), s)
+
+    return f
+
+
 VARIANTS = {
     "qfast": None,
     "mean": Variant("mean", mean_rows),
@@ -197,8 +247,13 @@ VARIANTS = {
     "rowmax": Variant("rowmax", max_rows),
     "headmax": Variant("headmax", max_heads),
     "vaware": Variant("vaware", value_aware),
+    "vawarem": Variant("vawarem", value_aware_mean),
     "cnorm": Variant("cnorm", chunk_normed),
     "L50-100": Variant("L50-100", layers(0.5, 1.0)),
+    "skip0": Variant("skip0", skip_first()),
+    "cboost1": Variant("cboost1", chunk_boost(1.0)),
+    "cboost2": Variant("cboost2", chunk_boost(2.0)),
+    "cdens1": Variant("cdens1", chunk_density(1.0)),
     "draft4": Draft("draft4", 4),
     "draft8": Draft("draft8", 8),
 }
@@ -231,6 +286,10 @@ def main():
         header=header,
     )
     print(quality.table(res["summary"]))
+    if SHARE:
+        print(
+            f"qfast's top 15% in the first chunk: {sum(SHARE) / len(SHARE):.3f} of the budget (mean of {len(SHARE)})"
+        )
     Path(args.out).write_text(json.dumps({**header, **res}, indent=1))
 
 

@@ -20,7 +20,7 @@ O=$OUT/batch; mkdir -p $O
 t=$SECONDS
 timeout 50 python3 -m pytest -q -x -m gpu tests/test_batch.py -p no:cacheprovider > $O/tests.log 2>&1
 echo "tests rc=$? took $((SECONDS-t))s" >> $O/rc.txt; t=$SECONDS
-timeout 135 python3 bench_results/session7/gpu/batch_serve.py --seconds 8 --out $O/serve > $O/serve.log 2>&1
+timeout 135 python3 bench_results/session7/gpu/batch_serve.py --seconds 8 --device-cache ${DEVCACHE:-24} --out $O/serve > $O/serve.log 2>&1
 echo "serve rc=$? took $((SECONDS-t))s" >> $O/rc.txt; t=$SECONDS
 if [ "${MICRO:-0}" = 1 ]; then
   timeout 110 python3 bench_results/session7/gpu/batch_micro.py --out $O/micro.json > $O/micro.log 2>&1

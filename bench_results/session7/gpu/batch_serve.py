@@ -24,6 +24,7 @@ import torch
 
 from chunkcache.batch import BatchConfig
 from chunkcache.bench import serve
+from chunkcache.devicecache import DeviceCache
 
 
 def main() -> None:
@@ -33,23 +34,30 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--misses", default="0,0.05")
+    ap.add_argument("--passages", type=int, default=64)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="serve_batch")
+    ap.add_argument(
+        "--device-cache", type=float, default=0.0, help="GiB: add 'fused batched + device cache' sides"
+    )
     a = ap.parse_args()
     eng = serve._engine(a.model, "int8", tempfile.mkdtemp(prefix="serve-batch-"), a.device)
     results = []
     for miss in [float(x) for x in a.misses.split(",")]:
-        w = serve.Workload(passages=64, k=a.k, miss=miss, new_tokens=1)
-        settings = [None, BatchConfig(max_batch=a.clients)]
-        if miss == 0:
-            settings.append(BatchConfig(max_batch=a.clients, preload=False))
-        for i, b in enumerate(settings):
+        w = serve.Workload(passages=a.passages, k=a.k, miss=miss, new_tokens=1)
+        settings = [(None, 0), (BatchConfig(max_batch=a.clients), 0)]
+        if a.device_cache and eng.fast_path:  # the lead's device cache of hot entries, behind batching
+            settings.append((BatchConfig(max_batch=a.clients), a.device_cache))
+        elif miss == 0 and eng.fast_path:  # (preload is a fast-path setting)
+            settings.append((BatchConfig(max_batch=a.clients, preload=False), 0))
+        for i, (b, gib) in enumerate(settings):
             eng.batching, eng._batcher, eng._pool = b, None, None
-            print(f"\n== miss {miss}, batching {b}", flush=True)
+            eng.device_cache = DeviceCache(eng.lm.device, int(gib * 2**30)) if gib else None
+            print(f"\n== miss {miss}, batching {b}, device cache {gib} GiB", flush=True)
             res = serve.run(
                 eng, clients=a.clients, seconds=a.seconds, workload=w, full="sequential" if i == 0 else "none"
             )
-            res.update(model=a.model, concurrent_fusions=1)
+            res.update(model=a.model, concurrent_fusions=1, device_cache_gib=gib)
             results.append(res)
             Path(a.out + ".json").write_text(json.dumps(results, indent=1))
     serve.cross_ratios(results)

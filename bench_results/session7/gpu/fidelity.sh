@@ -13,10 +13,13 @@ export PYTHONUNBUFFERED=1
 case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) source bench_results/session7/gpu/setup.sh ;; esac
 OUT=${OUT:-/tmp/out}
 T=/tmp/fidelity; rm -rf $T; mkdir -p $T $OUT
-POLICIES=${POLICIES:-qfast}
+POLICIES=${POLICIES:-qfast,qstale}
 SLICE_S=${SLICE_S:-360}
-Q="python3 -m chunkcache.bench.quality --device cuda --dtype float32 --policies $POLICIES --ratios 0.05,0.15 \
-  --answer-tokens 32 --noise-floor 1000"
+RATIOS=${RATIOS:-0.05,0.15}
+NOISE=${NOISE:-1000}                           # bf16 full prefill on the first N questions of each slice
+EXTRA=${EXTRA:-}                               # e.g. EXTRA="--refine 4:0.05"
+Q="python3 -m chunkcache.bench.quality --device cuda --dtype float32 --policies $POLICIES --ratios $RATIOS \
+  --answer-tokens 32 --noise-floor $NOISE $EXTRA"
 FACT=chunkcache/bench/data/factual.json
 
 python3 -c "import torch, chunkcache; from chunkcache.select import POLICIES; \
@@ -36,9 +39,11 @@ for split in dev heldout; do                   # factual: 4 slices of 14-15 case
 done
 for p in "${pids[@]}"; do wait $p; echo "pid $p rc=$?" >> $T/env.log; done
 
+# a slice killed by its timeout while rewriting its file leaves broken JSON: merge only whole files
+for f in $T/*.json; do python3 -c "import json,sys; json.load(open(sys.argv[1]))" $f 2>/dev/null || mv $f $f.broken; done
 M="python3 -m chunkcache.bench.quality --questions 1000 --merge"
 {
-  echo "== H200, SmolLM2-135M fp32, policies $POLICIES; noise floor: bf16 full prefill"
+  echo "== H200, SmolLM2-135M fp32, policies $POLICIES at $RATIOS $EXTRA; noise floor: bf16 full prefill"
   echo "== MuSiQue dev (all 100 questions unless a slice timed out: see n)"
   timeout 60 $M $T/musique_*.json --out $OUT/fidelity_musique_h200.json
   echo "== MuSiQue dev, questions 0-49"
