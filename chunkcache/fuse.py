@@ -468,8 +468,12 @@ def _select(
     prompt, lm = f.prompt, f.lm
     idx = cand - prompt.n_prefix  # candidates' indices among the chunk tokens
     values = None
-    if getattr(f.policy, "value_norms", False):  # [L, c]: norms over the whole buffer, then the columns
-        values = torch.linalg.vector_norm(f.buf[:, 1], dim=-1, dtype=torch.float32).mean(1)[:, cand]
+    if getattr(f.policy, "value_norms", False):  # [L, c], a layer at a time (an fp32 copy of one layer's V)
+        v = f.buf[:, 1]  # [L, H, N', D]
+        values = torch.stack(
+            [torch.linalg.vector_norm(v[li].float(), dim=-1).mean(0) for li in range(len(v))]
+        )
+        values = values[:, cand]
     ctx = SelectContext(
         layer=layer,
         positions=cand,
