@@ -93,7 +93,7 @@ def _decode_rotate_store(
     mask = t_mask[:, None] & j_mask[None, :]
     row = h * T + t  # source row of (head, token)
 
-    if CODEC == 3 or CODEC == 4 or CODEC == 5:
+    if CODEC >= 3:  # the int2 family: 3 int2, 4 int2r, 5 int2m
         # int2: a (head, token) row of R = D/2 + 4 bytes holds the key codes (bytes [0, D/4), K_ptr),
         # the value codes ([D/4, D/2), V_ptr) and the value scale, min (fp16 at VS_ptr, VM_ptr, in
         # fp16 units R/2 per row). Element e sits in byte e % (D/4), bits 2 * (e // (D/4)).
@@ -107,8 +107,10 @@ def _decode_rotate_store(
             QL: tl.constexpr = (D - M) // 4
             p1 = tl.load(VM_ptr + h * D + j, mask=j_mask, other=0).to(tl.int64)
             p2 = tl.load(VM_ptr + h * D + e2, mask=j_mask, other=0).to(tl.int64)
-            hi1, hi2 = p1 < M, p2 < M
-            l1, l2 = tl.where(hi1, 0, p1 - M), tl.where(hi2, 0, p2 - M)
+            hi1 = p1 < M
+            hi2 = p2 < M
+            l1 = tl.where(hi1, 0, p1 - M)
+            l2 = tl.where(hi2, 0, p2 - M)
             b1 = tl.where(hi1, p1 // 2, M // 2 + l1 % QL)
             b2 = tl.where(hi2, p2 // 2, M // 2 + l2 % QL)
             sk1 = tl.where(hi1, 4 * (p1 % 2), 2 * (l1 // QL)).to(tl.uint8)[None, :]

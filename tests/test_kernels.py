@@ -522,6 +522,40 @@ def test_packed_layout_series_equals_shifted(codec):
         assert lay.nbytes >= want.nbytes and lay.data_dtype() == want.data_dtype()
 
 
+_COMPILE_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from chunkcache.kernels import rerotate_scatter_triton as rr
+
+one = {"K_ptr": "*u8", "V_ptr": "*u8", "KS_ptr": "*fp16", "KM_ptr": "*fp16", "VS_ptr": "*fp16",
+       "VM_ptr": "*u8", "COS_ptr": "*fp32", "SIN_ptr": "*fp32", "KO_ptr": "*bf16", "VO_ptr": "*bf16",
+       "T": "i32", "G": "i32", "S": "i32", "offset": "i32", "sko_h": "i32", "sko_t": "i32",
+       "sko_d": "i32", "svo_h": "i32", "svo_t": "i32", "svo_d": "i32"}
+packed = {"DATA_ptr": "*u8", "SC_ptr": "*fp16", "META_ptr": "*i64", "COS_ptr": "*fp32",
+          "SIN_ptr": "*fp32", "KO_ptr": "*bf16", "VO_ptr": "*bf16", "sko_h": "i32", "sko_t": "i32",
+          "sko_d": "i32", "svo_h": "i32", "svo_t": "i32", "svo_d": "i32"}
+for codec, row in ((3, 68), (4, 68), (5, 72)):
+    for fn, sig, extra in ((rr._rerotate_scatter_kernel, dict(one), {}),
+                           (rr._rerotate_scatter_packed_kernel, packed, {"META_COLS": 16})):
+        if codec != 5 and "VM_ptr" in sig:
+            sig["VM_ptr"] = "*fp16"
+        cst = {"D": 128, "CODEC": codec, "GROUP": 128, "BLOCK_T": 32, "BLOCK_HALF": 64, **extra,
+               "ROW": row, "USE_DOT": True}
+        src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in cst}}, constexprs=cst)
+        assert "cubin" in triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm
+"""
+
+
+def test_int2_family_kernels_compile_for_sm90(tmp_path):
+    """The interpreter runs the kernels as Python; this compiles the int2 family's decode (int2,
+    int2r's dot, int2m's slot lookup; single-chunk and packed kernels, D 128) down to an H100/H200
+    cubin, so a construct the GPU compiler refuses fails here too, with no GPU."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", _COMPILE_SM90], check=True, env=env, cwd=tmp_path)
+
+
 def test_package_import_is_light(tmp_path):
     """Importing chunkcache.kernels must not import triton (CPU machines without a driver)."""
     code = "import sys, chunkcache.kernels; assert 'triton' not in sys.modules, 'triton imported'"
