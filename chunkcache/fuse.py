@@ -467,6 +467,13 @@ def _select(
     ``SelectContext`` is built (before layer 0 the layer tensors are None)."""
     prompt, lm = f.prompt, f.lm
     idx = cand - prompt.n_prefix  # candidates' indices among the chunk tokens
+    values = None
+    if getattr(f.policy, "value_norms", False):  # [L, c], a layer at a time (an fp32 copy of one layer's V)
+        v = f.buf[:, 1]  # [L, H, N', D]
+        values = torch.stack(
+            [torch.linalg.vector_norm(v[li].float(), dim=-1).mean(0) for li in range(len(v))]
+        )
+        values = values[:, cand]
     ctx = SelectContext(
         layer=layer,
         positions=cand,
@@ -482,6 +489,7 @@ def _select(
         probe_attn=None if probe_attn is None else probe_attn[:, idx],
         token_scores=None if f.token_scores is None else f.token_scores[idx],
         exact=None if prompt.exact is None else prompt.exact[idx],
+        value_norms=values,
     )
     return torch.sort(f.policy.select(ctx, keep_n)).values
 

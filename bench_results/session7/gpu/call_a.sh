@@ -15,8 +15,8 @@ step() {
 # lead + codec: gpu tests of the device cache and of the int2 family (kernels, pipeline)
 step lead_tests 90 python3 -m pytest -q -m gpu tests/test_gpu_devicecache.py tests/test_kernels.py tests/test_pipeline.py \
   -k "devicecache or resident or threads_with or int2" -p no:cacheprovider
-# lead + codec: TTFT through engine.fuse on texts, from the store and behind the device cache, int8 and int2r
-step lead_ttft 130 python3 -m chunkcache.bench.ttft --model llama3-8b --contexts 8192,32768 --codecs ${CODECS:-int8,int2r} \
+# lead + codec: TTFT through engine.fuse on texts, from the store and behind the device cache, int8 and int2m
+step lead_ttft 130 python3 -m chunkcache.bench.ttft --model llama3-8b --contexts 8192,32768 --codecs ${CODECS:-int8,int2m} \
   --policies qfast --reps 3 --warmup 2 --no-cold --batch 0 --device-cache 24 --out $OUT/lead/ttft
 step batch 185 bash bench_results/session7/gpu/batch.sh
 step decode 75 env OUT=$OUT/decode bash bench_results/session7/gpu/decode.sh

@@ -1,10 +1,13 @@
 #!/bin/bash
 # GPU call of the fidelity engineer (issue 14): `chunkcache bench quality` with SmolLM2-135M in fp32
 # on the H200 over all 100 musique_dev questions and the whole factual set (dev 59, heldout 56),
-# 32 answer tokens, naive reuse and each policy in $POLICIES at 5% and 15%, with a bf16 full
-# prefill on every question as the noise floor. 16 slices run as parallel processes (one GPU,
-# 16 CPU cores), each writing its rows after every question; the merge pools what finished, so
-# a slice cut by its timeout still counts the questions it did. About 7 minutes in all.
+# 32 answer tokens. Defaults (second window; the first, the lead's call_b.sh, ran qfast and qstale
+# at 5/15% with the bf16 floor): naive reuse, qfast and qvalue at 15% and 20%, and each of those
+# refined after 4 answer tokens with 5% more (`--refine 4:0.05`, fuse.refine), to compare the
+# refinement with plain selection at equal compute (the compute column counts every token-layer).
+# 16 slices run as parallel processes (one GPU, 16 CPU cores), each writing its rows after every
+# question; the merge pools what finished, so a slice cut by its timeout still counts the
+# questions it did. About 7 minutes in all (SLICE_S=360 per slice, then the merge).
 #
 #   source bench_results/session7/gpu/setup.sh      # the lead's set-up (skipped here if done)
 #   bash bench_results/session7/gpu/fidelity.sh     # writes tables.txt, 3 merged JSON, logs.txt to $OUT
@@ -13,11 +16,11 @@ export PYTHONUNBUFFERED=1
 case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) source bench_results/session7/gpu/setup.sh ;; esac
 OUT=${OUT:-/tmp/out}
 T=/tmp/fidelity; rm -rf $T; mkdir -p $T $OUT
-POLICIES=${POLICIES:-qfast,qstale}
+POLICIES=${POLICIES:-qfast,qvalue}
 SLICE_S=${SLICE_S:-360}
-RATIOS=${RATIOS:-0.05,0.15}
-NOISE=${NOISE:-1000}                           # bf16 full prefill on the first N questions of each slice
-EXTRA=${EXTRA:-}                               # e.g. EXTRA="--refine 4:0.05"
+RATIOS=${RATIOS:-0.15,0.2}
+NOISE=${NOISE:-0}                              # bf16 full prefill on the first N questions of each slice
+EXTRA=${EXTRA---refine 4:0.05}                 # EXTRA="" for none
 Q="python3 -m chunkcache.bench.quality --device cuda --dtype float32 --policies $POLICIES --ratios $RATIOS \
   --answer-tokens 32 --noise-floor $NOISE $EXTRA"
 FACT=chunkcache/bench/data/factual.json
