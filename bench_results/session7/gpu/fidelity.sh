@@ -7,7 +7,8 @@
 # refinement with plain selection at equal compute (the compute column counts every token-layer).
 # 16 slices run as parallel processes (one GPU, 16 CPU cores), each writing its rows after every
 # question; the merge pools what finished, so a slice cut by its timeout still counts the
-# questions it did. About 7 minutes in all (SLICE_S=360 per slice, then the merge).
+# questions it did. Then TTFT of qfast, qstale and qvalue on the Llama-3-8B shape at 8K and 32K (the
+# probe's cost). About 8.5 minutes in all (SLICE_S=330, the merge, TTFT_S=150).
 #
 #   source bench_results/session7/gpu/setup.sh      # the lead's set-up (skipped here if done)
 #   bash bench_results/session7/gpu/fidelity.sh     # writes tables.txt, 3 merged JSON, logs.txt to $OUT
@@ -17,7 +18,7 @@ case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) source bench_results/session7/g
 OUT=${OUT:-/tmp/out}
 T=/tmp/fidelity; rm -rf $T; mkdir -p $T $OUT
 POLICIES=${POLICIES:-qfast,qvalue}
-SLICE_S=${SLICE_S:-360}
+SLICE_S=${SLICE_S:-330}
 RATIOS=${RATIOS:-0.15,0.2}
 NOISE=${NOISE:-0}                              # bf16 full prefill on the first N questions of each slice
 EXTRA=${EXTRA---refine 4:0.05}                 # EXTRA="" for none
@@ -58,6 +59,12 @@ M="python3 -m chunkcache.bench.quality --questions 1000 --merge"
     timeout 60 $M $T/factual_${split}_*.json --out $OUT/fidelity_factual_${split}_h200.json
   done
 } > $OUT/tables.txt 2>&1
+# the probe's cost: TTFT of qfast, qstale and qvalue at 15% on the Llama-3-8B shape (random
+# weights, int8 entries, warm page cache), after the quality slices so they do not share the GPU
+timeout ${TTFT_S:-150} python3 -m chunkcache.bench.ttft --model llama3-8b --contexts 8192,32768 --codecs int8 \
+  --policies qfast,qstale,qvalue --reps 5 --warmup 2 --no-cold --batch 0 --out $T/ttft_policies > $T/ttft.log 2>&1
+echo "ttft rc=$?" >> $T/env.log
+cp $T/ttft_policies.md $OUT/ 2>/dev/null || tail -n 20 $T/ttft.log > $OUT/ttft_policies.md
 cat $T/env.log > $OUT/logs.txt
 for f in $T/*.log; do echo "== $f"; grep -v "GGUF\|Loading weights" $f | tail -n 4; done >> $OUT/logs.txt
 cat $OUT/tables.txt
