@@ -282,6 +282,9 @@ def build(groups, L):
         elif g == "real":
             out += [("int2r (real)", real("int2r")), ("int2r keep 10%", real("int2r", INT2_KEEP_FRAC=0.10)),
                     ("int2 (real)", real("int2"))]
+        elif g == "keep2m":
+            out += [("int2m keep 2%", real("int2m", INT2M_KEEP_FRAC=0.02)),
+                    ("int2m keep 5%", real("int2m", INT2M_KEEP_FRAC=0.05))]
         elif g == "real2m":
             out += [("int2m (real)", real("int2m")), ("int4 (real)", real("int4"))]
         elif g == "kmix":
