@@ -550,6 +550,214 @@ def rotation_weights(head_dim: int) -> torch.Tensor:
     return hadamard_signs(head_dim) * torch.tensor(float(head_dim)).sqrt().reciprocal()
 
 
+INT2M_KEEP_FRAC = 0.005
+"""int2m: fraction of a chunk's tokens kept at 8 bits besides the first ``INT2_KEEP_FIRST``."""
+
+
+def int2m_hi(head_dim: int) -> int:
+    """int2m: key channels per (layer, head) coded at 4 bits (the rest at 2): a quarter of D."""
+    return head_dim // 4
+
+
+def int2m_kept(tokens: int) -> int:
+    """Tokens per layer an int2m entry keeps at 8 bits (``INT2_KEEP_FIRST`` + ``INT2M_KEEP_FRAC``)."""
+    return min(tokens, INT2_KEEP_FIRST + math.ceil(INT2M_KEEP_FRAC * tokens))
+
+
+def int2m_row_bytes(head_dim: int) -> int:
+    """Bytes per (head, token) of int2m ``rows``: 4-bit key codes of the hi channels, 2-bit codes
+    of the other key channels, 2-bit value codes."""
+    m = int2m_hi(head_dim)
+    return m // 2 + (head_dim - m) // 4 + head_dim // 4
+
+
+def int2m_side_layout(
+    heads: int, tokens: int, head_dim: int
+) -> dict[str, tuple[int, torch.dtype, tuple[int, ...]]]:
+    """Where each section of one layer's int2m ``side`` bytes sits (as ``int2_side_layout``)."""
+    H, T, D = heads, tokens, head_dim
+    G, _ = int2_groups(T)
+    n = int2m_kept(T)
+    out, off = {}, 0
+    for name, dtype, shape in (
+        ("o_idx", torch.int32, (n,)),
+        ("k_scale", torch.float16, (H, G, D)),
+        ("k_min", torch.float16, (H, G, D)),
+        ("v_scale", torch.float16, (H, T)),
+        ("o_ks", torch.float16, (H, n)),
+        ("o_vs", torch.float16, (H, n)),
+        ("o_k", torch.int8, (H, n, D)),
+        ("o_v", torch.int8, (H, n, D)),
+        ("k_pos", torch.uint8, (H, D)),
+    ):
+        out[name] = (off, dtype, shape)
+        off += math.prod(shape) * dtype.itemsize
+    off += -off % 4
+    out["end"] = (off, torch.uint8, (0,))
+    return out
+
+
+def int2m_sections(rows: torch.Tensor, side: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views of one layer's int2m parts (``rows`` uint8 [H, T, 9D/16], ``side`` uint8 [E]) by name:
+    k_hi uint8 [H, T, m/2], k_lo [H, T, (D-m)/4], v_q [H, T, D/4], and the ``int2m_side_layout``
+    sections."""
+    H, T, R = rows.shape
+    D = 16 * R // 9
+    if int2m_row_bytes(D) != R:
+        raise ValueError(f"int2m rows have {R} bytes per token, which no head_dim gives")
+    m = int2m_hi(D)
+    a, b = m // 2, m // 2 + (D - m) // 4
+    out = {"k_hi": rows[..., :a], "k_lo": rows[..., a:b], "v_q": rows[..., b:]}
+    layout = int2m_side_layout(H, T, D)
+    if side.shape != (layout["end"][0],):
+        raise ValueError(
+            f"int2m side bytes are {tuple(side.shape)}, rows {tuple(rows.shape)} need {layout['end'][0]}"
+        )
+    for name, (off, dtype, shape) in layout.items():
+        if name != "end":
+            out[name] = side[off : off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+    return out
+
+
+def _fit_symmetric(x: torch.Tensor) -> torch.Tensor:
+    """Per row (last dim) the fp16 scale s among ``INT2_CLIPS`` shrinkings of ``absmax / 1.5``
+    with the least squared error of the 4 levels ``(q - 1.5) * s``, q in 0..3; an all-zero row
+    gets s = 0, so it decodes to zeros exactly."""
+    amax = x.abs().amax(dim=-1)
+    best_err = best = None
+    for c in INT2_CLIPS:
+        s = _to_fp16_scale(c * amax / 1.5, "value").float()
+        err = (((torch.round(x / s[..., None] + 1.5).clamp_(0, 3) - 1.5) * s[..., None] - x) ** 2).sum(-1)
+        if best is None:
+            best_err, best = err, s
+        else:
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, s, best)
+    return torch.where(amax == 0, 0.0, best).half()
+
+
+class Int2MCodec(Int2RCodec):
+    """int2r's rotated 2-bit values, with mixed-precision keys: per (layer, head) the quarter of
+    the key channels with the widest range over the chunk (post-RoPE, mostly the fast-rotating
+    pairs) is coded at 4 bits, the rest at 2, all per channel in int2's token groups; the first
+    ``INT2_KEEP_FIRST`` tokens and ``INT2M_KEEP_FRAC`` of the worst are kept as int8 rows.
+    Values are coded symmetrically (one fp16 scale s per row, levels ``(q - 1.5) * s``: a rotated
+    row is near zero-mean), so they decode as int2r's with ``v_min = -1.5 * s`` in fp32.
+
+    ``rows`` [L, H, T, 9D/16] uint8 per (head, token): the hi channels' 4-bit codes in slot order
+    (two per byte, even slot in the low nibble), the other channels' 2-bit codes in slot order
+    (planar, as int2), the value codes (planar). ``side`` [L, E]: ``int2m_side_layout`` (kept ids,
+    key scale/min per channel and group in channel order, value scale per token, kept rows,
+    and ``k_pos`` [H, D]: the slot of each channel: hi channels ascending take slots 0..m-1, the
+    others m..D-1). head_dim: a power of two >= 16.
+    """
+
+    name = "int2m"
+
+    @staticmethod
+    def _check_head_dim(D: int) -> None:
+        if not _is_pow2(D) or D < 16:
+            raise ValueError(
+                f"int2m needs a power of two head_dim >= 16 (Hadamard values, 4-bit key quarter), got {D}"
+            )
+
+    def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
+        _check_kv(kv)
+        L, _, H, T, D = kv.shape
+        self._check_head_dim(D)
+        kv = kv.detach()
+        k, v = kv[:, 0].float(), kv[:, 1].float()
+        vr = self._rotate(v)
+        G, S = int2_groups(T)
+        n, m = int2m_kept(T), int2m_hi(D)
+        lo, hi = (_expand(x, T, S) for x in _fit_range(_pad_groups(k, G, S), None, 3, 4))
+        err_k = _relerr(k, _dequant(_quant(k, lo, hi, 4), lo, hi, 4))
+        v_scale = _fit_symmetric(vr)  # [L, H, T] fp16
+        v_div = torch.where(v_scale == 0, 1.0, v_scale.float())[..., None]
+        v_q = torch.round(vr / v_div + 1.5).clamp_(0, 3)
+        err_v = _relerr(vr, (v_q - 1.5) * v_scale.float()[..., None])
+        v_q = v_q.to(torch.uint8)
+        score = err_k + err_v
+        score[:, : min(INT2_KEEP_FIRST, T)] = float("inf")
+        idx = score.topk(n, dim=1).indices.sort(dim=1).values  # [L, n]
+        kept = torch.zeros(L, T, dtype=torch.bool, device=k.device)
+        kept.scatter_(1, idx, True)
+        rest = (~kept)[:, None, :, None]  # [L, 1, T, 1]
+        inf = torch.tensor(float("inf"), device=k.device)
+        span = torch.where(rest, k, -inf).amax(2) - torch.where(rest, k, inf).amin(2)  # [L, H, D]
+        span = torch.where(torch.isfinite(span), span, 0.0)
+        hi_ch = torch.zeros(L, H, D, dtype=torch.bool, device=k.device)
+        hi_ch.scatter_(2, span.topk(m, dim=2).indices, True)
+        # slots: hi channels ascending, then the others ascending (a stable sort on "not hi")
+        perm = torch.sort((~hi_ch).to(torch.uint8), dim=2, stable=True).indices  # [L, H, D]: slot -> channel
+        pos = torch.empty_like(perm)
+        pos.scatter_(2, perm, torch.arange(D, device=k.device).expand(L, H, D).contiguous())
+        valid = _pad_groups(rest.expand(L, H, T, D), G, S, fill=False)
+        kp = _pad_groups(k, G, S)
+        lo4, hi4 = _fit_range(kp, valid, 3, 16)
+        lo2, hi2 = _fit_range(kp, valid, 3, 4)
+        h4 = hi_ch[:, :, None, :]  # [L, H, 1, D]
+        s4, m4 = _range_fp16(lo4, hi4, 15, "key")
+        s2, m2 = _range_fp16(lo2, hi2, 3, "key")
+        k_scale, k_min = torch.where(h4, s4, s2), torch.where(h4, m4, m2)  # [L, H, G, D]
+        ks, km = _expand(k_scale.float(), T, S), _expand(k_min.float(), T, S)
+        top = torch.where(hi_ch, 15.0, 3.0)[:, :, None, :]
+        k_q = torch.minimum(torch.round((k - km) / ks).clamp_(min=0), top).to(torch.uint8)  # [L, H, T, D]
+        slots = k_q.gather(3, perm[:, :, None, :].expand(L, H, T, D))
+        gather = idx[:, None, :, None].expand(L, H, n, D)
+        o_k, o_ks = _int8_rows(k.gather(2, gather))
+        o_v, o_vs = _int8_rows(v.gather(2, gather))
+        rows = torch.cat([_pack4(slots[..., :m]), _pack2(slots[..., m:]), _pack2(v_q)], dim=-1)
+        sec = {"o_idx": idx.to(torch.int32), "k_scale": k_scale, "k_min": k_min, "v_scale": v_scale,
+               "o_ks": o_ks, "o_vs": o_vs, "o_k": o_k, "o_v": o_v, "k_pos": pos.to(torch.uint8)}  # fmt: skip
+        layout = int2m_side_layout(H, T, D)
+        side = torch.cat(
+            [sec[name].reshape(L, -1).view(torch.uint8) for name in layout if name != "end"], dim=1
+        )
+        pad = layout["end"][0] - side.shape[1]
+        if pad:
+            side = torch.cat([side, torch.zeros(L, pad, dtype=torch.uint8, device=side.device)], dim=1)
+        return _cpu({"rows": rows, "side": side})
+
+    def _decode_one(self, rows: torch.Tensor, side: torch.Tensor) -> torch.Tensor:  # -> [2, H, T, D] fp32
+        p = int2m_sections(rows, side)
+        H, T, _ = rows.shape
+        D = p["k_pos"].shape[1]
+        _, S = int2_groups(T)
+        group = torch.arange(T, device=rows.device) // S
+        slots = torch.cat([_unpack4(p["k_hi"]), _unpack2(p["k_lo"])], dim=-1)  # [H, T, D] by slot
+        q = slots.gather(2, p["k_pos"].long()[:, None, :].expand(H, T, D)).float()  # by channel
+        k = q * p["k_scale"].float()[:, group] + p["k_min"].float()[:, group]
+        v = self._decode_values({**p, "v_min": p["v_scale"].float() * -1.5})
+        idx = p["o_idx"].long()
+        k[:, idx] = p["o_k"].float() * p["o_ks"].float()[..., None]
+        v[:, idx] = p["o_v"].float() * p["o_vs"].float()[..., None]
+        return torch.stack([k, v])
+
+    def _shapes(self, kv):
+        L, _, H, T, D = kv.shape
+        self._check_head_dim(D)
+        e = lambda *s, dt: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
+        return {
+            "rows": e(L, H, T, int2m_row_bytes(D), dt=torch.uint8),
+            "side": e(L, int2m_side_layout(H, T, D)["end"][0], dt=torch.uint8),
+        }
+
+
+def int2_family(codec: str) -> dict:
+    """The layout functions of a codec with int2's two parts (``int2``, ``int2r``, ``int2m``), for
+    loaders and kernels: ``row_bytes(D)``, ``kept(T)``, ``side_layout(H, T, D)``, ``sections(rows,
+    side)`` and ``value_offset(D)`` (the first byte of the value codes in a row)."""
+    if codec == "int2m":
+        m = lambda d: int2m_hi(d) // 2 + (d - int2m_hi(d)) // 4  # noqa: E731
+        return {"row_bytes": int2m_row_bytes, "kept": int2m_kept, "side_layout": int2m_side_layout,
+                "sections": int2m_sections, "value_offset": m}  # fmt: skip
+    if codec in ("int2", "int2r"):
+        return {"row_bytes": lambda d: d // 2 + 4, "kept": int2_kept, "side_layout": int2_side_layout,
+                "sections": int2_sections, "value_offset": lambda d: d // 4}  # fmt: skip
+    raise ValueError(f"codec {codec!r} has no int2 layout")
+
+
 def _pad_groups(x: torch.Tensor, G: int, S: int, fill=0.0) -> torch.Tensor:
     """[L, H, T, D] -> [L, H, G, S, D], padded along T with ``fill`` (masked out by ``valid``)."""
     L, H, T, D = x.shape
@@ -587,7 +795,7 @@ def _range_fp16(lo: torch.Tensor, hi: torch.Tensor, levels_minus_1: int, what: s
 
 
 CODECS: dict[str, Codec] = {
-    c.name: c for c in (RawCodec(), Int8Codec(), Int4Codec(), Int2Codec(), Int2RCodec())
+    c.name: c for c in (RawCodec(), Int8Codec(), Int4Codec(), Int2Codec(), Int2RCodec(), Int2MCodec())
 }
 """Every codec by name. Add one by subclassing ``Codec`` and registering it here."""
 

@@ -55,10 +55,16 @@ class DecodeConfig:
     max_batch: int = 16
     """Requests decoded together at most (one row each in every step); further requests wait,
     first come first served, and join between steps as others finish."""
+    graphs: bool = False
+    """CUDA only: record the step as a CUDA graph (``graphs.FusionGraphs``) once the same set of
+    requests ran it twice, and replay it while that set stays (a request joining or leaving drops
+    the graph). Saves the host's kernel launches; a capture costs about one step's launches."""
 
     def __post_init__(self) -> None:
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, Integral) or self.max_batch < 1:
             raise ValueError(f"max_batch must be a positive int, got {self.max_batch!r}")
+        if not isinstance(self.graphs, bool):
+            raise TypeError(f"graphs must be a bool, got {self.graphs!r}")
 
 
 @dataclass(frozen=True)
@@ -254,6 +260,13 @@ class Decoder:
         """Decode steps run so far."""
         self.rows = 0
         """Request-steps run so far (``rows / steps``: the mean batch)."""
+        self.graphs = None
+        """The step's ``FusionGraphs`` (``DecodeConfig.graphs`` on CUDA), else None."""
+        if config.graphs and lm.device.type == "cuda":
+            from chunkcache.graphs import FusionGraphs
+
+            self.graphs = FusionGraphs()
+        self._graphed: tuple[int, ...] = ()  # ids of the buffers the current graph was recorded over
 
     # ---- consumers ----------------------------------------------------------------------------
     def tokens(self, fused, max_new_tokens: int = 64, sampling: Sampling = Sampling()) -> Iterator[int]:
@@ -425,13 +438,40 @@ class Decoder:
 
     def step(self, active: list[_Request]) -> torch.Tensor:
         """One decode step: each request's ``token`` at its ``pos`` through every layer, packed
-        (one row each) -> fp32 logits ``[B, vocab]``. Writes each row's K/V into its buffer."""
-        lm = self.lm
-        mdl, dev = lm.model, lm.device
+        (one row each) -> fp32 logits ``[B, vocab]`` (with graphs: the graph's own tensor, read it
+        before the next step). Writes each row's K/V into its buffer."""
+        dev = self.lm.device
         ids = torch.tensor([r.token for r in active], device=dev)
         pos = torch.tensor([r.pos for r in active], device=dev)
+        bufs = [r.buf for r in active]
+        if self.graphs is None:
+            return self._layers(bufs, ids, pos)
+        graphed = tuple(id(b) for b in bufs)
+        if graphed != self._graphed:  # another set of requests: drop the graph (it holds their buffers)
+            self.graphs.clear()
+            self._graphed = graphed
+        try:
+            return self.graphs.run(
+                ("decode", len(bufs)),
+                lambda ids, pos: self._layers(bufs, ids, pos),
+                {"ids": ids, "pos": pos},
+                reads=(self.lm.model, *bufs),
+            )
+        except RuntimeError as e:  # a failed capture recorded (ran) nothing: decode eagerly from now on
+            import warnings
+
+            warnings.warn(
+                f"chunkcache: decode graphs off after a failed capture ({e})", RuntimeWarning, stacklevel=2
+            )
+            self.graphs = None
+            return self._layers(bufs, ids, pos)
+
+    def _layers(self, bufs: list[torch.Tensor], ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The step's device work (no host synchronisation: it may be recorded as a graph)."""
+        lm = self.lm
+        mdl = lm.model
         h = mdl.model.embed_tokens(ids)[None]  # [1, B, hidden]
-        pack = Pack([Segment(r.buf, pos[i : i + 1]) for i, r in enumerate(active)])
+        pack = Pack([Segment(b, pos[i : i + 1]) for i, b in enumerate(bufs)])
         rope = pack.rope(lm, h)  # the rows' positions: the same for every layer
         for li in range(lm.spec.num_layers):
             h = packed_layer(lm, li, h, pack, rope)

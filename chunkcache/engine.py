@@ -518,16 +518,19 @@ class ChunkCache:
         self, keys: list[str], ids: list[bytes], suffix: list[int], cfg: FuseConfig, t0: float
     ) -> FuseResult:
         """``fuse`` under ``self.adaptive`` (``adaptive.plan``): the first ``plan.front`` chunks
-        are recomputed in place (``fuse.exact_prefix``) on this thread while a thread fetches the
+        are recomputed in place (``precompute.encode_exact`` of the prefix and them) on this thread while a thread fetches the
         others from the store at their planned precision; then the fetched chunks are fused behind
-        that exact front (through ``pipeline.fuse_entries`` on the fast path, ``fuse_kv``
+        that exact front, with the same selection budget as without it (the ratio of all chunk
+        tokens, spent on the fetched ones: measured, a budget of the fetched tokens only fused
+        worse, ``bench_results/session7/adaptive/split_quality.log``) (through ``pipeline.fuse_entries`` on the fast path, ``fuse_kv``
         elsewhere). Or a plain full prefill (``fuse.prefill``) when the plan says it is no slower.
         Chunks not stored are precomputed first (the plain miss path). A fetched entry that is
         damaged or not this engine's is dropped with a warning (``_load``), never used: that chunk
         is recomputed and stored as a miss is (``stats["adaptive"]["repaired"]``)."""
         from chunkcache import adaptive
         from chunkcache.codec import get_codec
-        from chunkcache.fuse import exact_prefix, prefill, with_front
+        from chunkcache.fuse import prefill, with_front
+        from chunkcache.precompute import encode_exact
 
         conf, rates, spec = self.adaptive, self._rates, self.lm.spec
         lists = _id_lists(ids)
@@ -564,10 +567,10 @@ class ChunkCache:
         prefix_kv = self.prefix_kv()
         if chosen.full_prefill:
             t = time.perf_counter()
-            res = prefill(self.lm, prefix_kv, self.prompt_ids_from(ids, suffix), tokens)
+            res = prefill(self.lm, self.prompt_ids_from(ids, suffix), len(self._prefix_ids), tokens)
             res.logits.cpu()
             t = time.perf_counter() - t
-            rates.saw("recompute", res.stats["prompt_tokens"] - len(self._prefix_ids), t)
+            rates.saw("recompute", res.stats["prompt_tokens"], t)
             timing = {"plan": t_plan, "prefill": t}
             return self._adaptive_result(res, chosen, timing, [], t0)
 
@@ -585,11 +588,18 @@ class ChunkCache:
             return got
 
         front_ids = [t for x in lists[:k] for t in x]
+        # the front: prefix and chunks 0..k-1 through the model from scratch (exact; the prefix's
+        # few tokens are recomputed, which keeps the model's causal fast path), while the back arrives
         fetched, ext, t_fetch, t_front = adaptive.overlap(
-            fetch, back, lambda: exact_prefix(self.lm, prefix_kv, front_ids)[0]
+            fetch,
+            back,
+            lambda: encode_exact(self.lm, list(self._prefix_ids) + front_ids)[0] if k else prefix_kv,
         )
-        rates.saw("recompute", len(front_ids), t_front)
+        rates.saw("recompute", len(self._prefix_ids) + len(front_ids) if k else 0, t_front)
         ext_ids = list(self._prefix_ids) + front_ids
+        user_ratio, n_back = cfg.recompute_ratio, sum(tokens[i] for i in back)
+        if k and n_back:  # the budget stays the ratio of every chunk token, spent on the fetched ones
+            cfg = FuseConfig(recompute_ratio=min(1.0, user_ratio * sum(tokens) / n_back), policy=cfg.policy)
         t = time.perf_counter()
         repaired = [i for i, got in zip(back, fetched, strict=True) if got is None]
         res = None
@@ -617,7 +627,9 @@ class ChunkCache:
         res.logits.cpu()
         t_fuse = time.perf_counter() - t
         rates.saw("fuse", sum(tokens[i] for i in back), t_fuse)
-        res = with_front(res, len(self._prefix_ids), tokens[:k], spec.num_layers)
+        res = with_front(res, len(self._prefix_ids), tokens[:k], spec.num_layers, prefix_recomputed=k > 0)
+        res.stats["recompute_ratio"] = user_ratio
+        res.stats["fetched_recompute_ratio"] = cfg.recompute_ratio  # the share of the fetched tokens selected
         timing = {"plan": t_plan, "fetch": t_fetch, "recompute": t_front, "fuse": t_fuse}
         return self._adaptive_result(res, chosen, timing, repaired, t0)
 

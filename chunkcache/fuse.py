@@ -267,34 +267,16 @@ def refine(
     return FuseResult(input_ids=ids, logits=res.logits, kv=res.kv, selected=selected, stats=stats)
 
 
-@torch.no_grad()
-def exact_prefix(lm: LoadedModel, prefix_kv: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``prefix_kv`` (``[L, 2, H, P, D]``) extended by the exact KV of ``ids`` (``[n]``) at
-    positions ``P ..``, and the next-token logits after them (None when ``ids`` is empty): the
-    model's own forward over ``ids`` behind a cache holding the prefix, so every token attends
-    to the prefix and to the tokens before it, as in a full prefill. What adaptive loading
-    recomputes in place in front of the fused chunks, and its full prefill (``prefill``).
-    Returns ``([L, 2, H, P + n, D], [vocab] fp32)``."""
-    from transformers import DynamicCache
-
-    if len(ids) == 0:
-        return prefix_kv, None
-    cache = DynamicCache()  # no config: keep every position even under a sliding window
-    for li in range(prefix_kv.shape[0]):
-        cache.update(prefix_kv[li, 0][None], prefix_kv[li, 1][None], li)  # (the next update copies)
-    x = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(lm.device)
-    out = lm.model(input_ids=x, use_cache=True, logits_to_keep=1, **{M.cache_kwarg(lm.model): cache})
-    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
-    return kv, out.logits[0, -1].float()
-
-
-def with_front(res: FuseResult, n_prefix: int, front_lengths: list[int], num_layers: int) -> FuseResult:
-    """A fusion made behind an exact front (``exact_prefix`` of the first chunks, then those
-    chunks counted as prefix) restated for the whole prompt: the front's tokens are chunk tokens
-    recomputed through every layer (their token-layers count), and ``selected`` includes them."""
+def with_front(
+    res: FuseResult, n_prefix: int, front_lengths: list[int], num_layers: int, prefix_recomputed: bool = False
+) -> FuseResult:
+    """A fusion made behind an exact front (``precompute.encode_exact`` of the prefix and the first
+    chunks, then those chunks counted as prefix) restated for the whole prompt: the front's tokens are chunk tokens
+    recomputed through every layer (their token-layers count, and the prefix's where
+    ``prefix_recomputed``), and ``selected`` includes them."""
     f, s = sum(front_lengths), res.stats
     front = torch.arange(n_prefix, n_prefix + f, device=res.selected.device)
-    token_layers = s["token_layers"] + f * num_layers
+    token_layers = s["token_layers"] + (f + (n_prefix if prefix_recomputed else 0)) * num_layers
     full = num_layers * (s["prompt_tokens"] - n_prefix)
     stats = {
         **s,
@@ -313,37 +295,33 @@ def with_front(res: FuseResult, n_prefix: int, front_lengths: list[int], num_lay
     return replace(res, selected=torch.cat([front, res.selected]), stats=stats, _cache=None)
 
 
-@torch.no_grad()
-def prefill(
-    lm: LoadedModel,
-    prefix_kv: torch.Tensor,  # [L, 2, H, P, D] exact prefix KV
-    ids: torch.Tensor,  # [1, N] the whole prompt
-    chunk_lengths: list[int],
-) -> FuseResult:
-    """A plain full prefill of the prompt behind the prefix KV (the model's own forward,
-    ``logits_to_keep=1``) as a ``FuseResult``: every chunk token recomputed. What adaptive
-    loading falls back to when no mix of fetching and recomputing is faster."""
+def prefill(lm: LoadedModel, ids: torch.Tensor, n_prefix: int, chunk_lengths: list[int]) -> FuseResult:
+    """A plain full prefill of the prompt ``ids`` (``[1, N]``; the model's own forward,
+    ``logits_to_keep=1``: ``precompute.encode_exact``) as a ``FuseResult``, every chunk token
+    recomputed. What adaptive loading falls back to when no mix of fetching and recomputing is
+    faster: the same call as a plain prefill, so it is never slower than one."""
+    from chunkcache.precompute import encode_exact
+
     timer = StageTimer(lm.device)
-    p, layers = prefix_kv.shape[3], lm.spec.num_layers
-    kv, logits = exact_prefix(lm, prefix_kv, ids[0, p:])
+    kv, logits = encode_exact(lm, ids[0])
     timer.mark("prefill")
-    n, n_ctx = ids.shape[1], sum(chunk_lengths)
+    n, n_ctx, layers = ids.shape[1], sum(chunk_lengths), lm.spec.num_layers
     stats = {
         "prompt_tokens": n,
-        "prefix_tokens": p,
+        "prefix_tokens": n_prefix,
         "chunk_tokens": n_ctx,
-        "question_tokens": n - p - n_ctx,
+        "question_tokens": n - n_prefix - n_ctx,
         "recomputed_tokens": n_ctx,
         "reused_tokens": 0,
         "probe_token_layers": 0,
-        "token_layers": layers * (n - p),
-        "compute_fraction": 1.0,
+        "token_layers": layers * n,  # the prefix too: a plain prefill recomputes it
+        "compute_fraction": n / (n - n_prefix),
         "chunk_lengths": list(chunk_lengths),
         "policy": "full prefill",
         "recompute_ratio": 1.0,
         "seconds": timer.seconds(),
     }
-    selected = torch.arange(p, p + n_ctx, device=lm.device)
+    selected = torch.arange(n_prefix, n_prefix + n_ctx, device=lm.device)
     return FuseResult(input_ids=ids, logits=logits, kv=kv, selected=selected, stats=stats)
 
 
@@ -492,6 +470,13 @@ def _select(
     ``SelectContext`` is built (before layer 0 the layer tensors are None)."""
     prompt, lm = f.prompt, f.lm
     idx = cand - prompt.n_prefix  # candidates' indices among the chunk tokens
+    values = None
+    if getattr(f.policy, "value_norms", False):  # [L, c], a layer at a time (an fp32 copy of one layer's V)
+        v = f.buf[:, 1]  # [L, H, N', D]
+        values = torch.stack(
+            [torch.linalg.vector_norm(v[li].float(), dim=-1).mean(0) for li in range(len(v))]
+        )
+        values = values[:, cand]
     ctx = SelectContext(
         layer=layer,
         positions=cand,
@@ -507,6 +492,7 @@ def _select(
         probe_attn=None if probe_attn is None else probe_attn[:, idx],
         token_scores=None if f.token_scores is None else f.token_scores[idx],
         exact=None if prompt.exact is None else prompt.exact[idx],
+        value_norms=values,
     )
     return torch.sort(f.policy.select(ctx, keep_n)).values
 

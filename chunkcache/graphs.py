@@ -63,6 +63,12 @@ class FusionGraphs:
         self.captures = 0  # how many graphs were recorded (diagnostics, tests)
         self.replays = 0
 
+    def clear(self) -> None:
+        """Drop every graph (and the objects it holds alive); the buffers stay."""
+        self.graphs.clear()
+        self.seen.clear()
+        self.warmed.clear()
+
     def padded_length(self, n: int) -> int:
         return math.ceil(n / self.n_bucket) * self.n_bucket
 

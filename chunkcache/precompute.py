@@ -83,11 +83,20 @@ def encode_chunks(
 
 
 @torch.no_grad()
-def encode_prefix(lm: LoadedModel, prefix: Sequence[int]) -> torch.Tensor:
-    """Exact KV of the prompt prefix at positions 0..P-1: ``[L, 2, H, P, D]``."""
+def encode_exact(lm: LoadedModel, ids: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact KV of ``ids`` at positions 0..n-1, ``[L, 2, H, n, D]``, and the fp32 next-token
+    logits after them ``[vocab]``: one forward of the model from scratch (``logits_to_keep=1``),
+    the plain full prefill's own call, so attention takes the model's causal fast path (a cache
+    of earlier positions would make it build an explicit mask)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()  # no config: keep every position even under a sliding window
-    ids = torch.tensor([list(prefix)], dtype=torch.long, device=lm.device)
-    lm.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(lm.model): cache})
-    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+    x = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(lm.device)
+    out = lm.model(input_ids=x, use_cache=True, logits_to_keep=1, **{cache_kwarg(lm.model): cache})
+    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+    return kv, out.logits[0, -1].float()
+
+
+def encode_prefix(lm: LoadedModel, prefix: Sequence[int]) -> torch.Tensor:
+    """Exact KV of the prompt prefix at positions 0..P-1: ``[L, 2, H, P, D]``."""
+    return encode_exact(lm, list(prefix))[0]

@@ -13,6 +13,7 @@ are None).
     qaware      ours: question-aware (probe attention x layer-1 deviation). See ``QAware``.
     qfast       ours (default): the probe's attention alone, selected before layer 0. See ``QFast``.
     qstale      ours: qfast's ranking over the stale tokens only (exact ones never). See ``QStale``.
+    qvalue      ours: qstale with each layer's attention weighted by the token's V norm. See ``QValue``.
     epic        the first tokens of every chunk (EPIC), for comparison
     random      uniform at random (a sanity floor)
 
@@ -71,6 +72,9 @@ class SelectContext:
     in this prompt (its chunk sits where it was encoded, behind the prefix: the first chunk with
     the prefix sink), so they equal a full prefill's up to the codec's rounding and recomputing
     it restores no context. None: no candidate is known to be exact."""
+    value_norms: torch.Tensor | None = None
+    """[layers, c] L2 norm of each candidate's V in the cache at selection time (the reused V
+    before layer 0), mean over KV heads; only for policies with ``value_norms = True``."""
 
     def deviation(self, which: int = 1) -> torch.Tensor:
         """[c] L2 distance between fresh and reused K (0) or V (1), summed over heads."""
@@ -208,11 +212,27 @@ class QStale(QFast):
     share qfast spends on the first chunk goes to the chunks that miss context (the first
     chunk is taken only when the stale tokens run out)."""
 
+    def score(self, ctx: SelectContext) -> torch.Tensor:
+        """[c] the ranking score (higher first)."""
+        return ctx.probe_attn.sum(0)
+
     def select(self, ctx: SelectContext, k: int) -> torch.Tensor:
-        score = ctx.probe_attn.sum(0)
+        score = self.score(ctx)
         if ctx.exact is not None:
             score = torch.where(ctx.exact, score - (score.max() + 1), score)  # exact ones rank last
         return _top(ctx, score, k)
+
+
+class QValue(QStale):
+    """Value-aware qstale: what a token adds to the question's attention output is its attention
+    weight times its V, so each layer's probe mass is weighted by the token's V norm there (mean
+    over KV heads; the probe kernel's mass is already a head mean) before summing over layers.
+    Costs one norm over the cache's V at selection, no token-layers."""
+
+    value_norms = True
+
+    def score(self, ctx: SelectContext) -> torch.Tensor:
+        return (ctx.probe_attn * ctx.value_norms).sum(0)
 
 
 class Excluding:
@@ -228,6 +248,11 @@ class Excluding:
             raise ValueError(f"refining needs a probe policy that selects before layer 0, got {base!r}")
         self.base, self.exclude = base, exclude
 
+    @property
+    def value_norms(self) -> bool:
+        """The base policy's wish for ``SelectContext.value_norms``."""
+        return getattr(self.base, "value_norms", False)
+
     def schedule(self, num_layers: int, ratio: float) -> dict[int, float]:
         return {0: ratio}
 
@@ -239,6 +264,7 @@ class Excluding:
             "probe_attn": ctx.probe_attn[:, left],
             "token_scores": None if ctx.token_scores is None else ctx.token_scores[left],
             "exact": None if ctx.exact is None else ctx.exact[left],
+            "value_norms": None if ctx.value_norms is None else ctx.value_norms[:, left],
         }
         return self.base.select(SelectContext(**{**ctx.__dict__, **sub}), k)
 
@@ -249,6 +275,7 @@ POLICIES: dict[str, Policy] = {
     "qaware": QAware(),
     "qfast": QFast(),
     "qstale": QStale(),
+    "qvalue": QValue(),
     "epic": Epic(),
     "random": Random(),
 }

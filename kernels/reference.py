@@ -18,13 +18,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from chunkcache.codec import CODECS, INT4_GROUP, int2_groups, int2_kept, int2_side_layout
+from chunkcache.codec import CODECS, INT4_GROUP, int2_family, int2_groups
 
-KERNEL_CODECS = ("raw", "int8", "int4", "int2", "int2r")
+KERNEL_CODECS = ("raw", "int8", "int4", "int2", "int2r", "int2m")
 """The codecs the decode kernels (and ``decode_layer``) implement."""
 
-INT2_FAMILY = ("int2", "int2r")
-"""Codecs with int2's two parts (``rows``, ``side``) and layout; int2r rotates its values."""
+INT2_FAMILY = ("int2", "int2r", "int2m")
+"""Codecs with int2's two parts (``rows``, ``side``; ``codec.int2_family`` gives each one's layout):
+int2r rotates its values, int2m also codes a quarter of the key channels at 4 bits."""
 
 CODEC_PARTS: dict[str, tuple[str, ...]] = {name: CODECS[name].parts for name in KERNEL_CODECS}
 """The tensors each codec stores for one layer (shapes in ``decode_layer``), in ``codec.py``'s
@@ -59,6 +60,7 @@ def decode_layer(codec: str, parts: Mapping[str, torch.Tensor]) -> tuple[torch.T
     int2: rows uint8 [H, T, D/2 + 4], side uint8 [E] (``codec.Int2Codec``): 2-bit codes, key
           groups t // S, then the kept tokens' int8 rows written over theirs.
     int2r: int2's parts; values decoded through the inverse Hadamard rotation (``codec.Int2RCodec``).
+    int2m: rows [H, T, 9D/16], side [E] (``codec.Int2MCodec``): mixed 4/2-bit keys, int2r's values.
     """
     check_parts(codec, parts)
     if codec in INT2_FAMILY:  # the layout and its decode are codec.py's (rows, side; see Int2Codec)
@@ -236,8 +238,13 @@ class PackedLayout:
             _, h, t, d = parts["kv"][2]
         elif self.codec in INT2_FAMILY:
             h, t, r = parts["rows"][2]
-            d = 2 * (r - 4)
-            side = int2_side_layout(h, t, d)["end"][0]
+            d = self.head_dim
+            fam = int2_family(self.codec)
+            if self.codec != "int2":
+                CODECS[self.codec]._check_head_dim(d)
+            if r != fam["row_bytes"](d):
+                raise ValueError(f"{self.codec} rows of {r} bytes do not fit head_dim {d}")
+            side = fam["side_layout"](h, t, d)["end"][0]
             if (
                 parts["rows"][1] != torch.uint8
                 or parts["side"][1] != torch.uint8
@@ -246,8 +253,6 @@ class PackedLayout:
                 raise ValueError(f"int2 parts must be uint8 rows [H, T, D/2 + 4] and side [{side}]")
             if parts["side"][0] % 4:
                 raise ValueError(f"part at byte {parts['side'][0]} is not aligned to its int32 section")
-            if self.codec == "int2r":
-                CODECS["int2r"]._check_head_dim(d)
         else:
             h, t, d = parts["k_q"][2]
             d = d * 2 if self.codec == "int4" else d
@@ -263,7 +268,7 @@ class PackedLayout:
         self.chunks.append({k: (int(o), dt, tuple(int(x) for x in sh)) for k, (o, dt, sh) in parts.items()})
         self.tokens.append(int(t))
         self.dests.append(int(dest))
-        self.kept.append(int2_kept(int(t)) if self.codec in INT2_FAMILY else 0)
+        self.kept.append(int2_family(self.codec)["kept"](int(t)) if self.codec in INT2_FAMILY else 0)
         self._meta.clear()
 
     def shifted(self, deltas: Sequence[Mapping[str, int]]) -> PackedLayout:
@@ -301,18 +306,31 @@ class PackedLayout:
         return out
 
     def data_dtype(self) -> torch.dtype:
-        return self.chunks[0][{"raw": "kv", "int2": "rows", "int2r": "rows"}.get(self.codec, "k_q")][1]
+        return self.chunks[0][
+            "kv" if self.codec == "raw" else "rows" if self.codec in INT2_FAMILY else "k_q"
+        ][1]
+
+    def row_bytes(self) -> int:
+        """int2 family: bytes per (head, token) row (the kernel's ROW); 0 for other codecs."""
+        return self.chunks[0]["rows"][2][2] if self.codec in INT2_FAMILY and self.chunks else 0
 
     def _int2_row(self, parts, t: int, dest: int) -> list[int]:
         """int2's launch-table row: rows at byte r (codes; value codes at r + D/4; value scale,
-        min at fp16 units (r + D/2) / 2 and one further), side sections at s + their offsets."""
+        min at fp16 units (r + D/2) / 2 and one further), side sections at s + their offsets.
+        int2m: value codes at r + value_offset(D), v_scale in side (fp16 units) and, in v_min's
+        column, the byte offset of k_pos."""
         d = self.head_dim
+        fam = int2_family(self.codec)
         r, s = parts["rows"][0], parts["side"][0]
-        sec = {name: s + off for name, (off, _, _) in int2_side_layout(self.heads, t, d).items()}
+        sec = {name: s + off for name, (off, _, _) in fam["side_layout"](self.heads, t, d).items()}
         groups, per_group = int2_groups(t)
-        vs = (r + d // 2) // 2
-        return [t, dest, groups, r, r + d // 4, sec["k_scale"] // 2, sec["k_min"] // 2, vs, vs + 1,
-                per_group, int2_kept(t), sec["o_idx"] // 4, sec["o_k"], sec["o_v"],
+        if self.codec == "int2m":
+            vs, vm = sec["v_scale"] // 2, sec["k_pos"]
+        else:
+            vs = (r + d // 2) // 2
+            vm = vs + 1
+        return [t, dest, groups, r, r + fam["value_offset"](d), sec["k_scale"] // 2, sec["k_min"] // 2, vs,
+                vm, per_group, fam["kept"](t), sec["o_idx"] // 4, sec["o_k"], sec["o_v"],
                 sec["o_ks"] // 2, sec["o_vs"] // 2]  # fmt: skip
 
     def meta(self, device: torch.device) -> torch.Tensor:

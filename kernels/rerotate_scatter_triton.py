@@ -23,14 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from chunkcache.codec import int2_sections
+from chunkcache.codec import int2_family
 
 from .reference import INT2_FAMILY, INT4_GROUP, META_COLS, check_parts, int2_groups
 from .reference import rerotate_scatter_reference as rerotate_scatter_reference
 
 __all__ = ["rerotate_scatter", "rerotate_scatter_packed", "rerotate_scatter_reference"]
 
-_CODEC_ID = {"raw": 0, "int8": 1, "int4": 2, "int2": 3, "int2r": 4}
+_CODEC_ID = {"raw": 0, "int8": 1, "int4": 2, "int2": 3, "int2r": 4, "int2m": 5}
 
 
 @triton.jit
@@ -56,8 +56,10 @@ def _hadamard_half(q, i, j, USE_DOT: tl.constexpr):
     x ^= x >> 1
     h = 1.0 - 2.0 * (x & 1).to(tl.float32)
     if USE_DOT:
-        return tl.dot(q.to(tl.float16), h.to(tl.float16), out_dtype=tl.float32)
-    return tl.sum(q[:, :, None] * h[None, :, :], axis=1)
+        c = tl.dot(q.to(tl.float16), h.to(tl.float16), out_dtype=tl.float32)
+    else:
+        c = tl.sum(q[:, :, None] * h[None, :, :], axis=1)
+    return c
 
 
 @triton.jit
@@ -65,7 +67,7 @@ def _decode_rotate_store(
     K_ptr, V_ptr, KS_ptr, KM_ptr, VS_ptr, VM_ptr, COS_ptr, SIN_ptr, KO_ptr, VO_ptr,
     T, G, S, offset, sko_h, sko_t, sko_d, svo_h, svo_t, svo_d, pid_t, h,
     D: tl.constexpr, CODEC: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, ROW: tl.constexpr, USE_DOT: tl.constexpr,
 ):  # fmt: skip
     """One program = BLOCK_T tokens of one kv head, keys and values, both halves of head_dim.
 
@@ -77,7 +79,10 @@ def _decode_rotate_store(
     the two halves of an int4 row sit in bytes [0, D/4) and [D/4, D/2), each byte holding an even
     (low nibble) and odd (high nibble) element, so each half is loaded as bytes and interleaved;
     int2 x = q * scale + min with key group t // S, four planar codes per byte in rows of D/2 + 4
-    bytes (see ``codec.Int2Codec``; its kept rows are written afterwards by ``_kept_rows``).
+    bytes (see ``codec.Int2Codec``; its kept rows are written afterwards by ``_kept_rows``); int2r
+    the same with values through the inverse Hadamard rotation; int2m (``codec.Int2MCodec``) rows
+    of ROW = 9D/16 bytes: each key channel's code at its slot (``k_pos``, at VM_ptr, uint8), 4-bit
+    for the first D/4 slots, 2-bit planar after; values as int2r with v_min = -1.5 * v_scale.
     """
     HALF: tl.constexpr = D // 2
 
@@ -88,19 +93,43 @@ def _decode_rotate_store(
     mask = t_mask[:, None] & j_mask[None, :]
     row = h * T + t  # source row of (head, token)
 
-    if CODEC == 3 or CODEC == 4:
+    if CODEC >= 3:  # the int2 family: 3 int2, 4 int2r, 5 int2m
         # int2: a (head, token) row of R = D/2 + 4 bytes holds the key codes (bytes [0, D/4), K_ptr),
         # the value codes ([D/4, D/2), V_ptr) and the value scale, min (fp16 at VS_ptr, VM_ptr, in
         # fp16 units R/2 per row). Element e sits in byte e % (D/4), bits 2 * (e // (D/4)).
         Q2: tl.constexpr = D // 4
-        R: tl.constexpr = D // 2 + 4
+        R: tl.constexpr = ROW
         e2 = j + HALF
-        src1 = row[:, None] * R + (j % Q2)[None, :]
-        src2 = row[:, None] * R + (e2 % Q2)[None, :]
-        sh1 = (2 * (j // Q2)).to(tl.uint8)[None, :]
-        sh2 = (2 * (e2 // Q2)).to(tl.uint8)[None, :]
-        k1 = ((tl.load(K_ptr + src1, mask=mask, other=0) >> sh1) & 3).to(tl.float32)
-        k2 = ((tl.load(K_ptr + src2, mask=mask, other=0) >> sh2) & 3).to(tl.float32)
+        if CODEC == 5:
+            # int2m: channel c's code sits at slot p = k_pos[h, c]: slots < M are 4-bit (byte p // 2,
+            # low nibble for even p), the others 2-bit planar over the D - M slots after M / 2 bytes.
+            M: tl.constexpr = D // 4
+            QL: tl.constexpr = (D - M) // 4
+            p1 = tl.load(VM_ptr + h * D + j, mask=j_mask, other=0).to(tl.int64)
+            p2 = tl.load(VM_ptr + h * D + e2, mask=j_mask, other=0).to(tl.int64)
+            hi1 = p1 < M
+            hi2 = p2 < M
+            l1 = tl.where(hi1, 0, p1 - M)
+            l2 = tl.where(hi2, 0, p2 - M)
+            b1 = tl.where(hi1, p1 // 2, M // 2 + l1 % QL)
+            b2 = tl.where(hi2, p2 // 2, M // 2 + l2 % QL)
+            sk1 = tl.where(hi1, 4 * (p1 % 2), 2 * (l1 // QL)).to(tl.uint8)[None, :]
+            sk2 = tl.where(hi2, 4 * (p2 % 2), 2 * (l2 // QL)).to(tl.uint8)[None, :]
+            mk1 = tl.where(hi1, 15, 3).to(tl.uint8)[None, :]
+            mk2 = tl.where(hi2, 15, 3).to(tl.uint8)[None, :]
+            k1 = ((tl.load(K_ptr + row[:, None] * R + b1[None, :], mask=mask, other=0) >> sk1) & mk1).to(
+                tl.float32
+            )
+            k2 = ((tl.load(K_ptr + row[:, None] * R + b2[None, :], mask=mask, other=0) >> sk2) & mk2).to(
+                tl.float32
+            )
+        else:
+            src1 = row[:, None] * R + (j % Q2)[None, :]
+            src2 = row[:, None] * R + (e2 % Q2)[None, :]
+            sh1 = (2 * (j // Q2)).to(tl.uint8)[None, :]
+            sh2 = (2 * (e2 // Q2)).to(tl.uint8)[None, :]
+            k1 = ((tl.load(K_ptr + src1, mask=mask, other=0) >> sh1) & 3).to(tl.float32)
+            k2 = ((tl.load(K_ptr + src2, mask=mask, other=0) >> sh2) & 3).to(tl.float32)
         ks_row = (h * G + t // S)[:, None] * D + j[None, :]
         k1 = k1 * tl.load(KS_ptr + ks_row, mask=mask, other=0.0).to(tl.float32) + tl.load(
             KM_ptr + ks_row, mask=mask, other=0.0
@@ -108,23 +137,26 @@ def _decode_rotate_store(
         k2 = k2 * tl.load(KS_ptr + ks_row + HALF, mask=mask, other=0.0).to(tl.float32) + tl.load(
             KM_ptr + ks_row + HALF, mask=mask, other=0.0
         ).to(tl.float32)
-        vs = tl.load(VS_ptr + row * (R // 2), mask=t_mask, other=0.0).to(tl.float32)[:, None]
-        vm = tl.load(VM_ptr + row * (R // 2), mask=t_mask, other=0.0).to(tl.float32)[:, None]
-        if CODEC == 4:
+        if CODEC == 5:
+            vs = tl.load(VS_ptr + row, mask=t_mask, other=0.0).to(tl.float32)[:, None]
+            vm = vs * -1.5
+        else:
+            vs = tl.load(VS_ptr + row * (R // 2), mask=t_mask, other=0.0).to(tl.float32)[:, None]
+            vm = tl.load(VM_ptr + row * (R // 2), mask=t_mask, other=0.0).to(tl.float32)[:, None]
+        if CODEC == 3:
+            v1 = ((tl.load(V_ptr + src1, mask=mask, other=0) >> sh1) & 3).to(tl.float32) * vs + vm
+            v2 = ((tl.load(V_ptr + src2, mask=mask, other=0) >> sh2) & 3).to(tl.float32) * vs + vm
+        else:
             # int2r (codec.Int2RCodec): c = q @ H over the whole row, a = c * scale + (D * min at
             # column 0), v = a * sign / sqrt(D); D is a power of two, so 2 * BLOCK_HALF == D.
             i = tl.arange(0, 2 * BLOCK_HALF).to(tl.int64)
             srcq = row[:, None] * R + (i % Q2)[None, :]
             shq = (2 * (i // Q2)).to(tl.uint8)[None, :]
             q = ((tl.load(V_ptr + srcq, mask=t_mask[:, None], other=0) >> shq) & 3).to(tl.float32)
-            USE_DOT: tl.constexpr = (BLOCK_T >= 16) and (BLOCK_HALF >= 16)
             w = tl.div_rn(1.0, tl.sqrt_rn(tl.full([BLOCK_HALF], D, tl.float32)))  # as codec.rotation_weights
             v1 = _hadamard_half(q, i, j, USE_DOT) * vs + tl.where((j == 0)[None, :], vm * D, 0.0)
             v1 = v1 * (_fmix_sign(j) * w)[None, :]
             v2 = (_hadamard_half(q, i, j + HALF, USE_DOT) * vs) * (_fmix_sign(j + HALF) * w)[None, :]
-        else:
-            v1 = ((tl.load(V_ptr + src1, mask=mask, other=0) >> sh1) & 3).to(tl.float32) * vs + vm
-            v2 = ((tl.load(V_ptr + src2, mask=mask, other=0) >> sh2) & 3).to(tl.float32) * vs + vm
     elif CODEC == 2:
         QUARTER: tl.constexpr = D // 4
         b = tl.arange(0, BLOCK_HALF // 2).to(tl.int64)  # byte inside one half
@@ -242,12 +274,14 @@ def _rerotate_scatter_kernel(
     GROUP: tl.constexpr,  # int4 key group size in tokens
     BLOCK_T: tl.constexpr,
     BLOCK_HALF: tl.constexpr,  # next power of two >= D / 2
+    ROW: tl.constexpr,  # int2 family: bytes per (head, token) row (0 otherwise)
+    USE_DOT: tl.constexpr,  # int2r/int2m: the Hadamard as a tensor-core dot (BLOCK_T, D / 2 >= 16)
 ):
     """One program = BLOCK_T tokens of one kv head of the chunk (see ``_decode_rotate_store``)."""
     _decode_rotate_store(
         K_ptr, V_ptr, KS_ptr, KM_ptr, VS_ptr, VM_ptr, COS_ptr, SIN_ptr, KO_ptr, VO_ptr,
         T, G, S, offset, sko_h, sko_t, sko_d, svo_h, svo_t, svo_d,
-        tl.program_id(0), tl.program_id(1).to(tl.int64), D, CODEC, GROUP, BLOCK_T, BLOCK_HALF,
+        tl.program_id(0), tl.program_id(1).to(tl.int64), D, CODEC, GROUP, BLOCK_T, BLOCK_HALF, ROW, USE_DOT,
     )  # fmt: skip
 
 
@@ -272,18 +306,24 @@ def _rerotate_scatter_packed_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     META_COLS: tl.constexpr,
+    ROW: tl.constexpr,
+    USE_DOT: tl.constexpr,
 ):
     """Every chunk of one layer in one launch: program (t-block, kv head, chunk). Blocks past a
-    shorter chunk's end are fully masked."""
+    shorter chunk's end are fully masked. int2m: column 8 is k_pos's byte offset (a uint8 view)."""
     c = tl.program_id(2).to(tl.int64)
     m = META_ptr + c * META_COLS
     T = tl.load(m)
+    if CODEC == 5:
+        vm_ptr = DATA_ptr + tl.load(m + 8)
+    else:
+        vm_ptr = SC_ptr + tl.load(m + 8)
     _decode_rotate_store(
         DATA_ptr + tl.load(m + 3), DATA_ptr + tl.load(m + 4),
-        SC_ptr + tl.load(m + 5), SC_ptr + tl.load(m + 6), SC_ptr + tl.load(m + 7), SC_ptr + tl.load(m + 8),
+        SC_ptr + tl.load(m + 5), SC_ptr + tl.load(m + 6), SC_ptr + tl.load(m + 7), vm_ptr,
         COS_ptr + c * D, SIN_ptr + c * D, KO_ptr, VO_ptr,
         T, tl.load(m + 2), tl.load(m + 9), tl.load(m + 1), sko_h, sko_t, sko_d, svo_h, svo_t, svo_d,
-        tl.program_id(0), tl.program_id(1).to(tl.int64), D, CODEC, GROUP, BLOCK_T, BLOCK_HALF,
+        tl.program_id(0), tl.program_id(1).to(tl.int64), D, CODEC, GROUP, BLOCK_T, BLOCK_HALF, ROW, USE_DOT,
     )  # fmt: skip
 
 
@@ -341,24 +381,26 @@ def rerotate_scatter(
         kv = parts["kv"]
         k_src, v_src = kv[0].contiguous(), kv[1].contiguous()
     elif codec in INT2_FAMILY:
-        rows = parts["rows"].contiguous()  # [H, T, D/2 + 4]
-        sec = int2_sections(rows, parts["side"].contiguous())
-        k_src, v_src = rows, rows[..., (rows.shape[-1] - 4) // 2 :]  # V_ptr: the value codes' start
+        fam = int2_family(codec)
+        rows = parts["rows"].contiguous()  # [H, T, row_bytes(D)]
+        d = k_out.shape[-1]
+        if codec != "int2" and d & (d - 1):
+            raise ValueError(f"codec {codec!r} needs a power-of-two head_dim, got {d}")
+        if rows.shape[-1] != fam["row_bytes"](d):
+            raise ValueError(
+                f"codec {codec!r} rows have last dim {rows.shape[-1]}, head_dim {d} needs {fam['row_bytes'](d)}"
+            )
+        sec = fam["sections"](rows, parts["side"].contiguous())
+        k_src, v_src = rows, rows[..., fam["value_offset"](d) :]  # V_ptr: the value codes' start
     else:
         k_src, v_src = parts["k_q"].contiguous(), parts["v_q"].contiguous()
     h, t = k_src.shape[0], k_src.shape[1]
     d = k_out.shape[-1]
-    if codec in INT2_FAMILY and rows.shape[-1] != d // 2 + 4:
-        raise ValueError(
-            f"codec {codec!r} rows have last dim {rows.shape[-1]}, head_dim {d} needs {d // 2 + 4}"
-        )
-    if codec == "int2r" and d & (d - 1):
-        raise ValueError(f"codec 'int2r' needs a power-of-two head_dim, got {d}")
     if k_out.shape != v_out.shape or k_out.dim() != 3 or k_out.shape[0] != h:
         raise ValueError(
             f"k_out/v_out must be [{h}, N, D], got {tuple(k_out.shape)} and {tuple(v_out.shape)}"
         )
-    per_byte = {"int4": 2, "int2": 4, "int2r": 4}.get(codec, 1)
+    per_byte = {"int4": 2, "int2": 4, "int2r": 4, "int2m": 8}.get(codec, 1)
     if d % (2 * per_byte):
         raise ValueError(f"head_dim {d} must be divisible by {2 * per_byte} for codec {codec!r}")
     if codec not in INT2_FAMILY and k_src.shape[-1] != d // per_byte:
@@ -376,11 +418,17 @@ def rerotate_scatter(
 
     groups, group_tokens = 1, 1
     ks = km = vs = vm = k_src  # placeholders the kernel never reads for this codec
-    if codec in INT2_FAMILY:  # views into rows / side (int2_sections checked the side's size)
+    row_bytes = 0
+    if codec == "int2m":  # views into side (int2m_sections checked its size); k_pos in VM's slot
+        ks, km, vs, vm = sec["k_scale"], sec["k_min"], sec["v_scale"], sec["k_pos"]
+        groups, group_tokens = int2_groups(t)
+        row_bytes = rows.shape[-1]
+    elif codec in INT2_FAMILY:  # views into rows / side (int2_sections checked the side's size)
         ks, km = sec["k_scale"], sec["k_min"]
         sm = rows.view(torch.float16)  # [H, T, R/2]: the kernel steps R/2 fp16 units per row
         vs, vm = sm[..., d // 4], sm[..., d // 4 + 1]
         groups, group_tokens = int2_groups(t)
+        row_bytes = rows.shape[-1]
     elif codec == "int8":
         ks, vs = parts["k_scale"].contiguous(), parts["v_scale"].contiguous()
     elif codec == "int4":
@@ -397,7 +445,7 @@ def rerotate_scatter(
         # H100, 8 kv heads, D 128: 16-64 tokens per program all reach ~1.4-2.3 TB/s at 8K tokens;
         # short chunks are latency-bound (~15-40 us per launch) whatever the block.
         block_t = max(1, min(32, 4096 // block_half, triton.next_power_of_2(t)))
-        if codec == "int2r":  # its value decode is a tensor-core dot, which needs >= 16 rows
+        if codec in ("int2r", "int2m"):  # its value decode is a tensor-core dot: >= 16 rows
             block_t = max(block_t, 16)
     grid = (triton.cdiv(t, block_t), h)
     _rerotate_scatter_kernel[grid](
@@ -422,6 +470,8 @@ def rerotate_scatter(
         GROUP=INT4_GROUP,
         BLOCK_T=block_t,
         BLOCK_HALF=block_half,
+        ROW=row_bytes,
+        USE_DOT=block_t >= 16 and block_half >= 16,
         num_warps=4,
     )
     if codec in INT2_FAMILY:  # after the 2-bit rows (stream order): the kept rows overwrite theirs
@@ -469,7 +519,7 @@ def rerotate_scatter_packed(
     t_max = max(layout.tokens)
     if block_t is None:
         block_t = max(1, min(32, 4096 // block_half, triton.next_power_of_2(t_max)))
-        if layout.codec == "int2r":  # its value decode is a tensor-core dot, which needs >= 16 rows
+        if layout.codec in ("int2r", "int2m"):  # its value decode is a tensor-core dot: >= 16 rows
             block_t = max(block_t, 16)
     grid = (triton.cdiv(t_max, block_t), h, n_chunks)
     meta = layout.meta(buf.device)
@@ -489,6 +539,8 @@ def rerotate_scatter_packed(
         BLOCK_T=block_t,
         BLOCK_HALF=block_half,
         META_COLS=META_COLS,
+        ROW=layout.row_bytes(),
+        USE_DOT=block_t >= 16 and block_half >= 16,
         num_warps=4,
     )
     if layout.codec in INT2_FAMILY:  # after the 2-bit rows (stream order): the kept rows overwrite theirs

@@ -146,7 +146,10 @@ def test_recompute_all_in_place_equals_full_prefill(model, smol_tokenizer):
     torch.testing.assert_close(got.kv[:, :, :, :-1], kv[:, :, :, :-1], rtol=1e-5, atol=1e-5)
     s = got.stats
     assert s["recomputed_tokens"] == s["chunk_tokens"] == sum(s["chunk_lengths"]) and s["reused_tokens"] == 0
-    assert s["compute_fraction"] == pytest.approx(1.0)  # every chunk and question token, every layer
+    n, p = s["prompt_tokens"], s["prefix_tokens"]  # every token, the prefix's too, every layer
+    assert s["token_layers"] == eng.lm.spec.num_layers * n and s["compute_fraction"] == pytest.approx(
+        n / (n - p)
+    )
     assert s["adaptive"]["recomputed"] == len(PASSAGES) and s["adaptive"]["choice"] == "fused"
 
 
@@ -170,10 +173,15 @@ def test_mixed_split_front_is_exact_and_counted(model, smol_tokenizer):
     front = sum(lengths[:2])
     torch.testing.assert_close(got.kv[:, :, :, : p + front], kv[:, :, :, : p + front], rtol=1e-5, atol=1e-5)
     back = sum(lengths[2:])
-    selected = round(0.25 * back)  # the budget is the fetched chunks' only
+    selected = round(0.25 * back * (front + back) / back)  # the whole budget, spent on the fetched chunks
+    assert s["recompute_ratio"] == 0.25 and s["fetched_recompute_ratio"] == pytest.approx(
+        0.25 * (front + back) / back
+    )
     assert s["recomputed_tokens"] == front + selected and s["front_recomputed_tokens"] == front
     assert got.selected.numel() == front + selected
-    assert s["token_layers"] == layers * (front + selected + s["question_tokens"]) + s["probe_token_layers"]
+    assert (
+        s["token_layers"] == layers * (p + front + selected + s["question_tokens"]) + s["probe_token_layers"]
+    )
     assert s["compute_fraction"] == pytest.approx(s["token_layers"] / (layers * (s["prompt_tokens"] - p)))
     assert torch.equal(got.input_ids, eng.prompt_ids(PASSAGES, QUESTION))
     assert eng.generate_from(got, max_new_tokens=3)  # the cache it hands over is usable
@@ -204,7 +212,8 @@ def test_decisions_follow_the_measured_rates(model, smol_tokenizer):
     logits, kv = full_prefill(eng2)
     torch.testing.assert_close(got.logits, logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.kv[:, :, :, :-1], kv[:, :, :, :-1], rtol=1e-5, atol=1e-5)
-    assert got.stats["compute_fraction"] == 1.0 and "prefill" in got.stats["adaptive"]["seconds"]
+    n, p = got.stats["prompt_tokens"], got.stats["prefix_tokens"]
+    assert got.stats["compute_fraction"] == n / (n - p) and "prefill" in got.stats["adaptive"]["seconds"]
 
 
 def test_several_precisions_stored_and_picked_per_link_rate(model, smol_tokenizer):

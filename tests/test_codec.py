@@ -15,6 +15,8 @@ from chunkcache.codec import (
     int2_groups,
     int2_kept,
     int2_sections,
+    int2m_hi,
+    int2m_sections,
     rotation_weights,
 )
 
@@ -161,7 +163,7 @@ def test_int2_needs_head_dim_multiple_of_4():
         CODECS["int2"].encode(torch.zeros(1, 2, 1, 4, 62))
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "int2", "int2r"])
+@pytest.mark.parametrize("name", ["int8", "int4", "int2", "int2r", "int2m"])
 def test_zeros_stay_zeros(name):
     kv = torch.zeros(2, 2, 3, 129, 64, dtype=torch.bfloat16)
     kv[0, 0, 0, :, 5] = 3.0  # one non-zero channel next to all-zero ones
@@ -192,7 +194,7 @@ def test_bad_inputs_and_names():
         CODECS["int8"].encode(torch.zeros(1, 3, 1, 4, 64))
     with pytest.raises(ValueError, match="float16 range"):
         CODECS["int8"].encode(torch.full((1, 2, 1, 2, 4), 1e8))
-    with pytest.raises(ValueError, match="known: int2, int2r, int4, int8, raw"):
+    with pytest.raises(ValueError, match="known: int2, int2m, int2r, int4, int8, raw"):
         get_codec("zstd")
 
 
@@ -281,3 +283,73 @@ def test_int2r_needs_power_of_two_head_dim(d):
         CODECS["int2r"].encode(torch.zeros(1, 2, 1, 4, d))
     with pytest.raises(ValueError, match="power of two"):
         CODECS["int2r"].part_shapes([1, 2, 1, 4, d], torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 129, 64), (1, 2, 300, 128), (1, 1, 5, 16), (2, 2, 260, 32)])
+def test_int2m_codes_the_widest_key_quarter_at_4_bits(shape):
+    """Per (layer, head) the D/4 key channels of widest range take the first slots, in ascending
+    order, at 4 bits; the decode equals the formula; keys of the hi channels are within half a
+    4-bit step of the group range, values within int2r's rotated bound; kept rows are int8."""
+    L, H, T, D = shape
+    kv = make_kv(L, H, T, D, dtype=torch.float32)
+    parts = CODECS["int2m"].encode(kv)
+    assert {n: (tuple(p.shape), p.dtype) for n, p in parts.items()} == {
+        n: (tuple(m.shape), m.dtype) for n, m in CODECS["int2m"].part_shapes(kv.shape, torch.float32).items()
+    }
+    out = CODECS["int2m"].decode(parts, torch.float32)
+    m = int2m_hi(D)
+    G, S = int2_groups(T)
+    for layer in range(L):
+        sec = int2m_sections(parts["rows"][layer], parts["side"][layer])
+        idx = sec["o_idx"].long()
+        rest = torch.ones(T, dtype=torch.bool)
+        rest[idx] = False
+        k = kv[layer, 0]
+        for head in range(H):
+            pos = sec["k_pos"][head].long()
+            assert sorted(pos.tolist()) == list(range(D))
+            hi = (pos < m).nonzero().flatten()
+            assert torch.equal(pos[hi], torch.arange(m))  # ascending channels, ascending slots
+            if rest.any():  # (a chunk of 5 tokens keeps them all: no range to rank)
+                span = k[head][rest].amax(0) - k[head][rest].amin(0)  # [D]
+                assert set(hi.tolist()) == set(span.topk(m).indices.tolist())
+        # 4-bit channels: half a step of their group's range, plus clipping (<= 0.4 of the range)
+        hi_ch = sec["k_pos"].long() < m  # [H, D]
+        for g in range(G):
+            sl = torch.zeros(T, dtype=torch.bool)
+            sl[g * S : (g + 1) * S] = True
+            sel = sl & rest
+            if not sel.any():
+                continue
+            x = k[:, sel]
+            rng = x.amax(1) - x.amin(1)  # [H, D]
+            err = (out[layer, 0][:, sel] - x).abs().amax(1)
+            bound = torch.where(hi_ch, rng / 15 / 2 + 0.41 * rng, rng / 3 / 2 + 0.41 * rng) * 1.01 + 1e-4
+            assert (err <= bound).all()
+        # kept rows exact to half an int8 step
+        for kind in (0, 1):
+            x = kv[layer, kind][:, idx]
+            assert (
+                (out[layer, kind][:, idx] - x).abs() <= x.abs().amax(-1, keepdim=True) / 254 * 1.01 + 1e-6
+            ).all()
+        # values: the symmetric formula through the inverse rotation
+        q = torch.cat([sec["v_q"] >> (2 * i) & 3 for i in range(4)], dim=-1).float()
+        want = (((q - 1.5) * sec["v_scale"].float()[..., None]) @ hadamard_matrix(D)) * rotation_weights(D)
+        torch.testing.assert_close(out[layer, 1][:, rest], want[:, rest], atol=1e-5, rtol=1e-5)
+
+
+def test_int2m_is_at_least_6x_smaller_than_bf16_for_chunks_of_300_tokens():
+    for L, H, D in ((30, 3, 64), (32, 8, 128)):
+        for T in (300, 512, 600, 2048):
+            assert L * 2 * H * T * D * 2 / CODECS["int2m"].nbytes(L, H, T, D, torch.bfloat16) >= 6.0, (
+                L,
+                H,
+                T,
+                D,
+            )
+
+
+@pytest.mark.parametrize("d", [80, 8, 4])
+def test_int2m_needs_power_of_two_head_dim_of_16(d):
+    with pytest.raises(ValueError, match="power of two"):
+        CODECS["int2m"].encode(torch.zeros(1, 2, 1, 4, d))

@@ -330,13 +330,14 @@ def test_generate_text_unchanged_by_the_refactor(engine, smol_tokenizer):
     )
 
 
-@pytest.mark.parametrize("max_batch", [4, 16])
+@pytest.mark.parametrize("max_batch, graphs", [(4, False), (16, False), (16, True)])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_many_threads_on_cuda_equal_alone(smol_tokenizer, max_batch):
+def test_many_threads_on_cuda_equal_alone(smol_tokenizer, max_batch, graphs):
     """32 requests of different lengths from 16 threads (greedy and seeded sampling), at most
-    ``max_batch`` decoded together, on CUDA (fused kernels in ``packed_layer``): each gets its
-    own-alone tokens; greedy ones also what ``model.generate`` gives."""
+    ``max_batch`` decoded together, on CUDA (fused kernels in ``packed_layer``; with ``graphs``
+    the steps replayed as CUDA graphs): each gets its own-alone tokens; greedy ones also what
+    ``model.generate`` gives."""
     eng = ChunkCache(model=tiny_model().to("cuda"), tokenizer=smol_tokenizer, store=None)
     reqs = _requests(32, seed=9)
     fused = [eng.fuse(c, q, recompute_ratio=0.2) for c, q in reqs]
@@ -349,11 +350,15 @@ def test_many_threads_on_cuda_equal_alone(smol_tokenizer, max_batch):
     alone = [_alone(eng, f, n, m) for f, n, m in zip(fused, news, modes, strict=True)]
     greedy = [i for i in range(32) if not modes[i].do_sample][:6]
     assert [alone[i] for i in greedy] == [_hf_tokens(eng.lm, fused[i], news[i]) for i in greedy]
-    dec = Decoder(eng.lm, DecodeConfig(max_batch=max_batch))
+    dec = Decoder(eng.lm, DecodeConfig(max_batch=max_batch, graphs=graphs))
     with ThreadPoolExecutor(16) as ex:
         got = list(ex.map(lambda f, n, m: list(dec.tokens(f, n, m)), fused, news, modes))
     assert got == alone
     assert dec.rows > dec.steps and dec.pending() == 0
+    if graphs:  # each alone: one set of requests for 23 steps, recorded once, then replayed
+        again = [list(dec.tokens(f, 24, Sampling())) for f in fused[:3]]
+        assert again == [_alone(eng, f, 24) for f in fused[:3]]
+        assert dec.graphs is not None and dec.graphs.captures >= 3 and dec.graphs.replays >= 3 * 21
     dec.close()
 
 

@@ -359,12 +359,15 @@ def test_policy_selects_its_top_k(smol_tokenizer):
         return set((pos[torch.topk(score, kk).indices]).tolist())
 
     attn = mass.sum(0)
+    reused = assemble(eng.lm, eng.prefix_kv(), chunks, len(suf))[0]
+    vnorm = reused[:, 1, :, p : p + n_ctx].float().norm(dim=-1).mean(1)  # [L, C] head-mean V norms
     within = torch.cat([torch.arange(c.num_tokens) for c in chunks])
     in_first = torch.arange(n_ctx) < chunks[0].num_tokens  # exact: behind the prefix it was encoded behind
     expected = {
         "cacheblend": top(dev),
         "qfast": top(attn),
         "qstale": top(torch.where(in_first, attn - attn.max() - 1, attn)),
+        "qvalue": top(torch.where(in_first, -1.0, (mass * vnorm).sum(0))),
         "qaware": top((attn / attn.mean()) * (dev / dev.mean()).sqrt()),
         "epic": set(pos[within < k // 4].tolist()),
         "random": set(pos[torch.randperm(n_ctx, generator=torch.Generator().manual_seed(0))[:k]].tolist()),

@@ -81,21 +81,30 @@ def make_parts(codec: str, h: int, t: int, d: int, dtype: torch.dtype, gen: torc
     if codec == "int8":
         q = lambda: torch.randint(-127, 128, (h, t, d), generator=gen, dtype=torch.int8)  # noqa: E731
         return {"k_q": q(), "v_q": q(), "k_scale": half(h, d), "v_scale": half(h, t)}
-    if codec in ("int2", "int2r"):  # random sections, laid out as codec.Int2Codec lays them out
-        from chunkcache.codec import int2_groups, int2_kept, int2_side_layout
+    if codec in ("int2", "int2r", "int2m"):  # random sections, laid out as codec.py lays them out
+        from chunkcache.codec import int2_family, int2_groups
 
-        g, n = int2_groups(t)[0], int2_kept(t)
-        q = lambda: torch.randint(0, 256, (h, t, d // 4), generator=gen, dtype=torch.uint8)  # noqa: E731
+        fam = int2_family(codec)
+        g, n = int2_groups(t)[0], fam["kept"](t)
         q8 = lambda: torch.randint(-127, 128, (h, n, d), generator=gen, dtype=torch.int8)  # noqa: E731
         mins = lambda *s: torch.randn(*s, generator=gen).half()  # noqa: E731
-        sm = torch.stack([half(h, t), mins(h, t)], dim=-1).view(torch.uint8)  # [H, T, 4]
         sec = {
             "o_idx": torch.randperm(t, generator=gen)[:n].sort().values.to(torch.int32),
             "k_scale": half(h, g, d), "k_min": mins(h, g, d), "o_ks": half(h, n), "o_vs": half(h, n),
-            "o_k": q8(), "o_v": q8(),
+            "o_k": q8(), "o_v": q8(), "v_scale": half(h, t),
+            "k_pos": torch.stack([torch.randperm(d, generator=gen) for _ in range(h)]).to(torch.uint8),
         }  # fmt: skip
-        names = [x for x in int2_side_layout(h, t, d) if x != "end"]
-        side = torch.cat([sec[x].reshape(-1).view(torch.uint8) for x in names])
+        layout = fam["side_layout"](h, t, d)
+        side = torch.zeros(layout["end"][0], dtype=torch.uint8)
+        for name, (off, _, _) in layout.items():
+            if name != "end":
+                raw = sec[name].reshape(-1).view(torch.uint8)
+                side[off : off + raw.numel()] = raw
+        if codec == "int2m":
+            return {"rows": torch.randint(0, 256, (h, t, fam["row_bytes"](d)), generator=gen, dtype=torch.uint8),
+                    "side": side}  # fmt: skip
+        q = lambda: torch.randint(0, 256, (h, t, d // 4), generator=gen, dtype=torch.uint8)  # noqa: E731
+        sm = torch.stack([half(h, t), mins(h, t)], dim=-1).view(torch.uint8)  # [H, T, 4]
         return {"rows": torch.cat([q(), q(), sm], dim=-1), "side": side}
     g = -(-t // reference.INT4_GROUP)
     q = lambda: torch.randint(0, 256, (h, t, d // 2), generator=gen, dtype=torch.uint8)  # noqa: E731
@@ -149,7 +158,7 @@ def check_rerotate_scatter(codec, h, t, d, n, offset, dtype, delta, seed=0, layo
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2", "int2r"])
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2", "int2r", "int2m"])
 @pytest.mark.parametrize(
     ("h", "t", "d", "n", "offset"),
     [(3, 131, 64, 300, 17), (1, 7, 128, 11, 4), (2, 1, 80, 5, 4), (2, 129, 32, 131, 0), (2, 20, 16, 30, 3)],
@@ -158,7 +167,7 @@ def check_rerotate_scatter(codec, h, t, d, n, offset, dtype, delta, seed=0, layo
 def test_rerotate_scatter_matches_reference(codec, dtype, h, t, d, n, offset):
     """Every codec on odd shapes (D 16: int2r's value decode without the tensor-core dot; D 80:
     int2r refuses a head_dim its Hadamard rotation does not exist for)."""
-    if codec == "int2r" and d & (d - 1):
+    if codec in ("int2r", "int2m") and d & (d - 1):
         gen = torch.Generator().manual_seed(0)
         parts = make_parts("int2", h, t, d, dtype, gen)
         out = torch.zeros(h, n, d, dtype=dtype, device=DEVICE)
@@ -188,14 +197,14 @@ def test_rerotate_scatter_raw_fp32_chunk_into_lower_precision_cache(dtype):
 
 
 @kernel_test
-@pytest.mark.parametrize("codec", ["raw", "int4", "int2", "int2r"])
+@pytest.mark.parametrize("codec", ["raw", "int4", "int2", "int2r", "int2m"])
 def test_rerotate_scatter_token_major_output(codec):
     check_rerotate_scatter(codec, 2, 37, 64, 53, 9, torch.float16, delta=-5, layout="token_major")
 
 
 @kernel_test
 @pytest.mark.parametrize("block_t", [1, 4, 64])
-@pytest.mark.parametrize("codec", ["int4", "int2r"])
+@pytest.mark.parametrize("codec", ["int4", "int2r", "int2m"])
 def test_rerotate_scatter_block_sizes(codec, block_t):
     """int2r: blocks under 16 rows take the broadcast-sum Hadamard, 64 the dot."""
     check_rerotate_scatter(codec, 2, 131, 64, 140, 5, torch.float16, delta=77, block_t=block_t)
@@ -241,14 +250,14 @@ def pack_layer(codec: str, chunks: list[dict], dests: list[int], h: int, d: int,
 
 
 @kernel_test
-@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2", "int2r"])
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2", "int2r", "int2m"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rerotate_scatter_packed_matches_per_chunk(codec, dtype):
     """One launch for chunks of different lengths (one spanning two int4 key groups; int2: two
     key groups of 130 and 129 tokens), each with its own rotation, equals the per-chunk reference;
     slots outside the chunks are left untouched."""
     gen = torch.Generator().manual_seed(3)
-    h, d, lengths = 2, 64, [37, 131 if codec not in ("int2", "int2r") else 259, 5]
+    h, d, lengths = 2, 64, [37, 131 if codec not in ("int2", "int2r", "int2m") else 259, 5]
     if codec == "raw":
         chunks = [{"kv": torch.randn(2, h, t, d, generator=gen).to(dtype)} for t in lengths]
     else:
@@ -314,7 +323,7 @@ def test_reference_decode_matches_codec_module():
     """The kernels' decode agrees with chunkcache.codec (the store's formats) layer by layer."""
     codec_mod = pytest.importorskip("chunkcache.codec")
     kv = torch.randn(2, 2, 3, 131, 64, generator=torch.Generator().manual_seed(2))
-    for name in ("raw", "int8", "int4", "int2", "int2r"):
+    for name in ("raw", "int8", "int4", "int2", "int2r", "int2m"):
         codec = codec_mod.get_codec(name)
         parts = codec.encode(kv)
         for layer in range(2):
@@ -463,7 +472,7 @@ def test_dispatch_uses_reference_on_cpu():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2", "int2r"])
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2", "int2r", "int2m"])
 def test_packed_layout_shifted_equals_built(codec):
     """A shifted layout (the pipeline's per-layer launch tables) equals one built at those offsets."""
     gen = torch.Generator().manual_seed(5)
@@ -513,6 +522,40 @@ def test_packed_layout_series_equals_shifted(codec):
         assert lay.nbytes >= want.nbytes and lay.data_dtype() == want.data_dtype()
 
 
+_COMPILE_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from chunkcache.kernels import rerotate_scatter_triton as rr
+
+one = {"K_ptr": "*u8", "V_ptr": "*u8", "KS_ptr": "*fp16", "KM_ptr": "*fp16", "VS_ptr": "*fp16",
+       "VM_ptr": "*u8", "COS_ptr": "*fp32", "SIN_ptr": "*fp32", "KO_ptr": "*bf16", "VO_ptr": "*bf16",
+       "T": "i32", "G": "i32", "S": "i32", "offset": "i32", "sko_h": "i32", "sko_t": "i32",
+       "sko_d": "i32", "svo_h": "i32", "svo_t": "i32", "svo_d": "i32"}
+packed = {"DATA_ptr": "*u8", "SC_ptr": "*fp16", "META_ptr": "*i64", "COS_ptr": "*fp32",
+          "SIN_ptr": "*fp32", "KO_ptr": "*bf16", "VO_ptr": "*bf16", "sko_h": "i32", "sko_t": "i32",
+          "sko_d": "i32", "svo_h": "i32", "svo_t": "i32", "svo_d": "i32"}
+for codec, row in ((3, 68), (4, 68), (5, 72)):
+    for fn, sig, extra in ((rr._rerotate_scatter_kernel, dict(one), {}),
+                           (rr._rerotate_scatter_packed_kernel, packed, {"META_COLS": 16})):
+        if codec != 5 and "VM_ptr" in sig:
+            sig["VM_ptr"] = "*fp16"
+        cst = {"D": 128, "CODEC": codec, "GROUP": 128, "BLOCK_T": 32, "BLOCK_HALF": 64, **extra,
+               "ROW": row, "USE_DOT": True}
+        src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in cst}}, constexprs=cst)
+        assert "cubin" in triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm
+"""
+
+
+def test_int2_family_kernels_compile_for_sm90(tmp_path):
+    """The interpreter runs the kernels as Python; this compiles the int2 family's decode (int2,
+    int2r's dot, int2m's slot lookup; single-chunk and packed kernels, D 128) down to an H100/H200
+    cubin, so a construct the GPU compiler refuses fails here too, with no GPU."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", _COMPILE_SM90], check=True, env=env, cwd=tmp_path)
+
+
 def test_package_import_is_light(tmp_path):
     """Importing chunkcache.kernels must not import triton (CPU machines without a driver)."""
     code = "import sys, chunkcache.kernels; assert 'triton' not in sys.modules, 'triton imported'"
@@ -526,7 +569,7 @@ def test_package_import_is_light(tmp_path):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2", "int2r"])
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2", "int2r", "int2m"])
 def test_gpu_rerotate_scatter_llama_layer(codec, dtype):
     for block_t in (None, 8, 32):
         check_rerotate_scatter(codec, 8, 509, 128, 4099, 1031, dtype, delta=1030, block_t=block_t)

@@ -25,13 +25,14 @@ def _entries_and_chunks(eng, texts=PASSAGES):
     return keys, eng.chunks(texts)
 
 
-@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2", "int2r"])
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2", "int2r", "int2m"])
 @pytest.mark.parametrize(
     "policy,ratio",
     [
         ("qaware", 0.3),
         ("qfast", 0.3),
         ("qstale", 0.3),
+        ("qvalue", 0.3),
         ("cacheblend", 0.3),
         ("gradual", 0.2),
         ("qaware", 0.0),
@@ -246,7 +247,7 @@ def gpu_tokenizer(request):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2", "int2r"])
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2", "int2r", "int2m"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_fast_path_matches_cpu_reference(gpu_tokenizer, codec, dtype):
     smol_tokenizer = gpu_tokenizer

@@ -44,3 +44,8 @@ def test_refine_adds_tokens_not_yet_recomputed_and_counts_both_passes(tiny_engin
     assert not torch.equal(second.kv, first.kv)
     with pytest.raises(ValueError, match="probe policy"):
         refine(eng.lm, first, [], ratio=0.1, policy="cacheblend")
+    # value-aware refinement gets the V norms through the exclusion wrapper, and skips exact chunks
+    third = refine(eng.lm, first, [], ratio=0.25, policy="qvalue")
+    added = sorted(set(third.selected.tolist()) - set(first.selected.tolist()))
+    assert len(added) == round(0.25 * c)
+    assert min(added) >= first.stats["prefix_tokens"] + eng.chunks(PASSAGES)[0].num_tokens

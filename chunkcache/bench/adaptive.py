@@ -8,7 +8,8 @@ Per bandwidth, on the same question (``--passages`` MuSiQue passages, stored onc
 ``--codec`` and any ``--precisions``), the TTFT from the question to the first token's logits of:
 full prefill (``logits_to_keep=1``); fused with plain fetching (every chunk over the link); fused
 with adaptive loading (``AdaptiveConfig(precisions=...)``: measured rates; the front chunks
-recomputed in place while the back ones are fetched, or a full prefill). Medians of ``--reps``;
+recomputed in place while the back ones are fetched, or a full prefill). Medians of ``--reps``
+rounds, each running the three once in a rotating order (a busy machine's load falls on all alike);
 before them, one adaptive fusion measures the link at the new bandwidth (the link rate of the last
 bandwidth is forgotten). The link itself is measured too (a 32 MB GET, median of 3), since a
 veth pair on a small machine may not reach the rate ``tc`` allows. Rates and choices are printed
@@ -115,6 +116,20 @@ def _median_s(fn, reps: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def _interleaved(fns: dict, reps: int) -> dict[str, tuple[float, object]]:
+    """Each of ``fns`` once per round, ``reps`` rounds, the order rotating, so that a change in the
+    machine's load meanwhile falls on every method alike: name -> (median seconds, last result)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    last: dict[str, object] = {}
+    for r in range(reps):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            t = time.perf_counter()
+            last[n] = fns[n]()
+            times[n].append(time.perf_counter() - t)
+    return {n: (statistics.median(times[n]), last[n]) for n in names}
+
+
 @torch.no_grad()
 def run(args) -> dict:
     from chunkcache.adaptive import AdaptiveConfig
@@ -139,11 +154,12 @@ def run(args) -> dict:
         for gbit in args.rates:
             link.set_rate(gbit)
             link_bps = link.measure()
-            full, _ = _median_s(lambda: lm.model(input_ids=ids, logits_to_keep=1), args.reps)
-            t_plain, _ = _median_s(lambda: plain.fuse(texts, question), args.reps)
             adapt._rates.link = {}  # forget the last bandwidth's rate: the warm-up measures this one
             adapt.fuse(texts, question)
-            t_adapt, res = _median_s(lambda: adapt.fuse(texts, question), args.reps)
+            got = _interleaved({"full": lambda: lm.model(input_ids=ids, logits_to_keep=1),
+                                "plain": lambda: plain.fuse(texts, question),
+                                "adaptive": lambda: adapt.fuse(texts, question)}, args.reps)  # fmt: skip
+            (full, _), (t_plain, _), (t_adapt, res) = got["full"], got["plain"], got["adaptive"]
             stats = res.stats["adaptive"]
             row = {"gbit": gbit, "link_measured_bytes_per_s": link_bps, "full_s": full, "plain_s": t_plain, "adaptive_s": t_adapt,
                    "plain_vs_full": t_plain / full, "adaptive_vs_full": t_adapt / full,

@@ -253,7 +253,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passages", type=int, default=5)
     p.add_argument(
         "--codecs",
-        default="raw,int8,int4,int2,int2r,cachegen",
+        default="raw,int8,int4,int2,int2r,int2m,cachegen",
         help="comma list; raw is the lossless yardstick",
     )
     p.add_argument("--policy", default="qfast")

@@ -10,6 +10,8 @@ end-of-sequence off (every answer has exactly that many tokens, so every side do
                  default path for one caller at a time)
   batched        ``Decoder.tokens`` from K threads at once: one packed step for all of them
                  (``decode_batching=DecodeConfig(max_batch=K)``)
+  batched-graphs the same with ``DecodeConfig(graphs=True)`` (CUDA only): the step recorded as a
+                 CUDA graph once a set of requests ran it twice, then replayed
   hf-threads     ``model.generate`` from K threads at once (the default path under K concurrent
                  callers; run last)
 
@@ -118,7 +120,16 @@ def run(
         with ThreadPoolExecutor(len(fs)) as ex:
             return list(ex.map(lambda f: list(decoder.tokens(f, new_tokens, greedy)), fs))
 
-    sides = {"hf-sequential": hf_sequential, "batched": batched, "hf-threads": hf_threads}  # threads last
+    sides = {"hf-sequential": hf_sequential, "batched": batched}
+    if torch.device(device).type == "cuda":
+        graphed = Decoder(eng.lm, DecodeConfig(max_batch=k_max, graphs=True))
+
+        def batched_graphs(fs):
+            with ThreadPoolExecutor(len(fs)) as ex:
+                return list(ex.map(lambda f: list(graphed.tokens(f, new_tokens, greedy)), fs))
+
+        sides["batched-graphs"] = batched_graphs
+    sides["hf-threads"] = hf_threads  # last: a crash there loses nothing else
     for fn in sides.values():  # warm-up: allocator, kernels, threads
         fn(fused[:2])
     results = []
@@ -148,6 +159,8 @@ def run(
                 f"x{row['vs_hf_sequential']:.2f} vs hf-sequential")  # fmt: skip
         same = got["hf-sequential"] == got["hf-threads"] == got["batched"]
         equal = sum(a == b for a, b in zip(got["hf-sequential"], got["batched"], strict=True))
+        if "batched-graphs" in got:
+            log(f"K={k:>2} batched-graphs tokens equal batched's: {got['batched-graphs'] == got['batched']}")
         for r in results[-len(sides) :]:
             r["same_tokens"] = same
             r["batched_answers_equal_hf"] = equal
@@ -155,6 +168,8 @@ def run(
             f"K={k:>2} same tokens on every side: {same} (batched answers equal to hf-sequential's: {equal}/{k})"
         )
     decoder.close()
+    if "batched-graphs" in sides:
+        graphed.close()
     return results
 
 

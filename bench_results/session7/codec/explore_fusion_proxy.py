@@ -76,6 +76,21 @@ def qkeys(k, bits, S=None, had=False):  # k [H, T, D] per channel in token group
     return out
 
 
+def qkeys_mix(k, frac, hi_bits=4, lo_bits=2, score="range"):
+    """Per head, the ``frac`` of channels with the largest range over the chunk at ``hi_bits``."""
+    H, T, D = k.shape
+    m = int(round(frac * D))
+    if score == "range":
+        sc = k.amax(1) - k.amin(1)  # [H, D]
+    else:  # rms
+        sc = k.pow(2).mean(1)
+    top = sc.topk(m, dim=1).indices  # [H, m]
+    hi = torch.zeros(H, D, dtype=torch.bool)
+    hi.scatter_(1, top, True)
+    a, b = qkeys(k, hi_bits), qkeys(k, lo_bits)
+    return torch.where(hi[:, None, :], a, b)
+
+
 def qvals(v, bits, group=None, had=False):  # v [H, T, D] per token in channel groups
     if bits >= 16:
         return v
@@ -100,7 +115,7 @@ def _rot(k, sign):  # rotate token t of k [H, T, D] by sign * (base_pos + t) pos
 
 
 def variant(
-    kbits, vbits, *, kgroup=None, vgroup=None, vhad=False, khad=False, keep_first=4, keep=None, prerope=False
+    kbits, vbits, *, kgroup=None, vgroup=None, vhad=False, khad=False, keep_first=4, keep=None, prerope=False, kmix=None
 ):
     """kbits/vbits: int or per-layer list. keep: list of token ids per layer kept at int8 (or None).
     prerope: quantise keys with their rotary position undone (as before RoPE), then redo it."""
@@ -116,7 +131,8 @@ def variant(
             kb = kbits[l] if isinstance(kbits, (list, tuple)) else kbits
             vb = vbits[l] if isinstance(vbits, (list, tuple)) else vbits
             k, v = kv[l, 0], kv[l, 1]
-            nk, nv = qkeys(k, kb, kgroup, khad), qvals(v, vb, vgroup, vhad)
+            nk = qkeys(k, kb, kgroup, khad) if kmix is None else qkeys_mix(k, *kmix)
+            nv = qvals(v, vb, vgroup, vhad)
             if keep_first and (kb < 16 or vb < 16):
                 n = min(keep_first, k.shape[1])
                 nk[:, :n], nv[:, :n] = int8_rows(k[:, :n]), int8_rows(v[:, :n])
@@ -218,6 +234,22 @@ def main():
         print(f"  {n:40s} n {len(rs)}  start {gf:6.1f}%  per token {ga:6.1f}%", flush=True)
 
 
+def real(name, **consts):
+    """The stored codec itself (encode, decode), with module constants overridden."""
+
+    def f(kv):
+        old = {k: getattr(C, k) for k in consts}
+        for k, v in consts.items():
+            setattr(C, k, v)
+        try:
+            return C.CODECS[name].decode(C.CODECS[name].encode(kv), torch.float32)
+        finally:
+            for k, v in old.items():
+                setattr(C, k, v)
+
+    return f
+
+
 def build(groups, L):
     out = []
     for g in groups:
@@ -247,6 +279,19 @@ def build(groups, L):
                 ("K2/32 V2had", variant(2, 2, vhad=True, kgroup=32)),
                 ("K3pre V2had", variant(3, 2, prerope=True, vhad=True)),
             ]
+        elif g == "real":
+            out += [("int2r (real)", real("int2r")), ("int2r keep 10%", real("int2r", INT2_KEEP_FRAC=0.10)),
+                    ("int2 (real)", real("int2"))]
+        elif g == "keep2m":
+            out += [("int2m keep 2%", real("int2m", INT2M_KEEP_FRAC=0.02)),
+                    ("int2m keep 5%", real("int2m", INT2M_KEEP_FRAC=0.05))]
+        elif g == "real2m":
+            out += [("int2m (real)", real("int2m")), ("int4 (real)", real("int4"))]
+        elif g == "kmix":
+            out += [("Kmix25 V2had", variant(2, 2, vhad=True, kmix=(0.25,))),
+                    ("Kmix50 V2had", variant(2, 2, vhad=True, kmix=(0.5,))),
+                    ("Kmix25rms V2had", variant(2, 2, vhad=True, kmix=(0.25, 4, 2, "rms"))),
+                    ("Kmix12 V2had", variant(2, 2, vhad=True, kmix=(0.125,)))]
         elif g == "vgroup":
             out += [
                 ("K2 V2 vgroup32", variant(2, 2, vgroup=32)),

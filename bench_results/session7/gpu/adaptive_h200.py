@@ -8,7 +8,7 @@ Measured (medians of --reps after --warmup, TTFT = texts -> first-token logits o
   local      ``engine.fuse`` with every chunk fetched from the warm local LMDB store (fast path:
              direct copies from the registered map), per codec
   split k    ``engine.fuse`` with ``AdaptiveConfig(recompute_chunks=k)``: the first k chunks
-             recomputed in place (``fuse.exact_prefix``) while a thread reads the other 16 - k
+             recomputed in place (``precompute.encode_exact``) while a thread reads the other 16 - k
              from the local store as bytes (``store.get``, as a network tier delivers them), then
              ``pipeline.fuse_entries`` over those bytes behind the exact front; stages: recompute
              (front), fetch (thread), fuse (after both)
@@ -66,7 +66,7 @@ def median_s(fn, warmup, reps, dev):
 
 @torch.no_grad()
 def loop_front(lm, prefix_kv, ids):
-    """The alternative to ``fuse.exact_prefix`` (the model's forward): the front's tokens as active
+    """The alternative to ``precompute.encode_exact`` (the model's forward): the front's tokens as active
     rows through the fusion's own layer loop (``fuse._layers_body``: Triton selected attention on
     CUDA), timed beside it once."""
     from chunkcache.fuse import _layers_body, _project
@@ -148,20 +148,20 @@ def main() -> None:
         log(f"fallback (adaptive, full prefill chosen): {t_fb * 1e3:.1f} ms = {t_fb / t_full:.3f}x full; "
             f"plan {r.stats['adaptive']['seconds']['plan'] * 1e3:.2f} ms; {r.stats['adaptive']['choice']}")  # fmt: skip
         del r
-        from chunkcache.fuse import exact_prefix
+        from chunkcache.precompute import encode_exact
 
         half = [t for x in any_eng.resolve(texts[: args.passages // 2])[1] for t in memoryview(x).cast("q")]
-        pkv = any_eng.prefix_kv()
-        t_hf, a = median_s(lambda: exact_prefix(lm, pkv, half)[0], 1, args.reps, dev)
+        pkv, pids = any_eng.prefix_kv(), list(any_eng._prefix_ids)
+        t_hf, a = median_s(lambda: encode_exact(lm, pids + half)[0], 1, args.reps, dev)
         t_loop, b = median_s(lambda: loop_front(lm, pkv, half), 1, args.reps, dev)
-        diff = float((a.float() - b.float()).abs().max())
+        diff = float((a[:, :, :, len(pids) :].float() - b[:, :, :, len(pids) :].float()).abs().max())
         res["front_half"] = {
             "tokens": len(half),
             "model_forward_s": t_hf,
             "fusion_loop_s": t_loop,
             "max_abs_kv_diff": diff,
         }
-        log(f"front of {len(half)} tokens recomputed in place: model forward (exact_prefix) {t_hf * 1e3:.1f} ms, "
+        log(f"front of {len(half)} tokens recomputed in place: model forward (encode_exact, with the prefix) {t_hf * 1e3:.1f} ms, "
             f"fusion layer loop {t_loop * 1e3:.1f} ms (max |KV diff| {diff:.3g})")  # fmt: skip
         del a, b
         for c, eng in engines.items():

@@ -1,7 +1,7 @@
 #!/bin/bash
 # GPU call of the codec engineer (issue 16, requirement 1 and the codec half of 5), on the H200:
 #   1. `chunkcache bench quality --codec C` with SmolLM2-135M in fp32 for C in raw, int4, int2,
-#      int2r over all 100 musique_dev questions: naive reuse and qfast at 15%, answer-level
+#      int2m (CODECS="..." to change; int2r is int2 with rotated values) over all 100 musique_dev questions: naive reuse and qfast at 15%, answer-level
 #      metrics over 32 answer tokens. On CUDA every fusion goes through the pipelined loader, so
 #      the lossy codecs are decoded by the Triton kernel there. 4 slices of 25 questions per
 #      codec = 16 parallel processes on one GPU; each slice writes its rows after every question
@@ -9,7 +9,7 @@
 #      codec_report.py: KL increase over raw as % of the naive-reuse gap, start and per token,
 #      on the questions every codec finished; bytes vs bf16.
 #   2. `chunkcache bench ttft` on the Llama-3-8B shape (random bf16 weights), 8K and 32K, int8
-#      against int2r, qfast, in one run (fused TTFT of int2r must not exceed int8's).
+#      against int2m, qfast, in one run (fused TTFT of int2m must not exceed int8's).
 #   3. the gpu-marked kernel and pipeline tests of the int2 family.
 # About 8.5 minutes, under 9: quality 260 s (cut), merges ~20 s, ttft cut at 170 s, tests cut at 75 s.
 #
@@ -21,7 +21,7 @@ case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) source bench_results/session7/g
 OUT=${OUT:-/tmp/out}
 T=/tmp/codec; rm -rf $T; mkdir -p $T $OUT
 SLICE_S=${SLICE_S:-260}
-CODECS=${CODECS:-raw int4 int2 int2r}
+CODECS=${CODECS:-raw int4 int2 int2m}
 Q="python3 -m chunkcache.bench.quality --device cuda --dtype float32 --policies qfast --ratios 0.15 --answer-tokens 32 --passages 5"
 
 pids=()
@@ -37,7 +37,7 @@ for c in $CODECS; do
 done
 timeout 60 python3 bench_results/session7/gpu/codec_report.py $OUT/quality_*.json > $OUT/codec_report.txt 2>&1
 
-timeout 170 python3 -m chunkcache.bench.ttft --model llama3-8b --contexts 8192,32768 --codecs int8,int2r \
+timeout 170 python3 -m chunkcache.bench.ttft --model llama3-8b --contexts 8192,32768 --codecs int8,int2m \
   --policies qfast --reps 3 --warmup 2 --no-cold --batch 0 --dir /tmp/codec_ttft --out $OUT/ttft_codec > $T/ttft.log 2>&1
 echo "ttft rc=$?" >> $T/env.log
 rm -rf /tmp/codec_ttft

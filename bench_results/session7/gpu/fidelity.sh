@@ -1,10 +1,14 @@
 #!/bin/bash
 # GPU call of the fidelity engineer (issue 14): `chunkcache bench quality` with SmolLM2-135M in fp32
 # on the H200 over all 100 musique_dev questions and the whole factual set (dev 59, heldout 56),
-# 32 answer tokens, naive reuse and each policy in $POLICIES at 5% and 15%, with a bf16 full
-# prefill on every question as the noise floor. 16 slices run as parallel processes (one GPU,
-# 16 CPU cores), each writing its rows after every question; the merge pools what finished, so
-# a slice cut by its timeout still counts the questions it did. About 7 minutes in all.
+# 32 answer tokens. Defaults (second window; the first, the lead's call_b.sh, ran qfast and qstale
+# at 5/15% with the bf16 floor): naive reuse, qfast and qvalue at 15% and 20%, and each of those
+# refined after 4 answer tokens with 5% more (`--refine 4:0.05`, fuse.refine), to compare the
+# refinement with plain selection at equal compute (the compute column counts every token-layer).
+# 16 slices run as parallel processes (one GPU, 16 CPU cores), each writing its rows after every
+# question; the merge pools what finished, so a slice cut by its timeout still counts the
+# questions it did. Then TTFT of qfast, qstale and qvalue on the Llama-3-8B shape at 8K and 32K (the
+# probe's cost). About 8.5 minutes in all (SLICE_S=330, the merge, TTFT_S=150).
 #
 #   source bench_results/session7/gpu/setup.sh      # the lead's set-up (skipped here if done)
 #   bash bench_results/session7/gpu/fidelity.sh     # writes tables.txt, 3 merged JSON, logs.txt to $OUT
@@ -13,11 +17,11 @@ export PYTHONUNBUFFERED=1
 case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) source bench_results/session7/gpu/setup.sh ;; esac
 OUT=${OUT:-/tmp/out}
 T=/tmp/fidelity; rm -rf $T; mkdir -p $T $OUT
-POLICIES=${POLICIES:-qfast,qstale}
-SLICE_S=${SLICE_S:-360}
-RATIOS=${RATIOS:-0.05,0.15}
-NOISE=${NOISE:-1000}                           # bf16 full prefill on the first N questions of each slice
-EXTRA=${EXTRA:-}                               # e.g. EXTRA="--refine 4:0.05"
+POLICIES=${POLICIES:-qfast,qvalue}
+SLICE_S=${SLICE_S:-330}
+RATIOS=${RATIOS:-0.15,0.2}
+NOISE=${NOISE:-0}                              # bf16 full prefill on the first N questions of each slice
+EXTRA=${EXTRA---refine 4:0.05}                 # EXTRA="" for none
 Q="python3 -m chunkcache.bench.quality --device cuda --dtype float32 --policies $POLICIES --ratios $RATIOS \
   --answer-tokens 32 --noise-floor $NOISE $EXTRA"
 FACT=chunkcache/bench/data/factual.json
@@ -55,6 +59,12 @@ M="python3 -m chunkcache.bench.quality --questions 1000 --merge"
     timeout 60 $M $T/factual_${split}_*.json --out $OUT/fidelity_factual_${split}_h200.json
   done
 } > $OUT/tables.txt 2>&1
+# the probe's cost: TTFT of qfast, qstale and qvalue at 15% on the Llama-3-8B shape (random
+# weights, int8 entries, warm page cache), after the quality slices so they do not share the GPU
+timeout ${TTFT_S:-150} python3 -m chunkcache.bench.ttft --model llama3-8b --contexts 8192,32768 --codecs int8 \
+  --policies qfast,qstale,qvalue --reps 5 --warmup 2 --no-cold --batch 0 --out $T/ttft_policies > $T/ttft.log 2>&1
+echo "ttft rc=$?" >> $T/env.log
+cp $T/ttft_policies.md $OUT/ 2>/dev/null || tail -n 20 $T/ttft.log > $OUT/ttft_policies.md
 cat $T/env.log > $OUT/logs.txt
 for f in $T/*.log; do echo "== $f"; grep -v "GGUF\|Loading weights" $f | tail -n 4; done >> $OUT/logs.txt
 cat $OUT/tables.txt
