@@ -815,7 +815,7 @@ class ChunkCache:
         but before its result is returned) is dropped with a warning and None is returned, so the
         caller takes the eager path, which recomputes it. None too when the store refused a write
         or lost an entry meanwhile (the eager path serves those)."""
-        from contextlib import ExitStack
+        from contextlib import ExitStack, nullcontext
 
         from chunkcache.pipeline import entry_views, fuse_entries
 
@@ -853,21 +853,26 @@ class ChunkCache:
                         entries = None
                 if entries is not None:
                     t_load = time.perf_counter() - t0
+                    b = self.batching if run is not None else None
+                    prep = nullcontext()  # (only with graphs: a result's KV is then the worker's copy)
+                    if b is not None and b.prep_stream and staging.cuda and staging.graphs is not None:
+                        prep = torch.cuda.stream(staging.prep_stream)
                     try:
-                        res = fuse_entries(
-                            self.lm,
-                            prefix_kv,
-                            entries,
-                            self._prefix_ids,
-                            suffix,
-                            cfg,
-                            staging,
-                            inspect=inspect,
-                            resident=resident,
-                            arena=cache.arena if cache is not None else None,
-                            run=run,
-                            preload=run is not None and self.batching is not None and self.batching.preload,
-                        )
+                        with prep:
+                            res = fuse_entries(
+                                self.lm,
+                                prefix_kv,
+                                entries,
+                                self._prefix_ids,
+                                suffix,
+                                cfg,
+                                staging,
+                                inspect=inspect,
+                                resident=resident,
+                                arena=cache.arena if cache is not None else None,
+                                run=run,
+                                preload=b is not None and b.preload,
+                            )
                     except CorruptEntryError:
                         damaged = True
                     else:
