@@ -198,7 +198,7 @@ class _State:
 
 
 @torch.no_grad()
-def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob]) -> list[FuseResult]:
+def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob], recompute: str = "packed") -> list[FuseResult]:
     """``fuse.fuse_assembled`` for several requests at once -> their results, in order.
 
     Every request keeps its own cache, prompt geometry, policy and budget; per layer the rows of
@@ -212,7 +212,15 @@ def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob]) -> list[FuseResult]:
     Results equal each request fused alone up to the GEMMs' row count (module docstring):
     selections are equal unless two candidates' scores tie to the last bits. A job's
     ``prompt`` built ahead (``FuseJob.place``) is used as is.
+
+    ``recompute="each"``: when every request selected before layer 0 (``qfast``) or needs no
+    selection, only the probes are packed; each request's recompute then runs by itself through
+    the one-request path's layer loop (``fuse._rest_layers``: replayed as CUDA graphs with a
+    job's ``graphs``), which on the GPU trades packing rows, which a compute-bound recompute
+    barely gains from, for graph replays instead of eager launches.
     """
+    if recompute not in ("packed", "each"):
+        raise ValueError(f"recompute must be 'packed' or 'each', got {recompute!r}")
     if not jobs:
         return []
     states = []
@@ -247,6 +255,8 @@ def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob]) -> list[FuseResult]:
             s.schedule = {}
             s.f.timer.mark("check")
     embed = lm.model.model.embed_tokens
+    if recompute == "each" and not any(s.schedule for s in states):
+        return [_recompute_alone(lm, s, j) for s, j in zip(states, jobs, strict=True)]
     hs = [embed(s.f.prompt.ids[s.active])[None] for s in states]
     h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)
     pack = Pack([Segment(s.f.buf, s.active) for s in states])
@@ -293,6 +303,17 @@ def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob]) -> list[FuseResult]:
         res = F._result(s.f, j.ids, s.config, logits[i], s.active, s.n_act, s.computed + s.probed, s.probed)
         out.append(res)
     return out
+
+
+def _recompute_alone(lm: LoadedModel, s: _State, job: FuseJob) -> FuseResult:
+    """One request's recompute after the packed probe, as ``fuse_assembled`` runs it (every
+    layer over its fixed rows: ``fuse._rest_layers``, graphs included)."""
+    h = lm.model.model.embed_tokens(s.f.prompt.ids[s.active])[None]
+    h = F._rest_layers(s.f, 0, h, s.active)
+    s.computed = (s.n_act + s.f.prompt.n_q) * lm.spec.num_layers
+    logits = M.final_logits(lm.model, h[0, -1])
+    s.f.timer.mark("recompute")
+    return F._result(s.f, job.ids, s.config, logits, s.active, s.n_act, s.computed + s.probed, s.probed)
 
 
 def _pad(s: _State):
@@ -348,6 +369,10 @@ class BatchConfig:
     """Fast path: a waiting request's layers stream to the device while it waits for its batch
     (``pipeline.fuse_entries(preload=True)``), so its batch need not wait for loads; False: they
     stream in as its batch reaches each layer, as for a call alone."""
+    recompute: str = "packed"
+    """``batch.fuse_many``'s ``recompute``: ``packed`` (every request's rows through each layer
+    together) or ``each`` (probes packed, then each request's recompute alone, replayed as CUDA
+    graphs on the fast path)."""
     prep_stream: bool = False
     """CUDA fast path: each caller prepares its request (buffer, load plan, geometry) on its
     staging's own stream instead of the compute stream, so that its small host-to-device copies
@@ -365,6 +390,8 @@ class BatchConfig:
         for name in ("preload", "prep_stream"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.recompute not in ("packed", "each"):
+            raise ValueError(f"recompute must be 'packed' or 'each', got {self.recompute!r}")
         if self.idle_s == 0:
             raise ValueError("idle_s must be > 0")
 
@@ -442,7 +469,10 @@ class Batcher:
                 if j.timer is not None:  # the time it waited for its batch, apart from its stages
                     j.timer.mark("queue")
             try:
-                results = [F.run_job(self.lm, jobs[0])] if len(jobs) == 1 else fuse_many(self.lm, jobs)
+                if len(jobs) == 1:
+                    results = [F.run_job(self.lm, jobs[0])]
+                else:
+                    results = fuse_many(self.lm, jobs, self.config.recompute)
             except BaseException as e:  # handed to the callers; the worker goes on
                 if len(batch) == 1:
                     batch[0].future.set_exception(e)

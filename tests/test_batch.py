@@ -179,7 +179,7 @@ def _requests():
     ]
 
 
-def _check_fuse_many(eng, requests):
+def _check_fuse_many(eng, requests, recompute="packed"):
     lm, prefix = eng.lm, eng.prefix_kv()
     args = [
         (eng.chunks(texts), eng._suffix_ids(q), F.FuseConfig(recompute_ratio=r, policy=pol))
@@ -187,7 +187,7 @@ def _check_fuse_many(eng, requests):
     ]
     alone = [F.fuse_kv(lm, prefix, c, eng._prefix_ids, s, cfg) for c, s, cfg in args]
     jobs = [F.assembled_job(lm, prefix, c, eng._prefix_ids, s, cfg) for c, s, cfg in args]
-    many = fuse_many(lm, jobs)
+    many = fuse_many(lm, jobs, recompute)
     assert len(many) == len(alone)
     for a, b in zip(alone, many, strict=True):
         assert torch.equal(a.input_ids, b.input_ids)
@@ -200,6 +200,15 @@ def _check_fuse_many(eng, requests):
 
 def test_fuse_many_equals_each_fusion_alone(tiny_engine):
     _check_fuse_many(tiny_engine, _requests())
+
+
+def test_fuse_many_with_each_recompute_alone(tiny_engine):
+    """``recompute="each"``: probes packed, each recompute by itself (qfast and ratios 0 and 1);
+    with a check-layer policy in the batch it falls back to the packed recompute."""
+    _check_fuse_many(tiny_engine, [r for r in _requests() if r[3] == "qfast" or r[2] in (0.0, 1.0)], "each")
+    _check_fuse_many(tiny_engine, _requests()[:3], "each")
+    with pytest.raises(ValueError, match="recompute"):
+        fuse_many(tiny_engine.lm, [], "sideways")
 
 
 def test_fuse_many_equals_each_fusion_alone_smollm2(smol):
@@ -335,7 +344,7 @@ def test_batch_config_is_checked():
     from chunkcache.engine import ChunkCache
 
     for bad in ({"max_batch": 0}, {"max_batch": 2.0}, {"max_batch": True}, {"max_wait_ms": -1},
-                {"max_wait_ms": float("nan")}, {"idle_s": 0}, {"preload": 1}):  # fmt: skip
+                {"max_wait_ms": float("nan")}, {"idle_s": 0}, {"preload": 1}, {"recompute": "x"}):  # fmt: skip
         with pytest.raises(ValueError):
             BatchConfig(**bad)
     with pytest.raises(TypeError, match="BatchConfig"):
@@ -346,7 +355,13 @@ def test_batch_config_is_checked():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
     ("max_wait_ms", "preload", "prep_stream"),
-    [(0.0, True, False), (200.0, True, False), (200.0, False, False), (200.0, True, True)],
+    [
+        (0.0, True, False),
+        (200.0, True, False),
+        (200.0, False, False),
+        (200.0, True, True),
+        (200.0, True, "each"),
+    ],
 )
 def test_batched_threads_on_cuda_equal_each_call_alone(
     smol_tokenizer, tmp_path, max_wait_ms, preload, prep_stream
@@ -364,7 +379,8 @@ def test_batched_threads_on_cuda_equal_each_call_alone(
     model = tiny_model().to("cuda")
     eng = ChunkCache(model=model, tokenizer=smol_tokenizer, store=str(tmp_path / "s"),
                      batching=BatchConfig(max_batch=8, max_wait_ms=max_wait_ms, preload=preload,
-                                          prep_stream=prep_stream))  # fmt: skip
+                                          prep_stream=prep_stream is True,
+                                          recompute="each" if prep_stream == "each" else "packed"))  # fmt: skip
     reqs = concurrency_requests(48, seed=11)
     with ThreadPoolExecutor(16) as ex:
         got = list(ex.map(lambda r: eng.fuse(r[0], r[1], recompute_ratio=0.3), reqs))

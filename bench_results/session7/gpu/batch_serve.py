@@ -7,6 +7,7 @@ qfast at 15%, one new token: TTFT load), hits only and with 5% misses, each side
   fused batched   engine.fuse with batching=BatchConfig(max_batch=8): one worker fuses the waiting
                   requests together, their loads streaming in while they wait (preload)
   fused batched lazy   (hits only) the same with preload=False
+  fused batched each   (--each, hits and misses) probes packed, each recompute alone (graphs)
   fused batched prep   (hits only, --prep-stream) each caller prepares on its staging's own stream
   fused batched, max_wait_ms=--wait-ms   (hits only) the worker holds a batch that is not full
 
@@ -43,6 +44,7 @@ def main() -> None:
         "--device-cache", type=float, default=0.0, help="GiB: add 'fused batched + device cache' sides"
     )
     ap.add_argument("--prep-stream", action="store_true", help="add a 'fused batched prep' side (hits)")
+    ap.add_argument("--each", action="store_true", help="add a 'fused batched each' side (recompute='each')")
     ap.add_argument(
         "--wait-ms", type=float, default=0.0, help="add a batched side with this max_wait_ms (hits)"
     )
@@ -58,6 +60,8 @@ def main() -> None:
             settings.append((BatchConfig(max_batch=a.clients, preload=False), 0))
         if a.prep_stream and miss == 0 and eng.fast_path:  # callers prepare on their own streams
             settings.append((BatchConfig(max_batch=a.clients, prep_stream=True), 0))
+        if a.each and eng.fast_path:  # probes packed, each recompute replayed as graphs alone
+            settings.append((BatchConfig(max_batch=a.clients, recompute="each"), 0))
         if a.wait_ms and miss == 0:  # the worker holds a batch that is not full (session 7: 1s and 7s)
             settings.append((BatchConfig(max_batch=a.clients, max_wait_ms=a.wait_ms), 0))
         for i, (b, gib) in enumerate(settings):
