@@ -348,6 +348,10 @@ class BatchConfig:
     """Fast path: a waiting request's layers stream to the device while it waits for its batch
     (``pipeline.fuse_entries(preload=True)``), so its batch need not wait for loads; False: they
     stream in as its batch reaches each layer, as for a call alone."""
+    prep_stream: bool = False
+    """CUDA fast path: each caller prepares its request (buffer, load plan, geometry) on its
+    staging's own stream instead of the compute stream, so that its small host-to-device copies
+    need not wait for the batch running there (and its loads start meanwhile)."""
     idle_s: float = 5.0
     """The worker thread exits after this long with nothing to do (a new request starts it again)."""
 
@@ -358,8 +362,9 @@ class BatchConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if not isinstance(self.preload, bool):
-            raise ValueError(f"preload must be a bool, got {self.preload!r}")
+        for name in ("preload", "prep_stream"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.idle_s == 0:
             raise ValueError("idle_s must be > 0")
 
@@ -431,8 +436,10 @@ class Batcher:
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
             jobs = [w.job for w in batch]
-            for j in jobs:  # the time it waited for its batch, apart from the fusion's stages
-                if j.timer is not None:
+            for j in jobs:
+                if j.ready is not None:  # prepared on another stream (prep_stream)
+                    torch.cuda.current_stream(j.buf.device).wait_event(j.ready)
+                if j.timer is not None:  # the time it waited for its batch, apart from its stages
                     j.timer.mark("queue")
             try:
                 results = [F.run_job(self.lm, jobs[0])] if len(jobs) == 1 else fuse_many(self.lm, jobs)

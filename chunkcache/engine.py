@@ -520,7 +520,9 @@ class ChunkCache:
         """``fuse`` under ``self.adaptive`` (``adaptive.plan``): the first ``plan.front`` chunks
         are recomputed in place (``precompute.encode_exact`` of the prefix and them) on this thread while a thread fetches the
         others from the store at their planned precision; then the fetched chunks are fused behind
-        that exact front (through ``pipeline.fuse_entries`` on the fast path, ``fuse_kv``
+        that exact front, with the same selection budget as without it (the ratio of all chunk
+        tokens, spent on the fetched ones: measured, a budget of the fetched tokens only fused
+        worse, ``bench_results/session7/adaptive/split_quality.log``) (through ``pipeline.fuse_entries`` on the fast path, ``fuse_kv``
         elsewhere). Or a plain full prefill (``fuse.prefill``) when the plan says it is no slower.
         Chunks not stored are precomputed first (the plain miss path). A fetched entry that is
         damaged or not this engine's is dropped with a warning (``_load``), never used: that chunk
@@ -595,6 +597,9 @@ class ChunkCache:
         )
         rates.saw("recompute", len(self._prefix_ids) + len(front_ids) if k else 0, t_front)
         ext_ids = list(self._prefix_ids) + front_ids
+        user_ratio, n_back = cfg.recompute_ratio, sum(tokens[i] for i in back)
+        if k and n_back:  # the budget stays the ratio of every chunk token, spent on the fetched ones
+            cfg = FuseConfig(recompute_ratio=min(1.0, user_ratio * sum(tokens) / n_back), policy=cfg.policy)
         t = time.perf_counter()
         repaired = [i for i, got in zip(back, fetched, strict=True) if got is None]
         res = None
@@ -623,6 +628,8 @@ class ChunkCache:
         t_fuse = time.perf_counter() - t
         rates.saw("fuse", sum(tokens[i] for i in back), t_fuse)
         res = with_front(res, len(self._prefix_ids), tokens[:k], spec.num_layers, prefix_recomputed=k > 0)
+        res.stats["recompute_ratio"] = user_ratio
+        res.stats["fetched_recompute_ratio"] = cfg.recompute_ratio  # the share of the fetched tokens selected
         timing = {"plan": t_plan, "fetch": t_fetch, "recompute": t_front, "fuse": t_fuse}
         return self._adaptive_result(res, chosen, timing, repaired, t0)
 
@@ -808,7 +815,7 @@ class ChunkCache:
         but before its result is returned) is dropped with a warning and None is returned, so the
         caller takes the eager path, which recomputes it. None too when the store refused a write
         or lost an entry meanwhile (the eager path serves those)."""
-        from contextlib import ExitStack
+        from contextlib import ExitStack, nullcontext
 
         from chunkcache.pipeline import entry_views, fuse_entries
 
@@ -846,21 +853,26 @@ class ChunkCache:
                         entries = None
                 if entries is not None:
                     t_load = time.perf_counter() - t0
+                    b = self.batching if run is not None else None
+                    prep = nullcontext()  # (only with graphs: a result's KV is then the worker's copy)
+                    if b is not None and b.prep_stream and staging.cuda and staging.graphs is not None:
+                        prep = torch.cuda.stream(staging.prep_stream)
                     try:
-                        res = fuse_entries(
-                            self.lm,
-                            prefix_kv,
-                            entries,
-                            self._prefix_ids,
-                            suffix,
-                            cfg,
-                            staging,
-                            inspect=inspect,
-                            resident=resident,
-                            arena=cache.arena if cache is not None else None,
-                            run=run,
-                            preload=run is not None and self.batching is not None and self.batching.preload,
-                        )
+                        with prep:
+                            res = fuse_entries(
+                                self.lm,
+                                prefix_kv,
+                                entries,
+                                self._prefix_ids,
+                                suffix,
+                                cfg,
+                                staging,
+                                inspect=inspect,
+                                resident=resident,
+                                arena=cache.arena if cache is not None else None,
+                                run=run,
+                                preload=b is not None and b.preload,
+                            )
                     except CorruptEntryError:
                         damaged = True
                     else:

@@ -184,6 +184,9 @@ class FuseJob:
     """Per chunk: its reused K/V are exact in this prompt (``exact_chunks``), or None (not known)."""
     prompt: _Prompt | None = None
     """Its prompt geometry on the device, built ahead (``place``), or None: built when it runs."""
+    ready: object = None
+    """A CUDA event after the work that prepared it, for a thread that runs it on another stream
+    (``batch.Batcher`` waits for it), or None."""
 
     def place(self) -> FuseJob:
         """Build the prompt geometry on the device now (a few small host-to-device copies), so

@@ -122,6 +122,9 @@ class Staging:
         """Side stream of the assembly and checksum kernels (high priority: they are small and
         later layers wait for them)."""
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.prep_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        """Where a batched fusion's caller prepares it (``BatchConfig.prep_stream``): its small
+        copies then need not wait behind the batch running on the compute stream."""
         """The host-to-device copies: on a stream of their own they never wait behind a kernel."""
         self.graphs = None
         """CUDA graphs of the layer loops and the padded KV buffers they read (``graphs.py``):
@@ -862,6 +865,9 @@ def fuse_entries(
         if preload and not loader.zero_copy:  # its small uploads first, then the layers stream in
             job.place()  # while the job waits (a zero-copy loader has nothing to stream)
             loader.start()
+        if run is not None and buf.is_cuda:  # run elsewhere: there, wait for what was queued here
+            job.ready = torch.cuda.Event()
+            job.ready.record()
         res = run_job(lm, job) if run is None else run(job)
         loader.check()  # a damaged layer raises here: the result is never returned
     finally:

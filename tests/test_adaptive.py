@@ -173,7 +173,10 @@ def test_mixed_split_front_is_exact_and_counted(model, smol_tokenizer):
     front = sum(lengths[:2])
     torch.testing.assert_close(got.kv[:, :, :, : p + front], kv[:, :, :, : p + front], rtol=1e-5, atol=1e-5)
     back = sum(lengths[2:])
-    selected = round(0.25 * back)  # the budget is the fetched chunks' only
+    selected = round(0.25 * back * (front + back) / back)  # the whole budget, spent on the fetched chunks
+    assert s["recompute_ratio"] == 0.25 and s["fetched_recompute_ratio"] == pytest.approx(
+        0.25 * (front + back) / back
+    )
     assert s["recomputed_tokens"] == front + selected and s["front_recomputed_tokens"] == front
     assert got.selected.numel() == front + selected
     assert (

@@ -344,8 +344,13 @@ def test_batch_config_is_checked():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("max_wait_ms", [0.0, 200.0])
-def test_batched_threads_on_cuda_equal_each_call_alone(smol_tokenizer, tmp_path, max_wait_ms):
+@pytest.mark.parametrize(
+    ("max_wait_ms", "preload", "prep_stream"),
+    [(0.0, True, False), (200.0, True, False), (200.0, False, False), (200.0, True, True)],
+)
+def test_batched_threads_on_cuda_equal_each_call_alone(
+    smol_tokenizer, tmp_path, max_wait_ms, preload, prep_stream
+):
     """16 threads, 48 requests with different chunk sets and lengths (some misses) through the
     CUDA fast path with batching (stagings, loaders, CUDA graphs for batches of one); each result
     against the same call on an engine without batching over the same store."""
@@ -358,7 +363,8 @@ def test_batched_threads_on_cuda_equal_each_call_alone(smol_tokenizer, tmp_path,
 
     model = tiny_model().to("cuda")
     eng = ChunkCache(model=model, tokenizer=smol_tokenizer, store=str(tmp_path / "s"),
-                     batching=BatchConfig(max_batch=8, max_wait_ms=max_wait_ms))  # fmt: skip
+                     batching=BatchConfig(max_batch=8, max_wait_ms=max_wait_ms, preload=preload,
+                                          prep_stream=prep_stream))  # fmt: skip
     reqs = concurrency_requests(48, seed=11)
     with ThreadPoolExecutor(16) as ex:
         got = list(ex.map(lambda r: eng.fuse(r[0], r[1], recompute_ratio=0.3), reqs))

@@ -333,7 +333,9 @@ def run(
         return ttft, n
 
     b = getattr(eng, "batching", None)
-    name = "fused" if b is None else "fused batched" if b.preload else "fused batched lazy"
+    name = "fused"
+    if b is not None:
+        name = "fused batched" + ("" if b.preload else " lazy") + (" prep" if b.prep_stream else "")
     if getattr(eng, "device_cache", None) is not None:
         name += " +dev"  # behind a device cache of hot entries
     sides.append(measure(name, lambda t, q: fused_request(eng, t, q, w), afused))
@@ -471,7 +473,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batching",
         default="off",
-        help="comma list: off (each caller fuses alone), on (BatchConfig), lazy (BatchConfig(preload=False))",
+        help="comma list: off (each caller fuses alone), on (BatchConfig), lazy (BatchConfig(preload=False)), "
+        "prep (BatchConfig(prep_stream=True))",
     )
     p.add_argument("--max-batch", type=int, default=None, help="BatchConfig.max_batch (default: clients)")
     p.add_argument("--max-wait-ms", type=float, default=0.0, help="BatchConfig.max_wait_ms")
@@ -506,8 +509,8 @@ def run_cli(args: argparse.Namespace) -> int:
     from chunkcache.batch import BatchConfig
 
     batching = args.batching.split(",")
-    if not set(batching) <= {"off", "on", "lazy"}:
-        raise SystemExit(f"--batching takes off, on and lazy, got {args.batching!r}")
+    if not set(batching) <= {"off", "on", "lazy", "prep"}:
+        raise SystemExit(f"--batching takes off, on, lazy and prep, got {args.batching!r}")
     for mode in args.mode.split(","):
         for k in [int(x) for x in args.clients.split(",")]:
             settings = [(f, b) for b in batching for f in fusions]
@@ -517,7 +520,10 @@ def run_cli(args: argparse.Namespace) -> int:
                 eng.batching = None
                 if b != "off":
                     eng.batching = BatchConfig(
-                        max_batch=args.max_batch or k, max_wait_ms=args.max_wait_ms, preload=b == "on"
+                        max_batch=args.max_batch or k,
+                        max_wait_ms=args.max_wait_ms,
+                        preload=b != "lazy",
+                        prep_stream=b == "prep",
                     )
                 full = args.full if i == 0 else "none"
                 res = run(

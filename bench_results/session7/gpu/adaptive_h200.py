@@ -31,7 +31,9 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -87,20 +89,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--passages", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=512)
-    ap.add_argument(
-        "--codecs", default=None, help="default: int8, int2 and any codec besides raw/int4/int8/int2"
-    )
+    ap.add_argument("--codecs", default=None, help="default: int8, int2 and int2m where it exists")
     ap.add_argument("--splits", default="0,2,4,6,8,10,12,14,16")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = ap.parse_args()
     dev = torch.device(args.device)
-    codecs = (
-        args.codecs.split(",")
-        if args.codecs
-        else ["int8", "int2"] + [c for c in CODECS if c not in ("raw", "int4", "int8", "int2")]
-    )
+    codecs = args.codecs.split(",") if args.codecs else [c for c in ("int8", "int2", "int2m") if c in CODECS]
     splits = [int(x) for x in args.splits.split(",") if int(x) <= args.passages]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +106,7 @@ def main() -> None:
         print(s, flush=True)
         log_lines.append(s)
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still writes what finished
     t0 = time.perf_counter()
     lm = build_model(args.shape, torch.bfloat16 if dev.type == "cuda" else torch.float32, args.device)
     tok = _tokenizer()
@@ -196,6 +193,8 @@ def main() -> None:
                 del r
             del ad
             res["codecs"][c] = row
+            (out_dir / "adaptive_h200.json").write_text(json.dumps(res, indent=1))  # after every codec
+            (out_dir / "adaptive_h200_projection.md").write_text(projection(res, list(res["codecs"])) + "\n")
         (out_dir / "adaptive_h200.json").write_text(json.dumps(res, indent=1))
         table = projection(res, codecs)
         log("\n" + table)
@@ -264,8 +263,6 @@ def projection(res: dict, codecs: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    import sys
-
     if len(sys.argv) == 3 and sys.argv[1] == "--project":
         r = json.loads(Path(sys.argv[2]).read_text())
         print(projection(r, list(r["codecs"])))

@@ -6,7 +6,9 @@
 #      the same call alone                                                           (<= 50 s)
 #   2. batch_serve.py: 8B shape, int8, 8K (16 passages), 8 clients, one new token, 8 s a side:
 #      hits only and 5% misses: full prefill one at a time, fused one at a time, fused batched
-#      (+ batched without preload, hits only)                                        (<= 135 s)
+#      (+ batched behind the lead's device cache of DEVCACHE GiB, default 24; DEVCACHE=0:
+#      batched without preload instead, hits only)                                   (<= 135 s)
+#   PREP=1 adds a hits side with BatchConfig(prep_stream=True) (about 12 s more).
 #   MICRO=1 adds batch_micro.py (fuse_many of J = 1, 2, 4, 8 against one at a time, stage times;
 #   about 100 s more).
 #
@@ -20,7 +22,7 @@ O=$OUT/batch; mkdir -p $O
 t=$SECONDS
 timeout 50 python3 -m pytest -q -x -m gpu tests/test_batch.py -p no:cacheprovider > $O/tests.log 2>&1
 echo "tests rc=$? took $((SECONDS-t))s" >> $O/rc.txt; t=$SECONDS
-timeout 135 python3 bench_results/session7/gpu/batch_serve.py --seconds 8 --device-cache ${DEVCACHE:-24} --out $O/serve > $O/serve.log 2>&1
+timeout 135 python3 bench_results/session7/gpu/batch_serve.py --seconds 8 --device-cache ${DEVCACHE:-24} ${PREP:+--prep-stream} --out $O/serve > $O/serve.log 2>&1
 echo "serve rc=$? took $((SECONDS-t))s" >> $O/rc.txt; t=$SECONDS
 if [ "${MICRO:-0}" = 1 ]; then
   timeout 110 python3 bench_results/session7/gpu/batch_micro.py --out $O/micro.json > $O/micro.log 2>&1

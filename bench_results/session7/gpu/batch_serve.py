@@ -7,6 +7,7 @@ qfast at 15%, one new token: TTFT load), hits only and with 5% misses, each side
   fused batched   engine.fuse with batching=BatchConfig(max_batch=8): one worker fuses the waiting
                   requests together, their loads streaming in while they wait (preload)
   fused batched lazy   (hits only) the same with preload=False
+  fused batched prep   (hits only, --prep-stream) each caller prepares on its staging's own stream
 
 Ratios are against full prefill of the same run (``serve.cross_ratios``). Writes <out>.json/.md.
 
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument(
         "--device-cache", type=float, default=0.0, help="GiB: add 'fused batched + device cache' sides"
     )
+    ap.add_argument("--prep-stream", action="store_true", help="add a 'fused batched prep' side (hits)")
     a = ap.parse_args()
     eng = serve._engine(a.model, "int8", tempfile.mkdtemp(prefix="serve-batch-"), a.device)
     results = []
@@ -50,6 +52,8 @@ def main() -> None:
             settings.append((BatchConfig(max_batch=a.clients), a.device_cache))
         elif miss == 0 and eng.fast_path:  # (preload is a fast-path setting)
             settings.append((BatchConfig(max_batch=a.clients, preload=False), 0))
+        if a.prep_stream and miss == 0 and eng.fast_path:  # callers prepare on their own streams
+            settings.append((BatchConfig(max_batch=a.clients, prep_stream=True), 0))
         for i, (b, gib) in enumerate(settings):
             eng.batching, eng._batcher, eng._pool = b, None, None
             eng.device_cache = DeviceCache(eng.lm.device, int(gib * 2**30)) if gib else None
@@ -59,7 +63,9 @@ def main() -> None:
             )
             res.update(model=a.model, concurrent_fusions=1, device_cache_gib=gib)
             results.append(res)
+            serve.cross_ratios(results)  # (after every side: a timeout keeps what finished)
             Path(a.out + ".json").write_text(json.dumps(results, indent=1))
+            Path(a.out + ".md").write_text(serve.table(results) + "\n")
     serve.cross_ratios(results)
     Path(a.out + ".json").write_text(json.dumps(results, indent=1))
     Path(a.out + ".md").write_text(serve.table(results) + "\n")
