@@ -336,6 +336,7 @@ def run(
     name = "fused"
     if b is not None:
         name = "fused batched" + ("" if b.preload else " lazy") + (" prep" if b.prep_stream else "")
+        name += f" wait {b.max_wait_ms:g} ms" if b.max_wait_ms else ""
     if getattr(eng, "device_cache", None) is not None:
         name += " +dev"  # behind a device cache of hot entries
     sides.append(measure(name, lambda t, q: fused_request(eng, t, q, w), afused))

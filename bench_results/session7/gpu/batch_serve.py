@@ -8,6 +8,7 @@ qfast at 15%, one new token: TTFT load), hits only and with 5% misses, each side
                   requests together, their loads streaming in while they wait (preload)
   fused batched lazy   (hits only) the same with preload=False
   fused batched prep   (hits only, --prep-stream) each caller prepares on its staging's own stream
+  fused batched, max_wait_ms=--wait-ms   (hits only) the worker holds a batch that is not full
 
 Ratios are against full prefill of the same run (``serve.cross_ratios``). Writes <out>.json/.md.
 
@@ -42,6 +43,9 @@ def main() -> None:
         "--device-cache", type=float, default=0.0, help="GiB: add 'fused batched + device cache' sides"
     )
     ap.add_argument("--prep-stream", action="store_true", help="add a 'fused batched prep' side (hits)")
+    ap.add_argument(
+        "--wait-ms", type=float, default=0.0, help="add a batched side with this max_wait_ms (hits)"
+    )
     a = ap.parse_args()
     eng = serve._engine(a.model, "int8", tempfile.mkdtemp(prefix="serve-batch-"), a.device)
     results = []
@@ -54,6 +58,8 @@ def main() -> None:
             settings.append((BatchConfig(max_batch=a.clients, preload=False), 0))
         if a.prep_stream and miss == 0 and eng.fast_path:  # callers prepare on their own streams
             settings.append((BatchConfig(max_batch=a.clients, prep_stream=True), 0))
+        if a.wait_ms and miss == 0:  # the worker holds a batch that is not full (session 7: 1s and 7s)
+            settings.append((BatchConfig(max_batch=a.clients, max_wait_ms=a.wait_ms), 0))
         for i, (b, gib) in enumerate(settings):
             eng.batching, eng._batcher, eng._pool = b, None, None
             eng.device_cache = DeviceCache(eng.lm.device, int(gib * 2**30)) if gib else None
