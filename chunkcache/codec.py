@@ -670,8 +670,16 @@ class Int2MCodec(Int2RCodec):
         vr = self._rotate(v)
         G, S = int2_groups(T)
         n, m = int2m_kept(T), int2m_hi(D)
-        lo, hi = (_expand(x, T, S) for x in _fit_range(_pad_groups(k, G, S), None, 3, 4))
-        err_k = _relerr(k, _dequant(_quant(k, lo, hi, 4), lo, hi, 4))
+        # Which tokens to keep: the largest error of the mixed code itself (4-bit widest quarter).
+        hi0 = torch.zeros(L, H, D, dtype=torch.bool, device=k.device)
+        hi0.scatter_(2, (k.amax(2) - k.amin(2)).topk(m, dim=2).indices, True)
+        kp = _pad_groups(k, G, S)
+        plain = {}
+        for levels in (4, 16):
+            lo, hi = (_expand(x, T, S) for x in _fit_range(kp, None, 3, levels))
+            plain[levels] = _dequant(_quant(k, lo, hi, levels), lo, hi, levels)
+        err_k = _relerr(k, torch.where(hi0[:, :, None, :], plain[16], plain[4]))
+        del plain
         v_scale = _fit_symmetric(vr)  # [L, H, T] fp16
         v_div = torch.where(v_scale == 0, 1.0, v_scale.float())[..., None]
         v_q = torch.round(vr / v_div + 1.5).clamp_(0, 3)
@@ -693,7 +701,6 @@ class Int2MCodec(Int2RCodec):
         pos = torch.empty_like(perm)
         pos.scatter_(2, perm, torch.arange(D, device=k.device).expand(L, H, D).contiguous())
         valid = _pad_groups(rest.expand(L, H, T, D), G, S, fill=False)
-        kp = _pad_groups(k, G, S)
         lo4, hi4 = _fit_range(kp, valid, 3, 16)
         lo2, hi2 = _fit_range(kp, valid, 3, 4)
         h4 = hi_ch[:, :, None, :]  # [L, H, 1, D]

@@ -64,10 +64,14 @@ class FusionGraphs:
         self.replays = 0
 
     def clear(self) -> None:
-        """Drop every graph (and the objects it holds alive); the buffers stay."""
+        """Drop every graph (and the objects it holds alive); the buffers stay. The next capture
+        gets a new memory pool: the allocator releases a pool once its last graph is gone, and a
+        capture into the released pool's handle fails an internal assert (``use_count > 0``,
+        CUDACachingAllocator; H200, torch 2.11, session 7)."""
         self.graphs.clear()
         self.seen.clear()
         self.warmed.clear()
+        self.pool = None
 
     def padded_length(self, n: int) -> int:
         return math.ceil(n / self.n_bucket) * self.n_bucket

@@ -283,7 +283,8 @@ def build(groups, L):
             out += [("int2r (real)", real("int2r")), ("int2r keep 10%", real("int2r", INT2_KEEP_FRAC=0.10)),
                     ("int2 (real)", real("int2"))]
         elif g == "keep2m":
-            out += [("int2m keep 2%", real("int2m", INT2M_KEEP_FRAC=0.02)),
+            out += [("int2m (mixed-code keep score)", real("int2m")),
+                    ("int2m keep 2%", real("int2m", INT2M_KEEP_FRAC=0.02)),
                     ("int2m keep 5%", real("int2m", INT2M_KEEP_FRAC=0.05))]
         elif g == "real2m":
             out += [("int2m (real)", real("int2m")), ("int4 (real)", real("int4"))]
