@@ -3,7 +3,7 @@
 #   1. gpu-marked tests of batching (tests/test_batch.py): the packed layer with the fused Triton
 #      kernels; 16 threads, 48 requests with different chunk sets and lengths through an engine
 #      with batching (CUDA fast path, loaders, graphs for batches of one), each result against
-#      the same call alone                                                           (<= 60 s)
+#      the same call alone                                                           (<= 50 s)
 #   2. batch_serve.py: 8B shape, int8, 8K (16 passages), 8 clients, one new token, 8 s a side:
 #      hits only and 5% misses: full prefill one at a time, fused one at a time, fused batched
 #      (+ batched behind the lead's device cache of DEVCACHE GiB, default 24; DEVCACHE=0:
@@ -22,7 +22,7 @@ case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) source bench_results/session7/g
 OUT=${OUT:-/tmp/out}
 O=$OUT/batch; mkdir -p $O
 t=$SECONDS
-timeout 60 python3 -m pytest -q -x -m gpu tests/test_batch.py -p no:cacheprovider > $O/tests.log 2>&1
+timeout 50 python3 -m pytest -q -x -m gpu tests/test_batch.py -p no:cacheprovider > $O/tests.log 2>&1
 echo "tests rc=$? took $((SECONDS-t))s" >> $O/rc.txt; t=$SECONDS
 ST=135; [ -n "${PREP:-}" ] && ST=$((ST + 15)); [ -n "${WAIT:-}" ] && ST=$((ST + 15))
 [ -n "${EACH:-}" ] && ST=$((ST + 30))
