@@ -331,18 +331,28 @@ def int2_side_layout(
     H, T, D = heads, tokens, head_dim
     G, _ = int2_groups(T)
     n = int2_kept(T)
+    return _place_sections(
+        (
+            ("o_idx", torch.int32, (n,)),
+            ("k_scale", torch.float16, (H, G, D)),
+            ("k_min", torch.float16, (H, G, D)),
+            ("o_ks", torch.float16, (H, n)),
+            ("o_vs", torch.float16, (H, n)),
+            ("o_k", torch.int8, (H, n, D)),
+            ("o_v", torch.int8, (H, n, D)),
+        )
+    )
+
+
+def _place_sections(sections, end_align: int = 1) -> dict[str, tuple[int, torch.dtype, tuple[int, ...]]]:
+    """Sections ``(name, dtype, shape)`` back to back in order -> name -> (byte offset, dtype,
+    shape), plus ``"end"`` (the total, rounded up to ``end_align``): the one layout rule of the
+    2-bit codecs' ``side`` bytes."""
     out, off = {}, 0
-    for name, dtype, shape in (
-        ("o_idx", torch.int32, (n,)),
-        ("k_scale", torch.float16, (H, G, D)),
-        ("k_min", torch.float16, (H, G, D)),
-        ("o_ks", torch.float16, (H, n)),
-        ("o_vs", torch.float16, (H, n)),
-        ("o_k", torch.int8, (H, n, D)),
-        ("o_v", torch.int8, (H, n, D)),
-    ):
+    for name, dtype, shape in sections:
         out[name] = (off, dtype, shape)
         off += math.prod(shape) * dtype.itemsize
+    off += -off % end_align
     out["end"] = (off, torch.uint8, (0,))
     return out
 
@@ -578,23 +588,20 @@ def int2m_side_layout(
     H, T, D = heads, tokens, head_dim
     G, _ = int2_groups(T)
     n = int2m_kept(T)
-    out, off = {}, 0
-    for name, dtype, shape in (
-        ("o_idx", torch.int32, (n,)),
-        ("k_scale", torch.float16, (H, G, D)),
-        ("k_min", torch.float16, (H, G, D)),
-        ("v_scale", torch.float16, (H, T)),
-        ("o_ks", torch.float16, (H, n)),
-        ("o_vs", torch.float16, (H, n)),
-        ("o_k", torch.int8, (H, n, D)),
-        ("o_v", torch.int8, (H, n, D)),
-        ("k_pos", torch.uint8, (H, D)),
-    ):
-        out[name] = (off, dtype, shape)
-        off += math.prod(shape) * dtype.itemsize
-    off += -off % 4
-    out["end"] = (off, torch.uint8, (0,))
-    return out
+    return _place_sections(
+        (
+            ("o_idx", torch.int32, (n,)),
+            ("k_scale", torch.float16, (H, G, D)),
+            ("k_min", torch.float16, (H, G, D)),
+            ("v_scale", torch.float16, (H, T)),
+            ("o_ks", torch.float16, (H, n)),
+            ("o_vs", torch.float16, (H, n)),
+            ("o_k", torch.int8, (H, n, D)),
+            ("o_v", torch.int8, (H, n, D)),
+            ("k_pos", torch.uint8, (H, D)),
+        ),
+        end_align=4,
+    )
 
 
 def int2m_sections(rows: torch.Tensor, side: torch.Tensor) -> dict[str, torch.Tensor]:

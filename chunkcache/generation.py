@@ -176,22 +176,36 @@ async def astream_text(
         await asyncio.to_thread(thread.join)
 
 
+class _TokenPieces:
+    """The text cutting of ``token_text``/``atoken_text``: feed token ids, get the pieces ready."""
+
+    def __init__(self, tokenizer) -> None:
+        self.out: list[str] = []
+        self.streamer = _streamer(tokenizer, self.out.append, skip_prompt=False)
+        self.lead = _Leading()
+
+    def _ready(self) -> list[str]:
+        pieces = [p for p in map(self.lead, self.out) if p]
+        self.out.clear()
+        return pieces
+
+    def push(self, token: int) -> list[str]:
+        self.streamer.put(torch.tensor([token]))
+        return self._ready()
+
+    def end(self) -> list[str]:
+        self.streamer.end()
+        return self._ready()
+
+
 def token_text(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
     """Text pieces of a stream of token ids, cut as ``stream_text`` cuts them; joined, they equal
     ``answer_text`` of the ids up to its trailing whitespace. Closing it closes ``tokens``."""
-    out: list[str] = []
-    streamer = _streamer(tokenizer, out.append, skip_prompt=False)
-    lead = _Leading()
+    cut = _TokenPieces(tokenizer)
     try:
         for t in tokens:
-            streamer.put(torch.tensor([t]))
-            while out:
-                if piece := lead(out.pop(0)):
-                    yield piece
-        streamer.end()
-        for piece in out:
-            if piece := lead(piece):
-                yield piece
+            yield from cut.push(t)
+        yield from cut.end()
     finally:
         close = getattr(tokens, "close", None)
         if close is not None:
@@ -201,19 +215,13 @@ def token_text(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
 async def atoken_text(tokenizer, tokens: AsyncIterator[int]) -> AsyncIterator[str]:
     """``token_text`` for an async stream of token ids (the incremental decode of one token costs
     microseconds, so it runs on the event loop)."""
-    out: list[str] = []
-    streamer = _streamer(tokenizer, out.append, skip_prompt=False)
-    lead = _Leading()
+    cut = _TokenPieces(tokenizer)
     try:
         async for t in tokens:
-            streamer.put(torch.tensor([t]))
-            while out:
-                if piece := lead(out.pop(0)):
-                    yield piece
-        streamer.end()
-        for piece in out:
-            if piece := lead(piece):
+            for piece in cut.push(t):
                 yield piece
+        for piece in cut.end():
+            yield piece
     finally:
         close = getattr(tokens, "aclose", None)
         if close is not None:
