@@ -372,28 +372,27 @@ class PackedLayout:
 
     def _rows(self) -> torch.Tensor:
         """The launch table (``meta``) on the host."""
-        if True:
-            rows = []
-            data_size = self.data_dtype().itemsize
-            for parts, t, dest in zip(self.chunks, self.tokens, self.dests, strict=True):
-                if self.codec in INT2_FAMILY:
-                    rows.append(self._int2_row(parts, t, dest))
-                    continue
-                if self.codec == "raw":
-                    k = parts["kv"][0] // data_size
-                    v = k + self.heads * t * self.head_dim
-                else:
-                    k, v = parts["k_q"][0] // data_size, parts["v_q"][0] // data_size
-                    if parts["v_q"][1] != parts["k_q"][1]:
-                        raise ValueError("k_q and v_q must share a dtype")
-                groups = parts["k_scale"][2][1] if self.codec == "int4" else 1
-                sc = [parts[n][0] // 2 if n in parts else 0 for n in _SCALE_PARTS]
-                for n in _SCALE_PARTS:
-                    if n in parts and parts[n][1] != torch.float16:
-                        raise ValueError(f"{n} must be float16, got {parts[n][1]}")
-                kept = [0] * 7
-                rows.append([t, dest, groups, k, v, *sc, *kept])
-            return torch.tensor(rows, dtype=torch.int64)
+        rows = []
+        data_size = self.data_dtype().itemsize
+        for parts, t, dest in zip(self.chunks, self.tokens, self.dests, strict=True):
+            if self.codec in INT2_FAMILY:
+                rows.append(self._int2_row(parts, t, dest))
+                continue
+            if self.codec == "raw":
+                k = parts["kv"][0] // data_size
+                v = k + self.heads * t * self.head_dim
+            else:
+                k, v = parts["k_q"][0] // data_size, parts["v_q"][0] // data_size
+                if parts["v_q"][1] != parts["k_q"][1]:
+                    raise ValueError("k_q and v_q must share a dtype")
+            groups = parts["k_scale"][2][1] if self.codec == "int4" else 1
+            sc = [parts[n][0] // 2 if n in parts else 0 for n in _SCALE_PARTS]
+            for n in _SCALE_PARTS:
+                if n in parts and parts[n][1] != torch.float16:
+                    raise ValueError(f"{n} must be float16, got {parts[n][1]}")
+            kept = [0] * 7
+            rows.append([t, dest, groups, k, v, *sc, *kept])
+        return torch.tensor(rows, dtype=torch.int64)
 
 
 class _SeriesLayer(PackedLayout):
