@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -147,6 +147,7 @@ class ChunkCache:
             if not isinstance(adaptive, AdaptiveConfig):
                 raise TypeError(f"adaptive must be an AdaptiveConfig or None, got {type(adaptive).__name__}")
             self._rates = Rates(adaptive.smoothing)
+            self._sizes: dict[tuple[str, int], int] = {}
             if adaptive.enabled:
                 self.precisions = tuple(dict.fromkeys((codec, *adaptive.precisions)))
         self.fast_path = self.lm.device.type == "cuda" if fast_path is None else fast_path
@@ -214,8 +215,6 @@ class ChunkCache:
     def key_inputs_at(self, codec: str) -> KeyInputs:
         """``key_inputs()`` for another of ``precisions`` (the same chunk stored in that codec is
         a separate entry under its own key)."""
-        from dataclasses import replace
-
         return self.key_inputs() if codec == self.codec else replace(self.key_inputs(), codec=codec)
 
     def _info(self) -> dict:
@@ -528,44 +527,57 @@ class ChunkCache:
         damaged or not this engine's is dropped with a warning (``_load``), never used: that chunk
         is recomputed and stored as a miss is (``stats["adaptive"]["repaired"]``)."""
         from chunkcache import adaptive
-        from chunkcache.codec import get_codec
         from chunkcache.fuse import prefill, with_front
         from chunkcache.precompute import encode_exact
 
         conf, rates, spec = self.adaptive, self._rates, self.lm.spec
-        lists = _id_lists(ids)
-        tokens = [len(x) for x in lists]
-        missing = [i for i, there in enumerate(self.store.contains_many(keys)) if not there]
-        if missing:  # the plain miss path: precompute and store them (no choice to make)
-            self.precompute_ids([lists[i] for i in missing])
+        tokens = [len(b) // 8 for b in ids]
         t_plan = time.perf_counter()
-        precisions = self.precisions
-        pkeys = {p: [self.key_inputs_at(p).key(x) for x in lists] for p in precisions}
-        stored = {
-            p: [True] * len(keys) if p == self.codec else self.store.contains_many(pkeys[p])
-            for p in precisions
-        }
-        sizes = [
-            {
-                p: get_codec(p).nbytes(spec.num_layers, spec.kv_heads, t, spec.head_dim, self.lm.dtype)
-                for p in precisions
-                if stored[p][i]
-            }
-            for i, t in enumerate(tokens)
-        ]
-        chosen = adaptive.plan(
-            tokens,
-            sizes,
-            conf.link_bytes_per_s or dict(rates.link),
-            conf.recompute_tokens_per_s or rates.recompute,
-            conf.fuse_tokens_per_s or rates.fuse,
+        rated = dict(
+            link_bytes_per_s=conf.link_bytes_per_s or dict(rates.link),
+            recompute_tokens_per_s=conf.recompute_tokens_per_s or rates.recompute,
+            fuse_tokens_per_s=conf.fuse_tokens_per_s or rates.fuse,
             slack=conf.slack,
             fallback=conf.fallback,
             front=conf.recompute_chunks,
         )
+        measured = None in (conf.link_bytes_per_s, conf.recompute_tokens_per_s, conf.fuse_tokens_per_s)
+        explore = measured and conf.explore_every > 0 and rates.fallbacks + 1 >= conf.explore_every
+        chosen = None
+        if conf.recompute_chunks is None and not explore:
+            # First as if every precision were stored, touching no store: a full prefill chosen
+            # here is chosen with what is stored too (fewer precisions only make mixes slower)
+            everything = [{p: self._entry_bytes(p, t) for p in self.precisions} for t in tokens]
+            first = adaptive.plan(tokens, everything, **rated)
+            chosen = first if first.full_prefill else None
+        if chosen is None:
+            lists = _id_lists(ids)
+            missing = [i for i, there in enumerate(self.store.contains_many(keys)) if not there]
+            if missing:  # the plain miss path: precompute and store them (no choice to make)
+                self.precompute_ids([lists[i] for i in missing])
+            precisions = self.precisions
+            pkeys = {p: [self.key_inputs_at(p).key(x) for x in lists] for p in precisions}
+            stored = {
+                p: [True] * len(keys) if p == self.codec else self.store.contains_many(pkeys[p])
+                for p in precisions
+            }
+            sizes = [
+                {p: self._entry_bytes(p, t) for p in precisions if stored[p][i]} for i, t in enumerate(tokens)
+            ]
+            chosen = adaptive.plan(tokens, sizes, **rated)
+            if chosen.full_prefill and explore:
+                # the fastest mix looked slower than a prefill for explore_every calls: measure a
+                # mix again (every chunk but the last recomputed in place, so it costs about one
+                # prefill plus the fusion's tail), unless its one fetch alone is estimated longer
+                probe = adaptive.plan(tokens, sizes, **{**rated, "front": len(tokens) - 1})
+                last = probe.chunks[-1].fetch_s
+                if last is not None and last <= chosen.full_s:
+                    why = f"explore (after {rates.fallbacks} full prefills): {probe.reason}; " + chosen.reason
+                    chosen = replace(probe, reason=why)
         t_plan = time.perf_counter() - t_plan
         prefix_kv = self.prefix_kv()
         if chosen.full_prefill:
+            rates.fallbacks += 1
             t = time.perf_counter()
             res = prefill(self.lm, self.prompt_ids_from(ids, suffix), len(self._prefix_ids), tokens)
             res.logits.cpu()
@@ -573,6 +585,7 @@ class ChunkCache:
             rates.saw("recompute", res.stats["prompt_tokens"], t)
             timing = {"plan": t_plan, "prefill": t}
             return self._adaptive_result(res, chosen, timing, [], t0)
+        rates.fallbacks = 0
 
         k = chosen.front
         back = list(range(k, len(keys)))
@@ -626,7 +639,7 @@ class ChunkCache:
             res = fuse_kv(self.lm, ext, chunks, ext_ids, suffix, cfg)
         res.logits.cpu()
         t_fuse = time.perf_counter() - t
-        rates.saw("fuse", sum(tokens[i] for i in back), t_fuse)
+        rates.saw("fuse", sum(tokens), t_fuse)  # the tail: after the fetch and the front
         res = with_front(res, len(self._prefix_ids), tokens[:k], spec.num_layers, prefix_recomputed=k > 0)
         res.stats["recompute_ratio"] = user_ratio
         res.stats["fetched_recompute_ratio"] = cfg.recompute_ratio  # the share of the fetched tokens selected
@@ -642,6 +655,19 @@ class ChunkCache:
         res.stats["adaptive"] = stats
         res.stats["seconds"]["total"] = time.perf_counter() - t0  # wall: plan, load, recompute, fusion
         return res
+
+    def _entry_bytes(self, codec: str, tokens: int) -> int:
+        """Bytes of one chunk's codec parts at ``codec`` (the planner's sizes; cached per length)."""
+        got = self._sizes.get((codec, tokens))
+        if got is None:
+            from chunkcache.codec import get_codec
+
+            spec = self.lm.spec
+            got = get_codec(codec).nbytes(
+                spec.num_layers, spec.kv_heads, tokens, spec.head_dim, self.lm.dtype
+            )
+            self._sizes[(codec, tokens)] = got
+        return got
 
     def _load_at(self, i: int, p: str, pkeys: dict, ids: list[bytes], infos: dict) -> ChunkKV | None:
         """Chunk ``i`` at precision ``p`` decoded from the store, or None (missing; damaged or

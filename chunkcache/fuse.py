@@ -304,12 +304,14 @@ def prefill(lm: LoadedModel, ids: torch.Tensor, n_prefix: int, chunk_lengths: li
     """A plain full prefill of the prompt ``ids`` (``[1, N]``; the model's own forward,
     ``logits_to_keep=1``: ``precompute.encode_exact``) as a ``FuseResult``, every chunk token
     recomputed. What adaptive loading falls back to when no mix of fetching and recomputing is
-    faster: the same call as a plain prefill, so it is never slower than one."""
+    faster: the same call as a plain prefill, so it is never slower than one. ``logits`` are on
+    the host (copied before the KV is gathered into ``kv``, which on a GPU may still be running:
+    later work on the stream waits for it)."""
     from chunkcache.precompute import encode_exact
 
-    timer = StageTimer(lm.device)
-    kv, logits = encode_exact(lm, ids[0])
-    timer.mark("prefill")
+    t = time.perf_counter()  # (a StageTimer would wait for the KV gather: the logits come first)
+    kv, logits = encode_exact(lm, ids[0], host_logits=True)
+    t = time.perf_counter() - t
     n, n_ctx, layers = ids.shape[1], sum(chunk_lengths), lm.spec.num_layers
     stats = {
         "prompt_tokens": n,
@@ -324,7 +326,7 @@ def prefill(lm: LoadedModel, ids: torch.Tensor, n_prefix: int, chunk_lengths: li
         "chunk_lengths": list(chunk_lengths),
         "policy": "full prefill",
         "recompute_ratio": 1.0,
-        "seconds": timer.seconds(),
+        "seconds": {"prefill": t, "total": t},
     }
     selected = torch.arange(n_prefix, n_prefix + n_ctx, device=lm.device)
     return FuseResult(input_ids=ids, logits=logits, kv=kv, selected=selected, stats=stats)
