@@ -1,7 +1,7 @@
 #!/bin/bash
 # GPU call of the adaptive-loading engineer (issue 16, session 8), H200, Llama-3-8B shape (random
 # bf16 weights), 8K context (16 x 512 tokens), qfast 15%; no SmolLM2 needed for step 1; nothing
-# extra carried. About 150 s:
+# extra carried. About 150 s (2 warm-up calls per configuration, 3 timed):
 #   1. adaptive (<= 150 s): full prefill against the full-prefill fallback, interleaved (its
 #      overhead); front recompute of k chunks; per codec (int2m, int8): local fused TTFT, then over
 #      an EMULATED link (in-process throttle over the LMDB store) at 10 and 25 Gb/s: plain fetch,
