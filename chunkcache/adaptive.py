@@ -2,31 +2,35 @@
 recompute in place, or a plain full prefill.
 
 A fused prompt's chunks can come over the tier's link (``bytes / link rate``) or be recomputed
-*inside the fusion*: their tokens run as active rows at their true positions through every
-layer, attending to everything before them (exact, as in a full prefill; no separate encode, no
-selection budget spent on them). The recomputed chunks are always the **front** ones (Cake:
-"compute from the front while loading from the back"): they attend only to the template prefix
-and to each other, so their rows run while the link delivers the back chunks, and the fusion of
-the back then reads the front's exact KV. The default qfast probe selects before layer 0 from the
-question's attention over the whole cache, so it waits for every fetched layer; recomputing any
-other chunks would have to wait for the fetch too (no overlap). The plan, per number ``k`` of
-front chunks recomputed and per stored precision ``p`` of the fetched ones::
+*inside the fusion*: their tokens run at their true positions through every layer, attending to
+everything before them (exact, as in a full prefill). The recomputed chunks are always the
+**front** ones (Cake: "compute from the front while loading from the back"): they attend only to
+the template prefix and to each other, so they run while the link delivers the back chunks.
+The back chunks arrive layer by layer (``stream.LayerStream``: layer l of every fetched entry,
+then l + 1, ...), and the pipelined loader stages each layer into the fusion as it arrives, so the
+fusion's probe runs behind the link; what remains after the last layer arrives (the probe's last
+layers, the selection, the recompute of the selected tokens: the *tail*) is about the same for
+any split, since the selection budget is a share of every chunk token. The plan, per number
+``k`` of front chunks recomputed and per stored precision ``p`` of the fetched ones::
 
-    time ->   link:    fetch chunk k .. n-1 at p      |
-              device:  recompute chunks 0 .. k-1      | fuse chunks k .. n-1 (probe, select, recompute)
-    estimate(k, p) = max(fetch_s, recompute_s) + fuse_s,   fuse_s = back tokens / fuse rate
+    time ->   link:    fetch chunks k .. n-1 at p, layer-major  |
+              device:  recompute chunks 0 .. k-1 | probe layer by layer as the layers arrive | tail
+    estimate(k, p) = max(fetch_s, recompute_s) + tail_s,   tail_s = chunk tokens / fuse rate
 
 It takes the ``k`` with the least estimate per precision, then the best-quality precision whose
-estimate is within ``slack`` of the fastest (CacheGen's per-chunk level). If that is no faster
-than a full prefill (all tokens / recompute rate: a slow link, or every chunk recomputed), it
-does the plain full prefill instead, so TTFT is never worse than one (beyond planning overhead).
+estimate is within ``slack`` of the fastest (CacheGen's per-chunk level) and below a full
+prefill's. If the fastest is no faster than a full prefill (all tokens / recompute rate: a slow
+link, or every chunk recomputed), it does the plain full prefill instead, planned from the rates
+alone (no store round trip), so it costs what a plain prefill costs.
 
 Rates are measured, not guessed: ``Rates`` keeps exponential averages of the bytes/s each fetch
-achieved (store read, checks and, on CPU, decode), the tokens/s of the in-place recompute and of
-full prefills, and the chunk tokens/s of the fusion after the fetch. Until the link and the
+achieved, the tokens/s of the in-place recompute and of full prefills, and the tail's chunk
+tokens/s. The first reading of each kind is a warm-up and is dropped; until the link and the
 recompute rate have been seen, the first chunk is recomputed and the rest fetched (which
-measures all three). This module knows nothing about stores, codecs' bytes or fusion maths;
-``engine.ChunkCache`` runs the plan.
+measures all three). A rate that makes every mix look slower than a prefill would never be
+measured again, so after ``explore_every`` full prefills in a row one call runs a mix. This
+module knows nothing about stores, codecs' bytes or fusion maths; ``engine.ChunkCache`` runs the
+plan.
 
     eng = ChunkCache(store=remote, codec="int8", adaptive=AdaptiveConfig(precisions=("int2",)))
     res = eng.fuse(passages, question); res.stats["adaptive"]   # what was chosen and why
@@ -63,13 +67,18 @@ class AdaptiveConfig:
     recompute_tokens_per_s: float | None = None
     """Fix the recompute rate (tokens through every layer per second) instead of measuring it."""
     fuse_tokens_per_s: float | None = None
-    """Fix the fusion rate (fetched chunk tokens fused per second once they are in) instead of
-    measuring it."""
+    """Fix the fusion's tail rate (chunk tokens of the prompt per second of fusion after the last
+    fetched layer arrived and the front was recomputed) instead of measuring it."""
     recompute_chunks: int | None = None
     """Fix how many front chunks are recomputed in place (the rest fetched; no fallback): for
     benchmarks and tests. None: planned."""
     smoothing: float = 0.5
     """Weight of the newest measurement in the running averages."""
+    explore_every: int = 16
+    """After this many full-prefill fallbacks in a row, run the fastest mix once instead, so that
+    a rate that made the mix look slow is measured again (it may have been a bad reading, or the
+    link got faster). Only when its fetch is estimated no longer than a full prefill, so an
+    exploration costs at most about one more prefill's time in ``explore_every`` calls. 0: never."""
 
     def __post_init__(self) -> None:
         from chunkcache import checks
@@ -88,35 +97,58 @@ class AdaptiveConfig:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ValueError(f"{name} must be positive, got {v}")
-        k = self.recompute_chunks
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
-            raise ValueError(f"recompute_chunks must be a non-negative int or None, got {k!r}")
+        checks.nonnegative_int(self.explore_every, "explore_every")
+        if self.recompute_chunks is not None:
+            checks.nonnegative_int(self.recompute_chunks, "recompute_chunks")
 
 
 class Rates:
     """Measured rates (exponential averages; thread-safe): per stored precision the link's bytes/s
-    (a fetch's store read, checks and, on CPU, decode, so codecs that decode slower fetch
-    slower), the recompute's tokens/s and the fusion's tokens/s."""
+    (a fetch's store reads and checks, and, where the fetch decodes, the decode), the recompute's
+    tokens/s and the fusion's tail (chunk tokens of the prompt per second of fusion after the last
+    fetched layer arrived).
+
+    The first reading of each kind (per precision for the link) is a warm-up and is not used: a
+    process's first fusion pays one-off costs (allocations, kernel compilation, caches) that would
+    otherwise hold a rate far too low, and a plan that then never runs that mix never measures it
+    again (measured: a first fusion at 163 tokens/s against 1,118-1,418 later). ``fallbacks`` counts
+    full prefills since a fused plan last ran (``AdaptiveConfig.explore_every``)."""
 
     def __init__(self, smoothing: float = 0.5) -> None:
         self.smoothing = smoothing
         self.link: dict[str, float] = {}
         self.recompute: float | None = None
         self.fuse: float | None = None
+        self.fallbacks = 0
+        self._warm: set[str] = set()  # kinds whose warm-up reading was seen
         self._lock = threading.Lock()
 
     def _mix(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
 
+    def _past_warmup(self, kind: str) -> bool:
+        if kind in self._warm:
+            return True
+        self._warm.add(kind)
+        return False
+
     def saw(self, what: Literal["recompute", "fuse"], tokens: float, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
             with self._lock:
-                setattr(self, what, self._mix(getattr(self, what), tokens / seconds))
+                if self._past_warmup(what):
+                    setattr(self, what, self._mix(getattr(self, what), tokens / seconds))
 
     def saw_fetch(self, precision: str, nbytes: float, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
             with self._lock:
-                self.link[precision] = self._mix(self.link.get(precision), nbytes / seconds)
+                if self._past_warmup("link:" + precision):
+                    self.link[precision] = self._mix(self.link.get(precision), nbytes / seconds)
+
+    def forget_link(self) -> None:
+        """Drop the link rates (the link changed), keeping the warm-up state: the next fetch's
+        reading is used at once."""
+        with self._lock:
+            self.link = {}
 
 
 @dataclass(frozen=True)
@@ -165,7 +197,7 @@ def plan(
     sizes: Sequence[Mapping[str, int]],  # per chunk: stored precision -> bytes, best quality first
     link_bytes_per_s: float | Mapping[str, float] | None,  # one rate, or per precision (measured ones)
     recompute_tokens_per_s: float | None,
-    fuse_tokens_per_s: float | None = None,  # None: the fusion after the fetch counts as free
+    fuse_tokens_per_s: float | None = None,  # None: the fusion's tail counts as free
     *,
     enabled: bool = True,
     slack: float = 0.1,
@@ -173,7 +205,7 @@ def plan(
     front: int | None = None,  # fix the number of front chunks recomputed (then no fallback)
 ) -> Plan:
     """Choose the front chunks to recompute in place, the precision of the fetched rest, or a full
-    prefill (see the module docstring)."""
+    prefill (see the module docstring). Pure arithmetic, O(precisions x chunks): microseconds."""
     n = len(tokens)
     if n != len(sizes) or any(not s for s in sizes) or any(t <= 0 for t in tokens):
         raise ValueError("every chunk needs a positive token count and at least one stored precision")
@@ -185,6 +217,7 @@ def plan(
     rates = {"link_bytes_per_s": shown, "recompute_tokens_per_s": rec_rate, "fuse_tokens_per_s": fuse_rate}
     rec = [None if rec_rate is None else t / rec_rate for t in tokens]
     full_s = None if rec_rate is None else sum(tokens) / rec_rate
+    tail = sum(tokens) / fuse_rate if fuse_rate else 0.0  # after the last fetched layer: any k < n
 
     def chunks_for(k: int, pick: Sequence[str]) -> list[ChunkPlan]:
         fetch = [None if link_of is None else s[q] / link_of(q) for s, q in zip(sizes, pick, strict=True)]
@@ -195,11 +228,17 @@ def plan(
             for i in range(n)
         ]
 
-    def estimate(k: int, pick: Sequence[str]) -> float:
-        f = sum(sizes[i][pick[i]] / link_of(pick[i]) for i in range(k, n))  # type: ignore[misc]
-        r = sum(tokens[:k]) / rec_rate  # type: ignore[operator]
-        tail = sum(tokens[k:]) / fuse_rate if fuse_rate else 0.0
-        return max(f, r) + tail
+    def estimates(pick: Sequence[str]) -> list[float]:
+        """estimate(k, pick) for every k = 0 .. n: max(fetch of chunks k.., recompute of 0..k-1) + tail."""
+        back = [0.0] * (n + 1)  # back[k]: seconds to fetch chunks k .. n-1
+        for i in range(n - 1, -1, -1):
+            back[i] = back[i + 1] + sizes[i][pick[i]] / link_of(pick[i])  # type: ignore[misc]
+        out, front_tokens = [], 0  # (an int sum: k = n gives exactly full_s)
+        for k in range(n + 1):
+            out.append(max(back[k], front_tokens / rec_rate) + (tail if k < n else 0.0))  # type: ignore[operator]
+            if k < n:
+                front_tokens += tokens[k]
+        return out
 
     best = [next(iter(s)) for s in sizes]
     known = link_of is not None and rec_rate is not None
@@ -215,31 +254,38 @@ def plan(
                 if k
                 else "fetch all (measures the link)"
             )
-        est = estimate(k, best) if known else None
+        est = estimates(best)[k] if known else None
         return Plan(chunks_for(k, best), k, False, est, full_s, why, rates)
 
     precisions = list(dict.fromkeys(p for s in sizes for p in s))  # in the order stored, best first
     options = []
     for rank, p in enumerate(precisions):
         pick = [p if p in s else min(s, key=s.get) for s in sizes]  # else its smallest stored one
-        k = min(range(n + 1), key=lambda k, pick=pick: (estimate(k, pick), k))
-        options.append((estimate(k, pick), rank, p, k, pick))
+        ests = estimates(pick)
+        k = min(range(n + 1), key=lambda k, ests=ests: (ests[k], k))
+        options.append((ests[k], rank, p, k, pick))
     fastest = min(o[0] for o in options)
-    est, _, p, k, pick = min((o for o in options if o[0] <= fastest * (1 + slack)), key=lambda o: o[1])
-    fetch_all = sum(s[b] / link_of(b) for s, b in zip(sizes, best, strict=True))  # type: ignore[misc]
     per = {q: link_of(q) for q in precisions}  # type: ignore[misc]
-    detail = (
-        "link "
-        + ", ".join(f"{q} {r / 1e9:.3g} GB/s" for q, r in per.items())
-        + f", recompute {rec_rate:.4g} tokens/s, fuse "
-        + (f"{fuse_rate:.4g} tokens/s" if fuse_rate else "not measured")
-        + f": fetch all at their best precision {fetch_all * 1e3:.1f} ms, full prefill {full_s * 1e3:.1f} ms"  # type: ignore[operator]
-    )
-    if fallback and est >= full_s:  # type: ignore[operator]
+
+    def detail() -> str:  # built only for the reason text
+        fetch_all = sum(s[b] / link_of(b) for s, b in zip(sizes, best, strict=True))  # type: ignore[misc]
+        return (
+            "link "
+            + ", ".join(f"{q} {r / 1e9:.3g} GB/s" for q, r in per.items())
+            + f", recompute {rec_rate:.4g} tokens/s, fusion tail "
+            + (f"{tail * 1e3:.1f} ms" if fuse_rate else "not measured")
+            + f": fetch all at their best precision {fetch_all * 1e3:.1f} ms, full prefill {full_s * 1e3:.1f} ms"  # type: ignore[operator]
+        )
+
+    if fallback and fastest >= full_s:  # type: ignore[operator]
+        est, _, p, k, pick = min(options, key=lambda o: (o[0], o[1]))
         prefill = [ChunkPlan("prefill", None, c.fetch_s, c.recompute_s) for c in chunks_for(n, pick)]
-        why = f"full prefill: the best mix (recompute {k}, fetch {n - k} at {p}) is estimated {est * 1e3:.1f} ms; {detail}"
+        why = f"full prefill: the best mix (recompute {k}, fetch {n - k} at {p}) is estimated {est * 1e3:.1f} ms; {detail()}"
         return Plan(prefill, n, True, est, full_s, why, rates)
-    why = f"recompute the first {k} in place, fetch {n - k} at {p}: estimated {est * 1e3:.1f} ms; {detail}"
+    # the best-quality precision within slack of the fastest (and, with the fallback, faster than it)
+    ok = [o for o in options if o[0] <= fastest * (1 + slack) and (not fallback or o[0] < full_s)]  # type: ignore[operator]
+    est, _, p, k, pick = min(ok, key=lambda o: o[1])
+    why = f"recompute the first {k} in place, fetch {n - k} at {p}: estimated {est * 1e3:.1f} ms; {detail()}"
     return Plan(chunks_for(k, pick), k, False, est, full_s, why, rates)
 
 

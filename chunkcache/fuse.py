@@ -104,12 +104,17 @@ class FuseResult:
 
 
 def kv_to_cache(kv: torch.Tensor):
-    """[layers, 2, H, T, D] -> a transformers DynamicCache (copies the tensors)."""
+    """[layers, 2, H, T, D] -> a transformers DynamicCache whose layers are views of ``kv``: no
+    copy (two copies of the whole KV before: a clone, then the layer's concatenation onto its
+    empty start). A DynamicCache never writes into its tensors (each update concatenates into new
+    ones), so decoding from it leaves ``kv`` as it was."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     for i in range(kv.shape[0]):
-        cache.update(kv[i, 0][None].clone(), kv[i, 1][None].clone(), i)
+        k, v = kv[i, 0][None], kv[i, 1][None]
+        cache.update(k[:, :, :0], v[:, :, :0], i)  # creates and initialises layer i, empty
+        cache.layers[i].keys, cache.layers[i].values = k, v
     return cache
 
 
@@ -299,12 +304,14 @@ def prefill(lm: LoadedModel, ids: torch.Tensor, n_prefix: int, chunk_lengths: li
     """A plain full prefill of the prompt ``ids`` (``[1, N]``; the model's own forward,
     ``logits_to_keep=1``: ``precompute.encode_exact``) as a ``FuseResult``, every chunk token
     recomputed. What adaptive loading falls back to when no mix of fetching and recomputing is
-    faster: the same call as a plain prefill, so it is never slower than one."""
+    faster: the same call as a plain prefill, so it is never slower than one. ``logits`` are on
+    the host (copied before the KV is gathered into ``kv``, which on a GPU may still be running:
+    later work on the stream waits for it)."""
     from chunkcache.precompute import encode_exact
 
-    timer = StageTimer(lm.device)
-    kv, logits = encode_exact(lm, ids[0])
-    timer.mark("prefill")
+    t = time.perf_counter()  # (a StageTimer would wait for the KV gather: the logits come first)
+    kv, logits = encode_exact(lm, ids[0], host_logits=True)
+    t = time.perf_counter() - t
     n, n_ctx, layers = ids.shape[1], sum(chunk_lengths), lm.spec.num_layers
     stats = {
         "prompt_tokens": n,
@@ -319,7 +326,7 @@ def prefill(lm: LoadedModel, ids: torch.Tensor, n_prefix: int, chunk_lengths: li
         "chunk_lengths": list(chunk_lengths),
         "policy": "full prefill",
         "recompute_ratio": 1.0,
-        "seconds": timer.seconds(),
+        "seconds": {"prefill": t, "total": t},
     }
     selected = torch.arange(n_prefix, n_prefix + n_ctx, device=lm.device)
     return FuseResult(input_ids=ids, logits=logits, kv=kv, selected=selected, stats=stats)
@@ -796,18 +803,23 @@ class _Probe:
         self.lm, self.buf, self.q_pos, self.ctx_pos, self.source = lm, buf, q_pos, ctx_pos, source
         self.graphs = graphs
         self.h = lm.model.model.embed_tokens(ids[q_pos])[None]  # [1, nq, hidden]
+        self.n = ids.shape[0]  # prompt tokens: the question fills the last slots
         self.rows: list[torch.Tensor] = []  # per layer [N]: attention over every buffer position
         self.done = 0
+        self.scale = 1.0  # rows' mean over padded rows -> over the question's
 
-    def _layer(self, li: int, h: torch.Tensor, q_pos: torch.Tensor, rope=None):
+    def _layer(self, li: int, h: torch.Tensor, q_pos: torch.Tensor, rope=None, mask_pos=None):
         """One probe layer: ``kernels.probe_attention`` gives the output and the mass per key
-        (CUDA: one fused kernel pair, no score tensors; CPU: its torch reference)."""
+        (CUDA: one fused kernel pair, no score tensors; CPU: its torch reference). ``mask_pos``:
+        the rows' positions under the causal mask when they differ from the slots ``q_pos`` their
+        K/V are written to (phantom rows: -1, no key visible, no mass)."""
         buf, lm = self.buf, self.lm
         layer = lm.model.model.layers[li]
         q = _project(lm, buf, li, h, q_pos, rope)
         out, row = kernels.probe_attention(
-            q, q_pos, buf[li, 0], buf[li, 1], layer.self_attn.scaling, lm.spec.windows[li]
-        )
+            q, q_pos if mask_pos is None else mask_pos, buf[li, 0], buf[li, 1], layer.self_attn.scaling,
+            lm.spec.windows[li],
+        )  # fmt: skip
         return M.layer_finish(layer, h, out), row  # row: [N]
 
     @torch.no_grad()
@@ -829,27 +841,40 @@ class _Probe:
         group = self.graphs.layer_group
 
         def body_for(start: int, stop: int):
-            def body(h: torch.Tensor, q_pos: torch.Tensor):
+            def body(h: torch.Tensor, q_pos: torch.Tensor, mask_pos: torch.Tensor):
                 rows = []
                 rope = M.rotary(self.lm.model, q_pos, h)
                 for li in range(start, stop):
-                    h, row = self._layer(li, h, q_pos, rope)
+                    h, row = self._layer(li, h, q_pos, rope, mask_pos)
                     rows.append(row)
                 return torch.stack(rows), h
 
             return body
 
-        h = self.h.contiguous()
+        # Pad the rows to the graphs' probe bucket with phantom rows: zero hidden states whose K/V
+        # go to spare slots past the prompt (invisible to every real row) and which see no key
+        # (mask position -1), so they add no mass; the mass is the mean over rows, rescaled below.
+        n_q, n = int(self.q_pos.numel()), self.n
+        n_pad = self.graphs.padded_probe(n_q, self.buf.shape[3] - n)
+        h, q_pos, mask_pos = self.h.contiguous(), self.q_pos, self.q_pos
+        if n_pad > n_q:
+            extra = torch.arange(n, n + n_pad - n_q, device=q_pos.device)
+            h = torch.cat([h, h.new_zeros(1, n_pad - n_q, h.shape[2])], 1)
+            q_pos = torch.cat([q_pos, extra])
+            mask_pos = torch.cat([self.q_pos, torch.full_like(extra, -1)])
+        self.scale = n_pad / n_q if n_q else 1.0
         for start in range(self.done, layers, group):  # a group runs as soon as its layers are in
             stop = min(layers, start + group)
             self.source.ready(stop - 1)
-            key = ("probe", start, stop, int(self.q_pos.numel()))
+            key = ("probe", start, stop, n_pad)
             rows, h = self.graphs.run(
-                key, body_for(start, stop), {"h": h, "q_pos": self.q_pos}, (self.lm.model, self.buf)
-            )
+                key, body_for(start, stop), {"h": h, "q_pos": q_pos, "mask_pos": mask_pos},
+                (self.lm.model, self.buf),
+            )  # fmt: skip
             self.rows.append(rows.clone())
-        self.h = h
+        self.h = h[:, :n_q]
         self.done = layers
 
     def attention(self) -> torch.Tensor:
-        return torch.cat(self.rows)[:, self.ctx_pos]  # [L, C]
+        rows = torch.cat(self.rows)[:, self.ctx_pos]  # [L, C]
+        return rows if self.scale == 1.0 else rows * self.scale  # (the mean over real rows only)

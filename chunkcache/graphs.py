@@ -50,9 +50,18 @@ _CAPTURE = threading.Lock()
 
 class FusionGraphs:
     def __init__(
-        self, n_bucket: int = 1024, row_bucket: int = 64, min_uses: int = 2, layer_group: int = 8
+        self,
+        n_bucket: int = 1024,
+        row_bucket: int = 64,
+        min_uses: int = 2,
+        layer_group: int = 8,
+        probe_bucket: int = 16,
     ) -> None:
         self.n_bucket, self.row_bucket, self.min_uses = n_bucket, row_bucket, min_uses
+        self.probe_bucket = probe_bucket
+        """The probe's question rows are padded to a multiple of this (phantom rows that see no
+        key and write only to spare slots past the prompt), so questions of 7-30 tokens share two
+        graphs instead of needing one each (a served workload's questions vary in length)."""
         self.layer_group = layer_group
         """Layers per recompute graph: each group waits only for its own layers to be loaded."""
         self.buffers: dict[tuple, tuple[torch.nn.Module, torch.Tensor]] = {}  # the model kept alive
@@ -74,7 +83,14 @@ class FusionGraphs:
         self.pool = None
 
     def padded_length(self, n: int) -> int:
-        return math.ceil(n / self.n_bucket) * self.n_bucket
+        """The buffer length for prompts of ``n`` tokens: ``n`` plus room for the probe's phantom
+        rows, rounded up to the bucket."""
+        return math.ceil((n + self.probe_bucket) / self.n_bucket) * self.n_bucket
+
+    def padded_probe(self, n_q: int, spare: int) -> int:
+        """Probe rows for a question of ``n_q`` tokens: rounded up to ``probe_bucket``, using at
+        most ``spare`` slots past the prompt."""
+        return min(n_q + spare, math.ceil(n_q / self.probe_bucket) * self.probe_bucket)
 
     def padded_rows(self, rows: int, limit: int) -> int:
         """``rows`` rounded up to the bucket, but at most ``limit``."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -174,6 +175,16 @@ _REGISTRIES: dict[int, object] = {}  # MapRegistry per limit, shared by every po
 _REGISTRIES_GUARD = threading.Lock()
 
 
+class _Waiter:
+    """One caller queued in ``StagingPool.take``: set with the staging it gets (None: make one)."""
+
+    __slots__ = ("event", "staging")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.staging: Staging | None = None
+
+
 class StagingPool:
     """``Staging``s for concurrent fusions: a fusion holds one for its whole run (its slots, streams,
     graphs and the padded KV buffer the graphs read are that fusion's alone), and hands it back
@@ -193,39 +204,72 @@ class StagingPool:
         self.device, self.size, self.kwargs = torch.device(device), size, staging_kwargs
         self._free: list[Staging] = []
         self._made = 0
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._waiters: deque[_Waiter] = deque()
+        """Callers waiting, first come first served: a staging handed back goes straight to the
+        first of them (no caller that arrives later can take it first, so no caller starves;
+        measured on the H200: p99 TTFT 4.4x the median under 8 clients with a plain condition)."""
 
     @contextmanager
     def take(self) -> Iterator[Staging]:
-        with self._cond:
-            while not self._free and self._made >= self.size:
-                self._cond.wait()
-            if self._free:
+        create, st, w = False, None, None
+        with self._lock:
+            if not self._waiters and self._free:
                 st = self._free.pop()
+            elif not self._waiters and self._made < self.size:
+                self._made, create = self._made + 1, True
             else:
-                self._made += 1
-                st = None
-        if st is None:
+                w = _Waiter()
+                self._waiters.append(w)
+        if w is not None:
+            try:
+                w.event.wait()
+            except BaseException:  # interrupted: leave the queue, or pass on what was handed over
+                with self._lock:
+                    if w in self._waiters:
+                        self._waiters.remove(w)
+                        w = None
+                if w is not None:
+                    self._pass_on(w.staging) if w.staging is not None else self._creation_failed()
+                raise
+            st, create = w.staging, w.staging is None
+        if create:
             try:
                 st = Staging(self.device, **self.kwargs)
                 if st.maps is not None:  # one registry per process and limit: a map is page-locked once
                     with _REGISTRIES_GUARD:
                         st.maps = _REGISTRIES.setdefault(st.maps.limit, st.maps)
             except BaseException:
-                with self._cond:
-                    self._made -= 1
-                    self._cond.notify()
+                self._creation_failed()
                 raise
         try:
             yield st
         finally:
-            with self._cond:
+            self._pass_on(st)
+
+    def _pass_on(self, st: Staging) -> None:
+        """A staging handed back: to the first waiter, else to the free list."""
+        with self._lock:
+            if self._waiters:
+                w = self._waiters.popleft()
+                w.staging = st
+                w.event.set()
+            else:
                 self._free.append(st)
-                self._cond.notify()
+
+    def _creation_failed(self) -> None:
+        """A staging could not be made: the first waiter may try (it takes over the slot)."""
+        with self._lock:
+            if self._waiters:
+                w = self._waiters.popleft()
+                w.staging = None
+                w.event.set()
+            else:
+                self._made -= 1
 
     def stagings(self) -> list[Staging]:
         """The stagings not in use now (diagnostics, tests)."""
-        with self._cond:
+        with self._lock:
             return list(self._free)
 
 
@@ -451,8 +495,9 @@ class LayerLoader:
         staging: Staging,
         check_layers: Sequence[bool] | None = None,  # per entry: check its layer sums while staging
         arena: torch.Tensor | None = None,  # devicecache arena (zero copy when every part lies in it)
+        arrival=None,  # entries still arriving: ``arrival.wait(l)`` before layer l is read (``stream``)
     ) -> None:
-        self.buf, self.staging = buf, staging
+        self.buf, self.staging, self.arrival = buf, staging, arrival
         self.plan = plan = LoadPlan.build(
             lm, parsed, offsets, buf.device, staging.max_bytes, staging.maps, check_layers, arena
         )
@@ -496,10 +541,17 @@ class LayerLoader:
 
     # -- LayerSource ---------------------------------------------------------------------------
     def ready(self, layer: int) -> None:
-        if self.zero_copy:
-            while self.assembled <= layer:
-                self._rerotate(self.assembled)
-                self.assembled += 1
+        if self.zero_copy:  # every layer at the first ask: one launch, no host work between graphs
+            if self.assembled == 0:
+                kernels.rerotate_scatter_layers(
+                    self.plan.layouts,
+                    self.plan.arena,
+                    self.plan.cos,
+                    self.plan.sin,
+                    self.buf[:, 0],
+                    self.buf[:, 1],
+                )
+                self.assembled = self.num_layers
             return
         while self.assembled <= layer:
             self._assemble(self.assembled)
@@ -547,6 +599,8 @@ class LayerLoader:
                         self._cond.wait()
                     if self._stop:
                         return
+                if self.arrival is not None:  # streamed entries: their bytes of these layers are in
+                    self.arrival.wait(stop - 1)
                 if self.direct:
                     self._stage_direct(first, stop)
                 else:
@@ -762,6 +816,7 @@ def fuse_entries(
     arena: torch.Tensor | None = None,
     run: Callable[[FuseJob], FuseResult] | None = None,
     preload: bool = False,
+    arrival=None,
 ) -> FuseResult:
     """``fuse.fuse_kv`` over stored entries, loading layer by layer behind the compute.
 
@@ -785,7 +840,10 @@ def fuse_entries(
     runs the fusion (default ``fuse.run_job``: alone; the engine's batching hands the job to
     ``batch.Batcher.run``, which fuses it with others' while this thread waits). ``preload``:
     start the loader before ``run`` (its layers stream in while the job waits for its batch;
-    otherwise at the fusion's first layer). ``stats["seconds"]`` gains ``read`` (header parsing),
+    otherwise at the fusion's first layer). ``arrival``: the entries are still arriving
+    (``stream.LayerStream``: headers and small sections in, layers not yet): the loader stages
+    layer ``l`` after ``arrival.wait(l)``, so the fusion runs behind the link, layer by layer;
+    an entry without per-layer sums must have arrived whole. ``stats["seconds"]`` gains ``read`` (header parsing),
     ``stage_host``, ``h2d`` and ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
     """
     if not suffix_ids:
@@ -832,7 +890,7 @@ def fuse_entries(
     buf[:, :, :, :p] = prefix_kv
     buf[:, :, :, n - ns : n] = 0
     offsets = [p + sum(lengths[:i]) for i in range(len(lengths))]
-    loader = LayerLoader(lm, parsed, buf, offsets, st, check_layers, arena)
+    loader = LayerLoader(lm, parsed, buf, offsets, st, check_layers, arena, arrival)
     ids = torch.cat(
         [torch.tensor(list(prefix_ids), dtype=torch.long)]
         + [t.to(torch.long) for t in token_ids]

@@ -85,18 +85,35 @@ def encode_chunks(
 
 
 @torch.no_grad()
-def encode_exact(lm: LoadedModel, ids: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_exact(
+    lm: LoadedModel, ids: Sequence[int] | torch.Tensor, host_logits: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact KV of ``ids`` at positions 0..n-1, ``[L, 2, H, n, D]``, and the fp32 next-token
     logits after them ``[vocab]``: one forward of the model from scratch (``logits_to_keep=1``),
     the plain full prefill's own call, so attention takes the model's causal fast path (a cache
-    of earlier positions would make it build an explicit mask)."""
+    of earlier positions would make it build an explicit mask). ``host_logits``: return the
+    logits on the host, copied before the KV is gathered into one tensor (on a GPU that copy then
+    runs after this returns, as a plain prefill's caller would not wait for it either)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()  # no config: keep every position even under a sliding window
     x = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(lm.device)
     out = lm.model(input_ids=x, use_cache=True, logits_to_keep=1, **{cache_kwarg(lm.model): cache})
-    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
-    return kv, out.logits[0, -1].float()
+    logits = out.logits[0, -1].float()
+    copied = None
+    if host_logits and logits.is_cuda:
+        host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
+        host.copy_(logits, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        logits = host
+    elif host_logits:
+        logits = logits.cpu()
+    # one copy into [L, 2, H, n, D] (a stack of per-layer stacks would copy twice)
+    kv = torch.stack([t for layer in cache.layers for t in (layer.keys[0], layer.values[0])])
+    if copied is not None:
+        copied.synchronize()  # the logits are on the host; the gather may still run
+    return kv.view(len(cache.layers), 2, *kv.shape[1:]), logits
 
 
 def encode_prefix(lm: LoadedModel, prefix: Sequence[int]) -> torch.Tensor:

@@ -3,6 +3,7 @@
     rerotate_scatter    decode a chunk-layer (raw/int8/int4), rotate keys by the position delta,
                         write it into the assembled cache at an offset
     rerotate_scatter_packed  the same for every chunk of a layer packed in one buffer, one launch
+    rerotate_scatter_layers  the same for every layer of a series (zero copy), one launch
     selected_attention  attention of selected query tokens over the full KV, exact causal mask
     probe_attention     the question's attention over the whole cache: output and the mass each
                         key receives, without materialising the probabilities
@@ -52,6 +53,7 @@ __all__ = [
     "probe_attention_reference",
     "rerotate_scatter",
     "rerotate_scatter_packed",
+    "rerotate_scatter_layers",
     "rerotate_scatter_packed_reference",
     "rerotate_scatter_reference",
     "rms_norm",
@@ -107,6 +109,25 @@ def rerotate_scatter_packed(
     else:
         fn = rerotate_scatter_packed_reference
     fn(layout, buf, cos, sin, k_out, v_out)
+
+
+def rerotate_scatter_layers(
+    layouts: list[PackedLayout],  # one per layer (``PackedLayout.series``)
+    buf: torch.Tensor,  # 1-D uint8: every layer's parts at the layouts' offsets
+    cos: torch.Tensor,  # [C, D] fp32
+    sin: torch.Tensor,
+    k_out: torch.Tensor,  # [L, kv_heads, N, D], e.g. kv[:, 0]
+    v_out: torch.Tensor,
+) -> None:
+    """``rerotate_scatter_packed`` of layer j of ``layouts`` into ``k_out[j]``, ``v_out[j]`` for every
+    j: on the GPU one launch for all layers when their launch tables are one series (else one a
+    layer)."""
+    if _use_triton(k_out):
+        rr = importlib.import_module(".rerotate_scatter_triton", __name__)
+        if rr.rerotate_scatter_layers(layouts, buf, cos, sin, k_out, v_out):
+            return
+    for j, lay in enumerate(layouts):
+        rerotate_scatter_packed(lay, buf, cos, sin, k_out[j], v_out[j])
 
 
 def checksums(buf: torch.Tensor, table: torch.Tensor, longest: int | None = None) -> torch.Tensor:

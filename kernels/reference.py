@@ -338,7 +338,7 @@ class PackedLayout:
         offsets of k, v (in the data dtype) and k_scale, k_min, v_scale, v_min (in fp16; 0 where
         unused); then for int2 (0 otherwise): tokens per key group, kept tokens n, and the element
         offsets of o_idx (int32), o_k, o_v (int8), o_ks, o_vs (fp16); see ``_int2_row``."""
-        device = torch.device(device)
+        device = _device(device)
         if device not in self._meta:
             self._meta[device] = self._rows().to(device)
         return self._meta[device]
@@ -351,7 +351,7 @@ class PackedLayout:
         side by side). Equal to ``[self.shifted(j * steps) for j]``, but with one launch table for
         all of them, made by one host-to-device copy (the table is linear in the layer); each
         layer's offsets are made only when asked for (``views``, the CPU reference)."""
-        device = torch.device(device)
+        device = _device(device)
         one = self.shifted(steps)
         m0, m1 = self._rows(), one._rows()
         delta = m1 - m0
@@ -362,10 +362,16 @@ class PackedLayout:
                 self.shifted([{k: j * b for k, b in d.items()} for d in steps]) for j in range(1, layers)
             ]
         tables = (m0[None] + torch.arange(layers)[:, None, None] * delta[None]).to(device)  # [L, C, cols]
-        grow = max((b for d in steps for b in d.values()), default=0)  # the end moves at most this much
+        ends = [  # per part: its end in layer 0, and how far it moves per layer
+            (off + math.prod(shape) * dtype.itemsize, steps[c].get(name, 0))
+            for c, parts in enumerate(self.chunks)
+            for name, (off, dtype, shape) in parts.items()
+        ]
         out = []
         for j in range(layers):
-            lay = _SeriesLayer(self, steps, j, self.nbytes + j * grow)
+            lay = _SeriesLayer(
+                self, steps, j, max((e + j * b for e, b in ends), default=self.nbytes) if j else self.nbytes
+            )
             lay._meta[device] = tables[j]
             out.append(lay)
         return out
@@ -395,10 +401,17 @@ class PackedLayout:
         return torch.tensor(rows, dtype=torch.int64)
 
 
+def _device(device) -> torch.device:
+    """``device`` with its index (``cuda`` -> ``cuda:N``, the current one), so one device is one key."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class _SeriesLayer(PackedLayout):
     """Layer ``j`` of ``PackedLayout.series``: tokens, destinations and launch table shared with the
-    series; the part offsets (``chunks``) made on first use. ``nbytes`` is an upper bound (layer 0's
-    end plus ``j`` times the largest per-layer growth)."""
+    series; the part offsets (``chunks``) made on first use. ``nbytes``: where its last part ends."""
 
     def __init__(self, base: PackedLayout, steps, j: int, nbytes: int) -> None:
         self.codec, self.heads, self.head_dim = base.codec, base.heads, base.head_dim

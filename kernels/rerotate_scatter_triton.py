@@ -300,6 +300,9 @@ def _rerotate_scatter_packed_kernel(
     svo_h,
     svo_t,
     svo_d,
+    N_CHUNKS,
+    sko_l,
+    svo_l,
     D: tl.constexpr,
     CODEC: tl.constexpr,
     GROUP: tl.constexpr,
@@ -309,10 +312,16 @@ def _rerotate_scatter_packed_kernel(
     ROW: tl.constexpr,
     USE_DOT: tl.constexpr,
 ):
-    """Every chunk of one layer in one launch: program (t-block, kv head, chunk). Blocks past a
-    shorter chunk's end are fully masked. int2m: column 8 is k_pos's byte offset (a uint8 view)."""
-    c = tl.program_id(2).to(tl.int64)
-    m = META_ptr + c * META_COLS
+    """Every chunk of one layer (or of several: META [layers, C, META_COLS] contiguous, outputs
+    ``sko_l``/``svo_l`` apart per layer) in one launch: program (t-block, kv head, layer * C +
+    chunk). Blocks past a shorter chunk's end are fully masked. int2m: column 8 is k_pos's byte
+    offset (a uint8 view)."""
+    g = tl.program_id(2).to(tl.int64)
+    c = g % N_CHUNKS
+    layer = g // N_CHUNKS
+    KO_ptr += layer * sko_l
+    VO_ptr += layer * svo_l
+    m = META_ptr + g * META_COLS
     T = tl.load(m)
     if CODEC == 5:
         vm_ptr = DATA_ptr + tl.load(m + 8)
@@ -332,13 +341,18 @@ def _kept_rows_packed_kernel(
     I8_ptr,  # the packed buffer viewed as int8 (o_k, o_v)
     SC_ptr,  # ... as fp16 (o_ks, o_vs)
     I32_ptr,  # ... as int32 (o_idx)
-    META_ptr,  # [C, META_COLS] int64
-    COS_ptr, SIN_ptr, KO_ptr, VO_ptr, sko_h, sko_t, sko_d, svo_h, svo_t, svo_d,
+    META_ptr,  # [C, META_COLS] int64 (or [layers, C, META_COLS], see the packed kernel)
+    COS_ptr, SIN_ptr, KO_ptr, VO_ptr, sko_h, sko_t, sko_d, svo_h, svo_t, svo_d, N_CHUNKS, sko_l, svo_l,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, META_COLS: tl.constexpr,
 ):  # fmt: skip
-    """int2's kept rows of every chunk of one layer: program (t-block, kv head, chunk)."""
-    c = tl.program_id(2).to(tl.int64)
-    m = META_ptr + c * META_COLS
+    """int2's kept rows of every chunk of one layer (or several): program (t-block, kv head,
+    layer * C + chunk)."""
+    g = tl.program_id(2).to(tl.int64)
+    c = g % N_CHUNKS
+    layer = g // N_CHUNKS
+    KO_ptr += layer * sko_l
+    VO_ptr += layer * svo_l
+    m = META_ptr + g * META_COLS
     _kept_rows(
         I32_ptr + tl.load(m + 11), I8_ptr + tl.load(m + 12), I8_ptr + tl.load(m + 13),
         SC_ptr + tl.load(m + 14), SC_ptr + tl.load(m + 15), COS_ptr + c * D, SIN_ptr + c * D, KO_ptr, VO_ptr,
@@ -500,11 +514,55 @@ def rerotate_scatter_packed(
     The checks that do not depend on the buffer (shapes, alignment, fit) ran in ``layout.add``
     and ``layout.meta``; here only the buffer and outputs are checked, so a layer costs one launch
     and a few attribute reads."""
+    _launch_packed(layout, layout.meta(buf.device), 1, buf, cos, sin, k_out, v_out, 0, 0, block_t)
+
+
+def rerotate_scatter_layers(
+    layouts: list,  # reference.PackedLayout per layer, their tables one [L, C, META_COLS] tensor
+    buf: torch.Tensor,  # 1-D uint8 on the device: every layer's parts at the layouts' offsets
+    cos: torch.Tensor,  # [C, D] fp32 on the device
+    sin: torch.Tensor,
+    k_out: torch.Tensor,  # [L, kv_heads, N, D] (e.g. kv[:, 0]), may be strided
+    v_out: torch.Tensor,
+    *,
+    block_t: int | None = None,
+) -> bool:
+    """``rerotate_scatter_packed`` of every layer in one launch, when the layers' launch tables
+    are consecutive rows of one tensor (``PackedLayout.series``) and their chunks agree in length
+    and destination; returns False (nothing done) otherwise, for the caller's per-layer loop."""
+    first, n_layers = layouts[0], len(layouts)
+    if k_out.dim() != 4 or k_out.shape[0] != n_layers or v_out.shape != k_out.shape:
+        raise ValueError(f"k_out/v_out must be [{n_layers}, H, N, D], got {tuple(k_out.shape)}")
+    metas = [lay.meta(buf.device) for lay in layouts]
+    row = metas[0].numel() * metas[0].element_size()
+    base = metas[0]
+    for j, (lay, m) in enumerate(zip(layouts, metas, strict=True)):
+        if (
+            m.data_ptr() != base.data_ptr() + j * row
+            or not m.is_contiguous()
+            or lay.tokens != first.tokens
+            or lay.dests != first.dests
+            or lay.codec != first.codec
+        ):
+            return False
+    table = torch.as_strided(base, (n_layers, *base.shape), (base.shape[0] * base.shape[1], *base.stride()))
+    end = max(lay.nbytes for lay in layouts)
+    _launch_packed(
+        first, table, n_layers, buf, cos, sin, k_out[0], v_out[0], k_out.stride(0), v_out.stride(0), block_t,
+        kept=max(max(lay.kept, default=0) for lay in layouts), nbytes=end,
+    )  # fmt: skip
+    return True
+
+
+def _launch_packed(
+    layout, meta, n_layers, buf, cos, sin, k_out, v_out, sko_l, svo_l, block_t, kept=None, nbytes=None
+) -> None:
     h, d, n_chunks = layout.heads, layout.head_dim, len(layout.tokens)
     if n_chunks == 0:
         return
-    if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < layout.nbytes:
-        raise ValueError(f"buffer must be 1-D uint8 of at least {layout.nbytes} bytes")
+    nbytes = layout.nbytes if nbytes is None else nbytes
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < nbytes:
+        raise ValueError(f"buffer must be 1-D uint8 of at least {nbytes} bytes")
     if k_out.shape != v_out.shape or k_out.dim() != 3 or k_out.shape[0] != h or k_out.shape[2] != d:
         raise ValueError(f"k_out/v_out must be [{h}, N, {d}], got {tuple(k_out.shape)}, {tuple(v_out.shape)}")
     if max(t + o for t, o in zip(layout.tokens, layout.dests, strict=True)) > k_out.shape[1]:
@@ -521,8 +579,7 @@ def rerotate_scatter_packed(
         block_t = max(1, min(32, 4096 // block_half, triton.next_power_of_2(t_max)))
         if layout.codec in ("int2r", "int2m"):  # its value decode is a tensor-core dot: >= 16 rows
             block_t = max(block_t, 16)
-    grid = (triton.cdiv(t_max, block_t), h, n_chunks)
-    meta = layout.meta(buf.device)
+    grid = (triton.cdiv(t_max, block_t), h, n_chunks * n_layers)
     _rerotate_scatter_packed_kernel[grid](
         data,
         scales,
@@ -533,6 +590,9 @@ def rerotate_scatter_packed(
         v_out,
         *k_out.stride(),
         *v_out.stride(),
+        n_chunks,
+        sko_l,
+        svo_l,
         D=d,
         CODEC=_CODEC_ID[layout.codec],
         GROUP=INT4_GROUP,
@@ -544,10 +604,10 @@ def rerotate_scatter_packed(
         num_warps=4,
     )
     if layout.codec in INT2_FAMILY:  # after the 2-bit rows (stream order): the kept rows overwrite theirs
-        n_max = max(layout.kept)
+        n_max = max(layout.kept) if kept is None else kept
         if n_max:
-            _kept_rows_packed_kernel[(triton.cdiv(n_max, block_t), h, n_chunks)](
+            _kept_rows_packed_kernel[(triton.cdiv(n_max, block_t), h, n_chunks * n_layers)](
                 buf[:usable].view(torch.int8), scales, buf[:usable].view(torch.int32), meta,
-                cos, sin, k_out, v_out, *k_out.stride(), *v_out.stride(),
+                cos, sin, k_out, v_out, *k_out.stride(), *v_out.stride(), n_chunks, sko_l, svo_l,
                 D=d, BLOCK_T=block_t, BLOCK_HALF=block_half, META_COLS=META_COLS, num_warps=4,
             )  # fmt: skip

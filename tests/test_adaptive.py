@@ -38,9 +38,9 @@ def test_balanced_link_recomputes_the_front_and_fetches_the_back():
     p = plan([100] * 4, [{"int8": 100}] * 4, link_bytes_per_s=100, recompute_tokens_per_s=100)
     assert [c.action for c in p.chunks] == ["recompute", "recompute", "fetch", "fetch"]
     assert p.front == 2 and p.estimate_s == pytest.approx(2.0) and p.stats()["recomputed"] == 2
-    # the fusion after the fetch costs back tokens / fuse rate: it pushes work to the front
+    # the fusion's tail after the last fetched layer: every chunk token / fuse rate, for any mix
     tail = plan([100] * 4, [{"int8": 100}] * 4, 100, 100, fuse_tokens_per_s=400)
-    assert tail.front == 2 and tail.estimate_s == pytest.approx(2.0 + 200 / 400)
+    assert tail.front == 2 and tail.estimate_s == pytest.approx(2.0 + 400 / 400)
     # fuse no faster than the recompute itself: a full prefill is as fast, so it is taken
     assert plan([100] * 4, [{"int8": 100}] * 4, 100, 100, fuse_tokens_per_s=100).full_prefill
 
@@ -57,6 +57,11 @@ def test_precision_follows_the_link_rate():
     # a chunk stored at int8 only is fetched at int8 while the others take int2
     mixed = plan([1000] * 3, [sizes[0], {"int8": 200}, sizes[0]], 1e9, 1.0)
     assert [c.precision for c in mixed.chunks] == ["int2", "int8", "int2"]
+    # int8 is within slack of int2 but no faster than a full prefill (2.1 + 1.95 s vs 4 s): int2
+    # (2.0 + 1.95 s) is fused, not the fallback
+    edge = plan([100] * 4, [{"int8": 105, "int2": 95}] * 4, 100, 100, fuse_tokens_per_s=400 / 1.95)
+    assert not edge.full_prefill and edge.stats()["fetched"] == {"int2": 2}
+    assert edge.estimate_s == pytest.approx(3.95)
 
 
 def test_off_unmeasured_fixed_and_bad_input():
@@ -81,6 +86,11 @@ def test_off_unmeasured_fixed_and_bad_input():
 
 def test_rates_average_and_overlap_runs_both():
     r = Rates(0.5)
+    for what in ("recompute", "fuse"):
+        r.saw(what, 1, 1e3)  # warm-up readings (one per kind): not used
+    r.saw_fetch("int8", 1, 1e3)
+    r.saw_fetch("int2", 1, 1e3)
+    assert r.link == {} and r.fuse is None and r.recompute is None
     r.saw_fetch("int8", 100, 1.0)
     r.saw_fetch("int8", 300, 1.0)
     r.saw_fetch("int2", 50, 1.0)
@@ -93,6 +103,10 @@ def test_rates_average_and_overlap_runs_both():
     # a precision not measured yet is assumed as slow as the slowest measured one
     q = plan([1000] * 2, [{"int8": 200, "int4": 100}] * 2, {"int8": 200.0}, 1.0)
     assert q.stats()["fetched"] == {"int4": 2}
+    r.forget_link()  # a new link: its first reading counts at once
+    r.saw_fetch("int4", 1, 1e3)  # but a precision never seen has its warm-up
+    r.saw_fetch("int8", 70, 1.0)
+    assert r.link == {"int8": 70}
     got, res, t_fetch, t_compute = overlap(lambda i: i * 10, [1, 2], lambda: "front")
     assert got == [10, 20] and res == "front" and t_fetch >= 0 and t_compute >= 0
 
@@ -112,8 +126,14 @@ class SlowStore(MemoryStore):
     def __init__(self, rate: float) -> None:
         super().__init__()
         self.rate = rate
+        self.calls = 0  # reads and lookups
+
+    def contains_many(self, keys):
+        self.calls += 1
+        return super().contains_many(keys)
 
     def get(self, key, *, touch=True):
+        self.calls += 1
         value = super().get(key, touch=touch)
         if value is not None:
             time.sleep(len(value) / self.rate)
@@ -188,15 +208,18 @@ def test_mixed_split_front_is_exact_and_counted(model, smol_tokenizer):
 
 
 def test_decisions_follow_the_measured_rates(model, smol_tokenizer):
-    """Through a throttled store: first call measures (recompute the first, fetch the rest); on a
-    fast link it then fetches all; on a link too slow for any mix it falls back to a full
-    prefill, equal to the model's own."""
+    """Through a throttled store: the first call is a warm-up (its readings are not used), the
+    second measures (both recompute the first chunk and fetch the rest); on a fast link it then
+    fetches all; on a link too slow for any mix it falls back to a full prefill, equal to the
+    model's own, without touching the store."""
     fast = SlowStore(rate=1e12)
     eng = engine(model, smol_tokenizer, fast)
     eng.precompute(PASSAGES)
-    first = eng.fuse(PASSAGES, QUESTION)
-    a = first.stats["adaptive"]
-    assert "not measured" in a["reason"] and a["recomputed"] == 1
+    for call in range(2):
+        a = eng.fuse(PASSAGES, QUESTION).stats["adaptive"]
+        assert "not measured" in a["reason"] and a["recomputed"] == 1
+        if call == 0:
+            assert eng._rates.recompute is None and eng._rates.fuse is None
     assert eng._rates.link and eng._rates.recompute and eng._rates.fuse
     eng._rates.fuse = 1e12  # (a tiny model fuses slower than it recomputes: count the fusion as free)
     eng._rates.link = {"raw": 1e15}
@@ -205,15 +228,39 @@ def test_decisions_follow_the_measured_rates(model, smol_tokenizer):
     slow = SlowStore(rate=1e12)
     eng2 = engine(model, smol_tokenizer, slow)
     eng2.precompute(PASSAGES)
-    eng2.fuse(PASSAGES, QUESTION)  # measures
+    for _ in range(2):
+        eng2.fuse(PASSAGES, QUESTION)  # warm-up, then measures
     eng2._rates.link = {"raw": 1.0}  # one byte per second: nothing is worth fetching
+    slow.calls = 0
     got = eng2.fuse(PASSAGES, QUESTION)
     assert got.stats["adaptive"]["choice"] == "full prefill" and got.stats["policy"] == "full prefill"
+    assert slow.calls == 0  # the fallback is planned from the rates alone: no store round trip
     logits, kv = full_prefill(eng2)
     torch.testing.assert_close(got.logits, logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.kv[:, :, :, :-1], kv[:, :, :, :-1], rtol=1e-5, atol=1e-5)
     n, p = got.stats["prompt_tokens"], got.stats["prefix_tokens"]
     assert got.stats["compute_fraction"] == n / (n - p) and "prefill" in got.stats["adaptive"]["seconds"]
+
+
+def test_a_bad_rate_reading_does_not_stick(model, smol_tokenizer):
+    """A fusion-tail reading far too low makes every plan a full prefill, so no mix would ever
+    measure it again; after ``explore_every`` full prefills in a row one call runs a mix (all but
+    the last chunk recomputed in place) and its reading replaces the bad one."""
+    store = SlowStore(rate=1e12)
+    eng = engine(model, smol_tokenizer, store, explore_every=3, link_bytes_per_s=1e15)
+    eng.precompute(PASSAGES)
+    for _ in range(2):
+        eng.fuse(PASSAGES, QUESTION)  # warm-up, then measures
+    eng._rates.fuse = 1e-6  # a bad reading: the fusion's tail looks endless
+    got = [eng.fuse(PASSAGES, QUESTION).stats["adaptive"] for _ in range(3)]
+    assert [a["choice"] for a in got] == ["full prefill", "full prefill", "fused"]
+    assert got[2]["reason"].startswith("explore") and got[2]["recomputed"] == len(PASSAGES) - 1
+    assert eng._rates.fuse > 1e-3 and eng._rates.fallbacks == 0  # measured again
+    never = engine(model, smol_tokenizer, store, explore_every=0, link_bytes_per_s=1e15)
+    for _ in range(2):
+        never.fuse(PASSAGES, QUESTION)
+    never._rates.fuse = 1e-6
+    assert {never.fuse(PASSAGES, QUESTION).stats["adaptive"]["choice"] for _ in range(4)} == {"full prefill"}
 
 
 def test_several_precisions_stored_and_picked_per_link_rate(model, smol_tokenizer):

@@ -143,6 +143,58 @@ def test_staging_pool_hands_each_staging_to_one_caller_at_a_time():
         StagingPool("cpu", size=0)
 
 
+def test_staging_pool_serves_waiters_first_come_first_served(monkeypatch):
+    """A staging handed back goes to the caller that waited longest, never to one that came later
+    (a plain condition let returning callers barge in: p99 far above the median); a failed
+    creation passes its slot on to the next waiter."""
+    pool = StagingPool("cpu", size=1)
+    order: list[int] = []
+    release = threading.Event()
+
+    def holder():
+        with pool.take():
+            release.wait()
+
+    def waiter(i):
+        with pool.take():
+            order.append(i)
+
+    first = threading.Thread(target=holder)
+    first.start()
+    while not pool._made:
+        time.sleep(0.001)
+    threads = []
+    for i in range(5):  # queued one after another, in this order
+        threads.append(threading.Thread(target=waiter, args=(i,)))
+        threads[-1].start()
+        while len(pool._waiters) < i + 1:
+            time.sleep(0.001)
+    release.set()
+    for t in [first, *threads]:
+        t.join()
+    assert order == [0, 1, 2, 3, 4]
+    assert len(pool.stagings()) == 1 and not pool._waiters
+
+    import chunkcache.pipeline as pipeline
+
+    pool = StagingPool("cpu", size=1)
+    real, calls = pipeline.Staging, []
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of device memory")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "Staging", flaky)
+    with pytest.raises(RuntimeError, match="out of device memory"):
+        with pool.take():
+            pass
+    with pool.take() as st:  # the slot came back: the next caller makes one
+        assert isinstance(st, real)
+    assert pool._made == 1
+
+
 # ---- the text index ------------------------------------------------------------------------------
 
 

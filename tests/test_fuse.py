@@ -84,14 +84,19 @@ def test_ratio_one_is_full_prefill(smol_tokenizer, arch, overrides):
         want = eng.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=2)[
             0, ids.shape[1] :
         ]
+    kv_before = fused.kv.clone()
+    cache = fused.fresh_cache()
+    assert cache.layers[0].keys.data_ptr() == fused.kv[0, 0].data_ptr()  # a view, not a copy
     got = eng.model.generate(
         input_ids=fused.input_ids,
-        **{cache_kwarg(eng.model): fused.fresh_cache()},
+        **{cache_kwarg(eng.model): cache},
         max_new_tokens=8,
         do_sample=False,
         pad_token_id=2,
     )[0, ids.shape[1] :]
     assert want.tolist() == got.tolist()
+    assert torch.equal(fused.kv, kv_before)  # decoding from the views left the fused KV as it was
+    assert cache.get_seq_length() == ids.shape[1] + 7  # and grew its own tensors
 
 
 @pytest.mark.parametrize("sink", ["prefix", "context"])

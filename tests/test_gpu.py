@@ -31,7 +31,7 @@ def test_cuda_ratio_one_matches_prefill(smol_tokenizer, dtype, arch):
 
 
 @pytest.mark.parametrize("fast_path", [False, True])
-@pytest.mark.parametrize("policy", ["cacheblend", "qaware"])
+@pytest.mark.parametrize("policy", ["cacheblend", "qaware", "qfast"])
 def test_cuda_matches_cpu_path(smol_tokenizer, fast_path, policy):
     """The engine on CUDA, eager (kernels in ``fuse_kv``) or on the fast path (the default:
     ``pipeline.fuse_entries``, CUDA graphs from the second call of a shape), against the CPU."""
@@ -51,6 +51,34 @@ def test_cuda_matches_cpu_path(smol_tokenizer, fast_path, policy):
         torch.testing.assert_close(a.logits, b.logits.cpu(), rtol=1e-3, atol=1e-3)
     if fast_path:
         assert staging.graphs.replays >= 1
+
+
+def test_cuda_probe_graphs_are_shared_by_questions_of_one_bucket(smol_tokenizer):
+    """Questions of different lengths in one ``probe_bucket`` replay the same probe graphs (phantom
+    rows pad them), and each still selects and scores as the CPU path does."""
+    model = tiny_model("llama")
+    cpu = ChunkCache(model=model, tokenizer=smol_tokenizer, store=None, device="cpu")
+    gpu = ChunkCache(model=tiny_model("llama").to("cuda"), tokenizer=smol_tokenizer, store=None)
+    with gpu.stagings().take() as staging:
+        graphs = staging.graphs
+        graphs.row_bucket = 1  # no padded recompute rows: the same selection as the CPU
+    n0 = len(gpu._suffix_ids(QUESTION))
+    questions = [QUESTION]
+    for extra in (" Why?", " Answer in one word.", " Be brief please.", " Who, and when?"):
+        n = len(gpu._suffix_ids(QUESTION + extra))
+        if n != n0 and -(-n // graphs.probe_bucket) == -(-n0 // graphs.probe_bucket):
+            questions.append(QUESTION + extra)
+    assert len(questions) >= 2, "no second question length in the first one's bucket"
+    probe_keys = set()
+    for i, q in enumerate(questions):
+        want = cpu.fuse(PASSAGES, q, recompute_ratio=0.3, policy="qfast")
+        for _ in range(3 if i == 0 else 1):  # the first question: eager, recorded, replayed
+            got = gpu.fuse(PASSAGES, q, recompute_ratio=0.3, policy="qfast")
+            assert got.stats["fast_path"]
+            assert torch.equal(want.selected, got.selected.cpu())
+            torch.testing.assert_close(want.logits, got.logits.cpu(), rtol=1e-3, atol=1e-3)
+        probe_keys |= {k for k in graphs.graphs if k[0] == "probe"}
+    assert probe_keys and len({k[:4] for k in probe_keys}) == len({k[1:3] for k in probe_keys})
 
 
 def test_cuda_adaptive_fast_path_matches_cpu_and_drops_damaged(smol_tokenizer):

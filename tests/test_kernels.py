@@ -522,6 +522,52 @@ def test_packed_layout_series_equals_shifted(codec):
         assert lay.nbytes >= want.nbytes and lay.data_dtype() == want.data_dtype()
 
 
+@kernel_test
+@pytest.mark.parametrize("codec", ["int8", "int2m"])
+def test_rerotate_scatter_layers_one_launch_equals_each_layer(codec):
+    """The zero-copy loader's assembly: every layer of a ``series`` (parts' layers side by side in
+    one buffer, as in the device cache's arena) in one launch equals the per-layer reference into
+    ``kv[l]``; a list of layouts that is no series takes the per-layer loop."""
+    gen = torch.Generator().manual_seed(8)
+    h, d, n_layers, lengths, dests = 2, 64, 3, [37, 20], [3, 44]
+    layers = [[make_parts(codec, h, t, d, torch.float16, gen) for t in lengths] for _ in range(n_layers)]
+    base, steps, pieces, off = reference.PackedLayout(codec, h, d), [], [], 0
+    for c, dest in enumerate(dests):
+        where, step = {}, {}
+        for name in reference.CODEC_PARTS[codec]:
+            raws = [layers[j][c][name].contiguous().view(-1).view(torch.uint8) for j in range(n_layers)]
+            nb = -(-raws[0].numel() // 256) * 256  # each part's layers side by side, 256-aligned
+            where[name] = (off, layers[0][c][name].dtype, tuple(layers[0][c][name].shape))
+            step[name] = nb
+            for r in raws:
+                pieces.append(torch.cat([r, torch.zeros(nb - r.numel(), dtype=torch.uint8)]))
+            off += n_layers * nb
+        base.add(where, dest)
+        steps.append(step)
+    buf = torch.cat([*pieces, torch.zeros(n_layers * off, dtype=torch.uint8)])  # an arena's room after it
+    cos = torch.stack([rope_cos_sin(dl, d)[0] for dl in (5, -3)])
+    sin = torch.stack([rope_cos_sin(dl, d)[1] for dl in (5, -3)])
+    n = dests[-1] + lengths[-1] + 4
+    want = torch.full((n_layers, 2, h, n, d), 7.0, dtype=torch.float16)
+    for j in range(n_layers):
+        for c in range(len(dests)):
+            reference.rerotate_scatter_reference(
+                codec, layers[j][c], cos[c], sin[c], want[j, 0], want[j, 1], dests[c]
+            )
+    series = base.series(steps, n_layers, torch.device(DEVICE))
+    kv = torch.full_like(want, 7.0, device=DEVICE)
+    args = (buf.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE), kv[:, 0], kv[:, 1])
+    assert rr.rerotate_scatter_layers(series, *args)  # one launch
+    atol, rtol = RR_TOL[torch.float16]
+    assert_close(kv, want, atol, rtol, f"{codec} layers in one launch")
+    shifted = [base.shifted([{k: j * b for k, b in st.items()} for st in steps]) for j in range(n_layers)]
+    kv.fill_(7.0)
+    assert not rr.rerotate_scatter_layers(shifted, *args)  # separate tables: not one series
+    kernels.rerotate_scatter_layers(shifted, *args)  # the dispatcher then loops
+    if CUDA:
+        assert_close(kv, want, atol, rtol, f"{codec} layers one by one")
+
+
 _COMPILE_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
@@ -534,7 +580,8 @@ one = {"K_ptr": "*u8", "V_ptr": "*u8", "KS_ptr": "*fp16", "KM_ptr": "*fp16", "VS
        "sko_d": "i32", "svo_h": "i32", "svo_t": "i32", "svo_d": "i32"}
 packed = {"DATA_ptr": "*u8", "SC_ptr": "*fp16", "META_ptr": "*i64", "COS_ptr": "*fp32",
           "SIN_ptr": "*fp32", "KO_ptr": "*bf16", "VO_ptr": "*bf16", "sko_h": "i32", "sko_t": "i32",
-          "sko_d": "i32", "svo_h": "i32", "svo_t": "i32", "svo_d": "i32"}
+          "sko_d": "i32", "svo_h": "i32", "svo_t": "i32", "svo_d": "i32", "N_CHUNKS": "i32",
+          "sko_l": "i64", "svo_l": "i64"}
 for codec, row in ((3, 68), (4, 68), (5, 72)):
     for fn, sig, extra in ((rr._rerotate_scatter_kernel, dict(one), {}),
                            (rr._rerotate_scatter_packed_kernel, packed, {"META_COLS": 16})):
