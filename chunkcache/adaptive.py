@@ -2,31 +2,35 @@
 recompute in place, or a plain full prefill.
 
 A fused prompt's chunks can come over the tier's link (``bytes / link rate``) or be recomputed
-*inside the fusion*: their tokens run as active rows at their true positions through every
-layer, attending to everything before them (exact, as in a full prefill; no separate encode, no
-selection budget spent on them). The recomputed chunks are always the **front** ones (Cake:
-"compute from the front while loading from the back"): they attend only to the template prefix
-and to each other, so their rows run while the link delivers the back chunks, and the fusion of
-the back then reads the front's exact KV. The default qfast probe selects before layer 0 from the
-question's attention over the whole cache, so it waits for every fetched layer; recomputing any
-other chunks would have to wait for the fetch too (no overlap). The plan, per number ``k`` of
-front chunks recomputed and per stored precision ``p`` of the fetched ones::
+*inside the fusion*: their tokens run at their true positions through every layer, attending to
+everything before them (exact, as in a full prefill). The recomputed chunks are always the
+**front** ones (Cake: "compute from the front while loading from the back"): they attend only to
+the template prefix and to each other, so they run while the link delivers the back chunks.
+The back chunks arrive layer by layer (``stream.LayerStream``: layer l of every fetched entry,
+then l + 1, ...), and the pipelined loader stages each layer into the fusion as it arrives, so the
+fusion's probe runs behind the link; what remains after the last layer arrives (the probe's last
+layers, the selection, the recompute of the selected tokens: the *tail*) is about the same for
+any split, since the selection budget is a share of every chunk token. The plan, per number
+``k`` of front chunks recomputed and per stored precision ``p`` of the fetched ones::
 
-    time ->   link:    fetch chunk k .. n-1 at p      |
-              device:  recompute chunks 0 .. k-1      | fuse chunks k .. n-1 (probe, select, recompute)
-    estimate(k, p) = max(fetch_s, recompute_s) + fuse_s,   fuse_s = back tokens / fuse rate
+    time ->   link:    fetch chunks k .. n-1 at p, layer-major  |
+              device:  recompute chunks 0 .. k-1 | probe layer by layer as the layers arrive | tail
+    estimate(k, p) = max(fetch_s, recompute_s) + tail_s,   tail_s = chunk tokens / fuse rate
 
 It takes the ``k`` with the least estimate per precision, then the best-quality precision whose
-estimate is within ``slack`` of the fastest (CacheGen's per-chunk level). If that is no faster
-than a full prefill (all tokens / recompute rate: a slow link, or every chunk recomputed), it
-does the plain full prefill instead, so TTFT is never worse than one (beyond planning overhead).
+estimate is within ``slack`` of the fastest (CacheGen's per-chunk level) and below a full
+prefill's. If the fastest is no faster than a full prefill (all tokens / recompute rate: a slow
+link, or every chunk recomputed), it does the plain full prefill instead, planned from the rates
+alone (no store round trip), so it costs what a plain prefill costs.
 
 Rates are measured, not guessed: ``Rates`` keeps exponential averages of the bytes/s each fetch
-achieved (store read, checks and, on CPU, decode), the tokens/s of the in-place recompute and of
-full prefills, and the chunk tokens/s of the fusion after the fetch. Until the link and the
+achieved, the tokens/s of the in-place recompute and of full prefills, and the tail's chunk
+tokens/s. The first reading of each kind is a warm-up and is dropped; until the link and the
 recompute rate have been seen, the first chunk is recomputed and the rest fetched (which
-measures all three). This module knows nothing about stores, codecs' bytes or fusion maths;
-``engine.ChunkCache`` runs the plan.
+measures all three). A rate that makes every mix look slower than a prefill would never be
+measured again, so after ``explore_every`` full prefills in a row one call runs a mix. This
+module knows nothing about stores, codecs' bytes or fusion maths; ``engine.ChunkCache`` runs the
+plan.
 
     eng = ChunkCache(store=remote, codec="int8", adaptive=AdaptiveConfig(precisions=("int2",)))
     res = eng.fuse(passages, question); res.stats["adaptive"]   # what was chosen and why
@@ -63,8 +67,8 @@ class AdaptiveConfig:
     recompute_tokens_per_s: float | None = None
     """Fix the recompute rate (tokens through every layer per second) instead of measuring it."""
     fuse_tokens_per_s: float | None = None
-    """Fix the fusion rate (fetched chunk tokens fused per second once they are in) instead of
-    measuring it."""
+    """Fix the fusion's tail rate (chunk tokens of the prompt per second of fusion after the last
+    fetched layer arrived and the front was recomputed) instead of measuring it."""
     recompute_chunks: int | None = None
     """Fix how many front chunks are recomputed in place (the rest fetched; no fallback): for
     benchmarks and tests. None: planned."""

@@ -60,18 +60,24 @@ from chunkcache.template import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, PromptTempl
 log = logging.getLogger("chunkcache")
 
 
+SINKS = ("bos", "prefix", "context")
+"""The sink kinds ``PrecomputeConfig.sink`` takes."""
+
+
 @dataclass(frozen=True)
 class PrecomputeConfig:
     """What changes the bytes of a precomputed chunk cache (part of every key)."""
 
     sink: str = "prefix"
-    """Attention sink the chunk is encoded behind: the template ``prefix`` (default; measured to
-    fuse better, see BENCHMARKS.md) or ``bos`` (one token; caches then survive a change of the
-    instruction or system prompt)."""
+    """What the chunk is encoded behind (``PromptTemplate.sink_ids``): the template ``prefix``
+    (default; measured to fuse better than ``bos``, see BENCHMARKS.md), ``bos`` (one token;
+    caches then survive a change of the instruction or system prompt), or ``context`` (the
+    prefix and two generic made-up passages: every chunk is encoded as a later passage, as
+    fusion places all but the first; none is then exact in the prompt)."""
 
     def __post_init__(self) -> None:
-        if self.sink not in ("bos", "prefix"):
-            raise ValueError(f"sink must be 'bos' or 'prefix', got {self.sink!r}")
+        if self.sink not in SINKS:
+            raise ValueError(f"sink must be one of {', '.join(map(repr, SINKS))}, got {self.sink!r}")
 
 
 class ChunkCache:
@@ -516,19 +522,26 @@ class ChunkCache:
     def _fuse_adaptive(
         self, keys: list[str], ids: list[bytes], suffix: list[int], cfg: FuseConfig, t0: float
     ) -> FuseResult:
-        """``fuse`` under ``self.adaptive`` (``adaptive.plan``): the first ``plan.front`` chunks
-        are recomputed in place (``precompute.encode_exact`` of the prefix and them) on this thread while a thread fetches the
-        others from the store at their planned precision; then the fetched chunks are fused behind
-        that exact front, with the same selection budget as without it (the ratio of all chunk
-        tokens, spent on the fetched ones: measured, a budget of the fetched tokens only fused
-        worse, ``bench_results/session7/adaptive/split_quality.log``) (through ``pipeline.fuse_entries`` on the fast path, ``fuse_kv``
-        elsewhere). Or a plain full prefill (``fuse.prefill``) when the plan says it is no slower.
-        Chunks not stored are precomputed first (the plain miss path). A fetched entry that is
-        damaged or not this engine's is dropped with a warning (``_load``), never used: that chunk
-        is recomputed and stored as a miss is (``stats["adaptive"]["repaired"]``)."""
+        """``fuse`` under ``self.adaptive`` (``adaptive.plan``). A full prefill (``fuse.prefill``)
+        when the plan says no mix is faster: planned first as if every precision were stored,
+        which touches no store (misses are then not precomputed either). Otherwise misses are
+        precomputed (the plain miss path), and the first ``plan.front`` chunks are recomputed in
+        place (``precompute.encode_exact`` of the prefix and them) while the others are fetched
+        at their planned precision: on the fast path (one precision) streamed layer by layer
+        (``stream.LayerStream``) into ``pipeline.fuse_entries`` behind that exact front, which
+        stages each layer as it arrives; else whole and decoded, then ``fuse_kv``. The selection
+        budget stays the ratio of all chunk tokens, spent on the fetched ones (measured: a budget
+        of the fetched tokens only fused worse, ``bench_results/session7/adaptive/split_quality.log``).
+        A fetched entry that is missing, damaged or not this engine's is never used: the stream's
+        error, or the fusion's layer checksums, send every fetched chunk through ``_load_at``
+        (a damaged one dropped with a warning), and the ones that fail are recomputed and stored
+        as misses are (``stats["adaptive"]["repaired"]``). Rates measured: the link (the
+        stream's first read to its last layer), the front's recompute (its device time), the
+        tail (from the later of the two to the logits on the host)."""
         from chunkcache import adaptive
         from chunkcache.fuse import prefill, with_front
         from chunkcache.precompute import encode_exact
+        from chunkcache.stream import LayerStream
 
         conf, rates, spec = self.adaptive, self._rates, self.lm.spec
         tokens = [len(b) // 8 for b in ids]
@@ -587,45 +600,60 @@ class ChunkCache:
             return self._adaptive_result(res, chosen, timing, [], t0)
         rates.fallbacks = 0
 
-        k = chosen.front
-        back = list(range(k, len(keys)))
+        k, n, n_ctx = chosen.front, len(keys), sum(tokens)
+        back = list(range(k, n))
         precision = {i: chosen.chunks[i].precision for i in back}
         infos = {p: self.key_inputs_at(p).to_dict() for p in precisions}
-        fast = self.fast_path and bool(back)
-
-        def fetch(i: int):  # fast path: raw bytes (fuse_entries checks them), else decoded and checked
-            p, t = precision[i], time.perf_counter()
-            got = self.store.get(pkeys[p][i]) if fast else self._load_at(i, p, pkeys, ids, infos)
-            if got is not None:
-                rates.saw_fetch(p, sizes[i][p], time.perf_counter() - t)
-            return got
-
         front_ids = [t for x in lists[:k] for t in x]
-        # the front: prefix and chunks 0..k-1 through the model from scratch (exact; the prefix's
-        # few tokens are recomputed, which keeps the model's causal fast path), while the back arrives
-        fetched, ext, t_fetch, t_front = adaptive.overlap(
-            fetch,
-            back,
-            lambda: encode_exact(self.lm, list(self._prefix_ids) + front_ids)[0] if k else prefix_kv,
-        )
-        rates.saw("recompute", len(self._prefix_ids) + len(front_ids) if k else 0, t_front)
         ext_ids = list(self._prefix_ids) + front_ids
         user_ratio, n_back = cfg.recompute_ratio, sum(tokens[i] for i in back)
         if k and n_back:  # the budget stays the ratio of every chunk token, spent on the fetched ones
-            cfg = FuseConfig(recompute_ratio=min(1.0, user_ratio * sum(tokens) / n_back), policy=cfg.policy)
-        t = time.perf_counter()
-        repaired = [i for i, got in zip(back, fetched, strict=True) if got is None]
-        res = None
-        if fast and not repaired and len({precision[i] for i in back}) == 1:
-            res = self._fuse_fetched(ext, fetched, ext_ids, suffix, cfg, [pkeys[precision[i]][i] for i in back],
-                                     [ids[i] for i in back], infos[precision[back[0]]])  # fmt: skip
-        if res is None and fast:  # mixed codecs, a missing or damaged entry: decode (drops the damaged)
-            fetched = [
-                self._decode_at(raw, i, precision[i], pkeys, ids, infos)
-                for i, raw in zip(back, fetched, strict=True)
-            ]
-            repaired = [i for i, got in zip(back, fetched, strict=True) if got is None]
+            cfg = FuseConfig(recompute_ratio=min(1.0, user_ratio * n_ctx / n_back), policy=cfg.policy)
+
+        def front():
+            # the front: prefix and chunks 0..k-1 through the model from scratch (exact; the prefix's
+            # few tokens are recomputed, which keeps the model's causal fast path)
+            return _timed(self.lm.device, lambda: encode_exact(self.lm, ext_ids)[0] if k else prefix_kv)
+
+        repaired, res, fetched = [], None, None
+        codecs = {precision[i] for i in back}
+        if self.fast_path and len(codecs) == 1:
+            # streamed: the back chunks arrive layer by layer while the front is recomputed, and the
+            # fusion stages each layer as it arrives (its probe runs behind the link)
+            (p,) = codecs
+            bkeys = [pkeys[p][i] for i in back]
+            stream = LayerStream(self.store, bkeys).start()
+            t_begin = time.perf_counter()
+            ext, front_s = front()
+            try:
+                entries = stream.entries_when_ready()
+                res = self._fuse_fetched(ext, entries, ext_ids, suffix, cfg, bkeys, [ids[i] for i in back],
+                                         infos[p], arrival=stream)  # fmt: skip
+            except (KeyError, StoreError, CorruptEntryError):
+                res = None  # missing, damaged or unreachable: read whole below (drops the damaged)
+            finally:
+                stream.close()
+            t_link = max(stream.t_last - stream.t_start, 0.0)
+            if res is not None:
+                res.logits.cpu()
+                t_done = time.perf_counter()
+                rates.saw_fetch(p, sum(sizes[i][p] for i in back), t_link)
+                t_tail = t_done - max(t_begin + front_s(), stream.t_last)
+            else:
+                fetched = [self._load_at(i, precision[i], pkeys, ids, infos) for i in back]
+        else:  # several codecs (fused one at a time) or the eager path: whole chunks, decoded
+
+            def fetch(i: int):
+                p, t = precision[i], time.perf_counter()
+                got = self._load_at(i, p, pkeys, ids, infos)
+                if got is not None:
+                    rates.saw_fetch(p, sizes[i][p], time.perf_counter() - t)
+                return got
+
+            fetched, (ext, front_s), t_link, _ = adaptive.overlap(fetch, back, front)
         if res is None:
+            t = time.perf_counter()
+            repaired = [i for i, got in zip(back, fetched, strict=True) if got is None]
             if repaired:  # precompute (or reload) them as misses, at the engine's codec
                 fixed = dict(
                     zip(
@@ -637,13 +665,16 @@ class ChunkCache:
                 fetched = [fixed.get(i, c) for i, c in zip(back, fetched, strict=True)]
             chunks = [c.to(self.lm.device) for c in fetched]
             res = fuse_kv(self.lm, ext, chunks, ext_ids, suffix, cfg)
-        res.logits.cpu()
-        t_fuse = time.perf_counter() - t
-        rates.saw("fuse", sum(tokens), t_fuse)  # the tail: after the fetch and the front
+            res.logits.cpu()
+            t_tail = time.perf_counter() - t  # after the fetch and the front
+        t_front = front_s()
+        rates.saw("recompute", len(ext_ids) if k else 0, t_front)
+        if back:
+            rates.saw("fuse", n_ctx, t_tail)
         res = with_front(res, len(self._prefix_ids), tokens[:k], spec.num_layers, prefix_recomputed=k > 0)
         res.stats["recompute_ratio"] = user_ratio
         res.stats["fetched_recompute_ratio"] = cfg.recompute_ratio  # the share of the fetched tokens selected
-        timing = {"plan": t_plan, "fetch": t_fetch, "recompute": t_front, "fuse": t_fuse}
+        timing = {"plan": t_plan, "fetch": t_link, "recompute": t_front, "tail": t_tail}
         return self._adaptive_result(res, chosen, timing, repaired, t0)
 
     def _adaptive_result(
@@ -678,21 +709,9 @@ class ChunkCache:
         return load_chunk(self.store, key, self.lm.dtype, drop=self._drop,
                           check=lambda h, c: self._check_entry(key, h, c.token_ids, ids[i], infos[p]))  # fmt: skip
 
-    def _decode_at(self, raw, i: int, p: str, pkeys: dict, ids: list[bytes], infos: dict) -> ChunkKV | None:
-        """``_load_at`` on bytes already fetched (None stays None)."""
-        from chunkcache.format import unpack_entry
-
-        if raw is None:
-            return None
-        try:
-            header, chunk = unpack_entry(raw, self.lm.dtype)
-            self._check_entry(pkeys[p][i], header, chunk.token_ids, ids[i], infos[p])
-            return chunk
-        except CorruptEntryError as e:  # (ForeignEntryError is one)
-            self._drop(pkeys[p][i], str(e))
-            return None
-
-    def _fuse_fetched(self, ext_kv, entries, ext_ids, suffix, cfg, keys, ids, info) -> FuseResult | None:
+    def _fuse_fetched(
+        self, ext_kv, entries, ext_ids, suffix, cfg, keys, ids, info, arrival=None
+    ) -> FuseResult | None:
         """``pipeline.fuse_entries`` over fetched entries (bytes) behind the exact front ``ext_kv``;
         None if one is damaged or foreign (``CorruptEntryError``: the caller drops and repairs)."""
         from chunkcache.errors import CorruptEntryError
@@ -703,7 +722,9 @@ class ChunkCache:
 
         with self.stagings().take() as staging:
             try:
-                res = fuse_entries(self.lm, ext_kv, entries, ext_ids, suffix, cfg, staging, inspect=inspect)
+                res = fuse_entries(
+                    self.lm, ext_kv, entries, ext_ids, suffix, cfg, staging, inspect=inspect, arrival=arrival
+                )
             except CorruptEntryError:
                 return None
         res.stats["fast_path"] = True
@@ -1098,6 +1119,26 @@ class ChunkCache:
 
     def _cache_kw(self, fused: FuseResult) -> dict:
         return {cache_kwarg(self.model): fused.fresh_cache()}
+
+
+def _timed(device: torch.device, fn):
+    """``(fn(), seconds)``: ``seconds()`` is how long ``fn``'s work ran, on a GPU its device span
+    (CUDA events: the host returns once the work is queued), to be called once it is done."""
+    if device.type != "cuda":
+        t = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t
+        return out, lambda: dt
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = fn()
+    end.record()
+
+    def seconds() -> float:
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    return out, seconds
 
 
 def _check_text(text) -> None:

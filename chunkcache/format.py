@@ -51,8 +51,10 @@ __all__ = [
     "check_header",
     "check_identity",
     "drop_damaged",
+    "head_spans",
     "header_span",
     "layer_spans",
+    "part_layer_spans",
     "pack_chunk",
     "section_views",
     "unpack_entry",
@@ -395,6 +397,32 @@ def layer_spans(header: dict, layers: range) -> dict[str, dict]:
             s["shape"] = [len(layers), *s["shape"][1:]]
         out[name] = s
     return out
+
+
+def head_spans(header: dict) -> list[tuple[int, int]]:
+    """Absolute byte spans ``[start, stop)`` an entry must have before any of its layers is used:
+    its small sections (token ids, scores, layer sums: checked whole by ``verify_small_sections``),
+    or, for an entry without per-layer sums (``has_layer_sums``), its whole payload (checked whole
+    by ``verify_payload``). For readers that stream an entry (``stream.LayerStream``)."""
+    base = header["payload_offset"]
+    if not has_layer_sums(header):
+        return [(base, base + header["payload_nbytes"])]
+    return [
+        (base + s["offset"], base + s["offset"] + s["nbytes"])
+        for name, s in header["sections"].items()
+        if name in _SMALL_SECTIONS
+    ]
+
+
+def part_layer_spans(header: dict, layers: range) -> list[tuple[int, int]]:
+    """Absolute byte spans ``[start, stop)`` of ``layers`` (contiguous) of every codec part, the
+    bytes a layer-by-layer loader needs for them (``layer_spans`` cut to the parts)."""
+    base = header["payload_offset"]
+    return [
+        (base + s["offset"], base + s["offset"] + s["nbytes"])
+        for name, s in layer_spans(header, layers).items()
+        if name not in _SMALL_SECTIONS
+    ]
 
 
 def section_views(header: dict, sections: dict[str, dict], bufs: list[bytes]) -> dict[str, torch.Tensor]:

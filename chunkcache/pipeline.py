@@ -495,8 +495,9 @@ class LayerLoader:
         staging: Staging,
         check_layers: Sequence[bool] | None = None,  # per entry: check its layer sums while staging
         arena: torch.Tensor | None = None,  # devicecache arena (zero copy when every part lies in it)
+        arrival=None,  # entries still arriving: ``arrival.wait(l)`` before layer l is read (``stream``)
     ) -> None:
-        self.buf, self.staging = buf, staging
+        self.buf, self.staging, self.arrival = buf, staging, arrival
         self.plan = plan = LoadPlan.build(
             lm, parsed, offsets, buf.device, staging.max_bytes, staging.maps, check_layers, arena
         )
@@ -598,6 +599,8 @@ class LayerLoader:
                         self._cond.wait()
                     if self._stop:
                         return
+                if self.arrival is not None:  # streamed entries: their bytes of these layers are in
+                    self.arrival.wait(stop - 1)
                 if self.direct:
                     self._stage_direct(first, stop)
                 else:
@@ -813,6 +816,7 @@ def fuse_entries(
     arena: torch.Tensor | None = None,
     run: Callable[[FuseJob], FuseResult] | None = None,
     preload: bool = False,
+    arrival=None,
 ) -> FuseResult:
     """``fuse.fuse_kv`` over stored entries, loading layer by layer behind the compute.
 
@@ -836,7 +840,10 @@ def fuse_entries(
     runs the fusion (default ``fuse.run_job``: alone; the engine's batching hands the job to
     ``batch.Batcher.run``, which fuses it with others' while this thread waits). ``preload``:
     start the loader before ``run`` (its layers stream in while the job waits for its batch;
-    otherwise at the fusion's first layer). ``stats["seconds"]`` gains ``read`` (header parsing),
+    otherwise at the fusion's first layer). ``arrival``: the entries are still arriving
+    (``stream.LayerStream``: headers and small sections in, layers not yet): the loader stages
+    layer ``l`` after ``arrival.wait(l)``, so the fusion runs behind the link, layer by layer;
+    an entry without per-layer sums must have arrived whole. ``stats["seconds"]`` gains ``read`` (header parsing),
     ``stage_host``, ``h2d`` and ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
     """
     if not suffix_ids:
@@ -883,7 +890,7 @@ def fuse_entries(
     buf[:, :, :, :p] = prefix_kv
     buf[:, :, :, n - ns : n] = 0
     offsets = [p + sum(lengths[:i]) for i in range(len(lengths))]
-    loader = LayerLoader(lm, parsed, buf, offsets, st, check_layers, arena)
+    loader = LayerLoader(lm, parsed, buf, offsets, st, check_layers, arena, arrival)
     ids = torch.cat(
         [torch.tensor(list(prefix_ids), dtype=torch.long)]
         + [t.to(torch.long) for t in token_ids]

@@ -107,6 +107,42 @@ def test_get_range_and_get_layers_move_only_what_they_need(store):
     assert store.get_layers("e" * 64, range(0, 1)) is None
 
 
+def test_streamed_layers_move_each_piece_once_and_are_checked(store):
+    """``span_reader`` under ``stream.LayerStream``: heads, then layer by layer, one round trip a
+    step; every piece crosses once however the layers cut it, and the bytes are the entry's; a
+    damaged piece is an error, never data."""
+    from chunkcache.store.redis_store import _RedisSpans
+    from chunkcache.stream import LayerStream
+
+    items = [entry(5 + i, codec=c, tokens=64, layers=6) for i, c in enumerate(["int8", "int2m"])]
+    store.put_many(items)
+    kept = []
+    orig = _RedisSpans._keep
+
+    def keep(self, i, j, piece):
+        kept.append((i, j))
+        return orig(self, i, j, piece)
+
+    _RedisSpans._keep = keep
+    try:
+        stream = LayerStream(store, [k for k, _ in items], step_bytes=1).start()
+        entries = stream.entries_when_ready()
+        stream.wait(5)
+        stream.close()
+    finally:
+        _RedisSpans._keep = orig
+    assert [bytes(e) for e in entries] == [v for _, v in items]
+    assert len(kept) == len(set(kept)) and {i for i, _ in kept} == {0, 1}
+    assert store.stats().hits == 2  # a streamed read counts as a hit, as get does
+    k, v = items[0]
+    _raw(store).hset(store._rkey(k), "p3", os.urandom(4096))
+    stream = LayerStream(store, [k]).start()
+    with pytest.raises(CorruptEntryError, match="piece 3"):
+        stream.entries_when_ready()
+        stream.wait(5)
+    stream.close()
+
+
 def test_a_corrupted_piece_is_caught_by_checksums_and_dropped(store):
     k, v = entry(2, tokens=64, layers=4)
     store.put(k, v)

@@ -6,12 +6,15 @@ veth pair that ``tc`` limits to each bandwidth in turn (Linux, root; set up and 
 
 Per bandwidth, on the same question (``--passages`` MuSiQue passages, stored once with
 ``--codec`` and any ``--precisions``), the TTFT from the question to the first token's logits of:
-full prefill (``logits_to_keep=1``); fused with plain fetching (every chunk over the link); fused
-with adaptive loading (``AdaptiveConfig(precisions=...)``: measured rates; the front chunks
-recomputed in place while the back ones are fetched, or a full prefill). Medians of ``--reps``
-rounds, each running the three once in a rotating order (a busy machine's load falls on all alike);
-before them, one adaptive fusion measures the link at the new bandwidth (the link rate of the last
-bandwidth is forgotten). The link itself is measured too (a 32 MB GET, median of 3), since a
+full prefill (``logits_to_keep=1``); fused with plain fetching (every chunk over the link, whole,
+then the pipelined fusion); fused with adaptive loading (``AdaptiveConfig(precisions=...)``:
+measured rates; the front chunks recomputed in place while the back ones stream in layer by
+layer behind the fusion, or a full prefill); and the same adaptive engine with whole-entry
+fetching (``fast_path=False``: fetch and decode every chunk, then fuse: the session-7 path, for
+a before/after in one run). Medians of ``--reps`` rounds, each running the methods once in a
+rotating order (a busy machine's load falls on all alike); before them, two adaptive fusions
+per engine measure the link at the new bandwidth (its last rate forgotten; the first reading of
+a process is a warm-up the planner drops). The link itself is measured too (a 32 MB GET, median of 3), since a
 veth pair on a small machine may not reach the rate ``tc`` allows. Rates and choices are printed
 beside the times.
 
@@ -106,6 +109,10 @@ class ShapedLink:
         self.close()
 
 
+def _ms(stages: dict) -> str:
+    return " ".join(f"{k} {v * 1e3:.0f}" for k, v in stages.items())
+
+
 def _median_s(fn, reps: int) -> tuple[float, object]:
     """(median seconds of ``reps`` calls, the last call's result)."""
     times, out = [], None
@@ -143,10 +150,14 @@ def run(args) -> dict:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still tears the link down
     with ShapedLink() as link:
         store = RedisStore(link.url)
-        plain = ChunkCache(model=args.model, store=store, codec=args.codec, device="cpu", dtype=args.dtype)
+        kw = dict(store=store, codec=args.codec, device="cpu", fast_path=True)
+        plain = ChunkCache(model=args.model, dtype=args.dtype, **kw)
         lm = plain.lm
-        adapt = ChunkCache(model=lm.model, tokenizer=lm.tokenizer, store=store, codec=args.codec,
-                           device="cpu", adaptive=AdaptiveConfig(precisions=args.precisions))  # fmt: skip
+        conf = AdaptiveConfig(precisions=args.precisions)
+        adapt = ChunkCache(model=lm.model, tokenizer=lm.tokenizer, adaptive=conf, **kw)
+        whole = ChunkCache(
+            model=lm.model, tokenizer=lm.tokenizer, adaptive=conf, **{**kw, "fast_path": False}
+        )
         link.set_rate(max(args.rates))
         adapt.precompute(texts)  # every precision
         ids = plain.prompt_ids(texts, question)
@@ -154,22 +165,32 @@ def run(args) -> dict:
         for gbit in args.rates:
             link.set_rate(gbit)
             link_bps = link.measure()
-            adapt._rates.link = {}  # forget the last bandwidth's rate: the warm-up measures this one
-            adapt.fuse(texts, question)
+            for eng in (adapt, whole):
+                eng._rates.forget_link()  # the last bandwidth's rate: these two calls measure this one
+                for _ in range(2):
+                    eng.fuse(texts, question)
             got = _interleaved({"full": lambda: lm.model(input_ids=ids, logits_to_keep=1),
                                 "plain": lambda: plain.fuse(texts, question),
-                                "adaptive": lambda: adapt.fuse(texts, question)}, args.reps)  # fmt: skip
-            (full, _), (t_plain, _), (t_adapt, res) = got["full"], got["plain"], got["adaptive"]
-            stats = res.stats["adaptive"]
-            row = {"gbit": gbit, "link_measured_bytes_per_s": link_bps, "full_s": full, "plain_s": t_plain, "adaptive_s": t_adapt,
-                   "plain_vs_full": t_plain / full, "adaptive_vs_full": t_adapt / full,
-                   "choice": stats["choice"], "recomputed": stats["recomputed"], "fetched": stats["fetched"],
-                   "reason": stats["reason"], "rates": stats["rates"], "stages_s": stats["seconds"]}  # fmt: skip
+                                "adaptive": lambda: adapt.fuse(texts, question),
+                                "adaptive_whole": lambda: whole.fuse(texts, question)}, args.reps)  # fmt: skip
+            full = got["full"][0]
+            row = {"gbit": gbit, "link_measured_bytes_per_s": link_bps, "full_s": full}
+            for name in ("plain", "adaptive", "adaptive_whole"):
+                row[f"{name}_s"], row[f"{name}_vs_full"] = got[name][0], got[name][0] / full
+            for name in ("adaptive", "adaptive_whole"):
+                stats = got[name][1].stats["adaptive"]
+                row[name] = {k: stats[k] for k in ("choice", "recomputed", "fetched", "reason", "rates")}
+                row[name]["stages_s"] = stats["seconds"]
             rows.append(row)
-            print(f"{gbit:6g} Gb/s (measured {link_bps * 8 / 1e9:.2f} Gb/s)  full {full * 1e3:8.1f} ms | plain fetch {t_plain * 1e3:8.1f} ms "
-                  f"({t_plain / full:.2f}x) | adaptive {t_adapt * 1e3:8.1f} ms ({t_adapt / full:.2f}x), "
-                  f"{stats['choice']}, recomputed {stats['recomputed']}/{len(texts)}, fetched {stats['fetched']}: "
-                  f"{stats['reason']}", flush=True)  # fmt: skip
+            a, w = row["adaptive"], row["adaptive_whole"]
+            print(f"{gbit:6g} Gb/s (measured {link_bps * 8 / 1e9:.2f} Gb/s)  full {full * 1e3:8.1f} ms | plain fetch "
+                  f"{row['plain_s'] * 1e3:8.1f} ms ({row['plain_vs_full']:.2f}x) | adaptive streamed "
+                  f"{row['adaptive_s'] * 1e3:8.1f} ms ({row['adaptive_vs_full']:.2f}x) | adaptive whole "
+                  f"{row['adaptive_whole_s'] * 1e3:8.1f} ms ({row['adaptive_whole_vs_full']:.2f}x)\n"
+                  f"    streamed: {a['choice']}, recomputed {a['recomputed']}/{len(texts)}, fetched {a['fetched']}, "
+                  f"stages {_ms(a['stages_s'])}: {a['reason']}\n"
+                  f"    whole:    {w['choice']}, recomputed {w['recomputed']}/{len(texts)}, fetched {w['fetched']}, "
+                  f"stages {_ms(w['stages_s'])}", flush=True)  # fmt: skip
         store.close()
     return {"rows": rows, "prompt_tokens": int(ids.shape[1]), "entry_bytes": entry_bytes,
             "codec": args.codec, "precisions": list(args.precisions), "passages": args.passages}  # fmt: skip

@@ -2,7 +2,8 @@
 
 One module per concern: ``base`` (the ``Store`` interface and its records), ``eviction``
 (policies as sort keys), ``memory`` (a dict, for tests), ``lmdb_store`` (the default),
-``redis_store`` (shared, optional dependency), ``tiered`` (local in front of shared), ``check``
+``redis_store`` (shared, optional dependency), ``tiered`` (local in front of shared), ``throttled``
+(a store behind a link of fixed bandwidth, for tests and emulations), ``check``
 (verify every entry, remove stale ones, sample headers to tell whose entries a store holds).
 
     with open_store("cache.lmdb") as store:        # None -> MemoryStore, a path -> LMDBStore

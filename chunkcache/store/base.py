@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-__all__ = ["Clock", "EntryStats", "Store", "StoreStats", "entry_tokens"]
+__all__ = ["Clock", "EntryStats", "SpanReader", "Store", "StoreStats", "entry_tokens"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,32 @@ class Clock:
         return self._last
 
 
+class SpanReader:
+    """Byte spans of a fixed list of entries, read in the order a streaming reader asks for them
+    (``stream.LayerStream``: heads first, then layer by layer). This default reads each entry
+    whole (``get_many``, counting hits) at its first span and slices it; a remote store overrides
+    it to move only what each call asks for (``RedisStore``: one round trip per call, every piece
+    once)."""
+
+    def __init__(self, store: Store, keys: Sequence[str]) -> None:
+        self.store, self.keys = store, list(keys)
+        self._whole: dict[int, memoryview] = {}
+
+    def read(self, spans: Sequence[tuple[int, int, int]]) -> list:
+        """Per ``(entry index, start, stop)`` the bytes ``[start, stop)`` of that entry (bytes-like);
+        KeyError naming the key of a missing entry."""
+        need = sorted({i for i, _, _ in spans if i not in self._whole})
+        if need:
+            for i, v in zip(need, self.store.get_many([self.keys[i] for i in need]), strict=True):
+                if v is None:
+                    raise KeyError(f"chunk {self.keys[i]} is not in the store")
+                self._whole[i] = memoryview(v).cast("B")
+        return [self._whole[i][a:b] for i, a, b in spans]
+
+    def close(self) -> None:
+        self._whole.clear()
+
+
 class Store(ABC):
     """A key -> bytes chunk store. Batch forms and iteration helpers are built on the abstract core."""
 
@@ -140,6 +166,10 @@ class Store(ABC):
         Backends override it to move only those bytes (an entry's header, ``format.read_prefix_header``)."""
         v = self.get(key, touch=False)
         return None if v is None else bytes(v[:nbytes])
+
+    def span_reader(self, keys: Sequence[str]) -> SpanReader:
+        """Streaming reads of the entries under ``keys`` (``SpanReader``)."""
+        return SpanReader(self, keys)
 
     @contextmanager
     def views(self, keys: Sequence[str]) -> Iterator[list]:

@@ -44,7 +44,7 @@ import torch  # noqa: F401 - get_layers returns tensors
 from chunkcache.errors import CorruptEntryError, StoreError, StoreFullError
 from chunkcache.format import PREFIX_BYTES, header_span, layer_spans, read_header, section_views
 
-from .base import Clock, EntryStats, Store, StoreStats, entry_tokens
+from .base import Clock, EntryStats, SpanReader, Store, StoreStats, entry_tokens
 from .eviction import get_policy, pick_victims
 
 __all__ = ["RedisConfig", "RedisStore", "RemoteUnavailableError"]
@@ -428,6 +428,10 @@ class RedisStore(Store):
             return None
         return header, section_views(header, sections, bufs)
 
+    def span_reader(self, keys: Sequence[str]) -> SpanReader:
+        """Streaming reads that move only the pieces each call's spans need (``_RedisSpans``)."""
+        return _RedisSpans(self, keys)
+
     def read_prefix(self, key: str, nbytes: int) -> bytes | None:
         """The first ``nbytes`` bytes (fewer if the entry is shorter), moving only their pieces."""
         try:
@@ -454,6 +458,88 @@ class RedisStore(Store):
             return found
 
         return self._run("sample", fn)
+
+
+class _RedisSpans(SpanReader):
+    """``SpanReader`` over Redis: a call is one pipeline (one round trip) of HMGETs for the pieces
+    its spans need that no earlier call fetched, so every piece moves once however the spans cut
+    it; each piece is checked against its crc32 and size (``CorruptEntryError``). An entry's first
+    call also reads its framing fields (the same round trip, with piece 0, where its header lies)
+    and counts a hit and touches its access facts, as ``get`` does. KeyError for a missing entry;
+    Redis down raises ``RemoteUnavailableError``."""
+
+    def __init__(self, store: RedisStore, keys: Sequence[str]) -> None:
+        super().__init__(store, keys)
+        self._frame: dict[int, tuple[int, int, int, list[str]]] = {}
+        self._pieces: dict[tuple[int, int], bytes] = {}
+
+    def _keep(self, i: int, j: int, piece) -> None:
+        n, pb, nbytes, crcs = self._frame[i]
+        size = pb if j < n - 1 else nbytes - pb * (n - 1)
+        if piece is None or len(piece) != size or f"{zlib.crc32(piece):08x}" != crcs[j]:
+            raise CorruptEntryError(f"Redis entry {self.keys[i]}: piece {j} is missing or fails its crc32")
+        self._pieces[(i, j)] = piece
+
+    def read(self, spans: Sequence[tuple[int, int, int]]) -> list:
+        st: RedisStore = self.store  # type: ignore[assignment]
+        new = sorted({i for i, _, _ in spans if i not in self._frame})
+        if new:
+            now = st._clock()
+
+            def first(r):
+                p = r.pipeline(transaction=False)
+                for i in new:
+                    rk = st._rkey(self.keys[i])
+                    p.hmget(rk, ["n", "pb", "nbytes", "crc", "p0"])
+                    p.hincrby(rk + ":a", "hits", 1)
+                    p.hset(rk + ":a", "last", now)
+                return p.execute(raise_on_error=False)[::3]
+
+            for i, got in zip(new, st._run("get", first), strict=True):
+                if isinstance(got, Exception):
+                    raise got
+                if got[0] is None:
+                    raise KeyError(f"chunk {self.keys[i]} is not in the store")
+                self._frame[i] = _framing(self.keys[i], got[:4])
+                self._keep(i, 0, got[4])
+                st._count(True)
+        want: dict[int, list[int]] = {}
+        for i, a, b in spans:
+            n, pb, nbytes, _ = self._frame[i]
+            if a < 0 or b > nbytes or a > b:
+                raise ValueError(f"range [{a}, {b}) outside the {nbytes}-byte entry {self.keys[i]}")
+            for j in range(a // pb, (b - 1) // pb + 1) if b > a else ():
+                if (i, j) not in self._pieces and j not in want.setdefault(i, []):
+                    want[i].append(j)
+        want = {i: js for i, js in want.items() if js}
+        if want:
+
+            def more(r):
+                p = r.pipeline(transaction=False)
+                for i, js in want.items():
+                    p.hmget(st._rkey(self.keys[i]), [f"p{j}" for j in js])
+                return p.execute()
+
+            for (i, js), got in zip(want.items(), st._run("get", more), strict=True):
+                for j, piece in zip(js, got, strict=True):
+                    self._keep(i, j, piece)
+        out = []
+        for i, a, b in spans:
+            pb = self._frame[i][1]
+            first_piece, last_piece = a // pb, (b - 1) // pb
+            if b <= a:
+                out.append(b"")
+            elif first_piece == last_piece:
+                off = first_piece * pb
+                out.append(memoryview(self._pieces[(i, first_piece)])[a - off : b - off])
+            else:
+                joined = b"".join(self._pieces[(i, j)] for j in range(first_piece, last_piece + 1))
+                off = first_piece * pb
+                out.append(memoryview(joined)[a - off : b - off])
+        return out
+
+    def close(self) -> None:
+        self._pieces.clear()
 
 
 def _num(x, default: int = 0) -> int:

@@ -1,0 +1,139 @@
+"""Entries that arrive layer by layer from a slow tier, so that fusion starts on the first layers
+while the link still carries the last ones.
+
+A whole-entry fetch makes the fusion wait for every byte of every chunk (TTFT = link + fusion).
+An entry's codec parts are layer-major (``format``: every part ``[L, ...]``), so a reader can ask
+for the same layers of every part of every entry in turn::
+
+    entry:  | prefix, header | token ids | scores | layer sums | part A: layer 0 .. L-1 | part B: 0 .. L-1 |
+    reads:    1. heads of all entries (prefix, header, the small sections): checked, then ``heads`` set
+              2. layers 0 .. g-1 of every part of every entry, then g .. 2g-1, ...: ``wait(l)`` returns
+                 once layer l of every entry is in
+
+Each entry lands in a buffer of its full size (zeros where nothing arrived yet), so the
+pipelined loader (``pipeline.fuse_entries(..., arrival=stream)``) reads it as it reads any entry
+and waits on ``wait(l)`` before staging layer ``l``. Nothing is trusted for arriving: the header
+and the small sections are checked as always, each layer against its stored sums where it lands
+(``pipeline.LayerLoader``), and an entry without per-layer sums arrives whole with its head. The
+reads go through ``store.span_reader`` (``store.base.SpanReader``): one round trip per step on
+Redis, each piece once; other stores read whole entries at the first step.
+
+What it knows: the entry layout (``format``). What it does not: codecs, the fusion, the store's
+wire protocol.
+
+    stream = LayerStream(store, keys).start()
+    entries = stream.entries_when_ready()          # after the heads; raises on a miss or damage
+    res = fuse_entries(lm, prefix_kv, entries, prefix_ids, suffix_ids, cfg, staging, arrival=stream)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+from chunkcache.errors import CorruptEntryError
+from chunkcache.format import PREFIX_BYTES, head_spans, header_span, part_layer_spans, read_header
+
+__all__ = ["LayerStream"]
+
+
+class LayerStream:
+    """A thread that reads ``keys`` from ``store`` heads first, then layer by layer (see the module
+    docstring). ``step_bytes``: about how many bytes one step (one read call) moves; at least
+    one layer. Times (``time.perf_counter``) and byte counts of what arrived are kept for the
+    caller's rates."""
+
+    def __init__(self, store, keys: Sequence[str], step_bytes: int = 1 << 20) -> None:
+        self.store, self.keys, self.step_bytes = store, list(keys), step_bytes
+        self.entries: list[bytearray] = []
+        self.headers: list[dict] = []
+        self.layers = 0
+        """Layers of every entry in so far."""
+        self.num_layers = 0
+        self.nbytes = 0
+        """Bytes read so far."""
+        self.t_start = self.t_heads = self.t_last = 0.0
+        """When the reading started, when the heads were in, when the last layer was in."""
+        self._cond = threading.Condition()
+        self._heads = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> LayerStream:
+        self.t_start = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, name="chunkcache-stream", daemon=True)
+        self._thread.start()
+        return self
+
+    def entries_when_ready(self) -> list[bytearray]:
+        """The entry buffers once every head is in (re-raises the reader's error: a missing entry's
+        KeyError, a damaged header's or piece's CorruptEntryError, a store fault)."""
+        self._heads.wait()
+        if self._error is not None:
+            raise self._error
+        return self.entries
+
+    def wait(self, layer: int) -> None:
+        """Block until layer ``layer`` of every entry is in (the loader's ``arrival``)."""
+        with self._cond:
+            while self.layers <= layer and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+
+    def close(self) -> None:
+        """Wait for the reader thread (it stops early after an error)."""
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        reader = None
+        try:
+            reader = self.store.span_reader(self.keys)
+            n = len(self.keys)
+            first = reader.read([(i, 0, PREFIX_BYTES) for i in range(n)])
+            spans = [header_span(b) for b in first]
+            raw = reader.read([(i, 0, spans[i]) for i in range(n)])
+            headers = [read_header(b, whole=False) for b in raw]  # every field checked
+            entries = []
+            for h, b in zip(headers, raw, strict=True):
+                buf = bytearray(h["payload_offset"] + h["payload_nbytes"])
+                buf[: len(b)] = b
+                entries.append(buf)
+                self.nbytes += len(b)
+            want = [(i, a, b) for i, h in enumerate(headers) for a, b in head_spans(h)]
+            self._place(entries, want, reader.read(want))
+            self.entries, self.headers = entries, headers
+            self.num_layers = max(h["kv_shape"][0] for h in headers) if headers else 0
+            self.t_heads = time.perf_counter()
+            self._heads.set()
+            per_layer = sum(b - a for h in headers for a, b in part_layer_spans(h, range(0, 1)))
+            g = max(1, self.step_bytes // max(per_layer, 1))
+            for l0 in range(0, self.num_layers, g):
+                l1 = min(self.num_layers, l0 + g)
+                want = [
+                    (i, a, b)
+                    for i, h in enumerate(headers)
+                    for a, b in part_layer_spans(h, range(l0, min(l1, h["kv_shape"][0])))
+                ]
+                self._place(entries, want, reader.read(want))
+                with self._cond:
+                    self.layers = l1
+                    self.t_last = time.perf_counter()
+                    self._cond.notify_all()
+        except BaseException as e:  # handed to the waiting threads, raised there
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+        finally:
+            self._heads.set()
+            if reader is not None:
+                reader.close()
+
+    def _place(self, entries: list[bytearray], want: list[tuple[int, int, int]], got: list) -> None:
+        for (i, a, b), v in zip(want, got, strict=True):
+            if len(v) != b - a:  # a truncated entry; (a slice assignment would resize the buffer)
+                raise CorruptEntryError(f"entry {self.keys[i]}: {len(v)} bytes at {a}, {b - a} expected")
+            entries[i][a:b] = v
+            self.nbytes += b - a
