@@ -218,7 +218,7 @@ def _precompute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sink",
         default="prefix",
-        choices=["bos", "prefix"],
+        choices=["bos", "prefix", "context"],
         help="attention sink chunks are encoded behind; must match the engine's (default: prefix)",
     )
     p.add_argument(
@@ -325,7 +325,10 @@ def _check_args(p: argparse.ArgumentParser) -> None:
         "--store", default=None, help="chunk store to record the result in (default: none, in memory)"
     )
     p.add_argument(
-        "--sink", default="prefix", choices=["bos", "prefix"], help="attention sink (default: prefix)"
+        "--sink",
+        default="prefix",
+        choices=["bos", "prefix", "context"],
+        help="attention sink (default: prefix)",
     )
     p.add_argument(
         "--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on CUDA, float32 on CPU)"

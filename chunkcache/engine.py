@@ -60,18 +60,24 @@ from chunkcache.template import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, PromptTempl
 log = logging.getLogger("chunkcache")
 
 
+SINKS = ("bos", "prefix", "context")
+"""The sink kinds ``PrecomputeConfig.sink`` takes."""
+
+
 @dataclass(frozen=True)
 class PrecomputeConfig:
     """What changes the bytes of a precomputed chunk cache (part of every key)."""
 
     sink: str = "prefix"
-    """Attention sink the chunk is encoded behind: the template ``prefix`` (default; measured to
-    fuse better, see BENCHMARKS.md) or ``bos`` (one token; caches then survive a change of the
-    instruction or system prompt)."""
+    """What the chunk is encoded behind (``PromptTemplate.sink_ids``): the template ``prefix``
+    (default; measured to fuse better than ``bos``, see BENCHMARKS.md), ``bos`` (one token;
+    caches then survive a change of the instruction or system prompt), or ``context`` (the
+    prefix and two generic made-up passages: every chunk is encoded as a later passage, as
+    fusion places all but the first; none is then exact in the prompt)."""
 
     def __post_init__(self) -> None:
-        if self.sink not in ("bos", "prefix"):
-            raise ValueError(f"sink must be 'bos' or 'prefix', got {self.sink!r}")
+        if self.sink not in SINKS:
+            raise ValueError(f"sink must be one of {', '.join(map(repr, SINKS))}, got {self.sink!r}")
 
 
 class ChunkCache:

@@ -774,13 +774,15 @@ def _index_in(haystack: torch.Tensor, needles: torch.Tensor) -> torch.Tensor:
 
 
 def exact_chunks(n_prefix: int, lengths: list[int], base_pos: list[int]) -> list[bool]:
-    """Per chunk: whether its reused K/V are exact in this prompt, i.e. it sits at the positions it
-    was encoded at (offset = its ``base_pos``). Chunks are encoded behind the prompt's prefix
-    (``sink="prefix"``, base_pos = P) or one BOS token (base_pos = 1), so a chunk at its encoding
-    offset was encoded behind the very tokens it follows: the first chunk with the prefix sink.
-    The codec's rounding is not context: a lossy chunk counts as exact too."""
+    """Per chunk: whether its reused K/V are exact in this prompt: it sits right behind the prefix
+    and was encoded right behind it (offset = its ``base_pos`` = P). Chunks are encoded behind the
+    prompt's prefix (``sink="prefix"``, base_pos = P), one BOS token (base_pos = 1) or the prefix
+    and generic passages (``sink="context"``, base_pos > P), so only the first chunk with the
+    prefix sink was encoded behind the very tokens it follows (a later chunk at its encoding
+    offset behind a context sink was not). The codec's rounding is not context: a lossy chunk
+    counts as exact too."""
     offsets = [n_prefix + sum(lengths[:i]) for i in range(len(lengths))]
-    return [o == b for o, b in zip(offsets, base_pos, strict=True)]
+    return [o == b == n_prefix for o, b in zip(offsets, base_pos, strict=True)]
 
 
 def _token_scores(chunks: list[ChunkKV], device) -> torch.Tensor | None:

@@ -3,6 +3,8 @@
     sink (dropped) | chunk tokens
     [BOS]          | t0 t1 t2 ...          positions 0 | 1 2 3 ...     (sink="bos", base_pos=1)
     [prefix ...  ] | t0 t1 t2 ...          positions 0..P-1 | P ...     (sink="prefix", base_pos=P)
+    [prefix  c1 c2 ] | t0 t1 t2 ...        positions 0..P+G-1 | P+G ... (sink="context", base_pos=P+G:
+                                           the prefix and G tokens of two generic passages)
 
 Chunks are batched (sorted by length, right-padded) through the model's own forward pass, so
 the stored KV is exactly what transformers computes. What it does not know: stores, codecs,

@@ -26,6 +26,14 @@ DEFAULT_INSTRUCTION = (
     "Answer the question using the passages below. Reply with a short answer only, without explanation."
 )
 DEFAULT_SYSTEM = "You are a helpful assistant."
+# The made-up passages of the ``context`` sink: generic, about no subject, in no data set; each
+# laid out as a chunk (``chunk_format``). Fixed: they are part of every key of that sink.
+CONTEXT_SINK_PASSAGES = (
+    "Reference\nThis passage is one of several reference passages. It describes a single subject and "
+    "gives its names, places and dates as they are recorded.",
+    "Notes\nThe records below were collected from several sources. Each entry is kept as it was "
+    "written, with the names and numbers that the sources give.",
+)
 _CHUNKS = "\x00CHUNKS\x00"
 _QUESTION = "\x00QUESTION\x00"
 
@@ -83,9 +91,14 @@ class PromptTemplate:
         return self.encode(self.suffix.replace("{question}", question.strip()))
 
     def sink_ids(self, kind: str) -> list[int]:
-        """The attention sink a chunk is encoded behind: ``bos`` (one token) or the whole ``prefix``."""
+        """The tokens a chunk is encoded behind: ``bos`` (one token), the whole ``prefix``, or
+        ``context``: the prefix and ``CONTEXT_SINK_PASSAGES`` laid out as chunks, so that a chunk
+        is encoded as a passage that follows other passages, which is where fusion places every
+        chunk but the first (measured in bench_results/session8/fidelity/NOTES.md)."""
         if kind == "prefix":
             return self.prefix_ids()
+        if kind == "context":
+            return self.prefix_ids() + [t for text in CONTEXT_SINK_PASSAGES for t in self.chunk_ids(text)]
         bos = getattr(self.tokenizer, "bos_token_id", None)
         return [bos] if bos is not None else self.prefix_ids()[:1]
 

@@ -46,6 +46,24 @@ def test_other_model_never_gets_these_caches(tmp_path, smol_tokenizer):
     b.store.close()
 
 
+def test_each_sink_has_its_own_caches(tmp_path, smol_tokenizer):
+    """Chunks encoded behind another sink (``prefix``, ``context``) have other bytes and other
+    keys, so an engine never hits the other's entries; an unknown sink fails before the model
+    loads, naming the choices."""
+    model = tiny_model()
+    a = ChunkCache(model=model, tokenizer=smol_tokenizer, store=str(tmp_path / "s"))
+    a.precompute(PASSAGES[:1])
+    a.store.close()
+    b = ChunkCache(model=model, tokenizer=smol_tokenizer, store=str(tmp_path / "s"), sink="context")
+    assert b.key(PASSAGES[0]) != a.key(PASSAGES[0]) and not b.store.contains(b.key(PASSAGES[0]))
+    with pytest.warns(RuntimeWarning, match="made with other settings"):  # the store says so too
+        chunk = b.chunk(PASSAGES[0])
+    assert chunk.base_pos == len(b.template.sink_ids("context")) > len(b.template.prefix_ids())
+    b.store.close()
+    with pytest.raises(ValueError, match="'bos', 'prefix', 'context'"):
+        ChunkCache(model="no-such-model", sink="passages")
+
+
 def test_entry_under_a_forged_key_is_replaced_not_used(smol_tokenizer):
     """Even if an entry sits under the key this engine computes (a copied store, a bug), it is
     checked against the engine's key inputs and token ids before use; a foreign one is dropped

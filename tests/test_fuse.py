@@ -14,6 +14,7 @@ from chunkcache.fuse import FuseConfig, assemble, exact_chunks, fuse_kv
 from chunkcache.kernels import rerotate_scatter_reference
 from chunkcache.model import cache_kwarg, rotation
 from chunkcache.select import POLICIES
+from chunkcache.template import CONTEXT_SINK_PASSAGES
 
 
 def full_logits(engine: ChunkCache, chunks, question) -> torch.Tensor:
@@ -98,14 +99,20 @@ def test_ratio_one_is_full_prefill(smol_tokenizer, arch, overrides):
     assert cache.get_seq_length() == ids.shape[1] + 7  # and grew its own tensors
 
 
-def test_ratio_zero_is_reuse_of_rerotated_caches(tiny_engine):
+@pytest.mark.parametrize("sink", ["prefix", "context"])
+def test_ratio_zero_is_reuse_of_rerotated_caches(smol_tokenizer, tiny_engine, sink):
     """At ratio 0 only the question is computed over the reused caches. The reference is built by
     transformers alone (no ``assemble``, no rotation code): the prefix encoded on its own, each
     chunk encoded behind its sink with positions shifted to where it sits in the prompt (what
-    re-rotating the stored keys must equal), and the question run over that cache."""
+    re-rotating the stored keys must equal), and the question run over that cache. The
+    ``context`` sink is the prefix and the generic passages, laid out as chunks."""
     from transformers import DynamicCache
 
     eng = tiny_engine
+    if sink != "prefix":
+        eng = ChunkCache(model=tiny_engine.model, tokenizer=smol_tokenizer, store=None, sink=sink)
+        t = eng.template
+        assert t.sink_ids(sink) == t.prefix_ids() + [x for p in CONTEXT_SINK_PASSAGES for x in t.chunk_ids(p)]
     fused = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.0)
     pre, suffix = eng._prefix_ids, eng.template.suffix_ids(QUESTION)
     sink = eng.template.sink_ids(eng.settings.sink)
@@ -283,6 +290,9 @@ def test_exact_chunks_are_those_at_their_encoding_offset():
     only the first chunk; behind BOS (base_pos 1) none."""
     assert exact_chunks(5, [3, 4, 2], [5, 5, 5]) == [True, False, False]
     assert exact_chunks(5, [3, 4], [1, 1]) == [False, False]
+    # behind a context sink of 3 tokens (base_pos 8) the second chunk sits at its encoding offset,
+    # but behind another chunk than the one it was encoded behind: not exact, nor is the first
+    assert exact_chunks(5, [3, 4], [8, 8]) == [False, False]
     assert exact_chunks(5, [], []) == []
 
 
@@ -303,11 +313,12 @@ def test_qstale_spends_the_budget_on_stale_chunks(smol_tokenizer, tiny_engine):
     assert int((stale.selected < p + first).sum()) == 0
     assert stale.stats["recomputed_tokens"] == fast.stats["recomputed_tokens"]
     assert set(fast.selected.tolist()) - set(wasted.tolist()) < set(stale.selected.tolist())
-    bos = ChunkCache(model=eng.model, tokenizer=smol_tokenizer, store=None, sink="bos")
-    a = bos.fuse(PASSAGES, QUESTION, recompute_ratio=r, policy="qfast")
-    b = bos.fuse(PASSAGES, QUESTION, recompute_ratio=r, policy="qstale")
-    assert b.stats["exact_chunks"] == [False] * 4
-    assert torch.equal(a.selected, b.selected) and torch.equal(a.logits, b.logits)
+    for sink in ("bos", "context"):  # no chunk is exact: qstale is qfast
+        other = ChunkCache(model=eng.model, tokenizer=smol_tokenizer, store=None, sink=sink)
+        a = other.fuse(PASSAGES, QUESTION, recompute_ratio=r, policy="qfast")
+        b = other.fuse(PASSAGES, QUESTION, recompute_ratio=r, policy="qstale")
+        assert b.stats["exact_chunks"] == [False] * 4
+        assert torch.equal(a.selected, b.selected) and torch.equal(a.logits, b.logits)
 
 
 def _policy_references(eng):

@@ -136,6 +136,36 @@ def test_summary_aggregates_answer_metrics_against_naive_on_the_same_questions()
     assert s["diverge"] == 18 and s["agree"] == 0.5
     assert s["accuracy"] == 0.5 and s["full_accuracy"] == 1.0
     assert "qfast@0.15" in quality.table(quality.summarize(rows))
+    # a tagged run (other engine settings) is measured against plain naive reuse when merged
+    # beside it, and against its own tagged naive reuse alone
+    tagged = [row(0, "ctx:naive", 0.0, 0.5, 0, False), row(0, "ctx:qfast", 0.15, 0.25, 32, True)]
+    assert quality.summarize(rows + tagged)["ctx:qfast@0.15"]["gap_closed_answer"] == pytest.approx(0.75)
+    assert quality.summarize(tagged)["ctx:qfast@0.15"]["gap_closed_answer"] == pytest.approx(0.5)
+
+
+def test_first_exact_takes_the_first_chunk_from_the_prefix_sink(smol_tokenizer, tiny_engine):
+    """With a context-sink engine and a prefix-sink front engine, the first chunk's reused K/V
+    are a full prefill's (it was encoded behind the very prefix it follows) and it counts as
+    exact; the others come from the context sink, as the context engine alone fuses them."""
+    from chunkcache.engine import ChunkCache
+    from tests.conftest import PASSAGES, QUESTION
+
+    ctx = ChunkCache(model=tiny_engine.model, tokenizer=smol_tokenizer, store=None, sink="context")
+    front = quality._fuse(ctx, tiny_engine, PASSAGES, QUESTION, 0.0, "qfast")
+    alone = quality._fuse(ctx, None, PASSAGES, QUESTION, 0.0, "qfast")
+    assert front.stats["exact_chunks"] == [True] + [False] * (len(PASSAGES) - 1)
+    assert alone.stats["exact_chunks"] == [False] * len(PASSAGES)
+    p, n0 = front.stats["prefix_tokens"], front.stats["chunk_lengths"][0]
+    ids = ctx.prompt_ids(PASSAGES, QUESTION)
+    with torch.no_grad():
+        full = tiny_engine.model(input_ids=ids, use_cache=True).past_key_values
+    first = slice(p, p + n0)
+    for li, layer in enumerate(full.layers):
+        torch.testing.assert_close(front.kv[li, 0, :, first], layer.keys[0, :, first], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(front.kv[li, 1, :, first], layer.values[0, :, first], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(alone.kv[:, :, :, first], front.kv[:, :, :, first], atol=1e-3)
+    rest = slice(p + n0, ids.shape[1] - len(ctx._suffix_ids(QUESTION)))
+    torch.testing.assert_close(front.kv[:, :, :, rest], alone.kv[:, :, :, rest], rtol=0, atol=0)
 
 
 def test_factual_cases_answer_in_exactly_one_passage():

@@ -294,6 +294,9 @@ def run(
     noise_questions: int = 0,
     header: dict | None = None,
     refines: tuple[tuple[int, float], ...] = (),
+    tag: str = "",
+    front_engine=None,
+    configs: tuple[tuple[str, float], ...] | None = None,
 ) -> dict:
     """Run the benchmark; returns ``{"rows": [...per question/config...], "summary": {...}}``.
 
@@ -305,7 +308,13 @@ def run(
     ``refines``: ``(after, extra)`` pairs; each adds, for every policy named in ``POLICIES`` that
     selects before layer 0 and every ratio, the config ``<policy>+rp<after>:<extra>@<ratio>`` (``RefinedAnswer``).
     ``policies`` may hold policy objects (named by their ``name`` attribute or class).
-    ``partial``: rewrite the rows so far (with ``header``) to this JSON file after every question."""
+    ``partial``: rewrite the rows so far (with ``header``) to this JSON file after every question.
+    ``configs``: ``(policy, ratio)`` pairs run instead of every policy at every ratio.
+    ``tag``: prefix of every row's policy name, naive reuse's too (``<tag>:naive``), so that a run
+    with other engine settings (``--sink context``) merges beside a plain run and its gap is
+    measured against the plain run's naive reuse. ``front_engine``: an engine of the same model
+    with the ``prefix`` sink whose encoding of the first chunk replaces ``engine``'s (``fuse_kv``
+    over the mixed chunks, the eager path): two stored variants per chunk, the first one exact."""
     data = load_cases(data_path, split)[start : start + questions]
     rows = []
     t_start = time.perf_counter()
@@ -325,20 +334,21 @@ def run(
             "plain": plain,
             "text": engine.tokenizer.decode(plain, skip_special_tokens=True).strip(),
         }
-        configs = [("naive", 0.0)] + [(p, r) for p in policies for r in ratios]
-        for policy, ratio in configs:
-            fused = engine.fuse(
-                texts, question, recompute_ratio=ratio, policy="cacheblend" if policy == "naive" else policy
+        pairs = configs if configs is not None else [(p, r) for p in policies for r in ratios]
+        pre = tag + ":" if tag else ""
+        for policy, ratio in [("naive", 0.0), *pairs]:
+            fused = _fuse(
+                engine, front_engine, texts, question, ratio, "cacheblend" if policy == "naive" else policy
             )
             row = score(engine, FusedAnswer(engine, fused), full, ex["answers"], gen_tokens)
-            rows.append({"q": start + qi, "policy": policy_name(policy), "ratio": ratio, **row})
+            rows.append({"q": start + qi, "policy": pre + policy_name(policy), "ratio": ratio, **row})
             sel = (
                 FuseConfig(policy=policy).selector if isinstance(policy, str) and policy != "naive" else None
             )
             for after, extra in refines if sel is not None and sel.probe and sel.before_layers else ():
                 refined = RefinedAnswer(engine, fused, after, extra, policy)
                 row = score(engine, refined, full, ex["answers"], gen_tokens)
-                name = f"{policy_name(policy)}+rp{after}:{extra:g}"
+                name = f"{pre}{policy_name(policy)}+rp{after}:{extra:g}"
                 rows.append({"q": start + qi, "policy": name, "ratio": ratio, **row})
         if noise_name is not None and qi < noise_questions:
             row = score(noise_engine, FullAnswer(noise_engine, ids), full, ex["answers"], gen_tokens)
@@ -346,7 +356,7 @@ def run(
         if partial:
             Path(partial).write_text(json.dumps({**(header or {}), "rows": rows}))
         if log:
-            naive = [r for r in rows if r["q"] == start + qi and r["policy"] == "naive"][0]
+            naive = [r for r in rows if r["q"] == start + qi and r["policy"] == pre + "naive"][0]
             log(
                 f"[{qi + 1}/{len(data)}] {time.perf_counter() - t_start:.0f}s  naive KL {naive['kl_first']:.4f}  "
                 f"full: {full['text'][:60]!r}",
@@ -355,11 +365,28 @@ def run(
     return {"rows": rows, "summary": summarize(rows)}
 
 
+def _fuse(engine, front_engine, texts: list[str], question: str, ratio: float, policy):
+    """``engine.fuse``, or with ``front_engine`` (``run``) the first chunk from its encoding."""
+    if front_engine is None:
+        return engine.fuse(texts, question, recompute_ratio=ratio, policy=policy)
+    from chunkcache.fuse import fuse_kv
+
+    chunks = [front_engine.chunk(texts[0])] + engine.chunks(texts[1:])
+    cfg = FuseConfig(recompute_ratio=ratio, policy=policy)
+    return fuse_kv(
+        engine.lm, engine.prefix_kv(), chunks, engine._prefix_ids, engine._suffix_ids(question), cfg
+    )
+
+
 def summarize(rows: list[dict]) -> dict:
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["policy"], r["ratio"])].append(r)
-    naive_by_q = {r["q"]: r for r in groups.get(("naive", 0.0), [])}
+    # the baseline: plain naive reuse, else (a tagged run on its own) its tagged naive reuse
+    naive_rows = groups.get(("naive", 0.0)) or next(
+        (rs for (p, r), rs in sorted(groups.items()) if p.endswith(":naive") and r == 0.0), []
+    )
+    naive_by_q = {r["q"]: r for r in naive_rows}
     out = {}
     for (policy, ratio), rs in sorted(
         groups.items(), key=lambda kv: (kv[0][0] != "naive", kv[0][0], kv[0][1])
@@ -453,6 +480,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated")
     p.add_argument("--ratios", default="0.05,0.15,0.30", help="comma-separated recompute ratios")
     p.add_argument(
+        "--configs",
+        default="",
+        help="comma-separated POLICY@RATIO pairs run instead of --policies x --ratios (naive reuse always runs)",
+    )
+    p.add_argument(
         "--answer-tokens", type=int, default=32, help="tokens of the answer scored (KL, agreement)"
     )
     p.add_argument(
@@ -468,7 +500,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "tokens (0: a second selection stage before the first) with EXTRA more of the chunk tokens",
     )
     p.add_argument("--noise-dtype", default="bfloat16", help="dtype of the noise-floor full prefill")
-    p.add_argument("--sink", default="prefix", choices=["bos", "prefix"], help="precompute sink")
+    p.add_argument("--sink", default="prefix", choices=["bos", "prefix", "context"], help="precompute sink")
+    p.add_argument(
+        "--first-exact",
+        action="store_true",
+        help="with --sink context: fuse the first chunk from its prefix-sink encoding (two variants per chunk)",
+    )
+    p.add_argument(
+        "--tag", default="", help="prefix of every config's name, naive's too (merge beside a plain run)"
+    )
     p.add_argument("--codec", default="raw", help="codec of the chunk caches")
     p.add_argument("--store", default=None, help="store path (default: in memory)")
     p.add_argument("--out", default=None, help="write JSON results here")
@@ -514,6 +554,13 @@ def run_cli(args: argparse.Namespace) -> int:
             plot(res["summary"], args.plot)
         return 0
 
+    pairs = None
+    if args.configs:
+        try:
+            pairs = tuple((p, float(r)) for p, r in (x.split("@") for x in args.configs.split(",") if x))
+        except ValueError:
+            raise SystemExit(f"--configs takes POLICY@RATIO,..., got {args.configs!r}") from None
+        args.policies = ",".join(dict.fromkeys(p for p, _ in pairs))
     policies = tuple(x for x in args.policies.split(",") if x)
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
@@ -530,6 +577,11 @@ def run_cli(args: argparse.Namespace) -> int:
         sink=args.sink,
         codec=args.codec,
     )
+    if args.first_exact and args.sink != "context":
+        raise SystemExit("--first-exact needs --sink context")
+    front = None
+    if args.first_exact:
+        front = ChunkCache(model=engine.model, tokenizer=engine.tokenizer, store=None, sink="prefix")
     noise = None
     if args.noise_floor:
         noise = ChunkCache(
@@ -551,6 +603,9 @@ def run_cli(args: argparse.Namespace) -> int:
         noise_questions=args.noise_floor,
         header=header,
         refines=refines,
+        tag=args.tag,
+        front_engine=front,
+        configs=pairs,
     )
     print(table(res["summary"]))
     res = {**header, **res}
