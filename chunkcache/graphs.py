@@ -24,8 +24,11 @@ Threads: captures are serialised process-wide (``_CAPTURE``): concurrent capture
 torch's capture stream and generator-state registration (16 threads capturing at once killed the
 process in a CUDAGraph destructor, issue 13). A graph keeps the objects it reads (``reads``: the
 model, the KV buffer) alive and is keyed by them, so no new object at a freed address can ever
-replay a graph recorded over an old one. A thread captures a key only after it ran that key
-eagerly once itself (per-thread cuBLAS handles are created on first use, which a capture forbids).
+replay a graph recorded over an old one. A thread captures only after it ran some body eagerly
+itself (per-thread cuBLAS handles are created on first use, which a capture forbids), and a key is
+captured only after it ran eagerly ``min_uses - 1`` times (by any thread: its Triton kernels are
+compiled by then). Before session 8 every thread ran every key eagerly once: under 8 client
+threads that was most of a short load test.
 
 What it knows: CUDA graph capture and replay, static inputs. What it does not know: what the
 bodies compute (``fuse``).
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -67,7 +70,7 @@ class FusionGraphs:
         self.buffers: dict[tuple, tuple[torch.nn.Module, torch.Tensor]] = {}  # the model kept alive
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], object, tuple]] = {}
         self.seen: Counter = Counter()
-        self.warmed: defaultdict[tuple, set[int]] = defaultdict(set)  # key -> threads that ran it eagerly
+        self.warmed: set[int] = set()  # threads that ran a body eagerly
         self.pool = None
         self.captures = 0  # how many graphs were recorded (diagnostics, tests)
         self.replays = 0
@@ -120,13 +123,13 @@ class FusionGraphs:
         if entry is None:
             self.seen[key] += 1
             me = threading.get_ident()
-            warm = me in self.warmed[key]
-            self.warmed[key].add(me)
-            if self.seen[key] < self.min_uses or not warm:
-                # Eager; also the first time a thread meets this key, so the per-thread state the
-                # body creates lazily (cuBLAS/cuBLASLt handles) exists before this thread captures:
-                # creating it during a capture fails it (and leaves the pool recording).
-                return body(**inputs)
+            if self.seen[key] < self.min_uses or me not in self.warmed:
+                # Eager; also a thread's first body, so the per-thread state it creates lazily
+                # (cuBLAS/cuBLASLt handles) exists before this thread captures: creating it during
+                # a capture fails it (and leaves the pool recording).
+                out = body(**inputs)
+                self.warmed.add(me)
+                return out
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             static = {k: v.clone() for k, v in inputs.items()}
