@@ -141,6 +141,15 @@ def test_summary_aggregates_answer_metrics_against_naive_on_the_same_questions()
     tagged = [row(0, "ctx:naive", 0.0, 0.5, 0, False), row(0, "ctx:qfast", 0.15, 0.25, 32, True)]
     assert quality.summarize(rows + tagged)["ctx:qfast@0.15"]["gap_closed_answer"] == pytest.approx(0.75)
     assert quality.summarize(tagged)["ctx:qfast@0.15"]["gap_closed_answer"] == pytest.approx(0.5)
+    # merged runs cut at different questions compare on the questions they all have
+    floor = row(1, "full-bfloat16", 1.0, 0.0, 32, True)
+    kept = quality.common_rows(rows + tagged + [floor])
+    assert {(r["q"], r["policy"]) for r in kept} == {
+        (0, "naive"),
+        (0, "qfast"),
+        (0, "ctx:naive"),
+        (0, "ctx:qfast"),
+    }
 
 
 def test_first_exact_takes_the_first_chunk_from_the_prefix_sink(smol_tokenizer, tiny_engine):

@@ -378,6 +378,18 @@ def _fuse(engine, front_engine, texts: list[str], question: str, ratio: float, p
     )
 
 
+def common_rows(rows: list[dict], floor_prefix: str = "full-") -> list[dict]:
+    """The rows of the questions every config has (parallel runs cut at different questions
+    then compare on the same ones); noise-floor configs (``full-<dtype>``, run on a few
+    questions only) are kept on those questions and do not narrow them."""
+    by_config: dict[tuple[str, float], set] = defaultdict(set)
+    for r in rows:
+        if not r["policy"].startswith(floor_prefix):
+            by_config[(r["policy"], r["ratio"])].add(r["q"])
+    keep = set.intersection(*by_config.values()) if by_config else set()
+    return [r for r in rows if r["q"] in keep]
+
+
 def summarize(rows: list[dict]) -> dict:
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for r in rows:
@@ -514,6 +526,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write JSON results here")
     p.add_argument("--plot", default=None, help="save a KL-vs-ratio plot here (PNG)")
     p.add_argument(
+        "--common",
+        action="store_true",
+        help="with --merge: only the questions every config has (runs cut at different questions)",
+    )
+    p.add_argument(
         "--merge",
         nargs="+",
         default=None,
@@ -540,6 +557,8 @@ def run_cli(args: argparse.Namespace) -> int:
         # --start/--questions pick rows by question index (e.g. one device's half of a merged run)
         lo, hi = args.start, args.start + args.questions
         rows = [r for part in parts for r in part["rows"] if lo <= r["q"] < hi]
+        if args.common:
+            rows = common_rows(rows)
         res = {
             "command": command_line(),
             "commands": [p.get("command") or p.get("commands") for p in parts],
