@@ -51,6 +51,7 @@ from chunkcache import kernels
 from chunkcache import model as M
 from chunkcache.fuse import FuseConfig, FuseJob, FuseResult
 from chunkcache.model import LoadedModel
+from chunkcache.select import probe_layers
 
 __all__ = [
     "BatchConfig",
@@ -321,10 +322,11 @@ def _pad(s: _State):
 
 
 def _probe(lm: LoadedModel, states: Sequence[_State]) -> None:
-    """Every request's question through every layer over its own stale cache, packed (as
+    """Every request's question through every layer (``select.probe_layers``) over its own stale cache, packed (as
     ``fuse._Probe``: ``kernels.probe_attention`` per request gives the output and the attention
     mass per key) -> each state's ``probe_attn`` ``[L, C]`` and ``probed`` token-layers."""
-    layers = lm.spec.num_layers
+    stops = [probe_layers(s.f.policy, lm.spec.num_layers) for s in states]
+    layers = max(stops)  # (a request whose policy probes fewer layers keeps only those)
     pack = Pack([Segment(s.f.buf, s.f.prompt.q_pos) for s in states])
     embed = lm.model.model.embed_tokens
     hs = [embed(s.f.prompt.ids[s.f.prompt.q_pos])[None] for s in states]
@@ -344,9 +346,9 @@ def _probe(lm: LoadedModel, states: Sequence[_State]) -> None:
         h = M.layer_finish(layer, h, outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
         for s in states:
             s.f.source.issued(li)
-    for s, m in zip(states, masses, strict=True):
-        s.probe_attn = torch.stack(m)[:, s.f.prompt.ctx_pos]
-        s.probed = s.f.prompt.n_q * layers
+    for s, m, stop in zip(states, masses, stops, strict=True):
+        s.probe_attn = torch.stack(m[:stop])[:, s.f.prompt.ctx_pos]
+        s.probed = s.f.prompt.n_q * stop
 
 
 # --------------------------------------------------------------------------------------------

@@ -688,7 +688,7 @@ class ChunkCache:
             t_tail = time.perf_counter() - t  # after the fetch and the front
         t_front = front_s()
         rates.saw("recompute", len(ext_ids) if k else 0, t_front)
-        if back:
+        if back and not repaired:  # (a repair's reads and recompute are no fusion tail)
             rates.saw("fuse", n_ctx, t_tail)
         res = with_front(res, len(self._prefix_ids), tokens[:k], spec.num_layers, prefix_recomputed=k > 0)
         res.stats["recompute_ratio"] = user_ratio

@@ -33,7 +33,7 @@ from chunkcache import kernels
 from chunkcache import model as M
 from chunkcache.layout import ChunkKV
 from chunkcache.model import LoadedModel
-from chunkcache.select import POLICIES, Excluding, Policy, SelectContext
+from chunkcache.select import POLICIES, Excluding, Policy, SelectContext, probe_layers
 
 
 @dataclass(frozen=True)
@@ -557,7 +557,8 @@ def fuse_assembled(
     # recomputed layer overwrites before reading: no copy of the buffer is needed.
     probe = None
     if policy.probe and schedule:
-        probe = _Probe(lm, buf, prompt.ids, q_pos, prompt.ctx_pos, source, graphs)
+        stop = probe_layers(policy, lm.spec.num_layers)
+        probe = _Probe(lm, buf, prompt.ids, q_pos, prompt.ctx_pos, source, graphs, stop)
         if graphs is not None:
             # The whole probe first, as graphs of a few layers each started as their layers
             # arrive: between groups the compute thread waits (without the GIL) instead of
@@ -798,10 +799,12 @@ class _Probe:
     it (as one CUDA graph with ``graphs``)."""
 
     def __init__(
-        self, lm: LoadedModel, buf: torch.Tensor, ids: torch.Tensor, q_pos, ctx_pos, source, graphs=None
-    ) -> None:
+        self, lm: LoadedModel, buf: torch.Tensor, ids: torch.Tensor, q_pos, ctx_pos, source, graphs=None,
+        layers: int | None = None,  # how many layers it runs (``select.probe_layers``); None: all
+    ) -> None:  # fmt: skip
         self.lm, self.buf, self.q_pos, self.ctx_pos, self.source = lm, buf, q_pos, ctx_pos, source
         self.graphs = graphs
+        self.layers = lm.spec.num_layers if layers is None else layers
         self.h = lm.model.model.embed_tokens(ids[q_pos])[None]  # [1, nq, hidden]
         self.n = ids.shape[0]  # prompt tokens: the question fills the last slots
         self.rows: list[torch.Tensor] = []  # per layer [N]: attention over every buffer position
@@ -833,9 +836,9 @@ class _Probe:
 
     @torch.no_grad()
     def run_rest(self) -> None:
-        """The remaining layers: eager, or as CUDA graphs of ``graphs.layer_group`` layers, each
-        replayed as soon as its layers are loaded."""
-        layers = self.lm.spec.num_layers
+        """The remaining layers (of ``self.layers``): eager, or as CUDA graphs of
+        ``graphs.layer_group`` layers, each replayed as soon as its layers are loaded."""
+        layers = self.layers
         if self.graphs is None or self.done >= layers:
             return self.run_until(layers)
         group = self.graphs.layer_group

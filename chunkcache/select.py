@@ -109,6 +109,13 @@ class Policy(Protocol):
     def select(self, ctx: SelectContext, k: int) -> torch.Tensor: ...
 
 
+def probe_layers(policy: Policy, num_layers: int) -> int:
+    """Layers the question probe runs before a probe policy selects: every layer, or the policy's
+    ``probe_layers`` share of them (``QShallow``), at least one."""
+    share = getattr(policy, "probe_layers", None)
+    return num_layers if share is None else max(1, min(num_layers, round(share * num_layers)))
+
+
 def _top(ctx: SelectContext, score: torch.Tensor, k: int) -> torch.Tensor:
     return ctx.positions[torch.topk(score, k).indices]
 
@@ -204,6 +211,17 @@ class QFast(QAware):
         return _top(ctx, ctx.probe_attn.sum(0), k)
 
 
+class QShallow(QFast):
+    """QFast ranking from the probe over the first ``probe_layers`` share of the layers only, so
+    the selection (and the recompute of the selected tokens, layer by layer) need not wait for
+    the last layers: when chunks stream in layer by layer from a slow link
+    (``stream.LayerStream``), the recompute then runs behind the link instead of after it. The
+    probe costs that share of qfast's. Its fidelity cost against qfast is measured in
+    ``bench_results/session8/adaptive/NOTES.md``; not the default."""
+
+    probe_layers = 0.5
+
+
 class QStale(QFast):
     """QFast that spends the whole budget on stale tokens: a candidate whose reused K/V are
     already exact (``SelectContext.exact``: the first chunk, encoded behind the very prefix it
@@ -274,6 +292,7 @@ POLICIES: dict[str, Policy] = {
     "gradual": Gradual(),
     "qaware": QAware(),
     "qfast": QFast(),
+    "qshallow": QShallow(),
     "qstale": QStale(),
     "qvalue": QValue(),
     "epic": Epic(),

@@ -58,6 +58,7 @@ class LayerStream:
         self._cond = threading.Condition()
         self._heads = threading.Event()
         self._error: BaseException | None = None
+        self._stop = False
         self._thread: threading.Thread | None = None
 
     def start(self) -> LayerStream:
@@ -83,7 +84,8 @@ class LayerStream:
                 raise self._error
 
     def close(self) -> None:
-        """Wait for the reader thread (it stops early after an error)."""
+        """Stop reading (after the step under way) and wait for the reader thread."""
+        self._stop = True
         if self._thread is not None:
             self._thread.join()
 
@@ -111,6 +113,8 @@ class LayerStream:
             per_layer = sum(b - a for h in headers for a, b in part_layer_spans(h, range(0, 1)))
             g = max(1, self.step_bytes // max(per_layer, 1))
             for l0 in range(0, self.num_layers, g):
+                if self._stop:  # closed early (the fusion gave up): the rest is not needed
+                    raise RuntimeError("the stream was closed before every layer arrived")
                 l1 = min(self.num_layers, l0 + g)
                 want = [
                     (i, a, b)

@@ -165,8 +165,9 @@ QUESTIONS = [
 
 
 def _requests():
-    """Different chunk sets, orders and lengths; every policy kind (probe before layer 0, probe +
-    check layer, check layers without a probe); ratios 0 and 1."""
+    """Different chunk sets, orders and lengths; every policy kind (probe before layer 0, over
+    every layer or the first half, probe + check layer, check layers without a probe); ratios 0
+    and 1."""
     p = PASSAGES
     return [
         (p[:2], QUESTIONS[0], 0.3, "qfast"),
@@ -176,6 +177,7 @@ def _requests():
         (p[:3], QUESTIONS[4], 1.0, "gradual"),
         (p, QUESTIONS[5], 0.3, "gradual"),
         (p[2:], QUESTIONS[0], 0.15, "qfast"),
+        (p[1:], QUESTIONS[1], 0.2, "qshallow"),  # its probe stops halfway; the others' goes on
     ]
 
 

@@ -7,11 +7,12 @@ veth pair that ``tc`` limits to each bandwidth in turn (Linux, root; set up and 
 Per bandwidth, on the same question (``--passages`` MuSiQue passages, stored once with
 ``--codec`` and any ``--precisions``), the TTFT from the question to the first token's logits of:
 full prefill (``logits_to_keep=1``); fused with plain fetching (every chunk over the link, whole,
-then the pipelined fusion); fused with adaptive loading (``AdaptiveConfig(precisions=...)``:
-measured rates; the front chunks recomputed in place while the back ones stream in layer by
-layer behind the fusion, or a full prefill); and the same adaptive engine with whole-entry
-fetching (``fast_path=False``: fetch and decode every chunk, then fuse: the session-7 path, for
-a before/after in one run). Medians of ``--reps`` rounds, each running the methods once in a
+decoded, then ``fuse_kv``: the CPU's default path); fused with adaptive loading
+(``AdaptiveConfig(precisions=...)``: measured rates; the front chunks recomputed in place while
+the back ones are fetched whole and decoded, or a full prefill: the CPU's default path); and the
+same adaptive engine streaming the fetched chunks layer by layer into the pipelined fusion
+(``fast_path=True``, the GPU's default path; on this CPU the pipelined fusion itself is slower
+than the eager one). Medians of ``--reps`` rounds, each running the methods once in a
 rotating order (a busy machine's load falls on all alike); before them, two adaptive fusions
 per engine measure the link at the new bandwidth (its last rate forgotten; the first reading of
 a process is a warm-up the planner drops). The link itself is measured too (a 32 MB GET, median of 3), since a
@@ -150,14 +151,12 @@ def run(args) -> dict:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still tears the link down
     with ShapedLink() as link:
         store = RedisStore(link.url)
-        kw = dict(store=store, codec=args.codec, device="cpu", fast_path=True)
+        kw = dict(store=store, codec=args.codec, device="cpu")
         plain = ChunkCache(model=args.model, dtype=args.dtype, **kw)
         lm = plain.lm
         conf = AdaptiveConfig(precisions=args.precisions)
         adapt = ChunkCache(model=lm.model, tokenizer=lm.tokenizer, adaptive=conf, **kw)
-        whole = ChunkCache(
-            model=lm.model, tokenizer=lm.tokenizer, adaptive=conf, **{**kw, "fast_path": False}
-        )
+        streamed = ChunkCache(model=lm.model, tokenizer=lm.tokenizer, adaptive=conf, fast_path=True, **kw)
         link.set_rate(max(args.rates))
         adapt.precompute(texts)  # every precision
         ids = plain.prompt_ids(texts, question)
@@ -165,31 +164,31 @@ def run(args) -> dict:
         for gbit in args.rates:
             link.set_rate(gbit)
             link_bps = link.measure()
-            for eng in (adapt, whole):
+            for eng in (adapt, streamed):
                 eng._rates.forget_link()  # the last bandwidth's rate: these two calls measure this one
                 for _ in range(2):
                     eng.fuse(texts, question)
             got = _interleaved({"full": lambda: lm.model(input_ids=ids, logits_to_keep=1),
                                 "plain": lambda: plain.fuse(texts, question),
                                 "adaptive": lambda: adapt.fuse(texts, question),
-                                "adaptive_whole": lambda: whole.fuse(texts, question)}, args.reps)  # fmt: skip
+                                "adaptive_streamed": lambda: streamed.fuse(texts, question)}, args.reps)  # fmt: skip
             full = got["full"][0]
             row = {"gbit": gbit, "link_measured_bytes_per_s": link_bps, "full_s": full}
-            for name in ("plain", "adaptive", "adaptive_whole"):
+            for name in ("plain", "adaptive", "adaptive_streamed"):
                 row[f"{name}_s"], row[f"{name}_vs_full"] = got[name][0], got[name][0] / full
-            for name in ("adaptive", "adaptive_whole"):
+            for name in ("adaptive", "adaptive_streamed"):
                 stats = got[name][1].stats["adaptive"]
                 row[name] = {k: stats[k] for k in ("choice", "recomputed", "fetched", "reason", "rates")}
                 row[name]["stages_s"] = stats["seconds"]
             rows.append(row)
-            a, w = row["adaptive"], row["adaptive_whole"]
+            a, w = row["adaptive"], row["adaptive_streamed"]
             print(f"{gbit:6g} Gb/s (measured {link_bps * 8 / 1e9:.2f} Gb/s)  full {full * 1e3:8.1f} ms | plain fetch "
-                  f"{row['plain_s'] * 1e3:8.1f} ms ({row['plain_vs_full']:.2f}x) | adaptive streamed "
-                  f"{row['adaptive_s'] * 1e3:8.1f} ms ({row['adaptive_vs_full']:.2f}x) | adaptive whole "
-                  f"{row['adaptive_whole_s'] * 1e3:8.1f} ms ({row['adaptive_whole_vs_full']:.2f}x)\n"
-                  f"    streamed: {a['choice']}, recomputed {a['recomputed']}/{len(texts)}, fetched {a['fetched']}, "
+                  f"{row['plain_s'] * 1e3:8.1f} ms ({row['plain_vs_full']:.2f}x) | adaptive "
+                  f"{row['adaptive_s'] * 1e3:8.1f} ms ({row['adaptive_vs_full']:.2f}x) | adaptive streamed "
+                  f"{row['adaptive_streamed_s'] * 1e3:8.1f} ms ({row['adaptive_streamed_vs_full']:.2f}x)\n"
+                  f"    adaptive: {a['choice']}, recomputed {a['recomputed']}/{len(texts)}, fetched {a['fetched']}, "
                   f"stages {_ms(a['stages_s'])}: {a['reason']}\n"
-                  f"    whole:    {w['choice']}, recomputed {w['recomputed']}/{len(texts)}, fetched {w['fetched']}, "
+                  f"    streamed: {w['choice']}, recomputed {w['recomputed']}/{len(texts)}, fetched {w['fetched']}, "
                   f"stages {_ms(w['stages_s'])}", flush=True)  # fmt: skip
         store.close()
     return {"rows": rows, "prompt_tokens": int(ids.shape[1]), "entry_bytes": entry_bytes,

@@ -12,7 +12,8 @@ MEASURED here (medians of --reps after --warmup; TTFT = texts -> first-token log
   read is delivered no faster than R; not a network, no NIC or Redis client on the host) at R =
   10 and 25 Gb/s, per codec:
     plain     ``engine.fuse`` fetching whole entries over the link, then the pipelined fusion;
-    split k   ``AdaptiveConfig(recompute_chunks=k)``: the first k chunks recomputed in place while
+    split k   ``AdaptiveConfig(recompute_chunks=k)``, qfast (and qshallow, the probe over the first
+              half of the layers, for the first codec): the first k chunks recomputed in place while
               the other 16 - k stream in layer by layer (``stream.LayerStream``) into
               ``pipeline.fuse_entries``, which stages each layer as it arrives; stages from its
               stats: link (first read to last layer), recompute (front, device time), tail (from
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--gbits", default="10,25", help="emulated link rates, Gb/s")
     ap.add_argument("--splits", default="0,2,4,5,6,7,8,10,12")
     ap.add_argument("--fronts", default="2,4,5,6,7,8,10,12")
+    ap.add_argument("--shallow-splits", default="0,4,5,6,7,8", help="qshallow splits, first codec only")
     ap.add_argument("--warmup", type=int, default=2)  # (a shape is recorded as a graph on its 2nd call)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
@@ -175,28 +177,38 @@ def main() -> None:
             planner = speed_engine(lm.model, tok, slow, c, adaptive=AdaptiveConfig(), **fast)
             for gbit in gbits:
                 slow.bytes_per_s = gbit * 1e9 / 8
-                lk: dict = {"splits": []}
+                lk: dict = {"splits": [], "shallow_splits": []}
                 row["links"][str(gbit)] = lk
                 t_pl, _ = median_s(
                     lambda p=plain: p.fuse(texts, question).logits.cpu(), args.warmup, args.reps, dev
                 )
                 lk["plain_s"] = t_pl
                 log(f"  {gbit:g} Gb/s (emulated): plain fetch {t_pl * 1e3:7.1f} ms ({t_pl / full:.3f}x)")
-                for k in splits:
+                sweep = [(k, "qfast") for k in splits]
+                if c == codecs[0]:
+                    sweep += [
+                        (int(x), "qshallow") for x in args.shallow_splits.split(",") if x and int(x) < n
+                    ]
+                for k, policy in sweep:
                     ad.adaptive = AdaptiveConfig(recompute_chunks=k)
-                    t, outs = median_s(lambda ad=ad: ad.fuse(texts, question), args.warmup, args.reps, dev)
+                    t, outs = median_s(
+                        lambda ad=ad, policy=policy: ad.fuse(texts, question, policy=policy),
+                        args.warmup,
+                        args.reps,
+                        dev,
+                    )
                     st = [o.stats["adaptive"]["seconds"] for o in outs]
                     sec = {
                         s: statistics.median(x[s] for x in st) for s in ("plan", "fetch", "recompute", "tail")
                     }
                     o = outs[-1]
                     diff = float((o.logits.float().cpu() - ref).abs().max()) if k == 0 else None
-                    lk["splits"].append({"k": k, "ttft_s": t, "stages_s": sec, "fast_path": bool(o.stats.get("fast_path")),
+                    lk["splits" if policy == "qfast" else "shallow_splits"].append({"k": k, "ttft_s": t, "stages_s": sec, "fast_path": bool(o.stats.get("fast_path")),
                                          "repaired": o.stats["adaptive"]["repaired"],
                                          "compute_fraction": o.stats["compute_fraction"],
                                          "fusion_stages_s": {s: v for s, v in o.stats["seconds"].items()},
                                          "max_abs_logit_diff_vs_local": diff})  # fmt: skip
-                    log(f"    split {k:2d}/{n - k:2d}: {t * 1e3:7.1f} ms ({t / full:.3f}x) | link {sec['fetch'] * 1e3:.1f} "
+                    log(f"    {policy:8s} split {k:2d}/{n - k:2d}: {t * 1e3:7.1f} ms ({t / full:.3f}x) | link {sec['fetch'] * 1e3:.1f} "
                         f"front {sec['recompute'] * 1e3:.1f} tail {sec['tail'] * 1e3:.1f} plan {sec['plan'] * 1e6:.0f}us"
                         + (f" | max |logit - local| {diff:.3g}" if diff is not None else "")
                         + ("" if o.stats.get("fast_path") else " | NOT STREAMED"))  # fmt: skip
@@ -238,6 +250,7 @@ def projection(res: dict) -> str:
         "| link | codec | tail ms | best k | projected ms | x full | emulated best split ms | x full | planner (emulated) ms | x full | plain fetch (emulated) ms | x full |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
+    shallow: list[str] = []
     for gbit in (1.0, 10.0, 25.0):
         bw = gbit * 1e9 / 8
         for c, row in res["codecs"].items():
@@ -267,6 +280,13 @@ def projection(res: dict) -> str:
             out.append(
                 f"| {gbit:g} Gb/s | {c} | {tail * 1e3:.1f} | {pick} | {proj * 1e3:.0f} | {proj / full:.2f} | {emu} | {pl} | {plain} |"
             )
+            if lk is not None and lk.get("shallow_splits"):
+                e = min(lk["shallow_splits"], key=lambda s: s["ttft_s"])
+                shallow.append(f"| {gbit:g} Gb/s | {c} | {e['ttft_s'] * 1e3:.0f} (k={e['k']}) | {e['ttft_s'] / full:.2f} | "
+                               f"{e['stages_s']['tail'] * 1e3:.1f} |")  # fmt: skip
+    if shallow:
+        out += ["", "qshallow (probe over the first half of the layers: the recompute runs behind the link), EMULATED:", "",
+                "| link | codec | best split ms | x full | its tail ms |", "|---|---|---|---|---|", *shallow]  # fmt: skip
     return "\n".join(out)
 
 
