@@ -9,7 +9,7 @@ other than nothing, then fused as usual (naive reuse, qfast at the ratios). Cont
   prev       the prefix and the passage that precedes it in this prompt (order-dependent: an
              upper bound for one passage of real context, not precomputable in general)
   fill:<ij..>[:all]  the prefix and fillers i, j, ..; with :all the first chunk too
-  corpus:<split>:<i>[:j,k][:all]  the prefix and passages j, k (default 0, 1) of case i of that split (a fixed
+  corpus:<split>:<i>[:j+k][:all]  the prefix and passages j, k (default 0, 1) of case i of that split (a fixed
              pair from the same corpus for every chunk: a corpus-chosen sink, not the prompt's)
   ktemp<a>   std, the reused chunk keys scaled by a (attention temperature on stale tokens, APE)
 
@@ -98,7 +98,7 @@ def main():
                     other = quality.load_cases(a.data, None if split == "all" else split)[int(idx)]
                     first_too = bool(which) and which[-1] == "all"
                     which = which[:-1] if first_too else which
-                    pick = [int(x) for x in which[0].split(",")] if which else [0, 1]
+                    pick = [int(x) for x in which[0].split("+")] if which else [0, 1]
                     extra = [t for i in pick for t in e._chunk_ids(quality.passage_text(other["ctxs"][i]))]
                     sinks = [pre + extra if first_too else None] + [pre + extra] * (len(cids) - 1)
                 elif ctx.startswith("fill:"):  # fill:<filler indices>[:all] (all: the first chunk too)

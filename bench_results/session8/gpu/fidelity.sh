@@ -6,14 +6,16 @@
 # variant per chunk). Tags: none = prefix sink; ctx = the two generic CONTEXT_SINK_PASSAGES;
 # ctxc = two passages of the same corpus that no prompt of the run holds (factual dev: case 0 of
 # heldout, passages 0-1; heldout: case 0 of dev; MuSiQue: question 0's passages 5-6).
-#   part "fact": the factual set, both splits, every case (dev 59, heldout 56), 12 processes:
+#   part "fact": the factual set, both splits, every case (dev 59, heldout 56), 16 processes:
 #     prefix sink  naive, qfast@0.15, qvalue@0.15 (+ bf16 full prefill on 8 cases per split)
 #     ctx          naive, qfast@0.15
 #     ctxc         naive, qfast@0.15, qvalue@0.15
+#     ctxc1        ctxc with the first chunk from its prefix-sink encoding (exact: two stored
+#                  variants per chunk, bench-side through fuse_kv), naive, qfast@0.15
 #   part "musique": the 100 musique_dev questions, 5 passages, 12 processes:
 #     prefix sink  naive, qfast@0.05, qfast@0.15, qvalue@0.15 (+ bf16 full prefill on 4 questions)
 #     ctxc         naive, qfast@0.05, qfast@0.15
-# PART=all (default) runs both at once (24 processes on the 16 cores), every slice cut at SLICE_S
+# PART=all (default) runs both at once (28 processes on the 16 cores), every slice cut at SLICE_S
 # (200 s); about 240 s in all with the merges. Each slice writes its rows after every question;
 # the merge pools what finished and (--common) compares every config on the questions all of
 # them finished (n in the tables): at ~3 question-configs/s (session 7's call B) one window
@@ -48,6 +50,8 @@ if [ $PART = all ] || [ $PART = fact ]; then
         --configs qfast@0.15
       run fact_${split}_ctxc_$s $FACT --split $split --start $s --questions 30 --sink context \
         --sink-context $other:0:0,1 --tag ctxc --configs qfast@0.15,qvalue@0.15
+      run fact_${split}_ctxc1_$s $FACT --split $split --start $s --questions 30 --sink context \
+        --sink-context $other:0:0,1 --first-exact --tag ctxc1 --configs qfast@0.15
     done
   done
 fi
@@ -66,7 +70,7 @@ echo "slices done after $((SECONDS - t0)) s" >> $T/env.log
 for f in $T/*.json; do python3 -c "import json,sys; json.load(open(sys.argv[1]))" $f 2>/dev/null || mv $f $f.broken; done
 M="timeout 40 python3 -m chunkcache.bench.quality --questions 1000 --common --merge"
 {
-  echo "== H200, SmolLM2-135M fp32, 32 answer tokens; prefix sink (no tag) vs context sink (ctx: generic passages, ctxc: corpus passages)"
+  echo "== H200, SmolLM2-135M fp32, 32 answer tokens; prefix sink (no tag) vs context sink (ctx: generic passages, ctxc: corpus passages, ctxc1: and the first chunk exact)"
   echo "== every config on the questions all configs finished (n); gap against prefix-sink naive reuse"
   if ls $T/fact_dev_*.json > /dev/null 2>&1; then
     for split in dev heldout; do
