@@ -9,12 +9,13 @@
 #   part "fact": the factual set, both splits, every case (dev 59, heldout 56), 16 processes:
 #     prefix sink  naive, qfast@0.15, qvalue@0.15 (+ bf16 full prefill on 8 cases per split)
 #     ctx          naive, qfast@0.15
-#     ctxc         naive, qfast@0.15, qvalue@0.15
+#     ctxc         naive, qfast@0.15
 #     ctxc1        ctxc with the first chunk from its prefix-sink encoding (exact: two stored
-#                  variants per chunk, bench-side through fuse_kv), naive, qfast@0.15
+#                  variants per chunk, bench-side through fuse_kv), naive, qfast@0.15, qvalue@0.15
+#                  (the best on the CPU: NOTES.md section 2)
 #   part "musique": the 100 musique_dev questions, 5 passages, 12 processes:
 #     prefix sink  naive, qfast@0.05, qfast@0.15, qvalue@0.15 (+ bf16 full prefill on 4 questions)
-#     ctxc         naive, qfast@0.05, qfast@0.15
+#     ctxc1        naive, qfast@0.05, qfast@0.15
 # PART=all (default) runs both at once (28 processes on the 16 cores), every slice cut at SLICE_S
 # (200 s); about 240 s in all with the merges. Each slice writes its rows after every question;
 # the merge pools what finished and (--common) compares every config on the questions all of
@@ -49,9 +50,9 @@ if [ $PART = all ] || [ $PART = fact ]; then
       run fact_${split}_ctx_$s $FACT --split $split --start $s --questions 30 --sink context --tag ctx \
         --configs qfast@0.15
       run fact_${split}_ctxc_$s $FACT --split $split --start $s --questions 30 --sink context \
-        --sink-context $other:0:0,1 --tag ctxc --configs qfast@0.15,qvalue@0.15
+        --sink-context $other:0:0,1 --tag ctxc --configs qfast@0.15
       run fact_${split}_ctxc1_$s $FACT --split $split --start $s --questions 30 --sink context \
-        --sink-context $other:0:0,1 --first-exact --tag ctxc1 --configs qfast@0.15
+        --sink-context $other:0:0,1 --first-exact --tag ctxc1 --configs qfast@0.15,qvalue@0.15
     done
   done
 fi
@@ -60,8 +61,8 @@ if [ $PART = all ] || [ $PART = musique ]; then
     n=$(( s < 68 ? 17 : 16 )); nf=0; [ $s = 0 ] && nf=4
     run mus_std_$s --passages 5 --start $s --questions $n --noise-floor $nf \
       --configs qfast@0.05,qfast@0.15,qvalue@0.15
-    run mus_ctxc_$s --passages 5 --start $s --questions $n --sink context --sink-context all:0:5,6 \
-      --tag ctxc --configs qfast@0.05,qfast@0.15
+    run mus_ctxc1_$s --passages 5 --start $s --questions $n --sink context --sink-context all:0:5,6 \
+      --first-exact --tag ctxc1 --configs qfast@0.05,qfast@0.15
   done
 fi
 wait
