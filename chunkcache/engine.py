@@ -74,10 +74,28 @@ class PrecomputeConfig:
     caches then survive a change of the instruction or system prompt), or ``context`` (the
     prefix and two generic made-up passages: every chunk is encoded as a later passage, as
     fusion places all but the first; none is then exact in the prompt)."""
+    context: tuple[str, ...] | None = None
+    """With ``sink="context"``: the passages it is made of (None: ``CONTEXT_SINK_PASSAGES``), e.g.
+    a few typical passages of the corpus. Only for that sink."""
 
     def __post_init__(self) -> None:
         if self.sink not in SINKS:
             raise ValueError(f"sink must be one of {', '.join(map(repr, SINKS))}, got {self.sink!r}")
+        if self.context is not None:
+            if self.sink != "context":
+                raise ValueError(f"sink_context is only for sink='context', got sink={self.sink!r}")
+            if (
+                isinstance(self.context, str)
+                or not self.context
+                or not all(isinstance(t, str) and t.strip() for t in self.context)
+            ):
+                raise ValueError("sink_context must be a non-empty list of non-empty passage strings")
+
+    def sink_ids(self, template: PromptTemplate) -> list[int]:
+        """The tokens a chunk is encoded behind (``PromptTemplate.sink_ids``)."""
+        if self.context is None:
+            return template.sink_ids(self.sink)
+        return template.sink_ids(self.sink, tuple(self.context))
 
 
 class ChunkCache:
@@ -93,6 +111,7 @@ class ChunkCache:
         device: str | torch.device | None = None,
         codec: str = "raw",
         sink: str = "prefix",
+        sink_context: Sequence[str] | None = None,
         policy: str = "qfast",
         recompute_ratio: float = 0.15,
         instruction: str = DEFAULT_INSTRUCTION,
@@ -108,7 +127,7 @@ class ChunkCache:
         # Every argument is checked before the model loads (seconds) or the store opens.
         dtype = checks.dtype(dtype)
         device = checks.device(device)
-        settings = PrecomputeConfig(sink=sink)
+        settings = PrecomputeConfig(sink=sink, context=None if sink_context is None else tuple(sink_context))
         default_fuse = FuseConfig(recompute_ratio=checks.ratio(recompute_ratio), policy=policy)
         checks.codec(codec)
         checks.nonnegative_int(device_cache_bytes, "device_cache_bytes")
@@ -209,7 +228,7 @@ class ChunkCache:
                 model_fingerprint=self.lm.fingerprint,
                 dtype=str(self.lm.dtype).removeprefix("torch."),
                 codec=self.codec,
-                settings={"sink": self.settings.sink, "sink_ids": self.template.sink_ids(self.settings.sink)},
+                settings={"sink": self.settings.sink, "sink_ids": self.settings.sink_ids(self.template)},
                 format_version=FORMAT_VERSION,
             )
         return self._key_inputs
@@ -468,7 +487,7 @@ class ChunkCache:
         if progress is None:
             progress = len(todo) > 32
         with self._tok_lock:
-            sink = self.template.sink_ids(self.settings.sink)
+            sink = self.settings.sink_ids(self.template)
         # Encode and store in slices so an interrupted run keeps what it finished.
         step = max(batch_size, 1) * 4
         bar = None

@@ -90,15 +90,16 @@ class PromptTemplate:
     def suffix_ids(self, question: str) -> list[int]:
         return self.encode(self.suffix.replace("{question}", question.strip()))
 
-    def sink_ids(self, kind: str) -> list[int]:
+    def sink_ids(self, kind: str, context: tuple[str, ...] = CONTEXT_SINK_PASSAGES) -> list[int]:
         """The tokens a chunk is encoded behind: ``bos`` (one token), the whole ``prefix``, or
-        ``context``: the prefix and ``CONTEXT_SINK_PASSAGES`` laid out as chunks, so that a chunk
+        ``context``: the prefix and the ``context`` passages (default ``CONTEXT_SINK_PASSAGES``)
+        laid out as chunks, so that a chunk
         is encoded as a passage that follows other passages, which is where fusion places every
         chunk but the first (measured in bench_results/session8/fidelity/NOTES.md)."""
         if kind == "prefix":
             return self.prefix_ids()
         if kind == "context":
-            return self.prefix_ids() + [t for text in CONTEXT_SINK_PASSAGES for t in self.chunk_ids(text)]
+            return self.prefix_ids() + [t for text in context for t in self.chunk_ids(text)]
         bos = getattr(self.tokenizer, "bos_token_id", None)
         return [bos] if bos is not None else self.prefix_ids()[:1]
 

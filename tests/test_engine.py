@@ -60,8 +60,19 @@ def test_each_sink_has_its_own_caches(tmp_path, smol_tokenizer):
         chunk = b.chunk(PASSAGES[0])
     assert chunk.base_pos == len(b.template.sink_ids("context")) > len(b.template.prefix_ids())
     b.store.close()
+    # a context of the user's passages is another sink again
+    c = ChunkCache(
+        model=model, tokenizer=smol_tokenizer, store=None, sink="context", sink_context=["T\nSome text."]
+    )
+    t = c.template
+    assert c.chunk(PASSAGES[0]).base_pos == len(t.prefix_ids()) + len(t.chunk_ids("T\nSome text."))
+    assert c.key(PASSAGES[0]) not in (a.key(PASSAGES[0]), b.key(PASSAGES[0]))
     with pytest.raises(ValueError, match="'bos', 'prefix', 'context'"):
         ChunkCache(model="no-such-model", sink="passages")
+    with pytest.raises(ValueError, match="only for sink='context'"):
+        ChunkCache(model="no-such-model", sink_context=["T\nSome text."])
+    with pytest.raises(ValueError, match="non-empty list"):
+        ChunkCache(model="no-such-model", sink="context", sink_context="T\nSome text.")
 
 
 def test_entry_under_a_forged_key_is_replaced_not_used(smol_tokenizer):

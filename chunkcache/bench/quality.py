@@ -58,6 +58,25 @@ def load_cases(data_path: str | Path, split: str | None = None) -> list[dict]:
     return cases
 
 
+def passage_text(ctx: dict) -> str:
+    """A passage as the benchmark gives it to the engine: its title, a newline, its text."""
+    return f"{ctx['title']}\n{ctx['text']}"
+
+
+def sink_context(data_path: str | Path, spec: str) -> list[str]:
+    """The passages of ``--sink-context SPLIT:CASE:I,J,..``: passages I, J, .. of case CASE of
+    that split of the data (``all``: the cases in file order), e.g. passages no prompt of the run
+    holds, as a corpus-chosen context sink."""
+    try:
+        split, case, which = spec.split(":")
+        ex = load_cases(data_path, None if split == "all" else split)[int(case)]
+        return [passage_text(ex["ctxs"][int(i)]) for i in which.split(",")]
+    except (ValueError, IndexError) as err:
+        raise ValueError(
+            f"--sink-context takes SPLIT:CASE:I,J (passages of one case), got {spec!r}: {err}"
+        ) from None
+
+
 def correct(text: str, answers: list[str]) -> bool:
     """Answer accuracy: some gold answer is contained in the text (case-insensitive)."""
     low = text.lower()
@@ -322,7 +341,7 @@ def run(
     if noise_engine is not None:
         noise_name = "full-" + str(noise_engine.lm.dtype).removeprefix("torch.")
     for qi, ex in enumerate(data):
-        texts = [f"{c['title']}\n{c['text']}" for c in ex["ctxs"][:passages]]
+        texts = [passage_text(c) for c in ex["ctxs"][:passages]]
         question = ex["question"]
         engine.precompute(texts)
         ids = engine.prompt_ids(texts, question).to(engine.lm.device)
@@ -514,6 +533,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-dtype", default="bfloat16", help="dtype of the noise-floor full prefill")
     p.add_argument("--sink", default="prefix", choices=["bos", "prefix", "context"], help="precompute sink")
     p.add_argument(
+        "--sink-context",
+        default=None,
+        help="with --sink context: SPLIT:CASE:I,J, the sink made of passages I, J of that case of --data "
+        "(default: the generic CONTEXT_SINK_PASSAGES)",
+    )
+    p.add_argument(
         "--first-exact",
         action="store_true",
         help="with --sink context: fuse the first chunk from its prefix-sink encoding (two variants per chunk)",
@@ -587,6 +612,14 @@ def run_cli(args: argparse.Namespace) -> int:
     ratios = tuple(float(x) for x in args.ratios.split(",") if x)
     refines = tuple((int(a), float(b)) for a, b in (x.split(":") for x in args.refine.split(",") if x))
     load_cases(args.data, args.split)  # a missing file or split fails before the model loads
+    if args.sink_context and args.sink != "context":
+        raise SystemExit("--sink-context needs --sink context")
+    context = None
+    if args.sink_context:
+        try:
+            context = sink_context(args.data, args.sink_context)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     header = {"command": command_line(), "settings": {k: v for k, v in vars(args).items() if not callable(v)}}
     engine = ChunkCache(
         model=args.model,
@@ -594,6 +627,7 @@ def run_cli(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         sink=args.sink,
+        sink_context=context,
         codec=args.codec,
     )
     if args.first_exact and args.sink != "context":

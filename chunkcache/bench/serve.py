@@ -259,7 +259,7 @@ def _summary(name: str, ttfts: list[float], tokens: int, wall: float, **extra) -
     return {
         "side": name, "queries": len(qs), "wall_s": wall, "qps": len(qs) / wall, "tokens_per_s": tokens / wall,
         "ttft_p50_s": pct(50), "ttft_p99_s": pct(99), "ttft_mean_s": statistics.fmean(qs) if qs else float("nan"),
-        **extra,
+        "ttft_p90_s": pct(90), "ttft_max_s": qs[-1] if qs else float("nan"), **extra,
     }  # fmt: skip
 
 
@@ -304,6 +304,11 @@ def run(
     def streams(base=0):
         return [_queries(w, corpus, fresh, qs, seed=base + c) for c in range(clients)]
 
+    def captures() -> int:  # CUDA graphs recorded so far by the fused side's stagings
+        pool = getattr(eng, "_pool", None)
+        stagings = pool.stagings() if pool is not None else []
+        return sum(st.graphs.captures for st in stagings if getattr(st, "graphs", None) is not None)
+
     def measure(name, call, acall=None, **extra):
         warm = streams(base=10_000)[0]
         for _ in range(warmup):
@@ -311,14 +316,17 @@ def run(
         if warmup_s > 0:  # (other seeds: the measured streams' misses stay misses)
             _threads(call, streams(base=20_000), warmup_s)
         _sync()
+        before = captures()
         if use_asyncio:
             got = _tasks(acall or (lambda t, q: asyncio.to_thread(call, t, q)), streams(), seconds)
         else:
             got = _threads(call, streams(), seconds)
-        s = _summary(name, *got, **extra)
+        s = _summary(name, *got, **extra, graph_captures=captures() - before)
         log(
             f"  {name:14s} {s['queries']:5d} queries  {s['qps']:7.2f} q/s  {s['tokens_per_s']:8.1f} tok/s  "
-            f"TTFT p50 {s['ttft_p50_s'] * 1e3:8.1f} ms  p99 {s['ttft_p99_s'] * 1e3:8.1f} ms"
+            f"TTFT p50 {s['ttft_p50_s'] * 1e3:8.1f} ms  p90 {s['ttft_p90_s'] * 1e3:8.1f} ms  "
+            f"p99 {s['ttft_p99_s'] * 1e3:8.1f} ms  max {s['ttft_max_s'] * 1e3:8.1f} ms  "
+            f"graphs recorded {s['graph_captures']}"
         )
         return s
 

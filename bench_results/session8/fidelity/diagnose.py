@@ -54,8 +54,13 @@ def score_cache(e, kv, upto, ids, full, answers, gen=32):
     k = quality.kl(full["forced_logits"], lg)
     cache = F.kv_to_cache(kv[:, :, :, :upto])
     text = e.tokenizer.decode(quality.greedy(e, ids, cache, gen), skip_special_tokens=True).strip()
-    return {"kl_first": float(k[0]), "kl_answer": float(k.mean()), "correct": quality.correct(text, answers),
-            "agree": text == full["text"], "answer": text}
+    return {
+        "kl_first": float(k[0]),
+        "kl_answer": float(k.mean()),
+        "correct": quality.correct(text, answers),
+        "agree": text == full["text"],
+        "answer": text,
+    }
 
 
 def probe_attention(e, buf, ids, n_prefix, lengths):
@@ -89,8 +94,12 @@ def main():
         keys = e.precompute(texts)
         ids = e.prompt_ids(texts, ex["question"])
         first, fl, forced, plain = quality.full_reference(e, ids, 32, 32)
-        full = {"first": first, "forced_logits": fl, "forced": forced,
-                "text": e.tokenizer.decode(plain, skip_special_tokens=True).strip()}
+        full = {
+            "first": first,
+            "forced_logits": fl,
+            "forced": forced,
+            "text": e.tokenizer.decode(plain, skip_special_tokens=True).strip(),
+        }
         Fkv = full_kv(e, ids)
         kvs = [e._load(k) for k in keys]
         P = e.prefix_kv().shape[3]
@@ -122,17 +131,24 @@ def main():
         dv = (Fkv[:, :, :, P:S] - buf[:, :, :, P:S]).float().norm(dim=-1).mean(2)  # [L,2,C]
         fn = Fkv[:, :, :, P:S].float().norm(dim=-1).mean(2)
         co = chunk_of[P:S]
-        devrows.append({"q": a.start + qi, "rel_dev_layer_K": (dv[:, 0].mean(1) / fn[:, 0].mean(1)).tolist(),
-                        "rel_dev_layer_V": (dv[:, 1].mean(1) / fn[:, 1].mean(1)).tolist(),
-                        "rel_dev_chunk_V": [float(dv[:, 1][:, co == c].mean() / fn[:, 1][:, co == c].mean())
-                                            for c in range(len(kvs))],
-                        "gold": gold})
+        devrows.append(
+            {
+                "q": a.start + qi,
+                "rel_dev_layer_K": (dv[:, 0].mean(1) / fn[:, 0].mean(1)).tolist(),
+                "rel_dev_layer_V": (dv[:, 1].mean(1) / fn[:, 1].mean(1)).tolist(),
+                "rel_dev_chunk_V": [
+                    float(dv[:, 1][:, co == c].mean() / fn[:, 1][:, co == c].mean()) for c in range(len(kvs))
+                ],
+                "gold": gold,
+            }
+        )
         if "sweep" in groups or "oracle" in groups:
             for r in ratios:
                 fused = e.fuse(texts, ex["question"], recompute_ratio=r, policy="qfast")
                 sel = fused.selected
-                res[f"fused:qfast@{r:g}"] = quality.score(e, quality.FusedAnswer(e, fused),
-                                                          {**full, "plain": plain}, ex["answers"], 32)
+                res[f"fused:qfast@{r:g}"] = quality.score(
+                    e, quality.FusedAnswer(e, fused), {**full, "plain": plain}, ex["answers"], 32
+                )
                 if "oracle" in groups:
                     add(f"selKV:qfast@{r:g}", exact_at(sel))
                     rk = buf.clone()
@@ -142,17 +158,29 @@ def main():
                     fdv = (Fkv[:, :, :, P:S] - fused.kv[:, :, :, P:S]).float().norm(dim=-1).mean(2)
                     m = torch.zeros(C, dtype=torch.bool)
                     m[sel - P] = True
-                    devrows[-1][f"fused{r:g}_sel_V"] = (fdv[:, 1][:, m].mean(1) / fn[:, 1][:, m].mean(1)).tolist()
-                    devrows[-1][f"fused{r:g}_unsel_V"] = (fdv[:, 1][:, ~m].mean(1) / fn[:, 1][:, ~m].mean(1)).tolist()
-                    devrows[-1][f"stale{r:g}_sel_V"] = (dv[:, 1][:, m].mean(1) / fn[:, 1][:, m].mean(1)).tolist()
+                    devrows[-1][f"fused{r:g}_sel_V"] = (
+                        fdv[:, 1][:, m].mean(1) / fn[:, 1][:, m].mean(1)
+                    ).tolist()
+                    devrows[-1][f"fused{r:g}_unsel_V"] = (
+                        fdv[:, 1][:, ~m].mean(1) / fn[:, 1][:, ~m].mean(1)
+                    ).tolist()
+                    devrows[-1][f"stale{r:g}_sel_V"] = (
+                        dv[:, 1][:, m].mean(1) / fn[:, 1][:, m].mean(1)
+                    ).tolist()
             if "oracle" in groups:
-                true_attn = probe_attention(e, Fkv, ids, P, lengths).sum(0)  # the question's attention in full prefill
+                true_attn = probe_attention(e, Fkv, ids, P, lengths).sum(
+                    0
+                )  # the question's attention in full prefill
                 stale_attn = probe_attention(e, buf, ids, P, lengths).sum(0)
                 vdev = dv[:, 1].sum(0)
                 for r in ratios:
                     k = round(r * C)
-                    for how, sc in [("truedev", vdev), ("trueattn", true_attn), ("trueattn*dev", true_attn * vdev),
-                                    ("staleattn*dev", stale_attn * vdev)]:
+                    for how, sc in [
+                        ("truedev", vdev),
+                        ("trueattn", true_attn),
+                        ("trueattn*dev", true_attn * vdev),
+                        ("staleattn*dev", stale_attn * vdev),
+                    ]:
                         add(f"rank:{how}@{r:g}", exact_at(torch.topk(sc, k).indices + P))
         if "layers" in groups:
             allpos = torch.arange(P, S)
@@ -173,11 +201,24 @@ def main():
             for c in range(len(kvs)):
                 add(f"chunk{c}", exact_at(torch.arange(offs[c], offs[c] + lengths[c])))
         for name, r in res.items():
-            rows.append({"q": a.start + qi, "config": name, "full_correct": quality.correct(full["text"], ex["answers"]),
-                         **{k: v for k, v in r.items() if k in ("kl_first", "kl_answer", "correct", "agree", "answer")}})
+            rows.append(
+                {
+                    "q": a.start + qi,
+                    "config": name,
+                    "full_correct": quality.correct(full["text"], ex["answers"]),
+                    **{
+                        k: v
+                        for k, v in r.items()
+                        if k in ("kl_first", "kl_answer", "correct", "agree", "answer")
+                    },
+                }
+            )
         json.dump({"rows": rows, "dev": devrows}, open(a.out, "w"))
-        print(f"[{qi + 1}/{len(cases)}] {time.time() - t0:.0f}s C={C} gold={gold} "
-              f"naive {res['naive']['kl_first']:.3f} full {full['text'][:50]!r}", flush=True)
+        print(
+            f"[{qi + 1}/{len(cases)}] {time.time() - t0:.0f}s C={C} gold={gold} "
+            f"naive {res['naive']['kl_first']:.3f} full {full['text'][:50]!r}",
+            flush=True,
+        )
     summarize(rows)
 
 
@@ -186,7 +227,9 @@ def summarize(rows):
     for r in rows:
         g[r["config"]].append(r)
     naive = {r["q"]: r for r in g["naive"]}
-    print(f"{'config':<24}{'n':>4}{'KL@start':>9}{'gap%':>7}{'KL/tok':>8}{'gap%':>7}{'acc/full':>9}{'agree':>6}")
+    print(
+        f"{'config':<24}{'n':>4}{'KL@start':>9}{'gap%':>7}{'KL/tok':>8}{'gap%':>7}{'acc/full':>9}{'agree':>6}"
+    )
     for name, rs in g.items():
         n = len(rs)
         kf = sum(r["kl_first"] for r in rs) / n
@@ -196,8 +239,10 @@ def summarize(rows):
         fc = sum(r["full_correct"] for r in rs)
         acc = sum(r["correct"] and r["full_correct"] for r in rs) / max(fc, 1)
         ag = sum(r["agree"] for r in rs) / n
-        print(f"{name:<24}{n:>4}{kf:>9.4f}{100 * (1 - kf / nf):>7.1f}{ka:>8.4f}{100 * (1 - ka / na):>7.1f}"
-              f"{acc:>9.2f}{ag:>6.2f}")
+        print(
+            f"{name:<24}{n:>4}{kf:>9.4f}{100 * (1 - kf / nf):>7.1f}{ka:>8.4f}{100 * (1 - ka / na):>7.1f}"
+            f"{acc:>9.2f}{ag:>6.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Tables of the diagnosis runs: python summ.py FILE.json [FILE.json ...] (pools the rows)."""
+
 import json
 import sys
 
