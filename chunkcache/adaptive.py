@@ -75,10 +75,12 @@ class AdaptiveConfig:
     smoothing: float = 0.5
     """Weight of the newest measurement in the running averages."""
     explore_every: int = 16
-    """After this many full-prefill fallbacks in a row, run the fastest mix once instead, so that
-    a rate that made the mix look slow is measured again (it may have been a bad reading, or the
-    link got faster). Only when its fetch is estimated no longer than a full prefill, so an
-    exploration costs at most about one more prefill's time in ``explore_every`` calls. 0: never."""
+    """A rate that no plan measures any more is measured again after this many calls (it may have
+    been a bad reading, or the link or the load changed): after that many full-prefill fallbacks
+    in a row, one call runs a mix (every chunk but the last recomputed in place: about a prefill
+    plus the fusion's tail; only when that one fetch is estimated no longer than a prefill); after
+    that many fused calls that recomputed nothing (so the recompute rate is not refreshed), one
+    call recomputes the first chunk in place (at most a chunk's recompute more). 0: never."""
 
     def __post_init__(self) -> None:
         from chunkcache import checks
@@ -112,7 +114,8 @@ class Rates:
     process's first fusion pays one-off costs (allocations, kernel compilation, caches) that would
     otherwise hold a rate far too low, and a plan that then never runs that mix never measures it
     again (measured: a first fusion at 163 tokens/s against 1,118-1,418 later). ``fallbacks`` counts
-    full prefills since a fused plan last ran (``AdaptiveConfig.explore_every``)."""
+    full prefills since a fused plan last ran, ``unrecomputed`` calls since the recompute rate was
+    last read (``AdaptiveConfig.explore_every``)."""
 
     def __init__(self, smoothing: float = 0.5) -> None:
         self.smoothing = smoothing
@@ -120,6 +123,7 @@ class Rates:
         self.recompute: float | None = None
         self.fuse: float | None = None
         self.fallbacks = 0
+        self.unrecomputed = 0
         self._warm: set[str] = set()  # kinds whose warm-up reading was seen
         self._lock = threading.Lock()
 

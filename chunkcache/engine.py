@@ -574,7 +574,8 @@ class ChunkCache:
             front=conf.recompute_chunks,
         )
         measured = None in (conf.link_bytes_per_s, conf.recompute_tokens_per_s, conf.fuse_tokens_per_s)
-        explore = measured and conf.explore_every > 0 and rates.fallbacks + 1 >= conf.explore_every
+        every = conf.explore_every if measured and conf.recompute_chunks is None else 0
+        explore = every > 0 and rates.fallbacks + 1 >= every
         chosen = None
         if conf.recompute_chunks is None and not explore:
             # First as if every precision were stored, touching no store: a full prefill chosen
@@ -606,6 +607,15 @@ class ChunkCache:
                 if last is not None and last <= chosen.full_s:
                     why = f"explore (after {rates.fallbacks} full prefills): {probe.reason}; " + chosen.reason
                     chosen = replace(probe, reason=why)
+            elif not chosen.full_prefill and chosen.front == 0 and every and len(tokens) > 1:
+                if rates.unrecomputed + 1 >= every and conf.recompute_tokens_per_s is None:
+                    # nothing recomputed for explore_every calls: the recompute rate (hence the
+                    # fallback's estimate) is not refreshed; recompute the first chunk once
+                    probe = adaptive.plan(tokens, sizes, **{**rated, "front": 1})
+                    why = (
+                        f"explore (recompute rate last read {rates.unrecomputed} calls ago): {probe.reason}; "
+                    )
+                    chosen = replace(probe, reason=why + chosen.reason)
         t_plan = time.perf_counter() - t_plan
         prefix_kv = self.prefix_kv()
         if chosen.full_prefill:
@@ -615,6 +625,7 @@ class ChunkCache:
             res.logits.cpu()
             t = time.perf_counter() - t
             rates.saw("recompute", res.stats["prompt_tokens"], t)
+            rates.unrecomputed = 0
             timing = {"plan": t_plan, "prefill": t}
             return self._adaptive_result(res, chosen, timing, [], t0)
         rates.fallbacks = 0
@@ -688,6 +699,7 @@ class ChunkCache:
             t_tail = time.perf_counter() - t  # after the fetch and the front
         t_front = front_s()
         rates.saw("recompute", len(ext_ids) if k else 0, t_front)
+        rates.unrecomputed = 0 if k else rates.unrecomputed + 1
         if back and not repaired:  # (a repair's reads and recompute are no fusion tail)
             rates.saw("fuse", n_ctx, t_tail)
         res = with_front(res, len(self._prefix_ids), tokens[:k], spec.num_layers, prefix_recomputed=k > 0)

@@ -245,7 +245,9 @@ def test_decisions_follow_the_measured_rates(model, smol_tokenizer):
 def test_a_bad_rate_reading_does_not_stick(model, smol_tokenizer):
     """A fusion-tail reading far too low makes every plan a full prefill, so no mix would ever
     measure it again; after ``explore_every`` full prefills in a row one call runs a mix (all but
-    the last chunk recomputed in place) and its reading replaces the bad one."""
+    the last chunk recomputed in place) and its reading replaces the bad one. A recompute reading
+    far too low likewise: after ``explore_every`` calls that recomputed nothing, one recomputes
+    the first chunk."""
     store = SlowStore(rate=1e12)
     eng = engine(model, smol_tokenizer, store, explore_every=3, link_bytes_per_s=1e15)
     eng.precompute(PASSAGES)
@@ -256,6 +258,12 @@ def test_a_bad_rate_reading_does_not_stick(model, smol_tokenizer):
     assert [a["choice"] for a in got] == ["full prefill", "full prefill", "fused"]
     assert got[2]["reason"].startswith("explore") and got[2]["recomputed"] == len(PASSAGES) - 1
     assert eng._rates.fuse > 1e-3 and eng._rates.fallbacks == 0  # measured again
+    # the other way round: a recompute reading far too low makes every plan fetch everything,
+    # so nothing is recomputed and the reading would stay; one call recomputes the first chunk
+    eng._rates.recompute = 1e-3
+    got = [eng.fuse(PASSAGES, QUESTION).stats["adaptive"] for _ in range(3)]
+    assert [a["recomputed"] for a in got] == [0, 0, 1] and got[2]["reason"].startswith("explore")
+    assert eng._rates.recompute > 1 and eng._rates.unrecomputed == 0
     never = engine(model, smol_tokenizer, store, explore_every=0, link_bytes_per_s=1e15)
     for _ in range(2):
         never.fuse(PASSAGES, QUESTION)
