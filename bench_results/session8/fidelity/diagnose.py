@@ -111,14 +111,15 @@ def main():
         gold = ex.get("gold")
         res = {}
 
+        # (closures over this case's tensors, called within its iteration only)
         def add(name, kv, upto=S):
-            res[name] = score_cache(e, kv, upto, ids, full, ex["answers"])
+            res[name] = score_cache(e, kv, upto, ids, full, ex["answers"])  # noqa: B023
 
         def exact_at(pos, layers=None):
-            b = buf.clone()
+            b = buf.clone()  # noqa: B023
             ls = range(L) if layers is None else layers
             for li in ls:
-                b[li, :, :, pos] = Fkv[li, :, :, pos]
+                b[li, :, :, pos] = Fkv[li, :, :, pos]  # noqa: B023
             return b
 
         add("naive", buf)
@@ -188,7 +189,7 @@ def main():
                 add(f"layers{lo}-{hi}", exact_at(allpos, range(lo, hi + 1)))
         if "chunks" in groups:
             for k in (4, 16):
-                pos = torch.cat([torch.arange(o, o + min(k, n)) for o, n in zip(offs, lengths)])
+                pos = torch.cat([torch.arange(o, o + min(k, n)) for o, n in zip(offs, lengths, strict=True)])
                 add(f"starts{k}", exact_at(pos))
             if gold is not None and gold < len(kvs):
                 gpos = torch.arange(offs[gold], offs[gold] + lengths[gold])

@@ -70,19 +70,25 @@ echo "slices done after $((SECONDS - t0)) s" >> $T/env.log
 # a slice killed while rewriting its file leaves broken JSON: merge only whole files
 for f in $T/*.json; do python3 -c "import json,sys; json.load(open(sys.argv[1]))" $f 2>/dev/null || mv $f $f.broken; done
 M="timeout 40 python3 -m chunkcache.bench.quality --questions 1000 --common --merge"
+# the merges run side by side (each a python start-up), then their tables are put in order
+if ls $T/fact_dev_*.json > /dev/null 2>&1; then
+  for split in dev heldout; do
+    $M $T/fact_${split}_*.json --out $O/fidelity8_factual_${split}_h200.json > $T/m_fact_$split.txt 2>&1 &
+  done
+fi
+if ls $T/mus_*.json > /dev/null 2>&1; then
+  $M $T/mus_*.json --out $O/fidelity8_musique_h200.json > $T/m_mus.txt 2>&1 &
+  $M $T/mus_*.json --start 0 --questions 50 > $T/m_mus0.txt 2>&1 &
+  $M $T/mus_*.json --start 50 --questions 50 > $T/m_mus50.txt 2>&1 &
+fi
+wait
 {
   echo "== H200, SmolLM2-135M fp32, 32 answer tokens; prefix sink (no tag) vs context sink (ctx: generic passages, ctxc: corpus passages, ctxc1: and the first chunk exact)"
   echo "== every config on the questions all configs finished (n); gap against prefix-sink naive reuse"
-  if ls $T/fact_dev_*.json > /dev/null 2>&1; then
-    for split in dev heldout; do
-      echo "== factual $split"; $M $T/fact_${split}_*.json --out $O/fidelity8_factual_${split}_h200.json
-    done
-  fi
-  if ls $T/mus_*.json > /dev/null 2>&1; then
-    echo "== MuSiQue dev"; $M $T/mus_*.json --out $O/fidelity8_musique_h200.json
-    echo "== MuSiQue dev, questions 0-49"; $M $T/mus_*.json --start 0 --questions 50
-    echo "== MuSiQue dev, questions 50-99"; $M $T/mus_*.json --start 50 --questions 50
-  fi
+  for x in "factual dev:m_fact_dev" "factual heldout:m_fact_heldout" "MuSiQue dev:m_mus" \
+           "MuSiQue dev, questions 0-49:m_mus0" "MuSiQue dev, questions 50-99:m_mus50"; do
+    f=$T/${x##*:}.txt; [ -f $f ] && { echo "== ${x%%:*}"; cat $f; }
+  done
 } > $O/tables.txt 2>&1
 echo "merged after $((SECONDS - t0)) s" >> $T/env.log
 cp $T/*.json $O/ 2>/dev/null
