@@ -4,7 +4,7 @@
 set -u
 REAL=$OUT; export OUT=/tmp/res5; rm -rf $OUT; mkdir -p $OUT
 source bench_results/session7/gpu/setup.sh > $OUT/setup.log 2>&1
-SLICE_S=${SLICE_S:-170} timeout 230 bash bench_results/session8/gpu/fidelity.sh > $OUT/fidelity.log 2>&1
+SLICE_S=${SLICE_S:-145} timeout 195 bash bench_results/session8/gpu/fidelity.sh > $OUT/fidelity.log 2>&1
 echo "fidelity rc=$?" >> $OUT/setup.log
 tar czf $REAL/call5.tgz -C $OUT .
 cat $OUT/setup.log; tail -n 60 $OUT/fidelity/tables.txt
