@@ -31,6 +31,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from chunkcache.errors import CorruptEntryError
 from chunkcache.format import PREFIX_BYTES, head_spans, header_span, part_layer_spans, read_header
@@ -112,20 +115,26 @@ class LayerStream:
             self._heads.set()
             per_layer = sum(b - a for h in headers for a, b in part_layer_spans(h, range(0, 1)))
             g = max(1, self.step_bytes // max(per_layer, 1))
-            for l0 in range(0, self.num_layers, g):
-                if self._stop:  # closed early (the fusion gave up): the rest is not needed
-                    raise RuntimeError("the stream was closed before every layer arrived")
-                l1 = min(self.num_layers, l0 + g)
-                want = [
-                    (i, a, b)
-                    for i, h in enumerate(headers)
-                    for a, b in part_layer_spans(h, range(l0, min(l1, h["kv_shape"][0])))
-                ]
-                self._place(entries, want, reader.read(want))
-                with self._cond:
-                    self.layers = l1
-                    self.t_last = time.perf_counter()
-                    self._cond.notify_all()
+            # A step's bytes are placed on a second thread while this one waits for the next
+            # step's (socket reads and the throttle release the GIL): copy and transfer overlap.
+            # Placements run in order, one at a time; ``layers`` moves only after a step is placed.
+            with ThreadPoolExecutor(1, thread_name_prefix="chunkcache-place") as placer:
+                placed = None
+                for l0 in range(0, self.num_layers, g):
+                    if self._stop:  # closed early (the fusion gave up): the rest is not needed
+                        raise RuntimeError("the stream was closed before every layer arrived")
+                    l1 = min(self.num_layers, l0 + g)
+                    want = [
+                        (i, a, b)
+                        for i, h in enumerate(headers)
+                        for a, b in part_layer_spans(h, range(l0, min(l1, h["kv_shape"][0])))
+                    ]
+                    got = reader.read(want)
+                    if placed is not None:
+                        placed.result()  # (raises a placement's error here)
+                    placed = placer.submit(self._place_step, entries, want, got, l1)
+                if placed is not None:
+                    placed.result()
         except BaseException as e:  # handed to the waiting threads, raised there
             with self._cond:
                 self._error = e
@@ -135,9 +144,18 @@ class LayerStream:
             if reader is not None:
                 reader.close()
 
+    def _place_step(self, entries: list[bytearray], want: list, got: list, layers: int) -> None:
+        self._place(entries, want, got)
+        with self._cond:
+            self.layers = layers
+            self.t_last = time.perf_counter()
+            self._cond.notify_all()
+
     def _place(self, entries: list[bytearray], want: list[tuple[int, int, int]], got: list) -> None:
         for (i, a, b), v in zip(want, got, strict=True):
             if len(v) != b - a:  # a truncated entry; (a slice assignment would resize the buffer)
                 raise CorruptEntryError(f"entry {self.keys[i]}: {len(v)} bytes at {a}, {b - a} expected")
-            entries[i][a:b] = v
+            # numpy copies outside the GIL, so the reader thread runs meanwhile (a bytearray
+            # slice assignment would hold it for the whole copy)
+            np.frombuffer(entries[i], dtype=np.uint8)[a:b] = np.frombuffer(v, dtype=np.uint8)
             self.nbytes += b - a
