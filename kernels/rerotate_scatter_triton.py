@@ -286,6 +286,15 @@ def _rerotate_scatter_kernel(
 
 
 @triton.jit
+def _packed_program(META_ptr, KO_ptr, VO_ptr, N_CHUNKS, sko_l, svo_l, META_COLS: tl.constexpr):
+    """The packed kernels' program dim 2 (layer * C + chunk) -> (chunk, its launch-table row, the
+    layer's K and V outputs)."""
+    g = tl.program_id(2).to(tl.int64)
+    layer = g // N_CHUNKS
+    return g % N_CHUNKS, META_ptr + g * META_COLS, KO_ptr + layer * sko_l, VO_ptr + layer * svo_l
+
+
+@triton.jit
 def _rerotate_scatter_packed_kernel(
     DATA_ptr,  # the packed buffer viewed as the codec's data dtype (raw: model dtype; int8; uint8)
     SC_ptr,  # the same buffer viewed as fp16 (scales and mins)
@@ -316,12 +325,7 @@ def _rerotate_scatter_packed_kernel(
     ``sko_l``/``svo_l`` apart per layer) in one launch: program (t-block, kv head, layer * C +
     chunk). Blocks past a shorter chunk's end are fully masked. int2m: column 8 is k_pos's byte
     offset (a uint8 view)."""
-    g = tl.program_id(2).to(tl.int64)
-    c = g % N_CHUNKS
-    layer = g // N_CHUNKS
-    KO_ptr += layer * sko_l
-    VO_ptr += layer * svo_l
-    m = META_ptr + g * META_COLS
+    c, m, KO_ptr, VO_ptr = _packed_program(META_ptr, KO_ptr, VO_ptr, N_CHUNKS, sko_l, svo_l, META_COLS)
     T = tl.load(m)
     if CODEC == 5:
         vm_ptr = DATA_ptr + tl.load(m + 8)
@@ -347,12 +351,7 @@ def _kept_rows_packed_kernel(
 ):  # fmt: skip
     """int2's kept rows of every chunk of one layer (or several): program (t-block, kv head,
     layer * C + chunk)."""
-    g = tl.program_id(2).to(tl.int64)
-    c = g % N_CHUNKS
-    layer = g // N_CHUNKS
-    KO_ptr += layer * sko_l
-    VO_ptr += layer * svo_l
-    m = META_ptr + g * META_COLS
+    c, m, KO_ptr, VO_ptr = _packed_program(META_ptr, KO_ptr, VO_ptr, N_CHUNKS, sko_l, svo_l, META_COLS)
     _kept_rows(
         I32_ptr + tl.load(m + 11), I8_ptr + tl.load(m + 12), I8_ptr + tl.load(m + 13),
         SC_ptr + tl.load(m + 14), SC_ptr + tl.load(m + 15), COS_ptr + c * D, SIN_ptr + c * D, KO_ptr, VO_ptr,
