@@ -154,6 +154,8 @@ def test_staging_pool_serves_waiters_first_come_first_served(monkeypatch):
     def holder():
         with pool.take():
             release.wait()
+        with pool.take():  # straight back for more: it must queue behind those already waiting
+            order.append("again")
 
     def waiter(i):
         with pool.take():
@@ -172,7 +174,7 @@ def test_staging_pool_serves_waiters_first_come_first_served(monkeypatch):
     release.set()
     for t in [first, *threads]:
         t.join()
-    assert order == [0, 1, 2, 3, 4]
+    assert order == [0, 1, 2, 3, 4, "again"]
     assert len(pool.stagings()) == 1 and not pool._waiters
 
     import chunkcache.pipeline as pipeline
