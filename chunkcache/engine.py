@@ -41,7 +41,7 @@ from chunkcache.batch import BatchConfig, Batcher, BatchRetry
 from chunkcache.decode import DecodeConfig, Decoder, Sampling, check_max_new_tokens, sampling_from
 from chunkcache.errors import CorruptEntryError, ForeignEntryError, ModelMismatchError, StoreError
 from chunkcache.format import FORMAT_VERSION
-from chunkcache.fuse import FuseConfig, FuseResult, assembled_job, fuse_kv, run_job
+from chunkcache.fuse import FuseConfig, FuseResult, assembled_job, fuse_kv, run_job, warmup_points
 from chunkcache.generation import (
     answer_text,
     astream_text,
@@ -863,6 +863,114 @@ class ChunkCache:
                     self._pool = StagingPool(self.lm.device, size=size)
         return self._pool
 
+    def warmup(
+        self,
+        context_tokens: tuple[int, int],
+        question_tokens: tuple[int, int] = (1, 32),
+        chunk_tokens: int = 512,
+        recompute_ratio: float | None = None,
+        policy: str | None = None,
+    ) -> dict:
+        """Compile the kernels and record the CUDA graphs that fast-path fusions of these sizes
+        need, on every staging of the pool, so that no request of a served workload pays for them.
+
+        ``context_tokens``: the range ``(lo, hi)`` of chunk tokens a prompt holds (for instance 16
+        retrieved chunks of 450-550 tokens: ``(7200, 8800)``); ``question_tokens``: the range of the
+        question's own tokens (the template's are added). A shape first met while serving costs its
+        request an eager run and a recording, and kernels for a new shape compile then (about a
+        second on the H200: every request queued behind it waits too). The fusions run over
+        synthetic entries (random token ids and K/V, ``chunk_tokens`` a chunk, built here, never
+        stored); with a device cache, they run from it as well (their entries dropped afterwards),
+        so its kernels compile too. Call it at start-up: it holds every staging while it runs.
+        Only the fast path records graphs (CUDA); elsewhere this returns at once. Fusions with
+        ``batching`` are not covered. Returns ``{"points", "fusions", "graphs_recorded", "seconds"}``.
+        """
+        lo, hi = _token_range(context_tokens, "context_tokens", 1)
+        q_lo, q_hi = _token_range(question_tokens, "question_tokens", 0)
+        chunk_tokens = checks.nonnegative_int(chunk_tokens, "chunk_tokens")
+        if chunk_tokens < 1:
+            raise ValueError("chunk_tokens must be at least 1")
+        cfg = FuseConfig(
+            recompute_ratio=self.default_fuse.recompute_ratio
+            if recompute_ratio is None
+            else checks.ratio(recompute_ratio),
+            policy=policy or self.default_fuse.policy,
+        )
+        over = len(self._suffix_ids(""))  # the template's tokens around the question
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        longest = len(self._prefix_ids) + hi + over + q_hi
+        if limit is not None and longest > limit:
+            raise ValueError(f"prompts of up to {longest} tokens, but {self.lm.name} takes at most {limit}")
+        out = {"points": 0, "fusions": 0, "graphs_recorded": 0, "seconds": 0.0}
+        if not self.fast_path:
+            return out
+        from contextlib import ExitStack
+
+        from chunkcache.codec import get_codec
+        from chunkcache.format import pack_chunk, unpack_parts
+        from chunkcache.graphs import FusionGraphs
+        from chunkcache.pipeline import fuse_entries
+
+        t0 = time.perf_counter()
+        spec, pool, cache = self.lm.spec, self.stagings(), self.device_cache
+        prefix_kv = self.prefix_kv()
+        with self._tok_lock:
+            base = len(self.settings.sink_ids(self.template))
+        gen = torch.Generator().manual_seed(0)
+        vocab = int(self.model.config.vocab_size)
+        packed: dict[int, bytes] = {}
+
+        def entry(t: int) -> bytes:  # a synthetic chunk of t tokens in this engine's format
+            if t not in packed:
+                ids = torch.randint(0, vocab, (t,), generator=gen)
+                kv = torch.randn(spec.num_layers, 2, spec.kv_heads, t, spec.head_dim, generator=gen)
+                chunk = ChunkKV(token_ids=ids, kv=kv.to(self.lm.dtype), base_pos=base)
+                packed[t] = pack_chunk(chunk, self.codec, self.key_info())
+            return packed[t]
+
+        with ExitStack() as held:
+            stagings = [held.enter_context(pool.take()) for _ in range(pool.size)]
+            for st in stagings:
+                graphs = st.graphs or FusionGraphs()  # (without graphs: the points of the default ones)
+                before = graphs.captures
+                points = warmup_points(
+                    graphs, cfg, spec.num_layers, len(self._prefix_ids), range(lo, hi + 1),
+                    range(over + q_lo, over + q_hi + 1),
+                )  # fmt: skip
+                for n_ctx, n_q in points:
+                    lengths = [chunk_tokens] * (n_ctx // chunk_tokens) + [n_ctx % chunk_tokens] * (
+                        n_ctx % chunk_tokens > 0
+                    )
+                    entries = [entry(t) for t in lengths]
+                    suffix = torch.randint(0, vocab, (n_q,), generator=gen).tolist()
+                    keys = [f"warmup:{i}:{t}" for i, t in enumerate(lengths)]
+                    resident = None
+                    if cache is not None and cache.max_bytes - cache.nbytes >= 2 * sum(map(len, entries)):
+                        for k, e in zip(keys, entries, strict=True):  # the zero-copy path as well
+                            header, parts = unpack_parts(e, verify=False)
+                            cache.admit(k, header, parts, get_codec(header["codec"]).parts)
+                        resident = cache.acquire(keys)
+                    try:  # from the store's path first, then (where it fits) from the device cache
+                        for use in range(max(graphs.min_uses, 2)):
+                            zero_copy = use > 0 and resident is not None and None not in resident
+                            fuse_entries(
+                                self.lm, prefix_kv, [None] * len(keys) if zero_copy else entries,
+                                self._prefix_ids, suffix, cfg, st, resident=resident if zero_copy else None,
+                                arena=cache.arena if zero_copy else None,
+                            )  # fmt: skip
+                            out["fusions"] += 1
+                    finally:
+                        if resident is not None:
+                            cache.release(keys, resident)
+                            for k in keys:
+                                cache.drop(k)
+                out["points"] += len(points)
+                out["graphs_recorded"] += graphs.captures - before
+        if self.lm.device.type == "cuda":
+            torch.cuda.synchronize(self.lm.device)
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
     # ---- query time ---------------------------------------------------------------------------
     def fuse(
         self,
@@ -1257,6 +1365,20 @@ def _timed(device: torch.device, fn):
         return start.elapsed_time(end) / 1e3
 
     return out, seconds
+
+
+def _token_range(value, what: str, least: int) -> tuple[int, int]:
+    """``(lo, hi)`` token counts, ``least <= lo <= hi``; a clear error otherwise."""
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise TypeError(f"{what} must be a pair of ints (lo, hi), got {value!r}")
+    lo, hi = value
+    if not least <= lo <= hi:
+        raise ValueError(f"{what} must satisfy {least} <= lo <= hi, got {value!r}")
+    return lo, hi
 
 
 def _check_text(text) -> None:
