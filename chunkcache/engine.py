@@ -914,8 +914,7 @@ class ChunkCache:
         t0 = time.perf_counter()
         spec, pool, cache = self.lm.spec, self.stagings(), self.device_cache
         prefix_kv = self.prefix_kv()
-        with self._tok_lock:
-            base = len(self.settings.sink_ids(self.template))
+        base = len(self.variants()[0].sink_ids)  # (exact_first: the first chunk's differs; same shapes)
         gen = torch.Generator().manual_seed(0)
         vocab = int(self.model.config.vocab_size)
         packed: dict[int, bytes] = {}
