@@ -345,7 +345,10 @@ class ChunkCache:
         are what is wrong (a bad text index record). Both paths call it before any of the KV is used."""
         from chunkcache.format import check_identity
 
-        check_identity(key, header, token_ids, self._info() if info is None else info)
+        if info is None:
+            check_identity(key, header, token_ids, self._info(), self.key_inputs())
+        else:
+            check_identity(key, header, token_ids, info)
         if ids is not None and token_bytes(token_ids) != (
             ids if isinstance(ids, bytes) else token_bytes(ids)
         ):
