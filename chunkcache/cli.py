@@ -222,6 +222,12 @@ def _precompute_args(p: argparse.ArgumentParser) -> None:
         help="attention sink chunks are encoded behind; must match the engine's (default: prefix)",
     )
     p.add_argument(
+        "--exact-first",
+        action="store_true",
+        help="with --sink context: also store each chunk behind the prefix alone, for the engine's "
+        "exact_first (a prompt's first chunk fused from it; twice the precompute and bytes)",
+    )
+    p.add_argument(
         "--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on CUDA, float32 on CPU)"
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -288,6 +294,7 @@ def _precompute(args: argparse.Namespace) -> int:
         store=args.store,
         codec=args.codec,
         sink=args.sink,
+        exact_first=args.exact_first,
         dtype=args.dtype,
         device=args.device,
     )

@@ -41,7 +41,7 @@ from chunkcache.batch import BatchConfig, Batcher, BatchRetry
 from chunkcache.decode import DecodeConfig, Decoder, Sampling, check_max_new_tokens, sampling_from
 from chunkcache.errors import CorruptEntryError, ForeignEntryError, ModelMismatchError, StoreError
 from chunkcache.format import FORMAT_VERSION
-from chunkcache.fuse import FuseConfig, FuseResult, assembled_job, fuse_kv, run_job
+from chunkcache.fuse import FuseConfig, FuseResult, assembled_job, fuse_kv, run_job, warmup_points
 from chunkcache.generation import (
     answer_text,
     astream_text,
@@ -77,6 +77,12 @@ class PrecomputeConfig:
     context: tuple[str, ...] | None = None
     """With ``sink="context"``: the passages it is made of (None: ``CONTEXT_SINK_PASSAGES``), e.g.
     a few typical passages of the corpus. Only for that sink."""
+    exact_first: bool = False
+    """With ``sink="context"``: each chunk is also stored behind the prefix alone (the entry a
+    ``prefix``-sink engine stores, under its key), and a prompt's first chunk is fused from that
+    one, so its K/V are a full prefill's (``fuse.exact_chunks``) while every later chunk keeps the
+    context. Twice the precompute and the stored bytes. Not in the keys: it changes which entries
+    are made, not their bytes."""
 
     def __post_init__(self) -> None:
         if self.sink not in SINKS:
@@ -90,12 +96,33 @@ class PrecomputeConfig:
                 or not all(isinstance(t, str) and t.strip() for t in self.context)
             ):
                 raise ValueError("sink_context must be a non-empty list of non-empty passage strings")
+        if not isinstance(self.exact_first, bool):
+            raise TypeError(f"exact_first must be a bool, got {type(self.exact_first).__name__}")
+        if self.exact_first and self.sink != "context":
+            raise ValueError(f"exact_first is only for sink='context' (the first chunk behind the "
+                             f"{self.sink!r} sink is exact already)")  # fmt: skip
+
+    def variants(self) -> tuple[PrecomputeConfig, ...]:
+        """The encodings each chunk is stored in: these settings, then (``exact_first``) the
+        ``prefix`` sink's, which a prompt's first chunk is fused from."""
+        return (self, PrecomputeConfig()) if self.exact_first else (self,)
 
     def sink_ids(self, template: PromptTemplate) -> list[int]:
         """The tokens a chunk is encoded behind (``PromptTemplate.sink_ids``)."""
         if self.context is None:
             return template.sink_ids(self.sink)
         return template.sink_ids(self.sink, tuple(self.context))
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """One encoding a chunk is stored in (``PrecomputeConfig.variants``): what it is encoded behind
+    and the key inputs its entries hold."""
+
+    settings: PrecomputeConfig
+    sink_ids: tuple[int, ...]
+    inputs: KeyInputs
+    info: dict  # inputs.to_dict(), as entry headers store it (shared: never modify it)
 
 
 class ChunkCache:
@@ -112,6 +139,7 @@ class ChunkCache:
         codec: str = "raw",
         sink: str = "prefix",
         sink_context: Sequence[str] | None = None,
+        exact_first: bool = False,
         policy: str = "qfast",
         recompute_ratio: float = 0.15,
         instruction: str = DEFAULT_INSTRUCTION,
@@ -127,8 +155,12 @@ class ChunkCache:
         # Every argument is checked before the model loads (seconds) or the store opens.
         dtype = checks.dtype(dtype)
         device = checks.device(device)
-        settings = PrecomputeConfig(sink=sink, context=None if sink_context is None else tuple(sink_context))
+        settings = PrecomputeConfig(
+            sink=sink, context=None if sink_context is None else tuple(sink_context), exact_first=exact_first
+        )
         default_fuse = FuseConfig(recompute_ratio=checks.ratio(recompute_ratio), policy=policy)
+        if settings.exact_first and adaptive is not None:  # (its planner fetches one variant of each chunk)
+            raise ValueError("exact_first does not combine with adaptive loading yet")
         checks.codec(codec)
         checks.nonnegative_int(device_cache_bytes, "device_cache_bytes")
         if decode_batching is not None and not isinstance(decode_batching, DecodeConfig):
@@ -156,8 +188,7 @@ class ChunkCache:
         self.store = _open_store(store, readonly)
         self._prefix_ids = self.template.prefix_ids()
         self._prefix_kv: torch.Tensor | None = None
-        self._key_inputs: KeyInputs | None = None
-        self._key_info: dict | None = None
+        self._variants: tuple[_Variant, ...] | None = None
         self.adaptive = adaptive
         """An ``adaptive.AdaptiveConfig``: per query, fetch the back chunks (at which stored
         precision) while the front ones are recomputed in place, or do a full prefill, from the
@@ -220,18 +251,30 @@ class ChunkCache:
         return self.lm.tokenizer
 
     # ---- keys and storage -------------------------------------------------------------------
+    def variants(self) -> tuple[_Variant, ...]:
+        """The encodings each chunk is stored in (``PrecomputeConfig.variants``): the engine's
+        (index 0), then with ``exact_first`` the prefix sink's (index 1, for a prompt's first
+        chunk). Fixed for the engine's life, built once (two threads racing here build equal values)."""
+        if self._variants is None:
+            out = []
+            for settings in self.settings.variants():
+                with self._tok_lock:
+                    sink_ids = tuple(settings.sink_ids(self.template))
+                inputs = KeyInputs(
+                    model_fingerprint=self.lm.fingerprint,
+                    dtype=str(self.lm.dtype).removeprefix("torch."),
+                    codec=self.codec,
+                    settings={"sink": settings.sink, "sink_ids": list(sink_ids)},
+                    format_version=FORMAT_VERSION,
+                )
+                out.append(_Variant(settings, sink_ids, inputs, inputs.to_dict()))
+            self._variants = tuple(out)
+        return self._variants
+
     def key_inputs(self) -> KeyInputs:
-        """Everything besides the token ids that determines a chunk cache's bytes. Fixed for the
-        engine's life, so it is built once (two threads racing here build equal values)."""
-        if self._key_inputs is None:
-            self._key_inputs = KeyInputs(
-                model_fingerprint=self.lm.fingerprint,
-                dtype=str(self.lm.dtype).removeprefix("torch."),
-                codec=self.codec,
-                settings={"sink": self.settings.sink, "sink_ids": self.settings.sink_ids(self.template)},
-                format_version=FORMAT_VERSION,
-            )
-        return self._key_inputs
+        """Everything besides the token ids that determines a chunk cache's bytes (the engine's
+        own variant: every chunk's but a prompt's first one under ``exact_first``)."""
+        return self.variants()[0].inputs
 
     def key_info(self) -> dict:
         """``key_inputs()`` in its JSON-safe form, as entry headers store it (a fresh copy each call)."""
@@ -244,9 +287,18 @@ class ChunkCache:
 
     def _info(self) -> dict:
         """``key_info`` itself (not a copy: never modify it)."""
-        if self._key_info is None:
-            self._key_info = self.key_info()
-        return self._key_info
+        return self.variants()[0].info
+
+    def _prompt_keys(self, keys: list[str], ids: list[bytes]) -> tuple[list[str], list[dict]]:
+        """The entries a prompt of these chunks fuses from, and the key inputs each must hold:
+        the engine's variant of every chunk, but under ``exact_first`` the prefix sink's of the
+        first (its key from its ids: one hash)."""
+        v = self.variants()
+        infos = [v[0].info] * len(keys)
+        if len(v) > 1 and keys:
+            keys = [v[1].inputs.key(np.frombuffer(ids[0], "<i8")), *keys[1:]]
+            infos = [v[1].info, *infos[1:]]
+        return keys, infos
 
     def key_for_ids(self, ids: Sequence[int] | np.ndarray) -> str:
         return self.key_inputs().key(ids)
@@ -255,8 +307,13 @@ class ChunkCache:
         return self.resolve([text])[0][0]
 
     def contains(self, texts: Sequence[str]) -> list[bool]:
-        """Whether each text's cache is in the store (no decoding, no hit counted)."""
-        return self.store.contains_many(self.resolve(texts)[0])
+        """Whether each text's caches (every variant) are in the store (no decoding, no hit counted)."""
+        keys, ids = self.resolve(texts)
+        there = self.store.contains_many(keys)
+        for var in self.variants()[1:]:
+            more = self.store.contains_many([var.inputs.key(np.frombuffer(b, "<i8")) for b in ids])
+            there = [x and y for x, y in zip(there, more, strict=True)]
+        return there
 
     def resolve(self, texts: Sequence[str]) -> tuple[list[str], list[bytes]]:
         """Each chunk text's key and token ids (little-endian int64 bytes): from the text index,
@@ -308,17 +365,20 @@ class ChunkCache:
         with self._tok_lock:
             return self.template.suffix_ids(query)
 
-    def _load(self, key: str, ids: Sequence[int] | bytes | None = None) -> ChunkKV | None:
+    def _load(
+        self, key: str, ids: Sequence[int] | bytes | None = None, info: dict | None = None
+    ) -> ChunkKV | None:
         """The stored chunk under ``key`` or None. A damaged entry, or one that is not this
-        engine's (``_check_entry``), is dropped with a warning and reads as a miss: the caller
-        recomputes it and stores it under this engine's key, so it never blocks the chunk."""
+        engine's (``_check_entry``, against ``info``: default the engine's variant), is dropped
+        with a warning and reads as a miss: the caller recomputes it and stores it under this
+        engine's key, so it never blocks the chunk."""
         from chunkcache.format import load_chunk
 
         return load_chunk(
             self.store,
             key,
             self.lm.dtype,
-            check=lambda h, c: self._check_entry(key, h, c.token_ids, ids),
+            check=lambda h, c: self._check_entry(key, h, c.token_ids, ids, info),
             drop=self._drop,
         )
 
@@ -335,7 +395,7 @@ class ChunkCache:
         header: dict,
         token_ids: torch.Tensor,
         ids: Sequence[int] | bytes | None,
-        info: dict | None = None,  # the key inputs it must hold (default: this engine's codec)
+        info: dict | None = None,  # the key inputs it must hold (default: the engine's variant and codec)
     ) -> None:
         """Raise ``ForeignEntryError`` unless the entry (``header`` checked by ``format.read_header``)
         is this engine's chunk: its one copy of the key inputs equals this engine's and hashes with
@@ -345,7 +405,9 @@ class ChunkCache:
         are what is wrong (a bad text index record). Both paths call it before any of the KV is used."""
         from chunkcache.format import check_identity
 
-        check_identity(key, header, token_ids, self._info() if info is None else info)
+        info = self._info() if info is None else info
+        inputs = next((v.inputs for v in self.variants() if v.info is info), None)  # hashed once
+        check_identity(key, header, token_ids, info, inputs)
         if ids is not None and token_bytes(token_ids) != (
             ids if isinstance(ids, bytes) else token_bytes(ids)
         ):
@@ -356,20 +418,20 @@ class ChunkCache:
         want = [spec.num_layers, 2, spec.kv_heads, len(token_ids), spec.head_dim]
         if header["kv_shape"] != want:
             raise ForeignEntryError(f"entry's kv_shape {header['kv_shape']} is not this model's {want}")
-        base = len(self._info()["settings"]["sink_ids"])
+        base = len(info["settings"]["sink_ids"])
         if header["base_pos"] != base:
             raise ForeignEntryError(f"entry's base_pos {header['base_pos']} is not the sink's length {base}")
 
-    def _save(self, key: str, chunk: ChunkKV) -> bytes | None:
+    def _save(self, key: str, chunk: ChunkKV, variant: int = 0) -> bytes | None:
         """Store the chunk; None when stored, else its packed bytes: a store that cannot take the
         write (full disk, Redis down or out of memory, read-only) must not stop serving, so the
         caller uses these and the failure is warned about once and counted
         (``store.stats().failed_writes``)."""
         from chunkcache.format import pack_chunk
 
-        value = pack_chunk(chunk, self.codec, self.key_info())
+        value = pack_chunk(chunk, self.codec, self.variants()[variant].info)
         extra = {}  # the further precisions of adaptive loading: separate entries, written with it
-        for codec in self.precisions[1:]:
+        for codec in self.precisions[1:]:  # (never with exact_first: only variant 0 is here)
             inputs = self.key_inputs_at(codec)
             extra[inputs.key(chunk.token_ids)] = pack_chunk(chunk, codec, inputs.to_dict())
         try:
@@ -435,12 +497,16 @@ class ChunkCache:
         self, id_lists: Sequence[Sequence[int]], batch_size: int = 8, progress: bool | None = None
     ) -> tuple[list[str], dict[str, bytes]]:
         """``precompute_ids``, plus the packed entries the store could not take (key -> bytes),
-        for the caller to serve from."""
+        for the caller to serve from. Every variant of each chunk is made (``variants``); the
+        keys returned are the engine's variant's."""
+        variants = self.variants()
         keys = [self.key_for_ids(ids) for ids in id_lists]
-        missing: dict[str, Sequence[int]] = {}
-        for k, ids, there in zip(keys, id_lists, self.store.contains_many(keys), strict=True):
-            if k not in missing and not there:
-                missing[k] = ids
+        missing: dict[str, tuple[Sequence[int], int]] = {}  # key -> (ids, variant)
+        for v, var in enumerate(variants):
+            vkeys = keys if v == 0 else [var.inputs.key(ids) for ids in id_lists]
+            for k, ids, there in zip(vkeys, id_lists, self.store.contains_many(vkeys), strict=True):
+                if k not in missing and not there:
+                    missing[k] = (ids, v)
         unsaved: dict[str, bytes] = {}
         if not missing:
             return keys, unsaved
@@ -448,7 +514,7 @@ class ChunkCache:
         mine, theirs = self._claim(list(missing))
         try:
             todo = [
-                (k, missing[k])
+                (k, *missing[k])
                 for k, there in zip(mine, self.store.contains_many(mine), strict=True)
                 if not there
             ]
@@ -480,14 +546,15 @@ class ChunkCache:
                 self._inflight.pop(k).set()
 
     def _encode_and_save(
-        self, todo: list[tuple[str, Sequence[int]]], batch_size: int, progress: bool | None
+        self, todo: list[tuple[str, Sequence[int], int]], batch_size: int, progress: bool | None
     ) -> dict[str, bytes]:
-        """Encode and store ``todo``; the packed entries the store refused (see ``_save``)."""
+        """Encode and store ``todo`` (key, ids, variant); the packed entries the store refused
+        (see ``_save``)."""
         unsaved: dict[str, bytes] = {}
         if progress is None:
             progress = len(todo) > 32
-        with self._tok_lock:
-            sink = self.settings.sink_ids(self.template)
+        variants = self.variants()
+        todo = sorted(todo, key=lambda t: t[2])  # one variant (one sink) per encoding slice
         # Encode and store in slices so an interrupted run keeps what it finished.
         step = max(batch_size, 1) * 4
         bar = None
@@ -495,16 +562,20 @@ class ChunkCache:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc="precompute", unit="chunk")
-        for s in range(0, len(todo), step):
-            part = todo[s : s + step]
-            encoded = encode_chunks(self.lm, [ids for _, ids in part], sink, batch_size=batch_size)
-            for (k, _), chunk in zip(part, encoded, strict=True):
-                chunk.meta["sink"] = self.settings.sink
-                raw = self._save(k, chunk)
-                if raw is not None:
-                    unsaved[k] = raw
-            if bar is not None:
-                bar.update(len(part))
+        for v, var in enumerate(variants):
+            mine = [t for t in todo if t[2] == v]
+            for s in range(0, len(mine), step):
+                part = mine[s : s + step]
+                encoded = encode_chunks(
+                    self.lm, [ids for _, ids, _ in part], var.sink_ids, batch_size=batch_size
+                )
+                for (k, _, _), chunk in zip(part, encoded, strict=True):
+                    chunk.meta["sink"] = var.settings.sink
+                    raw = self._save(k, chunk, v)
+                    if raw is not None:
+                        unsaved[k] = raw
+                if bar is not None:
+                    bar.update(len(part))
         if bar is not None:
             bar.close()
         return unsaved
@@ -516,20 +587,24 @@ class ChunkCache:
     def chunks(self, texts: Sequence[str]) -> list[ChunkKV]:
         return self._chunks(*self.resolve(texts))
 
-    def _chunks(self, keys: list[str], ids: list[bytes]) -> list[ChunkKV]:
+    def _chunks(self, keys: list[str], ids: list[bytes], infos: list[dict] | None = None) -> list[ChunkKV]:
+        """The chunks under ``keys`` (``infos``: the key inputs each must hold, ``_prompt_keys``;
+        default the engine's variant), misses precomputed."""
         from chunkcache.format import unpack_chunk
 
-        out = [self._load(k, i) for k, i in zip(keys, ids, strict=True)]
+        infos = infos or [self._info()] * len(keys)
+        out = [self._load(k, i, f) for k, i, f in zip(keys, ids, infos, strict=True)]
         miss = [i for i, c in enumerate(out) if c is None]
         if miss:
             _, unsaved = self._precompute(_id_lists([ids[i] for i in miss]))
             for i in miss:
                 raw = unsaved.get(keys[i])
                 if raw is None:
-                    out[i] = self._load(keys[i], ids[i])
+                    out[i] = self._load(keys[i], ids[i], infos[i])
                 if out[i] is None and raw is None:  # another thread's write of it failed: encode it here
-                    raw = self._encode_and_save([(keys[i], _id_lists([ids[i]])[0])], 1, False).get(keys[i])
-                    out[i] = None if raw is not None else self._load(keys[i], ids[i])
+                    v = self._variant_of(infos[i])
+                    raw = self._encode_and_save([(keys[i], _id_lists([ids[i]])[0], v)], 1, False).get(keys[i])
+                    out[i] = None if raw is not None else self._load(keys[i], ids[i], infos[i])
                 if raw is not None:  # the store refused the write: serve the entry it would hold
                     out[i] = unpack_chunk(raw, self.lm.dtype)
                 if out[i] is None:
@@ -537,6 +612,9 @@ class ChunkCache:
                         f"chunk {keys[i]} was precomputed but cannot be read back from the store"
                     )
         return out  # type: ignore[return-value]
+
+    def _variant_of(self, info: dict) -> int:
+        return next(v for v, var in enumerate(self.variants()) if var.info is info)
 
     def _fuse_adaptive(
         self, keys: list[str], ids: list[bytes], suffix: list[int], cfg: FuseConfig, t0: float
@@ -815,6 +893,113 @@ class ChunkCache:
                     self._pool = StagingPool(self.lm.device, size=size)
         return self._pool
 
+    def warmup(
+        self,
+        context_tokens: tuple[int, int],
+        question_tokens: tuple[int, int] = (1, 32),
+        chunk_tokens: int = 512,
+        recompute_ratio: float | None = None,
+        policy: str | None = None,
+    ) -> dict:
+        """Compile the kernels and record the CUDA graphs that fast-path fusions of these sizes
+        need, on every staging of the pool, so that no request of a served workload pays for them.
+
+        ``context_tokens``: the range ``(lo, hi)`` of chunk tokens a prompt holds (for instance 16
+        retrieved chunks of 450-550 tokens: ``(7200, 8800)``); ``question_tokens``: the range of the
+        question's own tokens (the template's are added). A shape first met while serving costs its
+        request an eager run and a recording, and kernels for a new shape compile then (about a
+        second on the H200: every request queued behind it waits too). The fusions run over
+        synthetic entries (random token ids and K/V, ``chunk_tokens`` a chunk, built here, never
+        stored); with a device cache, they run from it as well (their entries dropped afterwards),
+        so its kernels compile too. Call it at start-up: it holds every staging while it runs.
+        Only the fast path records graphs (CUDA); elsewhere this returns at once. Fusions with
+        ``batching`` are not covered. Returns ``{"points", "fusions", "graphs_recorded", "seconds"}``.
+        """
+        lo, hi = _token_range(context_tokens, "context_tokens", 1)
+        q_lo, q_hi = _token_range(question_tokens, "question_tokens", 0)
+        chunk_tokens = checks.nonnegative_int(chunk_tokens, "chunk_tokens")
+        if chunk_tokens < 1:
+            raise ValueError("chunk_tokens must be at least 1")
+        cfg = FuseConfig(
+            recompute_ratio=self.default_fuse.recompute_ratio
+            if recompute_ratio is None
+            else checks.ratio(recompute_ratio),
+            policy=policy or self.default_fuse.policy,
+        )
+        over = len(self._suffix_ids(""))  # the template's tokens around the question
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        longest = len(self._prefix_ids) + hi + over + q_hi
+        if limit is not None and longest > limit:
+            raise ValueError(f"prompts of up to {longest} tokens, but {self.lm.name} takes at most {limit}")
+        out = {"points": 0, "fusions": 0, "graphs_recorded": 0, "seconds": 0.0}
+        if not self.fast_path:
+            return out
+        from contextlib import ExitStack
+
+        from chunkcache.codec import get_codec
+        from chunkcache.format import pack_chunk, unpack_parts
+        from chunkcache.graphs import FusionGraphs
+        from chunkcache.pipeline import fuse_entries
+
+        t0 = time.perf_counter()
+        spec, pool, cache = self.lm.spec, self.stagings(), self.device_cache
+        prefix_kv = self.prefix_kv()
+        base = len(self.variants()[0].sink_ids)  # (exact_first: the first chunk's differs; same shapes)
+        gen = torch.Generator().manual_seed(0)
+        vocab = int(self.model.config.vocab_size)
+        packed: dict[int, bytes] = {}
+
+        def entry(t: int) -> bytes:  # a synthetic chunk of t tokens in this engine's format
+            if t not in packed:
+                ids = torch.randint(0, vocab, (t,), generator=gen)
+                kv = torch.randn(spec.num_layers, 2, spec.kv_heads, t, spec.head_dim, generator=gen)
+                chunk = ChunkKV(token_ids=ids, kv=kv.to(self.lm.dtype), base_pos=base)
+                packed[t] = pack_chunk(chunk, self.codec, self.key_info())
+            return packed[t]
+
+        with ExitStack() as held:
+            stagings = [held.enter_context(pool.take()) for _ in range(pool.size)]
+            for st in stagings:
+                graphs = st.graphs or FusionGraphs()  # (without graphs: the points of the default ones)
+                before = graphs.captures
+                points = warmup_points(
+                    graphs, cfg, spec.num_layers, len(self._prefix_ids), range(lo, hi + 1),
+                    range(over + q_lo, over + q_hi + 1),
+                )  # fmt: skip
+                for n_ctx, n_q in points:
+                    lengths = [chunk_tokens] * (n_ctx // chunk_tokens) + [n_ctx % chunk_tokens] * (
+                        n_ctx % chunk_tokens > 0
+                    )
+                    entries = [entry(t) for t in lengths]
+                    suffix = torch.randint(0, vocab, (n_q,), generator=gen).tolist()
+                    keys = [f"warmup:{i}:{t}" for i, t in enumerate(lengths)]
+                    resident = None
+                    if cache is not None and cache.max_bytes - cache.nbytes >= 2 * sum(map(len, entries)):
+                        for k, e in zip(keys, entries, strict=True):  # the zero-copy path as well
+                            header, parts = unpack_parts(e, verify=False)
+                            cache.admit(k, header, parts, get_codec(header["codec"]).parts)
+                        resident = cache.acquire(keys)
+                    try:  # from the store's path first, then (where it fits) from the device cache
+                        for use in range(max(graphs.min_uses, 2)):
+                            zero_copy = use > 0 and resident is not None and None not in resident
+                            fuse_entries(
+                                self.lm, prefix_kv, [None] * len(keys) if zero_copy else entries,
+                                self._prefix_ids, suffix, cfg, st, resident=resident if zero_copy else None,
+                                arena=cache.arena if zero_copy else None,
+                            )  # fmt: skip
+                            out["fusions"] += 1
+                    finally:
+                        if resident is not None:
+                            cache.release(keys, resident)
+                            for k in keys:
+                                cache.drop(k)
+                out["points"] += len(points)
+                out["graphs_recorded"] += graphs.captures - before
+        if self.lm.device.type == "cuda":
+            torch.cuda.synchronize(self.lm.device)
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
     # ---- query time ---------------------------------------------------------------------------
     def fuse(
         self,
@@ -859,11 +1044,12 @@ class ChunkCache:
         """``fuse`` after its checks: the fast path, else decode and fuse; ``run(job)`` fuses the
         prepared job (None: here, alone; ``Batcher.run``: in the next batch). Everything before it
         (lookups, loads, misses precomputed, assembly) runs on the caller's thread."""
+        keys, infos = self._prompt_keys(keys, ids)
         if self.fast_path:
-            res = self._fuse_stored(keys, ids, suffix, cfg, t0, run)
+            res = self._fuse_stored(keys, ids, suffix, cfg, t0, run, infos)
             if res is not None:
                 return res
-        kvs = self._chunks(keys, ids)
+        kvs = self._chunks(keys, ids, infos)
         t_load = time.perf_counter() - t0
         job = assembled_job(self.lm, self.prefix_kv(), kvs, self._prefix_ids, suffix, cfg)
         res = run_job(self.lm, job) if run is None else run(job)
@@ -912,7 +1098,14 @@ class ChunkCache:
         return cfg, keys, ids, suffix
 
     def _fuse_stored(
-        self, keys: list[str], ids: list[bytes], suffix: list[int], cfg: FuseConfig, t0: float, run=None
+        self,
+        keys: list[str],
+        ids: list[bytes],
+        suffix: list[int],
+        cfg: FuseConfig,
+        t0: float,
+        run=None,
+        infos: list[dict] | None = None,
     ) -> FuseResult | None:
         """The fast path: stream the stored entries layer by layer (``pipeline.fuse_entries``)
         with a ``Staging`` of the pool. Misses (absent from the store) are precomputed, then the
@@ -921,7 +1114,8 @@ class ChunkCache:
         from those checks, or from a layer checksum, which on CUDA is compared after the fusion ran
         but before its result is returned) is dropped with a warning and None is returned, so the
         caller takes the eager path, which recomputes it. None too when the store refused a write
-        or lost an entry meanwhile (the eager path serves those)."""
+        or lost an entry meanwhile (the eager path serves those). ``keys``/``infos``: the
+        prompt's entries and the key inputs each must hold (``_prompt_keys``)."""
         from contextlib import ExitStack, nullcontext
 
         from chunkcache.pipeline import entry_views, fuse_entries
@@ -933,8 +1127,9 @@ class ChunkCache:
                         f"store entry {keys[i]} holds other tokens than the chunk asked for"
                     )
                 return
-            self._check_entry(keys[i], header, parts["token_ids"], ids[i])
+            self._check_entry(keys[i], header, parts["token_ids"], ids[i], infos[i])
 
+        infos = infos or [self._info()] * len(keys)
         prefix_kv = self.prefix_kv()
         cache = self.device_cache
         for attempt in range(2):
@@ -990,8 +1185,8 @@ class ChunkCache:
                         res.stats["fast_path"] = True
                         return res
             if damaged:
-                for key, i in zip(keys, ids, strict=True):  # find and drop the damaged or foreign ones
-                    self._load(key, i)  # (warns), then let the eager path recompute them
+                for key, i, f in zip(keys, ids, infos, strict=True):  # find and drop the damaged or foreign
+                    self._load(key, i, f)  # ones (warns), then let the eager path recompute them
                 return None
             if self._precompute(_id_lists(ids))[1]:  # skips the stored ones; a refused write:
                 return None  # the eager path serves those from memory
@@ -1199,6 +1394,20 @@ def _timed(device: torch.device, fn):
         return start.elapsed_time(end) / 1e3
 
     return out, seconds
+
+
+def _token_range(value, what: str, least: int) -> tuple[int, int]:
+    """``(lo, hi)`` token counts, ``least <= lo <= hi``; a clear error otherwise."""
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise TypeError(f"{what} must be a pair of ints (lo, hi), got {value!r}")
+    lo, hi = value
+    if not least <= lo <= hi:
+        raise ValueError(f"{what} must satisfy {least} <= lo <= hi, got {value!r}")
+    return lo, hi
 
 
 def _check_text(text) -> None:

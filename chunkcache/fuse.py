@@ -658,6 +658,45 @@ def _kept(budget: int, fraction: float, n_ctx: int, n_q: int, limit: int, pad_ro
     return keep_n if pad_rows is None else pad_rows(keep_n + n_q, limit + n_q) - n_q
 
 
+def graph_shapes(graphs, config: FuseConfig, num_layers: int, n_prefix: int, n_ctx: int, n_q: int) -> set:
+    """The padded shapes ``fuse_assembled`` records CUDA graphs for when it fuses a prompt of
+    ``n_prefix`` + ``n_ctx`` chunk tokens + ``n_q`` question tokens with ``graphs``: a set of
+    ``("probe", buffer length, probe rows)`` and ``("layers", buffer length, recomputed rows)``
+    (each graph of a shape is one layer group). The same decisions as the fusion: its budget,
+    schedule, ``_kept`` and the graphs' padding."""
+    policy = config.selector
+    budget = round(config.recompute_ratio * n_ctx)
+    schedule = policy.schedule(num_layers, config.recompute_ratio) if 0 < budget < n_ctx else {}
+    n = n_prefix + n_ctx + n_q
+    n_b = graphs.padded_length(n)
+    n_act = 0 if budget == 0 else n_ctx
+    for li in sorted(schedule):
+        pad = graphs.padded_rows if li == max(schedule) else None
+        n_act = min(n_act, _kept(budget, schedule[li], n_ctx, n_q, n_act, pad))
+    shapes = {("layers", n_b, n_act + n_q)}
+    if policy.probe and schedule:
+        shapes.add(("probe", n_b, graphs.padded_probe(n_q, n_b - n)))
+    return shapes
+
+
+def warmup_points(
+    graphs, config: FuseConfig, num_layers: int, n_prefix: int, contexts: range, questions: range
+) -> list[tuple[int, int]]:
+    """Few ``(chunk tokens, question tokens)`` whose fusions, between them, record every graph
+    shape (``graph_shapes``) of the prompts with chunk tokens in ``contexts`` and question tokens
+    in ``questions``: the first prompt found for each shape (a scan of every pair: about a
+    second for a 30K-token range)."""
+    seen: set = set()
+    points = []
+    for n_ctx in contexts:
+        for n_q in questions:
+            new = graph_shapes(graphs, config, num_layers, n_prefix, n_ctx, n_q) - seen
+            if new:
+                seen |= new
+                points.append((n_ctx, n_q))
+    return points
+
+
 def _check_layers(
     f: _Fusion,
     schedule: dict[int, float],  # check layer -> fraction of chunk tokens kept after it

@@ -179,3 +179,91 @@ def test_fast_path_refuses_foreign_and_recomputes_damaged(smol_tokenizer):
     torch.testing.assert_close(again.logits, good.logits, rtol=0, atol=0)
     assert a.store.get(key) != bytes(raw)  # the damaged entry was replaced by a recomputed one
     assert a.fuse(PASSAGES, QUESTION, recompute_ratio=0.2).stats.get("fast_path") is True
+
+
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_exact_first_fuses_the_first_chunk_from_its_prefix_sink_entry(smol_tokenizer, fast_path):
+    """With ``exact_first`` every chunk is stored twice: behind the context sink (the engine's
+    key) and behind the prefix alone (a prefix-sink engine's key, so that engine hits them). A
+    prompt's first chunk comes from the latter: its reused K/V are a full prefill's and it counts
+    as exact; the later chunks are the context sink's, bit for bit as a context engine fuses them."""
+    model = tiny_model()
+    eng = ChunkCache(model=model, tokenizer=smol_tokenizer, store=None, sink="context", exact_first=True,
+                     fast_path=fast_path)  # fmt: skip
+    eng.precompute(PASSAGES)
+    assert len(eng.store) == 2 * len(PASSAGES) and all(eng.contains(PASSAGES))
+    plain = ChunkCache(model=model, tokenizer=smol_tokenizer, store=eng.store)  # the prefix sink
+    ctx = ChunkCache(
+        model=model, tokenizer=smol_tokenizer, store=eng.store, sink="context", fast_path=fast_path
+    )
+    assert all(plain.contains(PASSAGES)) and all(ctx.contains(PASSAGES))
+    assert ctx.key(PASSAGES[0]) == eng.key(PASSAGES[0]) != plain.key(PASSAGES[0])
+    fused = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.0)
+    alone = ctx.fuse(PASSAGES, QUESTION, recompute_ratio=0.0)
+    assert len(eng.store) == 2 * len(PASSAGES)  # nothing precomputed again
+    assert fused.stats["exact_chunks"] == [True] + [False] * (len(PASSAGES) - 1)
+    assert alone.stats["exact_chunks"] == [False] * len(PASSAGES)
+    p, n0 = fused.stats["prefix_tokens"], fused.stats["chunk_lengths"][0]
+    ids = eng.prompt_ids(PASSAGES, QUESTION)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=True).past_key_values
+    first = slice(p, p + n0)
+    for li, layer in enumerate(full.layers):
+        torch.testing.assert_close(fused.kv[li, 0, :, first], layer.keys[0, :, first], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fused.kv[li, 1, :, first], layer.values[0, :, first], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(alone.kv[:, :, :, first], fused.kv[:, :, :, first], atol=1e-3)
+    rest = slice(p + n0, ids.shape[1] - len(eng.template.suffix_ids(QUESTION)))
+    torch.testing.assert_close(fused.kv[:, :, :, rest], alone.kv[:, :, :, rest], rtol=0, atol=0)
+    assert fused.stats.get("fast_path", False) == fast_path
+
+
+def test_exact_first_misses_make_both_variants_and_both_paths_agree(smol_tokenizer):
+    """A miss at fuse time stores both variants; the fast path (store views), the eager path and
+    the device cache fuse the same prompt to the same logits."""
+    model = tiny_model()
+    kw = dict(model=model, tokenizer=smol_tokenizer, sink="context", exact_first=True)
+    eager = ChunkCache(store=None, **kw)
+    want = eager.fuse(PASSAGES, QUESTION, recompute_ratio=0.3)
+    assert len(eager.store) == 2 * len(PASSAGES)
+    fast = ChunkCache(store=None, fast_path=True, device_cache_bytes=1 << 26, **kw)
+    got = fast.fuse(PASSAGES, QUESTION, recompute_ratio=0.3)
+    assert len(fast.store) == 2 * len(PASSAGES) and got.stats["fast_path"]
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    again = fast.fuse(PASSAGES, QUESTION, recompute_ratio=0.3)
+    assert again.stats["device_cache"]["hits"] == len(PASSAGES)
+    torch.testing.assert_close(again.logits, got.logits, rtol=0, atol=0)
+    # another order: the new first chunk comes from its prefix variant and the old first from its
+    # context variant, neither fused (so resident) before
+    swapped = [PASSAGES[2], *PASSAGES[:2], *PASSAGES[3:]]
+    res = fast.fuse(swapped, QUESTION, recompute_ratio=0.3)
+    assert res.stats["exact_chunks"][0] and res.stats["device_cache"]["hits"] == len(PASSAGES) - 2
+    torch.testing.assert_close(res.logits, eager.fuse(swapped, QUESTION, recompute_ratio=0.3).logits,
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_exact_first_never_uses_the_other_variant_under_the_first_chunks_key(smol_tokenizer, fast_path):
+    """The two variants are checked against their own key inputs: the context variant's bytes
+    placed under the first chunk's prefix-variant key are dropped with a warning and replaced,
+    never fused."""
+    model = tiny_model()
+    eng = ChunkCache(model=model, tokenizer=smol_tokenizer, store=None, sink="context", exact_first=True,
+                     fast_path=fast_path)  # fmt: skip
+    want = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.0).logits
+    front = ChunkCache(model=model, tokenizer=smol_tokenizer, store=eng.store).key(PASSAGES[0])
+    eng.store.put(front, eng.store.get(eng.key(PASSAGES[0])))
+    with pytest.warns(RuntimeWarning, match="other settings than this engine"):
+        got = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.0).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert read_header(eng.store.get(front))["key"]["settings"]["sink"] == "prefix"  # replaced
+
+
+def test_exact_first_is_refused_where_it_means_nothing_before_the_model_loads():
+    from chunkcache.adaptive import AdaptiveConfig
+
+    with pytest.raises(ValueError, match="only for sink='context'"):
+        ChunkCache(model="no-such-model", exact_first=True)
+    with pytest.raises(ValueError, match="adaptive"):
+        ChunkCache(model="no-such-model", sink="context", exact_first=True, adaptive=AdaptiveConfig())
+    with pytest.raises(TypeError, match="bool"):
+        ChunkCache(model="no-such-model", sink="context", exact_first="yes")

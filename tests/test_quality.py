@@ -152,29 +152,34 @@ def test_summary_aggregates_answer_metrics_against_naive_on_the_same_questions()
     }
 
 
-def test_first_exact_takes_the_first_chunk_from_the_prefix_sink(smol_tokenizer, tiny_engine):
-    """With a context-sink engine and a prefix-sink front engine, the first chunk's reused K/V
-    are a full prefill's (it was encoded behind the very prefix it follows) and it counts as
-    exact; the others come from the context sink, as the context engine alone fuses them."""
+def test_plain_engine_runs_beside_a_tagged_one_on_the_same_full_prefill(
+    smol_tokenizer, tiny_engine, tmp_path
+):
+    """``plain_engine``'s rows (untagged) are what a plain run of that engine gives on the same
+    questions, beside the tagged engine's; it needs a tag (the rows would share names)."""
     from chunkcache.engine import ChunkCache
-    from tests.conftest import PASSAGES, QUESTION
+    from tests.conftest import PASSAGES
 
-    ctx = ChunkCache(model=tiny_engine.model, tokenizer=smol_tokenizer, store=None, sink="context")
-    front = quality._fuse(ctx, tiny_engine, PASSAGES, QUESTION, 0.0, "qfast")
-    alone = quality._fuse(ctx, None, PASSAGES, QUESTION, 0.0, "qfast")
-    assert front.stats["exact_chunks"] == [True] + [False] * (len(PASSAGES) - 1)
-    assert alone.stats["exact_chunks"] == [False] * len(PASSAGES)
-    p, n0 = front.stats["prefix_tokens"], front.stats["chunk_lengths"][0]
-    ids = ctx.prompt_ids(PASSAGES, QUESTION)
-    with torch.no_grad():
-        full = tiny_engine.model(input_ids=ids, use_cache=True).past_key_values
-    first = slice(p, p + n0)
-    for li, layer in enumerate(full.layers):
-        torch.testing.assert_close(front.kv[li, 0, :, first], layer.keys[0, :, first], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(front.kv[li, 1, :, first], layer.values[0, :, first], rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(alone.kv[:, :, :, first], front.kv[:, :, :, first], atol=1e-3)
-    rest = slice(p + n0, ids.shape[1] - len(ctx._suffix_ids(QUESTION)))
-    torch.testing.assert_close(front.kv[:, :, :, rest], alone.kv[:, :, :, rest], rtol=0, atol=0)
+    ctx = ChunkCache(
+        model=tiny_engine.model, tokenizer=smol_tokenizer, store=None, sink="context", exact_first=True
+    )
+    kw = dict(
+        data_path=_one_question(tmp_path, PASSAGES[:3]),
+        questions=1,
+        passages=3,
+        answer_tokens=4,
+        gen_tokens=4,
+        log=None,
+    )
+    both = quality.run(ctx, tag="c", configs=(("qfast", 0.3),), plain_engine=tiny_engine,
+                       plain_configs=(("qfast", 0.3),), **kw)  # fmt: skip
+    alone = quality.run(tiny_engine, configs=(("qfast", 0.3),), **kw)
+    got = {(r["policy"], r["ratio"]): r["kl_answer"] for r in both["rows"]}
+    assert set(got) == {("c:naive", 0.0), ("c:qfast", 0.3), ("naive", 0.0), ("qfast", 0.3)}
+    for r in alone["rows"]:
+        assert got[(r["policy"], r["ratio"])] == pytest.approx(r["kl_answer"], rel=1e-6, abs=1e-9)
+    with pytest.raises(ValueError, match="tag"):
+        quality.run(ctx, plain_engine=tiny_engine, **kw)
 
 
 def test_factual_cases_answer_in_exactly_one_passage():

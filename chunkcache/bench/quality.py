@@ -314,8 +314,9 @@ def run(
     header: dict | None = None,
     refines: tuple[tuple[int, float], ...] = (),
     tag: str = "",
-    front_engine=None,
     configs: tuple[tuple[str, float], ...] | None = None,
+    plain_engine=None,
+    plain_configs: tuple[tuple[str, float], ...] = (),
 ) -> dict:
     """Run the benchmark; returns ``{"rows": [...per question/config...], "summary": {...}}``.
 
@@ -331,9 +332,12 @@ def run(
     ``configs``: ``(policy, ratio)`` pairs run instead of every policy at every ratio.
     ``tag``: prefix of every row's policy name, naive reuse's too (``<tag>:naive``), so that a run
     with other engine settings (``--sink context``) merges beside a plain run and its gap is
-    measured against the plain run's naive reuse. ``front_engine``: an engine of the same model
-    with the ``prefix`` sink whose encoding of the first chunk replaces ``engine``'s (``fuse_kv``
-    over the mixed chunks, the eager path): two stored variants per chunk, the first one exact."""
+    measured against the plain run's naive reuse. ``plain_engine``: an engine of the same model
+    and template with other settings (the shipped prefix sink) whose naive reuse and
+    ``plain_configs`` run, untagged, on the same questions against the same full prefill (one
+    process compares both; ``tag`` must then name ``engine``'s rows)."""
+    if plain_engine is not None and not tag:
+        raise ValueError("a plain_engine's rows are untagged: give engine's rows a tag")
     data = load_cases(data_path, split)[start : start + questions]
     rows = []
     t_start = time.perf_counter()
@@ -345,6 +349,10 @@ def run(
         question = ex["question"]
         engine.precompute(texts)
         ids = engine.prompt_ids(texts, question).to(engine.lm.device)
+        if plain_engine is not None:
+            plain_engine.precompute(texts)
+            if not torch.equal(plain_engine.prompt_ids(texts, question).to(ids.device), ids):
+                raise ValueError("plain_engine builds other prompts (another template or tokenizer)")
         first, forced_logits, forced, plain = full_reference(engine, ids, answer_tokens, gen_tokens)
         full = {
             "first": first,
@@ -355,46 +363,44 @@ def run(
         }
         pairs = configs if configs is not None else [(p, r) for p in policies for r in ratios]
         pre = tag + ":" if tag else ""
-        for policy, ratio in [("naive", 0.0), *pairs]:
-            fused = _fuse(
-                engine, front_engine, texts, question, ratio, "cacheblend" if policy == "naive" else policy
-            )
-            row = score(engine, FusedAnswer(engine, fused), full, ex["answers"], gen_tokens)
-            rows.append({"q": start + qi, "policy": pre + policy_name(policy), "ratio": ratio, **row})
-            sel = (
-                FuseConfig(policy=policy).selector if isinstance(policy, str) and policy != "naive" else None
-            )
-            for after, extra in refines if sel is not None and sel.probe and sel.before_layers else ():
-                refined = RefinedAnswer(engine, fused, after, extra, policy)
-                row = score(engine, refined, full, ex["answers"], gen_tokens)
-                name = f"{pre}{policy_name(policy)}+rp{after}:{extra:g}"
-                rows.append({"q": start + qi, "policy": name, "ratio": ratio, **row})
+        runs = [(engine, pre, [("naive", 0.0), *pairs])]
+        if plain_engine is not None:
+            runs.append((plain_engine, "", [("naive", 0.0), *plain_configs]))
+        for eng, pre, todo in runs:
+            for policy, ratio in todo:
+                fused = eng.fuse(
+                    texts,
+                    question,
+                    recompute_ratio=ratio,
+                    policy="cacheblend" if policy == "naive" else policy,
+                )
+                row = score(eng, FusedAnswer(eng, fused), full, ex["answers"], gen_tokens)
+                rows.append({"q": start + qi, "policy": pre + policy_name(policy), "ratio": ratio, **row})
+                if eng is not engine:
+                    continue
+                sel = (
+                    FuseConfig(policy=policy).selector
+                    if isinstance(policy, str) and policy != "naive"
+                    else None
+                )
+                for after, extra in refines if sel is not None and sel.probe and sel.before_layers else ():
+                    refined = RefinedAnswer(engine, fused, after, extra, policy)
+                    row = score(engine, refined, full, ex["answers"], gen_tokens)
+                    name = f"{pre}{policy_name(policy)}+rp{after}:{extra:g}"
+                    rows.append({"q": start + qi, "policy": name, "ratio": ratio, **row})
         if noise_name is not None and qi < noise_questions:
             row = score(noise_engine, FullAnswer(noise_engine, ids), full, ex["answers"], gen_tokens)
             rows.append({"q": start + qi, "policy": noise_name, "ratio": 1.0, **row})
         if partial:
             Path(partial).write_text(json.dumps({**(header or {}), "rows": rows}))
         if log:
-            naive = [r for r in rows if r["q"] == start + qi and r["policy"] == pre + "naive"][0]
+            naive = [r for r in rows if r["q"] == start + qi and r["policy"] == runs[0][1] + "naive"][0]
             log(
                 f"[{qi + 1}/{len(data)}] {time.perf_counter() - t_start:.0f}s  naive KL {naive['kl_first']:.4f}  "
                 f"full: {full['text'][:60]!r}",
                 flush=True,
             )
     return {"rows": rows, "summary": summarize(rows)}
-
-
-def _fuse(engine, front_engine, texts: list[str], question: str, ratio: float, policy):
-    """``engine.fuse``, or with ``front_engine`` (``run``) the first chunk from its encoding."""
-    if front_engine is None:
-        return engine.fuse(texts, question, recompute_ratio=ratio, policy=policy)
-    from chunkcache.fuse import fuse_kv
-
-    chunks = [front_engine.chunk(texts[0])] + engine.chunks(texts[1:])
-    cfg = FuseConfig(recompute_ratio=ratio, policy=policy)
-    return fuse_kv(
-        engine.lm, engine.prefix_kv(), chunks, engine._prefix_ids, engine._suffix_ids(question), cfg
-    )
 
 
 def common_rows(rows: list[dict], floor_prefix: str = "full-") -> list[dict]:
@@ -539,9 +545,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the generic CONTEXT_SINK_PASSAGES)",
     )
     p.add_argument(
+        "--exact-first",
         "--first-exact",
         action="store_true",
-        help="with --sink context: fuse the first chunk from its prefix-sink encoding (two variants per chunk)",
+        help="with --sink context: the engine's exact_first (each chunk also stored behind the prefix "
+        "alone; a prompt's first chunk fused from that variant)",
+    )
+    p.add_argument(
+        "--plain-configs",
+        default="",
+        help="with --tag: POLICY@RATIO pairs also run (untagged, with naive reuse) by a prefix-sink "
+        "engine of the same model on the same questions and full prefill",
     )
     p.add_argument(
         "--tag", default="", help="prefix of every config's name, naive's too (merge beside a plain run)"
@@ -598,15 +612,21 @@ def run_cli(args: argparse.Namespace) -> int:
             plot(res["summary"], args.plot)
         return 0
 
+    def config_pairs(text: str, flag: str) -> tuple[tuple[str, float], ...]:
+        try:
+            return tuple((p, float(r)) for p, r in (x.split("@") for x in text.split(",") if x))
+        except ValueError:
+            raise SystemExit(f"{flag} takes POLICY@RATIO,..., got {text!r}") from None
+
     pairs = None
     if args.configs:
-        try:
-            pairs = tuple((p, float(r)) for p, r in (x.split("@") for x in args.configs.split(",") if x))
-        except ValueError:
-            raise SystemExit(f"--configs takes POLICY@RATIO,..., got {args.configs!r}") from None
+        pairs = config_pairs(args.configs, "--configs")
         args.policies = ",".join(dict.fromkeys(p for p, _ in pairs))
+    plain = config_pairs(args.plain_configs, "--plain-configs")
+    if plain and not args.tag:
+        raise SystemExit("--plain-configs needs --tag (its rows are the untagged ones)")
     policies = tuple(x for x in args.policies.split(",") if x)
-    unknown = [p for p in policies if p not in POLICIES]
+    unknown = [p for p in policies + tuple(p for p, _ in plain) if p not in POLICIES]
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; choose from {sorted(POLICIES)}")
     ratios = tuple(float(x) for x in args.ratios.split(",") if x)
@@ -620,6 +640,8 @@ def run_cli(args: argparse.Namespace) -> int:
             context = sink_context(args.data, args.sink_context)
         except ValueError as err:
             raise SystemExit(str(err)) from None
+    if args.exact_first and args.sink != "context":
+        raise SystemExit("--exact-first needs --sink context")
     header = {"command": command_line(), "settings": {k: v for k, v in vars(args).items() if not callable(v)}}
     engine = ChunkCache(
         model=args.model,
@@ -628,13 +650,14 @@ def run_cli(args: argparse.Namespace) -> int:
         device=args.device,
         sink=args.sink,
         sink_context=context,
+        exact_first=args.exact_first,
         codec=args.codec,
     )
-    if args.first_exact and args.sink != "context":
-        raise SystemExit("--first-exact needs --sink context")
-    front = None
-    if args.first_exact:
-        front = ChunkCache(model=engine.model, tokenizer=engine.tokenizer, store=None, sink="prefix")
+    plain_engine = None
+    if plain:
+        plain_engine = ChunkCache(
+            model=engine.model, tokenizer=engine.tokenizer, store=None, codec=args.codec
+        )
     noise = None
     if args.noise_floor:
         noise = ChunkCache(
@@ -657,8 +680,9 @@ def run_cli(args: argparse.Namespace) -> int:
         header=header,
         refines=refines,
         tag=args.tag,
-        front_engine=front,
         configs=pairs,
+        plain_engine=plain_engine,
+        plain_configs=plain,
     )
     print(table(res["summary"]))
     res = {**header, **res}

@@ -285,12 +285,14 @@ def run(
     warmup: int = 2,
     log=print,
     warmup_s: float = 0.0,
+    graph_warmup: bool = True,
 ) -> dict:
     """The load test on engine ``eng`` (its store gets the corpus); returns a JSON-able dict
     (``sides``: one summary per side). Each side first runs ``warmup`` calls from one thread,
     then ``warmup_s`` seconds of the same load from every client on other query streams
     (a server's steady state: CUDA graphs recorded for the shapes it meets, its device cache
-    filled), neither counted."""
+    filled), neither counted. ``graph_warmup``: first ``eng.warmup`` over the workload's prompt
+    sizes (fused side, without batching), as a server calls it at start-up."""
     from chunkcache.bench.texts import passages, questions
 
     w = workload
@@ -303,6 +305,21 @@ def run(
 
     def streams(base=0):
         return [_queries(w, corpus, fresh, qs, seed=base + c) for c in range(clients)]
+
+    warmed = None
+    if graph_warmup and getattr(eng, "batching", None) is None:
+        # The fused side records the CUDA graphs (and compiles the kernels) of every prompt size
+        # the workload can make before any query: the sizes of k corpus passages (or misses,
+        # labelled) and of the questions, as a server would at start-up (``ChunkCache.warmup``).
+        miss = [f"[client {clients + 20_000} miss {10**6}] {t}" for t in fresh]
+        lens = sorted(len(b) // 8 for b in eng.resolve(corpus)[1])
+        longest = sorted(lens + [len(b) // 8 for b in eng.resolve(miss)[1]])
+        q_lens = [len(eng.tokenizer(q.strip(), add_special_tokens=False)["input_ids"]) for q in qs]
+        warmed = eng.warmup((sum(lens[: w.k]), sum(longest[-w.k :])), (min(q_lens), max(q_lens)))
+        log(
+            f"graph warm-up: {warmed['points']} prompt sizes, {warmed['fusions']} fusions, "
+            f"{warmed['graphs_recorded']} graphs in {warmed['seconds']:.1f}s"
+        )
 
     def captures() -> int:  # CUDA graphs recorded so far by the fused side's stagings
         pool = getattr(eng, "_pool", None)
@@ -322,6 +339,8 @@ def run(
         else:
             got = _threads(call, streams(), seconds)
         s = _summary(name, *got, **extra, graph_captures=captures() - before)
+        if warmed is not None and name.startswith("fused"):
+            s["graph_warmup"] = warmed
         log(
             f"  {name:14s} {s['queries']:5d} queries  {s['qps']:7.2f} q/s  {s['tokens_per_s']:8.1f} tok/s  "
             f"TTFT p50 {s['ttft_p50_s'] * 1e3:8.1f} ms  p90 {s['ttft_p90_s'] * 1e3:8.1f} ms  "
@@ -483,6 +502,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=5.0,
         help="seconds of the same load before each side is measured (not counted): steady state",
     )
+    p.add_argument(
+        "--graph-warmup",
+        default="on",
+        choices=["on", "off"],
+        help="the fused side calls ChunkCache.warmup over the workload's prompt sizes first (a server's start-up)",
+    )
     p.add_argument("--passages", type=int, default=64)
     p.add_argument("--k", type=int, default=8, help="passages per query")
     p.add_argument("--zipf", type=float, default=1.1)
@@ -558,6 +583,7 @@ def run_cli(args: argparse.Namespace) -> int:
                     full=full,
                     use_asyncio=mode == "asyncio",
                     warmup_s=args.warmup_seconds,
+                    graph_warmup=args.graph_warmup == "on",
                 )
                 res.update(
                     model=args.model,
