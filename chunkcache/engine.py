@@ -749,9 +749,9 @@ class ChunkCache:
                 captures = staging.graphs.captures if staging.graphs is not None else 0
                 stream = LayerStream(self.store, bkeys, landing=staging.landing).start()
                 t_begin = time.perf_counter()
-                ext, front_s, ready = front(staging.prep_stream)
-                t_front_host = time.perf_counter() - t_begin
                 try:
+                    ext, front_s, ready = front(staging.prep_stream)
+                    t_front_host = time.perf_counter() - t_begin
                     entries = stream.entries_when_ready()
                     res = self._fuse_fetched(ext, entries, ext_ids, suffix, cfg, bkeys, [ids[i] for i in back],
                                              infos[p], arrival=stream, staging=staging, prefix_ready=ready)  # fmt: skip
@@ -811,7 +811,8 @@ class ChunkCache:
         if t_front_host is not None:
             timing["recompute_host"] = t_front_host  # queueing the front (the host's share of it)
         out = self._adaptive_result(res, chosen, timing, repaired, t0)
-        if chosen.estimate_s and chosen.rates["fuse_tokens_per_s"] and measured_all and not (repaired or captured):
+        known = chosen.estimate_s and chosen.rates["fuse_tokens_per_s"]  # (a free tail: no estimate)
+        if known and measured_all and not (repaired or captured):
             # measured against the plan's estimate before its overrun factor (``Rates.overrun``)
             rates.saw_estimate(chosen.estimate_s / chosen.rates["overrun"], out.stats["seconds"]["total"])
         return out

@@ -177,6 +177,9 @@ class Staging:
             self.host = torch.empty(self.dev.shape, dtype=torch.uint8, pin_memory=True)
         return depth
 
+    LANDING_LIMIT = 4 << 30
+    """Largest landing arena kept (bytes); a query streaming more gets fresh, unpinned buffers."""
+
     def landing(self, sizes: Sequence[int]) -> list[np.ndarray]:
         """Writable host buffers of ``sizes`` bytes for entries streamed in (``stream.LayerStream``'s
         ``landing``), each aligned to a page, all in one arena kept from query to query (grown
@@ -186,6 +189,8 @@ class Staging:
         for n in sizes:
             offsets.append(at)
             at += -(-int(n) // _PAGE) * _PAGE
+        if at > self.LANDING_LIMIT:  # not kept (nor pinned): fresh zeroed arrays
+            return [np.zeros(int(n), dtype=np.uint8) for n in sizes]
         if self.landed is None or self.landed.numel() < at:
             self.landed = None  # the old arena goes first
             grown = max(at, int(1.25 * at))  # headroom: a little more context next time need not re-pin
