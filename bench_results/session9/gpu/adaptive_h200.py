@@ -82,6 +82,7 @@ def main() -> None:
         "--splits", default="0,4,5,6,7", help="int2m splits at 10 Gb/s (25: the first four, 1: 13,14)"
     )
     ap.add_argument("--splits8", default="8,10,12", help="int8 splits")
+    ap.add_argument("--shallow", default="5,6", help="qshallow splits, int2m at 10 Gb/s only")
     ap.add_argument("--fronts", default="4,5,6,7,8,10,12,14")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the fallback comparison")
     ap.add_argument(
@@ -143,10 +144,14 @@ def main() -> None:
                           adaptive=AdaptiveConfig(link_bytes_per_s=1.0, recompute_tokens_per_s=rate0))  # fmt: skip
         from transformers import DynamicCache
 
+        from chunkcache.model import cache_kwarg
+
+        cache_arg = cache_kwarg(lm.model)
+
         def fwd_dc():
             with torch.no_grad():
                 x = prompt.to(lm.device)
-                return lm.model(input_ids=x, use_cache=True, logits_to_keep=1, past_key_values=DynamicCache()).logits[0, -1].float().cpu()  # fmt: skip
+                return lm.model(input_ids=x, use_cache=True, logits_to_keep=1, **{cache_arg: DynamicCache()}).logits[0, -1].float().cpu()  # fmt: skip
 
         variants = {
             "full": lambda: _full_once(any_eng, texts, question),
@@ -233,19 +238,27 @@ def main() -> None:
                     ks = [int(x) for x in args.splits.split(",")]
                 else:
                     ks = [n - 3, n - 2]
-                for k in [k for k in ks if 0 <= k < n]:
+                sweep = [(k, "qfast") for k in ks if 0 <= k < n]
+                if c == codecs[0] and gbit == gbits[0]:
+                    sweep += [(int(x), "qshallow") for x in args.shallow.split(",") if x and 0 <= int(x) < n]
+                for k, policy in sweep:
                     ad.adaptive = AdaptiveConfig(recompute_chunks=k)
-                    t, outs = median_s(lambda ad=ad: ad.fuse(texts, question), args.warmup, args.reps, dev)
+                    t, outs = median_s(
+                        lambda ad=ad, policy=policy: ad.fuse(texts, question, policy=policy),
+                        args.warmup,
+                        args.reps,
+                        dev,
+                    )
                     st = [o.stats["adaptive"]["seconds"] for o in outs]
                     sec = {s: statistics.median(x.get(s, 0.0) for x in st)
                            for s in ("plan", "fetch", "recompute", "recompute_host", "tail")}  # fmt: skip
                     o = outs[-1]
                     fs = {s: v for s, v in o.stats["seconds"].items()}
-                    lk["splits"].append({"k": k, "ttft_s": t, "stages_s": sec, "fast_path": bool(o.stats.get("fast_path")),
+                    lk.setdefault("splits" if policy == "qfast" else "shallow_splits", []).append({"k": k, "ttft_s": t, "stages_s": sec, "fast_path": bool(o.stats.get("fast_path")),
                                          "direct_copies": o.stats.get("direct_copies"), "repaired": o.stats["adaptive"]["repaired"],
                                          "fusion_stages_s": fs})  # fmt: skip
                     alone = res["fronts_s"].get(k)
-                    log(f"    split {k:2d}/{n - k:2d}: {t * 1e3:7.1f} ms ({t / full:.3f}x) | link {sec['fetch'] * 1e3:.1f} "
+                    log(f"    {policy:8s} split {k:2d}/{n - k:2d}: {t * 1e3:7.1f} ms ({t / full:.3f}x) | link {sec['fetch'] * 1e3:.1f} "
                         f"front {sec['recompute'] * 1e3:.1f}" + (f" (alone {alone * 1e3:.1f})" if alone else "")
                         + f" queued in {sec['recompute_host'] * 1e3:.1f} tail {sec['tail'] * 1e3:.1f} | direct "
                         f"{o.stats.get('direct_copies')} h2d {fs.get('h2d', 0) * 1e3:.1f} stage_host {fs.get('stage_host', 0) * 1e3:.1f}"
