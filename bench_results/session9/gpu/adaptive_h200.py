@@ -190,6 +190,39 @@ def main() -> None:
         log(
             "  fallback's own stages (medians): " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in fbs.items())
         )
+
+        # back to back (session 8: a fallback right after a fallback took 271-275 ms, after a
+        # prefill 254-261, the prefills 250-257): the second of two of a kind, and what the CUDA
+        # allocator did meanwhile (device mallocs, retries after freeing its cache)
+        def mem():
+            if dev.type != "cuda":
+                return (0, 0)
+            m = torch.cuda.memory_stats()
+            return (m.get("segment.all.allocated", 0), m.get("num_alloc_retries", 0))
+
+        pairs: dict = {"full": [], "fallback": []}
+        for _ in range(max(3, args.rounds // 2)):
+            for name in ("full", "fallback"):
+                for j in range(2):
+                    m0 = mem()
+                    t_host, _, o = ttft(variants[name], dev)
+                    m1 = mem()
+                    pairs[name].append(
+                        {
+                            "second": j == 1,
+                            "ttft_s": t_host,
+                            "mallocs": m1[0] - m0[0],
+                            "retries": m1[1] - m0[1],
+                        }
+                    )
+                    del o
+        res["back_to_back"] = pairs
+        for name, v in pairs.items():
+            a = [x["ttft_s"] for x in v if not x["second"]]
+            b = [x["ttft_s"] for x in v if x["second"]]
+            log(f"  {name:8s} back to back: first {statistics.median(a) * 1e3:.1f} ms, second {statistics.median(b) * 1e3:.1f} ms "
+                f"(each: {' '.join(f'{x * 1e3:.0f}' for x in b)}); device mallocs {sum(x['mallocs'] for x in v)}, "
+                f"alloc retries {sum(x['retries'] for x in v)}")  # fmt: skip
         fb = None  # (its staging goes)
         save()
 
