@@ -83,7 +83,8 @@ class AdaptiveConfig:
     """A rate that no plan measures any more is measured again after this many calls (it may have
     been a bad reading, or the link or the load changed): after that many full-prefill fallbacks
     in a row, one call runs a mix (every chunk but the last recomputed in place: about a prefill
-    plus the fusion's tail; only when that one fetch is estimated no longer than a prefill); after
+    plus the fusion's tail; only when that one fetch is estimated no longer than a prefill, else
+    the count starts again, and the store is not asked); after
     that many fused calls that recomputed nothing (so the recompute rate is not refreshed), one
     call recomputes the first chunk in place (at most a chunk's recompute more). 0: never."""
 
@@ -121,7 +122,7 @@ class Rates:
     process's first fusion pays one-off costs (allocations, kernel compilation, caches) that would
     otherwise hold a rate far too low, and a plan that then never runs that mix never measures it
     again (measured: a first fusion at 163 tokens/s against 1,118-1,418 later). ``fallbacks`` counts
-    full prefills since a fused plan last ran, ``unrecomputed`` calls since the recompute rate was
+    full prefills since a fused plan last ran (or an exploration was found too slow to run), ``unrecomputed`` calls since the recompute rate was
     last read (``AdaptiveConfig.explore_every``)."""
 
     def __init__(self, smoothing: float = 0.5) -> None:

@@ -658,12 +658,21 @@ class ChunkCache:
         every = conf.explore_every if measured and conf.recompute_chunks is None else 0
         explore = every > 0 and rates.fallbacks + 1 >= every
         chosen = None
-        if conf.recompute_chunks is None and not explore:
+        if conf.recompute_chunks is None:
             # First as if every precision were stored, touching no store: a full prefill chosen
             # here is chosen with what is stored too (fewer precisions only make mixes slower)
             everything = [{p: self._entry_bytes(p, t) for p in self.precisions} for t in tokens]
             first = adaptive.plan(tokens, everything, **rated)
             chosen = first if first.full_prefill else None
+            if chosen is not None and explore:
+                # an exploring mix fetches only the last chunk, at the engine's codec: when that
+                # alone is estimated longer than a prefill, no mix is run (and no store touched);
+                # the count starts again, so the store is not asked on every later call either
+                last = adaptive.plan(tokens, everything, **{**rated, "front": len(tokens) - 1}).chunks[-1]
+                if last.fetch_s is not None and first.full_s is not None and last.fetch_s <= first.full_s:
+                    chosen = None
+                else:
+                    rates.fallbacks = 0
         if chosen is None:
             lists = _id_lists(ids)
             missing = [i for i, there in enumerate(self.store.contains_many(keys)) if not there]
@@ -688,6 +697,8 @@ class ChunkCache:
                 if last is not None and last <= chosen.full_s:
                     why = f"explore (after {rates.fallbacks} full prefills): {probe.reason}; " + chosen.reason
                     chosen = replace(probe, reason=why)
+                else:
+                    rates.fallbacks = 0
             elif not chosen.full_prefill and chosen.front == 0 and every and len(tokens) > 1:
                 if rates.unrecomputed + 1 >= every and conf.recompute_tokens_per_s is None:
                     # nothing recomputed for explore_every calls: the recompute rate (hence the

@@ -288,6 +288,9 @@ def test_decisions_follow_the_measured_rates(model, smol_tokenizer):
     got = eng2.fuse(PASSAGES, QUESTION)
     assert got.stats["adaptive"]["choice"] == "full prefill" and got.stats["policy"] == "full prefill"
     assert slow.calls == 0  # the fallback is planned from the rates alone: no store round trip
+    for _ in range(20):  # past explore_every (16): exploring would fetch the last chunk, estimated
+        eng2.fuse(PASSAGES, QUESTION)  # longer than a prefill, so it is not, and no call asks the store
+    assert slow.calls == 0 and eng2._rates.fallbacks < 16
     logits, kv = full_prefill(eng2)
     torch.testing.assert_close(got.logits, logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.kv[:, :, :, :-1], kv[:, :, :, :-1], rtol=1e-5, atol=1e-5)
