@@ -939,8 +939,10 @@ class ChunkCache:
             policy=policy or self.default_fuse.policy,
         )
         over = len(self._suffix_ids(""))  # the template's tokens around the question
+        # (a question may merge with the template's tokens at its ends: 2 more either way)
+        suffixes = range(max(1, over + q_lo - 2), over + q_hi + 3)
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        longest = len(self._prefix_ids) + hi + over + q_hi
+        longest = len(self._prefix_ids) + hi + suffixes[-1]
         if limit is not None and longest > limit:
             raise ValueError(f"prompts of up to {longest} tokens, but {self.lm.name} takes at most {limit}")
         out = {"points": 0, "fusions": 0, "graphs_recorded": 0, "seconds": 0.0}
@@ -975,9 +977,8 @@ class ChunkCache:
                 graphs = st.graphs or FusionGraphs()  # (without graphs: the points of the default ones)
                 before = graphs.captures
                 points = warmup_points(
-                    graphs, cfg, spec.num_layers, len(self._prefix_ids), range(lo, hi + 1),
-                    range(over + q_lo, over + q_hi + 1),
-                )  # fmt: skip
+                    graphs, cfg, spec.num_layers, len(self._prefix_ids), range(lo, hi + 1), suffixes
+                )
                 for n_ctx, n_q in points:
                     lengths = [chunk_tokens] * (n_ctx // chunk_tokens) + [n_ctx % chunk_tokens] * (
                         n_ctx % chunk_tokens > 0
