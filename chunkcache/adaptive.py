@@ -15,22 +15,27 @@ any split, since the selection budget is a share of every chunk token. The plan,
 
     time ->   link:    fetch chunks k .. n-1 at p, layer-major  |
               device:  recompute chunks 0 .. k-1 | probe layer by layer as the layers arrive | tail
-    estimate(k, p) = max(fetch_s, recompute_s) + tail_s,   tail_s = chunk tokens / fuse rate
+    estimate(k, p) = overrun x (max(fetch_s, recompute_s) + tail_s),   tail_s = chunk tokens / fuse rate
 
-It takes the ``k`` with the least estimate per precision, then the best-quality precision whose
-estimate is within ``slack`` of the fastest (CacheGen's per-chunk level) and below a full
-prefill's. If the fastest is no faster than a full prefill (all tokens / recompute rate: a slow
-link, or every chunk recomputed), it does the plain full prefill instead, planned from the rates
-alone (no store round trip), so it costs what a plain prefill costs.
+It takes the ``k < n`` with the least estimate per precision, then the best-quality precision
+whose estimate is within ``slack`` of the fastest (CacheGen's per-chunk level) and below a full
+prefill's. If the fastest is no faster than a full prefill (chunk tokens / the *prefill* rate: a
+slow link), it does the plain full prefill instead, planned from the rates alone (no store round
+trip), so it costs what a plain prefill costs.
 
 Rates are measured, not guessed: ``Rates`` keeps exponential averages of the bytes/s each fetch
-achieved, the tokens/s of the in-place recompute and of full prefills, and the tail's chunk
-tokens/s. The first reading of each kind is a warm-up and is dropped; until the link and the
-recompute rate have been seen, the first chunk is recomputed and the rest fetched (which
-measures all three). A rate that makes every mix look slower than a prefill would never be
-measured again, so after ``explore_every`` full prefills in a row one call runs a mix. This
-module knows nothing about stores, codecs' bytes or fusion maths; ``engine.ChunkCache`` runs the
-plan.
+achieved, the tokens/s of the front's recompute inside a fusion (``recompute``) and of plain full
+prefills (``prefill``: the fallback's estimate; two readings, since a front that shares the host
+with the link's reader ran at a quarter of the standalone rate on the H200), the tail's chunk
+tokens/s, and ``overrun``: how much longer fused calls took than their estimate (at least 1;
+it rises at once and falls slowly, so a plan that ended slower than the prefill it was compared
+with makes the next plan account for it). The first reading of each kind is a warm-up and is
+dropped. Until the prefill rate is known, calls are full prefills (they measure it); then, until
+the link is known, a call recomputes every chunk but the last in place and fetches that one (about
+a prefill plus the tail, whatever the link: it measures the link, the front and the tail). A rate
+that makes every mix look slower than a prefill would never be measured again, so after
+``explore_every`` full prefills in a row one call runs such a mix. This module knows nothing about
+stores, codecs' bytes or fusion maths; ``engine.ChunkCache`` runs the plan.
 
     eng = ChunkCache(store=remote, codec="int8", adaptive=AdaptiveConfig(precisions=("int2",)))
     res = eng.fuse(passages, question); res.stats["adaptive"]   # what was chosen and why
@@ -78,7 +83,8 @@ class AdaptiveConfig:
     """A rate that no plan measures any more is measured again after this many calls (it may have
     been a bad reading, or the link or the load changed): after that many full-prefill fallbacks
     in a row, one call runs a mix (every chunk but the last recomputed in place: about a prefill
-    plus the fusion's tail; only when that one fetch is estimated no longer than a prefill); after
+    plus the fusion's tail; only when that one fetch is estimated no longer than a prefill, else
+    the count starts again, and the store is not asked); after
     that many fused calls that recomputed nothing (so the recompute rate is not refreshed), one
     call recomputes the first chunk in place (at most a chunk's recompute more). 0: never."""
 
@@ -106,22 +112,26 @@ class AdaptiveConfig:
 
 class Rates:
     """Measured rates (exponential averages; thread-safe): per stored precision the link's bytes/s
-    (a fetch's store reads and checks, and, where the fetch decodes, the decode), the recompute's
-    tokens/s and the fusion's tail (chunk tokens of the prompt per second of fusion after the last
-    fetched layer arrived).
+    (a fetch's store reads and checks, and, where the fetch decodes, the decode), the tokens/s of
+    the front's recompute inside a fusion (``recompute``) and of plain full prefills (``prefill``,
+    chunk tokens of the prompt per second), the fusion's tail (chunk tokens of the prompt per
+    second of fusion after the last fetched layer arrived), and ``overrun``, fused calls' measured
+    over estimated seconds (``saw_estimate``).
 
     The first reading of each kind (per precision for the link) is a warm-up and is not used: a
     process's first fusion pays one-off costs (allocations, kernel compilation, caches) that would
     otherwise hold a rate far too low, and a plan that then never runs that mix never measures it
     again (measured: a first fusion at 163 tokens/s against 1,118-1,418 later). ``fallbacks`` counts
-    full prefills since a fused plan last ran, ``unrecomputed`` calls since the recompute rate was
+    full prefills since a fused plan last ran (or an exploration was found too slow to run), ``unrecomputed`` calls since the recompute rate was
     last read (``AdaptiveConfig.explore_every``)."""
 
     def __init__(self, smoothing: float = 0.5) -> None:
         self.smoothing = smoothing
         self.link: dict[str, float] = {}
         self.recompute: float | None = None
+        self.prefill: float | None = None
         self.fuse: float | None = None
+        self.overrun: float | None = None
         self.fallbacks = 0
         self.unrecomputed = 0
         self._warm: set[str] = set()  # kinds whose warm-up reading was seen
@@ -136,7 +146,7 @@ class Rates:
         self._warm.add(kind)
         return False
 
-    def saw(self, what: Literal["recompute", "fuse"], tokens: float, seconds: float) -> None:
+    def saw(self, what: Literal["recompute", "prefill", "fuse"], tokens: float, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
             with self._lock:
                 if self._past_warmup(what):
@@ -147,6 +157,17 @@ class Rates:
             with self._lock:
                 if self._past_warmup("link:" + precision):
                     self.link[precision] = self._mix(self.link.get(precision), nbytes / seconds)
+
+    def saw_estimate(self, estimated_s: float, measured_s: float) -> None:
+        """A fused call took ``measured_s`` (to its logits on the host) where its plan estimated
+        ``estimated_s`` (before the overrun factor). A rise is taken at once (the next plan must
+        not repeat a plan that ran late), a fall is averaged in."""
+        if estimated_s > 0 and measured_s > 0:
+            with self._lock:
+                if self._past_warmup("overrun"):
+                    r = measured_s / estimated_s
+                    old = self.overrun
+                    self.overrun = r if old is None or r > old else self._mix(old, r)
 
     def forget_link(self) -> None:
         """Drop the link rates (the link changed), keeping the warm-up state: the next fetch's
@@ -200,9 +221,11 @@ def plan(
     tokens: Sequence[int],  # per chunk, in prompt order
     sizes: Sequence[Mapping[str, int]],  # per chunk: stored precision -> bytes, best quality first
     link_bytes_per_s: float | Mapping[str, float] | None,  # one rate, or per precision (measured ones)
-    recompute_tokens_per_s: float | None,
+    recompute_tokens_per_s: float | None,  # the front's, inside a fusion
     fuse_tokens_per_s: float | None = None,  # None: the fusion's tail counts as free
     *,
+    prefill_tokens_per_s: float | None = None,  # a plain full prefill's (None: the recompute rate)
+    overrun: float | None = None,  # fused calls' measured / estimated seconds (``Rates.overrun``)
     enabled: bool = True,
     slack: float = 0.1,
     fallback: bool = True,
@@ -217,10 +240,14 @@ def plan(
         raise ValueError(f"front must be in 0..{n}, got {front}")
     link_of = _link_rates(link_bytes_per_s)
     rec_rate, fuse_rate = recompute_tokens_per_s, fuse_tokens_per_s
+    full_rate = prefill_tokens_per_s or rec_rate
+    rec_rate = rec_rate or prefill_tokens_per_s  # no front measured yet: as fast as a prefill
+    late = max(1.0, overrun or 1.0)  # (a plan is never assumed faster than its own estimate)
     shown = dict(link_bytes_per_s) if isinstance(link_bytes_per_s, Mapping) else link_bytes_per_s
-    rates = {"link_bytes_per_s": shown, "recompute_tokens_per_s": rec_rate, "fuse_tokens_per_s": fuse_rate}
+    rates = {"link_bytes_per_s": shown, "recompute_tokens_per_s": rec_rate, "fuse_tokens_per_s": fuse_rate,
+             "prefill_tokens_per_s": full_rate, "overrun": late}  # fmt: skip
     rec = [None if rec_rate is None else t / rec_rate for t in tokens]
-    full_s = None if rec_rate is None else sum(tokens) / rec_rate
+    full_s = None if full_rate is None else sum(tokens) / full_rate
     tail = sum(tokens) / fuse_rate if fuse_rate else 0.0  # after the last fetched layer: any k < n
 
     def chunks_for(k: int, pick: Sequence[str]) -> list[ChunkPlan]:
@@ -233,40 +260,46 @@ def plan(
         ]
 
     def estimates(pick: Sequence[str]) -> list[float]:
-        """estimate(k, pick) for every k = 0 .. n: max(fetch of chunks k.., recompute of 0..k-1) + tail."""
+        """estimate(k, pick) for every k = 0 .. n: late x (max(fetch of chunks k.., recompute of
+        0..k-1) + tail); k = n (everything recomputed in place) has no tail."""
         back = [0.0] * (n + 1)  # back[k]: seconds to fetch chunks k .. n-1
         for i in range(n - 1, -1, -1):
             back[i] = back[i + 1] + sizes[i][pick[i]] / link_of(pick[i])  # type: ignore[misc]
-        out, front_tokens = [], 0  # (an int sum: k = n gives exactly full_s)
+        out, front_tokens = [], 0
         for k in range(n + 1):
-            out.append(max(back[k], front_tokens / rec_rate) + (tail if k < n else 0.0))  # type: ignore[operator]
+            out.append(late * (max(back[k], front_tokens / rec_rate) + (tail if k < n else 0.0)))  # type: ignore[operator]
             if k < n:
                 front_tokens += tokens[k]
         return out
 
     best = [next(iter(s)) for s in sizes]
     known = link_of is not None and rec_rate is not None
+    if fallback and enabled and front is None and full_rate is None:
+        why = "rates not measured yet: a full prefill (measures the prefill rate)"
+        return Plan([ChunkPlan("prefill", None, None, None) for _ in tokens], n, True, None, None, why, rates)
     if not enabled or front is not None or not known:
         if not enabled:
             k, why = 0, "adaptation off: fetch all"
         elif front is not None:
             k, why = front, f"fixed split: recompute the first {front} in place, fetch {n - front}"
-        else:
-            k = 1 if n > 1 and rec_rate is None else 0
-            why = "rates not measured yet: " + (
-                "recompute the first chunk in place, fetch the rest (measures both)"
-                if k
-                else "fetch all (measures the link)"
-            )
+        elif rec_rate is None:  # (no fallback: nothing measured at all)
+            k = 1 if n > 1 else 0
+            why = "rates not measured yet: recompute the first chunk in place, fetch the rest (measures both)"
+        else:  # about a prefill plus the tail, however slow the link: measures link, front and tail
+            k = n - 1
+            why = "link not measured yet: recompute all but the last chunk in place, fetch that one (measures the link)"
         est = estimates(best)[k] if known else None
         return Plan(chunks_for(k, best), k, False, est, full_s, why, rates)
 
     precisions = list(dict.fromkeys(p for s in sizes for p in s))  # in the order stored, best first
+    # k = n (every chunk recomputed in place) is a prefill done the slow way: with the fallback
+    # allowed, the prefill itself stands for it
+    splits = range(n) if fallback else range(n + 1)
     options = []
     for rank, p in enumerate(precisions):
         pick = [p if p in s else min(s, key=s.get) for s in sizes]  # else its smallest stored one
         ests = estimates(pick)
-        k = min(range(n + 1), key=lambda k, ests=ests: (ests[k], k))
+        k = min(splits, key=lambda k, ests=ests: (ests[k], k))
         options.append((ests[k], rank, p, k, pick))
     fastest = min(o[0] for o in options)
     per = {q: link_of(q) for q in precisions}  # type: ignore[misc]
@@ -278,7 +311,9 @@ def plan(
             + ", ".join(f"{q} {r / 1e9:.3g} GB/s" for q, r in per.items())
             + f", recompute {rec_rate:.4g} tokens/s, fusion tail "
             + (f"{tail * 1e3:.1f} ms" if fuse_rate else "not measured")
+            + (f", estimates x{late:.3g} (measured overrun)" if late > 1 else "")
             + f": fetch all at their best precision {fetch_all * 1e3:.1f} ms, full prefill {full_s * 1e3:.1f} ms"  # type: ignore[operator]
+            + f" ({full_rate:.4g} tokens/s)"
         )
 
     if fallback and fastest >= full_s:  # type: ignore[operator]

@@ -406,7 +406,8 @@ class ChunkCache:
         from chunkcache.format import check_identity
 
         info = self._info() if info is None else info
-        check_identity(key, header, token_ids, info)
+        inputs = next((v.inputs for v in self.variants() if v.info is info), None)  # hashed once
+        check_identity(key, header, token_ids, info, inputs)
         if ids is not None and token_bytes(token_ids) != (
             ids if isinstance(ids, bytes) else token_bytes(ids)
         ):
@@ -642,24 +643,36 @@ class ChunkCache:
         conf, rates, spec = self.adaptive, self._rates, self.lm.spec
         tokens = [len(b) // 8 for b in ids]
         t_plan = time.perf_counter()
+        fixed = (conf.link_bytes_per_s, conf.recompute_tokens_per_s, conf.fuse_tokens_per_s)
+        measured, measured_all = None in fixed, fixed == (None, None, None)
         rated = dict(
             link_bytes_per_s=conf.link_bytes_per_s or dict(rates.link),
             recompute_tokens_per_s=conf.recompute_tokens_per_s or rates.recompute,
+            prefill_tokens_per_s=conf.recompute_tokens_per_s or rates.prefill,
             fuse_tokens_per_s=conf.fuse_tokens_per_s or rates.fuse,
+            overrun=rates.overrun if measured_all else None,  # (fixed rates are taken as they are)
             slack=conf.slack,
             fallback=conf.fallback,
             front=conf.recompute_chunks,
         )
-        measured = None in (conf.link_bytes_per_s, conf.recompute_tokens_per_s, conf.fuse_tokens_per_s)
         every = conf.explore_every if measured and conf.recompute_chunks is None else 0
         explore = every > 0 and rates.fallbacks + 1 >= every
         chosen = None
-        if conf.recompute_chunks is None and not explore:
+        if conf.recompute_chunks is None:
             # First as if every precision were stored, touching no store: a full prefill chosen
             # here is chosen with what is stored too (fewer precisions only make mixes slower)
             everything = [{p: self._entry_bytes(p, t) for p in self.precisions} for t in tokens]
             first = adaptive.plan(tokens, everything, **rated)
             chosen = first if first.full_prefill else None
+            if chosen is not None and explore:
+                # an exploring mix fetches only the last chunk, at the engine's codec: when that
+                # alone is estimated longer than a prefill, no mix is run (and no store touched);
+                # the count starts again, so the store is not asked on every later call either
+                last = adaptive.plan(tokens, everything, **{**rated, "front": len(tokens) - 1}).chunks[-1]
+                if last.fetch_s is not None and first.full_s is not None and last.fetch_s <= first.full_s:
+                    chosen = None
+                else:
+                    rates.fallbacks = 0
         if chosen is None:
             lists = _id_lists(ids)
             missing = [i for i, there in enumerate(self.store.contains_many(keys)) if not there]
@@ -684,6 +697,8 @@ class ChunkCache:
                 if last is not None and last <= chosen.full_s:
                     why = f"explore (after {rates.fallbacks} full prefills): {probe.reason}; " + chosen.reason
                     chosen = replace(probe, reason=why)
+                else:
+                    rates.fallbacks = 0
             elif not chosen.full_prefill and chosen.front == 0 and every and len(tokens) > 1:
                 if rates.unrecomputed + 1 >= every and conf.recompute_tokens_per_s is None:
                     # nothing recomputed for explore_every calls: the recompute rate (hence the
@@ -701,8 +716,7 @@ class ChunkCache:
             res = prefill(self.lm, self.prompt_ids_from(ids, suffix), len(self._prefix_ids), tokens)
             res.logits.cpu()
             t = time.perf_counter() - t
-            rates.saw("recompute", res.stats["prompt_tokens"], t)
-            rates.unrecomputed = 0
+            rates.saw("prefill", sum(tokens), t)  # (chunk tokens: what the planner's full_s counts)
             timing = {"plan": t_plan, "prefill": t}
             return self._adaptive_result(res, chosen, timing, [], t0)
         rates.fallbacks = 0
@@ -717,32 +731,53 @@ class ChunkCache:
         if k and n_back:  # the budget stays the ratio of every chunk token, spent on the fetched ones
             cfg = FuseConfig(recompute_ratio=min(1.0, user_ratio * n_ctx / n_back), policy=cfg.policy)
 
-        def front():
+        def front(side=None):
             # the front: prefix and chunks 0..k-1 through the model from scratch (exact; the prefix's
-            # few tokens are recomputed, which keeps the model's causal fast path)
-            return _timed(self.lm.device, lambda: encode_exact(self.lm, ext_ids)[0] if k else prefix_kv)
+            # few tokens are recomputed, which keeps the model's causal fast path). ``side``: a CUDA
+            # stream to run it on, so the compute stream stays free for the fusion's set-up and its
+            # loader copies and assembles the layers that arrive meanwhile (``fuse_entries``'s
+            # ``prefix_ready``); returns (KV, device seconds, its done event or None)
+            if not k:
+                return prefix_kv, (lambda: 0.0), None
+            if side is None:
+                return (*_timed(self.lm.device, lambda: encode_exact(self.lm, ext_ids)[0]), None)
+            side.wait_stream(torch.cuda.current_stream(self.lm.device))
+            with torch.cuda.stream(side):
+                kv, seconds = _timed(self.lm.device, lambda: encode_exact(self.lm, ext_ids)[0])
+                done = torch.cuda.Event()
+                done.record(side)
+            return kv, seconds, done
 
-        repaired, res, fetched = [], None, None
+        repaired, res, fetched, captured = [], None, None, False
         codecs = {precision[i] for i in back}
         if self.fast_path and len(codecs) == 1:
-            # streamed: the back chunks arrive layer by layer while the front is recomputed, and the
-            # fusion stages each layer as it arrives (its probe runs behind the link)
+            # streamed: the back chunks arrive layer by layer (into the staging's landing arena)
+            # while the front is recomputed, and the fusion stages each layer as it arrives (its
+            # probe runs behind the link)
             (p,) = codecs
             bkeys = [pkeys[p][i] for i in back]
-            stream = LayerStream(self.store, bkeys).start()
-            t_begin = time.perf_counter()
-            ext, front_s = front()
-            try:
-                entries = stream.entries_when_ready()
-                res = self._fuse_fetched(ext, entries, ext_ids, suffix, cfg, bkeys, [ids[i] for i in back],
-                                         infos[p], arrival=stream)  # fmt: skip
-            except (KeyError, StoreError, CorruptEntryError):
-                res = None  # missing, damaged or unreachable: read whole below (drops the damaged)
-            finally:
-                stream.close()
+            with self.stagings().take() as staging:
+                captures = staging.graphs.captures if staging.graphs is not None else 0
+                stream = LayerStream(self.store, bkeys, landing=staging.landing).start()
+                t_begin = time.perf_counter()
+                try:
+                    ext, front_s, ready = front(staging.prep_stream)
+                    t_front_host = time.perf_counter() - t_begin
+                    entries = stream.entries_when_ready()
+                    res = self._fuse_fetched(ext, entries, ext_ids, suffix, cfg, bkeys, [ids[i] for i in back],
+                                             infos[p], arrival=stream, staging=staging, prefix_ready=ready)  # fmt: skip
+                except (KeyError, StoreError, CorruptEntryError):
+                    res = None  # missing, damaged or unreachable: read whole below (drops the damaged)
+                finally:
+                    stream.close()
+                if res is not None:
+                    res.logits.cpu()
+                captured = staging.graphs is not None and staging.graphs.captures != captures
+            if ready is not None:  # (the repair below uses the front on this stream)
+                torch.cuda.current_stream(self.lm.device).wait_event(ready)
+                ext.record_stream(torch.cuda.current_stream(self.lm.device))
             t_link = max(stream.t_last - stream.t_start, 0.0)
             if res is not None:
-                res.logits.cpu()
                 t_done = time.perf_counter()
                 rates.saw_fetch(p, sum(sizes[i][p] for i in back), t_link)
                 t_tail = t_done - max(t_begin + front_s(), stream.t_last)
@@ -757,7 +792,8 @@ class ChunkCache:
                     rates.saw_fetch(p, sizes[i][p], time.perf_counter() - t)
                 return got
 
-            fetched, (ext, front_s), t_link, _ = adaptive.overlap(fetch, back, front)
+            fetched, (ext, front_s, _), t_link, _ = adaptive.overlap(fetch, back, front)
+            t_front_host = None
         if res is None:
             t = time.perf_counter()
             repaired = [i for i, got in zip(back, fetched, strict=True) if got is None]
@@ -777,13 +813,20 @@ class ChunkCache:
         t_front = front_s()
         rates.saw("recompute", len(ext_ids) if k else 0, t_front)
         rates.unrecomputed = 0 if k else rates.unrecomputed + 1
-        if back and not repaired:  # (a repair's reads and recompute are no fusion tail)
-            rates.saw("fuse", n_ctx, t_tail)
+        if back and not repaired and not captured:  # (a repair's reads and recompute, or a CUDA
+            rates.saw("fuse", n_ctx, t_tail)  # graph's recording, are no fusion tail)
         res = with_front(res, len(self._prefix_ids), tokens[:k], spec.num_layers, prefix_recomputed=k > 0)
         res.stats["recompute_ratio"] = user_ratio
         res.stats["fetched_recompute_ratio"] = cfg.recompute_ratio  # the share of the fetched tokens selected
         timing = {"plan": t_plan, "fetch": t_link, "recompute": t_front, "tail": t_tail}
-        return self._adaptive_result(res, chosen, timing, repaired, t0)
+        if t_front_host is not None:
+            timing["recompute_host"] = t_front_host  # queueing the front (the host's share of it)
+        out = self._adaptive_result(res, chosen, timing, repaired, t0)
+        known = chosen.estimate_s and chosen.rates["fuse_tokens_per_s"]  # (a free tail: no estimate)
+        if known and measured_all and not (repaired or captured):
+            # measured against the plan's estimate before its overrun factor (``Rates.overrun``)
+            rates.saw_estimate(chosen.estimate_s / chosen.rates["overrun"], out.stats["seconds"]["total"])
+        return out
 
     def _adaptive_result(
         self, res: FuseResult, chosen, timing: dict, repaired: list[int], t0: float
@@ -818,23 +861,22 @@ class ChunkCache:
                           check=lambda h, c: self._check_entry(key, h, c.token_ids, ids[i], infos[p]))  # fmt: skip
 
     def _fuse_fetched(
-        self, ext_kv, entries, ext_ids, suffix, cfg, keys, ids, info, arrival=None
+        self, ext_kv, entries, ext_ids, suffix, cfg, keys, ids, info, arrival, staging, prefix_ready=None
     ) -> FuseResult | None:
-        """``pipeline.fuse_entries`` over fetched entries (bytes) behind the exact front ``ext_kv``;
-        None if one is damaged or foreign (``CorruptEntryError``: the caller drops and repairs)."""
+        """``pipeline.fuse_entries`` over fetched entries (bytes) behind the exact front ``ext_kv``
+        (computed on another stream until ``prefix_ready``); None if one is damaged or foreign
+        (``CorruptEntryError``: the caller drops and repairs)."""
         from chunkcache.errors import CorruptEntryError
         from chunkcache.pipeline import fuse_entries
 
         def inspect(j: int, header: dict, parts: dict) -> None:
             self._check_entry(keys[j], header, parts["token_ids"], ids[j], info)
 
-        with self.stagings().take() as staging:
-            try:
-                res = fuse_entries(
-                    self.lm, ext_kv, entries, ext_ids, suffix, cfg, staging, inspect=inspect, arrival=arrival
-                )
-            except CorruptEntryError:
-                return None
+        try:
+            res = fuse_entries(self.lm, ext_kv, entries, ext_ids, suffix, cfg, staging, inspect=inspect,
+                               arrival=arrival, prefix_ready=prefix_ready)  # fmt: skip
+        except CorruptEntryError:
+            return None
         res.stats["fast_path"] = True
         return res
 
@@ -897,8 +939,10 @@ class ChunkCache:
             policy=policy or self.default_fuse.policy,
         )
         over = len(self._suffix_ids(""))  # the template's tokens around the question
+        # (a question may merge with the template's tokens at its ends: 2 more either way)
+        suffixes = range(max(1, over + q_lo - 2), over + q_hi + 3)
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        longest = len(self._prefix_ids) + hi + over + q_hi
+        longest = len(self._prefix_ids) + hi + suffixes[-1]
         if limit is not None and longest > limit:
             raise ValueError(f"prompts of up to {longest} tokens, but {self.lm.name} takes at most {limit}")
         out = {"points": 0, "fusions": 0, "graphs_recorded": 0, "seconds": 0.0}
@@ -933,9 +977,8 @@ class ChunkCache:
                 graphs = st.graphs or FusionGraphs()  # (without graphs: the points of the default ones)
                 before = graphs.captures
                 points = warmup_points(
-                    graphs, cfg, spec.num_layers, len(self._prefix_ids), range(lo, hi + 1),
-                    range(over + q_lo, over + q_hi + 1),
-                )  # fmt: skip
+                    graphs, cfg, spec.num_layers, len(self._prefix_ids), range(lo, hi + 1), suffixes
+                )
                 for n_ctx, n_q in points:
                     lengths = [chunk_tokens] * (n_ctx // chunk_tokens) + [n_ctx % chunk_tokens] * (
                         n_ctx % chunk_tokens > 0

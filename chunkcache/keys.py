@@ -17,6 +17,7 @@ import json
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -52,6 +53,13 @@ def chunk_key(
     format_version: int,
 ) -> str:
     """The store key of one chunk: 64 hex chars of blake2b-256 over exactly these inputs."""
+    h = _inputs_hash(model_fingerprint, dtype, codec, settings, format_version)
+    h.update(token_bytes(token_ids))
+    return h.hexdigest()
+
+
+def _inputs_hash(model_fingerprint: str, dtype: str, codec: str, settings: dict, format_version: int):
+    """The blake2b state after everything a key hashes but the token ids (``chunk_key``)."""
     inputs = canonical_json(
         {
             "model": str(model_fingerprint),
@@ -65,8 +73,7 @@ def chunk_key(
     h.update(_DOMAIN)
     h.update(struct.pack("<Q", len(inputs)))  # length prefix: the JSON/token boundary is unambiguous
     h.update(inputs)
-    h.update(token_bytes(token_ids))
-    return h.hexdigest()
+    return h
 
 
 @dataclass(frozen=True)
@@ -88,8 +95,16 @@ class KeyInputs:
         canonical_json(self.settings)  # fail early on settings that cannot be hashed canonically
 
     def key(self, token_ids: torch.Tensor | np.ndarray | Sequence[int]) -> str:
-        return chunk_key(
-            token_ids, self.model_fingerprint, self.dtype, self.codec, self.settings, self.format_version
+        """``chunk_key`` of these inputs and ``token_ids`` (the inputs' part hashed once per object:
+        a copy of that state per key, so many threads may call it at once)."""
+        h = self._hashed.copy()
+        h.update(token_bytes(token_ids))
+        return h.hexdigest()
+
+    @cached_property
+    def _hashed(self):
+        return _inputs_hash(
+            self.model_fingerprint, self.dtype, self.codec, self.settings, self.format_version
         )
 
     def to_dict(self) -> dict:

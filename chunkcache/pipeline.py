@@ -50,6 +50,7 @@ from chunkcache.model import LoadedModel
 
 __all__ = ["LayerLoader", "LoadPlan", "Staging", "StagingPool", "entry_views", "fuse_entries"]
 
+_PAGE = 4096  # alignment of each entry in a landing arena
 _ALIGN = 16  # byte alignment of every part inside a slot (dtype views, 16-byte vector loads);
 # parts of codecs are almost always multiples of it, so the per-layer copy needs few pad pieces
 
@@ -69,12 +70,21 @@ def entry_views(store, keys: Sequence[str], staging: Staging | None = None) -> I
         yield views
 
 
-def _direct_ok(maps, codec: str, parts: dict[str, torch.Tensor]) -> bool:
+def _direct_ok(maps, codec: str, parts: dict[str, torch.Tensor], pinned: torch.Tensor | None = None) -> bool:
     """Whether an entry's codec parts can be copied without host staging: all resident on the
-    device (``devicecache``), or every section inside a registered map."""
+    device (``devicecache``), every section inside a registered map, or all inside ``pinned``
+    (page-locked host memory: the staging's landing arena, ``Staging.landing``)."""
     if all(parts[n].is_cuda for n in kernels.reference.CODEC_PARTS[codec]):
         return True
+    if pinned is not None:
+        lo, hi = pinned.data_ptr(), pinned.data_ptr() + pinned.numel()
+        if all(lo <= a and b <= hi for a, b in _spans(parts)):
+            return True
     return maps is not None and _covered(maps, parts)
+
+
+def _spans(parts: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+    return [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in parts.values() if t.numel()]
 
 
 def _in_arena(arena: torch.Tensor, t: torch.Tensor) -> bool:
@@ -84,7 +94,7 @@ def _in_arena(arena: torch.Tensor, t: torch.Tensor) -> bool:
 
 def _covered(maps, parts: dict[str, torch.Tensor]) -> bool:
     """Whether the registry covers the span of an entry's sections (one lookup per entry)."""
-    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in parts.values() if t.numel()]
+    spans = _spans(parts)
     lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
     return maps.covers(lo, hi - lo)
 
@@ -134,6 +144,8 @@ class Staging:
             from chunkcache.graphs import FusionGraphs
 
             self.graphs = FusionGraphs()
+        self.landed: torch.Tensor | None = None
+        """The arena of ``landing`` (1-D uint8; pinned on CUDA), None until a query streams."""
         self.maps = None
         """CUDA registrations of LMDB stores' maps (``hostmap.MapRegistry``): entries inside them
         are copied straight from the page cache to the device, without the pinned staging copy.
@@ -164,6 +176,27 @@ class Staging:
         if host and self.host is None:  # pinning costs ~0.1 s per GiB: only when a query needs it
             self.host = torch.empty(self.dev.shape, dtype=torch.uint8, pin_memory=True)
         return depth
+
+    LANDING_LIMIT = 4 << 30
+    """Largest landing arena kept (bytes); a query streaming more gets fresh, unpinned buffers."""
+
+    def landing(self, sizes: Sequence[int]) -> list[np.ndarray]:
+        """Writable host buffers of ``sizes`` bytes for entries streamed in (``stream.LayerStream``'s
+        ``landing``), each aligned to a page, all in one arena kept from query to query (grown
+        when a query needs more): page-locked on CUDA, so the loader copies from it straight to the
+        device (``LoadPlan.direct``). Valid until the next call; one query at a time, as the staging."""
+        at, offsets = 0, []
+        for n in sizes:
+            offsets.append(at)
+            at += -(-int(n) // _PAGE) * _PAGE
+        if at > self.LANDING_LIMIT:  # not kept (nor pinned): fresh zeroed arrays
+            return [np.zeros(int(n), dtype=np.uint8) for n in sizes]
+        if self.landed is None or self.landed.numel() < at:
+            self.landed = None  # the old arena goes first
+            grown = max(at, int(1.25 * at))  # headroom: a little more context next time need not re-pin
+            self.landed = torch.empty(grown, dtype=torch.uint8, pin_memory=self.cuda)
+        arena = self.landed.numpy()
+        return [arena[a : a + int(n)] for a, n in zip(offsets, sizes, strict=True)]
 
     def register(self, store) -> bool:
         """Page-lock ``store``'s map for direct copies if it is an LMDB store within the limit
@@ -343,6 +376,7 @@ class LoadPlan:
         maps=None,  # hostmap.MapRegistry, or None: no direct copies
         check_layers: Sequence[bool] | None = None,  # per entry: check its layer sums while staging
         arena: torch.Tensor | None = None,  # devicecache arena: zero copy if every part lies in it
+        pinned: torch.Tensor | None = None,  # page-locked host memory (a landing arena): direct copies
     ) -> LoadPlan:
         spec = lm.spec
         headers = []
@@ -388,7 +422,9 @@ class LoadPlan:
         # the entries where they are; otherwise each layer is first packed into pinned memory.
         # A direct copy moves `group` layers of a part at once (its layers are contiguous in the
         # entry; per-copy overhead, not bytes, bounds the small parts of int8/int4).
-        direct = all(_direct_ok(maps, codec, ps) for _, ps in parsed)
+        if pinned is not None and not pinned.is_pinned():
+            pinned = None
+        direct = all(_direct_ok(maps, codec, ps, pinned) for _, ps in parsed)
         aligned = all(p.nbytes % _ALIGN == 0 for p in parts)
         g = cls.DIRECT_GROUP
         while g > cls.MIN_GROUP and 2 * g * slot_bytes > max_bytes:
@@ -498,9 +534,8 @@ class LayerLoader:
         arrival=None,  # entries still arriving: ``arrival.wait(l)`` before layer l is read (``stream``)
     ) -> None:
         self.buf, self.staging, self.arrival = buf, staging, arrival
-        self.plan = plan = LoadPlan.build(
-            lm, parsed, offsets, buf.device, staging.max_bytes, staging.maps, check_layers, arena
-        )
+        build = dict(maps=staging.maps, check_layers=check_layers, arena=arena, pinned=staging.landed)
+        self.plan = plan = LoadPlan.build(lm, parsed, offsets, buf.device, staging.max_bytes, **build)
         self.codec, self.direct, self.group = plan.codec, plan.direct, plan.group
         self.num_layers = lm.spec.num_layers
         self.zero_copy = plan.arena is not None
@@ -817,6 +852,7 @@ def fuse_entries(
     run: Callable[[FuseJob], FuseResult] | None = None,
     preload: bool = False,
     arrival=None,
+    prefix_ready: torch.cuda.Event | None = None,
 ) -> FuseResult:
     """``fuse.fuse_kv`` over stored entries, loading layer by layer behind the compute.
 
@@ -843,7 +879,10 @@ def fuse_entries(
     otherwise at the fusion's first layer). ``arrival``: the entries are still arriving
     (``stream.LayerStream``: headers and small sections in, layers not yet): the loader stages
     layer ``l`` after ``arrival.wait(l)``, so the fusion runs behind the link, layer by layer;
-    an entry without per-layer sums must have arrived whole. ``stats["seconds"]`` gains ``read`` (header parsing),
+    an entry without per-layer sums must have arrived whole. ``prefix_ready`` (CUDA): ``prefix_kv``
+    is still being computed on another stream (an adaptive fusion's front) and is done at this
+    event; the loader starts before the compute stream waits for it, so layers that arrive
+    meanwhile are copied and assembled while it runs. ``stats["seconds"]`` gains ``read`` (header parsing),
     ``stage_host``, ``h2d`` and ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
     """
     if not suffix_ids:
@@ -887,39 +926,52 @@ def fuse_entries(
         buf = torch.empty(
             spec.num_layers, 2, spec.kv_heads, n, spec.head_dim, dtype=lm.dtype, device=lm.device
         )
-    buf[:, :, :, :p] = prefix_kv
+    if prefix_ready is None:
+        buf[:, :, :, :p] = prefix_kv
     buf[:, :, :, n - ns : n] = 0
     offsets = [p + sum(lengths[:i]) for i in range(len(lengths))]
     loader = LayerLoader(lm, parsed, buf, offsets, st, check_layers, arena, arrival)
-    ids = torch.cat(
-        [torch.tensor(list(prefix_ids), dtype=torch.long)]
-        + [t.to(torch.long) for t in token_ids]
-        + [torch.tensor(list(suffix_ids), dtype=torch.long)]
-    )[None]
-    token_scores = None
-    if lengths and all(s is not None for s in scores):
-        token_scores = torch.cat([s.float() for s in scores]).to(lm.device)
-    t_read = time.perf_counter() - t0
-    # The loader starts at the fusion's first ``ready``, after the fusion's own small uploads
-    # (token ids, chunk maps): a synchronous host-to-device copy queued behind the loader's
-    # copies would wait for all of them (the copy engine runs them in order: at 8K int8 that
-    # held the compute stream idle for 11 ms on the H100).
-    timer.mark("read")
-    config = config or FuseConfig()
-    exact = exact_chunks(p, lengths, [int(h["base_pos"]) for h, _ in parsed])
-    job = FuseJob(
-        buf,
-        ids,
-        p,
-        lengths,
-        token_scores,
-        config,
-        source=loader,
-        timer=timer,
-        graphs=graphs,
-        exact_chunks=exact,
-    )
     try:
+        if prefix_ready is not None:
+            if not buf.is_cuda:
+                raise ValueError("prefix_ready is a CUDA event: only for a fusion on a GPU")
+            # the loader's copies and assembly (chunk rows of buf) need not wait for the prefix's
+            # stream; the compute stream does, before the prefix rows are written and read
+            if not loader.zero_copy:
+                loader.start()
+            here = torch.cuda.current_stream(buf.device)
+            here.wait_event(prefix_ready)
+            prefix_kv.record_stream(here)  # (made on the other stream, read on this one)
+            buf[:, :, :, :p] = prefix_kv
+        ids = torch.cat(
+            [torch.tensor(list(prefix_ids), dtype=torch.long)]
+            + [t.to(torch.long) for t in token_ids]
+            + [torch.tensor(list(suffix_ids), dtype=torch.long)]
+        )[None]
+        token_scores = None
+        if lengths and all(s is not None for s in scores):
+            token_scores = torch.cat([s.float() for s in scores]).to(lm.device)
+        t_read = time.perf_counter() - t0
+        # Otherwise the loader starts at the fusion's first ``ready``, after the fusion's own small
+        # uploads (token ids, chunk maps): a synchronous host-to-device copy queued behind the
+        # loader's copies would wait for all of them (the copy engine runs them in order: at 8K
+        # int8 that held the compute stream idle for 11 ms on the H100). Behind a front on another
+        # stream it started above: its copies then are the layers that arrived so far.
+        timer.mark("read")
+        config = config or FuseConfig()
+        exact = exact_chunks(p, lengths, [int(h["base_pos"]) for h, _ in parsed])
+        job = FuseJob(
+            buf,
+            ids,
+            p,
+            lengths,
+            token_scores,
+            config,
+            source=loader,
+            timer=timer,
+            graphs=graphs,
+            exact_chunks=exact,
+        )
         if preload and not loader.zero_copy:  # its small uploads first, then the layers stream in
             job.place()  # while the job waits (a zero-copy loader has nothing to stream)
             loader.start()

@@ -68,8 +68,16 @@ def test_off_unmeasured_fixed_and_bad_input():
     sizes = [{"int8": 100}] * 3
     off = plan([5, 3, 9], sizes, 1.0, 1e9, enabled=False)
     assert [c.action for c in off.chunks] == ["fetch"] * 3 and "off" in off.reason
-    first = plan([5, 3, 9], sizes, None, None)  # nothing measured: recompute the first, fetch the rest
-    assert [c.action for c in first.chunks] == ["recompute", "fetch", "fetch"] and first.estimate_s is None
+    first = plan([5, 3, 9], sizes, None, None)  # nothing measured: a full prefill measures its rate
+    assert first.full_prefill and "not measured" in first.reason and first.estimate_s is None
+    # without the fallback: recompute the first, fetch the rest (measures both)
+    bare = plan([5, 3, 9], sizes, None, None, fallback=False)
+    assert [c.action for c in bare.chunks] == ["recompute", "fetch", "fetch"] and bare.estimate_s is None
+    # the prefill rate known, the link not: all but the last recomputed in place, that one fetched
+    # (about a prefill plus the tail on any link; it measures the link, the front and the tail)
+    probe = plan([5, 3, 9], sizes, None, None, prefill_tokens_per_s=10.0)
+    assert [c.action for c in probe.chunks] == ["recompute", "recompute", "fetch"] and not probe.full_prefill
+    assert "link not measured" in probe.reason and probe.full_s == pytest.approx(1.7)
     fixed = plan([5, 3, 9], sizes, 1.0, 1.0, front=3)  # fixed: never falls back
     assert fixed.front == 3 and not fixed.full_prefill and "fixed" in fixed.reason
     with pytest.raises(ValueError):
@@ -82,6 +90,44 @@ def test_off_unmeasured_fixed_and_bad_input():
             AdaptiveConfig(**bad)
     with pytest.raises(TypeError):
         AdaptiveConfig(precisions=["int2"])
+
+
+def test_the_fallback_is_weighed_at_the_prefill_rate_and_an_overrun_is_accounted_for():
+    """The H200 case of session 8: the front inside a fusion ran at 8,350 tokens/s (it shared the
+    host with the link's reader), a plain prefill at 33,000. Judged at the front's rate, a full
+    prefill looked 4x slower than it is and a mix that loses to it was run (1.12x); judged at the
+    prefill's, it falls back. A fused call that ran longer than its estimate scales the next
+    estimates by that factor at once (a fall is averaged in), so a plan that ended slower than the
+    prefill is not repeated; the factor never makes a plan look faster than its estimate."""
+    tokens, sizes = [512] * 16, [{"int2m": 10_543_000}] * 16
+    link, front, tail = 0.622e9, 8350.0, 16 * 512 / 0.0512  # bytes/s, tokens/s, chunk tokens/s
+    wrong = plan(tokens, sizes, link, front, tail)  # the prefill estimated at the front's rate
+    assert not wrong.full_prefill and wrong.full_s == pytest.approx(8192 / 8350)
+    right = plan(tokens, sizes, link, front, tail, prefill_tokens_per_s=33_000.0)
+    assert right.full_prefill and right.full_s == pytest.approx(8192 / 33_000)
+    # with the front measured as fast as a prefill, a mix beats it: recompute 5, fetch 11
+    fast = plan(tokens, sizes, 1.25e9, 33_000.0, tail, prefill_tokens_per_s=33_000.0)
+    assert not fast.full_prefill and fast.front in (5, 6) and fast.estimate_s < fast.full_s
+    # that plan ran 2x its estimate, later than the prefill: the next one falls back
+    assert 2 * fast.estimate_s > fast.full_s
+    r = Rates(0.5)
+    r.saw_estimate(1.0, 9.0)  # warm-up: not used
+    assert r.overrun is None
+    r.saw_estimate(fast.estimate_s, 2 * fast.estimate_s)
+    assert r.overrun == pytest.approx(2.0)
+    again = plan(tokens, sizes, 1.25e9, 33_000.0, tail, prefill_tokens_per_s=33_000.0, overrun=r.overrun)
+    assert again.full_prefill and "overrun" in again.reason
+    assert again.estimate_s == pytest.approx(2 * fast.estimate_s)
+    r.saw_estimate(1.0, 1.0)  # on time: the factor falls by the smoothing, not at once
+    assert r.overrun == pytest.approx(1.5)
+    r.saw_estimate(1.0, 2.5)  # late again: at once
+    assert r.overrun == pytest.approx(2.5)
+    early = plan(tokens, sizes, 1.25e9, 33_000.0, tail, prefill_tokens_per_s=33_000.0, overrun=0.5)
+    assert early.estimate_s == pytest.approx(fast.estimate_s)  # never below its own estimate
+    # a front measured faster than a prefill does not make "everything recomputed in place" a
+    # plan: with the fallback allowed, the prefill itself stands for it
+    slow_link = plan(tokens, sizes, 1.0, 66_000.0, tail, prefill_tokens_per_s=33_000.0)
+    assert slow_link.full_prefill
 
 
 def test_rates_average_and_overlap_runs_both():
@@ -158,6 +204,35 @@ def full_prefill(eng: ChunkCache) -> tuple[torch.Tensor, torch.Tensor]:
     return out.logits[0, -1].float(), kv
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
+def test_the_exact_encoding_is_the_models_own_cache_bit_for_bit(arch, smol_tokenizer):
+    """``precompute.encode_exact`` (the fallback's prefill and the front's recompute) writes each
+    layer's K/V straight into its ``[L, 2, H, n, D]`` result: exactly what the model's own
+    ``DynamicCache`` holds after the same forward, and the same logits; a second prefill into
+    the same layers is refused."""
+    from transformers import DynamicCache
+
+    from chunkcache.model import cache_kwarg
+    from chunkcache.precompute import _into_kv, encode_exact
+
+    model = tiny_model(arch, sliding_window=64) if arch == "mistral" else tiny_model(arch)
+    lm = ChunkCache(model=model, tokenizer=smol_tokenizer, store=MemoryStore()).lm
+    ids = torch.randint(3, 1000, (1, 150), generator=torch.Generator().manual_seed(1))
+    kv, logits = encode_exact(lm, ids[0], host_logits=True)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): DynamicCache()})
+    want = torch.stack([torch.stack([lay.keys[0], lay.values[0]]) for lay in out.past_key_values.layers])
+    assert kv.shape == want.shape and torch.equal(kv, want)
+    assert torch.equal(logits, out.logits[0, -1].float()) and logits.device.type == "cpu"
+    layer = _into_kv()(kv[0].clone())
+    layer.update(want[0, 0][None], want[0, 1][None])
+    with pytest.raises(RuntimeError, match="one prefill"):
+        layer.update(want[0, 0][None], want[0, 1][None])
+    other = _into_kv()(kv[0].clone())  # not the expected length: a plain layer's update, not written
+    k, v = other.update(want[0, 0, :, :9][None], want[0, 1, :, :9][None])
+    assert not other.written and torch.equal(k[0], want[0, 0, :, :9])
+
+
 def test_recompute_all_in_place_equals_full_prefill(model, smol_tokenizer):
     eng = engine(model, smol_tokenizer, recompute_chunks=len(PASSAGES))
     got = eng.fuse(PASSAGES, QUESTION)
@@ -208,33 +283,43 @@ def test_mixed_split_front_is_exact_and_counted(model, smol_tokenizer):
 
 
 def test_decisions_follow_the_measured_rates(model, smol_tokenizer):
-    """Through a throttled store: the first call is a warm-up (its readings are not used), the
-    second measures (both recompute the first chunk and fetch the rest); on a fast link it then
-    fetches all; on a link too slow for any mix it falls back to a full prefill, equal to the
-    model's own, without touching the store."""
+    """Through a throttled store: the first two calls are full prefills (a warm-up, then the
+    prefill rate measured) that touch no store; the next two recompute every chunk but the last in
+    place and fetch that one (a warm-up, then the link, the front and the tail measured); on a fast
+    link it then fetches all; on a link too slow for any mix it falls back to a full prefill, equal
+    to the model's own, without touching the store."""
     fast = SlowStore(rate=1e12)
     eng = engine(model, smol_tokenizer, fast)
     eng.precompute(PASSAGES)
+    fast.calls = 0
+    for _ in range(2):
+        a = eng.fuse(PASSAGES, QUESTION).stats["adaptive"]
+        assert a["choice"] == "full prefill" and "not measured" in a["reason"]
+    assert fast.calls == 0 and eng._rates.prefill and eng._rates.recompute is None
     for call in range(2):
         a = eng.fuse(PASSAGES, QUESTION).stats["adaptive"]
-        assert "not measured" in a["reason"] and a["recomputed"] == 1
+        assert "link not measured" in a["reason"] and a["recomputed"] == len(PASSAGES) - 1
         if call == 0:
-            assert eng._rates.recompute is None and eng._rates.fuse is None
+            assert not eng._rates.link and eng._rates.recompute is None and eng._rates.fuse is None
     assert eng._rates.link and eng._rates.recompute and eng._rates.fuse
-    eng._rates.fuse = 1e12  # (a tiny model fuses slower than it recomputes: count the fusion as free)
+    eng._rates.fuse = 1e12  # (a tiny model fuses slower than it recomputes: count the fusion as free,
+    eng._rates.overrun = None  # and forget that its fused calls overran their estimates)
     eng._rates.link = {"raw": 1e15}
     second = eng.fuse(PASSAGES, QUESTION).stats["adaptive"]
     assert second["recomputed"] == 0 and second["choice"] == "fused" and second["estimate_s"] is not None
     slow = SlowStore(rate=1e12)
     eng2 = engine(model, smol_tokenizer, slow)
     eng2.precompute(PASSAGES)
-    for _ in range(2):
-        eng2.fuse(PASSAGES, QUESTION)  # warm-up, then measures
+    for _ in range(4):
+        eng2.fuse(PASSAGES, QUESTION)  # the prefill rate, then the link, front and tail
     eng2._rates.link = {"raw": 1.0}  # one byte per second: nothing is worth fetching
     slow.calls = 0
     got = eng2.fuse(PASSAGES, QUESTION)
     assert got.stats["adaptive"]["choice"] == "full prefill" and got.stats["policy"] == "full prefill"
     assert slow.calls == 0  # the fallback is planned from the rates alone: no store round trip
+    for _ in range(20):  # past explore_every (16): exploring would fetch the last chunk, estimated
+        eng2.fuse(PASSAGES, QUESTION)  # longer than a prefill, so it is not, and no call asks the store
+    assert slow.calls == 0 and eng2._rates.fallbacks < 16
     logits, kv = full_prefill(eng2)
     torch.testing.assert_close(got.logits, logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.kv[:, :, :, :-1], kv[:, :, :, :-1], rtol=1e-5, atol=1e-5)
@@ -251,8 +336,9 @@ def test_a_bad_rate_reading_does_not_stick(model, smol_tokenizer):
     store = SlowStore(rate=1e12)
     eng = engine(model, smol_tokenizer, store, explore_every=3, link_bytes_per_s=1e15)
     eng.precompute(PASSAGES)
-    for _ in range(2):
-        eng.fuse(PASSAGES, QUESTION)  # warm-up, then measures
+    for _ in range(4):
+        eng.fuse(PASSAGES, QUESTION)  # the prefill rate, then (fetching all) the tail: each a warm-up first
+    assert eng._rates.prefill and eng._rates.fuse and eng._rates.fallbacks == 0
     eng._rates.fuse = 1e-6  # a bad reading: the fusion's tail looks endless
     got = [eng.fuse(PASSAGES, QUESTION).stats["adaptive"] for _ in range(3)]
     assert [a["choice"] for a in got] == ["full prefill", "full prefill", "fused"]
@@ -260,12 +346,17 @@ def test_a_bad_rate_reading_does_not_stick(model, smol_tokenizer):
     assert eng._rates.fuse > 1e-3 and eng._rates.fallbacks == 0  # measured again
     # the other way round: a recompute reading far too low makes every plan fetch everything,
     # so nothing is recomputed and the reading would stay; one call recomputes the first chunk
-    eng._rates.recompute = 1e-3
+    # (the tail fixed as free, so the tiny model's fusion is not slower than its prefill)
+    eng = engine(model, smol_tokenizer, store, explore_every=3, fuse_tokens_per_s=1e12)
+    for _ in range(4):
+        eng.fuse(PASSAGES, QUESTION)  # the prefill rate, then the link and the front
+    assert eng._rates.recompute and eng._rates.link
+    eng._rates.recompute, eng._rates.link = 1e-3, {"raw": 1e15}  # (fetching all beats the prefill)
     got = [eng.fuse(PASSAGES, QUESTION).stats["adaptive"] for _ in range(3)]
     assert [a["recomputed"] for a in got] == [0, 0, 1] and got[2]["reason"].startswith("explore")
     assert eng._rates.recompute > 1 and eng._rates.unrecomputed == 0
     never = engine(model, smol_tokenizer, store, explore_every=0, link_bytes_per_s=1e15)
-    for _ in range(2):
+    for _ in range(4):
         never.fuse(PASSAGES, QUESTION)
     never._rates.fuse = 1e-6
     assert {never.fuse(PASSAGES, QUESTION).stats["adaptive"]["choice"] for _ in range(4)} == {"full prefill"}

@@ -65,3 +65,21 @@ def test_batched_fused_side_and_its_ratios_against_the_same_run(smol_tokenizer, 
     cross_ratios([first, batched])
     assert batched["ratios"]["baseline"] == "full" and batched["ratios"]["qps"] > 0
     eng.store.close()
+
+
+def test_fused_side_with_batched_decoding_counts_every_token(smol_tokenizer, tmp_path):
+    from chunkcache.decode import DecodeConfig
+
+    eng = ChunkCache(
+        model=tiny_model(), tokenizer=smol_tokenizer, store=str(tmp_path / "s"), codec="int8",
+        decode_batching=DecodeConfig(max_batch=2), fast_path=True,
+    )  # fmt: skip
+    out = run(eng, clients=2, seconds=0.5, workload=Workload(passages=8, k=2, new_tokens=3), full="none",
+              warmup=1, log=lambda *a: None)  # fmt: skip
+    (fused,) = out["sides"]
+    assert fused["side"] == "fused +decode batched" and fused["queries"] >= 1
+    # every answer is 3 tokens (or ends early at an end-of-sequence token): never more
+    assert fused["queries"] <= fused["tokens"] <= 3 * fused["queries"]
+    assert fused["graph_warmup"]["fusions"] >= 2  # the CPU fast path ran the warm-up's fusions too
+    eng.decoder.close()
+    eng.store.close()

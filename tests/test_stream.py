@@ -121,6 +121,37 @@ def test_a_layer_is_ready_before_the_later_ones_arrive_and_lmdb_spans_are_the_by
         assert slow.sent == stream.nbytes + 2 * 24  # (each prefix is read twice: alone, then with its header)
 
 
+def test_a_reused_landing_arena_holds_exactly_the_stored_entries():
+    """Streamed into a staging's landing arena that still holds an earlier query's bytes (0xAB
+    everywhere), the entries equal the stored ones once every layer is in (the pads between
+    sections are zeroed, everything else read); each lies page-aligned inside the one arena, and
+    a later query of no more bytes reuses it."""
+    import numpy as np
+
+    from chunkcache.pipeline import Staging
+
+    store = MemoryStore()
+    items = [
+        entry(20 + i, codec=c, tokens=37 + 5 * i, layers=4) for i, c in enumerate(["int8", "int2m", "int4"])
+    ]
+    store.put_many(items)
+    st = Staging(torch.device("cpu"))
+    for _ in range(2):
+        if st.landed is not None:
+            st.landed.fill_(0xAB)
+            arena = st.landed
+        stream = LayerStream(store, [k for k, _ in items], landing=st.landing).start()
+        entries = stream.entries_when_ready()
+        stream.wait(3)
+        stream.close()
+        assert [bytes(e) for e in entries] == [v for _, v in items]
+        base = st.landed.data_ptr()
+        assert all(
+            np.shares_memory(e, st.landed.numpy()) and (e.ctypes.data - base) % 4096 == 0 for e in entries
+        )
+    assert st.landed is arena  # the second query reused the first one's arena
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama")

@@ -96,21 +96,21 @@ def test_after_warmup_fusions_in_its_range_record_nothing_on_cuda(smol_tokenizer
     sets = [PASSAGES, PASSAGES[::-1], PASSAGES[1:], PASSAGES[:2], PASSAGES[2:]]
     questions = [QUESTION, "Where?", "Which river has the largest discharge volume of all rivers on Earth?"]
     lens = [sum(len(b) // 8 for b in warm.resolve(s)[1]) for s in sets]
-    qlens = [len(smol_tokenizer(q.strip(), add_special_tokens=False)["input_ids"]) for q in questions]
-    out = warm.warmup((min(lens), max(lens)), (min(qlens), max(qlens) + 2), chunk_tokens=20)
+    over = len(warm._suffix_ids(""))
+    qlens = [len(warm._suffix_ids(q)) - over for q in questions]  # the question's own tokens, about
+    out = warm.warmup((min(lens), max(lens)), (min(qlens), max(qlens)), chunk_tokens=20)
     st = warm.stagings().stagings()[0]
     g = st.graphs
     # what it recorded is what graph_shapes predicts for its points, one graph per layer group
     n_b = {id(buf): buf.shape[3] for _, buf in g.buffers.values()}
     recorded = {(k[0], n_b[k[-1]], k[3]) for k in g.graphs}
-    assert out["graphs_recorded"] == len(g.graphs) > 0
-    over = len(warm._suffix_ids(""))
+    assert out["graphs_recorded"] == len(g.graphs) > 0, (out, len(g.graphs))
     cfg = warm.default_fuse
     want = set()
     for c in range(min(lens), max(lens) + 1):
-        for q in range(over + min(qlens), over + max(qlens) + 3):
+        for q in range(max(1, over + min(qlens) - 2), over + max(qlens) + 3):
             want |= graph_shapes(g, cfg, warm.lm.spec.num_layers, len(warm._prefix_ids), c, q)
-    assert recorded == want
+    assert recorded == want, (sorted(recorded - want), sorted(want - recorded))
     warm.precompute(PASSAGES)
     cold.precompute(PASSAGES)
     captures = g.captures
@@ -119,4 +119,4 @@ def test_after_warmup_fusions_in_its_range_record_nothing_on_cuda(smol_tokenizer
             for _ in range(2):  # store, then (cached) resident
                 a, b = warm.fuse(s, q), cold.fuse(s, q)
                 assert torch.equal(a.selected.cpu(), b.selected.cpu()) and torch.equal(a.logits, b.logits)
-    assert g.captures == captures  # nothing new recorded while serving
+    assert g.captures == captures, sorted(g.graphs)  # nothing new recorded while serving

@@ -165,8 +165,8 @@ def run(args) -> dict:
             link.set_rate(gbit)
             link_bps = link.measure()
             for eng in (adapt, streamed):
-                eng._rates.forget_link()  # the last bandwidth's rate: these two calls measure this one
-                for _ in range(2):
+                eng._rates.forget_link()  # the last bandwidth's rate: these calls measure this one
+                for _ in range(2 if eng._rates.prefill else 4):  # (first: the prefill rate, then the link)
                     eng.fuse(texts, question)
             got = _interleaved({"full": lambda: lm.model(input_ids=ids, logits_to_keep=1),
                                 "plain": lambda: plain.fuse(texts, question),

@@ -114,6 +114,8 @@ def fused_request(eng, texts, question, w: Workload) -> tuple[float, int]:
     res = eng.fuse(texts, question)
     res.logits.cpu()
     ttft = time.perf_counter() - t0
+    if getattr(eng, "decode_batching", None) is not None:  # one batched step for every active answer
+        return ttft, sum(1 for _ in eng.decoder.tokens(res, max_new_tokens=w.new_tokens))
     with torch.no_grad():
         cache = kv_to_cache(res.kv)  # all N prompt tokens: decoding starts at the first new token
         return ttft, _decode(eng.model, cache, res.logits[None].to(eng.lm.device), w.new_tokens - 1)
@@ -257,7 +259,8 @@ def _summary(name: str, ttfts: list[float], tokens: int, wall: float, **extra) -
         return qs[min(len(qs) - 1, int(round(p / 100 * (len(qs) - 1))))] if qs else float("nan")
 
     return {
-        "side": name, "queries": len(qs), "wall_s": wall, "qps": len(qs) / wall, "tokens_per_s": tokens / wall,
+        "side": name, "queries": len(qs), "tokens": tokens, "wall_s": wall, "qps": len(qs) / wall,
+        "tokens_per_s": tokens / wall,
         "ttft_p50_s": pct(50), "ttft_p99_s": pct(99), "ttft_mean_s": statistics.fmean(qs) if qs else float("nan"),
         "ttft_p90_s": pct(90), "ttft_max_s": qs[-1] if qs else float("nan"), **extra,
     }  # fmt: skip
@@ -358,6 +361,11 @@ def run(
         res = await eng.afuse(t, q)
         res.logits.cpu()
         ttft = time.perf_counter() - t0
+        if getattr(eng, "decode_batching", None) is not None:
+            n = 0
+            async for _ in eng.decoder.atokens(res, w.new_tokens):
+                n += 1
+            return ttft, n
         n = await asyncio.to_thread(
             lambda: _decode(
                 eng.model, kv_to_cache(res.kv), res.logits[None].to(eng.lm.device), w.new_tokens - 1
@@ -373,6 +381,8 @@ def run(
         name += " each" if b.recompute == "each" else ""
     if getattr(eng, "device_cache", None) is not None:
         name += " +dev"  # behind a device cache of hot entries
+    if getattr(eng, "decode_batching", None) is not None:
+        name += " +decode batched"  # answers decode together (continuous batching)
     sides.append(measure(name, lambda t, q: fused_request(eng, t, q, w), afused))
     if b is not None:
         b = eng.batcher().stats()  # (warm-up batches included)
@@ -527,6 +537,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=None, help="BatchConfig.max_batch (default: clients)")
     p.add_argument("--max-wait-ms", type=float, default=0.0, help="BatchConfig.max_wait_ms")
     p.add_argument("--mode", default="threads", help="comma list: threads, asyncio")
+    p.add_argument(
+        "--decode",
+        default="each",
+        help="comma list (fused side): each (every answer decodes alone on its caller's thread), "
+        "batched (ChunkCache(decode_batching=DecodeConfig()): one step for every active answer)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--dir", default=None, help="folder for the temporary store")
     p.add_argument(
@@ -559,12 +575,21 @@ def run_cli(args: argparse.Namespace) -> int:
     batching = args.batching.split(",")
     if not set(batching) <= {"off", "on", "lazy", "prep", "each"}:
         raise SystemExit(f"--batching takes off, on, lazy, prep and each, got {args.batching!r}")
+    decodes = args.decode.split(",")
+    if not set(decodes) <= {"each", "batched"}:
+        raise SystemExit(f"--decode takes each and batched, got {args.decode!r}")
+    from chunkcache.decode import DecodeConfig
+
     for mode in args.mode.split(","):
         for k in [int(x) for x in args.clients.split(",")]:
-            settings = [(f, b) for b in batching for f in fusions]
-            for i, (f, b) in enumerate(settings):  # later settings: the fused side only
-                print(f"\n== {k} clients ({mode}), concurrent_fusions {f}, batching {b}")
+            settings = [(f, b, d) for d in decodes for b in batching for f in fusions]
+            for i, (f, b, d) in enumerate(settings):  # later settings: the fused side only
+                print(f"\n== {k} clients ({mode}), concurrent_fusions {f}, batching {b}, decode {d}")
                 eng._pool, eng.concurrent_fusions, eng._batcher = None, f, None
+                if eng._decoder is not None:
+                    eng._decoder.close()
+                eng._decoder = None
+                eng.decode_batching = DecodeConfig(max_batch=k) if d == "batched" else None
                 eng.batching = None
                 if b != "off":
                     eng.batching = BatchConfig(
@@ -588,6 +613,7 @@ def run_cli(args: argparse.Namespace) -> int:
                 res.update(
                     model=args.model,
                     concurrent_fusions=f,
+                    decode=d,
                     command=command,
                     device_cache_gib=args.device_cache,
                 )
@@ -595,6 +621,8 @@ def run_cli(args: argparse.Namespace) -> int:
                 Path(args.out + ".json").write_text(json.dumps(results, indent=1))
     cross_ratios(results)
     Path(args.out + ".json").write_text(json.dumps(results, indent=1))
+    if eng._decoder is not None:
+        eng._decoder.close()
     eng.store.close()
     shutil.rmtree(root, ignore_errors=True)
     write_report(args.out, table(results), plot, results)
