@@ -304,12 +304,11 @@ def prefill(lm: LoadedModel, ids: torch.Tensor, n_prefix: int, chunk_lengths: li
     """A plain full prefill of the prompt ``ids`` (``[1, N]``; the model's own forward,
     ``logits_to_keep=1``: ``precompute.encode_exact``) as a ``FuseResult``, every chunk token
     recomputed. What adaptive loading falls back to when no mix of fetching and recomputing is
-    faster: the same call as a plain prefill, so it is never slower than one. ``logits`` are on
-    the host (copied before the KV is gathered into ``kv``, which on a GPU may still be running:
-    later work on the stream waits for it)."""
+    faster: the same call as a plain prefill, so it is never slower than one (its K/V written
+    straight into ``kv`` as the forward runs). ``logits`` are on the host."""
     from chunkcache.precompute import encode_exact
 
-    t = time.perf_counter()  # (a StageTimer would wait for the KV gather: the logits come first)
+    t = time.perf_counter()
     kv, logits = encode_exact(lm, ids[0], host_logits=True)
     t = time.perf_counter() - t
     n, n_ctx, layers = ids.shape[1], sum(chunk_lengths), lm.spec.num_layers

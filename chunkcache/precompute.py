@@ -17,6 +17,7 @@ keys, fusion.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -91,29 +92,60 @@ def encode_exact(
     """Exact KV of ``ids`` at positions 0..n-1, ``[L, 2, H, n, D]``, and the fp32 next-token
     logits after them ``[vocab]``: one forward of the model from scratch (``logits_to_keep=1``),
     the plain full prefill's own call, so attention takes the model's causal fast path (a cache
-    of earlier positions would make it build an explicit mask). ``host_logits``: return the
-    logits on the host, copied before the KV is gathered into one tensor (on a GPU that copy then
-    runs after this returns, as a plain prefill's caller would not wait for it either)."""
+    of earlier positions would make it build an explicit mask). Each layer's K/V is written
+    straight into the returned tensor (``_into_kv``: the one copy a plain prefill's cache makes
+    too, so no gather after the forward and no 1 GB tensor allocated at its end, at 8K on an 8B
+    model). ``host_logits``: return the logits on the host."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()  # no config: keep every position even under a sliding window
+    spec = lm.spec
     x = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(lm.device)
+    n = x.shape[1]
+    kv = torch.empty(spec.num_layers, 2, spec.kv_heads, n, spec.head_dim, dtype=lm.dtype, device=lm.device)
+    cache = DynamicCache()  # no config: keep every position even under a sliding window
+    into = _into_kv()
+    if isinstance(getattr(cache, "layers", None), list):  # (else the gather below)
+        cache.layers[:] = [into(kv[i]) for i in range(spec.num_layers)]
     out = lm.model(input_ids=x, use_cache=True, logits_to_keep=1, **{cache_kwarg(lm.model): cache})
     logits = out.logits[0, -1].float()
-    copied = None
-    if host_logits and logits.is_cuda:
-        host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
-        host.copy_(logits, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        logits = host
-    elif host_logits:
-        logits = logits.cpu()
-    # one copy into [L, 2, H, n, D] (a stack of per-layer stacks would copy twice)
-    kv = torch.stack([t for layer in cache.layers for t in (layer.keys[0], layer.values[0])])
-    if copied is not None:
-        copied.synchronize()  # the logits are on the host; the gather may still run
-    return kv.view(len(cache.layers), 2, *kv.shape[1:]), logits
+    if not all(isinstance(layer, into) and layer.written for layer in cache.layers):
+        # (a transformers whose cache made its own layers: gather them, one copy)
+        kv = torch.stack([t for layer in cache.layers for t in (layer.keys[0], layer.values[0])])
+        kv = kv.view(len(cache.layers), 2, *kv.shape[1:])
+    return kv, logits.cpu() if host_logits else logits
+
+
+@functools.cache
+def _into_kv() -> type:
+    """``_IntoKV``, made on first use (transformers is imported lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class _IntoKV(DynamicLayer):
+        """A transformers cache layer whose one update (a prefill from scratch) writes the layer's
+        K/V into ``dest`` (``[2, H, n, D]``, a slice of the caller's KV tensor) and returns views
+        of it: the values a ``DynamicLayer`` returns (the attention reads them alike), without a
+        tensor of its own."""
+
+        def __init__(self, dest: torch.Tensor) -> None:  # dest: [2, H, n, D]
+            super().__init__()
+            self.dest, self.written = dest, False
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if self.written:
+                raise RuntimeError("an _IntoKV layer takes one prefill")
+            if (
+                key_states.shape[0] != 1
+                or key_states.shape[1:] != self.dest.shape[1:]
+                or (key_states.dtype != self.dest.dtype or value_states.shape != key_states.shape)
+            ):  # not what was expected: a plain layer's update (the caller then gathers)
+                return super().update(key_states, value_states, *args, **kwargs)
+            self.dest[0].copy_(key_states[0])
+            self.dest[1].copy_(value_states[0])
+            self.keys, self.values = self.dest[0][None], self.dest[1][None]
+            self.device, self.is_initialized, self.written = key_states.device, True, True
+            return self.keys, self.values
+
+    return _IntoKV
 
 
 def encode_prefix(lm: LoadedModel, prefix: Sequence[int]) -> torch.Tensor:

@@ -204,6 +204,35 @@ def full_prefill(eng: ChunkCache) -> tuple[torch.Tensor, torch.Tensor]:
     return out.logits[0, -1].float(), kv
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
+def test_the_exact_encoding_is_the_models_own_cache_bit_for_bit(arch, smol_tokenizer):
+    """``precompute.encode_exact`` (the fallback's prefill and the front's recompute) writes each
+    layer's K/V straight into its ``[L, 2, H, n, D]`` result: exactly what the model's own
+    ``DynamicCache`` holds after the same forward, and the same logits; a second prefill into
+    the same layers is refused."""
+    from transformers import DynamicCache
+
+    from chunkcache.model import cache_kwarg
+    from chunkcache.precompute import _into_kv, encode_exact
+
+    model = tiny_model(arch, sliding_window=64) if arch == "mistral" else tiny_model(arch)
+    lm = ChunkCache(model=model, tokenizer=smol_tokenizer, store=MemoryStore()).lm
+    ids = torch.randint(3, 1000, (1, 150), generator=torch.Generator().manual_seed(1))
+    kv, logits = encode_exact(lm, ids[0], host_logits=True)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): DynamicCache()})
+    want = torch.stack([torch.stack([lay.keys[0], lay.values[0]]) for lay in out.past_key_values.layers])
+    assert kv.shape == want.shape and torch.equal(kv, want)
+    assert torch.equal(logits, out.logits[0, -1].float()) and logits.device.type == "cpu"
+    layer = _into_kv()(kv[0].clone())
+    layer.update(want[0, 0][None], want[0, 1][None])
+    with pytest.raises(RuntimeError, match="one prefill"):
+        layer.update(want[0, 0][None], want[0, 1][None])
+    other = _into_kv()(kv[0].clone())  # not the expected length: a plain layer's update, not written
+    k, v = other.update(want[0, 0, :, :9][None], want[0, 1, :, :9][None])
+    assert not other.written and torch.equal(k[0], want[0, 0, :, :9])
+
+
 def test_recompute_all_in_place_equals_full_prefill(model, smol_tokenizer):
     eng = engine(model, smol_tokenizer, recompute_chunks=len(PASSAGES))
     got = eng.fuse(PASSAGES, QUESTION)

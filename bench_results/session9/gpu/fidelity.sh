@@ -1,17 +1,19 @@
 #!/bin/bash
-# GPU call of the fidelity engineer (issue 14, session 9): `chunkcache bench quality` with
-# SmolLM2-135M in fp32 on the H200, 32 answer tokens, through the engine: the two-variant store
-# (`--exact-first`: ChunkCache(sink="context", sink_context=..., exact_first=True); every chunk
-# stored behind the prefix and behind two corpus passages, a prompt's first chunk fused from the
-# former) against the shipped prefix sink. Both run in ONE process per slice, on the same
-# questions and the same fp32 full prefill (`--plain-configs`: the prefix-sink engine's rows are
-# the untagged ones; tag ctxc1 = the two-variant engine). Gap against prefix-sink naive reuse.
+# GPU call of the fidelity engineer (issue 14, session 9): SmolLM2-135M in fp32 on the H200, 32
+# answer tokens; every context keeps the prompt's first chunk exact and is fused by qfast, so every
+# config has qfast's compute. Gap against prefix-sink naive reuse (bench_results/session9/fidelity/NOTES.md).
 #   PART=musique (window 1): the 100 musique_dev questions, 5 passages, 16 processes (one a core)
-#     of 6-7 questions: prefix sink naive, qfast@0.05, qfast@0.15; ctxc1 naive, qfast@0.05,
-#     qfast@0.15 (sink: question 0's passages 5-6, which no prompt holds; leakage for q0 only);
-#     the bf16 full prefill (noise floor) on the first 2 questions of 2 slices.
+#     of 6-7 questions, bench_results/session9/fidelity/explore.py (one process: one full prefill
+#     per question, every context fused through fuse.fuse_kv), naive reuse, qfast@0.05, qfast@0.15 of:
+#       std     the shipped prefix sink (rows "naive", "qfast")
+#       nn2x    every later chunk encoded behind its 2 nearest corpus passages (TF-IDF; the
+#               passages of the chunk's own question excluded: none can be in its prompt)
+#       ctxc1   every later chunk behind question 0's passages 5-6 (the session-8 corpus sink;
+#               the engine's exact_first)
 #   PART=fact (window 2): the factual set, dev (59) and heldout (56), 16 processes of 7-8 cases:
-#     the same configs (sink: the other split's case 0, passages 0-1).
+#     `chunkcache bench quality` through the engine: ChunkCache(sink="context", sink_context=the
+#     other split's case 0 passages 0-1, exact_first=True) tagged ctxc1, and in the same process
+#     (--plain-configs) the prefix-sink engine (untagged); bf16 full prefill on 4 cases per split.
 # Every slice is cut at SLICE_S (190 s) and writes its rows after every question; the merge
 # compares configs on the questions all of them finished (--common; n in the tables).
 # OMP_NUM_THREADS=1: one process a core (session 8 ran 34 processes with torch's default threads).
@@ -28,17 +30,19 @@ SLICE_S=${SLICE_S:-190}
 CONFIGS=${CONFIGS:-qfast@0.05,qfast@0.15}
 Q="python3 -m chunkcache.bench.quality --device ${DEVICE:-cuda} --dtype float32 --answer-tokens 32"
 TWO="--sink context --exact-first --tag ctxc1 --configs $CONFIGS --plain-configs $CONFIGS"
+X="python3 bench_results/session9/fidelity/explore.py --device ${DEVICE:-cuda} --ratios ${RATIOS:-0.05,0.15}"
+CONTEXTS=${CONTEXTS:-std,nn2x,ctxc1:all:0:5,6}
 python3 -c "import torch, chunkcache; print('torch', torch.__version__, torch.cuda.get_device_name(0))" > $T/env.log 2>&1
-echo "PART=$PART SLICE_S=$SLICE_S CONFIGS=$CONFIGS" >> $T/env.log
+echo "PART=$PART SLICE_S=$SLICE_S CONFIGS=$CONFIGS CONTEXTS=$CONTEXTS" >> $T/env.log
 t0=$SECONDS
-run() {  # name, then the bench's arguments
+run() {  # name, then the command ($Q or $X) and its arguments
   local name=$1; shift
-  timeout $SLICE_S $Q "$@" --out $T/$name.json > $T/$name.log 2>&1 &
+  timeout $SLICE_S "$@" --out $T/$name.json > $T/$name.log 2>&1 &
 }
 if [ $PART = musique ]; then
   for i in $(seq 0 15); do                     # 16 slices: 6 or 7 questions (4 x 7 + 12 x 6 = 100)
-    s=$(( i < 4 ? 7 * i : 28 + 6 * (i - 4) )); n=$(( i < 4 ? 7 : 6 )); nf=0; [ $i -lt 2 ] && nf=2
-    run mus_$s --passages 5 --start $s --questions $n --noise-floor $nf $TWO --sink-context all:0:5,6
+    s=$(( i < 4 ? 7 * i : 28 + 6 * (i - 4) )); n=$(( i < 4 ? 7 : 6 ))
+    run mus_$s $X --passages 5 --start $s --questions $n --contexts $CONTEXTS
   done
   SETS="musique:mus"
 fi
@@ -47,7 +51,7 @@ if [ $PART = fact ]; then
     other=heldout; [ $split = heldout ] && other=dev
     for s in 0 8 16 24 32 40 48 56; do          # 8 slices of 8 (dev 59, heldout 56: the last are short)
       nf=0; [ $s = 0 ] && nf=4
-      run fact_${split}_$s --data chunkcache/bench/data/factual.json --split $split --passages 6 \
+      run fact_${split}_$s $Q --data chunkcache/bench/data/factual.json --split $split --passages 6 \
         --start $s --questions 8 --noise-floor $nf $TWO --sink-context $other:0:0,1
     done
   done
@@ -68,7 +72,7 @@ for x in $SETS; do                             # the merges side by side
 done
 wait
 {
-  echo "== H200, SmolLM2-135M fp32, 32 answer tokens; prefix sink (no tag) vs ctxc1 (engine exact_first: corpus context sink, first chunk from its prefix-sink variant)"
+  echo "== H200, SmolLM2-135M fp32, 32 answer tokens, PART=$PART; first chunk exact in every context; no tag: prefix sink; nn2x: 2 nearest corpus passages (own question's excluded); ctxc1: fixed corpus passages (engine exact_first in PART=fact)"
   echo "== every config on the questions all configs finished (n); gap against prefix-sink naive reuse"
   for x in musique "musique0:questions 0-49" "musique50:questions 50-99" factual_dev factual_heldout; do
     f=$T/m_${x%%:*}.txt; [ -f $f ] && { echo "== ${x#*:}"; cat $f; }
