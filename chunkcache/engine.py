@@ -688,7 +688,20 @@ class ChunkCache:
                 {p: self._entry_bytes(p, t) for p in precisions if stored[p][i]} for i, t in enumerate(tokens)
             ]
             chosen = adaptive.plan(tokens, sizes, **rated)
-            if chosen.full_prefill and explore:
+            n = len(tokens)
+            untailed = measured and conf.fuse_tokens_per_s is None and rates.fuse is None
+            if (
+                untailed
+                and not chosen.full_prefill
+                and conf.recompute_chunks is None
+                and chosen.front < n - 1
+            ):
+                # a plan with the fusion's tail unmeasured counts it as free: rather measure it with
+                # the bounded mix (all but the last chunk recomputed in place: about a prefill plus
+                # the tail); on a GPU it takes a few calls, graphs being recorded first
+                probe = adaptive.plan(tokens, sizes, **{**rated, "front": n - 1})
+                chosen = replace(probe, reason="fusion tail not measured yet: " + probe.reason)
+            elif chosen.full_prefill and explore:
                 # the fastest mix looked slower than a prefill for explore_every calls: measure a
                 # mix again (every chunk but the last recomputed in place, so it costs about one
                 # prefill plus the fusion's tail), unless its one fetch alone is estimated longer
@@ -757,7 +770,8 @@ class ChunkCache:
             (p,) = codecs
             bkeys = [pkeys[p][i] for i in back]
             with self.stagings().take() as staging:
-                captures = staging.graphs.captures if staging.graphs is not None else 0
+                g = staging.graphs
+                unsteady = (g.captures, g.eager) if g is not None else None  # (graph warm-up: below)
                 stream = LayerStream(self.store, bkeys, landing=staging.landing).start()
                 t_begin = time.perf_counter()
                 try:
@@ -772,14 +786,18 @@ class ChunkCache:
                     stream.close()
                 if res is not None:
                     res.logits.cpu()
-                captured = staging.graphs is not None and staging.graphs.captures != captures
+                # a shape run eagerly (not recorded yet) or being recorded: a one-off cost
+                captured = g is not None and (g.captures, g.eager) != unsteady
             if ready is not None:  # (the repair below uses the front on this stream)
                 torch.cuda.current_stream(self.lm.device).wait_event(ready)
                 ext.record_stream(torch.cuda.current_stream(self.lm.device))
             t_link = max(stream.t_last - stream.t_start, 0.0)
             if res is not None:
                 t_done = time.perf_counter()
-                rates.saw_fetch(p, sum(sizes[i][p] for i in back), t_link)
+                if captured:  # (its host work competed with the reader too)
+                    rates.discard(["link:" + p])
+                else:
+                    rates.saw_fetch(p, sum(sizes[i][p] for i in back), t_link)
                 t_tail = t_done - max(t_begin + front_s(), stream.t_last)
             else:
                 fetched = [self._load_at(i, precision[i], pkeys, ids, infos) for i in back]
@@ -814,7 +832,9 @@ class ChunkCache:
         rates.saw("recompute", len(ext_ids) if k else 0, t_front)
         rates.unrecomputed = 0 if k else rates.unrecomputed + 1
         if back and not repaired and not captured:  # (a repair's reads and recompute, or a CUDA
-            rates.saw("fuse", n_ctx, t_tail)  # graph's recording, are no fusion tail)
+            rates.saw("fuse", n_ctx, t_tail)  # graph's warm-up, are no fusion tail)
+        elif captured:
+            rates.discard(["fuse", "overrun"])
         res = with_front(res, len(self._prefix_ids), tokens[:k], spec.num_layers, prefix_recomputed=k > 0)
         res.stats["recompute_ratio"] = user_ratio
         res.stats["fetched_recompute_ratio"] = cfg.recompute_ratio  # the share of the fetched tokens selected
