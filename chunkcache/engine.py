@@ -1141,8 +1141,9 @@ class ChunkCache:
         infos: list[dict] | None = None,
     ) -> FuseResult | None:
         """The fast path: stream the stored entries layer by layer (``pipeline.fuse_entries``)
-        with a ``Staging`` of the pool. Misses (absent from the store) are precomputed, then the
-        lookup is made again; every entry's header, key inputs, tokens and geometry are checked as
+        with a ``Staging`` of the pool. Misses (absent from the device cache and the store) are
+        precomputed first, before the fusion queues for a staging (and again should an entry go
+        missing between the check and the read); every entry's header, key inputs, tokens and geometry are checked as
         in ``_load`` before any of its KV is staged. A damaged or foreign entry (CorruptEntryError:
         from those checks, or from a layer checksum, which on CUDA is compared after the fusion ran
         but before its result is returned) is dropped with a warning and None is returned, so the
@@ -1165,6 +1166,11 @@ class ChunkCache:
         infos = infos or [self._info()] * len(keys)
         prefix_kv = self.prefix_kv()
         cache = self.device_cache
+        held_here = cache.holds(keys) if cache is not None else [False] * len(keys)
+        stored = self.store.contains_many([k for k, h in zip(keys, held_here, strict=True) if not h])
+        if not all(stored):  # misses are precomputed before this fusion queues for a staging (else
+            if self._precompute(_id_lists(ids))[1]:  # it would queue twice: to find, then to fuse)
+                return None  # a refused write: the eager path serves those from memory
         for attempt in range(2):
             damaged = False
             resident = cache.acquire(keys) if cache is not None else [None] * len(keys)
