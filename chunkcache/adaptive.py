@@ -169,6 +169,12 @@ class Rates:
                     old = self.overrun
                     self.overrun = r if old is None or r > old else self._mix(old, r)
 
+    def discard(self, kinds: Sequence[str]) -> None:
+        """A call whose readings of ``kinds`` are not used (it paid one-off costs: CUDA graphs
+        recorded, or run eagerly until they are); it stands for their warm-up."""
+        with self._lock:
+            self._warm.update(kinds)
+
     def forget_link(self) -> None:
         """Drop the link rates (the link changed), keeping the warm-up state: the next fetch's
         reading is used at once."""

@@ -94,6 +94,12 @@ class DeviceCache:
                     out.append((rec.header, rec.parts))
         return out
 
+    def holds(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each key is resident now (nothing pinned, nothing counted: a hint, which
+        ``acquire`` may contradict a moment later)."""
+        with self._lock:
+            return [k in self._entries for k in keys]
+
     def release(self, keys: Sequence[str], acquired: Sequence) -> None:
         """Unpin what ``acquire`` handed out for ``keys``: call once every read of them is queued
         on the current stream (an event there guards their regions' reuse)."""

@@ -758,7 +758,20 @@ class ChunkCache:
                 {p: self._entry_bytes(p, t) for p in precisions if stored[p][i]} for i, t in enumerate(tokens)
             ]
             chosen = adaptive.plan(tokens, sizes, **rated)
-            if chosen.full_prefill and explore:
+            n = len(tokens)
+            untailed = measured and conf.fuse_tokens_per_s is None and rates.fuse is None
+            if (
+                untailed
+                and not chosen.full_prefill
+                and conf.recompute_chunks is None
+                and chosen.front < n - 1
+            ):
+                # a plan with the fusion's tail unmeasured counts it as free: rather measure it with
+                # the bounded mix (all but the last chunk recomputed in place: about a prefill plus
+                # the tail); on a GPU it takes a few calls, graphs being recorded first
+                probe = adaptive.plan(tokens, sizes, **{**rated, "front": n - 1})
+                chosen = replace(probe, reason="fusion tail not measured yet: " + probe.reason)
+            elif chosen.full_prefill and explore:
                 # the fastest mix looked slower than a prefill for explore_every calls: measure a
                 # mix again (every chunk but the last recomputed in place, so it costs about one
                 # prefill plus the fusion's tail), unless its one fetch alone is estimated longer
@@ -827,7 +840,8 @@ class ChunkCache:
             (p,) = codecs
             bkeys = [pkeys[p][i] for i in back]
             with self.stagings().take() as staging:
-                captures = staging.graphs.captures if staging.graphs is not None else 0
+                g = staging.graphs
+                unsteady = (g.captures, g.eager) if g is not None else None  # (graph warm-up: below)
                 stream = LayerStream(self.store, bkeys, landing=staging.landing).start()
                 t_begin = time.perf_counter()
                 try:
@@ -842,14 +856,18 @@ class ChunkCache:
                     stream.close()
                 if res is not None:
                     res.logits.cpu()
-                captured = staging.graphs is not None and staging.graphs.captures != captures
+                # a shape run eagerly (not recorded yet) or being recorded: a one-off cost
+                captured = g is not None and (g.captures, g.eager) != unsteady
             if ready is not None:  # (the repair below uses the front on this stream)
                 torch.cuda.current_stream(self.lm.device).wait_event(ready)
                 ext.record_stream(torch.cuda.current_stream(self.lm.device))
             t_link = max(stream.t_last - stream.t_start, 0.0)
             if res is not None:
                 t_done = time.perf_counter()
-                rates.saw_fetch(p, sum(sizes[i][p] for i in back), t_link)
+                if captured:  # (its host work competed with the reader too)
+                    rates.discard(["link:" + p])
+                else:
+                    rates.saw_fetch(p, sum(sizes[i][p] for i in back), t_link)
                 t_tail = t_done - max(t_begin + front_s(), stream.t_last)
             else:
                 fetched = [self._load_at(i, precision[i], pkeys, ids, infos) for i in back]
@@ -884,7 +902,9 @@ class ChunkCache:
         rates.saw("recompute", len(ext_ids) if k else 0, t_front)
         rates.unrecomputed = 0 if k else rates.unrecomputed + 1
         if back and not repaired and not captured:  # (a repair's reads and recompute, or a CUDA
-            rates.saw("fuse", n_ctx, t_tail)  # graph's recording, are no fusion tail)
+            rates.saw("fuse", n_ctx, t_tail)  # graph's warm-up, are no fusion tail)
+        elif captured:
+            rates.discard(["fuse", "overrun"])
         res = with_front(res, len(self._prefix_ids), tokens[:k], spec.num_layers, prefix_recomputed=k > 0)
         res.stats["recompute_ratio"] = user_ratio
         res.stats["fetched_recompute_ratio"] = cfg.recompute_ratio  # the share of the fetched tokens selected
@@ -1191,8 +1211,9 @@ class ChunkCache:
         infos: list[dict] | None = None,
     ) -> FuseResult | None:
         """The fast path: stream the stored entries layer by layer (``pipeline.fuse_entries``)
-        with a ``Staging`` of the pool. Misses (absent from the store) are precomputed, then the
-        lookup is made again; every entry's header, key inputs, tokens and geometry are checked as
+        with a ``Staging`` of the pool. Misses (absent from the device cache and the store) are
+        precomputed first, before the fusion queues for a staging (and again should an entry go
+        missing between the check and the read); every entry's header, key inputs, tokens and geometry are checked as
         in ``_load`` before any of its KV is staged. A damaged or foreign entry (CorruptEntryError:
         from those checks, or from a layer checksum, which on CUDA is compared after the fusion ran
         but before its result is returned) is dropped with a warning and None is returned, so the
@@ -1215,6 +1236,11 @@ class ChunkCache:
         infos = infos or [self._of(0, i)[2] for i in ids]
         prefix_kv = self.prefix_kv()
         cache = self.device_cache
+        held_here = cache.holds(keys) if cache is not None else [False] * len(keys)
+        stored = self.store.contains_many([k for k, h in zip(keys, held_here, strict=True) if not h])
+        if not all(stored):  # misses are precomputed before this fusion queues for a staging (else
+            if self._precompute(_id_lists(ids))[1]:  # it would queue twice: to find, then to fuse)
+                return None  # a refused write: the eager path serves those from memory
         for attempt in range(2):
             damaged = False
             resident = cache.acquire(keys) if cache is not None else [None] * len(keys)

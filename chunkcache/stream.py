@@ -55,11 +55,15 @@ class LayerStream:
     docstring). Times (``time.perf_counter``) and byte counts of what arrived are kept for the
     caller's rates."""
 
+    MAX_LAYERS = 8
+    """Most layers one step reads (the pipelined loader copies and the fusion's graphs run groups
+    of 8 layers: a later layer would not be used sooner)."""
+
     def __init__(
         self,
         store,
         keys: Sequence[str],
-        step_bytes: int = 4 << 20,
+        step_bytes: int = 64 << 20,
         landing: Callable[[list[int]], list] | None = None,
     ) -> None:
         self.store, self.keys, self.step_bytes = store, list(keys), step_bytes
@@ -131,7 +135,10 @@ class LayerStream:
             self.t_heads = time.perf_counter()
             self._heads.set()
             per_layer = sum(b - a for h in headers for a, b in part_layer_spans(h, range(0, 1)))
-            g = max(1, self.step_bytes // max(per_layer, 1))
+            # a step of several layers: one span per part of every entry whatever the layers, so
+            # the Python work per byte shrinks (at 8B/8K one layer a step kept the reader busy
+            # enough to stall the front's launching thread); at most the loader's copy group
+            g = max(1, min(self.MAX_LAYERS, self.step_bytes // max(per_layer, 1)))
             # A step's bytes are placed on a second thread while this one waits for the next
             # step's (socket reads and the throttle release the GIL): copy and transfer overlap.
             # Placements run in order, one at a time; ``layers`` moves only after a step is placed.

@@ -149,6 +149,12 @@ def test_rates_average_and_overlap_runs_both():
     # a precision not measured yet is assumed as slow as the slowest measured one
     q = plan([1000] * 2, [{"int8": 200, "int4": 100}] * 2, {"int8": 200.0}, 1.0)
     assert q.stats()["fetched"] == {"int4": 2}
+    r.discard(["fuse"])  # a call that paid one-off costs (graphs recorded) stands for a warm-up:
+    r2 = Rates(0.5)
+    r2.discard(["fuse", "link:int8"])
+    r2.saw("fuse", 10, 1.0)
+    r2.saw_fetch("int8", 10, 1.0)
+    assert r2.fuse == 10 and r2.link == {"int8": 10}  # the next readings count at once
     r.forget_link()  # a new link: its first reading counts at once
     r.saw_fetch("int4", 1, 1e3)  # but a precision never seen has its warm-up
     r.saw_fetch("int8", 70, 1.0)
@@ -336,8 +342,10 @@ def test_a_bad_rate_reading_does_not_stick(model, smol_tokenizer):
     store = SlowStore(rate=1e12)
     eng = engine(model, smol_tokenizer, store, explore_every=3, link_bytes_per_s=1e15)
     eng.precompute(PASSAGES)
-    for _ in range(4):
-        eng.fuse(PASSAGES, QUESTION)  # the prefill rate, then (fetching all) the tail: each a warm-up first
+    boot = [eng.fuse(PASSAGES, QUESTION).stats["adaptive"] for _ in range(4)]  # each a warm-up first:
+    assert [a["choice"] for a in boot[:2]] == ["full prefill"] * 2  # the prefill rate, then the tail
+    assert all(a["reason"].startswith("fusion tail not measured") for a in boot[2:])  # (not counted free)
+    assert [a["recomputed"] for a in boot[2:]] == [len(PASSAGES) - 1] * 2
     assert eng._rates.prefill and eng._rates.fuse and eng._rates.fallbacks == 0
     eng._rates.fuse = 1e-6  # a bad reading: the fusion's tail looks endless
     got = [eng.fuse(PASSAGES, QUESTION).stats["adaptive"] for _ in range(3)]

@@ -344,3 +344,25 @@ def test_per_chunk_context_refuses_ids_without_text_and_bad_contexts(smol_tokeni
         )
     with pytest.raises(ValueError, match="only for sink='context'"):
         ChunkCache(model="no-such-model", sink_context=_next_passage)
+
+
+@pytest.mark.parametrize("device_cache", [0, 1 << 26])
+def test_a_fusion_with_misses_queues_for_a_staging_once(smol_tokenizer, tmp_path, device_cache):
+    # misses are precomputed before the fusion takes a staging: under load, taking one twice (to
+    # find the miss, then to fuse) put the request at the back of the queue a second time
+    eng = ChunkCache(model=tiny_model(), tokenizer=smol_tokenizer, store=str(tmp_path / "s"), codec="int8",
+                     fast_path=True, device_cache_bytes=device_cache)  # fmt: skip
+    eng.precompute(PASSAGES[:2])
+    takes = []
+    pool = eng.stagings()
+    take = pool.take
+    pool.take = lambda: takes.append(1) or take()
+    ref = ChunkCache(model=eng.model, tokenizer=smol_tokenizer, store=str(tmp_path / "r"), codec="int8",
+                     fast_path=True)  # fmt: skip
+    for chunks in (PASSAGES[:2], PASSAGES, PASSAGES[::-1]):  # hits; two misses; all stored
+        takes.clear()
+        got = eng.fuse(chunks, QUESTION)
+        assert got.stats["fast_path"] and len(takes) == 1
+        want = ref.fuse(chunks, QUESTION)
+        assert torch.equal(got.logits, want.logits) and torch.equal(got.kv, want.kv)
+    assert eng.contains(PASSAGES) == [True] * len(PASSAGES)
