@@ -652,12 +652,21 @@ class LayerLoader:
     # -- internals ----------------------------------------------------------------------------
     def _ranges(self) -> list[tuple[int, int]]:
         """The stager's steps: whole groups, except that layers 0 and 1 go alone first, so the
-        first layers (the check layers of most policies) need not wait for a whole group."""
+        first layers (the check layers of most policies) need not wait for a whole group; for
+        entries still arriving the last group goes in halving steps too (only the last layer's
+        copy and assembly then follow the link's last byte)."""
         g, n = self.group, self.num_layers
         if g == 1:
             return [(i, i + 1) for i in range(n)]
         head = [(0, 1), (1, 2), (2, min(g, n))] if g > 2 else [(0, 1), (1, min(g, n))]
-        return [r for r in head if r[0] < r[1] <= n] + [(a, min(a + g, n)) for a in range(g, n, g)]
+        out = [r for r in head if r[0] < r[1] <= n] + [(a, min(a + g, n)) for a in range(g, n, g)]
+        if self.arrival is not None and len(out) > 3:
+            a, b = out.pop()
+            while a < b:
+                step = max(1, (b - a) // 2)
+                out.append((a, a + step))
+                a += step
+        return out
 
     def _stage_direct(self, first: int, stop: int) -> None:
         """Layers ``first .. stop - 1`` (within one group) straight from the registered map into

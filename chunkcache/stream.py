@@ -144,10 +144,9 @@ class LayerStream:
             # Placements run in order, one at a time; ``layers`` moves only after a step is placed.
             with ThreadPoolExecutor(1, thread_name_prefix="chunkcache-place") as placer:
                 placed = None
-                for l0 in range(0, self.num_layers, g):
+                for l0, l1 in _steps(self.num_layers, g):
                     if self._stop:  # closed early (the fusion gave up): the rest is not needed
                         raise RuntimeError("the stream was closed before every layer arrived")
-                    l1 = min(self.num_layers, l0 + g)
                     want = [
                         (i, a, b)
                         for i, h in enumerate(headers)
@@ -183,6 +182,19 @@ class LayerStream:
             # slice assignment would hold it for the whole copy)
             entries[i][a:b] = np.frombuffer(v, dtype=np.uint8)
             self.nbytes += b - a
+
+
+def _steps(layers: int, g: int) -> list[tuple[int, int]]:
+    """Layer ranges of the reads: ``g`` layers a step, the last ``g`` in halving steps (a step is
+    placed after it arrived, so a small last one lands soon after the link's last byte)."""
+    tail = max(0, layers - g)
+    out = [(a, min(a + g, tail)) for a in range(0, tail, g)]
+    at = tail
+    while at < layers:
+        step = max(1, (layers - at) // 2) if layers - at > 1 else 1
+        out.append((at, at + step))
+        at += step
+    return out
 
 
 def _fresh(sizes: list[int]) -> list[np.ndarray]:
