@@ -1,6 +1,8 @@
 #!/bin/bash
 # GPU call of the fidelity engineer (issue 14, session 9): `chunkcache bench quality` with
-# SmolLM2-135M in fp32 on the H200, 32 answer tokens, through the engine (fast path): a context
+# SmolLM2-135M in fp32 on the H200, 32 answer tokens, through the engine (its eager path, --eager:
+# window 1 on the fast path spent ~4 s a fusion recording graphs and compiling kernels for each
+# new prompt shape under 16 processes, so 31 of 100 questions finished): a context
 # engine with exact_first (every chunk stored behind the prefix and behind its context; a prompt's
 # first chunk fused from the former) against the shipped prefix sink, in ONE process per slice on
 # the same questions and the same fp32 full prefill (`--plain-configs`: the prefix-sink engine's
@@ -16,6 +18,8 @@
 #     the bf16 full prefill (noise floor) on the first 2 questions of 2 slices.
 #   PART=fact (window 2): the factual set, dev (59) and heldout (56), 16 processes of 7-8 cases,
 #     the same configs (FSINK: default nn:2x) and the bf16 floor on 4 cases per split.
+#   PART=both (window 2, default): PART=fact cut at SLICE_FACT (110 s), then PART=musique cut at
+#     SLICE_MUS (80 s): every factual case, then as many MuSiQue questions as fit (about 215 s).
 # Every slice is cut at SLICE_S (190 s) and writes its rows after every question; the merge
 # compares configs on the questions all of them finished (--common; n in the tables).
 # OMP_NUM_THREADS=1: one process a core (session 8 ran 34 processes with torch's default threads).
@@ -27,36 +31,40 @@ case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) source bench_results/session7/g
 OUT=${OUT:-/tmp/out}
 O=$OUT/fidelity
 T=/tmp/fidelity9; rm -rf $T; mkdir -p $T $O
-PART=${PART:-musique}
+PART=${PART:-both}
 SLICE_S=${SLICE_S:-190}
+if [ $PART = both ]; then SLICE_FACT=${SLICE_FACT:-110}; SLICE_MUS=${SLICE_MUS:-80}; else SLICE_FACT=$SLICE_S; SLICE_MUS=$SLICE_S; fi
 CONFIGS=${CONFIGS:-qfast@0.05,qfast@0.15}
 SINK=${SINK:-nn:2x}; FSINK=${FSINK:-$SINK}; TAG=${TAG:-nn2x}
-Q="python3 -m chunkcache.bench.quality --device ${DEVICE:-cuda} --dtype float32 --answer-tokens 32"
+Q="python3 -m chunkcache.bench.quality --device ${DEVICE:-cuda} --dtype float32 --answer-tokens 32 ${PATHFLAG---eager}"
 TWO="--sink context --exact-first --tag $TAG --configs $CONFIGS --plain-configs $CONFIGS"
 python3 -c "import torch, chunkcache; print('torch', torch.__version__, torch.cuda.get_device_name(0))" > $T/env.log 2>&1
-echo "PART=$PART SLICE_S=$SLICE_S CONFIGS=$CONFIGS SINK=$SINK FSINK=$FSINK TAG=$TAG" >> $T/env.log
+echo "PART=$PART SLICE_FACT=$SLICE_FACT SLICE_MUS=$SLICE_MUS CONFIGS=$CONFIGS SINK=$SINK FSINK=$FSINK TAG=$TAG" >> $T/env.log
 t0=$SECONDS
-run() {  # name, then the bench's arguments
-  local name=$1; shift
-  timeout $SLICE_S $Q "$@" --out $T/$name.json > $T/$name.log 2>&1 &
+run() {  # cut (s), name, then the bench's arguments
+  local cut=$1 name=$2; shift 2
+  timeout $cut $Q "$@" --out $T/$name.json > $T/$name.log 2>&1 &
 }
-if [ $PART = musique ]; then
-  for i in $(seq 0 15); do                     # 16 slices: 6 or 7 questions (4 x 7 + 12 x 6 = 100)
-    s=$(( i < 4 ? 7 * i : 28 + 6 * (i - 4) )); n=$(( i < 4 ? 7 : 6 )); nf=0; [ $i -lt 2 ] && nf=2
-    run mus_$s --passages 5 --start $s --questions $n --noise-floor $nf $TWO --sink-context $SINK
-  done
-  SETS="musique:mus"
-fi
-if [ $PART = fact ]; then
+SETS=""
+if [ $PART = fact ] || [ $PART = both ]; then
   for split in dev heldout; do
     ctx=$FSINK; [ $FSINK = corpus ] && { ctx=heldout:0:0,1; [ $split = heldout ] && ctx=dev:0:0,1; }
     for s in 0 8 16 24 32 40 48 56; do          # 8 slices of 8 (dev 59, heldout 56: the last are short)
       nf=0; [ $s = 0 ] && nf=4
-      run fact_${split}_$s --data chunkcache/bench/data/factual.json --split $split --passages 6 \
+      run $SLICE_FACT fact_${split}_$s --data chunkcache/bench/data/factual.json --split $split --passages 6 \
         --start $s --questions 8 --noise-floor $nf $TWO --sink-context $ctx
     done
   done
   SETS="factual_dev:fact_dev factual_heldout:fact_heldout"
+  wait
+  echo "factual slices done after $((SECONDS - t0)) s" >> $T/env.log
+fi
+if [ $PART = musique ] || [ $PART = both ]; then
+  for i in $(seq 0 15); do                     # 16 slices: 6 or 7 questions (4 x 7 + 12 x 6 = 100)
+    s=$(( i < 4 ? 7 * i : 28 + 6 * (i - 4) )); n=$(( i < 4 ? 7 : 6 )); nf=0; [ $i -lt 2 ] && nf=2
+    run $SLICE_MUS mus_$s --passages 5 --start $s --questions $n --noise-floor $nf $TWO --sink-context $SINK
+  done
+  SETS="$SETS musique:mus"
 fi
 wait
 echo "slices done after $((SECONDS - t0)) s" >> $T/env.log
