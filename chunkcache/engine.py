@@ -406,8 +406,7 @@ class ChunkCache:
         from chunkcache.format import check_identity
 
         info = self._info() if info is None else info
-        inputs = next((v.inputs for v in self.variants() if v.info is info), None)  # hashed once
-        check_identity(key, header, token_ids, info, inputs)
+        check_identity(key, header, token_ids, info)
         if ids is not None and token_bytes(token_ids) != (
             ids if isinstance(ids, bytes) else token_bytes(ids)
         ):
