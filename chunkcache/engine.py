@@ -721,6 +721,7 @@ class ChunkCache:
             prefill_tokens_per_s=conf.recompute_tokens_per_s or rates.prefill,
             fuse_tokens_per_s=conf.fuse_tokens_per_s or rates.fuse,
             overrun=rates.overrun if measured_all else None,  # (fixed rates are taken as they are)
+            front_floor_s=rates.front_host if conf.recompute_tokens_per_s is None else None,
             slack=conf.slack,
             fallback=conf.fallback,
             front=conf.recompute_chunks,
@@ -843,7 +844,7 @@ class ChunkCache:
                 g = staging.graphs
                 unsteady = (g.captures, g.eager) if g is not None else None  # (graph warm-up: below)
                 stream = LayerStream(self.store, bkeys, landing=staging.landing).start()
-                t_begin = time.perf_counter()
+                t_begin, t_front_host = time.perf_counter(), None
                 try:
                     ext, front_s, ready = front(staging.prep_stream)
                     t_front_host = time.perf_counter() - t_begin
@@ -899,7 +900,8 @@ class ChunkCache:
             res.logits.cpu()
             t_tail = time.perf_counter() - t  # after the fetch and the front
         t_front = front_s()
-        rates.saw("recompute", len(ext_ids) if k else 0, t_front)
+        if k:
+            rates.saw_front(len(ext_ids), t_front, t_front_host)
         rates.unrecomputed = 0 if k else rates.unrecomputed + 1
         if back and not repaired and not captured:  # (a repair's reads and recompute, or a CUDA
             rates.saw("fuse", n_ctx, t_tail)  # graph's warm-up, are no fusion tail)
