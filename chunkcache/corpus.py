@@ -1,22 +1,28 @@
-"""Reading a corpus for precompute: documents from files, token-window chunking.
+"""Reading a corpus for precompute: documents from files, token-window chunking, and each
+chunk's nearest passages (``Neighbours``, the context a chunk can be encoded behind).
 
-It knows files and token id lists, nothing about models or stores: the caller tokenises each
-document and hands the chunks to the engine.
+It knows files, texts and token id lists, nothing about models or stores: the caller tokenises
+each document and hands the chunks to the engine.
 
     for doc in iter_documents("docs/"):                    # .txt/.md files, one file, or JSONL
         ids = tokenizer.encode(doc.text, add_special_tokens=False)
         chunks = chunk_tokens(ids, size=512, overlap=32)   # list of token id lists
+    near = Neighbours(chunk_texts, k=2)                    # ChunkCache(sink_context=near, ...)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import re
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Document", "TEXT_SUFFIXES", "chunk_tokens", "iter_documents", "split_text"]
+__all__ = ["Document", "Neighbours", "TEXT_SUFFIXES", "chunk_tokens", "iter_documents", "split_text"]
 
 TEXT_SUFFIXES = (".txt", ".md")
 """File suffixes read from a folder (recursively, in sorted path order)."""
@@ -122,3 +128,70 @@ def split_text(
         if end >= len(ids):
             return out
         start = max(end - overlap, start + 1)
+
+
+class Neighbours:
+    """Each text's ``k`` nearest passages of a fixed corpus by TF-IDF cosine (lower-case word
+    tokens, sublinear tf, smooth idf), the nearest last: a context a chunk can be encoded behind
+    (``ChunkCache(sink="context", sink_context=Neighbours(corpus))``). Retrieval puts similar
+    passages side by side, so a chunk's neighbours stand in for the passages before it in a prompt
+    while staying known at precompute time (bench_results/session9/fidelity/NOTES.md).
+
+    Deterministic: the same corpus, ``k`` and ``groups`` give the same neighbours (ties broken by
+    corpus order), and ``name`` digests them. The text itself (any corpus passage equal to it)
+    is never its own neighbour, nor is a passage picked twice; with ``groups`` (one label per
+    corpus passage, e.g. its document), neither is any passage that shares a group with the text
+    (a text or passage listed under several labels has them all). A brute-force scan over the
+    corpus per call."""
+
+    def __init__(self, corpus: Sequence[str], k: int = 2, groups: Sequence[object] | None = None) -> None:
+        if isinstance(corpus, str) or not corpus or not all(isinstance(t, str) and t.strip() for t in corpus):
+            raise ValueError("corpus must be a non-empty list of non-empty passage strings")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if groups is not None and len(groups) != len(corpus):
+            raise ValueError(f"groups has {len(groups)} labels for {len(corpus)} passages")
+        self.corpus, self.k = list(corpus), k
+        self.groups = None if groups is None else list(groups)
+        docs = [Counter(_words(t)) for t in self.corpus]
+        df = Counter(w for d in docs for w in d)
+        n = len(docs)
+        self._idf = {w: math.log((1 + n) / (1 + c)) + 1 for w, c in df.items()}
+        self._vecs = [self._vector(d) for d in docs]
+        self._groups: dict[str, set] = {}
+        if self.groups is not None:
+            for t, g in zip(self.corpus, self.groups, strict=True):
+                self._groups.setdefault(t, set()).add(g)
+        h = hashlib.blake2b(digest_size=16)
+        for i, t in enumerate(self.corpus):
+            h.update(f"{len(t)}:{t}|{None if self.groups is None else repr(self.groups[i])}".encode())
+        self.name = f"tfidf-k{k}-{h.hexdigest()}"
+        """Identifies the corpus, ``k`` and the groups."""
+
+    def _vector(self, counts: Counter) -> dict[str, float]:
+        v = {w: (1 + math.log(c)) * self._idf.get(w, 0.0) for w, c in counts.items()}
+        norm = math.sqrt(sum(x * x for x in v.values())) or 1.0
+        return {w: x / norm for w, x in v.items()}
+
+    def __call__(self, text: str) -> list[str]:
+        """The ``k`` nearest corpus passages to ``text``, farthest first (the nearest last)."""
+        q = self._vector(Counter(_words(text)))
+        mine = self._groups.get(text, set())
+        scored = []
+        for i, v in enumerate(self._vecs):
+            t = self.corpus[i]
+            if t == text or (mine and mine & self._groups[t]):
+                continue
+            scored.append((-sum(x * v.get(w, 0.0) for w, x in q.items()), i))
+        scored.sort()
+        out: list[str] = []
+        for _, i in scored:
+            if len(out) == self.k:
+                break
+            if self.corpus[i] not in out:
+                out.append(self.corpus[i])
+        return out[::-1]
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())

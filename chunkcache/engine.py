@@ -30,7 +30,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -74,9 +74,12 @@ class PrecomputeConfig:
     caches then survive a change of the instruction or system prompt), or ``context`` (the
     prefix and two generic made-up passages: every chunk is encoded as a later passage, as
     fusion places all but the first; none is then exact in the prompt)."""
-    context: tuple[str, ...] | None = None
+    context: tuple[str, ...] | Callable[[str], Sequence[str]] | None = None
     """With ``sink="context"``: the passages it is made of (None: ``CONTEXT_SINK_PASSAGES``), e.g.
-    a few typical passages of the corpus. Only for that sink."""
+    a few typical passages of the corpus; or a function of the chunk's text giving the passages
+    that chunk is encoded behind (each chunk its own context, e.g. its nearest corpus passages:
+    ``corpus.Neighbours``; it must be deterministic: the context is part of the chunk's key, and
+    it is called once per chunk text an engine meets). Only for that sink."""
     exact_first: bool = False
     """With ``sink="context"``: each chunk is also stored behind the prefix alone (the entry a
     ``prefix``-sink engine stores, under its key), and a prompt's first chunk is fused from that
@@ -90,12 +93,17 @@ class PrecomputeConfig:
         if self.context is not None:
             if self.sink != "context":
                 raise ValueError(f"sink_context is only for sink='context', got sink={self.sink!r}")
-            if (
+            if callable(self.context):
+                pass
+            elif (
                 isinstance(self.context, str)
                 or not self.context
                 or not all(isinstance(t, str) and t.strip() for t in self.context)
             ):
-                raise ValueError("sink_context must be a non-empty list of non-empty passage strings")
+                raise ValueError(
+                    "sink_context must be a non-empty list of non-empty passage strings, or a function "
+                    "of a chunk's text giving such a list"
+                )
         if not isinstance(self.exact_first, bool):
             raise TypeError(f"exact_first must be a bool, got {type(self.exact_first).__name__}")
         if self.exact_first and self.sink != "context":
@@ -107,11 +115,26 @@ class PrecomputeConfig:
         ``prefix`` sink's, which a prompt's first chunk is fused from."""
         return (self, PrecomputeConfig()) if self.exact_first else (self,)
 
-    def sink_ids(self, template: PromptTemplate) -> list[int]:
-        """The tokens a chunk is encoded behind (``PromptTemplate.sink_ids``)."""
+    @property
+    def per_chunk(self) -> bool:
+        """Whether each chunk has a context of its own (``context`` is a function)."""
+        return callable(self.context)
+
+    def context_of(self, text: str) -> tuple[str, ...]:
+        """With a per-chunk context: the passages the chunk ``text`` is encoded behind."""
+        passages = self.context(text)  # type: ignore[operator]
+        if isinstance(passages, str) or not all(isinstance(t, str) and t.strip() for t in passages):
+            raise ValueError(f"sink_context({text[:40]!r}...) must give a list of non-empty passage strings")
+        return tuple(passages)
+
+    def sink_ids(self, template: PromptTemplate, passages: tuple[str, ...] | None = None) -> list[int]:
+        """The tokens a chunk is encoded behind (``PromptTemplate.sink_ids``); with a per-chunk
+        context, behind ``passages`` (``context_of`` the chunk)."""
         if self.context is None:
             return template.sink_ids(self.sink)
-        return template.sink_ids(self.sink, tuple(self.context))
+        if self.per_chunk and passages is None:
+            raise ValueError("a per-chunk sink_context needs the chunk's passages (context_of)")
+        return template.sink_ids(self.sink, tuple(self.context) if passages is None else passages)
 
 
 @dataclass(frozen=True)
@@ -120,8 +143,8 @@ class _Variant:
     and the key inputs its entries hold."""
 
     settings: PrecomputeConfig
-    sink_ids: tuple[int, ...]
-    inputs: KeyInputs
+    sink_ids: tuple[int, ...] | None  # None: each chunk its own (a per-chunk context)
+    inputs: KeyInputs  # (per-chunk: each chunk's are these with its own sink_ids)
     info: dict  # inputs.to_dict(), as entry headers store it (shared: never modify it)
 
 
@@ -138,7 +161,7 @@ class ChunkCache:
         device: str | torch.device | None = None,
         codec: str = "raw",
         sink: str = "prefix",
-        sink_context: Sequence[str] | None = None,
+        sink_context: Sequence[str] | Callable[[str], Sequence[str]] | None = None,
         exact_first: bool = False,
         policy: str = "qfast",
         recompute_ratio: float = 0.15,
@@ -155,12 +178,15 @@ class ChunkCache:
         # Every argument is checked before the model loads (seconds) or the store opens.
         dtype = checks.dtype(dtype)
         device = checks.device(device)
-        settings = PrecomputeConfig(
-            sink=sink, context=None if sink_context is None else tuple(sink_context), exact_first=exact_first
-        )
+        if sink_context is not None and not callable(sink_context) and not isinstance(sink_context, str):
+            sink_context = tuple(sink_context)
+        settings = PrecomputeConfig(sink=sink, context=sink_context, exact_first=exact_first)
         default_fuse = FuseConfig(recompute_ratio=checks.ratio(recompute_ratio), policy=policy)
-        if settings.exact_first and adaptive is not None:  # (its planner fetches one variant of each chunk)
-            raise ValueError("exact_first does not combine with adaptive loading yet")
+        if adaptive is not None and (settings.exact_first or settings.per_chunk):
+            # (its planner fetches one variant of every chunk, keyed by the engine's key inputs)
+            raise ValueError(
+                "exact_first and a per-chunk sink_context do not combine with adaptive loading yet"
+            )
         checks.codec(codec)
         checks.nonnegative_int(device_cache_bytes, "device_cache_bytes")
         if decode_batching is not None and not isinstance(decode_batching, DecodeConfig):
@@ -189,6 +215,8 @@ class ChunkCache:
         self._prefix_ids = self.template.prefix_ids()
         self._prefix_kv: torch.Tensor | None = None
         self._variants: tuple[_Variant, ...] | None = None
+        self._contexts: dict[bytes, tuple[tuple[int, ...], KeyInputs, dict]] = {}
+        """Per-chunk contexts: token bytes -> (sink ids, key inputs, their dict), filled by ``resolve``."""
         self.adaptive = adaptive
         """An ``adaptive.AdaptiveConfig``: per query, fetch the back chunks (at which stored
         precision) while the front ones are recomputed in place, or do a full prefill, from the
@@ -258,22 +286,44 @@ class ChunkCache:
         if self._variants is None:
             out = []
             for settings in self.settings.variants():
-                with self._tok_lock:
-                    sink_ids = tuple(settings.sink_ids(self.template))
-                inputs = KeyInputs(
-                    model_fingerprint=self.lm.fingerprint,
-                    dtype=str(self.lm.dtype).removeprefix("torch."),
-                    codec=self.codec,
-                    settings={"sink": settings.sink, "sink_ids": list(sink_ids)},
-                    format_version=FORMAT_VERSION,
-                )
+                sink_ids = None
+                if not settings.per_chunk:
+                    with self._tok_lock:
+                        sink_ids = tuple(settings.sink_ids(self.template))
+                inputs = self._inputs_for(settings, sink_ids)
                 out.append(_Variant(settings, sink_ids, inputs, inputs.to_dict()))
             self._variants = tuple(out)
         return self._variants
 
+    def _inputs_for(self, settings: PrecomputeConfig, sink_ids: Sequence[int] | None) -> KeyInputs:
+        return KeyInputs(
+            model_fingerprint=self.lm.fingerprint,
+            dtype=str(self.lm.dtype).removeprefix("torch."),
+            codec=self.codec,
+            settings={"sink": settings.sink, "sink_ids": None if sink_ids is None else list(sink_ids)},
+            format_version=FORMAT_VERSION,
+        )
+
+    def _of(
+        self, variant: int, ids: Sequence[int] | np.ndarray | bytes
+    ) -> tuple[tuple[int, ...], KeyInputs, dict]:
+        """A chunk's (sink ids, key inputs, their dict) in ``variant``: the variant's own, or with a
+        per-chunk context the chunk's, recorded when ``resolve`` met its text."""
+        var = self.variants()[variant]
+        if var.sink_ids is not None:
+            return var.sink_ids, var.inputs, var.info
+        got = self._contexts.get(ids if isinstance(ids, bytes) else token_bytes(ids))
+        if got is None:
+            raise ValueError(
+                "this chunk's context is not known: with a per-chunk sink_context, pass chunk texts "
+                "(precompute, fuse), not token ids"
+            )
+        return got
+
     def key_inputs(self) -> KeyInputs:
         """Everything besides the token ids that determines a chunk cache's bytes (the engine's
-        own variant: every chunk's but a prompt's first one under ``exact_first``)."""
+        own variant: every chunk's but a prompt's first one under ``exact_first``; with a
+        per-chunk context, its ``sink_ids`` are None: each chunk's key holds its own)."""
         return self.variants()[0].inputs
 
     def key_info(self) -> dict:
@@ -294,14 +344,14 @@ class ChunkCache:
         the engine's variant of every chunk, but under ``exact_first`` the prefix sink's of the
         first (its key from its ids: one hash)."""
         v = self.variants()
-        infos = [v[0].info] * len(keys)
+        infos = [self._of(0, i)[2] for i in ids]
         if len(v) > 1 and keys:
             keys = [v[1].inputs.key(np.frombuffer(ids[0], "<i8")), *keys[1:]]
             infos = [v[1].info, *infos[1:]]
         return keys, infos
 
     def key_for_ids(self, ids: Sequence[int] | np.ndarray) -> str:
-        return self.key_inputs().key(ids)
+        return self._of(0, ids)[1].key(ids)
 
     def key(self, text: str) -> str:
         return self.resolve([text])[0][0]
@@ -324,7 +374,21 @@ class ChunkCache:
         index = self.text_index()
         recs = index.get_many(texts)
         new = []
+        per_chunk = self.variants()[0].sink_ids is None
         for i, (t, rec) in enumerate(zip(texts, recs, strict=True)):
+            if per_chunk and (rec is None or rec[1] not in self._contexts):
+                # the chunk's own context, once per text in the engine's life; its key follows
+                ids = self._chunk_ids(t) if rec is None else np.frombuffer(rec[1], "<i8").tolist()
+                passages = self.settings.context_of(t)  # (the user's function: outside the lock)
+                with self._tok_lock:
+                    sink = tuple(self.settings.sink_ids(self.template, passages))
+                inputs = self._inputs_for(self.settings, sink)
+                self._contexts[token_bytes(ids)] = (sink, inputs, inputs.to_dict())
+                if rec is not None and rec[0] != inputs.key(ids):
+                    rec = None  # recorded under another context (another function): record it anew
+                if rec is None:
+                    recs[i] = rec = (inputs.key(ids), token_bytes(ids))
+                    new.append((t, *rec))
             if rec is None:
                 ids = self._chunk_ids(t)
                 recs[i] = rec = (self.key_for_ids(ids), token_bytes(ids))
@@ -405,7 +469,8 @@ class ChunkCache:
         are what is wrong (a bad text index record). Both paths call it before any of the KV is used."""
         from chunkcache.format import check_identity
 
-        info = self._info() if info is None else info
+        if info is None:
+            _, _, info = self._of(0, token_bytes(token_ids))
         check_identity(key, header, token_ids, info)
         if ids is not None and token_bytes(token_ids) != (
             ids if isinstance(ids, bytes) else token_bytes(ids)
@@ -428,7 +493,7 @@ class ChunkCache:
         (``store.stats().failed_writes``)."""
         from chunkcache.format import pack_chunk
 
-        value = pack_chunk(chunk, self.codec, self.variants()[variant].info)
+        value = pack_chunk(chunk, self.codec, self._of(variant, chunk.token_ids.tolist())[2])
         extra = {}  # the further precisions of adaptive loading: separate entries, written with it
         for codec in self.precisions[1:]:  # (never with exact_first: only variant 0 is here)
             inputs = self.key_inputs_at(codec)
@@ -463,6 +528,8 @@ class ChunkCache:
             if "models" in self._warned:
                 return
             self._warned.add("models")
+        if self.variants()[0].sink_ids is None:  # each entry has its own sink_ids: nothing to compare
+            return
         from chunkcache.store import foreign_store
 
         try:
@@ -498,11 +565,10 @@ class ChunkCache:
         """``precompute_ids``, plus the packed entries the store could not take (key -> bytes),
         for the caller to serve from. Every variant of each chunk is made (``variants``); the
         keys returned are the engine's variant's."""
-        variants = self.variants()
         keys = [self.key_for_ids(ids) for ids in id_lists]
         missing: dict[str, tuple[Sequence[int], int]] = {}  # key -> (ids, variant)
-        for v, var in enumerate(variants):
-            vkeys = keys if v == 0 else [var.inputs.key(ids) for ids in id_lists]
+        for v in range(len(self.variants())):
+            vkeys = keys if v == 0 else [self._of(v, ids)[1].key(ids) for ids in id_lists]
             for k, ids, there in zip(vkeys, id_lists, self.store.contains_many(vkeys), strict=True):
                 if k not in missing and not there:
                     missing[k] = (ids, v)
@@ -552,8 +618,10 @@ class ChunkCache:
         unsaved: dict[str, bytes] = {}
         if progress is None:
             progress = len(todo) > 32
-        variants = self.variants()
-        todo = sorted(todo, key=lambda t: t[2])  # one variant (one sink) per encoding slice
+        # one sink per encoding slice (a per-chunk context: chunks of one context together)
+        groups: dict[tuple[int, ...], list[tuple[str, Sequence[int], int]]] = {}
+        for t in todo:
+            groups.setdefault(self._of(t[2], t[1])[0], []).append(t)
         # Encode and store in slices so an interrupted run keeps what it finished.
         step = max(batch_size, 1) * 4
         bar = None
@@ -561,15 +629,12 @@ class ChunkCache:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc="precompute", unit="chunk")
-        for v, var in enumerate(variants):
-            mine = [t for t in todo if t[2] == v]
+        for sink, mine in groups.items():
             for s in range(0, len(mine), step):
                 part = mine[s : s + step]
-                encoded = encode_chunks(
-                    self.lm, [ids for _, ids, _ in part], var.sink_ids, batch_size=batch_size
-                )
-                for (k, _, _), chunk in zip(part, encoded, strict=True):
-                    chunk.meta["sink"] = var.settings.sink
+                encoded = encode_chunks(self.lm, [ids for _, ids, _ in part], sink, batch_size=batch_size)
+                for (k, _, v), chunk in zip(part, encoded, strict=True):
+                    chunk.meta["sink"] = self.variants()[v].settings.sink
                     raw = self._save(k, chunk, v)
                     if raw is not None:
                         unsaved[k] = raw
@@ -591,7 +656,7 @@ class ChunkCache:
         default the engine's variant), misses precomputed."""
         from chunkcache.format import unpack_chunk
 
-        infos = infos or [self._info()] * len(keys)
+        infos = infos or [self._of(0, i)[2] for i in ids]
         out = [self._load(k, i, f) for k, i, f in zip(keys, ids, infos, strict=True)]
         miss = [i for i, c in enumerate(out) if c is None]
         if miss:
@@ -613,7 +678,9 @@ class ChunkCache:
         return out  # type: ignore[return-value]
 
     def _variant_of(self, info: dict) -> int:
-        return next(v for v, var in enumerate(self.variants()) if var.info is info)
+        """Which variant a chunk's key inputs (from ``_prompt_keys``) are of."""
+        v = self.variants()
+        return 1 if len(v) > 1 and info is v[1].info else 0
 
     def _fuse_adaptive(
         self, keys: list[str], ids: list[bytes], suffix: list[int], cfg: FuseConfig, t0: float
@@ -650,6 +717,7 @@ class ChunkCache:
             prefill_tokens_per_s=conf.recompute_tokens_per_s or rates.prefill,
             fuse_tokens_per_s=conf.fuse_tokens_per_s or rates.fuse,
             overrun=rates.overrun if measured_all else None,  # (fixed rates are taken as they are)
+            front_floor_s=rates.front_host if conf.recompute_tokens_per_s is None else None,
             slack=conf.slack,
             fallback=conf.fallback,
             front=conf.recompute_chunks,
@@ -687,7 +755,20 @@ class ChunkCache:
                 {p: self._entry_bytes(p, t) for p in precisions if stored[p][i]} for i, t in enumerate(tokens)
             ]
             chosen = adaptive.plan(tokens, sizes, **rated)
-            if chosen.full_prefill and explore:
+            n = len(tokens)
+            untailed = measured and conf.fuse_tokens_per_s is None and rates.fuse is None
+            if (
+                untailed
+                and not chosen.full_prefill
+                and conf.recompute_chunks is None
+                and chosen.front < n - 1
+            ):
+                # a plan with the fusion's tail unmeasured counts it as free: rather measure it with
+                # the bounded mix (all but the last chunk recomputed in place: about a prefill plus
+                # the tail); on a GPU it takes a few calls, graphs being recorded first
+                probe = adaptive.plan(tokens, sizes, **{**rated, "front": n - 1})
+                chosen = replace(probe, reason="fusion tail not measured yet: " + probe.reason)
+            elif chosen.full_prefill and explore:
                 # the fastest mix looked slower than a prefill for explore_every calls: measure a
                 # mix again (every chunk but the last recomputed in place, so it costs about one
                 # prefill plus the fusion's tail), unless its one fetch alone is estimated longer
@@ -756,9 +837,10 @@ class ChunkCache:
             (p,) = codecs
             bkeys = [pkeys[p][i] for i in back]
             with self.stagings().take() as staging:
-                captures = staging.graphs.captures if staging.graphs is not None else 0
+                g = staging.graphs
+                unsteady = (g.captures, g.eager) if g is not None else None  # (graph warm-up: below)
                 stream = LayerStream(self.store, bkeys, landing=staging.landing).start()
-                t_begin = time.perf_counter()
+                t_begin, t_front_host = time.perf_counter(), None
                 try:
                     ext, front_s, ready = front(staging.prep_stream)
                     t_front_host = time.perf_counter() - t_begin
@@ -771,14 +853,18 @@ class ChunkCache:
                     stream.close()
                 if res is not None:
                     res.logits.cpu()
-                captured = staging.graphs is not None and staging.graphs.captures != captures
+                # a shape run eagerly (not recorded yet) or being recorded: a one-off cost
+                captured = g is not None and (g.captures, g.eager) != unsteady
             if ready is not None:  # (the repair below uses the front on this stream)
                 torch.cuda.current_stream(self.lm.device).wait_event(ready)
                 ext.record_stream(torch.cuda.current_stream(self.lm.device))
             t_link = max(stream.t_last - stream.t_start, 0.0)
             if res is not None:
                 t_done = time.perf_counter()
-                rates.saw_fetch(p, sum(sizes[i][p] for i in back), t_link)
+                if captured:  # (its host work competed with the reader too)
+                    rates.discard(["link:" + p])
+                else:
+                    rates.saw_fetch(p, sum(sizes[i][p] for i in back), t_link)
                 t_tail = t_done - max(t_begin + front_s(), stream.t_last)
             else:
                 fetched = [self._load_at(i, precision[i], pkeys, ids, infos) for i in back]
@@ -810,10 +896,13 @@ class ChunkCache:
             res.logits.cpu()
             t_tail = time.perf_counter() - t  # after the fetch and the front
         t_front = front_s()
-        rates.saw("recompute", len(ext_ids) if k else 0, t_front)
+        if k:
+            rates.saw_front(len(ext_ids), t_front, t_front_host)
         rates.unrecomputed = 0 if k else rates.unrecomputed + 1
         if back and not repaired and not captured:  # (a repair's reads and recompute, or a CUDA
-            rates.saw("fuse", n_ctx, t_tail)  # graph's recording, are no fusion tail)
+            rates.saw("fuse", n_ctx, t_tail)  # graph's warm-up, are no fusion tail)
+        elif captured:
+            rates.discard(["fuse", "overrun"])
         res = with_front(res, len(self._prefix_ids), tokens[:k], spec.num_layers, prefix_recomputed=k > 0)
         res.stats["recompute_ratio"] = user_ratio
         res.stats["fetched_recompute_ratio"] = cfg.recompute_ratio  # the share of the fetched tokens selected
@@ -957,7 +1046,7 @@ class ChunkCache:
         t0 = time.perf_counter()
         spec, pool, cache = self.lm.spec, self.stagings(), self.device_cache
         prefix_kv = self.prefix_kv()
-        base = len(self.variants()[0].sink_ids)  # (exact_first: the first chunk's differs; same shapes)
+        base = len(self.variants()[0].sink_ids or self._prefix_ids)  # (any base: the same shapes)
         gen = torch.Generator().manual_seed(0)
         vocab = int(self.model.config.vocab_size)
         packed: dict[int, bytes] = {}
@@ -1142,7 +1231,7 @@ class ChunkCache:
                 return
             self._check_entry(keys[i], header, parts["token_ids"], ids[i], infos[i])
 
-        infos = infos or [self._info()] * len(keys)
+        infos = infos or [self._of(0, i)[2] for i in ids]
         prefix_kv = self.prefix_kv()
         cache = self.device_cache
         held_here = cache.holds(keys) if cache is not None else [False] * len(keys)

@@ -171,7 +171,8 @@ def measure(engine) -> GateResult:
     full_k0 = cache.layers[0].keys[0] if hasattr(cache, "layers") else cache.key_cache[0][0]  # [H, N, D]
 
     prefix_kv = engine.prefix_kv()  # the engine's own (computed once, reused by every fusion)
-    chunks = encode_chunks(lm, chunk_ids, engine.settings.sink_ids(template))
+    sink = engine.variants()[0].sink_ids  # (None: each chunk its own context; any sink serves here)
+    chunks = encode_chunks(lm, chunk_ids, template.prefix_ids() if sink is None else sink)
     buf, chunk_of, _ = assemble(lm, prefix_kv, chunks, len(suffix))
     in_chunks = chunk_of >= 0
     keys_diff = _rel(buf[0, 0][:, in_chunks], full_k0[:, in_chunks])

@@ -74,6 +74,7 @@ class FusionGraphs:
         self.pool = None
         self.captures = 0  # how many graphs were recorded (diagnostics, tests)
         self.replays = 0
+        self.eager = 0  # bodies run eagerly because their shape was not recorded yet
 
     def clear(self) -> None:
         """Drop every graph (and the objects it holds alive); the buffers stay. The next capture
@@ -129,6 +130,7 @@ class FusionGraphs:
                 # a capture fails it (and leaves the pool recording).
                 out = body(**inputs)
                 self.warmed.add(me)
+                self.eager += 1
                 return out
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()

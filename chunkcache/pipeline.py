@@ -652,12 +652,22 @@ class LayerLoader:
     # -- internals ----------------------------------------------------------------------------
     def _ranges(self) -> list[tuple[int, int]]:
         """The stager's steps: whole groups, except that layers 0 and 1 go alone first, so the
-        first layers (the check layers of most policies) need not wait for a whole group."""
+        first layers (the check layers of most policies) need not wait for a whole group; for
+        entries still arriving the last group goes in halving steps too (only the last layer's
+        copy and assembly then follow the link's last byte)."""
         g, n = self.group, self.num_layers
         if g == 1:
             return [(i, i + 1) for i in range(n)]
         head = [(0, 1), (1, 2), (2, min(g, n))] if g > 2 else [(0, 1), (1, min(g, n))]
-        return [r for r in head if r[0] < r[1] <= n] + [(a, min(a + g, n)) for a in range(g, n, g)]
+        from chunkcache.stream import layer_steps
+
+        return [r for r in head if r[0] < r[1] <= n] + layer_steps(g, n, g, self.arriving)
+
+    @property
+    def arriving(self) -> bool:
+        """The entries are still arriving (``arrival``): the last group goes in halving steps, here
+        and in the probe's graphs (``stream.layer_steps``)."""
+        return self.arrival is not None
 
     def _stage_direct(self, first: int, stop: int) -> None:
         """Layers ``first .. stop - 1`` (within one group) straight from the registered map into

@@ -45,7 +45,7 @@ import numpy as np
 from chunkcache.errors import CorruptEntryError
 from chunkcache.format import PREFIX_BYTES, head_spans, header_span, part_layer_spans, read_header
 
-__all__ = ["LayerStream"]
+__all__ = ["LayerStream", "layer_steps"]
 
 
 class LayerStream:
@@ -55,11 +55,15 @@ class LayerStream:
     docstring). Times (``time.perf_counter``) and byte counts of what arrived are kept for the
     caller's rates."""
 
+    MAX_LAYERS = 8
+    """Most layers one step reads (the pipelined loader copies and the fusion's graphs run groups
+    of 8 layers: a later layer would not be used sooner)."""
+
     def __init__(
         self,
         store,
         keys: Sequence[str],
-        step_bytes: int = 4 << 20,
+        step_bytes: int = 64 << 20,
         landing: Callable[[list[int]], list] | None = None,
     ) -> None:
         self.store, self.keys, self.step_bytes = store, list(keys), step_bytes
@@ -131,16 +135,18 @@ class LayerStream:
             self.t_heads = time.perf_counter()
             self._heads.set()
             per_layer = sum(b - a for h in headers for a, b in part_layer_spans(h, range(0, 1)))
-            g = max(1, self.step_bytes // max(per_layer, 1))
+            # a step of several layers: one span per part of every entry whatever the layers, so
+            # the Python work per byte shrinks (at 8B/8K one layer a step kept the reader busy
+            # enough to stall the front's launching thread); at most the loader's copy group
+            g = max(1, min(self.MAX_LAYERS, self.step_bytes // max(per_layer, 1)))
             # A step's bytes are placed on a second thread while this one waits for the next
             # step's (socket reads and the throttle release the GIL): copy and transfer overlap.
             # Placements run in order, one at a time; ``layers`` moves only after a step is placed.
             with ThreadPoolExecutor(1, thread_name_prefix="chunkcache-place") as placer:
                 placed = None
-                for l0 in range(0, self.num_layers, g):
+                for l0, l1 in layer_steps(0, self.num_layers, g):
                     if self._stop:  # closed early (the fusion gave up): the rest is not needed
                         raise RuntimeError("the stream was closed before every layer arrived")
-                    l1 = min(self.num_layers, l0 + g)
                     want = [
                         (i, a, b)
                         for i, h in enumerate(headers)
@@ -176,6 +182,22 @@ class LayerStream:
             # slice assignment would hold it for the whole copy)
             entries[i][a:b] = np.frombuffer(v, dtype=np.uint8)
             self.nbytes += b - a
+
+
+def layer_steps(first: int, stop: int, size: int, fine_tail: bool = True) -> list[tuple[int, int]]:
+    """Ranges of ``size`` layers covering ``first .. stop - 1``; with ``fine_tail`` the last
+    ``size`` in halving steps (8 -> 4, 2, 1, 1). For layers that arrive over a link: whatever waits
+    for a whole range (a read's placement, a copy group, a CUDA graph of the probe) then waits for
+    the link's last byte with one layer only. The one rule for the stream's reads, the loader's
+    copies and the probe's graphs."""
+    tail = max(first, stop - size) if fine_tail else stop
+    out = [(a, min(a + size, tail)) for a in range(first, tail, size)]
+    at = tail
+    while at < stop:
+        step = max(1, (stop - at) // 2)
+        out.append((at, at + step))
+        at += step
+    return out
 
 
 def _fresh(sizes: list[int]) -> list[np.ndarray]:

@@ -66,3 +66,33 @@ def test_jsonl_text_field_must_be_a_string(tmp_path):
     jl.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": None}) + "\n")
     with pytest.raises(ValueError, match=r"c.jsonl:2: field 'text' is NoneType, not a string"):
         list(iter_documents(jl))
+
+
+def test_neighbours_are_the_nearest_passages_nearest_last_never_the_text_or_its_group():
+    from chunkcache.corpus import Neighbours
+
+    corpus = [
+        "The river Avon flows through the old town of Bath.",
+        "A river flows through the town: the Avon at Bath, an old spa town.",
+        "Bath is an old town on the river Avon.",
+        "Marie Curie studied radioactivity in Paris.",
+        "The Avon river and the town of Bath.",
+    ]
+    near = Neighbours(corpus, k=2)
+    got = near(corpus[0])
+    assert len(got) == 2 and corpus[0] not in got and corpus[3] not in got
+    assert near(corpus[0]) == got and Neighbours(list(corpus), k=2).name == near.name  # deterministic
+    # nearest last: the last one is at least as close as the first (a 3-neighbour list ends alike)
+    assert Neighbours(corpus, k=3)(corpus[0])[-2:] == got
+    # a passage listed twice is picked once; groups exclude every passage sharing a label
+    twice = Neighbours([*corpus, corpus[4]], k=4)(corpus[0])
+    assert len(twice) == len(set(twice)) == 4
+    grouped = Neighbours(corpus, k=2, groups=["a", "a", "b", "b", "c"])
+    assert set(grouped(corpus[0])) == {corpus[2], corpus[4]} and grouped.name != near.name
+    assert len(Neighbours(corpus, k=9)(corpus[0])) == 4
+    with pytest.raises(ValueError, match="non-empty list"):
+        Neighbours("one text")
+    with pytest.raises(ValueError, match="positive int"):
+        Neighbours(corpus, k=0)
+    with pytest.raises(ValueError, match="labels"):
+        Neighbours(corpus, groups=["a"])

@@ -269,6 +269,83 @@ def test_exact_first_is_refused_where_it_means_nothing_before_the_model_loads():
         ChunkCache(model="no-such-model", sink="context", exact_first="yes")
 
 
+def _next_passage(text):
+    """A per-chunk context: the passage after it in PASSAGES (deterministic)."""
+    return [PASSAGES[(PASSAGES.index(text) + 1) % len(PASSAGES)]]
+
+
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_per_chunk_context_encodes_each_chunk_behind_its_own_passages(smol_tokenizer, fast_path):
+    """With a function as ``sink_context`` every chunk is encoded behind the prefix and the
+    passages it gives for that chunk: its entry is the one a fixed-context engine with those
+    passages makes (same key, same bytes), so fusion equals fusing those entries; under
+    ``exact_first`` the first chunk is the prefix sink's, exact."""
+    model = tiny_model()
+    kw = dict(model=model, tokenizer=smol_tokenizer, sink="context")
+    eng = ChunkCache(store=None, sink_context=_next_passage, exact_first=True, fast_path=fast_path, **kw)
+    fused = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.2)
+    assert len(eng.store) == 2 * len(PASSAGES)
+    t = eng.template
+    for text in PASSAGES:
+        fixed = ChunkCache(store=eng.store, sink_context=_next_passage(text), **kw)
+        assert fixed.key(text) == eng.key(text) and fixed.contains([text]) == [True]
+        chunk = eng.chunk(text)
+        assert chunk.base_pos == len(t.prefix_ids()) + len(t.chunk_ids(_next_passage(text)[0]))
+    assert fused.stats["exact_chunks"] == [True] + [False] * (len(PASSAGES) - 1)
+    # the same entries through the eager path of a fresh engine (its own memo of the contexts)
+    again = ChunkCache(store=eng.store, sink_context=_next_passage, exact_first=True, **kw)
+    got = again.fuse(PASSAGES, QUESTION, recompute_ratio=0.2)
+    assert len(eng.store) == 2 * len(PASSAGES)  # all hits
+    torch.testing.assert_close(got.logits, fused.logits, rtol=1e-5, atol=1e-5)
+    # the first chunk's K/V are a full prefill's
+    p, n0 = fused.stats["prefix_tokens"], fused.stats["chunk_lengths"][0]
+    with torch.no_grad():
+        full = model(input_ids=eng.prompt_ids(PASSAGES, QUESTION), use_cache=True).past_key_values
+    torch.testing.assert_close(fused.kv[-1, 0, :, p : p + n0], full.layers[-1].keys[0, :, p : p + n0],
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+def test_per_chunk_context_keys_follow_the_function_not_the_text_index(tmp_path, smol_tokenizer):
+    """The text index persisted beside an LMDB store is shared by engines of the same model; an
+    engine with another context function never takes the other's keys from it."""
+    model = tiny_model()
+    kw = dict(model=model, tokenizer=smol_tokenizer, store=str(tmp_path / "s"), sink="context")
+    a = ChunkCache(sink_context=_next_passage, **kw)
+    a.precompute(PASSAGES)
+    a.store.close()
+    b = ChunkCache(sink_context=lambda text: [PASSAGES[0] if text != PASSAGES[0] else PASSAGES[1]], **kw)
+    mem = {**kw, "store": None}
+    fixed = ChunkCache(**{**mem, "sink_context": [PASSAGES[0]]})
+    assert (
+        b.key(PASSAGES[2])
+        == fixed.key(PASSAGES[2])
+        != ChunkCache(sink_context=_next_passage, **mem).key(PASSAGES[2])
+    )
+    b.fuse(PASSAGES[1:], QUESTION)  # its own entries, made on the way, but for the last chunk:
+    assert len(b.store) == len(PASSAGES) + 2  # behind PASSAGES[0] for both functions, one entry
+    b.store.close()
+
+
+def test_per_chunk_context_refuses_ids_without_text_and_bad_contexts(smol_tokenizer):
+    from chunkcache.adaptive import AdaptiveConfig
+
+    eng = ChunkCache(model=tiny_model(), tokenizer=smol_tokenizer, store=None, sink="context",
+                     sink_context=lambda text: "one string")  # fmt: skip
+    with pytest.raises(ValueError, match="list of non-empty passage strings"):
+        eng.precompute(PASSAGES[:1])
+    ok = ChunkCache(
+        model=eng.model, tokenizer=smol_tokenizer, store=None, sink="context", sink_context=_next_passage
+    )
+    with pytest.raises(ValueError, match="pass chunk texts"):
+        ok.precompute_ids([[5, 6, 7]])
+    with pytest.raises(ValueError, match="adaptive"):
+        ChunkCache(
+            model="no-such-model", sink="context", sink_context=_next_passage, adaptive=AdaptiveConfig()
+        )
+    with pytest.raises(ValueError, match="only for sink='context'"):
+        ChunkCache(model="no-such-model", sink_context=_next_passage)
+
+
 @pytest.mark.parametrize("device_cache", [0, 1 << 26])
 def test_a_fusion_with_misses_queues_for_a_staging_once(smol_tokenizer, tmp_path, device_cache):
     # misses are precomputed before the fusion takes a staging: under load, taking one twice (to

@@ -216,3 +216,20 @@ def test_committed_factual_set_is_the_generators_output():
         for c in kept:
             assert {k: v for k, v in c.items() if k != "full_answer"} == gen[c["id"]]
             assert quality.correct(c["full_answer"], c["answers"])
+
+
+def test_sink_context_nn_gives_each_passage_its_nearest_of_other_cases(tmp_path):
+    path = tmp_path / "q.json"
+    cases = [
+        {"question": "q?", "answers": ["a"], "ctxs": [{"title": f"T{c}{i}", "text": f"river topic{c} topic{c} item{i}"}
+                                                      for i in range(3)]}
+        for c in range(3)
+    ]  # fmt: skip
+    path.write_text(json.dumps(cases))
+    near = quality.sink_context(path, "nn:2x")
+    own = [quality.passage_text(c) for c in cases[1]["ctxs"]]
+    got = near(own[0])
+    assert len(got) == 2 and not set(got) & set(own)
+    assert set(quality.sink_context(path, "nn:2")(own[0])) & set(own)  # without x: its own case's too
+    with pytest.raises(ValueError, match="positive K"):
+        quality.sink_context(path, "nn:0")

@@ -63,10 +63,22 @@ def passage_text(ctx: dict) -> str:
     return f"{ctx['title']}\n{ctx['text']}"
 
 
-def sink_context(data_path: str | Path, spec: str) -> list[str]:
-    """The passages of ``--sink-context SPLIT:CASE:I,J,..``: passages I, J, .. of case CASE of
-    that split of the data (``all``: the cases in file order), e.g. passages no prompt of the run
-    holds, as a corpus-chosen context sink."""
+def sink_context(data_path: str | Path, spec: str):
+    """The context of ``--sink-context``: ``SPLIT:CASE:I,J,..``, passages I, J, .. of case CASE
+    of that split of the data (``all``: the cases in file order), e.g. passages no prompt of the
+    run holds, as a corpus-chosen context sink; or ``nn:K`` / ``nn:Kx``, each chunk's own K
+    nearest passages of the data file (every passage of every case: ``corpus.Neighbours``), with
+    ``x`` none of a case the chunk is a passage of (so none of its own prompt)."""
+    if spec.startswith("nn:"):
+        from chunkcache.corpus import Neighbours
+
+        k, exclude = spec[3:].removesuffix("x"), spec.endswith("x")
+        if not k.isdigit() or int(k) < 1:
+            raise ValueError(f"--sink-context nn:K[x] takes a positive K, got {spec!r}")
+        cases = load_cases(data_path, None)
+        corpus = [passage_text(c) for ex in cases for c in ex["ctxs"]]
+        groups = [i for i, ex in enumerate(cases) for _ in ex["ctxs"]] if exclude else None
+        return Neighbours(corpus, int(k), groups)
     try:
         split, case, which = spec.split(":")
         ex = load_cases(data_path, None if split == "all" else split)[int(case)]
@@ -541,7 +553,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sink-context",
         default=None,
-        help="with --sink context: SPLIT:CASE:I,J, the sink made of passages I, J of that case of --data "
+        help="with --sink context: SPLIT:CASE:I,J, the sink made of passages I, J of that case of --data; "
+        "nn:K[x], each chunk behind its K nearest passages of --data (x: none of its own case) "
         "(default: the generic CONTEXT_SINK_PASSAGES)",
     )
     p.add_argument(

@@ -13,6 +13,7 @@ behind the prefix plus:
                    chunk itself excluded
   nn<k>x           the same, the passages of the chunk's own case excluded too (no neighbour
                    can be a passage of the same prompt)
+  nn<k>[x]t<T>     the same, the context cut to its last T tokens (the part next to the chunk)
   prev             the passage before it in this prompt (the oracle, not precomputable)
 Each context is fused by qfast at the ratios (and naive reuse), so every config has qfast's
 compute; rows in ``bench quality``'s form (policy ``<ctx>:qfast``, plain ``qfast`` for std),
@@ -113,12 +114,14 @@ def main():
             elif ctx.startswith("ctxc1:"):
                 extra = [t for p in quality.sink_context(a.data, ctx[6:]) for t in e._chunk_ids(p)]
                 sinks = [None] + [pre + extra] * (len(cids) - 1)
-            elif m := re.fullmatch(r"nn(\d+)(x?)", ctx):
+            elif m := re.fullmatch(r"nn(\d+)(x?)(?:t(\d+))?", ctx):
                 k, excl = int(m.group(1)), own if m.group(2) else None
+                cut = int(m.group(3)) if m.group(3) else None
                 sinks = [None]
                 for t in texts[1:]:
                     near = nbrs.nearest(t, k, excl)[::-1]  # the nearest last, next to the chunk
-                    sinks.append(pre + [x for p in near for x in e._chunk_ids(p)])
+                    extra = [x for p in near for x in e._chunk_ids(p)]
+                    sinks.append(pre + (extra[-cut:] if cut else extra))
             else:
                 raise SystemExit(f"unknown context {ctx!r}")
             chunks = [
