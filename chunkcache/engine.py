@@ -781,15 +781,14 @@ class ChunkCache:
                     rates.fallbacks = 0
             elif not chosen.full_prefill and chosen.front == 0 and every and len(tokens) > 1:
                 if rates.unrecomputed + 1 >= every and conf.recompute_tokens_per_s is None:
-                    # nothing recomputed for explore_every calls: the recompute rate (hence the
-                    # fallback's estimate) is not refreshed; recompute the first chunk once
+                    # nothing recomputed for explore_every calls: the front's recompute rate is
+                    # not refreshed; recompute the first chunk once
                     probe = adaptive.plan(tokens, sizes, **{**rated, "front": 1})
                     why = (
                         f"explore (recompute rate last read {rates.unrecomputed} calls ago): {probe.reason}; "
                     )
                     chosen = replace(probe, reason=why + chosen.reason)
         t_plan = time.perf_counter() - t_plan
-        prefix_kv = self.prefix_kv()
         if chosen.full_prefill:
             rates.fallbacks += 1
             t = time.perf_counter()
@@ -800,6 +799,7 @@ class ChunkCache:
             timing = {"plan": t_plan, "prefill": t}
             return self._adaptive_result(res, chosen, timing, [], t0)
         rates.fallbacks = 0
+        prefix_kv = self.prefix_kv()  # (after the fallback: a plain prefill does not make it)
 
         k, n, n_ctx = chosen.front, len(keys), sum(tokens)
         back = list(range(k, n))
