@@ -15,7 +15,8 @@ any split, since the selection budget is a share of every chunk token. The plan,
 
     time ->   link:    fetch chunks k .. n-1 at p, layer-major  |
               device:  recompute chunks 0 .. k-1 | probe layer by layer as the layers arrive | tail
-    estimate(k, p) = overrun x (max(fetch_s, recompute_s) + tail_s),   tail_s = chunk tokens / fuse rate
+    estimate(k, p) = overrun x (max(fetch_s, recompute_s) + tail_s),   tail_s = chunk tokens / fuse rate,
+                     recompute_s = max(the host's time to queue a front, front tokens / recompute rate)
 
 It takes the ``k < n`` with the least estimate per precision, then the best-quality precision
 whose estimate is within ``slack`` of the fastest (CacheGen's per-chunk level) and below a full
@@ -113,8 +114,9 @@ class AdaptiveConfig:
 class Rates:
     """Measured rates (exponential averages; thread-safe): per stored precision the link's bytes/s
     (a fetch's store reads and checks, and, where the fetch decodes, the decode), the tokens/s of
-    the front's recompute inside a fusion (``recompute``) and of plain full prefills (``prefill``,
-    chunk tokens of the prompt per second), the fusion's tail (chunk tokens of the prompt per
+    the front's recompute inside a fusion (``recompute``, from fronts the device bounded) and of
+    plain full prefills (``prefill``, chunk tokens of the prompt per second), the host's time to
+    queue a front (``front_host``: the least a front takes), the fusion's tail (chunk tokens of the prompt per
     second of fusion after the last fetched layer arrived), and ``overrun``, fused calls' measured
     over estimated seconds (``saw_estimate``).
 
@@ -132,6 +134,7 @@ class Rates:
         self.prefill: float | None = None
         self.fuse: float | None = None
         self.overrun: float | None = None
+        self.front_host: float | None = None
         self.fallbacks = 0
         self.unrecomputed = 0
         self._warm: set[str] = set()  # kinds whose warm-up reading was seen
@@ -157,6 +160,20 @@ class Rates:
             with self._lock:
                 if self._past_warmup("link:" + precision):
                     self.link[precision] = self._mix(self.link.get(precision), nbytes / seconds)
+
+    def saw_front(self, tokens: int, device_s: float, host_s: float | None) -> None:
+        """A front of ``tokens`` ran ``device_s`` on the device after the host took ``host_s`` to
+        queue it (None: not measured, e.g. on the CPU). The host's time is the least any front
+        takes (``front_host``; a transformers forward costs ~40-60 ms of launches at 32 layers);
+        the tokens/s are read only from a front the device, not the host, bounded (a device
+        span near the queueing time says nothing about the rate: one 512-token chunk "ran" at
+        14,000 tokens/s on the H200, the prefill runs at 32,000)."""
+        if host_s is not None and host_s > 0:
+            with self._lock:
+                if self._past_warmup("front_host"):
+                    self.front_host = self._mix(self.front_host, host_s)
+        if host_s is None or device_s > 1.2 * host_s:
+            self.saw("recompute", tokens, device_s)
 
     def saw_estimate(self, estimated_s: float, measured_s: float) -> None:
         """A fused call took ``measured_s`` (to its logits on the host) where its plan estimated
@@ -232,6 +249,7 @@ def plan(
     *,
     prefill_tokens_per_s: float | None = None,  # a plain full prefill's (None: the recompute rate)
     overrun: float | None = None,  # fused calls' measured / estimated seconds (``Rates.overrun``)
+    front_floor_s: float | None = None,  # the least a front takes: the host's time to queue one
     enabled: bool = True,
     slack: float = 0.1,
     fallback: bool = True,
@@ -249,9 +267,10 @@ def plan(
     full_rate = prefill_tokens_per_s or rec_rate
     rec_rate = rec_rate or prefill_tokens_per_s  # no front measured yet: as fast as a prefill
     late = max(1.0, overrun or 1.0)  # (a plan is never assumed faster than its own estimate)
+    floor = front_floor_s or 0.0
     shown = dict(link_bytes_per_s) if isinstance(link_bytes_per_s, Mapping) else link_bytes_per_s
     rates = {"link_bytes_per_s": shown, "recompute_tokens_per_s": rec_rate, "fuse_tokens_per_s": fuse_rate,
-             "prefill_tokens_per_s": full_rate, "overrun": late}  # fmt: skip
+             "prefill_tokens_per_s": full_rate, "overrun": late, "front_floor_s": front_floor_s}  # fmt: skip
     rec = [None if rec_rate is None else t / rec_rate for t in tokens]
     full_s = None if full_rate is None else sum(tokens) / full_rate
     tail = sum(tokens) / fuse_rate if fuse_rate else 0.0  # after the last fetched layer: any k < n
@@ -273,7 +292,8 @@ def plan(
             back[i] = back[i + 1] + sizes[i][pick[i]] / link_of(pick[i])  # type: ignore[misc]
         out, front_tokens = [], 0
         for k in range(n + 1):
-            out.append(late * (max(back[k], front_tokens / rec_rate) + (tail if k < n else 0.0)))  # type: ignore[operator]
+            front_s = max(floor, front_tokens / rec_rate) if k else 0.0  # type: ignore[operator]
+            out.append(late * (max(back[k], front_s) + (tail if k < n else 0.0)))
             if k < n:
                 front_tokens += tokens[k]
         return out

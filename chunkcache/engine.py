@@ -470,12 +470,8 @@ class ChunkCache:
         from chunkcache.format import check_identity
 
         if info is None:
-            _, inputs, info = self._of(0, token_bytes(token_ids))
-        else:  # (hashed once: the variant's, or the chunk's own context's)
-            own = self._contexts.get(token_bytes(token_ids), (None, None, None))
-            mine = [(v.inputs, v.info) for v in self.variants()] + [own[1:]]
-            inputs = next((i for i, d in mine if d is info), None)
-        check_identity(key, header, token_ids, info, inputs)
+            _, _, info = self._of(0, token_bytes(token_ids))
+        check_identity(key, header, token_ids, info)
         if ids is not None and token_bytes(token_ids) != (
             ids if isinstance(ids, bytes) else token_bytes(ids)
         ):
@@ -721,6 +717,7 @@ class ChunkCache:
             prefill_tokens_per_s=conf.recompute_tokens_per_s or rates.prefill,
             fuse_tokens_per_s=conf.fuse_tokens_per_s or rates.fuse,
             overrun=rates.overrun if measured_all else None,  # (fixed rates are taken as they are)
+            front_floor_s=rates.front_host if conf.recompute_tokens_per_s is None else None,
             slack=conf.slack,
             fallback=conf.fallback,
             front=conf.recompute_chunks,
@@ -784,15 +781,14 @@ class ChunkCache:
                     rates.fallbacks = 0
             elif not chosen.full_prefill and chosen.front == 0 and every and len(tokens) > 1:
                 if rates.unrecomputed + 1 >= every and conf.recompute_tokens_per_s is None:
-                    # nothing recomputed for explore_every calls: the recompute rate (hence the
-                    # fallback's estimate) is not refreshed; recompute the first chunk once
+                    # nothing recomputed for explore_every calls: the front's recompute rate is
+                    # not refreshed; recompute the first chunk once
                     probe = adaptive.plan(tokens, sizes, **{**rated, "front": 1})
                     why = (
                         f"explore (recompute rate last read {rates.unrecomputed} calls ago): {probe.reason}; "
                     )
                     chosen = replace(probe, reason=why + chosen.reason)
         t_plan = time.perf_counter() - t_plan
-        prefix_kv = self.prefix_kv()
         if chosen.full_prefill:
             rates.fallbacks += 1
             t = time.perf_counter()
@@ -803,6 +799,7 @@ class ChunkCache:
             timing = {"plan": t_plan, "prefill": t}
             return self._adaptive_result(res, chosen, timing, [], t0)
         rates.fallbacks = 0
+        prefix_kv = self.prefix_kv()  # (after the fallback: a plain prefill does not make it)
 
         k, n, n_ctx = chosen.front, len(keys), sum(tokens)
         back = list(range(k, n))
@@ -843,7 +840,7 @@ class ChunkCache:
                 g = staging.graphs
                 unsteady = (g.captures, g.eager) if g is not None else None  # (graph warm-up: below)
                 stream = LayerStream(self.store, bkeys, landing=staging.landing).start()
-                t_begin = time.perf_counter()
+                t_begin, t_front_host = time.perf_counter(), None
                 try:
                     ext, front_s, ready = front(staging.prep_stream)
                     t_front_host = time.perf_counter() - t_begin
@@ -899,7 +896,8 @@ class ChunkCache:
             res.logits.cpu()
             t_tail = time.perf_counter() - t  # after the fetch and the front
         t_front = front_s()
-        rates.saw("recompute", len(ext_ids) if k else 0, t_front)
+        if k:
+            rates.saw_front(len(ext_ids), t_front, t_front_host)
         rates.unrecomputed = 0 if k else rates.unrecomputed + 1
         if back and not repaired and not captured:  # (a repair's reads and recompute, or a CUDA
             rates.saw("fuse", n_ctx, t_tail)  # graph's warm-up, are no fusion tail)

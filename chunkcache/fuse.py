@@ -904,8 +904,11 @@ class _Probe:
             q_pos = torch.cat([q_pos, extra])
             mask_pos = torch.cat([self.q_pos, torch.full_like(extra, -1)])
         self.scale = n_pad / n_q if n_q else 1.0
-        for start in range(self.done, layers, group):  # a group runs as soon as its layers are in
-            stop = min(layers, start + group)
+        from chunkcache.stream import layer_steps
+
+        # a group runs as soon as its layers are in; over a link the last group in halving steps,
+        # so only the last layer's probe waits for the link's last byte
+        for start, stop in layer_steps(self.done, layers, group, getattr(self.source, "arriving", False)):
             self.source.ready(stop - 1)
             key = ("probe", start, stop, n_pad)
             rows, h = self.graphs.run(

@@ -659,14 +659,15 @@ class LayerLoader:
         if g == 1:
             return [(i, i + 1) for i in range(n)]
         head = [(0, 1), (1, 2), (2, min(g, n))] if g > 2 else [(0, 1), (1, min(g, n))]
-        out = [r for r in head if r[0] < r[1] <= n] + [(a, min(a + g, n)) for a in range(g, n, g)]
-        if self.arrival is not None and len(out) > 3:
-            a, b = out.pop()
-            while a < b:
-                step = max(1, (b - a) // 2)
-                out.append((a, a + step))
-                a += step
-        return out
+        from chunkcache.stream import layer_steps
+
+        return [r for r in head if r[0] < r[1] <= n] + layer_steps(g, n, g, self.arriving)
+
+    @property
+    def arriving(self) -> bool:
+        """The entries are still arriving (``arrival``): the last group goes in halving steps, here
+        and in the probe's graphs (``stream.layer_steps``)."""
+        return self.arrival is not None
 
     def _stage_direct(self, first: int, stop: int) -> None:
         """Layers ``first .. stop - 1`` (within one group) straight from the registered map into

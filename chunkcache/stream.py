@@ -45,7 +45,7 @@ import numpy as np
 from chunkcache.errors import CorruptEntryError
 from chunkcache.format import PREFIX_BYTES, head_spans, header_span, part_layer_spans, read_header
 
-__all__ = ["LayerStream"]
+__all__ = ["LayerStream", "layer_steps"]
 
 
 class LayerStream:
@@ -144,7 +144,7 @@ class LayerStream:
             # Placements run in order, one at a time; ``layers`` moves only after a step is placed.
             with ThreadPoolExecutor(1, thread_name_prefix="chunkcache-place") as placer:
                 placed = None
-                for l0, l1 in _steps(self.num_layers, g):
+                for l0, l1 in layer_steps(0, self.num_layers, g):
                     if self._stop:  # closed early (the fusion gave up): the rest is not needed
                         raise RuntimeError("the stream was closed before every layer arrived")
                     want = [
@@ -184,14 +184,17 @@ class LayerStream:
             self.nbytes += b - a
 
 
-def _steps(layers: int, g: int) -> list[tuple[int, int]]:
-    """Layer ranges of the reads: ``g`` layers a step, the last ``g`` in halving steps (a step is
-    placed after it arrived, so a small last one lands soon after the link's last byte)."""
-    tail = max(0, layers - g)
-    out = [(a, min(a + g, tail)) for a in range(0, tail, g)]
+def layer_steps(first: int, stop: int, size: int, fine_tail: bool = True) -> list[tuple[int, int]]:
+    """Ranges of ``size`` layers covering ``first .. stop - 1``; with ``fine_tail`` the last
+    ``size`` in halving steps (8 -> 4, 2, 1, 1). For layers that arrive over a link: whatever waits
+    for a whole range (a read's placement, a copy group, a CUDA graph of the probe) then waits for
+    the link's last byte with one layer only. The one rule for the stream's reads, the loader's
+    copies and the probe's graphs."""
+    tail = max(first, stop - size) if fine_tail else stop
+    out = [(a, min(a + size, tail)) for a in range(first, tail, size)]
     at = tail
-    while at < layers:
-        step = max(1, (layers - at) // 2) if layers - at > 1 else 1
+    while at < stop:
+        step = max(1, (stop - at) // 2)
         out.append((at, at + step))
         at += step
     return out

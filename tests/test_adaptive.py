@@ -124,6 +124,23 @@ def test_the_fallback_is_weighed_at_the_prefill_rate_and_an_overrun_is_accounted
     assert r.overrun == pytest.approx(2.5)
     early = plan(tokens, sizes, 1.25e9, 33_000.0, tail, prefill_tokens_per_s=33_000.0, overrun=0.5)
     assert early.estimate_s == pytest.approx(fast.estimate_s)  # never below its own estimate
+    # a front is never estimated below the host's time to queue one (a transformers forward's
+    # launches): a 2-chunk front at 33,000 tokens/s would be 31 ms, 45 ms of launching is the floor
+    floored = plan(tokens, sizes, 1.25e9, 33_000.0, tail, prefill_tokens_per_s=33_000.0,
+                   front=2, front_floor_s=0.045)  # fmt: skip
+    assert floored.estimate_s == pytest.approx(max(14 * 10_543_000 / 1.25e9, 0.045) + 0.0512)
+    # at 25 Gb/s fetching all takes 54 ms: 3 chunks recomputed meanwhile would take 46.5 ms, but
+    # not under a 60 ms floor, so nothing is recomputed
+    at25 = dict(tokens=tokens, sizes=sizes, link_bytes_per_s=3.125e9, recompute_tokens_per_s=33_000.0,
+                fuse_tokens_per_s=tail, prefill_tokens_per_s=33_000.0)  # fmt: skip
+    assert plan(**at25).front == 3 and plan(**at25, front_floor_s=0.06).front == 0
+    r = Rates(0.5)
+    for _ in range(2):  # warm-up, then: a front the host bounded gives the floor, not a rate
+        r.saw_front(543, 0.041, 0.040)
+    assert r.front_host == pytest.approx(0.040) and r.recompute is None
+    r.saw_front(2579, 0.080, 0.050)  # (the recompute's warm-up reading)
+    r.saw_front(2579, 0.078, 0.052)  # the device bounded it: a rate
+    assert r.recompute == pytest.approx(2579 / 0.078) and r.front_host == pytest.approx(0.0485)
     # a front measured faster than a prefill does not make "everything recomputed in place" a
     # plan: with the fallback allowed, the prefill itself stands for it
     slow_link = plan(tokens, sizes, 1.0, 66_000.0, tail, prefill_tokens_per_s=33_000.0)

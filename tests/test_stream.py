@@ -72,6 +72,21 @@ def test_heads_first_then_layer_by_layer_and_the_bytes_are_the_stored_ones():
         assert call == [(0, x, y) for x, y in part_layer_spans(h, range(a, b))]
 
 
+def test_layer_steps_cover_every_layer_once_and_end_fine_over_a_link():
+    """The one grouping rule of the stream's reads, the loader's copies and the probe's graphs:
+    groups of ``size``; over a link the last ``size`` layers in halving steps."""
+    from chunkcache.stream import layer_steps
+
+    assert layer_steps(0, 32, 8) == [(0, 8), (8, 16), (16, 24), (24, 28), (28, 30), (30, 31), (31, 32)]
+    assert layer_steps(3, 32, 8, fine_tail=False) == [(3, 11), (11, 19), (19, 27), (27, 32)]  # as before
+    assert layer_steps(0, 5, 1) == [(i, i + 1) for i in range(5)] and layer_steps(7, 7, 8) == []
+    for first, stop, size in [(0, 30, 8), (2, 17, 3), (0, 1, 8), (5, 40, 16)]:
+        for fine in (True, False):
+            steps = layer_steps(first, stop, size, fine)
+            assert [a for a, _ in steps] == [first] + [b for _, b in steps[:-1]] and steps[-1][1] == stop
+            assert all(0 < b - a <= size for a, b in steps) and (not fine or steps[-1][1] - steps[-1][0] == 1)
+
+
 def test_a_missing_or_truncated_entry_is_an_error_not_data():
     store = MemoryStore()
     k, v = entry(3, codec="int8", tokens=32, layers=3)
