@@ -470,12 +470,8 @@ class ChunkCache:
         from chunkcache.format import check_identity
 
         if info is None:
-            _, inputs, info = self._of(0, token_bytes(token_ids))
-        else:  # (hashed once: the variant's, or the chunk's own context's)
-            own = self._contexts.get(token_bytes(token_ids), (None, None, None))
-            mine = [(v.inputs, v.info) for v in self.variants()] + [own[1:]]
-            inputs = next((i for i, d in mine if d is info), None)
-        check_identity(key, header, token_ids, info, inputs)
+            _, _, info = self._of(0, token_bytes(token_ids))
+        check_identity(key, header, token_ids, info)
         if ids is not None and token_bytes(token_ids) != (
             ids if isinstance(ids, bytes) else token_bytes(ids)
         ):

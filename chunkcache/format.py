@@ -473,27 +473,21 @@ def unpack_entry(
 
 
 def check_identity(
-    store_key: str,
-    header: dict,
-    token_ids: torch.Tensor,
-    expected: dict | None = None,
-    expected_inputs: KeyInputs | None = None,
+    store_key: str, header: dict, token_ids: torch.Tensor, expected: dict | None = None
 ) -> None:
     """Raise ``ForeignEntryError`` unless the entry belongs under ``store_key``: its header's key
     inputs (``header["key"]``, the one copy of them) are complete, agree with the header's own
     codec, dtype and version, differ in no field from ``expected`` (an engine's ``key_info``)
     when given, and hash with ``token_ids`` (``keys.chunk_key``) to ``store_key`` itself. The
     one checker of an entry's identity: the engine (both paths) and ``verify_store`` call it.
-    ``expected_inputs``: the ``KeyInputs`` whose ``to_dict()`` ``expected`` is; an entry whose key
-    inputs equal them is hashed with that object (its inputs' part hashed once, not per entry)."""
+    (The header's own key inputs are parsed and hashed every time, never taken as the engine's
+    when merely equal: ``True == 1`` in Python, and a header with ``true`` for a version must
+    fail here as it fails ``verify``: the fuzz tests craft such headers.)"""
     info = header["key"]
-    if expected_inputs is not None and expected is not None and info == expected:
-        inputs = expected_inputs  # equal to a valid record: complete and well typed
-    else:
-        try:
-            inputs = KeyInputs.from_dict(info)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ForeignEntryError(f"entry lacks complete key inputs ({type(e).__name__}: {e})") from None
+    try:
+        inputs = KeyInputs.from_dict(info)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ForeignEntryError(f"entry lacks complete key inputs ({type(e).__name__}: {e})") from None
     own = {"codec": header["codec"], "dtype": header["dtype"], "format_version": header["format_version"]}
     clash = [f for f, v in own.items() if info[f] != v]
     if clash:
