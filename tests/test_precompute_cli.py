@@ -73,3 +73,19 @@ def test_kill_9_during_precompute_then_rerun_resumes(tmp_path, model_dir):
     assert all(eng.key(r["text"]) == r["key"] for r in rows[:10])
     assert all(eng.contains([r["text"] for r in rows]))
     eng.store.close()
+
+
+def test_precompute_exact_first_stores_both_variants(tmp_path, model_dir, capsys):
+    corpus, store = tmp_path / "docs.jsonl", tmp_path / "store"
+    _corpus(corpus, 3)
+    args = ["precompute", str(corpus), "--store", str(store), "--model", str(model_dir), "--device", "cpu"]
+    assert main([*args, "--sink", "context", "--exact-first"]) == 0
+    assert "6 stored now, 6 in store" in capsys.readouterr().out  # each chunk twice
+    texts = [json.loads(line)["text"] for line in open(corpus)]
+    for kw in ({"sink": "context", "exact_first": True}, {"sink": "context"}, {}):  # the prefix sink's too
+        eng = ChunkCache(model=str(model_dir), store=str(store), device="cpu", **kw)
+        assert all(eng.contains(texts)), kw
+        eng.store.close()
+    capsys.readouterr()
+    assert main([*args, "--exact-first"]) != 0  # refused, naming the sink it needs
+    assert "only for sink='context'" in capsys.readouterr().err

@@ -573,6 +573,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tag", default="", help="prefix of every config's name, naive's too (merge beside a plain run)"
     )
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="fuse on the engine's eager path on CUDA too (fast_path=False: no CUDA graph recording or "
+        "kernel compilation per new prompt shape; fidelity runs meet a new shape every question)",
+    )
     p.add_argument("--codec", default="raw", help="codec of the chunk caches")
     p.add_argument("--store", default=None, help="store path (default: in memory)")
     p.add_argument("--out", default=None, help="write JSON results here")
@@ -665,11 +671,16 @@ def run_cli(args: argparse.Namespace) -> int:
         sink_context=context,
         exact_first=args.exact_first,
         codec=args.codec,
+        fast_path=False if args.eager else None,
     )
     plain_engine = None
     if plain:
         plain_engine = ChunkCache(
-            model=engine.model, tokenizer=engine.tokenizer, store=None, codec=args.codec
+            model=engine.model,
+            tokenizer=engine.tokenizer,
+            store=None,
+            codec=args.codec,
+            fast_path=engine.fast_path,
         )
     noise = None
     if args.noise_floor:
