@@ -4,6 +4,8 @@
 #                token, device cache, graph warm-up at start-up): is the target met run to run?
 #   serve_dec    the same with 16 new tokens: the fused side's answers decoded together
 #                (--decode batched) against full prefill run sequentially and batched (--full both)
+#   gputests     threads/asyncio and device-cache gpu tests on the final engine (queue-once misses,
+#                exact_first variants landed after call A)
 #   adaptive     the adaptive engineer's adaptive.sh (<= 150 s)
 set -u
 REAL=$OUT; export OUT=/tmp/resC1; rm -rf $OUT; mkdir -p $OUT
@@ -15,9 +17,12 @@ step() {
   tar czf $REAL/callC1.tgz -C $OUT . ; cp $OUT/steps.txt $REAL/
 }
 SERVE="python3 -m chunkcache.cli bench serve --model llama3-8b --clients 8 --k 16 --codec int8 --batching off --device-cache 24"
-step serve_hits 70 $SERVE --seconds 8 --warmup-seconds 3 --miss 0 --new-tokens 1 --full sequential --out $OUT/serve_hits
-step serve_dec 90 $SERVE --seconds 8 --warmup-seconds 3 --miss 0.05 --new-tokens 16 --decode batched --full both --out $OUT/serve_dec
-step adaptive 155 bash bench_results/session9/gpu/adaptive.sh
+step serve_hits 65 $SERVE --seconds 8 --warmup-seconds 3 --miss 0 --new-tokens 1 --full sequential --out $OUT/serve_hits
+step serve_dec 80 $SERVE --seconds 6 --warmup-seconds 3 --miss 0.05 --new-tokens 16 --decode batched --full both --out $OUT/serve_dec
+step gputests 45 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_gpu_concurrency.py \
+  tests/test_gpu_devicecache.py
+step adaptive 150 bash bench_results/session9/gpu/adaptive.sh
 cat $OUT/steps.txt
 grep -E "warm-up|q/s|fused vs" $OUT/serve_hits.log $OUT/serve_dec.log
+tail -n 3 $OUT/gputests.log
 tail -n 30 $OUT/adaptive.log
