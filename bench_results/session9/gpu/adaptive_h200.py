@@ -43,8 +43,10 @@ import torch
 from chunkcache.adaptive import AdaptiveConfig
 from chunkcache.bench.texts import passages, questions
 from chunkcache.bench.ttft import _full_once, _tokenizer, build_model, speed_engine
+from chunkcache.pipeline import Staging
 from chunkcache.precompute import encode_exact
 from chunkcache.store.throttled import ThrottledStore
+from chunkcache.stream import LayerStream
 
 
 def sync(dev):
@@ -271,6 +273,23 @@ def main() -> None:
                 f"{t_loc / full:.3f}x full; stages " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in loc.items()))  # fmt: skip
             outs = None
             slow = ThrottledStore(eng.store, bytes_per_s=1e9)
+            # the reader alone (no fusion beside it): into a staging's pinned arena, best of 3
+            keys = eng.resolve(texts)[0]
+            st = Staging(dev)
+            row["reader_s"] = {}
+            for gbit in [g for g in gbits if g >= 10] + [1e4] if c == codecs[0] else gbits[:1]:
+                slow.bytes_per_s = gbit * 1e9 / 8
+                ts = []
+                for _ in range(4):
+                    s_ = LayerStream(slow, keys, landing=st.landing).start()
+                    s_.wait(lm.spec.num_layers - 1)
+                    s_.close()
+                    ts.append(s_.t_last - s_.t_start)
+                row["reader_s"][str(gbit)] = t_r = min(ts[1:])
+                link = sum(row["entry_bytes"]) / slow.bytes_per_s
+                log(f"  reader alone at {gbit:g} Gb/s: {t_r * 1e3:.1f} ms for {sum(row['entry_bytes']) / 1e6:.1f} MB "
+                    f"({sum(row['entry_bytes']) / t_r / 1e9:.2f} GB/s; the link alone {link * 1e3:.1f} ms)")  # fmt: skip
+            st = None
             plain = speed_engine(lm.model, tok, slow, c, fast_path=True)
             ad = speed_engine(
                 lm.model, tok, slow, c, adaptive=AdaptiveConfig(recompute_chunks=0), fast_path=True
