@@ -269,6 +269,7 @@ def main() -> None:
             t_loc, outs = median_s(lambda eng=eng: eng.fuse(texts, question), args.warmup, args.reps, dev)
             row["local_s"] = t_loc
             row["local_stages_s"] = loc = outs[-1].stats["seconds"]
+            ref = outs[-1].logits.float().cpu()  # (a streamed k = 0 split must give these logits)
             log(f"\n[{c}] entries {sum(row['entry_bytes']) / 1e6:.1f} MB; local fused {t_loc * 1e3:.1f} ms = "
                 f"{t_loc / full:.3f}x full; stages " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in loc.items()))  # fmt: skip
             outs = None
@@ -333,6 +334,10 @@ def main() -> None:
                     lk.setdefault("splits" if policy == "qfast" else "shallow_splits", []).append({"k": k, "ttft_s": t, "stages_s": sec, "fast_path": bool(o.stats.get("fast_path")),
                                          "direct_copies": o.stats.get("direct_copies"), "repaired": o.stats["adaptive"]["repaired"],
                                          "fusion_stages_s": fs})  # fmt: skip
+                    if k == 0 and policy == "qfast":
+                        diff = float((o.logits.float().cpu() - ref).abs().max())
+                        lk["k0_max_abs_logit_diff_vs_local"] = diff
+                        log(f"    (k = 0 streamed against local: max |logit difference| {diff:.3g})")
                     alone = res["fronts_s"].get(k)
                     log(f"    {policy:8s} split {k:2d}/{n - k:2d}: {t * 1e3:7.1f} ms ({t / full:.3f}x) | link {sec['fetch'] * 1e3:.1f} "
                         f"front {sec['recompute'] * 1e3:.1f}" + (f" (alone {alone * 1e3:.1f})" if alone else "")
