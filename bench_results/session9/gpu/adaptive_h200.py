@@ -271,7 +271,8 @@ def main() -> None:
             row["local_stages_s"] = loc = outs[-1].stats["seconds"]
             ref = outs[-1].logits.float().cpu()  # (a streamed k = 0 split must give these logits)
             log(f"\n[{c}] entries {sum(row['entry_bytes']) / 1e6:.1f} MB; local fused {t_loc * 1e3:.1f} ms = "
-                f"{t_loc / full:.3f}x full; stages " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in loc.items()))  # fmt: skip
+                f"{t_loc / full:.3f}x full; direct {outs[-1].stats.get('direct_copies')}, stages "
+                + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in loc.items()))  # fmt: skip
             outs = None
             slow = ThrottledStore(eng.store, bytes_per_s=1e9)
             # the reader alone (no fusion beside it): into a staging's pinned arena, best of 3
