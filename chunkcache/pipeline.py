@@ -1,9 +1,11 @@
 """Pipelined loading for fusion: stream stored chunk entries to the device one layer at a time
 while earlier layers compute, and assemble each layer with one ``rerotate_scatter_packed`` launch.
 
-    host: LMDB map (zero-copy views of the entries)
-            |                                  map page-locked (hostmap): every part's copy for
-            |                                  8 layers in one cudaMemcpyBatchAsync ("direct");
+    host: LMDB map (zero-copy views of the entries), or entries streamed into the staging's
+          page-locked landing arena (``Staging.landing``)
+            |                                  map page-locked (hostmap), or the arena: every
+            |                                  part's copy for 8 layers in one
+            |                                  cudaMemcpyBatchAsync ("direct");
             |  else one torch.cat per layer    into pinned slot l % depth, then one H2D copy
             v  (stager thread, copy stream)
           device slot  l % depth  --rerotate_scatter_packed (decode + rotate + write)-->  buf[l]

@@ -267,3 +267,23 @@ def test_pad_token_id_zero_is_kept():
     assert generate_defaults(Tok())["pad_token_id"] == 0
     Tok.pad_token_id = None
     assert generate_defaults(Tok())["pad_token_id"] == 2
+
+
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_threads_equal_sequential_with_two_variants_and_per_chunk_contexts(smol_tokenizer, model, fast_path):
+    """exact_first with each chunk behind its own passages (its nearest ones): misses make both
+    variants under concurrent callers, and every result equals the same call alone."""
+    from chunkcache.corpus import Neighbours
+
+    pool = PASSAGES + EXTRA
+    kw = dict(sink="context", sink_context=Neighbours(pool, k=2), exact_first=True, fast_path=fast_path)
+    eng = _engine(smol_tokenizer, model, concurrent_fusions=2, **kw)
+    reqs = _requests(12, seed=3)
+    with ThreadPoolExecutor(6) as ex:
+        got = list(ex.map(lambda r: eng.fuse(r[0], r[1], recompute_ratio=0.3), reqs))
+    assert len(eng.store) == 2 * len({t for c, _ in reqs for t in c})  # each chunk twice, once each
+    ref_eng = _engine(smol_tokenizer, model, eng.store, **kw)  # the same entries, its own contexts
+    for (c, q), b in zip(reqs, got, strict=True):
+        a = ref_eng.fuse(c, q, recompute_ratio=0.3)
+        assert b.stats["exact_chunks"][0] and not any(b.stats["exact_chunks"][1:])
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.kv, b.kv)

@@ -180,6 +180,23 @@ def test_a_reused_landing_arena_holds_exactly_the_stored_entries():
     assert st.landed is arena  # the second query reused the first one's arena
 
 
+def test_a_cuda_event_for_the_prefix_is_refused_on_the_cpu(model, smol_tokenizer):
+    """``fuse_entries(prefix_ready=)`` is for a front computed on another CUDA stream: on the CPU
+    it is a ValueError before anything is staged, and the loader's thread is not left running."""
+    import threading
+
+    from chunkcache.pipeline import entry_views, fuse_entries
+
+    eng = ChunkCache(model=model, tokenizer=smol_tokenizer, store=MemoryStore(), codec="int8")
+    eng.precompute(PASSAGES)
+    keys, _ = eng.resolve(PASSAGES)
+    before = {t.name for t in threading.enumerate()}
+    with entry_views(eng.store, keys) as entries, pytest.raises(ValueError, match="CUDA event"):
+        fuse_entries(eng.lm, eng.prefix_kv(), entries, eng._prefix_ids, eng._suffix_ids(QUESTION),
+                     prefix_ready=object())  # fmt: skip
+    assert "chunkcache-stager" not in {t.name for t in threading.enumerate()} - before
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama")

@@ -43,8 +43,10 @@ import torch
 from chunkcache.adaptive import AdaptiveConfig
 from chunkcache.bench.texts import passages, questions
 from chunkcache.bench.ttft import _full_once, _tokenizer, build_model, speed_engine
+from chunkcache.pipeline import Staging
 from chunkcache.precompute import encode_exact
 from chunkcache.store.throttled import ThrottledStore
+from chunkcache.stream import LayerStream
 
 
 def sync(dev):
@@ -267,10 +269,29 @@ def main() -> None:
             t_loc, outs = median_s(lambda eng=eng: eng.fuse(texts, question), args.warmup, args.reps, dev)
             row["local_s"] = t_loc
             row["local_stages_s"] = loc = outs[-1].stats["seconds"]
+            ref = outs[-1].logits.float().cpu()  # (a streamed k = 0 split must give these logits)
             log(f"\n[{c}] entries {sum(row['entry_bytes']) / 1e6:.1f} MB; local fused {t_loc * 1e3:.1f} ms = "
-                f"{t_loc / full:.3f}x full; stages " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in loc.items()))  # fmt: skip
+                f"{t_loc / full:.3f}x full; direct {outs[-1].stats.get('direct_copies')}, stages "
+                + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in loc.items()))  # fmt: skip
             outs = None
             slow = ThrottledStore(eng.store, bytes_per_s=1e9)
+            # the reader alone (no fusion beside it): into a staging's pinned arena, best of 3
+            keys = eng.resolve(texts)[0]
+            st = Staging(dev)
+            row["reader_s"] = {}
+            for gbit in [g for g in gbits if g >= 10] + [1e4] if c == codecs[0] else gbits[:1]:
+                slow.bytes_per_s = gbit * 1e9 / 8
+                ts = []
+                for _ in range(4):
+                    s_ = LayerStream(slow, keys, landing=st.landing).start()
+                    s_.wait(lm.spec.num_layers - 1)
+                    s_.close()
+                    ts.append(s_.t_last - s_.t_start)
+                row["reader_s"][str(gbit)] = t_r = min(ts[1:])
+                link = sum(row["entry_bytes"]) / slow.bytes_per_s
+                log(f"  reader alone at {gbit:g} Gb/s: {t_r * 1e3:.1f} ms for {sum(row['entry_bytes']) / 1e6:.1f} MB "
+                    f"({sum(row['entry_bytes']) / t_r / 1e9:.2f} GB/s; the link alone {link * 1e3:.1f} ms)")  # fmt: skip
+            st = None
             plain = speed_engine(lm.model, tok, slow, c, fast_path=True)
             ad = speed_engine(
                 lm.model, tok, slow, c, adaptive=AdaptiveConfig(recompute_chunks=0), fast_path=True
@@ -314,6 +335,10 @@ def main() -> None:
                     lk.setdefault("splits" if policy == "qfast" else "shallow_splits", []).append({"k": k, "ttft_s": t, "stages_s": sec, "fast_path": bool(o.stats.get("fast_path")),
                                          "direct_copies": o.stats.get("direct_copies"), "repaired": o.stats["adaptive"]["repaired"],
                                          "fusion_stages_s": fs})  # fmt: skip
+                    if k == 0 and policy == "qfast":
+                        diff = float((o.logits.float().cpu() - ref).abs().max())
+                        lk["k0_max_abs_logit_diff_vs_local"] = diff
+                        log(f"    (k = 0 streamed against local: max |logit difference| {diff:.3g})")
                     alone = res["fronts_s"].get(k)
                     log(f"    {policy:8s} split {k:2d}/{n - k:2d}: {t * 1e3:7.1f} ms ({t / full:.3f}x) | link {sec['fetch'] * 1e3:.1f} "
                         f"front {sec['recompute'] * 1e3:.1f}" + (f" (alone {alone * 1e3:.1f})" if alone else "")
