@@ -72,8 +72,8 @@ class PrecomputeConfig:
     """What the chunk is encoded behind (``PromptTemplate.sink_ids``): the template ``prefix``
     (default; measured to fuse better than ``bos``, see BENCHMARKS.md), ``bos`` (one token;
     caches then survive a change of the instruction or system prompt), or ``context`` (the
-    prefix and two generic made-up passages: every chunk is encoded as a later passage, as
-    fusion places all but the first; none is then exact in the prompt)."""
+    prefix and a few passages, ``context``: every chunk is encoded as a later passage, as fusion
+    places all but the first; none is then exact in the prompt unless ``exact_first``)."""
     context: tuple[str, ...] | Callable[[str], Sequence[str]] | None = None
     """With ``sink="context"``: the passages it is made of (None: ``CONTEXT_SINK_PASSAGES``), e.g.
     a few typical passages of the corpus; or a function of the chunk's text giving the passages
@@ -93,9 +93,7 @@ class PrecomputeConfig:
         if self.context is not None:
             if self.sink != "context":
                 raise ValueError(f"sink_context is only for sink='context', got sink={self.sink!r}")
-            if callable(self.context):
-                pass
-            elif (
+            if not callable(self.context) and (
                 isinstance(self.context, str)
                 or not self.context
                 or not all(isinstance(t, str) and t.strip() for t in self.context)
@@ -121,7 +119,8 @@ class PrecomputeConfig:
         return callable(self.context)
 
     def context_of(self, text: str) -> tuple[str, ...]:
-        """With a per-chunk context: the passages the chunk ``text`` is encoded behind."""
+        """With a per-chunk context: the passages the chunk ``text`` is encoded behind (none: the
+        prefix alone)."""
         passages = self.context(text)  # type: ignore[operator]
         if isinstance(passages, str) or not all(isinstance(t, str) and t.strip() for t in passages):
             raise ValueError(f"sink_context({text[:40]!r}...) must give a list of non-empty passage strings")
