@@ -1019,12 +1019,7 @@ class ChunkCache:
         chunk_tokens = checks.nonnegative_int(chunk_tokens, "chunk_tokens")
         if chunk_tokens < 1:
             raise ValueError("chunk_tokens must be at least 1")
-        cfg = FuseConfig(
-            recompute_ratio=self.default_fuse.recompute_ratio
-            if recompute_ratio is None
-            else checks.ratio(recompute_ratio),
-            policy=policy or self.default_fuse.policy,
-        )
+        cfg = self._config(recompute_ratio, policy)
         over = len(self._suffix_ids(""))  # the template's tokens around the question
         # (a question may merge with the template's tokens at its ends: 2 more either way)
         suffixes = range(max(1, over + q_lo - 2), over + q_hi + 3)
@@ -1037,8 +1032,7 @@ class ChunkCache:
             return out
         from contextlib import ExitStack
 
-        from chunkcache.codec import get_codec
-        from chunkcache.format import pack_chunk, unpack_parts
+        from chunkcache.format import pack_chunk
         from chunkcache.graphs import FusionGraphs
         from chunkcache.pipeline import fuse_entries
 
@@ -1060,12 +1054,13 @@ class ChunkCache:
 
         with ExitStack() as held:
             stagings = [held.enter_context(pool.take()) for _ in range(pool.size)]
+            shaped = stagings[0].graphs or FusionGraphs()  # (without graphs: the default buckets)
+            points = warmup_points(
+                shaped, cfg, spec.num_layers, len(self._prefix_ids), range(lo, hi + 1), suffixes
+            )  # (every staging's graphs pad alike)
             for st in stagings:
-                graphs = st.graphs or FusionGraphs()  # (without graphs: the points of the default ones)
+                graphs = st.graphs or shaped
                 before = graphs.captures
-                points = warmup_points(
-                    graphs, cfg, spec.num_layers, len(self._prefix_ids), range(lo, hi + 1), suffixes
-                )
                 for n_ctx, n_q in points:
                     lengths = [chunk_tokens] * (n_ctx // chunk_tokens) + [n_ctx % chunk_tokens] * (
                         n_ctx % chunk_tokens > 0
@@ -1075,9 +1070,7 @@ class ChunkCache:
                     keys = [f"warmup:{i}:{t}" for i, t in enumerate(lengths)]
                     resident = None
                     if cache is not None and cache.max_bytes - cache.nbytes >= 2 * sum(map(len, entries)):
-                        for k, e in zip(keys, entries, strict=True):  # the zero-copy path as well
-                            header, parts = unpack_parts(e, verify=False)
-                            cache.admit(k, header, parts, get_codec(header["codec"]).parts)
+                        self._admit(keys, entries, [None] * len(keys))  # the zero-copy path as well
                         resident = cache.acquire(keys)
                     try:  # from the store's path first, then (where it fits) from the device cache
                         for use in range(max(graphs.min_uses, 2)):
@@ -1169,6 +1162,15 @@ class ChunkCache:
                 ensure(self)
                 self._gate_passed = True
 
+    def _config(self, recompute_ratio: float | None, policy: str | None) -> FuseConfig:
+        """The ``FuseConfig`` of a call: the engine's ratio and policy where the call gives none."""
+        return FuseConfig(
+            recompute_ratio=self.default_fuse.recompute_ratio
+            if recompute_ratio is None
+            else checks.ratio(recompute_ratio),
+            policy=policy or self.default_fuse.policy,
+        )
+
     def _check_query(
         self, chunks: Sequence[str], query: str, recompute_ratio: float | None, policy: str | None
     ) -> tuple[FuseConfig, list[str], list[bytes], list[int]]:
@@ -1178,12 +1180,7 @@ class ChunkCache:
         blank chunk, a missing or blank ``query``, a bad ratio or policy, or a prompt longer than
         the model's context."""
         checks.passages(chunks, query)
-        cfg = FuseConfig(
-            recompute_ratio=self.default_fuse.recompute_ratio
-            if recompute_ratio is None
-            else checks.ratio(recompute_ratio),
-            policy=policy or self.default_fuse.policy,
-        )
+        cfg = self._config(recompute_ratio, policy)
         keys, ids = self.resolve(chunks)
         suffix = self._suffix_ids(query)
         limit = getattr(self.model.config, "max_position_embeddings", None)

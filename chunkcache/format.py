@@ -27,15 +27,14 @@ of the whole payload on the host up front. crc32 rather than blake2b because it 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 import struct
 import sys
-import threading
 import warnings
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -198,27 +197,14 @@ def pack_chunk(chunk: ChunkKV, codec: str, key_info: dict | None = None) -> byte
     return b"".join([head, *pieces])
 
 
-class _Seen:
-    """A bounded, thread-safe set of header bytes that passed ``check_header`` (oldest out): a
-    fusion reads the same popular entries again and again, and the check is most of a header's
-    parse (about 60 of 90 us here). Only whole header bytes are kept, so a header that differs in
-    any byte is checked afresh; the dict each read returns is always parsed anew (its own)."""
-
-    def __init__(self, size: int = 4096) -> None:
-        self.size, self._keys, self._lock = size, OrderedDict(), threading.Lock()
-
-    def seen(self, raw: bytes) -> bool:
-        with self._lock:
-            return raw in self._keys
-
-    def add(self, raw: bytes) -> None:
-        with self._lock:
-            self._keys[raw] = None
-            if len(self._keys) > self.size:
-                self._keys.popitem(last=False)
-
-
-_CHECKED = _Seen()
+@functools.lru_cache(maxsize=4096)
+def _checked(raw: bytes) -> bool:
+    """``check_header`` of the header these bytes parse to, once per distinct bytes (the 4096 most
+    recent kept; a failure raises and is not kept): a fusion reads the same popular entries again
+    and again, and the check is most of a header's parse (about 60 of 90 us here). A header that
+    differs in any byte is checked afresh; ``read_header`` still parses its own dict each time."""
+    check_header(json.loads(raw))
+    return True
 
 
 def read_header(buf: bytes | bytearray | memoryview, whole: bool = True) -> dict:
@@ -256,9 +242,7 @@ def read_header(buf: bytes | bytearray | memoryview, whole: bool = True) -> dict
         header = json.loads(raw)
     except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
         raise CorruptEntryError(f"entry header is not valid JSON: {type(e).__name__}") from None
-    if not _CHECKED.seen(raw):  # the same bytes always parse to the same header: checked once
-        check_header(header)
-        _CHECKED.add(raw)
+    _checked(raw)  # the same bytes always parse to the same header: checked once
     header["payload_offset"] = _align(end)
     need = header["payload_offset"] + header["payload_nbytes"]
     if whole and mv.nbytes < need:

@@ -34,6 +34,7 @@ from chunkcache import model as M
 from chunkcache.layout import ChunkKV
 from chunkcache.model import LoadedModel
 from chunkcache.select import POLICIES, Excluding, Policy, SelectContext, probe_layers
+from chunkcache.stream import layer_steps
 
 
 @dataclass(frozen=True)
@@ -904,8 +905,6 @@ class _Probe:
             q_pos = torch.cat([q_pos, extra])
             mask_pos = torch.cat([self.q_pos, torch.full_like(extra, -1)])
         self.scale = n_pad / n_q if n_q else 1.0
-        from chunkcache.stream import layer_steps
-
         # a group runs as soon as its layers are in; over a link the last group in halving steps,
         # so only the last layer's probe waits for the link's last byte
         for start, stop in layer_steps(self.done, layers, group, getattr(self.source, "arriving", False)):
