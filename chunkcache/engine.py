@@ -815,19 +815,28 @@ class ChunkCache:
             # few tokens are recomputed, which keeps the model's causal fast path). ``side``: a CUDA
             # stream to run it on, so the compute stream stays free for the fusion's set-up and its
             # loader copies and assembles the layers that arrive meanwhile (``fuse_entries``'s
-            # ``prefix_ready``); returns (KV, device seconds, its done event or None)
+            # ``prefix_ready``); returns (KV, device seconds, its events: one per layer, recorded
+            # as each layer's K/V is written, so the fusion reads layer l as soon as the front
+            # wrote it, or None)
             if not k:
                 return prefix_kv, (lambda: 0.0), None
             if side is None:
                 return (*_timed(self.lm.device, lambda: encode_exact(self.lm, ext_ids)[0]), None)
             side.wait_stream(torch.cuda.current_stream(self.lm.device))
+            events, recorded = [torch.cuda.Event() for _ in range(spec.num_layers)], set()
+
+            def on_layer(i: int) -> None:
+                events[i].record(side)
+                recorded.add(i)
+
             with torch.cuda.stream(side):
-                kv, seconds = _timed(self.lm.device, lambda: encode_exact(self.lm, ext_ids)[0])
-                done = torch.cuda.Event()
-                done.record(side)
-            return kv, seconds, done
+                kv, seconds = _timed(self.lm.device, lambda: encode_exact(self.lm, ext_ids, on_layer=on_layer)[0])
+                front_done.record(side)
+            # (a transformers whose cache made its own layers records none: the whole front)
+            return kv, seconds, events if len(recorded) == len(events) else front_done
 
         repaired, res, fetched, captured = [], None, None, False
+        front_done = torch.cuda.Event() if self.lm.device.type == "cuda" else None  # (the whole front)
         codecs = {precision[i] for i in back}
         if self.fast_path and len(codecs) == 1:
             # streamed: the back chunks arrive layer by layer (into the staging's landing arena)
@@ -855,7 +864,7 @@ class ChunkCache:
                 # a shape run eagerly (not recorded yet) or being recorded: a one-off cost
                 captured = g is not None and (g.captures, g.eager) != unsteady
             if ready is not None:  # (the repair below uses the front on this stream)
-                torch.cuda.current_stream(self.lm.device).wait_event(ready)
+                torch.cuda.current_stream(self.lm.device).wait_event(front_done)
                 ext.record_stream(torch.cuda.current_stream(self.lm.device))
             t_link = max(stream.t_last - stream.t_start, 0.0)
             if res is not None:

@@ -444,3 +444,39 @@ def test_damaged_or_missing_entry_is_never_used(model, smol_tokenizer):
 def test_not_a_config_is_refused(model, smol_tokenizer):
     with pytest.raises(TypeError):
         ChunkCache(model=model, tokenizer=smol_tokenizer, store=None, adaptive={"enabled": True})
+
+
+class _LateLayer:
+    """Stands in for a CUDA event of the front's layer ``i``: the prefix rows of that layer exist
+    only once the fusion waited for it (NaN before), and the waits are logged."""
+
+    def __init__(self, i, src, dest, log):
+        self.i, self.src, self.dest, self.log = i, src, dest, log
+
+    def wait(self):
+        self.dest[self.i] = self.src[self.i]
+        self.log.append(self.i)
+
+
+@pytest.mark.parametrize("policy", ["qfast", "qaware"])
+def test_a_front_ready_layer_by_layer_gives_the_same_fusion_bit_for_bit(model, smol_tokenizer, policy):
+    """``fuse_entries`` with one ``prefix_ready`` event per layer (the front's layers as they are
+    written): each layer's prefix rows are waited for and written just before that layer is first
+    read, in layer order, and the fusion equals the one given the whole prefix up front, bit for
+    bit (a layer read before its wait would read NaN). A wrong number of events is refused."""
+    from chunkcache.fuse import FuseConfig
+    from chunkcache.pipeline import fuse_entries
+
+    eng = ChunkCache(model=model, tokenizer=smol_tokenizer, store=MemoryStore(), fast_path=True)
+    eng.precompute(PASSAGES)
+    entries = [eng.store.get(k) for k in eng.resolve(PASSAGES)[0]]
+    prefix, suffix, cfg = eng.prefix_kv(), eng._suffix_ids(QUESTION), FuseConfig(0.3, policy)
+    want = fuse_entries(eng.lm, prefix, entries, eng._prefix_ids, suffix, cfg)
+    late, log = torch.full_like(prefix, float("nan")), []
+    events = [_LateLayer(i, prefix, late, log) for i in range(eng.lm.spec.num_layers)]
+    got = fuse_entries(eng.lm, late, entries, eng._prefix_ids, suffix, cfg, prefix_ready=events)
+    assert log == list(range(eng.lm.spec.num_layers))
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.kv, want.kv)
+    assert torch.equal(got.selected, want.selected)
+    with pytest.raises(ValueError, match="events for"):
+        fuse_entries(eng.lm, prefix, entries, eng._prefix_ids, suffix, cfg, prefix_ready=events[:-1])
