@@ -137,6 +137,9 @@ class Rates:
         self.front_host: float | None = None
         self.fallbacks = 0
         self.unrecomputed = 0
+        self.link_probe: str | None = None
+        """The engine's link probe beside a full prefill: None (not started), "running", "done",
+        "failed" (nothing could be read)."""
         self._warm: set[str] = set()  # kinds whose warm-up reading was seen
         self._lock = threading.Lock()
 

@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -41,7 +42,15 @@ from chunkcache.batch import BatchConfig, Batcher, BatchRetry
 from chunkcache.decode import DecodeConfig, Decoder, Sampling, check_max_new_tokens, sampling_from
 from chunkcache.errors import CorruptEntryError, ForeignEntryError, ModelMismatchError, StoreError
 from chunkcache.format import FORMAT_VERSION
-from chunkcache.fuse import FuseConfig, FuseResult, assembled_job, fuse_kv, run_job, warmup_points
+from chunkcache.fuse import (
+    FuseConfig,
+    FuseResult,
+    assembled_job,
+    fuse_kv,
+    graph_shapes,
+    run_job,
+    warmup_points,
+)
 from chunkcache.generation import (
     answer_text,
     astream_text,
@@ -682,7 +691,18 @@ class ChunkCache:
         return 1 if len(v) > 1 and info is v[1].info else 0
 
     def _fuse_adaptive(
-        self, keys: list[str], ids: list[bytes], suffix: list[int], cfg: FuseConfig, t0: float
+        self,
+        keys: list[str],
+        ids: list[bytes],
+        suffix: list[int],
+        cfg: FuseConfig,
+        t0: float,
+        *,
+        store=None,  # (warm-up: its synthetic entries' store; default the engine's)
+        force: tuple[int, str] | None = None,  # (warm-up: recompute this many in place, fetch at this codec)
+        rates=None,  # (warm-up: where its readings go; default the engine's)
+        read_link: bool = True,  # (warm-up: a store in memory says nothing about the link)
+        staging=None,  # (warm-up: a staging it holds; default one taken from the pool)
     ) -> FuseResult:
         """``fuse`` under ``self.adaptive`` (``adaptive.plan``). A full prefill (``fuse.prefill``)
         when the plan says no mix is faster: planned first as if every precision were stored,
@@ -705,16 +725,27 @@ class ChunkCache:
         from chunkcache.precompute import encode_exact
         from chunkcache.stream import LayerStream
 
-        conf, rates, spec = self.adaptive, self._rates, self.lm.spec
+        conf, spec = self.adaptive, self.lm.spec
+        rates = self._rates if rates is None else rates
+        store = self.store if store is None else store
+        if force is not None:
+            conf = replace(conf, recompute_chunks=force[0], precisions=())
         tokens = [len(b) // 8 for b in ids]
         t_plan = time.perf_counter()
         fixed = (conf.link_bytes_per_s, conf.recompute_tokens_per_s, conf.fuse_tokens_per_s)
         measured, measured_all = None in fixed, fixed == (None, None, None)
+        tail_guess = None
+        if conf.fuse_tokens_per_s is None and rates.fuse is None and rates.prefill is not None:
+            # the fusion's tail not measured yet: counted as (2 x ratio + 0.1) of a full prefill
+            # (the selected tokens' recompute at the prefill rate twice over, plus a tenth for the
+            # probe and the rest; measured on the H200 at 15%: 0.15-0.2), so the first mixes are
+            # chosen only where they beat the prefill by a margin, and they measure it
+            tail_guess = (conf.recompute_tokens_per_s or rates.prefill) / (2 * cfg.recompute_ratio + 0.1)
         rated = dict(
             link_bytes_per_s=conf.link_bytes_per_s or dict(rates.link),
             recompute_tokens_per_s=conf.recompute_tokens_per_s or rates.recompute,
             prefill_tokens_per_s=conf.recompute_tokens_per_s or rates.prefill,
-            fuse_tokens_per_s=conf.fuse_tokens_per_s or rates.fuse,
+            fuse_tokens_per_s=conf.fuse_tokens_per_s or rates.fuse or tail_guess,
             overrun=rates.overrun if measured_all else None,  # (fixed rates are taken as they are)
             front_floor_s=rates.front_host if conf.recompute_tokens_per_s is None else None,
             slack=conf.slack,
@@ -730,6 +761,18 @@ class ChunkCache:
             everything = [{p: self._entry_bytes(p, t) for p in self.precisions} for t in tokens]
             first = adaptive.plan(tokens, everything, **rated)
             chosen = first if first.full_prefill else None
+            unlinked = conf.link_bytes_per_s is None and not rates.link and conf.fallback
+            if chosen is None and unlinked and first.full_s is not None and rates.link_probe != "failed":
+                # the link not measured yet: a full prefill (about what any plan costs at worst),
+                # while a thread reads the last chunks' entries (``_probe_link``); the next call
+                # is planned with the link's rate (session 9 fetched the last chunk beside a
+                # front of all the others: up to 1.2x a prefill on the H200)
+                why = "link not measured yet: a full prefill while the link is probed beside it"
+                chosen = replace(first, full_prefill=True, front=len(tokens), reason=why,
+                                 chunks=[adaptive.ChunkPlan("prefill", None, None, c.recompute_s) for c in first.chunks])  # fmt: skip
+                if rates.link_probe is None:
+                    rates.link_probe = "running"
+                    self._probe_link(store, keys, ids, rates)
             if chosen is not None and explore:
                 # an exploring mix fetches only the last chunk, at the engine's codec: when that
                 # alone is estimated longer than a prefill, no mix is run (and no store touched);
@@ -741,33 +784,25 @@ class ChunkCache:
                     rates.fallbacks = 0
         if chosen is None:
             lists = _id_lists(ids)
-            missing = [i for i, there in enumerate(self.store.contains_many(keys)) if not there]
+            missing = [i for i, there in enumerate(store.contains_many(keys)) if not there]
             if missing:  # the plain miss path: precompute and store them (no choice to make)
                 self.precompute_ids([lists[i] for i in missing])
             precisions = self.precisions
             pkeys = {p: [self.key_inputs_at(p).key(x) for x in lists] for p in precisions}
             stored = {
-                p: [True] * len(keys) if p == self.codec else self.store.contains_many(pkeys[p])
+                p: [True] * len(keys) if p == self.codec else store.contains_many(pkeys[p])
                 for p in precisions
             }
             sizes = [
                 {p: self._entry_bytes(p, t) for p in precisions if stored[p][i]} for i, t in enumerate(tokens)
             ]
+            if force is not None:  # (the warm-up's: that codec only)
+                sizes = [{force[1]: self._entry_bytes(force[1], t)} for t in tokens]
             chosen = adaptive.plan(tokens, sizes, **rated)
-            n = len(tokens)
-            untailed = measured and conf.fuse_tokens_per_s is None and rates.fuse is None
-            if (
-                untailed
-                and not chosen.full_prefill
-                and conf.recompute_chunks is None
-                and chosen.front < n - 1
-            ):
-                # a plan with the fusion's tail unmeasured counts it as free: rather measure it with
-                # the bounded mix (all but the last chunk recomputed in place: about a prefill plus
-                # the tail); on a GPU it takes a few calls, graphs being recorded first
-                probe = adaptive.plan(tokens, sizes, **{**rated, "front": n - 1})
-                chosen = replace(probe, reason="fusion tail not measured yet: " + probe.reason)
-            elif chosen.full_prefill and explore:
+            if tail_guess is not None and conf.recompute_chunks is None:
+                chosen = replace(chosen, reason="fusion tail not measured yet (counted as "
+                                 f"{2 * cfg.recompute_ratio + 0.1:.2g} of a full prefill): " + chosen.reason)  # fmt: skip
+            if chosen.full_prefill and explore:
                 # the fastest mix looked slower than a prefill for explore_every calls: measure a
                 # mix again (every chunk but the last recomputed in place, so it costs about one
                 # prefill plus the fusion's tail), unless its one fetch alone is estimated longer
@@ -830,7 +865,9 @@ class ChunkCache:
                 recorded.add(i)
 
             with torch.cuda.stream(side):
-                kv, seconds = _timed(self.lm.device, lambda: encode_exact(self.lm, ext_ids, on_layer=on_layer)[0])
+                kv, seconds = _timed(
+                    self.lm.device, lambda: encode_exact(self.lm, ext_ids, on_layer=on_layer)[0]
+                )
                 front_done.record(side)
             # (a transformers whose cache made its own layers records none: the whole front)
             return kv, seconds, events if len(recorded) == len(events) else front_done
@@ -844,10 +881,10 @@ class ChunkCache:
             # probe runs behind the link)
             (p,) = codecs
             bkeys = [pkeys[p][i] for i in back]
-            with self.stagings().take() as staging:
+            with nullcontext(staging) if staging is not None else self.stagings().take() as staging:
                 g = staging.graphs
                 unsteady = (g.captures, g.eager) if g is not None else None  # (graph warm-up: below)
-                stream = LayerStream(self.store, bkeys, landing=staging.landing).start()
+                stream = LayerStream(store, bkeys, landing=staging.landing).start()
                 t_begin, t_front_host = time.perf_counter(), None
                 try:
                     ext, front_s, ready = front(staging.prep_stream)
@@ -871,7 +908,7 @@ class ChunkCache:
                 t_done = time.perf_counter()
                 if captured:  # (its host work competed with the reader too)
                     rates.discard(["link:" + p])
-                else:
+                elif read_link:
                     rates.saw_fetch(p, sum(sizes[i][p] for i in back), t_link)
                 t_tail = t_done - max(t_begin + front_s(), stream.t_last)
             else:
@@ -881,7 +918,7 @@ class ChunkCache:
             def fetch(i: int):
                 p, t = precision[i], time.perf_counter()
                 got = self._load_at(i, p, pkeys, ids, infos)
-                if got is not None:
+                if got is not None and read_link:
                     rates.saw_fetch(p, sizes[i][p], time.perf_counter() - t)
                 return got
 
@@ -919,10 +956,42 @@ class ChunkCache:
             timing["recompute_host"] = t_front_host  # queueing the front (the host's share of it)
         out = self._adaptive_result(res, chosen, timing, repaired, t0)
         known = chosen.estimate_s and chosen.rates["fuse_tokens_per_s"]  # (a free tail: no estimate)
-        if known and measured_all and not (repaired or captured):
+        if known and measured_all and tail_guess is None and not (repaired or captured):
             # measured against the plan's estimate before its overrun factor (``Rates.overrun``)
             rates.saw_estimate(chosen.estimate_s / chosen.rates["overrun"], out.stats["seconds"]["total"])
         return out
+
+    def _probe_link(self, store, keys: list[str], ids: list[bytes], rates) -> None:
+        """On a thread: read the last two chunks' entries (the last one twice for a one-chunk
+        prompt) at every stored precision, one at a time through a ``LayerStream`` (the fused
+        path's reader), and hand each read's bytes/s to ``rates.saw_fetch`` (the first of each
+        precision is its warm-up). ``rates.link_probe`` becomes "done", or "failed" when nothing
+        could be read (entries missing: the next call then takes the mix that precomputes them)."""
+        from chunkcache.stream import LayerStream
+
+        picks = [len(ids) - 2, len(ids) - 1] if len(ids) > 1 else [0, 0]
+        lists = _id_lists([ids[i] for i in picks])
+        tokens = [len(ids[i]) // 8 for i in picks]
+
+        def run() -> None:
+            read = 0
+            try:
+                for p in self.precisions:
+                    for x, t in zip(lists, tokens, strict=True):
+                        stream = LayerStream(store, [self.key_inputs_at(p).key(x)]).start()
+                        try:
+                            stream.entries_when_ready()
+                            stream.wait(stream.num_layers - 1)
+                        except (KeyError, StoreError, CorruptEntryError):
+                            break  # (missing or damaged: this precision says nothing)
+                        finally:
+                            stream.close()
+                        rates.saw_fetch(p, self._entry_bytes(p, t), max(stream.t_last - stream.t_start, 1e-9))
+                        read += 1
+            finally:
+                rates.link_probe = "done" if read else "failed"
+
+        threading.Thread(target=run, name="chunkcache-link-probe", daemon=True).start()
 
     def _adaptive_result(
         self, res: FuseResult, chosen, timing: dict, repaired: list[int], t0: float
@@ -1097,9 +1166,115 @@ class ChunkCache:
                                 cache.drop(k)
                 out["points"] += len(points)
                 out["graphs_recorded"] += graphs.captures - before
+        if self.adaptive is not None and self.adaptive.enabled:
+            out.update(self._warmup_adaptive(points, chunk_tokens, cfg, gen, vocab, base))
         if self.lm.device.type == "cuda":
             torch.cuda.synchronize(self.lm.device)
         out["seconds"] = time.perf_counter() - t0
+        return out
+
+    def _warmup_adaptive(
+        self, points, chunk_tokens: int, cfg: FuseConfig, gen, vocab: int, base: int
+    ) -> dict:
+        """``warmup``'s part for adaptive loading: at each point, the streamed adaptive path
+        (``_fuse_adaptive``: the stream into the staging's landing arena, the front on its own
+        stream, the fusion behind both) over synthetic entries in a ``MemoryStore`` of its own,
+        at every stored precision, for the splits whose fusions have graph shapes of their own
+        (``fuse.graph_shapes``: k = 0, whose probe steps over a link end in halving steps, and
+        the splits whose fetched chunks are all recomputed, e.g. the bootstrap's), plus k = 1
+        (the front's path), each ``min_uses`` times on every staging: so the first adaptive calls
+        compile and record nothing (session 9, H200: 4-5 s for a process's first such call).
+        Then, unless fixed, the rates a plan needs besides the link's are measured on the
+        largest point (two full prefills; two fusions recomputing a third of the chunks in
+        place, after their graphs exist): the prefill, the front (and the host's time to queue
+        one) and the fusion's tail. The link is measured beside the first call's full prefill."""
+        from contextlib import ExitStack
+
+        from chunkcache.adaptive import Rates
+        from chunkcache.format import pack_chunk
+        from chunkcache.fuse import prefill
+        from chunkcache.store import MemoryStore
+
+        spec, pool, conf = self.lm.spec, self.stagings(), self.adaptive
+        scratch = Rates(conf.smoothing)  # the compiling and recording calls' readings: dropped
+        mem = MemoryStore()
+        out = {"adaptive_fusions": 0}
+        p0 = len(self._prefix_ids)
+        last = None
+        with ExitStack() as held:
+            stagings = [held.enter_context(pool.take()) for _ in range(pool.size)]
+            for n_ctx, n_q in points:
+                lengths = [chunk_tokens] * (n_ctx // chunk_tokens) + [n_ctx % chunk_tokens] * (
+                    n_ctx % chunk_tokens > 0
+                )
+                lists = [torch.randint(0, vocab, (t,), generator=gen).tolist() for t in lengths]
+                ids = [np.asarray(x, dtype="<i8").tobytes() for x in lists]
+                for x in lists:
+                    kv = torch.randn(spec.num_layers, 2, spec.kv_heads, len(x), spec.head_dim, generator=gen)
+                    chunk = ChunkKV(token_ids=torch.tensor(x), kv=kv.to(self.lm.dtype), base_pos=base)
+                    for p in self.precisions:
+                        ki = self.key_inputs_at(p)
+                        mem.put(ki.key(x), pack_chunk(chunk, p, ki.to_dict()))
+                keys = [self.key_inputs_at(self.codec).key(x) for x in lists]
+                suffix = torch.randint(0, vocab, (n_q,), generator=gen).tolist()
+                graphs = stagings[0].graphs
+                splits, seen = [], set()
+                for k in range(len(lengths)):
+                    n_back = sum(lengths[k:])
+                    ratio = min(1.0, cfg.recompute_ratio * n_ctx / n_back) if k else cfg.recompute_ratio
+                    shapes = (
+                        frozenset(
+                            graph_shapes(
+                                graphs,
+                                FuseConfig(ratio, cfg.policy),
+                                spec.num_layers,
+                                p0 + n_ctx - n_back,
+                                n_back,
+                                n_q,
+                            )  # fmt: skip
+                        )
+                        if graphs is not None
+                        else frozenset([n_back if ratio >= 1 else 0])
+                    )
+                    if shapes not in seen or k == 1:
+                        seen.add(shapes)
+                        splits.append(k)
+                for st in stagings:
+                    uses = max(st.graphs.min_uses if st.graphs is not None else 1, 2)
+                    for k in splits:
+                        for p in self.precisions:
+                            for _ in range(uses):
+                                self._fuse_adaptive(keys, ids, suffix, cfg, time.perf_counter(), store=mem,
+                                                    force=(k, p), rates=scratch, read_link=False, staging=st)  # fmt: skip
+                                out["adaptive_fusions"] += 1
+                for key in list(mem.keys()):
+                    mem.delete(key)
+                if last is None or n_ctx > last[0]:
+                    last = (n_ctx, lengths, lists, ids, keys, suffix)
+            if last is None:
+                return out
+            n_ctx, lengths, lists, ids, keys, suffix = last
+            measured = []
+            if conf.recompute_tokens_per_s is None:
+                for _ in range(2):  # (the first reading is the warm-up)
+                    t = time.perf_counter()
+                    res = prefill(self.lm, self.prompt_ids_from(ids, suffix), p0, lengths)
+                    res.logits.cpu()
+                    self._rates.saw("prefill", n_ctx, time.perf_counter() - t)
+                measured.append("prefill")
+            if conf.fuse_tokens_per_s is None or conf.recompute_tokens_per_s is None:
+                for x in lists:  # (the entries of the largest point again, at the engine's codec)
+                    ki = self.key_inputs_at(self.codec)
+                    kv = torch.randn(spec.num_layers, 2, spec.kv_heads, len(x), spec.head_dim, generator=gen)
+                    mem.put(ki.key(x), pack_chunk(ChunkKV(token_ids=torch.tensor(x), kv=kv.to(self.lm.dtype),
+                                                          base_pos=base), self.codec, ki.to_dict()))  # fmt: skip
+                k = len(lengths) // 3
+                for _ in range(2):
+                    self._fuse_adaptive(keys, ids, suffix, cfg, time.perf_counter(), store=mem,
+                                        force=(k, self.codec), read_link=False, staging=stagings[0])  # fmt: skip
+                    out["adaptive_fusions"] += 1
+                measured += ["recompute", "fuse"]
+        out["rates_measured"] = measured
         return out
 
     # ---- query time ---------------------------------------------------------------------------
@@ -1223,7 +1398,7 @@ class ChunkCache:
         caller takes the eager path, which recomputes it. None too when the store refused a write
         or lost an entry meanwhile (the eager path serves those). ``keys``/``infos``: the
         prompt's entries and the key inputs each must hold (``_prompt_keys``)."""
-        from contextlib import ExitStack, nullcontext
+        from contextlib import ExitStack
 
         from chunkcache.pipeline import entry_views, fuse_entries
 

@@ -891,7 +891,7 @@ def fuse_entries(
     run: Callable[[FuseJob], FuseResult] | None = None,
     preload: bool = False,
     arrival=None,
-    prefix_ready: torch.cuda.Event | Sequence | None = None,
+    prefix_ready: torch.cuda.Event | list | tuple | None = None,
 ) -> FuseResult:
     """``fuse.fuse_kv`` over stored entries, loading layer by layer behind the compute.
 
@@ -969,7 +969,7 @@ def fuse_entries(
         buf = torch.empty(
             spec.num_layers, 2, spec.kv_heads, n, spec.head_dim, dtype=lm.dtype, device=lm.device
         )
-    by_layer = prefix_ready is not None and not isinstance(prefix_ready, torch.cuda.Event)
+    by_layer = isinstance(prefix_ready, (list, tuple))  # (one event per layer; else one for all)
     if by_layer and len(prefix_ready) != spec.num_layers:
         raise ValueError(f"prefix_ready has {len(prefix_ready)} events for {spec.num_layers} layers")
     if prefix_ready is None:
