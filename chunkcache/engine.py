@@ -690,6 +690,10 @@ class ChunkCache:
         v = self.variants()
         return 1 if len(v) > 1 and info is v[1].info else 0
 
+    _front_by_layer = True
+    """An adaptive fusion reads each layer of the front as soon as the front wrote it (False: waits
+    for the whole front, as before session 10; for measurements)."""
+
     def _fuse_adaptive(
         self,
         keys: list[str],
@@ -870,7 +874,11 @@ class ChunkCache:
                 )
                 front_done.record(side)
             # (a transformers whose cache made its own layers records none: the whole front)
-            return kv, seconds, events if len(recorded) == len(events) else front_done
+            return (
+                kv,
+                seconds,
+                events if len(recorded) == len(events) and self._front_by_layer else front_done,
+            )
 
         repaired, res, fetched, captured = [], None, None, False
         front_done = torch.cuda.Event() if self.lm.device.type == "cuda" else None  # (the whole front)
