@@ -197,9 +197,10 @@ class Rates:
 
     def forget_link(self) -> None:
         """Drop the link rates (the link changed), keeping the warm-up state: the next fetch's
-        reading is used at once."""
+        reading is used at once (the engine's next call is a full prefill beside a link probe)."""
         with self._lock:
             self.link = {}
+            self.link_probe = None  # (the engine probes it again beside a full prefill)
 
 
 @dataclass(frozen=True)

@@ -996,8 +996,8 @@ class ChunkCache:
                             stream.close()
                         rates.saw_fetch(p, self._entry_bytes(p, t), max(stream.t_last - stream.t_start, 1e-9))
                         read += 1
-            finally:
-                rates.link_probe = "done" if read else "failed"
+            finally:  # (done: a rate is known; the first read of a precision is only its warm-up)
+                rates.link_probe = "done" if read and rates.link else "failed"
 
         threading.Thread(target=run, name="chunkcache-link-probe", daemon=True).start()
 

@@ -513,6 +513,10 @@ def test_a_fresh_engine_never_runs_a_mix_slower_than_a_prefill_to_measure(model,
     assert eng._rates.fuse is None  # (the first tail reading is the warm-up)
     eng.fuse(PASSAGES, QUESTION)
     assert eng._rates.fuse is not None
+    eng._rates.forget_link()  # a new link: probed again beside a prefill, its first read counting
+    a = eng.fuse(PASSAGES, QUESTION).stats["adaptive"]
+    assert a["choice"] == "full prefill" and "probed" in a["reason"]
+    assert _wait_probe(eng) == "done" and eng._rates.link
     # missing entries: the probe reads nothing, and the next call precomputes them through a mix
     bare = engine(model, smol_tokenizer, MemoryStore())
     for _ in range(3):
