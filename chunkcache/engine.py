@@ -758,7 +758,7 @@ class ChunkCache:
         )
         every = conf.explore_every if measured and conf.recompute_chunks is None else 0
         explore = every > 0 and rates.fallbacks + 1 >= every
-        chosen = None
+        chosen, probe_link = None, False
         if conf.recompute_chunks is None:
             # First as if every precision were stored, touching no store: a full prefill chosen
             # here is chosen with what is stored too (fewer precisions only make mixes slower)
@@ -774,9 +774,9 @@ class ChunkCache:
                 why = "link not measured yet: a full prefill while the link is probed beside it"
                 chosen = replace(first, full_prefill=True, front=len(tokens), reason=why,
                                  chunks=[adaptive.ChunkPlan("prefill", None, None, c.recompute_s) for c in first.chunks])  # fmt: skip
-                if rates.link_probe is None:
+                probe_link = rates.link_probe is None
+                if probe_link:
                     rates.link_probe = "running"
-                    self._probe_link(store, keys, ids, rates)
             if chosen is not None and explore:
                 # an exploring mix fetches only the last chunk, at the engine's codec: when that
                 # alone is estimated longer than a prefill, no mix is run (and no store touched);
@@ -831,6 +831,8 @@ class ChunkCache:
             rates.fallbacks += 1
             t = time.perf_counter()
             res = prefill(self.lm, self.prompt_ids_from(ids, suffix), len(self._prefix_ids), tokens)
+            if probe_link:  # (once the prefill is queued: its reads do not delay the launches)
+                self._probe_link(store, keys, ids, rates)
             res.logits.cpu()
             t = time.perf_counter() - t
             rates.saw("prefill", sum(tokens), t)  # (chunk tokens: what the planner's full_s counts)
