@@ -86,7 +86,9 @@ def test_fused_side_with_batched_decoding_counts_every_token(smol_tokenizer, tmp
 
 
 @pytest.mark.parametrize("fast_path", [False, True])
-def test_queries_with_misses_are_summarised_apart_with_the_engines_miss_figures(smol_tokenizer, tmp_path, fast_path):
+def test_queries_with_misses_are_summarised_apart_with_the_engines_miss_figures(
+    smol_tokenizer, tmp_path, fast_path
+):
     eng = ChunkCache(model=tiny_model(), tokenizer=smol_tokenizer, store=str(tmp_path / "s"), codec="int8",
                      fast_path=fast_path)  # fmt: skip
     out = run(eng, clients=2, seconds=0.6, workload=Workload(passages=8, k=3, miss=0.5, new_tokens=1),

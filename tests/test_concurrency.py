@@ -290,7 +290,9 @@ def test_threads_equal_sequential_with_two_variants_and_per_chunk_contexts(smol_
 
 
 @pytest.mark.parametrize("grow", [False, True])
-def test_store_writes_wait_for_fusions_only_when_the_map_must_grow(smol_tokenizer, model, tmp_path, monkeypatch, grow):
+def test_store_writes_wait_for_fusions_only_when_the_map_must_grow(
+    smol_tokenizer, model, tmp_path, monkeypatch, grow
+):
     """A miss written to the store while another fusion holds views of the LMDB map must not wait
     for that fusion (one client's miss would stall every fusion behind it: the p99 of a loaded
     server), unless the write must grow, and so move, the map: then it waits until the views are
@@ -318,7 +320,9 @@ def test_store_writes_wait_for_fusions_only_when_the_map_must_grow(smol_tokenize
 
     monkeypatch.setattr(pipeline, "fuse_entries", held)
     out = {}
-    fusing = threading.Thread(target=lambda: out.update(res=eng.fuse(PASSAGES[:2], QUESTION, recompute_ratio=0.3)))
+    fusing = threading.Thread(
+        target=lambda: out.update(res=eng.fuse(PASSAGES[:2], QUESTION, recompute_ratio=0.3))
+    )
     fusing.start()
     assert entered.wait(30)
     writing = threading.Thread(target=lambda: out.update(keys=eng.precompute([EXTRA[0]])))

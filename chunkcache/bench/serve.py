@@ -378,7 +378,8 @@ def run(
             )
         if misses:  # where a query with a miss spends its extra time (means over those calls)
             s["miss_breakdown"] = {
-                k: statistics.fmean(m.get(k, 0.0) for m in misses) for k in ("chunks", "encode_s", "save_s", "wait_s")
+                k: statistics.fmean(m.get(k, 0.0) for m in misses)
+                for k in ("chunks", "encode_s", "save_s", "wait_s")
             }
             s["miss_breakdown"]["calls"] = len(misses)
             b = s["miss_breakdown"]
