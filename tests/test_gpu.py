@@ -185,3 +185,14 @@ def test_cuda_adaptive_front_by_layer_and_warmup(smol_tokenizer):
             eng._front_by_layer = True
             assert torch.equal(whole.logits, res[0].logits) and torch.equal(whole.kv, res[0].kv)
     assert (g.captures, g.eager) == (captures, eager), sorted(g.graphs)
+    # qdeep over a link: its recompute starts before the last layers arrive, and its last group
+    # goes in halving steps (graphs of layers 24-28, 28-30, 30-31, 31-32 for 32 layers)
+    eng.adaptive = AdaptiveConfig(precisions=("int2m",), recompute_chunks=0)
+    for _ in range(2):
+        eng.fuse(PASSAGES, QUESTION, policy="qdeep")
+    from chunkcache.stream import layer_steps
+
+    layers = eng.lm.spec.num_layers
+    want = {(a, b) for a, b in layer_steps(0, layers, g.layer_group)}
+    got = {(k[1], k[2]) for k in g.graphs if k[0] == "layers"}
+    assert want <= got, (sorted(want), sorted(got))

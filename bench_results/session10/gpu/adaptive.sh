@@ -20,7 +20,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p $OUT/adaptive
 : > $OUT/adaptive/steps.txt
 if [ "${DEVICE:-cuda}" = cpu ]; then
-  ARGS="--shape tiny --device cpu --passages 4 --splits 0,1,2 --ab 1,2 --splits8 2 --reps 1 --warmup 1 --fronts 1,2 --planner-calls 4 --gbits 10,1"
+  ARGS="--shape tiny --device cpu --passages 4 --splits 0,1,2 --ab 1,2 --splits8 2 --deep 1 --reps 1 --warmup 1 --fronts 1,2 --planner-calls 4 --gbits 10,1"
   PY=${PY:-.venv/bin/python}; export PYTHONPATH=.
 else
   ARGS=""

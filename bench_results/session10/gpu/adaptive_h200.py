@@ -88,6 +88,7 @@ def main() -> None:
     )
     ap.add_argument("--ab", default="5,6,7", help="splits also run with the whole-front wait (A/B)")
     ap.add_argument("--splits8", default="10,11", help="int8 splits (A/B too)")
+    ap.add_argument("--deep", default="5,6", help="qdeep splits (int2m, first link; 25 Gb/s: k = 0)")
     ap.add_argument("--fronts", default="3,4,5,6,7,10,11")
     ap.add_argument(
         "--planner-calls", type=int, default=6, help="a fresh planner's calls before the timed ones"
@@ -232,7 +233,7 @@ def main() -> None:
             )
             for gi, gbit in enumerate(gbits if c == codecs[0] else gbits[:1]):
                 slow.bytes_per_s = gbit * 1e9 / 8
-                lk: dict = {"splits": [], "whole_splits": []}
+                lk: dict = {"splits": [], "whole_splits": [], "deep_splits": []}
                 row["links"][str(gbit)] = lk
                 log(f"\n[{c}] {gbit:g} Gb/s (emulated), entries {sum(row['entry_bytes']) / 1e6:.1f} MB")
                 # the warmed planner first (at the first link: the process's first adaptive engine)
@@ -250,25 +251,35 @@ def main() -> None:
                     ks, ab = [0, 3, 4, 5], [4, 5]
                 else:
                     ks, ab = [n - 2], [n - 2]
-                sweep = [(k, True) for k in ks if 0 <= k < n]
+                sweep = [(k, True, "qfast") for k in ks if 0 <= k < n]
                 for k in ab:
                     if 0 < k < n:
-                        sweep.insert(
-                            sweep.index((k, True)) + 1 if (k, True) in sweep else len(sweep), (k, False)
+                        at = (
+                            sweep.index((k, True, "qfast")) + 1 if (k, True, "qfast") in sweep else len(sweep)
                         )
-                for k, by_layer in sweep:
+                        sweep.insert(at, (k, False, "qfast"))
+                if c == codecs[0] and gbit >= 10:
+                    deep = [int(x) for x in args.deep.split(",") if x] if gi == 0 else [0]
+                    sweep += [(k, True, "qdeep") for k in deep if 0 <= k < n]
+                for k, by_layer, policy in sweep:
                     ad.adaptive = AdaptiveConfig(recompute_chunks=k)
                     ad._front_by_layer = by_layer
-                    t, outs = median_s(lambda ad=ad: ad.fuse(texts, question), args.warmup, args.reps, dev)
+                    t, outs = median_s(
+                        lambda ad=ad, policy=policy: ad.fuse(texts, question, policy=policy),
+                        args.warmup,
+                        args.reps,
+                        dev,
+                    )
                     st = [o.stats["adaptive"]["seconds"] for o in outs]
                     sec = {s: statistics.median(x.get(s, 0.0) for x in st)
                            for s in ("plan", "fetch", "recompute", "recompute_host", "tail")}  # fmt: skip
                     o = outs[-1]
                     entry = {"k": k, "ttft_s": t, "stages_s": sec, "fast_path": bool(o.stats.get("fast_path")),
                              "direct_copies": o.stats.get("direct_copies"), "repaired": o.stats["adaptive"]["repaired"]}  # fmt: skip
-                    lk["splits" if by_layer else "whole_splits"].append(entry)
+                    kind = "deep_splits" if policy == "qdeep" else "splits" if by_layer else "whole_splits"
+                    lk[kind].append(entry)
                     alone = res["fronts_s"].get(k)
-                    log(f"    split {k:2d}/{n - k:2d} {'by layer' if by_layer else 'whole   '}: {t * 1e3:7.1f} ms ({t / full:.3f}x) | "
+                    log(f"    {policy:6s} split {k:2d}/{n - k:2d} {'by layer' if by_layer else 'whole   '}: {t * 1e3:7.1f} ms ({t / full:.3f}x) | "
                         f"link {sec['fetch'] * 1e3:.1f} front {sec['recompute'] * 1e3:.1f}"
                         + (f" (alone {alone * 1e3:.1f})" if alone else "")
                         + f" queued in {sec['recompute_host'] * 1e3:.1f} tail {sec['tail'] * 1e3:.1f} | direct {o.stats.get('direct_copies')}"
@@ -301,8 +312,8 @@ def projection(res: dict) -> str:
         "link (the probe behind the link; with the front read layer by layer the same tail follows a front-bound split); "
         "adaptive = min(min_k T(k), fallback). EMULATED = measured end to end through the in-process throttled link.",
         "",
-        "| link | codec | tail ms | best k | projected ms | x full | emulated best split (by layer) | x full | same k, whole-front wait | warmed planner ms | x full | its worst first call x full | cold planner worst first call x full |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| link | codec | tail ms | best k | projected ms | x full | emulated best split (by layer) | x full | same k, whole-front wait | best qdeep split | warmed planner ms | x full | its worst first call x full | cold planner worst first call x full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for c, row in res["codecs"].items():
         for g, lk in row["links"].items():
@@ -328,11 +339,16 @@ def projection(res: dict) -> str:
                 else " | "
             )
             pw = f"{max(f['ttft_s'] for f in pl['first_calls']) / full:.3f}" if pl else ""
+            dp = lk.get("deep_splits") or []
+            dtxt = "-"
+            if dp:
+                d = min(dp, key=lambda s: s["ttft_s"])
+                dtxt = f"{d['ttft_s'] * 1e3:.0f} (k={d['k']}, {d['ttft_s'] / full:.3f}x, tail {d['stages_s']['tail'] * 1e3:.1f})"
             cl = lk.get("cold")
             cw = f"{max(f['ttft_s'] for f in cl['first_calls']) / full:.3f}" if cl else ""
             out.append(
                 f"| {gbit:g} Gb/s | {c} | {tail * 1e3:.1f} | {pick} | {proj * 1e3:.0f} | {proj / full:.3f} "
-                f"| {e['ttft_s'] * 1e3:.0f} (k={e['k']}) | {e['ttft_s'] / full:.3f} | {wtxt} | {ptxt} | {pw} | {cw} |"
+                f"| {e['ttft_s'] * 1e3:.0f} (k={e['k']}) | {e['ttft_s'] / full:.3f} | {wtxt} | {dtxt} | {ptxt} | {pw} | {cw} |"
             )
     return "\n".join(out)
 
