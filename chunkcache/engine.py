@@ -34,6 +34,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -696,6 +697,24 @@ class ChunkCache:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc="precompute", unit="chunk")
+        # On CUDA, on a stream of their own: fusions run on the caller's (default) stream, and a
+        # miss's host-to-device copy there would first wait for every fusion queued before it
+        side = (
+            torch.cuda.stream(torch.cuda.Stream(self.lm.device))
+            if self.lm.device.type == "cuda"
+            else nullcontext()
+        )
+        with side:
+            self._encode_groups(groups, step, bar, unsaved, batch_size, timing, queued)
+        if bar is not None:
+            bar.close()
+        return unsaved
+
+    def _encode_groups(
+        self, groups: dict, step: int, bar, unsaved: dict, batch_size: int, timing, queued
+    ) -> None:
+        """``_encode_and_save``'s loop: encode each sink's chunks in slices of ``step``, then
+        store (or write behind) each."""
         for sink, mine in groups.items():
             for s in range(0, len(mine), step):
                 part = mine[s : s + step]
@@ -716,9 +735,6 @@ class ChunkCache:
                     timing["save_s"] = timing.get("save_s", 0.0) + time.perf_counter() - t1
                 if bar is not None:
                     bar.update(len(part))
-        if bar is not None:
-            bar.close()
-        return unsaved
 
     def chunk(self, text: str) -> ChunkKV:
         """The cache of one chunk (precomputed if missing)."""
