@@ -27,9 +27,12 @@ equal the same call alone to the last bits of fp32 GEMMs (``batch.fuse_many``).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -263,6 +266,8 @@ class ChunkCache:
         self._pool = None
         self._index = None
         self._inflight: dict[str, threading.Event] = {}  # keys being encoded -> set when stored
+        self._behind = None  # the writer thread of misses written behind (``_write_behind``)
+        self._behind_q: queue.Queue | None = None
         self._gate_passed = False
         self._gate_lock = threading.Lock()
         self._warned: set[str] = set()  # one warning per kind (failed writes, a foreign store)
@@ -493,18 +498,28 @@ class ChunkCache:
         if header["base_pos"] != base:
             raise ForeignEntryError(f"entry's base_pos {header['base_pos']} is not the sink's length {base}")
 
+    def _pack(self, key: str, chunk: ChunkKV, variant: int = 0) -> tuple[bytes, dict[str, bytes]]:
+        """The chunk's entry, and the entries of adaptive loading's further precisions (key ->
+        bytes; written with it)."""
+        from chunkcache.format import pack_chunk
+
+        value = pack_chunk(chunk, self.codec, self._of(variant, chunk.token_ids.tolist())[2])
+        extra = {}  # (never with exact_first: only variant 0 is here)
+        for codec in self.precisions[1:]:
+            inputs = self.key_inputs_at(codec)
+            extra[inputs.key(chunk.token_ids)] = pack_chunk(chunk, codec, inputs.to_dict())
+        return value, extra
+
     def _save(self, key: str, chunk: ChunkKV, variant: int = 0) -> bytes | None:
         """Store the chunk; None when stored, else its packed bytes: a store that cannot take the
         write (full disk, Redis down or out of memory, read-only) must not stop serving, so the
         caller uses these and the failure is warned about once and counted
         (``store.stats().failed_writes``)."""
-        from chunkcache.format import pack_chunk
+        value, extra = self._pack(key, chunk, variant)
+        return None if self._put(key, value, extra) else value
 
-        value = pack_chunk(chunk, self.codec, self._of(variant, chunk.token_ids.tolist())[2])
-        extra = {}  # the further precisions of adaptive loading: separate entries, written with it
-        for codec in self.precisions[1:]:  # (never with exact_first: only variant 0 is here)
-            inputs = self.key_inputs_at(codec)
-            extra[inputs.key(chunk.token_ids)] = pack_chunk(chunk, codec, inputs.to_dict())
+    def _put(self, key: str, value: bytes, extra: dict[str, bytes]) -> bool:
+        """Write an entry (and its further precisions); False, warned once, if the store refused."""
         try:  # (never waits for fusions holding views: only a map that must grow does, in the store)
             self.store.put(key, value)
             if extra:
@@ -513,8 +528,42 @@ class ChunkCache:
             self._warn_once("write", f"chunkcache: cannot write to the chunk store ({e}); serving the "
                             "computed KV without storing it (further failures are counted in "
                             "store.stats().failed_writes, not warned)")  # fmt: skip
-            return value
-        return None
+            return False
+        return True
+
+    def _write_behind(self, key: str, chunk: ChunkKV, variant: int) -> bool:
+        """A serving fusion's miss off its critical path: the packed entry goes into the device
+        cache now (the fusion that encoded it, and any other, reads it from there) and a
+        background thread writes it to the store; the key stays claimed (``_inflight``) until
+        that write ends, so a caller that finds it in neither waits for it, never encodes it
+        again. False (nothing done) when the device cache cannot take it: then the caller writes
+        it itself. ``flush`` waits for every write handed over."""
+        from chunkcache.codec import get_codec
+        from chunkcache.format import unpack_parts
+
+        value, extra = self._pack(key, chunk, variant)
+        header, parts = unpack_parts(value, verify=False)  # our own bytes, packed just now
+        if not self.device_cache.admit(key, header, parts, get_codec(header["codec"]).parts):
+            if not self.device_cache.holds([key])[0]:
+                return False
+        with self._lock:
+            if self._behind is None:
+                self._behind_q = queue.Queue()
+                self._behind = threading.Thread(
+                    target=_write_behind_loop, args=(weakref.ref(self), self._behind_q),
+                    name="chunkcache-write-behind", daemon=True,
+                )  # fmt: skip
+                self._behind.start()
+                atexit.register(_flush_at_exit, weakref.ref(self))
+        self._behind_q.put((key, value, extra))
+        return True
+
+    def flush(self) -> None:
+        """Wait until every miss handed to the background writer is in the store (or refused,
+        warned and counted). Misses of serving fusions with a device cache are written behind;
+        ``precompute`` always writes before it returns."""
+        if self._behind_q is not None:
+            self._behind_q.join()
 
     def _warn_once(self, kind: str, message: str) -> None:
         with self._lock:
@@ -571,12 +620,15 @@ class ChunkCache:
         batch_size: int = 8,
         progress: bool | None = None,
         timing: dict | None = None,
+        behind: bool = False,
     ) -> tuple[list[str], dict[str, bytes]]:
         """``precompute_ids``, plus the packed entries the store could not take (key -> bytes),
         for the caller to serve from. Every variant of each chunk is made (``variants``); the
         keys returned are the engine's variant's. ``timing``: a dict to add this call's miss
         figures to (``chunks`` encoded here, seconds: ``encode_s`` in the model, ``save_s``
-        packing and writing, ``wait_s`` for chunks another thread was encoding)."""
+        packing and writing, ``wait_s`` for chunks another thread was encoding). ``behind``
+        (a serving fusion's misses, with a device cache): each new entry is admitted to the
+        device cache and written to the store by a background thread (``_write_behind``)."""
         keys = [self.key_for_ids(ids) for ids in id_lists]
         missing: dict[str, tuple[Sequence[int], int]] = {}  # key -> (ids, variant)
         for v in range(len(self.variants())):
@@ -589,6 +641,7 @@ class ChunkCache:
             return keys, unsaved
         self._check_store_models()
         mine, theirs = self._claim(list(missing))
+        queued: set[str] = set()  # claims the background writer lets go of once written
         try:
             todo = [
                 (k, *missing[k])
@@ -596,9 +649,11 @@ class ChunkCache:
                 if not there
             ]
             if todo:
-                unsaved = self._encode_and_save(todo, batch_size, progress, timing)
+                unsaved = self._encode_and_save(
+                    todo, batch_size, progress, timing, queued if behind else None
+                )
         finally:
-            self._unclaim(mine)
+            self._unclaim([k for k in mine if k not in queued])
         t = time.perf_counter()
         for ev in theirs:
             ev.wait()
@@ -631,9 +686,11 @@ class ChunkCache:
         batch_size: int,
         progress: bool | None,
         timing: dict | None = None,
+        queued: set[str] | None = None,
     ) -> dict[str, bytes]:
         """Encode and store ``todo`` (key, ids, variant); the packed entries the store refused
-        (see ``_save``). ``timing``: as ``_precompute``'s."""
+        (see ``_save``). ``timing``: as ``_precompute``'s. ``queued`` (given: write behind):
+        gets the keys handed to the background writer (admitted to the device cache first)."""
         unsaved: dict[str, bytes] = {}
         if progress is None:
             progress = len(todo) > 32
@@ -648,6 +705,24 @@ class ChunkCache:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc="precompute", unit="chunk")
+        # On CUDA, on a stream of their own: fusions run on the caller's (default) stream, and a
+        # miss's host-to-device copy there would first wait for every fusion queued before it
+        side = (
+            torch.cuda.stream(torch.cuda.Stream(self.lm.device))
+            if self.lm.device.type == "cuda"
+            else nullcontext()
+        )
+        with side:
+            self._encode_groups(groups, step, bar, unsaved, batch_size, timing, queued)
+        if bar is not None:
+            bar.close()
+        return unsaved
+
+    def _encode_groups(
+        self, groups: dict, step: int, bar, unsaved: dict, batch_size: int, timing, queued
+    ) -> None:
+        """``_encode_and_save``'s loop: encode each sink's chunks in slices of ``step``, then
+        store (or write behind) each."""
         for sink, mine in groups.items():
             for s in range(0, len(mine), step):
                 part = mine[s : s + step]
@@ -656,6 +731,9 @@ class ChunkCache:
                 t1 = time.perf_counter()
                 for (k, _, v), chunk in zip(part, encoded, strict=True):
                     chunk.meta["sink"] = self.variants()[v].settings.sink
+                    if queued is not None and self._write_behind(k, chunk, v):
+                        queued.add(k)
+                        continue
                     raw = self._save(k, chunk, v)
                     if raw is not None:
                         unsaved[k] = raw
@@ -665,9 +743,6 @@ class ChunkCache:
                     timing["save_s"] = timing.get("save_s", 0.0) + time.perf_counter() - t1
                 if bar is not None:
                     bar.update(len(part))
-        if bar is not None:
-            bar.close()
-        return unsaved
 
     def chunk(self, text: str) -> ChunkKV:
         """The cache of one chunk (precomputed if missing)."""
@@ -1450,8 +1525,9 @@ class ChunkCache:
         stored = self.store.contains_many([k for k, h in zip(keys, held_here, strict=True) if not h])
         misses: dict = {}
         if not all(stored):  # misses are precomputed before this fusion queues for a staging (else
-            if self._precompute(_id_lists(ids), timing=misses)[1]:  # it would queue twice: to find,
-                return None  # then to fuse); a refused write: the eager path serves those from memory
+            # it would queue twice: to find, then to fuse); with a device cache, written behind
+            if self._precompute(_id_lists(ids), timing=misses, behind=cache is not None)[1]:
+                return None  # a refused write: the eager path serves those from memory
         for attempt in range(2):
             damaged = False
             resident = cache.acquire(keys) if cache is not None else [None] * len(keys)
@@ -1695,6 +1771,36 @@ class ChunkCache:
 
     def _cache_kw(self, fused: FuseResult) -> dict:
         return {cache_kwarg(self.model): fused.fresh_cache()}
+
+
+def _write_behind_loop(ref, q: queue.Queue) -> None:
+    """The background writer of ``ChunkCache._write_behind``: store each handed entry, then let
+    go of its claim. Holds the engine only while writing (ends when the engine is gone)."""
+    while True:
+        try:
+            key, value, extra = q.get(timeout=10.0)
+        except queue.Empty:
+            if ref() is None:  # the engine is gone and nothing is left to write
+                return
+            continue
+        eng = ref()
+        try:
+            if eng is not None:
+                eng._put(key, value, extra)  # a refusal is warned and counted there
+        except BaseException as e:  # never kill the writer: warn, the claim is still let go
+            if eng is not None:
+                eng._warn_once("write", f"chunkcache: a background store write failed ({e!r})")
+        finally:
+            if eng is not None:
+                eng._unclaim([key])
+            del eng
+            q.task_done()
+
+
+def _flush_at_exit(ref) -> None:
+    eng = ref()
+    if eng is not None:
+        eng.flush()
 
 
 def _timed(device: torch.device, fn):
