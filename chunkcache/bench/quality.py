@@ -766,10 +766,10 @@ def run_cli(args: argparse.Namespace) -> int:
     )
     plain_engine = None
     if plain:
-        plain_engine = ChunkCache(
+        plain_engine = ChunkCache(  # one store: an exact_first engine's prefix variants are its entries
             model=engine.model,
             tokenizer=engine.tokenizer,
-            store=None,
+            store=engine.store,
             codec=args.codec,
             fast_path=engine.fast_path,
         )
