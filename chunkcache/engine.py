@@ -52,7 +52,6 @@ from chunkcache.generation import (
 )
 from chunkcache.keys import KeyInputs, token_bytes
 from chunkcache.layout import ChunkKV
-from chunkcache.locks import LockRW
 from chunkcache.model import DEFAULT_MODEL, LoadedModel, cache_kwarg, load_model, wrap_model
 from chunkcache.precompute import encode_chunks, encode_prefix
 from chunkcache.template import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, PromptTemplate
@@ -252,7 +251,6 @@ class ChunkCache:
             self.device_cache = DeviceCache(self.lm.device, device_cache_bytes)
         self._lock = threading.Lock()  # lazy state: key info, prefix KV, staging pool, text index
         self._tok_lock = threading.Lock()  # tokenizer calls
-        self._views = LockRW()  # readers: fusions holding map views; writers: store writes
         self._pool = None
         self._index = None
         self._inflight: dict[str, threading.Event] = {}  # keys being encoded -> set when stored
@@ -446,11 +444,12 @@ class ChunkCache:
         )
 
     def _drop(self, key: str, reason: str) -> None:
-        """``format.drop_damaged`` behind the store write lock (a delete writes the map too)."""
+        """``format.drop_damaged``. Other fusions may hold views of the entry meanwhile: a store
+        that yields views keeps what they point to in place until they are let go (LMDB: their
+        read transaction's snapshot; a map that must grow waits for them, ``LMDBStore._MapLock``)."""
         from chunkcache.format import drop_damaged
 
-        with self._views.write():
-            drop_damaged(self.store, key, reason)
+        drop_damaged(self.store, key, reason)
 
     def _check_entry(
         self,
@@ -497,11 +496,10 @@ class ChunkCache:
         for codec in self.precisions[1:]:  # (never with exact_first: only variant 0 is here)
             inputs = self.key_inputs_at(codec)
             extra[inputs.key(chunk.token_ids)] = pack_chunk(chunk, codec, inputs.to_dict())
-        try:
-            with self._views.write():  # a write may grow (move) the map that fusions read views of
-                self.store.put(key, value)
-                if extra:
-                    self.store.put_many(extra)
+        try:  # (never waits for fusions holding views: only a map that must grow does, in the store)
+            self.store.put(key, value)
+            if extra:
+                self.store.put_many(extra)
         except StoreError as e:
             self._warn_once("write", f"chunkcache: cannot write to the chunk store ({e}); serving the "
                             "computed KV without storing it (further failures are counted in "
@@ -559,11 +557,17 @@ class ChunkCache:
         return self._precompute(id_lists, batch_size, progress)[0]
 
     def _precompute(
-        self, id_lists: Sequence[Sequence[int]], batch_size: int = 8, progress: bool | None = None
+        self,
+        id_lists: Sequence[Sequence[int]],
+        batch_size: int = 8,
+        progress: bool | None = None,
+        timing: dict | None = None,
     ) -> tuple[list[str], dict[str, bytes]]:
         """``precompute_ids``, plus the packed entries the store could not take (key -> bytes),
         for the caller to serve from. Every variant of each chunk is made (``variants``); the
-        keys returned are the engine's variant's."""
+        keys returned are the engine's variant's. ``timing``: a dict to add this call's miss
+        figures to (``chunks`` encoded here, seconds: ``encode_s`` in the model, ``save_s``
+        packing and writing, ``wait_s`` for chunks another thread was encoding)."""
         keys = [self.key_for_ids(ids) for ids in id_lists]
         missing: dict[str, tuple[Sequence[int], int]] = {}  # key -> (ids, variant)
         for v in range(len(self.variants())):
@@ -583,11 +587,14 @@ class ChunkCache:
                 if not there
             ]
             if todo:
-                unsaved = self._encode_and_save(todo, batch_size, progress)
+                unsaved = self._encode_and_save(todo, batch_size, progress, timing)
         finally:
             self._unclaim(mine)
+        t = time.perf_counter()
         for ev in theirs:
             ev.wait()
+        if timing is not None and theirs:
+            timing["wait_s"] = timing.get("wait_s", 0.0) + time.perf_counter() - t
         return keys, unsaved
 
     def _claim(self, keys: list[str]) -> tuple[list[str], list[threading.Event]]:
@@ -610,10 +617,14 @@ class ChunkCache:
                 self._inflight.pop(k).set()
 
     def _encode_and_save(
-        self, todo: list[tuple[str, Sequence[int], int]], batch_size: int, progress: bool | None
+        self,
+        todo: list[tuple[str, Sequence[int], int]],
+        batch_size: int,
+        progress: bool | None,
+        timing: dict | None = None,
     ) -> dict[str, bytes]:
         """Encode and store ``todo`` (key, ids, variant); the packed entries the store refused
-        (see ``_save``)."""
+        (see ``_save``). ``timing``: as ``_precompute``'s."""
         unsaved: dict[str, bytes] = {}
         if progress is None:
             progress = len(todo) > 32
@@ -631,12 +642,18 @@ class ChunkCache:
         for sink, mine in groups.items():
             for s in range(0, len(mine), step):
                 part = mine[s : s + step]
+                t0 = time.perf_counter()
                 encoded = encode_chunks(self.lm, [ids for _, ids, _ in part], sink, batch_size=batch_size)
+                t1 = time.perf_counter()
                 for (k, _, v), chunk in zip(part, encoded, strict=True):
                     chunk.meta["sink"] = self.variants()[v].settings.sink
                     raw = self._save(k, chunk, v)
                     if raw is not None:
                         unsaved[k] = raw
+                if timing is not None:  # (the encode's device work ends in the save's copy to the host)
+                    timing["chunks"] = timing.get("chunks", 0) + len(part)
+                    timing["encode_s"] = timing.get("encode_s", 0.0) + t1 - t0
+                    timing["save_s"] = timing.get("save_s", 0.0) + time.perf_counter() - t1
                 if bar is not None:
                     bar.update(len(part))
         if bar is not None:
@@ -650,16 +667,18 @@ class ChunkCache:
     def chunks(self, texts: Sequence[str]) -> list[ChunkKV]:
         return self._chunks(*self.resolve(texts))
 
-    def _chunks(self, keys: list[str], ids: list[bytes], infos: list[dict] | None = None) -> list[ChunkKV]:
+    def _chunks(
+        self, keys: list[str], ids: list[bytes], infos: list[dict] | None = None, timing: dict | None = None
+    ) -> list[ChunkKV]:
         """The chunks under ``keys`` (``infos``: the key inputs each must hold, ``_prompt_keys``;
-        default the engine's variant), misses precomputed."""
+        default the engine's variant), misses precomputed (``timing``: as ``_precompute``'s)."""
         from chunkcache.format import unpack_chunk
 
         infos = infos or [self._of(0, i)[2] for i in ids]
         out = [self._load(k, i, f) for k, i, f in zip(keys, ids, infos, strict=True)]
         miss = [i for i, c in enumerate(out) if c is None]
         if miss:
-            _, unsaved = self._precompute(_id_lists([ids[i] for i in miss]))
+            _, unsaved = self._precompute(_id_lists([ids[i] for i in miss]), timing=timing)
             for i in miss:
                 raw = unsaved.get(keys[i])
                 if raw is None:
@@ -1142,12 +1161,15 @@ class ChunkCache:
             res = self._fuse_stored(keys, ids, suffix, cfg, t0, run, infos)
             if res is not None:
                 return res
-        kvs = self._chunks(keys, ids, infos)
+        misses: dict = {}
+        kvs = self._chunks(keys, ids, infos, misses)
         t_load = time.perf_counter() - t0
         job = assembled_job(self.lm, self.prefix_kv(), kvs, self._prefix_ids, suffix, cfg)
         res = run_job(self.lm, job) if run is None else run(job)
         res.stats["seconds"]["load"] = t_load  # text index, store read + decode (+ precompute of misses)
         res.stats["seconds"]["total"] += t_load
+        if misses:  # encoded here, or waited for (another thread's encoding)
+            res.stats["misses"] = misses
         return res
 
     def _ensure_gate(self) -> None:
@@ -1232,9 +1254,10 @@ class ChunkCache:
         cache = self.device_cache
         held_here = cache.holds(keys) if cache is not None else [False] * len(keys)
         stored = self.store.contains_many([k for k, h in zip(keys, held_here, strict=True) if not h])
+        misses: dict = {}
         if not all(stored):  # misses are precomputed before this fusion queues for a staging (else
-            if self._precompute(_id_lists(ids))[1]:  # it would queue twice: to find, then to fuse)
-                return None  # a refused write: the eager path serves those from memory
+            if self._precompute(_id_lists(ids), timing=misses)[1]:  # it would queue twice: to find,
+                return None  # then to fuse); a refused write: the eager path serves those from memory
         for attempt in range(2):
             damaged = False
             resident = cache.acquire(keys) if cache is not None else [None] * len(keys)
@@ -1248,7 +1271,6 @@ class ChunkCache:
                         resident, need = [None] * len(keys), list(keys)
                 entries = [None] * len(keys)
                 if need:
-                    held.enter_context(self._views.read())
                     try:
                         views = iter(held.enter_context(entry_views(self.store, need, staging)))
                         entries = [next(views) if r is None else None for r in resident]
@@ -1286,6 +1308,8 @@ class ChunkCache:
                         res.stats["seconds"]["load"] = t_load  # text index, lookups (+ precompute of misses)
                         res.stats["seconds"]["total"] += t_load
                         res.stats["fast_path"] = True
+                        if misses:  # encoded here, or waited for (another thread's encoding)
+                            res.stats["misses"] = misses
                         return res
             if damaged:
                 for key, i, f in zip(keys, ids, infos, strict=True):  # find and drop the damaged or foreign

@@ -83,3 +83,32 @@ def test_fused_side_with_batched_decoding_counts_every_token(smol_tokenizer, tmp
     assert fused["graph_warmup"]["fusions"] >= 2  # the CPU fast path ran the warm-up's fusions too
     eng.decoder.close()
     eng.store.close()
+
+
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_queries_with_misses_are_summarised_apart_with_the_engines_miss_figures(
+    smol_tokenizer, tmp_path, fast_path
+):
+    eng = ChunkCache(model=tiny_model(), tokenizer=smol_tokenizer, store=str(tmp_path / "s"), codec="int8",
+                     fast_path=fast_path)  # fmt: skip
+    out = run(eng, clients=2, seconds=0.6, workload=Workload(passages=8, k=3, miss=0.5, new_tokens=1),
+              full="sequential", warmup=1, log=lambda *a: None)  # fmt: skip
+    fused, full = out["sides"]
+    for s in (fused, full):
+        assert s["hit_queries"] + s["miss_queries"] == s["queries"]
+        assert s["miss_queries"] >= 1  # (half the passages are misses: a query without one is rare)
+    b = fused["miss_breakdown"]  # every miss is new, so each query with one encoded it (or waited)
+    assert b["calls"] == fused["miss_queries"] and b["chunks"] >= 1 and b["encode_s"] > 0 and b["save_s"] > 0
+    assert "miss_breakdown" not in full
+    eng.store.close()
+
+
+def test_engine_reports_the_misses_a_fusion_encoded(smol_tokenizer):
+    from conftest import PASSAGES, QUESTION
+
+    for fast in (False, True):
+        eng = ChunkCache(model=tiny_model(), tokenizer=smol_tokenizer, fast_path=fast)
+        eng.precompute(PASSAGES[:1])
+        res = eng.fuse(PASSAGES[:3], QUESTION)
+        assert res.stats["misses"]["chunks"] == 2 and res.stats["misses"]["encode_s"] > 0
+        assert "misses" not in eng.fuse(PASSAGES[:3], QUESTION).stats  # stored now

@@ -287,3 +287,55 @@ def test_threads_equal_sequential_with_two_variants_and_per_chunk_contexts(smol_
         a = ref_eng.fuse(c, q, recompute_ratio=0.3)
         assert b.stats["exact_chunks"][0] and not any(b.stats["exact_chunks"][1:])
         assert torch.equal(a.logits, b.logits) and torch.equal(a.kv, b.kv)
+
+
+@pytest.mark.parametrize("grow", [False, True])
+def test_store_writes_wait_for_fusions_only_when_the_map_must_grow(
+    smol_tokenizer, model, tmp_path, monkeypatch, grow
+):
+    """A miss written to the store while another fusion holds views of the LMDB map must not wait
+    for that fusion (one client's miss would stall every fusion behind it: the p99 of a loaded
+    server), unless the write must grow, and so move, the map: then it waits until the views are
+    let go, and both the fusion and the written entry are right."""
+    import chunkcache.pipeline as pipeline
+    from chunkcache.store import LMDBStore
+
+    path = str(tmp_path / "s")
+    eng = _engine(smol_tokenizer, model, path, fast_path=True)
+    eng.precompute(PASSAGES[:2])
+    want = eng.fuse(PASSAGES[:2], QUESTION, recompute_ratio=0.3)
+    if grow:  # reopen with the map just large enough for what it holds: the next write must grow it
+        size = eng.store._env.info()["map_size"]
+        used = (eng.store._env.info()["last_pgno"] + 1) * eng.store._env.stat()["psize"]
+        eng.store.close()
+        eng = _engine(smol_tokenizer, model, LMDBStore(path, map_size=used + 4096), fast_path=True)
+        assert eng.store._env.info()["map_size"] < size
+    entered, release = threading.Event(), threading.Event()
+    real = pipeline.fuse_entries
+
+    def held(*a, **k):  # the fusion, holding its views of the map, waits for the test
+        entered.set()
+        assert release.wait(30)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "fuse_entries", held)
+    out = {}
+    fusing = threading.Thread(
+        target=lambda: out.update(res=eng.fuse(PASSAGES[:2], QUESTION, recompute_ratio=0.3))
+    )
+    fusing.start()
+    assert entered.wait(30)
+    writing = threading.Thread(target=lambda: out.update(keys=eng.precompute([EXTRA[0]])))
+    writing.start()
+    writing.join(3)
+    assert writing.is_alive() is grow  # a write that fits went through while the views were held
+    release.set()
+    fusing.join(30)
+    writing.join(30)
+    assert not fusing.is_alive() and not writing.is_alive()
+    assert torch.equal(out["res"].logits, want.logits) and torch.equal(out["res"].kv, want.kv)
+    monkeypatch.setattr(pipeline, "fuse_entries", real)
+    assert eng.store.contains(out["keys"][0])
+    ref = _engine(smol_tokenizer, model, fast_path=True)  # the written entry is the one a fresh engine makes
+    assert torch.equal(eng.chunk(EXTRA[0]).kv, ref.chunk(EXTRA[0]).kv)
+    eng.store.close()

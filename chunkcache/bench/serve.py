@@ -107,13 +107,17 @@ def _decode(model, cache, logits: torch.Tensor, steps: int) -> int:
     return int(tok.shape[0]) * (steps + 1)
 
 
-def fused_request(eng, texts, question, w: Workload) -> tuple[float, int]:
+def fused_request(eng, texts, question, w: Workload, misses: list | None = None) -> tuple[float, int]:
+    """One fused query: TTFT and the tokens decoded. ``misses``: gets the call's miss figures
+    (``stats["misses"]``: chunks encoded, seconds encoding, saving, waiting) when it had any."""
     from chunkcache.fuse import kv_to_cache
 
     t0 = time.perf_counter()
     res = eng.fuse(texts, question)
     res.logits.cpu()
     ttft = time.perf_counter() - t0
+    if misses is not None and "misses" in res.stats:
+        misses.append(res.stats["misses"])
     if getattr(eng, "decode_batching", None) is not None:  # one batched step for every active answer
         return ttft, sum(1 for _ in eng.decoder.tokens(res, max_new_tokens=w.new_tokens))
     with torch.no_grad():
@@ -208,8 +212,13 @@ class FullBatcher:
             done.set()
 
 
-def _threads(call, streams, seconds: float) -> tuple[list[float], int, float]:
-    ttfts: list[float] = []
+def _has_miss(texts: list[str]) -> bool:
+    """Whether a query of ``_queries`` holds a passage never seen before (a miss)."""
+    return any(t.startswith("[client ") for t in texts)
+
+
+def _threads(call, streams, seconds: float) -> tuple[list[tuple[float, bool]], int, float]:
+    ttfts: list[tuple[float, bool]] = []  # (TTFT, whether the query had a miss)
     tokens = [0]
     lock = threading.Lock()
     t_end = time.perf_counter() + seconds
@@ -219,7 +228,7 @@ def _threads(call, streams, seconds: float) -> tuple[list[float], int, float]:
             texts, q = next(stream)
             t, n = call(texts, q)
             with lock:
-                ttfts.append(t)
+                ttfts.append((t, _has_miss(texts)))
                 tokens[0] += n
 
     t0 = time.perf_counter()
@@ -231,9 +240,9 @@ def _threads(call, streams, seconds: float) -> tuple[list[float], int, float]:
     return ttfts, tokens[0], time.perf_counter() - t0
 
 
-def _tasks(acall, streams, seconds: float) -> tuple[list[float], int, float]:
+def _tasks(acall, streams, seconds: float) -> tuple[list[tuple[float, bool]], int, float]:
     async def main():
-        ttfts: list[float] = []
+        ttfts: list[tuple[float, bool]] = []
         tokens = 0
         t_end = time.perf_counter() + seconds
 
@@ -242,7 +251,7 @@ def _tasks(acall, streams, seconds: float) -> tuple[list[float], int, float]:
             while time.perf_counter() < t_end:
                 texts, q = next(stream)
                 t, n = await acall(texts, q)
-                ttfts.append(t)
+                ttfts.append((t, _has_miss(texts)))
                 tokens += n
 
         t0 = time.perf_counter()
@@ -252,17 +261,25 @@ def _tasks(acall, streams, seconds: float) -> tuple[list[float], int, float]:
     return asyncio.run(main())
 
 
-def _summary(name: str, ttfts: list[float], tokens: int, wall: float, **extra) -> dict:
-    qs = sorted(ttfts)
+def _pct(qs: list[float], p: float) -> float:
+    """The p-th percentile of sorted ``qs`` (nearest rank), nan for none."""
+    return qs[min(len(qs) - 1, int(round(p / 100 * (len(qs) - 1))))] if qs else float("nan")
 
-    def pct(p: float) -> float:
-        return qs[min(len(qs) - 1, int(round(p / 100 * (len(qs) - 1))))] if qs else float("nan")
 
+def _summary(name: str, ttfts: list[tuple[float, bool]], tokens: int, wall: float, **extra) -> dict:
+    """One side's figures; ``ttfts``: (TTFT, whether the query had a miss). The queries with a
+    miss and those without are summarised apart too (``hit``/``miss``: where a tail comes from)."""
+    qs = sorted(t for t, _ in ttfts)
+    split = {}
+    for kind, want in (("hit", False), ("miss", True)):
+        part = sorted(t for t, m in ttfts if m == want)
+        split[f"{kind}_queries"] = len(part)
+        split[f"ttft_p50_{kind}_s"], split[f"ttft_p99_{kind}_s"] = _pct(part, 50), _pct(part, 99)
     return {
         "side": name, "queries": len(qs), "tokens": tokens, "wall_s": wall, "qps": len(qs) / wall,
         "tokens_per_s": tokens / wall,
-        "ttft_p50_s": pct(50), "ttft_p99_s": pct(99), "ttft_mean_s": statistics.fmean(qs) if qs else float("nan"),
-        "ttft_p90_s": pct(90), "ttft_max_s": qs[-1] if qs else float("nan"), **extra,
+        "ttft_p50_s": _pct(qs, 50), "ttft_p99_s": _pct(qs, 99), "ttft_mean_s": statistics.fmean(qs) if qs else float("nan"),
+        "ttft_p90_s": _pct(qs, 90), "ttft_max_s": qs[-1] if qs else float("nan"), **split, **extra,
     }  # fmt: skip
 
 
@@ -329,6 +346,8 @@ def run(
         stagings = pool.stagings() if pool is not None else []
         return sum(st.graphs.captures for st in stagings if getattr(st, "graphs", None) is not None)
 
+    misses: list[dict] = []  # the fused calls' miss figures (engine stats)
+
     def measure(name, call, acall=None, **extra):
         warm = streams(base=10_000)[0]
         for _ in range(warmup):
@@ -337,6 +356,7 @@ def run(
             _threads(call, streams(base=20_000), warmup_s)
         _sync()
         before = captures()
+        misses.clear()
         if use_asyncio:
             got = _tasks(acall or (lambda t, q: asyncio.to_thread(call, t, q)), streams(), seconds)
         else:
@@ -350,6 +370,24 @@ def run(
             f"p99 {s['ttft_p99_s'] * 1e3:8.1f} ms  max {s['ttft_max_s'] * 1e3:8.1f} ms  "
             f"graphs recorded {s['graph_captures']}"
         )
+        if s["miss_queries"]:
+            log(
+                f"  {'':14s} with a miss {s['miss_queries']:4d}: p50 {s['ttft_p50_miss_s'] * 1e3:8.1f} ms  "
+                f"p99 {s['ttft_p99_miss_s'] * 1e3:8.1f} ms;  without {s['hit_queries']:4d}: "
+                f"p50 {s['ttft_p50_hit_s'] * 1e3:8.1f} ms  p99 {s['ttft_p99_hit_s'] * 1e3:8.1f} ms"
+            )
+        if misses:  # where a query with a miss spends its extra time (means over those calls)
+            s["miss_breakdown"] = {
+                k: statistics.fmean(m.get(k, 0.0) for m in misses)
+                for k in ("chunks", "encode_s", "save_s", "wait_s")
+            }
+            s["miss_breakdown"]["calls"] = len(misses)
+            b = s["miss_breakdown"]
+            log(
+                f"  {'':14s} {b['calls']} calls met misses: {b['chunks']:.2f} chunks encoded a call, "
+                f"encode {b['encode_s'] * 1e3:.1f} ms, pack + write {b['save_s'] * 1e3:.1f} ms, "
+                f"waiting for another's {b['wait_s'] * 1e3:.1f} ms (means)"
+            )
         return s
 
     sides = []
@@ -361,6 +399,8 @@ def run(
         res = await eng.afuse(t, q)
         res.logits.cpu()
         ttft = time.perf_counter() - t0
+        if "misses" in res.stats:
+            misses.append(res.stats["misses"])
         if getattr(eng, "decode_batching", None) is not None:
             n = 0
             async for _ in eng.decoder.atokens(res, w.new_tokens):
@@ -383,7 +423,7 @@ def run(
         name += " +dev"  # behind a device cache of hot entries
     if getattr(eng, "decode_batching", None) is not None:
         name += " +decode batched"  # answers decode together (continuous batching)
-    sides.append(measure(name, lambda t, q: fused_request(eng, t, q, w), afused))
+    sides.append(measure(name, lambda t, q: fused_request(eng, t, q, w, misses), afused))
     if b is not None:
         b = eng.batcher().stats()  # (warm-up batches included)
         sides[-1]["mean_batch"] = b["requests"] / b["batches"] if b["batches"] else 0.0
