@@ -47,6 +47,31 @@ class Focus(QValue):
         return _top(ctx, out, k)
 
 
+class ChunkNorm(QValue):
+    """qvalue with each stale chunk's scores divided by that chunk's total (every chunk's mass
+    sums to one): the probe's mass favours the chunks nearest the question (recency), this ranks
+    tokens by their share of their own chunk."""
+
+    name = "chunknorm"
+
+    def score(self, ctx):
+        s = super().score(ctx).float()
+        n = int(ctx.chunk_offsets.numel())
+        tot = torch.zeros(n, dtype=s.dtype).index_add_(0, ctx.chunk_of, s)
+        return s / tot[ctx.chunk_of].clamp_min(1e-12)
+
+
+def make(name: str, gold: int):
+    """qvalue | focus<S> | gold<S> | chunknorm"""
+    if name.startswith("focus"):
+        return Focus(float(name[5:]))
+    if name.startswith("gold"):
+        return Focus(float(name[4:]), gold, name)
+    if name == "chunknorm":
+        return ChunkNorm()
+    return name
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--split", default="dev")
@@ -55,6 +80,7 @@ def main() -> int:
     p.add_argument("--shares", default="1,0.5")
     p.add_argument("--refine", default="0:0.05,8:0.05", help="AFTER:EXTRA, the up-front ratio is --ratio minus EXTRA")
     p.add_argument("--no-gold", action="store_true")
+    p.add_argument("--configs", default="", help="NAME@RATIO,... instead of the default set (no refines)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     data = "chunkcache/bench/data/factual.json"
@@ -74,12 +100,16 @@ def main() -> int:
     rows = []
     for q in idx:
         gold = cases[q]["gold"]
-        configs = [("qvalue", a.ratio)]
-        configs += [(Focus(float(s)), a.ratio) for s in a.shares.split(",") if s]
-        if not a.no_gold:
-            configs += [(Focus(1.0, gold, "gold1"), a.ratio)]
-        extras = sorted({e for _, e in refines})
-        configs += [("qvalue", round(a.ratio - e, 4)) for e in extras]
+        if a.configs:
+            configs = [(make(c.split("@")[0], gold), float(c.split("@")[1])) for c in a.configs.split(",")]
+            refines = []
+        configs = configs if a.configs else [("qvalue", a.ratio)]
+        configs += [] if a.configs else [(Focus(float(s)), a.ratio) for s in a.shares.split(",") if s]
+        if not a.configs:
+            if not a.no_gold:
+                configs += [(Focus(1.0, gold, "gold1"), a.ratio)]
+            extras = sorted({e for _, e in refines})
+            configs += [("qvalue", round(a.ratio - e, 4)) for e in extras]
         res = quality.run(
             eng, data, questions=1, start=q, passages=6, split=a.split, configs=tuple(configs),
             answer_tokens=32, gen_tokens=32, log=None, tag="nn2x",
