@@ -271,3 +271,28 @@ def test_configs_of_a_question_scored_side_by_side_equal_one_by_one(tiny_engine,
         quality.teacher_forced_batch(
             tiny_engine, [fused[0], tiny_engine.fuse(PASSAGES[1:4], QUESTION, recompute_ratio=0.3)], forced
         )
+
+
+def test_lex_config_fuses_the_passage_nearest_the_question_first(tiny_engine, tmp_path):
+    """Config ``lex``: ``ChunkFirst`` of the stale passage nearest the question (here the one
+    naming the tower), at the same compute as qvalue; its rows are those of fusing with that
+    policy object directly."""
+    from chunkcache.select import ChunkFirst
+    from tests.conftest import PASSAGES, QUESTION
+
+    texts = [PASSAGES[1], PASSAGES[2], PASSAGES[0]]  # the Eiffel passage last, not first
+    assert isinstance(quality.resolve_policy("lex", texts, QUESTION), ChunkFirst)
+    assert quality.resolve_policy("lex", texts, QUESTION).chunk == 2
+    assert quality.resolve_policy("naive", texts, QUESTION) == "cacheblend"
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([{"question": QUESTION, "answers": ["Eiffel"],
+                                 "ctxs": [{"title": f"P{i}", "text": t} for i, t in enumerate(texts)]}]))  # fmt: skip
+    res = quality.run(tiny_engine, path, questions=1, passages=3, configs=(("lex", 0.3), ("qvalue", 0.3)),
+                      answer_tokens=4, gen_tokens=4, log=None)  # fmt: skip
+    rows = {r["policy"]: r for r in res["rows"]}
+    assert rows["lex"]["compute_fraction"] == rows["qvalue"]["compute_fraction"]
+    ids = [quality.passage_text(c) for c in json.loads(path.read_text())[0]["ctxs"]]
+    direct = tiny_engine.fuse(ids, QUESTION, recompute_ratio=0.3, policy=ChunkFirst(2))
+    assert rows["lex"]["kl_first"] == pytest.approx(
+        float(quality.kl(quality.full_reference(tiny_engine, tiny_engine.prompt_ids(ids, QUESTION), 4, 4)[0],
+                         direct.logits)), rel=1e-5, abs=1e-9)  # fmt: skip

@@ -242,6 +242,25 @@ def full_reference(engine, ids: torch.Tensor, answer_tokens: int, gen_tokens: in
     return steps[0], torch.stack(steps[:answer_tokens]), forced, plain
 
 
+LEXICAL = "lex"
+"""A config's policy name: ``select.ChunkFirst`` of the stale passage nearest the question by
+TF-IDF over the prompt's passages (``corpus.nearest``, the first chunk skipped: it is exact with
+the prefix sink and with ``exact_first``), its whole budget there first."""
+
+
+def resolve_policy(policy, texts: list[str], question: str):
+    """What ``fuse`` gets for a config's policy: naive reuse is cacheblend at ratio 0; ``lex``
+    is a ``ChunkFirst`` of this prompt's passage nearest the question; anything else as is."""
+    if policy == "naive":
+        return "cacheblend"
+    if policy == LEXICAL:
+        from chunkcache.corpus import nearest
+        from chunkcache.select import ChunkFirst
+
+        return ChunkFirst(nearest(texts, question, skip=[0]) if len(texts) > 1 else 0)
+    return policy
+
+
 def policy_name(policy) -> str:
     """A policy's name in result rows: the string, or an object's ``name`` or class name."""
     return policy if isinstance(policy, str) else getattr(policy, "name", type(policy).__name__)
@@ -474,14 +493,14 @@ def run(
                     texts,
                     question,
                     recompute_ratio=ratio,
-                    policy="cacheblend" if policy == "naive" else policy,
+                    policy=resolve_policy(policy, texts, question),
                 )
                 todo_rows.append((pre + policy_name(policy), ratio, FusedAnswer(eng, fused)))
                 if eng is not engine:
                     continue
                 sel = (
                     FuseConfig(policy=policy).selector
-                    if isinstance(policy, str) and policy != "naive"
+                    if isinstance(policy, str) and policy not in ("naive", LEXICAL)
                     else None
                 )
                 for after, extra in refines if sel is not None and sel.probe and sel.before_layers else ():
@@ -736,9 +755,9 @@ def run_cli(args: argparse.Namespace) -> int:
     if plain and not args.tag:
         raise SystemExit("--plain-configs needs --tag (its rows are the untagged ones)")
     policies = tuple(x for x in args.policies.split(",") if x)
-    unknown = [p for p in policies + tuple(p for p, _ in plain) if p not in POLICIES]
+    unknown = [p for p in policies + tuple(p for p, _ in plain) if p not in POLICIES and p != LEXICAL]
     if unknown:
-        raise SystemExit(f"unknown policies {unknown}; choose from {sorted(POLICIES)}")
+        raise SystemExit(f"unknown policies {unknown}; choose from {sorted(POLICIES) + [LEXICAL]}")
     ratios = tuple(float(x) for x in args.ratios.split(",") if x)
     refines = tuple((int(a), float(b)) for a, b in (x.split(":") for x in args.refine.split(",") if x))
     load_cases(args.data, args.split)  # a missing file or split fails before the model loads

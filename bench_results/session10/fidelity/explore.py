@@ -61,8 +61,24 @@ class ChunkNorm(QValue):
         return s / tot[ctx.chunk_of].clamp_min(1e-12)
 
 
-def make(name: str, gold: int):
-    """qvalue | focus<S> | gold<S> | chunknorm"""
+def lexical_top(texts: list[str], question: str) -> int:
+    """The stale chunk (not the first: it is exact) whose text is nearest the question by TF-IDF
+    cosine over the prompt's passages: the retriever's view, no model."""
+    import re
+    from collections import Counter
+
+    from chunkcache.corpus import Neighbours
+
+    nb = Neighbours(texts, k=1)
+    q = nb._vector(Counter(re.findall(r"\w+", question.lower())))
+    sims = [sum(x * v.get(w, 0.0) for w, x in q.items()) for v in nb._vecs]
+    return max(range(1, len(texts)), key=lambda i: (sims[i], -i))
+
+
+def make(name: str, gold: int, lex: int = -1):
+    """qvalue | focus<S> | gold<S> | lex<S> | chunknorm"""
+    if name.startswith("lex"):
+        return Focus(float(name[3:]), lex, name)
     if name.startswith("focus"):
         return Focus(float(name[5:]))
     if name.startswith("gold"):
@@ -101,7 +117,9 @@ def main() -> int:
     for q in idx:
         gold = cases[q]["gold"]
         if a.configs:
-            configs = [(make(c.split("@")[0], gold), float(c.split("@")[1])) for c in a.configs.split(",")]
+            texts = [quality.passage_text(c) for c in cases[q]["ctxs"][:6]]
+            lex = lexical_top(texts, cases[q]["question"])
+            configs = [(make(c.split("@")[0], gold, lex), float(c.split("@")[1])) for c in a.configs.split(",")]
             refines = []
         configs = configs if a.configs else [("qvalue", a.ratio)]
         configs += [] if a.configs else [(Focus(float(s)), a.ratio) for s in a.shares.split(",") if s]

@@ -8,6 +8,10 @@
 #   tagged nn2x / nn2: each chunk stored behind its 2 nearest corpus passages (corpus.Neighbours),
 #     the first chunk exact (exact_first), TCONFIGS (qvalue@0.05/0.15: the best method), its naive
 #     reuse. Factual: nn:2x (none of the chunk's own case); MuSiQue: nn:2 (the whole corpus).
+#   lex (both engines, 15%): select.ChunkFirst, the whole budget first on the stale passage nearest
+#     the question by TF-IDF (corpus.nearest), the rest by qvalue: equal compute. On CPU factual
+#     dev 0-11 the answer's own passage first (the oracle; TF-IDF finds it in every case where it
+#     is stale) answered 9 of 12 against qvalue's 6, heldout 0-11 8 against 9 (session 10 NOTES).
 #   full-bfloat16: a bf16 full prefill (the noise floor) on NF_FACT cases of each factual slice
 #     (16 a split) and NF_MUS questions of each MuSiQue slice.
 # Session 9's script finished 23 + 21 factual cases and 12 MuSiQue questions in ~200 s of slices.
@@ -39,8 +43,8 @@ QMAX=${QMAX:-100}                 # cases per slice at most (CPU check: 1)
 FSLICES=${FSLICES:-8}             # factual slices a split (of 8; CPU check: 1)
 MSLICES=${MSLICES:-16}            # MuSiQue slices (of 16; CPU check: 1)
 NF_FACT=${NF_FACT:-2}; NF_MUS=${NF_MUS:-1}
-TCONFIGS=${TCONFIGS:-qfast@0.05,qfast@0.15,qvalue@0.05,qvalue@0.15}  # the tagged (context) engine's
-PCONFIGS=${PCONFIGS:-qfast@0.05,qfast@0.15,qvalue@0.15}                # the prefix-sink engine's
+TCONFIGS=${TCONFIGS:-qfast@0.05,qfast@0.15,qvalue@0.05,qvalue@0.15,lex@0.15}  # the tagged (context) engine's
+PCONFIGS=${PCONFIGS:-qfast@0.05,qfast@0.15,qvalue@0.15,lex@0.15}              # the prefix-sink engine's
 FSINK=${FSINK:-nn:2x}; MSINK=${MSINK:-nn:2}
 tag_of() { echo nn${1#nn:}; }
 Q="$PY -m chunkcache.bench.quality --device ${DEVICE:-cuda} --dtype float32 --answer-tokens 32 --eager"
