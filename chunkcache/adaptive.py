@@ -137,6 +137,9 @@ class Rates:
         self.front_host: float | None = None
         self.fallbacks = 0
         self.unrecomputed = 0
+        self.link_probe: str | None = None
+        """The engine's link probe beside a full prefill: None (not started), "running", "done",
+        "failed" (nothing could be read)."""
         self._warm: set[str] = set()  # kinds whose warm-up reading was seen
         self._lock = threading.Lock()
 
@@ -194,9 +197,10 @@ class Rates:
 
     def forget_link(self) -> None:
         """Drop the link rates (the link changed), keeping the warm-up state: the next fetch's
-        reading is used at once."""
+        reading is used at once (the engine's next call is a full prefill beside a link probe)."""
         with self._lock:
             self.link = {}
+            self.link_probe = None  # (the engine probes it again beside a full prefill)
 
 
 @dataclass(frozen=True)

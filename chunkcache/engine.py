@@ -27,10 +27,14 @@ equal the same call alone to the last bits of fp32 GEMMs (``batch.fuse_many``).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -41,7 +45,15 @@ from chunkcache.batch import BatchConfig, Batcher, BatchRetry
 from chunkcache.decode import DecodeConfig, Decoder, Sampling, check_max_new_tokens, sampling_from
 from chunkcache.errors import CorruptEntryError, ForeignEntryError, ModelMismatchError, StoreError
 from chunkcache.format import FORMAT_VERSION
-from chunkcache.fuse import FuseConfig, FuseResult, assembled_job, fuse_kv, run_job, warmup_points
+from chunkcache.fuse import (
+    FuseConfig,
+    FuseResult,
+    assembled_job,
+    fuse_kv,
+    graph_shapes,
+    run_job,
+    warmup_points,
+)
 from chunkcache.generation import (
     answer_text,
     astream_text,
@@ -254,6 +266,8 @@ class ChunkCache:
         self._pool = None
         self._index = None
         self._inflight: dict[str, threading.Event] = {}  # keys being encoded -> set when stored
+        self._behind = None  # the writer thread of misses written behind (``_write_behind``)
+        self._behind_q: queue.Queue | None = None
         self._gate_passed = False
         self._gate_lock = threading.Lock()
         self._warned: set[str] = set()  # one warning per kind (failed writes, a foreign store)
@@ -484,18 +498,28 @@ class ChunkCache:
         if header["base_pos"] != base:
             raise ForeignEntryError(f"entry's base_pos {header['base_pos']} is not the sink's length {base}")
 
+    def _pack(self, key: str, chunk: ChunkKV, variant: int = 0) -> tuple[bytes, dict[str, bytes]]:
+        """The chunk's entry, and the entries of adaptive loading's further precisions (key ->
+        bytes; written with it)."""
+        from chunkcache.format import pack_chunk
+
+        value = pack_chunk(chunk, self.codec, self._of(variant, chunk.token_ids.tolist())[2])
+        extra = {}  # (never with exact_first: only variant 0 is here)
+        for codec in self.precisions[1:]:
+            inputs = self.key_inputs_at(codec)
+            extra[inputs.key(chunk.token_ids)] = pack_chunk(chunk, codec, inputs.to_dict())
+        return value, extra
+
     def _save(self, key: str, chunk: ChunkKV, variant: int = 0) -> bytes | None:
         """Store the chunk; None when stored, else its packed bytes: a store that cannot take the
         write (full disk, Redis down or out of memory, read-only) must not stop serving, so the
         caller uses these and the failure is warned about once and counted
         (``store.stats().failed_writes``)."""
-        from chunkcache.format import pack_chunk
+        value, extra = self._pack(key, chunk, variant)
+        return None if self._put(key, value, extra) else value
 
-        value = pack_chunk(chunk, self.codec, self._of(variant, chunk.token_ids.tolist())[2])
-        extra = {}  # the further precisions of adaptive loading: separate entries, written with it
-        for codec in self.precisions[1:]:  # (never with exact_first: only variant 0 is here)
-            inputs = self.key_inputs_at(codec)
-            extra[inputs.key(chunk.token_ids)] = pack_chunk(chunk, codec, inputs.to_dict())
+    def _put(self, key: str, value: bytes, extra: dict[str, bytes]) -> bool:
+        """Write an entry (and its further precisions); False, warned once, if the store refused."""
         try:  # (never waits for fusions holding views: only a map that must grow does, in the store)
             self.store.put(key, value)
             if extra:
@@ -504,8 +528,42 @@ class ChunkCache:
             self._warn_once("write", f"chunkcache: cannot write to the chunk store ({e}); serving the "
                             "computed KV without storing it (further failures are counted in "
                             "store.stats().failed_writes, not warned)")  # fmt: skip
-            return value
-        return None
+            return False
+        return True
+
+    def _write_behind(self, key: str, chunk: ChunkKV, variant: int) -> bool:
+        """A serving fusion's miss off its critical path: the packed entry goes into the device
+        cache now (the fusion that encoded it, and any other, reads it from there) and a
+        background thread writes it to the store; the key stays claimed (``_inflight``) until
+        that write ends, so a caller that finds it in neither waits for it, never encodes it
+        again. False (nothing done) when the device cache cannot take it: then the caller writes
+        it itself. ``flush`` waits for every write handed over."""
+        from chunkcache.codec import get_codec
+        from chunkcache.format import unpack_parts
+
+        value, extra = self._pack(key, chunk, variant)
+        header, parts = unpack_parts(value, verify=False)  # our own bytes, packed just now
+        if not self.device_cache.admit(key, header, parts, get_codec(header["codec"]).parts):
+            if not self.device_cache.holds([key])[0]:
+                return False
+        with self._lock:
+            if self._behind is None:
+                self._behind_q = queue.Queue()
+                self._behind = threading.Thread(
+                    target=_write_behind_loop, args=(weakref.ref(self), self._behind_q),
+                    name="chunkcache-write-behind", daemon=True,
+                )  # fmt: skip
+                self._behind.start()
+                atexit.register(_flush_at_exit, weakref.ref(self))
+        self._behind_q.put((key, value, extra))
+        return True
+
+    def flush(self) -> None:
+        """Wait until every miss handed to the background writer is in the store (or refused,
+        warned and counted). Misses of serving fusions with a device cache are written behind;
+        ``precompute`` always writes before it returns."""
+        if self._behind_q is not None:
+            self._behind_q.join()
 
     def _warn_once(self, kind: str, message: str) -> None:
         with self._lock:
@@ -562,12 +620,15 @@ class ChunkCache:
         batch_size: int = 8,
         progress: bool | None = None,
         timing: dict | None = None,
+        behind: bool = False,
     ) -> tuple[list[str], dict[str, bytes]]:
         """``precompute_ids``, plus the packed entries the store could not take (key -> bytes),
         for the caller to serve from. Every variant of each chunk is made (``variants``); the
         keys returned are the engine's variant's. ``timing``: a dict to add this call's miss
         figures to (``chunks`` encoded here, seconds: ``encode_s`` in the model, ``save_s``
-        packing and writing, ``wait_s`` for chunks another thread was encoding)."""
+        packing and writing, ``wait_s`` for chunks another thread was encoding). ``behind``
+        (a serving fusion's misses, with a device cache): each new entry is admitted to the
+        device cache and written to the store by a background thread (``_write_behind``)."""
         keys = [self.key_for_ids(ids) for ids in id_lists]
         missing: dict[str, tuple[Sequence[int], int]] = {}  # key -> (ids, variant)
         for v in range(len(self.variants())):
@@ -580,6 +641,7 @@ class ChunkCache:
             return keys, unsaved
         self._check_store_models()
         mine, theirs = self._claim(list(missing))
+        queued: set[str] = set()  # claims the background writer lets go of once written
         try:
             todo = [
                 (k, *missing[k])
@@ -587,9 +649,11 @@ class ChunkCache:
                 if not there
             ]
             if todo:
-                unsaved = self._encode_and_save(todo, batch_size, progress, timing)
+                unsaved = self._encode_and_save(
+                    todo, batch_size, progress, timing, queued if behind else None
+                )
         finally:
-            self._unclaim(mine)
+            self._unclaim([k for k in mine if k not in queued])
         t = time.perf_counter()
         for ev in theirs:
             ev.wait()
@@ -622,9 +686,11 @@ class ChunkCache:
         batch_size: int,
         progress: bool | None,
         timing: dict | None = None,
+        queued: set[str] | None = None,
     ) -> dict[str, bytes]:
         """Encode and store ``todo`` (key, ids, variant); the packed entries the store refused
-        (see ``_save``). ``timing``: as ``_precompute``'s."""
+        (see ``_save``). ``timing``: as ``_precompute``'s. ``queued`` (given: write behind):
+        gets the keys handed to the background writer (admitted to the device cache first)."""
         unsaved: dict[str, bytes] = {}
         if progress is None:
             progress = len(todo) > 32
@@ -639,6 +705,24 @@ class ChunkCache:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc="precompute", unit="chunk")
+        # On CUDA, on a stream of their own: fusions run on the caller's (default) stream, and a
+        # miss's host-to-device copy there would first wait for every fusion queued before it
+        side = (
+            torch.cuda.stream(torch.cuda.Stream(self.lm.device))
+            if self.lm.device.type == "cuda"
+            else nullcontext()
+        )
+        with side:
+            self._encode_groups(groups, step, bar, unsaved, batch_size, timing, queued)
+        if bar is not None:
+            bar.close()
+        return unsaved
+
+    def _encode_groups(
+        self, groups: dict, step: int, bar, unsaved: dict, batch_size: int, timing, queued
+    ) -> None:
+        """``_encode_and_save``'s loop: encode each sink's chunks in slices of ``step``, then
+        store (or write behind) each."""
         for sink, mine in groups.items():
             for s in range(0, len(mine), step):
                 part = mine[s : s + step]
@@ -647,6 +731,9 @@ class ChunkCache:
                 t1 = time.perf_counter()
                 for (k, _, v), chunk in zip(part, encoded, strict=True):
                     chunk.meta["sink"] = self.variants()[v].settings.sink
+                    if queued is not None and self._write_behind(k, chunk, v):
+                        queued.add(k)
+                        continue
                     raw = self._save(k, chunk, v)
                     if raw is not None:
                         unsaved[k] = raw
@@ -656,9 +743,6 @@ class ChunkCache:
                     timing["save_s"] = timing.get("save_s", 0.0) + time.perf_counter() - t1
                 if bar is not None:
                     bar.update(len(part))
-        if bar is not None:
-            bar.close()
-        return unsaved
 
     def chunk(self, text: str) -> ChunkKV:
         """The cache of one chunk (precomputed if missing)."""
@@ -700,8 +784,23 @@ class ChunkCache:
         v = self.variants()
         return 1 if len(v) > 1 and info is v[1].info else 0
 
+    _front_by_layer = True
+    """An adaptive fusion reads each layer of the front as soon as the front wrote it (False: waits
+    for the whole front, as before session 10; for measurements)."""
+
     def _fuse_adaptive(
-        self, keys: list[str], ids: list[bytes], suffix: list[int], cfg: FuseConfig, t0: float
+        self,
+        keys: list[str],
+        ids: list[bytes],
+        suffix: list[int],
+        cfg: FuseConfig,
+        t0: float,
+        *,
+        store=None,  # (warm-up: its synthetic entries' store; default the engine's)
+        force: tuple[int, str] | None = None,  # (warm-up: recompute this many in place, fetch at this codec)
+        rates=None,  # (warm-up: where its readings go; default the engine's)
+        read_link: bool = True,  # (warm-up: a store in memory says nothing about the link)
+        staging=None,  # (warm-up: a staging it holds; default one taken from the pool)
     ) -> FuseResult:
         """``fuse`` under ``self.adaptive`` (``adaptive.plan``). A full prefill (``fuse.prefill``)
         when the plan says no mix is faster: planned first as if every precision were stored,
@@ -724,16 +823,27 @@ class ChunkCache:
         from chunkcache.precompute import encode_exact
         from chunkcache.stream import LayerStream
 
-        conf, rates, spec = self.adaptive, self._rates, self.lm.spec
+        conf, spec = self.adaptive, self.lm.spec
+        rates = self._rates if rates is None else rates
+        store = self.store if store is None else store
+        if force is not None:
+            conf = replace(conf, recompute_chunks=force[0], precisions=())
         tokens = [len(b) // 8 for b in ids]
         t_plan = time.perf_counter()
         fixed = (conf.link_bytes_per_s, conf.recompute_tokens_per_s, conf.fuse_tokens_per_s)
         measured, measured_all = None in fixed, fixed == (None, None, None)
+        tail_guess = None
+        if conf.fuse_tokens_per_s is None and rates.fuse is None and rates.prefill is not None:
+            # the fusion's tail not measured yet: counted as (2 x ratio + 0.1) of a full prefill
+            # (the selected tokens' recompute at the prefill rate twice over, plus a tenth for the
+            # probe and the rest; measured on the H200 at 15%: 0.15-0.2), so the first mixes are
+            # chosen only where they beat the prefill by a margin, and they measure it
+            tail_guess = (conf.recompute_tokens_per_s or rates.prefill) / (2 * cfg.recompute_ratio + 0.1)
         rated = dict(
             link_bytes_per_s=conf.link_bytes_per_s or dict(rates.link),
             recompute_tokens_per_s=conf.recompute_tokens_per_s or rates.recompute,
             prefill_tokens_per_s=conf.recompute_tokens_per_s or rates.prefill,
-            fuse_tokens_per_s=conf.fuse_tokens_per_s or rates.fuse,
+            fuse_tokens_per_s=conf.fuse_tokens_per_s or rates.fuse or tail_guess,
             overrun=rates.overrun if measured_all else None,  # (fixed rates are taken as they are)
             front_floor_s=rates.front_host if conf.recompute_tokens_per_s is None else None,
             slack=conf.slack,
@@ -742,13 +852,25 @@ class ChunkCache:
         )
         every = conf.explore_every if measured and conf.recompute_chunks is None else 0
         explore = every > 0 and rates.fallbacks + 1 >= every
-        chosen = None
+        chosen, probe_link = None, False
         if conf.recompute_chunks is None:
             # First as if every precision were stored, touching no store: a full prefill chosen
             # here is chosen with what is stored too (fewer precisions only make mixes slower)
             everything = [{p: self._entry_bytes(p, t) for p in self.precisions} for t in tokens]
             first = adaptive.plan(tokens, everything, **rated)
             chosen = first if first.full_prefill else None
+            unlinked = conf.link_bytes_per_s is None and not rates.link and conf.fallback
+            if chosen is None and unlinked and first.full_s is not None and rates.link_probe != "failed":
+                # the link not measured yet: a full prefill (about what any plan costs at worst),
+                # while a thread reads the last chunks' entries (``_probe_link``); the next call
+                # is planned with the link's rate (session 9 fetched the last chunk beside a
+                # front of all the others: up to 1.2x a prefill on the H200)
+                why = "link not measured yet: a full prefill while the link is probed beside it"
+                chosen = replace(first, full_prefill=True, front=len(tokens), reason=why,
+                                 chunks=[adaptive.ChunkPlan("prefill", None, None, c.recompute_s) for c in first.chunks])  # fmt: skip
+                probe_link = rates.link_probe is None
+                if probe_link:
+                    rates.link_probe = "running"
             if chosen is not None and explore:
                 # an exploring mix fetches only the last chunk, at the engine's codec: when that
                 # alone is estimated longer than a prefill, no mix is run (and no store touched);
@@ -760,33 +882,25 @@ class ChunkCache:
                     rates.fallbacks = 0
         if chosen is None:
             lists = _id_lists(ids)
-            missing = [i for i, there in enumerate(self.store.contains_many(keys)) if not there]
+            missing = [i for i, there in enumerate(store.contains_many(keys)) if not there]
             if missing:  # the plain miss path: precompute and store them (no choice to make)
                 self.precompute_ids([lists[i] for i in missing])
             precisions = self.precisions
             pkeys = {p: [self.key_inputs_at(p).key(x) for x in lists] for p in precisions}
             stored = {
-                p: [True] * len(keys) if p == self.codec else self.store.contains_many(pkeys[p])
+                p: [True] * len(keys) if p == self.codec else store.contains_many(pkeys[p])
                 for p in precisions
             }
             sizes = [
                 {p: self._entry_bytes(p, t) for p in precisions if stored[p][i]} for i, t in enumerate(tokens)
             ]
+            if force is not None:  # (the warm-up's: that codec only)
+                sizes = [{force[1]: self._entry_bytes(force[1], t)} for t in tokens]
             chosen = adaptive.plan(tokens, sizes, **rated)
-            n = len(tokens)
-            untailed = measured and conf.fuse_tokens_per_s is None and rates.fuse is None
-            if (
-                untailed
-                and not chosen.full_prefill
-                and conf.recompute_chunks is None
-                and chosen.front < n - 1
-            ):
-                # a plan with the fusion's tail unmeasured counts it as free: rather measure it with
-                # the bounded mix (all but the last chunk recomputed in place: about a prefill plus
-                # the tail); on a GPU it takes a few calls, graphs being recorded first
-                probe = adaptive.plan(tokens, sizes, **{**rated, "front": n - 1})
-                chosen = replace(probe, reason="fusion tail not measured yet: " + probe.reason)
-            elif chosen.full_prefill and explore:
+            if tail_guess is not None and conf.recompute_chunks is None:
+                chosen = replace(chosen, reason="fusion tail not measured yet (counted as "
+                                 f"{2 * cfg.recompute_ratio + 0.1:.2g} of a full prefill): " + chosen.reason)  # fmt: skip
+            if chosen.full_prefill and explore:
                 # the fastest mix looked slower than a prefill for explore_every calls: measure a
                 # mix again (every chunk but the last recomputed in place, so it costs about one
                 # prefill plus the fusion's tail), unless its one fetch alone is estimated longer
@@ -811,6 +925,8 @@ class ChunkCache:
             rates.fallbacks += 1
             t = time.perf_counter()
             res = prefill(self.lm, self.prompt_ids_from(ids, suffix), len(self._prefix_ids), tokens)
+            if probe_link:  # (once the prefill is queued: its reads do not delay the launches)
+                self._probe_link(store, keys, ids, rates)
             res.logits.cpu()
             t = time.perf_counter() - t
             rates.saw("prefill", sum(tokens), t)  # (chunk tokens: what the planner's full_s counts)
@@ -834,19 +950,34 @@ class ChunkCache:
             # few tokens are recomputed, which keeps the model's causal fast path). ``side``: a CUDA
             # stream to run it on, so the compute stream stays free for the fusion's set-up and its
             # loader copies and assembles the layers that arrive meanwhile (``fuse_entries``'s
-            # ``prefix_ready``); returns (KV, device seconds, its done event or None)
+            # ``prefix_ready``); returns (KV, device seconds, its events: one per layer, recorded
+            # as each layer's K/V is written, so the fusion reads layer l as soon as the front
+            # wrote it, or None)
             if not k:
                 return prefix_kv, (lambda: 0.0), None
             if side is None:
                 return (*_timed(self.lm.device, lambda: encode_exact(self.lm, ext_ids)[0]), None)
             side.wait_stream(torch.cuda.current_stream(self.lm.device))
+            events, recorded = [torch.cuda.Event() for _ in range(spec.num_layers)], set()
+
+            def on_layer(i: int) -> None:
+                events[i].record(side)
+                recorded.add(i)
+
             with torch.cuda.stream(side):
-                kv, seconds = _timed(self.lm.device, lambda: encode_exact(self.lm, ext_ids)[0])
-                done = torch.cuda.Event()
-                done.record(side)
-            return kv, seconds, done
+                kv, seconds = _timed(
+                    self.lm.device, lambda: encode_exact(self.lm, ext_ids, on_layer=on_layer)[0]
+                )
+                front_done.record(side)
+            # (a transformers whose cache made its own layers records none: the whole front)
+            return (
+                kv,
+                seconds,
+                events if len(recorded) == len(events) and self._front_by_layer else front_done,
+            )
 
         repaired, res, fetched, captured = [], None, None, False
+        front_done = torch.cuda.Event() if self.lm.device.type == "cuda" else None  # (the whole front)
         codecs = {precision[i] for i in back}
         if self.fast_path and len(codecs) == 1:
             # streamed: the back chunks arrive layer by layer (into the staging's landing arena)
@@ -854,10 +985,10 @@ class ChunkCache:
             # probe runs behind the link)
             (p,) = codecs
             bkeys = [pkeys[p][i] for i in back]
-            with self.stagings().take() as staging:
+            with nullcontext(staging) if staging is not None else self.stagings().take() as staging:
                 g = staging.graphs
                 unsteady = (g.captures, g.eager) if g is not None else None  # (graph warm-up: below)
-                stream = LayerStream(self.store, bkeys, landing=staging.landing).start()
+                stream = LayerStream(store, bkeys, landing=staging.landing).start()
                 t_begin, t_front_host = time.perf_counter(), None
                 try:
                     ext, front_s, ready = front(staging.prep_stream)
@@ -874,14 +1005,14 @@ class ChunkCache:
                 # a shape run eagerly (not recorded yet) or being recorded: a one-off cost
                 captured = g is not None and (g.captures, g.eager) != unsteady
             if ready is not None:  # (the repair below uses the front on this stream)
-                torch.cuda.current_stream(self.lm.device).wait_event(ready)
+                torch.cuda.current_stream(self.lm.device).wait_event(front_done)
                 ext.record_stream(torch.cuda.current_stream(self.lm.device))
             t_link = max(stream.t_last - stream.t_start, 0.0)
             if res is not None:
                 t_done = time.perf_counter()
                 if captured:  # (its host work competed with the reader too)
                     rates.discard(["link:" + p])
-                else:
+                elif read_link:
                     rates.saw_fetch(p, sum(sizes[i][p] for i in back), t_link)
                 t_tail = t_done - max(t_begin + front_s(), stream.t_last)
             else:
@@ -891,7 +1022,7 @@ class ChunkCache:
             def fetch(i: int):
                 p, t = precision[i], time.perf_counter()
                 got = self._load_at(i, p, pkeys, ids, infos)
-                if got is not None:
+                if got is not None and read_link:
                     rates.saw_fetch(p, sizes[i][p], time.perf_counter() - t)
                 return got
 
@@ -929,10 +1060,42 @@ class ChunkCache:
             timing["recompute_host"] = t_front_host  # queueing the front (the host's share of it)
         out = self._adaptive_result(res, chosen, timing, repaired, t0)
         known = chosen.estimate_s and chosen.rates["fuse_tokens_per_s"]  # (a free tail: no estimate)
-        if known and measured_all and not (repaired or captured):
+        if known and measured_all and tail_guess is None and not (repaired or captured):
             # measured against the plan's estimate before its overrun factor (``Rates.overrun``)
             rates.saw_estimate(chosen.estimate_s / chosen.rates["overrun"], out.stats["seconds"]["total"])
         return out
+
+    def _probe_link(self, store, keys: list[str], ids: list[bytes], rates) -> None:
+        """On a thread: read the last two chunks' entries (the last one twice for a one-chunk
+        prompt) at every stored precision, one at a time through a ``LayerStream`` (the fused
+        path's reader), and hand each read's bytes/s to ``rates.saw_fetch`` (the first of each
+        precision is its warm-up). ``rates.link_probe`` becomes "done", or "failed" when nothing
+        could be read (entries missing: the next call then takes the mix that precomputes them)."""
+        from chunkcache.stream import LayerStream
+
+        picks = [len(ids) - 2, len(ids) - 1] if len(ids) > 1 else [0, 0]
+        lists = _id_lists([ids[i] for i in picks])
+        tokens = [len(ids[i]) // 8 for i in picks]
+
+        def run() -> None:
+            read = 0
+            try:
+                for p in self.precisions:
+                    for x, t in zip(lists, tokens, strict=True):
+                        stream = LayerStream(store, [self.key_inputs_at(p).key(x)]).start()
+                        try:
+                            stream.entries_when_ready()
+                            stream.wait(stream.num_layers - 1)
+                        except (KeyError, StoreError, CorruptEntryError):
+                            break  # (missing or damaged: this precision says nothing)
+                        finally:
+                            stream.close()
+                        rates.saw_fetch(p, self._entry_bytes(p, t), max(stream.t_last - stream.t_start, 1e-9))
+                        read += 1
+            finally:  # (done: a rate is known; the first read of a precision is only its warm-up)
+                rates.link_probe = "done" if read and rates.link else "failed"
+
+        threading.Thread(target=run, name="chunkcache-link-probe", daemon=True).start()
 
     def _adaptive_result(
         self, res: FuseResult, chosen, timing: dict, repaired: list[int], t0: float
@@ -1107,9 +1270,115 @@ class ChunkCache:
                                 cache.drop(k)
                 out["points"] += len(points)
                 out["graphs_recorded"] += graphs.captures - before
+        if self.adaptive is not None and self.adaptive.enabled:
+            out.update(self._warmup_adaptive(points, chunk_tokens, cfg, gen, vocab, base))
         if self.lm.device.type == "cuda":
             torch.cuda.synchronize(self.lm.device)
         out["seconds"] = time.perf_counter() - t0
+        return out
+
+    def _warmup_adaptive(
+        self, points, chunk_tokens: int, cfg: FuseConfig, gen, vocab: int, base: int
+    ) -> dict:
+        """``warmup``'s part for adaptive loading: at each point, the streamed adaptive path
+        (``_fuse_adaptive``: the stream into the staging's landing arena, the front on its own
+        stream, the fusion behind both) over synthetic entries in a ``MemoryStore`` of its own,
+        at every stored precision, for the splits whose fusions have graph shapes of their own
+        (``fuse.graph_shapes``: k = 0, whose probe steps over a link end in halving steps, and
+        the splits whose fetched chunks are all recomputed, e.g. the bootstrap's), plus k = 1
+        (the front's path), each ``min_uses`` times on every staging: so the first adaptive calls
+        compile and record nothing (session 9, H200: 4-5 s for a process's first such call).
+        Then, unless fixed, the rates a plan needs besides the link's are measured on the
+        largest point (two full prefills; two fusions recomputing a third of the chunks in
+        place, after their graphs exist): the prefill, the front (and the host's time to queue
+        one) and the fusion's tail. The link is measured beside the first call's full prefill."""
+        from contextlib import ExitStack
+
+        from chunkcache.adaptive import Rates
+        from chunkcache.format import pack_chunk
+        from chunkcache.fuse import prefill
+        from chunkcache.store import MemoryStore
+
+        spec, pool, conf = self.lm.spec, self.stagings(), self.adaptive
+        scratch = Rates(conf.smoothing)  # the compiling and recording calls' readings: dropped
+        mem = MemoryStore()
+        out = {"adaptive_fusions": 0}
+        p0 = len(self._prefix_ids)
+        last = None
+        with ExitStack() as held:
+            stagings = [held.enter_context(pool.take()) for _ in range(pool.size)]
+            for n_ctx, n_q in points:
+                lengths = [chunk_tokens] * (n_ctx // chunk_tokens) + [n_ctx % chunk_tokens] * (
+                    n_ctx % chunk_tokens > 0
+                )
+                lists = [torch.randint(0, vocab, (t,), generator=gen).tolist() for t in lengths]
+                ids = [np.asarray(x, dtype="<i8").tobytes() for x in lists]
+                for x in lists:
+                    kv = torch.randn(spec.num_layers, 2, spec.kv_heads, len(x), spec.head_dim, generator=gen)
+                    chunk = ChunkKV(token_ids=torch.tensor(x), kv=kv.to(self.lm.dtype), base_pos=base)
+                    for p in self.precisions:
+                        ki = self.key_inputs_at(p)
+                        mem.put(ki.key(x), pack_chunk(chunk, p, ki.to_dict()))
+                keys = [self.key_inputs_at(self.codec).key(x) for x in lists]
+                suffix = torch.randint(0, vocab, (n_q,), generator=gen).tolist()
+                graphs = stagings[0].graphs
+                splits, seen = [], set()
+                for k in range(len(lengths)):
+                    n_back = sum(lengths[k:])
+                    ratio = min(1.0, cfg.recompute_ratio * n_ctx / n_back) if k else cfg.recompute_ratio
+                    shapes = (
+                        frozenset(
+                            graph_shapes(
+                                graphs,
+                                FuseConfig(ratio, cfg.policy),
+                                spec.num_layers,
+                                p0 + n_ctx - n_back,
+                                n_back,
+                                n_q,
+                            )  # fmt: skip
+                        )
+                        if graphs is not None
+                        else frozenset([n_back if ratio >= 1 else 0])
+                    )
+                    if shapes not in seen or k == 1:
+                        seen.add(shapes)
+                        splits.append(k)
+                for st in stagings:
+                    uses = max(st.graphs.min_uses if st.graphs is not None else 1, 2)
+                    for k in splits:
+                        for p in self.precisions:
+                            for _ in range(uses):
+                                self._fuse_adaptive(keys, ids, suffix, cfg, time.perf_counter(), store=mem,
+                                                    force=(k, p), rates=scratch, read_link=False, staging=st)  # fmt: skip
+                                out["adaptive_fusions"] += 1
+                for key in list(mem.keys()):
+                    mem.delete(key)
+                if last is None or n_ctx > last[0]:
+                    last = (n_ctx, lengths, lists, ids, keys, suffix)
+            if last is None:
+                return out
+            n_ctx, lengths, lists, ids, keys, suffix = last
+            measured = []
+            if conf.recompute_tokens_per_s is None:
+                for _ in range(2):  # (the first reading is the warm-up)
+                    t = time.perf_counter()
+                    res = prefill(self.lm, self.prompt_ids_from(ids, suffix), p0, lengths)
+                    res.logits.cpu()
+                    self._rates.saw("prefill", n_ctx, time.perf_counter() - t)
+                measured.append("prefill")
+            if conf.fuse_tokens_per_s is None or conf.recompute_tokens_per_s is None:
+                for x in lists:  # (the entries of the largest point again, at the engine's codec)
+                    ki = self.key_inputs_at(self.codec)
+                    kv = torch.randn(spec.num_layers, 2, spec.kv_heads, len(x), spec.head_dim, generator=gen)
+                    mem.put(ki.key(x), pack_chunk(ChunkKV(token_ids=torch.tensor(x), kv=kv.to(self.lm.dtype),
+                                                          base_pos=base), self.codec, ki.to_dict()))  # fmt: skip
+                k = len(lengths) // 3
+                for _ in range(2):
+                    self._fuse_adaptive(keys, ids, suffix, cfg, time.perf_counter(), store=mem,
+                                        force=(k, self.codec), read_link=False, staging=stagings[0])  # fmt: skip
+                    out["adaptive_fusions"] += 1
+                measured += ["recompute", "fuse"]
+        out["rates_measured"] = measured
         return out
 
     # ---- query time ---------------------------------------------------------------------------
@@ -1236,7 +1505,7 @@ class ChunkCache:
         caller takes the eager path, which recomputes it. None too when the store refused a write
         or lost an entry meanwhile (the eager path serves those). ``keys``/``infos``: the
         prompt's entries and the key inputs each must hold (``_prompt_keys``)."""
-        from contextlib import ExitStack, nullcontext
+        from contextlib import ExitStack
 
         from chunkcache.pipeline import entry_views, fuse_entries
 
@@ -1256,8 +1525,9 @@ class ChunkCache:
         stored = self.store.contains_many([k for k, h in zip(keys, held_here, strict=True) if not h])
         misses: dict = {}
         if not all(stored):  # misses are precomputed before this fusion queues for a staging (else
-            if self._precompute(_id_lists(ids), timing=misses)[1]:  # it would queue twice: to find,
-                return None  # then to fuse); a refused write: the eager path serves those from memory
+            # it would queue twice: to find, then to fuse); with a device cache, written behind
+            if self._precompute(_id_lists(ids), timing=misses, behind=cache is not None)[1]:
+                return None  # a refused write: the eager path serves those from memory
         for attempt in range(2):
             damaged = False
             resident = cache.acquire(keys) if cache is not None else [None] * len(keys)
@@ -1501,6 +1771,36 @@ class ChunkCache:
 
     def _cache_kw(self, fused: FuseResult) -> dict:
         return {cache_kwarg(self.model): fused.fresh_cache()}
+
+
+def _write_behind_loop(ref, q: queue.Queue) -> None:
+    """The background writer of ``ChunkCache._write_behind``: store each handed entry, then let
+    go of its claim. Holds the engine only while writing (ends when the engine is gone)."""
+    while True:
+        try:
+            key, value, extra = q.get(timeout=10.0)
+        except queue.Empty:
+            if ref() is None:  # the engine is gone and nothing is left to write
+                return
+            continue
+        eng = ref()
+        try:
+            if eng is not None:
+                eng._put(key, value, extra)  # a refusal is warned and counted there
+        except BaseException as e:  # never kill the writer: warn, the claim is still let go
+            if eng is not None:
+                eng._warn_once("write", f"chunkcache: a background store write failed ({e!r})")
+        finally:
+            if eng is not None:
+                eng._unclaim([key])
+            del eng
+            q.task_done()
+
+
+def _flush_at_exit(ref) -> None:
+    eng = ref()
+    if eng is not None:
+        eng.flush()
 
 
 def _timed(device: torch.device, fn):

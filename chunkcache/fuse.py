@@ -751,7 +751,8 @@ def _check_layers(
 
 def _rest_layers(f: _Fusion, first: int, h: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """Layers ``first ..`` for a fixed set of rows (one CUDA graph per layer group with
-    ``graphs``: a group starts as soon as its layers are loaded)."""
+    ``graphs``: a group starts as soon as its layers are loaded; over a link the last group in
+    halving steps)."""
     lm, buf, source, graphs = f.lm, f.buf, f.source, f.graphs
     layers = lm.spec.num_layers
     if first >= layers:
@@ -759,8 +760,10 @@ def _rest_layers(f: _Fusion, first: int, h: torch.Tensor, active: torch.Tensor) 
     if graphs is None:
         return _layers_body(lm, buf, first, layers, source)(h=h, active=active)
     h = h.contiguous()
-    for start in range(first, layers, graphs.layer_group):
-        stop = min(layers, start + graphs.layer_group)
+    # over a link the last group in halving steps (``stream.layer_steps``): a recompute that started
+    # before the last layers arrived (a probe that stops early) then follows the last byte with
+    # one layer only
+    for start, stop in layer_steps(first, layers, graphs.layer_group, getattr(source, "arriving", False)):
         source.ready(stop - 1)
         key = ("layers", start, stop, int(active.numel()))
         h = graphs.run(

@@ -848,6 +848,33 @@ class LayerLoader:
         return out
 
 
+class _PrefixByLayer:
+    """The fusion's ``LayerSource`` when the prefix KV is still being computed layer by layer on
+    another stream (``fuse_entries``' per-layer ``prefix_ready``): before layer ``l`` is first
+    read, the current stream waits for ``events[l]`` and layer ``l``'s prefix rows are written;
+    then the loader's ``ready``. Every other row of the layer is the loader's."""
+
+    def __init__(self, loader: LayerLoader, buf: torch.Tensor, prefix_kv: torch.Tensor, events) -> None:
+        self.loader, self.buf, self.prefix_kv, self.events = loader, buf, prefix_kv, list(events)
+        self.placed = 0  # layers whose prefix rows are written
+
+    @property
+    def arriving(self) -> bool:
+        return self.loader.arriving
+
+    def ready(self, layer: int) -> None:
+        p = self.prefix_kv.shape[3]
+        while self.placed <= layer:
+            li = self.placed
+            self.events[li].wait()
+            self.buf[li, :, :, :p] = self.prefix_kv[li]
+            self.placed += 1
+        self.loader.ready(layer)
+
+    def issued(self, layer: int) -> None:
+        self.loader.issued(layer)
+
+
 @torch.no_grad()
 def fuse_entries(
     lm: LoadedModel,
@@ -864,7 +891,7 @@ def fuse_entries(
     run: Callable[[FuseJob], FuseResult] | None = None,
     preload: bool = False,
     arrival=None,
-    prefix_ready: torch.cuda.Event | None = None,
+    prefix_ready: torch.cuda.Event | list | tuple | None = None,
 ) -> FuseResult:
     """``fuse.fuse_kv`` over stored entries, loading layer by layer behind the compute.
 
@@ -894,7 +921,11 @@ def fuse_entries(
     an entry without per-layer sums must have arrived whole. ``prefix_ready`` (CUDA): ``prefix_kv``
     is still being computed on another stream (an adaptive fusion's front) and is done at this
     event; the loader starts before the compute stream waits for it, so layers that arrive
-    meanwhile are copied and assembled while it runs. ``stats["seconds"]`` gains ``read`` (header parsing),
+    meanwhile are copied and assembled while it runs. ``prefix_ready`` may also be one event per
+    layer (``encode_exact``'s ``on_layer``; any objects whose ``wait()`` makes the current stream
+    wait for that layer): then layer ``l``'s prefix rows are written just before the fusion first
+    reads layer ``l`` (``_PrefixByLayer``), so the probe runs behind the front layer by layer as it
+    runs behind the link, instead of waiting for the whole front. ``stats["seconds"]`` gains ``read`` (header parsing),
     ``stage_host``, ``h2d`` and ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
     """
     if not suffix_ids:
@@ -938,13 +969,22 @@ def fuse_entries(
         buf = torch.empty(
             spec.num_layers, 2, spec.kv_heads, n, spec.head_dim, dtype=lm.dtype, device=lm.device
         )
+    by_layer = isinstance(prefix_ready, (list, tuple))  # (one event per layer; else one for all)
+    if by_layer and len(prefix_ready) != spec.num_layers:
+        raise ValueError(f"prefix_ready has {len(prefix_ready)} events for {spec.num_layers} layers")
     if prefix_ready is None:
         buf[:, :, :, :p] = prefix_kv
     buf[:, :, :, n - ns : n] = 0
     offsets = [p + sum(lengths[:i]) for i in range(len(lengths))]
     loader = LayerLoader(lm, parsed, buf, offsets, st, check_layers, arena, arrival)
+    source = _PrefixByLayer(loader, buf, prefix_kv, prefix_ready) if by_layer else loader
     try:
-        if prefix_ready is not None:
+        if by_layer:  # the loader starts now; each layer's prefix rows at its first ``ready``
+            if not loader.zero_copy:
+                loader.start()
+            if buf.is_cuda:
+                prefix_kv.record_stream(torch.cuda.current_stream(buf.device))
+        elif prefix_ready is not None:
             if not buf.is_cuda:
                 raise ValueError("prefix_ready is a CUDA event: only for a fusion on a GPU")
             # the loader's copies and assembly (chunk rows of buf) need not wait for the prefix's
@@ -979,7 +1019,7 @@ def fuse_entries(
             lengths,
             token_scores,
             config,
-            source=loader,
+            source=source,
             timer=timer,
             graphs=graphs,
             exact_chunks=exact,

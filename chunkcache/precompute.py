@@ -18,7 +18,7 @@ keys, fusion.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -87,7 +87,10 @@ def encode_chunks(
 
 @torch.no_grad()
 def encode_exact(
-    lm: LoadedModel, ids: Sequence[int] | torch.Tensor, host_logits: bool = False
+    lm: LoadedModel,
+    ids: Sequence[int] | torch.Tensor,
+    host_logits: bool = False,
+    on_layer: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact KV of ``ids`` at positions 0..n-1, ``[L, 2, H, n, D]``, and the fp32 next-token
     logits after them ``[vocab]``: one forward of the model from scratch (``logits_to_keep=1``),
@@ -95,7 +98,10 @@ def encode_exact(
     of earlier positions would make it build an explicit mask). Each layer's K/V is written
     straight into the returned tensor (``_into_kv``: the one copy a plain prefill's cache makes
     too, so no gather after the forward and no 1 GB tensor allocated at its end, at 8K on an 8B
-    model). ``host_logits``: return the logits on the host."""
+    model). ``host_logits``: return the logits on the host. ``on_layer(i)``: called as soon as layer
+    ``i``'s K/V are written (queued, on a GPU: the caller may record a CUDA event there, so that
+    work on another stream can start on that layer before the forward ends); not called for a
+    transformers whose cache makes its own layers (the K/V exist only after the forward)."""
     from transformers import DynamicCache
 
     spec = lm.spec
@@ -105,7 +111,7 @@ def encode_exact(
     cache = DynamicCache()  # no config: keep every position even under a sliding window
     into = _into_kv()
     if isinstance(getattr(cache, "layers", None), list):  # (else the gather below)
-        cache.layers[:] = [into(kv[i]) for i in range(spec.num_layers)]
+        cache.layers[:] = [into(kv[i], i, on_layer) for i in range(spec.num_layers)]
     out = lm.model(input_ids=x, use_cache=True, logits_to_keep=1, **{cache_kwarg(lm.model): cache})
     logits = out.logits[0, -1].float()
     if not all(isinstance(layer, into) and layer.written for layer in cache.layers):
@@ -126,9 +132,10 @@ def _into_kv() -> type:
         of it: the values a ``DynamicLayer`` returns (the attention reads them alike), without a
         tensor of its own."""
 
-        def __init__(self, dest: torch.Tensor) -> None:  # dest: [2, H, n, D]
+        def __init__(self, dest: torch.Tensor, index: int = 0, on_write=None) -> None:  # dest: [2, H, n, D]
             super().__init__()
             self.dest, self.written = dest, False
+            self.index, self.on_write = index, on_write
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
             if self.written:
@@ -143,6 +150,8 @@ def _into_kv() -> type:
             self.dest[1].copy_(value_states[0])
             self.keys, self.values = self.dest[0][None], self.dest[1][None]
             self.device, self.is_initialized, self.written = key_states.device, True, True
+            if self.on_write is not None:
+                self.on_write(self.index)
             return self.keys, self.values
 
     return _IntoKV

@@ -12,6 +12,8 @@ are None).
     gradual     the paper's gradual filtering: V deviation at layers 1, 2, 3 keeping 3r, 2r, r
     qaware      ours: question-aware (probe attention x layer-1 deviation). See ``QAware``.
     qfast       ours (default): the probe's attention alone, selected before layer 0. See ``QFast``.
+    qshallow    qfast from the probe over the first half of the layers (over a link). ``QShallow``.
+    qdeep       qfast from the probe over the first 7/8 of the layers (over a link). ``QDeep``.
     qstale      ours: qfast's ranking over the stale tokens only (exact ones never). See ``QStale``.
     qvalue      ours: qstale with each layer's attention weighted by the token's V norm. See ``QValue``.
     epic        the first tokens of every chunk (EPIC), for comparison
@@ -222,6 +224,18 @@ class QShallow(QFast):
     probe_layers = 0.5
 
 
+class QDeep(QShallow):
+    """QFast ranking from the probe over the first 7/8 of the layers (28 of 32): the attention mass
+    of the last eighth is left out, so over a link the selection waits for layer 27's data only,
+    and the recompute of the selected tokens (layer by layer, ``stream.layer_steps``) runs while
+    the last eighth of the layers arrives: it takes most of the recompute out of the tail after
+    the link's last byte, where qfast's must all follow it (measured on the H200, 8B/8K at 10 Gb/s:
+    the tail is 40 ms, 36 of them the recompute). Ranks as qfast does but for the mass of the
+    last layers; its fidelity against qfast: ``bench_results/session10/adaptive/NOTES.md``."""
+
+    probe_layers = 0.875
+
+
 class QStale(QFast):
     """QFast that spends the whole budget on stale tokens: a candidate whose reused K/V are
     already exact (``SelectContext.exact``: the first chunk, encoded behind the very prefix it
@@ -322,6 +336,7 @@ POLICIES: dict[str, Policy] = {
     "qaware": QAware(),
     "qfast": QFast(),
     "qshallow": QShallow(),
+    "qdeep": QDeep(),
     "qstale": QStale(),
     "qvalue": QValue(),
     "epic": Epic(),

@@ -445,6 +445,14 @@ def rerotate_scatter_packed_reference(
         rerotate_scatter_reference(layout.codec, parts, cos[c], sin[c], k_out, v_out, layout.dests[c])
 
 
+_SUM_ROW = 4096  # words per row of sum64's CPU path
+
+
+def _wrap64(x: int) -> int:
+    """``x`` wrapped to a signed 64-bit integer (two's complement)."""
+    return ((x + (1 << 63)) % (1 << 64)) - (1 << 63)
+
+
 def sum64(data: torch.Tensor) -> tuple[int, int]:
     """Checksum of a byte range (1-D uint8, even length) as little-endian 16-bit words w_i:
     (sum w_i, sum (i + 1) * w_i), each wrapped to a signed 64-bit integer. Any one damaged word
@@ -452,12 +460,23 @@ def sum64(data: torch.Tensor) -> tuple[int, int]:
     checks every staged layer there); for damage, not tampering."""
     if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() % 2:
         raise ValueError("sum64 needs a 1-D uint8 tensor of even length")
-    if data.device.type == "cpu":  # numpy: ~0.7 GB/s here, 2.5x torch's CPU int64 path
+    if data.device.type == "cpu":  # numpy, without a temporary 8x the data's size (~5x faster)
         import numpy as np
 
+        # Words as rows of _SUM_ROW: sum (i + 1) w_i = R * sum_r r * rowsum_r + sum_j (j + 1) colsum_j,
+        # exact in Python ints, then wrapped to signed 64 bits as the int64 paths wrap.
         w = data.numpy().view("<u2")
-        idx = np.arange(1, w.size + 1, dtype=np.int64)
-        return int(w.sum(dtype=np.int64)), int((idx * w).sum())
+        m = w.size - w.size % _SUM_ROW
+        rows = w[:m].reshape(-1, _SUM_ROW)
+        rs, cs = rows.sum(axis=1, dtype=np.int64), rows.sum(axis=0, dtype=np.int64)
+        tail = w[m:].astype(np.int64)
+        total = int(rs.sum()) + int(tail.sum())
+        weighted = (
+            _SUM_ROW * int((np.arange(rs.size, dtype=np.int64) * rs).sum())
+            + int((np.arange(1, _SUM_ROW + 1, dtype=np.int64) * cs).sum())
+            + int((np.arange(m + 1, w.size + 1, dtype=np.int64) * tail).sum())
+        )
+        return _wrap64(total), _wrap64(weighted)
     w = data.view(torch.int16).to(torch.int64) & 0xFFFF
     idx = torch.arange(1, w.numel() + 1, dtype=torch.int64, device=w.device)
     return int(w.sum()), int((w * idx).sum())

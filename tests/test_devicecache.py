@@ -100,3 +100,105 @@ def test_bad_budget_is_refused_before_the_model_loads():
         DeviceCache("cpu", -1)
     with pytest.raises(ValueError, match="device_cache_bytes"):
         ChunkCache(model="/nonexistent", device_cache_bytes=1.5)
+
+
+def _held_puts(store, refuse: bool = False):
+    """Make ``store``'s puts wait for the returned event (a slow disk, a remote store), or, with
+    ``refuse``, fail as a full disk does; ``store.puts`` counts them."""
+    import threading
+
+    from chunkcache.errors import StoreError
+
+    go, real = threading.Event(), store.put
+    store.puts = 0
+
+    def put(key, value):
+        store.puts += 1
+        if refuse:
+            raise StoreError("disk full")
+        assert go.wait(30)
+        real(key, value)
+
+    store.put = put
+    return go
+
+
+def test_a_serving_miss_is_written_behind_through_the_device_cache(
+    smol_tokenizer, model, tmp_path, monkeypatch
+):
+    """With a device cache, a fusion's miss is encoded, admitted to the device cache and written
+    to the store by a background thread: the fusion does not wait for the write (a slow store's
+    put is the tail of a loaded server), its result equals a fusion of the stored entry, another
+    fusion of that chunk meanwhile takes it from the device cache (never encodes it again), and
+    after ``flush`` the store holds the entry a plain engine makes."""
+    import threading
+
+    import chunkcache.engine as engine_mod
+
+    ref = ChunkCache(
+        model=model, tokenizer=smol_tokenizer, store=str(tmp_path / "ref"), codec="int8", fast_path=True
+    )
+    want = ref.fuse(PASSAGES[:3], QUESTION, recompute_ratio=0.3)  # every chunk a miss, written first
+    hot = ChunkCache(model=model, tokenizer=smol_tokenizer, store=str(tmp_path / "s"), codec="int8", fast_path=True,
+                     device_cache_bytes=1 << 30)  # fmt: skip
+    hot.precompute(PASSAGES[:2])
+    go = _held_puts(hot.store)
+    encoded = []
+    real = engine_mod.encode_chunks
+    monkeypatch.setattr(
+        engine_mod,
+        "encode_chunks",
+        lambda lm, ids, *a, **k: encoded.append(len(ids)) or real(lm, ids, *a, **k),
+    )
+    out = {}
+    t = threading.Thread(target=lambda: out.update(res=hot.fuse(PASSAGES[:3], QUESTION, recompute_ratio=0.3)))
+    t.start()
+    t.join(20)
+    if t.is_alive():
+        go.set()
+        pytest.fail("the fusion waited for the store write of its miss")
+    assert hot.store.puts == 1 and not hot.store.contains(hot.key(PASSAGES[2]))  # still being written
+    got = out["res"]
+    _same(want, got)
+    assert got.stats["misses"]["chunks"] == 1 and encoded == [1]
+    other = hot.fuse([PASSAGES[2], PASSAGES[0]], QUESTION, recompute_ratio=0.3)  # meanwhile: resident
+    assert other.stats["device_cache"]["hits"] == 2 and "misses" not in other.stats and encoded == [1]
+    _same(ref.fuse([PASSAGES[2], PASSAGES[0]], QUESTION, recompute_ratio=0.3), other)
+    go.set()
+    hot.flush()
+    assert hot.store.get(hot.key(PASSAGES[2])) == ref.store.get(ref.key(PASSAGES[2]))
+    monkeypatch.undo()
+    ref.store.close()
+    hot.store.close()
+
+
+def test_a_miss_the_device_cache_cannot_take_is_written_before_the_fusion(smol_tokenizer, model, tmp_path):
+    hot = ChunkCache(
+        model=model,
+        tokenizer=smol_tokenizer,
+        store=str(tmp_path / "s"),
+        codec="int8",
+        fast_path=True,
+        device_cache_bytes=1024,
+    )  # fmt: skip  (smaller than any entry)
+    res = hot.fuse(PASSAGES[:2], QUESTION, recompute_ratio=0.3)
+    assert hot._behind is None and all(hot.store.contains_many([hot.key(p) for p in PASSAGES[:2]]))
+    assert res.stats["misses"]["chunks"] == 2
+    hot.store.close()
+
+
+def test_a_background_write_the_store_refuses_is_warned_and_lets_go_of_the_chunk(
+    smol_tokenizer, model, tmp_path
+):
+    hot = ChunkCache(model=model, tokenizer=smol_tokenizer, store=str(tmp_path / "s"), codec="int8", fast_path=True,
+                     device_cache_bytes=1 << 30)  # fmt: skip
+    _held_puts(hot.store, refuse=True)
+    with pytest.warns(RuntimeWarning, match="cannot write to the chunk store"):
+        hot.fuse(PASSAGES[:1], QUESTION, recompute_ratio=0.3)
+        hot.flush()
+    assert hot.store.puts == 1 and hot._inflight == {}  # the claim was let go: a later miss is encoded again
+    hot.device_cache.drop(hot.key(PASSAGES[0]))
+    again = hot.fuse(PASSAGES[:1], QUESTION, recompute_ratio=0.3)
+    hot.flush()
+    assert again.stats["misses"]["chunks"] == 1 and hot.store.puts == 2
+    hot.store.close()

@@ -227,14 +227,20 @@ def test_exact_first_misses_make_both_variants_and_both_paths_agree(smol_tokeniz
     assert len(eager.store) == 2 * len(PASSAGES)
     fast = ChunkCache(store=None, fast_path=True, device_cache_bytes=1 << 26, **kw)
     got = fast.fuse(PASSAGES, QUESTION, recompute_ratio=0.3)
+    fast.flush()  # (its misses were written behind, through the device cache)
     assert len(fast.store) == 2 * len(PASSAGES) and got.stats["fast_path"]
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
     again = fast.fuse(PASSAGES, QUESTION, recompute_ratio=0.3)
     assert again.stats["device_cache"]["hits"] == len(PASSAGES)
     torch.testing.assert_close(again.logits, got.logits, rtol=0, atol=0)
     # another order: the new first chunk comes from its prefix variant and the old first from its
-    # context variant, neither fused (so resident) before
+    # context variant, neither fused before, but resident: every variant of a miss was admitted
+    # when it was encoded (written behind)
     swapped = [PASSAGES[2], *PASSAGES[:2], *PASSAGES[3:]]
+    res = fast.fuse(swapped, QUESTION, recompute_ratio=0.3)
+    assert res.stats["exact_chunks"][0] and res.stats["device_cache"]["hits"] == len(PASSAGES)
+    for key in fast._prompt_keys(*fast.resolve(swapped))[0][:2]:  # the two entries fused first now
+        fast.device_cache.drop(key)  # from the store this time: the same logits
     res = fast.fuse(swapped, QUESTION, recompute_ratio=0.3)
     assert res.stats["exact_chunks"][0] and res.stats["device_cache"]["hits"] == len(PASSAGES) - 2
     torch.testing.assert_close(res.logits, eager.fuse(swapped, QUESTION, recompute_ratio=0.3).logits,

@@ -383,6 +383,7 @@ def test_policy_selects_its_top_k(smol_tokenizer):
         "cacheblend": top(dev),
         "qfast": top(attn),
         "qshallow": top(mass[: round(layers / 2)].sum(0)),  # the probe over the first half of the layers
+        "qdeep": top(mass[: round(layers * 7 / 8)].sum(0)),  # over the first 7/8 of them
         "qstale": top(torch.where(in_first, attn - attn.max() - 1, attn)),
         "qvalue": top(torch.where(in_first, -1.0, (mass * vnorm).sum(0))),
         "qaware": top((attn / attn.mean()) * (dev / dev.mean()).sqrt()),

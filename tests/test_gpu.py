@@ -153,3 +153,46 @@ def test_cuda_fused_layer_form_matches_torch_ops_in_bf16():
     for a, b in zip(got[False], got[True], strict=True):  # a few bf16 ulps, amplified by the MLP
         a, b = a.float(), b.float()
         assert (a - b).norm() <= 0.01 * a.norm() and (a - b).abs().max() <= 0.02 * a.abs().max()
+
+
+def test_cuda_adaptive_front_by_layer_and_warmup(smol_tokenizer):
+    """Adaptive loading on CUDA: a split whose front's layers are read as each is written (one
+    event per layer) gives the fusion of the whole-front wait bit for bit; after ``warmup`` the
+    streamed adaptive calls in its range (k = 0 and 1) record no CUDA
+    graph and run none eagerly (the fetched chunks at the engine's codec)."""
+    from chunkcache.adaptive import AdaptiveConfig
+    from chunkcache.store import MemoryStore
+
+    store = MemoryStore()
+    eng = ChunkCache(model=tiny_model("llama").to("cuda"), tokenizer=smol_tokenizer, store=store, codec="int8",
+                     adaptive=AdaptiveConfig(precisions=("int2m",)))  # fmt: skip
+    n_ctx = sum(len(b) // 8 for b in eng.resolve(PASSAGES)[1])
+    over = len(eng._suffix_ids(""))
+    n_q = len(eng._suffix_ids(QUESTION)) - over
+    out = eng.warmup((n_ctx, n_ctx), (n_q, n_q), chunk_tokens=24)
+    assert out["adaptive_fusions"] > 0 and eng._rates.fuse and eng._rates.prefill
+    eng.precompute(PASSAGES)
+    g = eng.stagings().stagings()[0].graphs
+    captures, eager = g.captures, g.eager
+    for k in (0, 1):
+        eng.adaptive = AdaptiveConfig(precisions=("int2m",), recompute_chunks=k)
+        res = [eng.fuse(PASSAGES, QUESTION) for _ in range(2)]
+        assert res[0].stats["fast_path"] and res[0].stats["adaptive"]["recomputed"] == k
+        assert torch.equal(res[0].logits, res[1].logits)
+        if k:
+            eng._front_by_layer = False
+            whole = eng.fuse(PASSAGES, QUESTION)
+            eng._front_by_layer = True
+            assert torch.equal(whole.logits, res[0].logits) and torch.equal(whole.kv, res[0].kv)
+    assert (g.captures, g.eager) == (captures, eager), sorted(g.graphs)
+    # qdeep over a link: its recompute starts before the last layers arrive, and its last group
+    # goes in halving steps (graphs of layers 24-28, 28-30, 30-31, 31-32 for 32 layers)
+    eng.adaptive = AdaptiveConfig(precisions=("int2m",), recompute_chunks=0)
+    for _ in range(2):
+        eng.fuse(PASSAGES, QUESTION, policy="qdeep")
+    from chunkcache.stream import layer_steps
+
+    layers = eng.lm.spec.num_layers
+    want = {(a, b) for a, b in layer_steps(0, layers, g.layer_group)}
+    got = {(k[1], k[2]) for k in g.graphs if k[0] == "layers"}
+    assert want <= got, (sorted(want), sorted(got))

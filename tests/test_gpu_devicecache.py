@@ -62,3 +62,29 @@ def test_threads_with_a_small_budget_equal_sequential_on_cuda(smol_tokenizer, tm
         want = ref.fuse(c, q, recompute_ratio=0.3)
         assert torch.equal(want.selected.cpu(), g.selected.cpu())
         torch.testing.assert_close(want.logits, g.logits, rtol=0, atol=1e-5)
+
+
+def test_threads_with_misses_written_behind_equal_sequential_on_cuda(smol_tokenizer, tmp_path):
+    """16 threads over chunks never stored: each miss is encoded on its own stream, admitted to a
+    small device cache (evicted again while other fusions read it) and written behind; after
+    ``flush`` the store holds every chunk, and every fusion equals the same call made alone over
+    the stored entries (shared: a chunk encoded in a padded batch may differ in the last bit)."""
+    model = tiny_model().to("cuda")
+    reqs = _requests(32, seed=11)
+    hot = ChunkCache(model=model, tokenizer=smol_tokenizer, store=str(tmp_path / "hot"), codec="int8",
+                     device_cache_bytes=1 << 30, concurrent_fusions=2)  # fmt: skip
+    probe = ChunkCache(model=model, tokenizer=smol_tokenizer, codec="int8", device_cache_bytes=1 << 30)
+    probe.fuse(PASSAGES[:1], QUESTION)
+    hot.device_cache = type(hot.device_cache)(hot.lm.device, 3 * probe.device_cache.nbytes)
+    with ThreadPoolExecutor(16) as ex:
+        got = list(ex.map(lambda r: hot.fuse(r[0], r[1], recompute_ratio=0.3), reqs))
+    hot.flush()
+    torch.cuda.synchronize()
+    texts = sorted({t for c, _ in reqs for t in c})
+    assert all(hot.store.contains_many([hot.key(t) for t in texts]))
+    ref = ChunkCache(model=model, tokenizer=smol_tokenizer, store=hot.store, codec="int8")
+    assert any("misses" in g.stats for g in got)
+    for (c, q), g in zip(reqs, got, strict=True):
+        want = ref.fuse(c, q, recompute_ratio=0.3)
+        assert torch.equal(want.selected.cpu(), g.selected.cpu())
+        torch.testing.assert_close(want.logits, g.logits, rtol=0, atol=1e-5)

@@ -1038,3 +1038,25 @@ def test_gpu_rope_qkv_scatter_llama_shapes():
     )
     check_ulps(got_q, want_q, "rope 8B q, graph replay")
     check_ulps(buf, want_buf, "rope 8B cache, graph replay")
+
+
+@pytest.mark.parametrize("nbytes", [2, 10, 8190, 8192, 8194, 1 << 20, (1 << 20) + 6])
+def test_sum64_cpu_path_equals_its_definition(nbytes):
+    """The CPU path (rows of words, no large temporaries) against the definition, in exact
+    integers wrapped to signed 64 bits, on random bytes and on all-ones (which wraps)."""
+    gen = torch.Generator().manual_seed(nbytes)
+    for data in (torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen),
+                 torch.full((nbytes,), 255, dtype=torch.uint8)):  # fmt: skip
+        w = data.numpy().view("<u2").astype(object)
+        total = int(w.sum())
+        weighted = sum((i + 1) * int(x) for i, x in enumerate(w))
+        wrap = lambda x: ((x + (1 << 63)) % (1 << 64)) - (1 << 63)  # noqa: E731
+        assert reference.sum64(data) == (wrap(total), wrap(weighted))
+
+
+def test_sum64_cpu_path_wraps_as_the_int64_paths_do():
+    n = (1 << 24) + (1 << 20)  # words of 0xFFFF: the weighted sum exceeds 2**63
+    data = torch.full((2 * n,), 255, dtype=torch.uint8)
+    wrap = lambda x: ((x + (1 << 63)) % (1 << 64)) - (1 << 63)  # noqa: E731
+    assert 65535 * n * (n + 1) // 2 >= 1 << 63
+    assert reference.sum64(data) == (wrap(65535 * n), wrap(65535 * n * (n + 1) // 2))
