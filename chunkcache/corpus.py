@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Document", "Neighbours", "TEXT_SUFFIXES", "chunk_tokens", "iter_documents", "split_text"]
+__all__ = ["Document", "Neighbours", "TEXT_SUFFIXES", "chunk_tokens", "iter_documents", "nearest", "split_text"]
 
 TEXT_SUFFIXES = (".txt", ".md")
 """File suffixes read from a folder (recursively, in sorted path order)."""
@@ -191,6 +191,19 @@ class Neighbours:
             if self.corpus[i] not in out:
                 out.append(self.corpus[i])
         return out[::-1]
+
+
+def nearest(texts: Sequence[str], query: str, skip: Sequence[int] = ()) -> int:
+    """Index of the text nearest ``query`` by ``Neighbours``' TF-IDF cosine over ``texts`` alone
+    (ties: the earlier text), none of ``skip``: e.g. the passage of a prompt a question is about
+    (``select.ChunkFirst``; skip the exact first chunk)."""
+    left = [i for i in range(len(texts)) if i not in set(skip)]
+    if not left:
+        raise ValueError("no text left to choose from")
+    nb = Neighbours(texts, k=1)
+    q = nb._vector(Counter(_words(query)))
+    sims = [sum(x * v.get(w, 0.0) for w, x in q.items()) for v in nb._vecs]
+    return max(left, key=lambda i: (sims[i], -i))
 
 
 def _words(text: str) -> list[str]:

@@ -105,7 +105,8 @@ class FuseResult:
 
 
 def kv_to_cache(kv: torch.Tensor):
-    """[layers, 2, H, T, D] -> a transformers DynamicCache whose layers are views of ``kv``: no
+    """[layers, 2, H, T, D] (or ``[layers, 2, B, H, T, D]``: a batch of B caches of one length)
+    -> a transformers DynamicCache whose layers are views of ``kv``: no
     copy (two copies of the whole KV before: a clone, then the layer's concatenation onto its
     empty start). A DynamicCache never writes into its tensors (each update concatenates into new
     ones), so decoding from it leaves ``kv`` as it was."""
@@ -113,7 +114,7 @@ def kv_to_cache(kv: torch.Tensor):
 
     cache = DynamicCache()
     for i in range(kv.shape[0]):
-        k, v = kv[i, 0][None], kv[i, 1][None]
+        k, v = (kv[i, 0], kv[i, 1]) if kv.dim() == 6 else (kv[i, 0][None], kv[i, 1][None])
         cache.update(k[:, :, :0], v[:, :, :0], i)  # creates and initialises layer i, empty
         cache.layers[i].keys, cache.layers[i].values = k, v
     return cache

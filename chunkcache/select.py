@@ -267,6 +267,35 @@ class QValue(QStale):
         return (ctx.probe_attn * ctx.value_norms).sum(0)
 
 
+class ChunkFirst(QValue):
+    """QValue that spends ``share`` of the budget first on one chunk's stale tokens (its best by
+    qvalue's score), the rest by qvalue over all: e.g. the passage the question is about, as a
+    retriever ranks it (``corpus.nearest``). The probe's per-chunk mass ranks passages by their
+    distance to the question, not by relevance (on the factual dev set the answer's passage had
+    the most mass of the stale chunks in 8 of 23 cases, always when it was the last:
+    bench_results/session10/fidelity/NOTES.md), so it does not find that passage itself. Equal
+    compute: the same k tokens. Not in ``POLICIES``: it needs the chunk, a prompt's own."""
+
+    def __init__(self, chunk: int, share: float = 1.0) -> None:
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+            raise ValueError(f"chunk must be a chunk index (int >= 0), got {chunk!r}")
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share must be in [0, 1], got {share!r}")
+        self.chunk, self.share = chunk, share
+        self.name = "chunkfirst"
+
+    def select(self, ctx: SelectContext, k: int) -> torch.Tensor:
+        score = self.score(ctx).float()
+        stale = torch.ones_like(score, dtype=torch.bool) if ctx.exact is None else ~ctx.exact
+        mine = (ctx.chunk_of == self.chunk) & stale
+        m = min(int(round(self.share * k)), int(mine.sum()))
+        span = score.max() - score.min() + 1
+        score = torch.where(stale, score, score - span)  # exact ones last (qstale)
+        first = torch.topk(torch.where(mine, score, score - 3 * span), m).indices
+        score[first] += 3 * span
+        return _top(ctx, score, k)
+
+
 class Excluding:
     """``base``'s ranking with some positions left out (those an earlier pass already
     recomputed): what ``fuse.refine`` selects with. Needs a probe policy that selects before

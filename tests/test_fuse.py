@@ -442,3 +442,47 @@ def test_question_attention_respects_the_sliding_window():
     got = ctx.question_attention()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     assert torch.equal(got[:23], torch.zeros(23)) and bool((got[25:] > 0).all())  # 28..34 visible
+
+
+def test_chunkfirst_spends_its_share_on_one_chunks_stale_tokens_first():
+    """``select.ChunkFirst``: ``share`` of the k tokens are the named chunk's best stale ones
+    (by qvalue's score), the rest qvalue's pick among the others; exact tokens never while stale
+    ones are left; share 0 is qvalue's selection; k tokens either way."""
+    from chunkcache.select import ChunkFirst, QValue, SelectContext
+
+    g = torch.Generator().manual_seed(0)
+    chunk_of = torch.tensor([0] * 4 + [1] * 5 + [2] * 6)
+    positions = torch.arange(10, 25)
+    attn = torch.rand(3, 15, generator=g)
+    attn[:, 4:9] *= 0.01  # chunk 1: what the question barely reads
+    ctx = SelectContext(
+        layer=0, positions=positions, chunk_of=chunk_of, chunk_offsets=torch.tensor([10, 14, 19]),
+        fresh=None, reused=None, question_q=None, keys=None, question_pos=torch.tensor([30]),
+        scale=1.0, probe_attn=attn, exact=chunk_of == 0, value_norms=torch.rand(3, 15, generator=g) + 0.5,
+    )  # fmt: skip
+    score = (attn * ctx.value_norms).sum(0)
+    sel = ChunkFirst(1).select(ctx, 7)
+    assert sel.numel() == 7 and set(range(14, 19)) <= set(sel.tolist())  # all 5 of chunk 1
+    rest = [p for p in sel.tolist() if not 14 <= p < 19]
+    want = positions[9:][torch.topk(score[9:], 2).indices]  # qvalue's best 2 of chunk 2
+    assert sorted(rest) == sorted(want.tolist())
+    half = ChunkFirst(1, share=0.5).select(ctx, 6)  # 3 of chunk 1 (its best), then 3 by qvalue
+    mine = [p for p in half.tolist() if 14 <= p < 19]
+    assert sorted(mine) == sorted((positions[4:9][torch.topk(score[4:9], 3).indices]).tolist())
+    assert torch.equal(ChunkFirst(1, share=0.0).select(ctx, 5), QValue().select(ctx, 5))
+    assert not set(ChunkFirst(0).select(ctx, 11).tolist()) & set(range(10, 14))  # chunk 0 is exact
+    for bad in (dict(chunk=-1), dict(chunk=True), dict(chunk=1, share=1.5)):
+        with pytest.raises(ValueError):
+            ChunkFirst(**bad)
+
+
+def test_nearest_picks_the_passage_the_query_names():
+    from chunkcache.corpus import nearest
+
+    texts = ["Benum Manufacturing makes frames.", "Desta Industries makes tiles.", "Vesteth makes lanterns."]
+    assert nearest(texts, "Who founded Desta Industries?") == 1
+    assert nearest(texts, "Who founded Benum Manufacturing?", skip=[0]) in (1, 2)
+    assert nearest(texts, "unrelated words only") == 0  # ties: the earliest
+    assert nearest(texts, "unrelated words only", skip=[0]) == 1
+    with pytest.raises(ValueError):
+        nearest(texts, "x", skip=[0, 1, 2])

@@ -233,3 +233,66 @@ def test_sink_context_nn_gives_each_passage_its_nearest_of_other_cases(tmp_path)
     assert set(quality.sink_context(path, "nn:2")(own[0])) & set(own)  # without x: its own case's too
     with pytest.raises(ValueError, match="positive K"):
         quality.sink_context(path, "nn:0")
+
+
+def test_configs_of_a_question_scored_side_by_side_equal_one_by_one(tiny_engine, monkeypatch):
+    """``score_many`` teacher-forces and decodes the fusions of one question as one batch: each
+    row's logits, greedy answer and metrics are those of scoring that fusion alone, and the
+    batched greedy answer is ``model.generate``'s."""
+    from tests.conftest import PASSAGES, QUESTION
+
+    texts = PASSAGES[:3]
+    tiny_engine.precompute(texts)
+    ids = tiny_engine.prompt_ids(texts, QUESTION)
+    first, forced_logits, forced, plain = quality.full_reference(tiny_engine, ids, 6, 6)
+    full = {"first": first, "forced_logits": forced_logits, "forced": forced, "plain": plain,
+            "text": tiny_engine.tokenizer.decode(plain, skip_special_tokens=True).strip()}  # fmt: skip
+    configs = [("cacheblend", 0.0), ("qfast", 0.3), ("cacheblend", 0.5), ("qfast", 1.0)]
+    fused = [tiny_engine.fuse(texts, QUESTION, recompute_ratio=r, policy=p) for p, r in configs]
+    answers = [quality.FusedAnswer(tiny_engine, f) for f in fused]
+    batch = quality.teacher_forced_batch(tiny_engine, fused, forced)
+    gens = quality.greedy_batch(tiny_engine, fused, 6)
+    assert len({tuple(g.tolist()) for g in gens}) > 1  # the configs answer differently
+    for i, f in enumerate(fused):
+        alone = quality.teacher_forced(tiny_engine, f, forced)
+        torch.testing.assert_close(batch[i], alone, rtol=1e-5, atol=1e-5)
+        hf = quality.greedy(tiny_engine, f.input_ids, f.fresh_cache(), 6)
+        assert gens[i].tolist() == hf.tolist()
+    together = quality.score_many(tiny_engine, answers, full, ["Eiffel"], 6)
+    monkeypatch.setattr(quality, "_BATCH", 1)
+    one_by_one = [quality.score(tiny_engine, a, full, ["Eiffel"], 6) for a in answers]
+    assert not all(r["agree"] for r in together) and any(r["agree"] for r in together)
+    for a, b in zip(together, one_by_one, strict=True):
+        assert {k: v for k, v in a.items() if not k.startswith("kl")} == {
+            k: v for k, v in b.items() if not k.startswith("kl")
+        }
+        assert a["kl_answer"] == pytest.approx(b["kl_answer"], rel=1e-4, abs=1e-7)
+    with pytest.raises(ValueError, match="one prompt"):
+        quality.teacher_forced_batch(
+            tiny_engine, [fused[0], tiny_engine.fuse(PASSAGES[1:4], QUESTION, recompute_ratio=0.3)], forced
+        )
+
+
+def test_lex_config_fuses_the_passage_nearest_the_question_first(tiny_engine, tmp_path):
+    """Config ``lex``: ``ChunkFirst`` of the stale passage nearest the question (here the one
+    naming the tower), at the same compute as qvalue; its rows are those of fusing with that
+    policy object directly."""
+    from chunkcache.select import ChunkFirst
+    from tests.conftest import PASSAGES, QUESTION
+
+    texts = [PASSAGES[1], PASSAGES[2], PASSAGES[0]]  # the Eiffel passage last, not first
+    assert isinstance(quality.resolve_policy("lex", texts, QUESTION), ChunkFirst)
+    assert quality.resolve_policy("lex", texts, QUESTION).chunk == 2
+    assert quality.resolve_policy("naive", texts, QUESTION) == "cacheblend"
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([{"question": QUESTION, "answers": ["Eiffel"],
+                                 "ctxs": [{"title": f"P{i}", "text": t} for i, t in enumerate(texts)]}]))  # fmt: skip
+    res = quality.run(tiny_engine, path, questions=1, passages=3, configs=(("lex", 0.3), ("qvalue", 0.3)),
+                      answer_tokens=4, gen_tokens=4, log=None)  # fmt: skip
+    rows = {r["policy"]: r for r in res["rows"]}
+    assert rows["lex"]["compute_fraction"] == rows["qvalue"]["compute_fraction"]
+    ids = [quality.passage_text(c) for c in json.loads(path.read_text())[0]["ctxs"]]
+    direct = tiny_engine.fuse(ids, QUESTION, recompute_ratio=0.3, policy=ChunkFirst(2))
+    assert rows["lex"]["kl_first"] == pytest.approx(
+        float(quality.kl(quality.full_reference(tiny_engine, tiny_engine.prompt_ids(ids, QUESTION), 4, 4)[0],
+                         direct.logits)), rel=1e-5, abs=1e-9)  # fmt: skip

@@ -39,7 +39,7 @@ import torch
 from transformers import DynamicCache
 
 from chunkcache.bench import standalone
-from chunkcache.fuse import FuseConfig
+from chunkcache.fuse import FuseConfig, kv_to_cache
 from chunkcache.model import cache_kwarg
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "demos" / "data" / "musique_dev.json"  # in a checkout
@@ -135,9 +135,61 @@ def kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 def teacher_forced(engine, fused, answer: torch.Tensor) -> torch.Tensor:
     """Logits ``[len(answer), vocab]`` at the answer start and after each answer token but the last,
     continuing from the fused cache (which holds every prompt token but the last)."""
-    ids = torch.cat([fused.input_ids[0, -1:], answer[:-1]]).to(engine.lm.device)[None]
-    out = engine.model(input_ids=ids, use_cache=True, **{cache_kwarg(engine.model): fused.fresh_cache()})
-    return out.logits[0].float()
+    return teacher_forced_batch(engine, [fused], answer)[0]
+
+
+def _stacked_cache(fused: list):
+    """One DynamicCache of batch ``len(fused)`` over the prompt but its last token: fusions of
+    the same prompt (the same input ids), e.g. several configs of one question."""
+    n = fused[0].input_ids.shape[1]
+    if any(not torch.equal(f.input_ids, fused[0].input_ids) for f in fused[1:]):
+        raise ValueError("a batch of fusions must share one prompt")
+    return kv_to_cache(torch.stack([f.kv[:, :, :, : n - 1] for f in fused], 2))
+
+
+@torch.no_grad()
+def teacher_forced_batch(engine, fused: list, answer: torch.Tensor) -> torch.Tensor:
+    """``teacher_forced`` for several fusions of one prompt in one forward: ``[len(fused),
+    len(answer), vocab]`` (row i is fusion i's; the bench's step count per question stays one
+    forward whatever the number of configs)."""
+    ids = torch.cat([fused[0].input_ids[0, -1:].cpu(), answer[:-1].cpu()]).to(engine.lm.device)
+    ids = ids[None].expand(len(fused), -1)
+    out = engine.model(input_ids=ids, use_cache=True, **{cache_kwarg(engine.model): _stacked_cache(fused)})
+    return out.logits.float()
+
+
+def _eos_ids(engine) -> set[int]:
+    """The ids ``model.generate`` stops at: the generation config's EOS (int or list), else the
+    tokenizer's."""
+    eos = getattr(getattr(engine.model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = engine.tokenizer.eos_token_id
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+@torch.no_grad()
+def greedy_batch(engine, fused: list, max_new_tokens: int) -> list[torch.Tensor]:
+    """Greedy answers of several fusions of one prompt, decoded side by side (one forward a step
+    for the whole batch): what ``greedy`` gives each (argmax, stopped after the first EOS, at most
+    ``max_new_tokens``), row for row."""
+    stop = _eos_ids(engine)
+    cache = _stacked_cache(fused)
+    tok = fused[0].input_ids[0, -1:].to(engine.lm.device)[None].expand(len(fused), 1)
+    steps, done = [], torch.zeros(len(fused), dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        out = engine.model(input_ids=tok, use_cache=True, **{cache_kwarg(engine.model): cache})
+        tok = out.logits[:, -1].float().argmax(-1)[:, None]
+        step = tok[:, 0].cpu()
+        steps.append(step)
+        done |= torch.tensor([int(t) in stop for t in step])
+        if bool(done.all()):
+            break
+    seq = torch.stack(steps, 1) if steps else torch.zeros(len(fused), 0, dtype=torch.long)
+    outs = []
+    for row in seq:
+        ends = [i for i, t in enumerate(row.tolist()) if t in stop]
+        outs.append(row[: ends[0] + 1] if ends else row)
+    return outs
 
 
 @torch.no_grad()
@@ -190,6 +242,25 @@ def full_reference(engine, ids: torch.Tensor, answer_tokens: int, gen_tokens: in
     return steps[0], torch.stack(steps[:answer_tokens]), forced, plain
 
 
+LEXICAL = "lex"
+"""A config's policy name: ``select.ChunkFirst`` of the stale passage nearest the question by
+TF-IDF over the prompt's passages (``corpus.nearest``, the first chunk skipped: it is exact with
+the prefix sink and with ``exact_first``), its whole budget there first."""
+
+
+def resolve_policy(policy, texts: list[str], question: str):
+    """What ``fuse`` gets for a config's policy: naive reuse is cacheblend at ratio 0; ``lex``
+    is a ``ChunkFirst`` of this prompt's passage nearest the question; anything else as is."""
+    if policy == "naive":
+        return "cacheblend"
+    if policy == LEXICAL:
+        from chunkcache.corpus import nearest
+        from chunkcache.select import ChunkFirst
+
+        return ChunkFirst(nearest(texts, question, skip=[0]) if len(texts) > 1 else 0)
+    return policy
+
+
 def policy_name(policy) -> str:
     """A policy's name in result rows: the string, or an object's ``name`` or class name."""
     return policy if isinstance(policy, str) else getattr(policy, "name", type(policy).__name__)
@@ -197,10 +268,12 @@ def policy_name(policy) -> str:
 
 class FusedAnswer:
     """A fused prompt as the benchmark scores it: first-token logits, teacher-forced logits along
-    a given answer, and a greedy answer of its own."""
+    a given answer, and a greedy answer of its own. ``score_many`` batches the configs of one
+    question (``batch``: the fusion it stacks)."""
 
     def __init__(self, engine, fused) -> None:
         self.engine, self.fused = engine, fused
+        self.batch = fused
         self.logits = fused.logits
         self.compute_fraction = fused.stats["compute_fraction"]
         self.seconds = fused.stats["seconds"]["total"]
@@ -209,7 +282,7 @@ class FusedAnswer:
         return teacher_forced(self.engine, self.fused, answer)
 
     def generate(self, n: int) -> torch.Tensor:
-        return greedy(self.engine, self.fused.input_ids, self.fused.fresh_cache(), n)
+        return greedy_batch(self.engine, [self.fused], n)[0]
 
 
 class RefinedAnswer:
@@ -280,31 +353,66 @@ class FullAnswer:
 
 def score(engine, answer, full: dict, answers: list[str], gen_tokens: int) -> dict:
     """The metrics of one config against the full prefill's reference (``full_reference``)."""
-    eos = engine.tokenizer.eos_token_id
-    forced = answer.forced(full["forced"])  # [answer_tokens, vocab]
+    return score_many(engine, [answer], full, answers, gen_tokens)[0]
+
+
+def score_many(engine, answerers: list, full: dict, answers: list[str], gen_tokens: int) -> list[dict]:
+    """``score`` for several configs of one question: the answerers that fuse the same prompt on
+    ``engine``'s model (``FusedAnswer``: a ``batch`` fusion) are teacher-forced in one forward and
+    decoded side by side (``teacher_forced_batch``, ``greedy_batch``), the others one by one."""
+    eos = _eos_ids(engine)
     plain = full["plain"]
-    # the plain answer is the forced one up to its EOS, so its path is a prefix of the forced path
-    path = forced[: plain.numel()] if plain.numel() <= forced.shape[0] else answer.forced(plain)
-    diverge = divergence(path, plain) if plain.numel() else 0
-    agree = diverge == plain.numel() and (plain.numel() == gen_tokens or int(plain[-1]) == eos)
-    if agree:
-        text = full["text"]
-    else:
-        text = engine.tokenizer.decode(answer.generate(gen_tokens), skip_special_tokens=True).strip()
-        agree = text == full["text"]
-    return {
-        "kl_first": float(kl(full["first"], answer.logits)),
-        "kl_answer": float(kl(full["forced_logits"], forced).mean()),
-        "diverge": gen_tokens if agree else diverge,
-        "agree": agree,
-        "correct": correct(text, answers),
-        "full_correct": correct(full["text"], answers),
-        "f1": f1_score(text, answers),
-        "full_f1": f1_score(full["text"], answers),
-        "compute_fraction": answer.compute_fraction,
-        "fuse_seconds": answer.seconds,
-        "answer": text,
-    }
+    batched = [
+        i for i, a in enumerate(answerers)
+        if getattr(a, "batch", None) is not None and a.engine.model is engine.model
+    ]  # fmt: skip
+    forced: dict[int, torch.Tensor] = {}
+    for lo in range(0, len(batched), _BATCH):
+        part = batched[lo : lo + _BATCH]
+        logits = teacher_forced_batch(engine, [answerers[i].batch for i in part], full["forced"])
+        forced.update(zip(part, logits, strict=True))
+    for i, a in enumerate(answerers):
+        if i not in forced:
+            forced[i] = a.forced(full["forced"])  # [answer_tokens, vocab]
+    diverge, agree = {}, {}
+    for i, a in enumerate(answerers):
+        # the plain answer is the forced one up to its EOS, so its path is a prefix of the forced path
+        path = forced[i][: plain.numel()] if plain.numel() <= forced[i].shape[0] else a.forced(plain)
+        diverge[i] = divergence(path, plain) if plain.numel() else 0
+        agree[i] = diverge[i] == plain.numel() and (plain.numel() == gen_tokens or int(plain[-1]) in eos)
+    texts = {i: full["text"] for i in agree if agree[i]}
+    todo = [i for i in batched if not agree[i]]
+    gens: dict[int, torch.Tensor] = {}
+    for lo in range(0, len(todo), _BATCH):
+        part = todo[lo : lo + _BATCH]
+        gens.update(zip(part, greedy_batch(engine, [answerers[i].batch for i in part], gen_tokens), strict=True))
+    rows = []
+    for i, a in enumerate(answerers):
+        if i not in texts:
+            out = gens[i] if i in gens else a.generate(gen_tokens)
+            texts[i] = engine.tokenizer.decode(out, skip_special_tokens=True).strip()
+            agree[i] = texts[i] == full["text"]
+        text = texts[i]
+        rows.append(
+            {
+                "kl_first": float(kl(full["first"], a.logits)),
+                "kl_answer": float(kl(full["forced_logits"], forced[i]).mean()),
+                "diverge": gen_tokens if agree[i] else diverge[i],
+                "agree": agree[i],
+                "correct": correct(text, answers),
+                "full_correct": correct(full["text"], answers),
+                "f1": f1_score(text, answers),
+                "full_f1": f1_score(full["text"], answers),
+                "compute_fraction": a.compute_fraction,
+                "fuse_seconds": a.seconds,
+                "answer": text,
+            }
+        )
+    return rows
+
+
+_BATCH = 16
+"""At most this many configs of one question teacher-forced or decoded side by side."""
 
 
 @torch.no_grad()
@@ -378,28 +486,30 @@ def run(
         runs = [(engine, pre, [("naive", 0.0), *pairs])]
         if plain_engine is not None:
             runs.append((plain_engine, "", [("naive", 0.0), *plain_configs]))
+        todo_rows = []  # (name, ratio, answerer): scored together, the fusions side by side
         for eng, pre, todo in runs:
             for policy, ratio in todo:
                 fused = eng.fuse(
                     texts,
                     question,
                     recompute_ratio=ratio,
-                    policy="cacheblend" if policy == "naive" else policy,
+                    policy=resolve_policy(policy, texts, question),
                 )
-                row = score(eng, FusedAnswer(eng, fused), full, ex["answers"], gen_tokens)
-                rows.append({"q": start + qi, "policy": pre + policy_name(policy), "ratio": ratio, **row})
+                todo_rows.append((pre + policy_name(policy), ratio, FusedAnswer(eng, fused)))
                 if eng is not engine:
                     continue
                 sel = (
                     FuseConfig(policy=policy).selector
-                    if isinstance(policy, str) and policy != "naive"
+                    if isinstance(policy, str) and policy not in ("naive", LEXICAL)
                     else None
                 )
                 for after, extra in refines if sel is not None and sel.probe and sel.before_layers else ():
-                    refined = RefinedAnswer(engine, fused, after, extra, policy)
-                    row = score(engine, refined, full, ex["answers"], gen_tokens)
                     name = f"{pre}{policy_name(policy)}+rp{after}:{extra:g}"
-                    rows.append({"q": start + qi, "policy": name, "ratio": ratio, **row})
+                    todo_rows.append((name, ratio, RefinedAnswer(engine, fused, after, extra, policy)))
+        scored = score_many(engine, [a for _, _, a in todo_rows], full, ex["answers"], gen_tokens)
+        for (name, ratio, _), row in zip(todo_rows, scored, strict=True):
+            rows.append({"q": start + qi, "policy": name, "ratio": ratio, **row})
+        del todo_rows, scored
         if noise_name is not None and qi < noise_questions:
             row = score(noise_engine, FullAnswer(noise_engine, ids), full, ex["answers"], gen_tokens)
             rows.append({"q": start + qi, "policy": noise_name, "ratio": 1.0, **row})
@@ -645,9 +755,9 @@ def run_cli(args: argparse.Namespace) -> int:
     if plain and not args.tag:
         raise SystemExit("--plain-configs needs --tag (its rows are the untagged ones)")
     policies = tuple(x for x in args.policies.split(",") if x)
-    unknown = [p for p in policies + tuple(p for p, _ in plain) if p not in POLICIES]
+    unknown = [p for p in policies + tuple(p for p, _ in plain) if p not in POLICIES and p != LEXICAL]
     if unknown:
-        raise SystemExit(f"unknown policies {unknown}; choose from {sorted(POLICIES)}")
+        raise SystemExit(f"unknown policies {unknown}; choose from {sorted(POLICIES) + [LEXICAL]}")
     ratios = tuple(float(x) for x in args.ratios.split(",") if x)
     refines = tuple((int(a), float(b)) for a, b in (x.split(":") for x in args.refine.split(",") if x))
     load_cases(args.data, args.split)  # a missing file or split fails before the model loads
@@ -675,10 +785,10 @@ def run_cli(args: argparse.Namespace) -> int:
     )
     plain_engine = None
     if plain:
-        plain_engine = ChunkCache(
+        plain_engine = ChunkCache(  # one store: an exact_first engine's prefix variants are its entries
             model=engine.model,
             tokenizer=engine.tokenizer,
-            store=None,
+            store=engine.store,
             codec=args.codec,
             fast_path=engine.fast_path,
         )
