@@ -705,18 +705,19 @@ class ChunkCache:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc="precompute", unit="chunk")
-        # On CUDA, on a stream of their own: fusions run on the caller's (default) stream, and a
-        # miss's host-to-device copy there would first wait for every fusion queued before it
-        side = (
-            torch.cuda.stream(torch.cuda.Stream(self.lm.device))
-            if self.lm.device.type == "cuda"
-            else nullcontext()
-        )
-        with side:
+        with self._miss_stream():
             self._encode_groups(groups, step, bar, unsaved, batch_size, timing, queued)
         if bar is not None:
             bar.close()
         return unsaved
+
+    def _miss_stream(self):
+        """Where misses are encoded and packed: on CUDA, a stream of their own (fusions run on the
+        caller's default stream, and a miss's host-to-device copy there would first wait for
+        every fusion queued before it)."""
+        if self.lm.device.type != "cuda":
+            return nullcontext()
+        return torch.cuda.stream(torch.cuda.Stream(self.lm.device))
 
     def _encode_groups(
         self, groups: dict, step: int, bar, unsaved: dict, batch_size: int, timing, queued
