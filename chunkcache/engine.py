@@ -786,8 +786,9 @@ class ChunkCache:
         return 1 if len(v) > 1 and info is v[1].info else 0
 
     _front_by_layer = True
-    """An adaptive fusion reads each layer of the front as soon as the front wrote it (False: waits
-    for the whole front, as before session 10; for measurements)."""
+    """An adaptive fusion whose front is estimated to end after the link reads each layer of the
+    front as soon as the front wrote it (False: always waits for the whole front, as before
+    session 10; for measurements)."""
 
     def _fuse_adaptive(
         self,
@@ -974,11 +975,18 @@ class ChunkCache:
             return (
                 kv,
                 seconds,
-                events if len(recorded) == len(events) and self._front_by_layer else front_done,
+                events if len(recorded) == len(events) and by_layer else front_done,
             )
 
-        repaired, res, fetched, captured = [], None, None, False
+        repaired, res, fetched, captured, ready = [], None, None, False, None
         front_done = torch.cuda.Event() if self.lm.device.type == "cuda" else None  # (the whole front)
+        # the fusion reads the front layer by layer where the front is estimated to end after the
+        # link (or nothing is known): then the probe follows it; where the link ends later the
+        # probe waits for the link anyway, and running it beside the front only slows the front
+        # (H200, 10 Gb/s, k = 5: front 81.9 ms by layer, 78.1 ms whole)
+        est_front = sum(c.recompute_s or 0.0 for c in chosen.chunks[:k])
+        est_link = [c.fetch_s for c in chosen.chunks[k:]]
+        by_layer = self._front_by_layer and (None in est_link or est_front >= sum(est_link))
         codecs = {precision[i] for i in back}
         if self.fast_path and len(codecs) == 1:
             # streamed: the back chunks arrive layer by layer (into the staging's landing arena)
@@ -1060,6 +1068,7 @@ class ChunkCache:
         if t_front_host is not None:
             timing["recompute_host"] = t_front_host  # queueing the front (the host's share of it)
         out = self._adaptive_result(res, chosen, timing, repaired, t0)
+        out.stats["adaptive"]["front_by_layer"] = isinstance(ready, list)  # (read layer by layer)
         known = chosen.estimate_s and chosen.rates["fuse_tokens_per_s"]  # (a free tail: no estimate)
         if known and measured_all and tail_guess is None and not (repaired or captured):
             # measured against the plan's estimate before its overrun factor (``Rates.overrun``)
@@ -1230,8 +1239,7 @@ class ChunkCache:
         def entry(t: int) -> bytes:  # a synthetic chunk of t tokens in this engine's format
             if t not in packed:
                 ids = torch.randint(0, vocab, (t,), generator=gen)
-                kv = torch.randn(spec.num_layers, 2, spec.kv_heads, t, spec.head_dim, generator=gen)
-                chunk = ChunkKV(token_ids=ids, kv=kv.to(self.lm.dtype), base_pos=base)
+                chunk = ChunkKV(token_ids=ids, kv=_synthetic_kv(self.lm, t), base_pos=base)
                 packed[t] = pack_chunk(chunk, self.codec, self.key_info())
             return packed[t]
 
@@ -1290,7 +1298,7 @@ class ChunkCache:
         (the front's path), each ``min_uses`` times on every staging: so the first adaptive calls
         compile and record nothing (session 9, H200: 4-5 s for a process's first such call).
         Then, unless fixed, the rates a plan needs besides the link's are measured on the
-        largest point (two full prefills; two fusions recomputing a third of the chunks in
+        last point (two full prefills; two fusions recomputing a third of the chunks in
         place, after their graphs exist): the prefill, the front (and the host's time to queue
         one) and the fusion's tail. The link is measured beside the first call's full prefill."""
         from contextlib import ExitStack
@@ -1308,15 +1316,16 @@ class ChunkCache:
         last = None
         with ExitStack() as held:
             stagings = [held.enter_context(pool.take()) for _ in range(pool.size)]
-            for n_ctx, n_q in points:
+            for j, (n_ctx, n_q) in enumerate(points):
                 lengths = [chunk_tokens] * (n_ctx // chunk_tokens) + [n_ctx % chunk_tokens] * (
                     n_ctx % chunk_tokens > 0
                 )
                 lists = [torch.randint(0, vocab, (t,), generator=gen).tolist() for t in lengths]
                 ids = [np.asarray(x, dtype="<i8").tobytes() for x in lists]
                 for x in lists:
-                    kv = torch.randn(spec.num_layers, 2, spec.kv_heads, len(x), spec.head_dim, generator=gen)
-                    chunk = ChunkKV(token_ids=torch.tensor(x), kv=kv.to(self.lm.dtype), base_pos=base)
+                    chunk = ChunkKV(
+                        token_ids=torch.tensor(x), kv=_synthetic_kv(self.lm, len(x)), base_pos=base
+                    )
                     for p in self.precisions:
                         ki = self.key_inputs_at(p)
                         mem.put(ki.key(x), pack_chunk(chunk, p, ki.to_dict()))
@@ -1352,10 +1361,10 @@ class ChunkCache:
                                 self._fuse_adaptive(keys, ids, suffix, cfg, time.perf_counter(), store=mem,
                                                     force=(k, p), rates=scratch, read_link=False, staging=st)  # fmt: skip
                                 out["adaptive_fusions"] += 1
-                for key in list(mem.keys()):
-                    mem.delete(key)
-                if last is None or n_ctx > last[0]:
-                    last = (n_ctx, lengths, lists, ids, keys, suffix)
+                if j < len(points) - 1:  # (the last point's entries stay: the rates are read there)
+                    for key in list(mem.keys()):
+                        mem.delete(key)
+                last = (n_ctx, lengths, lists, ids, keys, suffix)
             if last is None:
                 return out
             n_ctx, lengths, lists, ids, keys, suffix = last
@@ -1368,11 +1377,6 @@ class ChunkCache:
                     self._rates.saw("prefill", n_ctx, time.perf_counter() - t)
                 measured.append("prefill")
             if conf.fuse_tokens_per_s is None or conf.recompute_tokens_per_s is None:
-                for x in lists:  # (the entries of the largest point again, at the engine's codec)
-                    ki = self.key_inputs_at(self.codec)
-                    kv = torch.randn(spec.num_layers, 2, spec.kv_heads, len(x), spec.head_dim, generator=gen)
-                    mem.put(ki.key(x), pack_chunk(ChunkKV(token_ids=torch.tensor(x), kv=kv.to(self.lm.dtype),
-                                                          base_pos=base), self.codec, ki.to_dict()))  # fmt: skip
                 k = len(lengths) // 3
                 for _ in range(2):
                     self._fuse_adaptive(keys, ids, suffix, cfg, time.perf_counter(), store=mem,
@@ -1802,6 +1806,16 @@ def _flush_at_exit(ref) -> None:
     eng = ref()
     if eng is not None:
         eng.flush()
+
+
+def _synthetic_kv(lm, tokens: int) -> torch.Tensor:
+    """Random K/V ``[L, 2, H, tokens, D]`` in the model's dtype on its device (the warm-up's
+    synthetic chunks: made and encoded on the device, as precompute encodes; on the CPU an 8B
+    chunk's int2m encoding takes seconds, session 10's first H200 warm-up spent 80 s there)."""
+    spec = lm.spec
+    shape = (spec.num_layers, 2, spec.kv_heads, tokens, spec.head_dim)
+    g = torch.Generator(device=lm.device).manual_seed(tokens)
+    return torch.randn(shape, generator=g, device=lm.device, dtype=torch.float32).to(lm.dtype)
 
 
 def _timed(device: torch.device, fn):

@@ -175,14 +175,17 @@ def test_cuda_adaptive_front_by_layer_and_warmup(smol_tokenizer):
     g = eng.stagings().stagings()[0].graphs
     captures, eager = g.captures, g.eager
     for k in (0, 1):
-        eng.adaptive = AdaptiveConfig(precisions=("int2m",), recompute_chunks=k)
+        # (a fast link: the front is estimated to end after it, so it is read layer by layer)
+        eng.adaptive = AdaptiveConfig(precisions=("int2m",), recompute_chunks=k, link_bytes_per_s=1e15)
         res = [eng.fuse(PASSAGES, QUESTION) for _ in range(2)]
         assert res[0].stats["fast_path"] and res[0].stats["adaptive"]["recomputed"] == k
+        assert res[0].stats["adaptive"]["front_by_layer"] == bool(k)
         assert torch.equal(res[0].logits, res[1].logits)
         if k:
             eng._front_by_layer = False
             whole = eng.fuse(PASSAGES, QUESTION)
             eng._front_by_layer = True
+            assert not whole.stats["adaptive"]["front_by_layer"]
             assert torch.equal(whole.logits, res[0].logits) and torch.equal(whole.kv, res[0].kv)
     assert (g.captures, g.eager) == (captures, eager), sorted(g.graphs)
     # qdeep over a link: its recompute starts before the last layers arrive, and its last group

@@ -160,9 +160,18 @@ def main() -> None:
         for r in range(max(3, args.reps + 2)):
             for name in list(variants)[r % 2 :] + list(variants)[: r % 2]:
                 runs[name].append(ttft(variants[name], dev)[0])
-        full = statistics.median(runs["full"])
-        res.update(full_s=full, fallback_s=statistics.median(runs["fallback"]), full_runs_s=runs)
-        log(f"full prefill {n_prompt} tokens: {full * 1e3:.1f} ms ({n_prompt / full:.0f} tokens/s); fallback "
+        # the baseline of every ratio: the faster of the plain prefill (the model's own forward) and
+        # the engine's fallback (its prefill through encode_exact): session 10's first call A
+        # measured 271.5 against 255.0 ms
+        plain_full = statistics.median(runs["full"])
+        full = min(plain_full, statistics.median(runs["fallback"]))
+        res.update(
+            full_s=full,
+            plain_full_s=plain_full,
+            fallback_s=statistics.median(runs["fallback"]),
+            full_runs_s=runs,
+        )
+        log(f"baseline (the faster prefill) {full * 1e3:.1f} ms; plain prefill {n_prompt} tokens: {plain_full * 1e3:.1f} ms ({n_prompt / full:.0f} tokens/s); fallback "
             f"{res['fallback_s'] * 1e3:.1f} ms = {res['fallback_s'] / full:.4f}x (interleaved)")  # fmt: skip
         fb = None
         save()
@@ -248,9 +257,9 @@ def main() -> None:
                 elif gi == 0:
                     ks, ab = [int(x) for x in args.splits.split(",")], [int(x) for x in args.ab.split(",")]
                 elif gbit >= 10:
-                    ks, ab = [0, 3, 4, 5], [4, 5]
+                    ks, ab = [0, 3, 4, 5], [4]
                 else:
-                    ks, ab = [n - 2], [n - 2]
+                    ks, ab = [n - 2], []
                 sweep = [(k, True, "qfast") for k in ks if 0 <= k < n]
                 for k in ab:
                     if 0 < k < n:
@@ -279,7 +288,7 @@ def main() -> None:
                     kind = "deep_splits" if policy == "qdeep" else "splits" if by_layer else "whole_splits"
                     lk[kind].append(entry)
                     alone = res["fronts_s"].get(k)
-                    log(f"    {policy:6s} split {k:2d}/{n - k:2d} {'by layer' if by_layer else 'whole   '}: {t * 1e3:7.1f} ms ({t / full:.3f}x) | "
+                    log(f"    {policy:6s} split {k:2d}/{n - k:2d} {('by layer' if o.stats['adaptive'].get('front_by_layer') else 'planned') if by_layer else 'whole   '}: {t * 1e3:7.1f} ms ({t / full:.3f}x) | "
                         f"link {sec['fetch'] * 1e3:.1f} front {sec['recompute'] * 1e3:.1f}"
                         + (f" (alone {alone * 1e3:.1f})" if alone else "")
                         + f" queued in {sec['recompute_host'] * 1e3:.1f} tail {sec['tail'] * 1e3:.1f} | direct {o.stats.get('direct_copies')}"
@@ -307,7 +316,7 @@ def projection(res: dict) -> str:
     fronts[0] = 0.0
     out = [
         f"PROJECTION from rates measured on {res['device']} ({res['shape']}, {res['prompt_tokens']} prompt tokens, "
-        f"{n} chunks, qfast 15%): full prefill {full * 1e3:.1f} ms, fallback {fb * 1e3:.1f} ms ({fb / full:.4f}x), both measured.",
+        f"{n} chunks, qfast 15%): full prefill (the faster of the plain one and the fallback) {full * 1e3:.1f} ms, fallback {fb * 1e3:.1f} ms ({fb / full:.4f}x), both measured.",
         "T(k) = max(bytes of chunks k.. / link, front(k) measured alone) + tail; tail = the k = 0 streamed tail at the "
         "link (the probe behind the link; with the front read layer by layer the same tail follows a front-bound split); "
         "adaptive = min(min_k T(k), fallback). EMULATED = measured end to end through the in-process throttled link.",
