@@ -259,6 +259,10 @@ def test_configs_of_a_question_scored_side_by_side_equal_one_by_one(tiny_engine,
         hf = quality.greedy(tiny_engine, f.input_ids, f.fresh_cache(), 6)
         assert gens[i].tolist() == hf.tolist()
     together = quality.score_many(tiny_engine, answers, full, ["Eiffel"], 6)
+    in_twos = quality.score_many(tiny_engine, answers, full, ["Eiffel"], 6, batch=2)
+    assert [r["answer"] for r in in_twos] == [r["answer"] for r in together]
+    with pytest.raises(ValueError, match="batch"):
+        quality.score_many(tiny_engine, answers, full, ["Eiffel"], 6, batch=0)
     monkeypatch.setattr(quality, "_BATCH", 1)
     one_by_one = [quality.score(tiny_engine, a, full, ["Eiffel"], 6) for a in answers]
     assert not all(r["agree"] for r in together) and any(r["agree"] for r in together)

@@ -356,10 +356,16 @@ def score(engine, answer, full: dict, answers: list[str], gen_tokens: int) -> di
     return score_many(engine, [answer], full, answers, gen_tokens)[0]
 
 
-def score_many(engine, answerers: list, full: dict, answers: list[str], gen_tokens: int) -> list[dict]:
+def score_many(
+    engine, answerers: list, full: dict, answers: list[str], gen_tokens: int, batch: int | None = None
+) -> list[dict]:
     """``score`` for several configs of one question: the answerers that fuse the same prompt on
     ``engine``'s model (``FusedAnswer``: a ``batch`` fusion) are teacher-forced in one forward and
-    decoded side by side (``teacher_forced_batch``, ``greedy_batch``), the others one by one."""
+    decoded side by side (``teacher_forced_batch``, ``greedy_batch``), at most ``batch`` at a time
+    (default ``_BATCH``; each row holds a copy of its prompt's KV), the others one by one."""
+    batch = _BATCH if batch is None else batch
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
     eos = _eos_ids(engine)
     plain = full["plain"]
     batched = [
@@ -367,8 +373,8 @@ def score_many(engine, answerers: list, full: dict, answers: list[str], gen_toke
         if getattr(a, "batch", None) is not None and a.engine.model is engine.model
     ]  # fmt: skip
     forced: dict[int, torch.Tensor] = {}
-    for lo in range(0, len(batched), _BATCH):
-        part = batched[lo : lo + _BATCH]
+    for lo in range(0, len(batched), batch):
+        part = batched[lo : lo + batch]
         logits = teacher_forced_batch(engine, [answerers[i].batch for i in part], full["forced"])
         forced.update(zip(part, logits, strict=True))
     for i, a in enumerate(answerers):
@@ -383,8 +389,8 @@ def score_many(engine, answerers: list, full: dict, answers: list[str], gen_toke
     texts = {i: full["text"] for i in agree if agree[i]}
     todo = [i for i in batched if not agree[i]]
     gens: dict[int, torch.Tensor] = {}
-    for lo in range(0, len(todo), _BATCH):
-        part = todo[lo : lo + _BATCH]
+    for lo in range(0, len(todo), batch):
+        part = todo[lo : lo + batch]
         gens.update(zip(part, greedy_batch(engine, [answerers[i].batch for i in part], gen_tokens), strict=True))
     rows = []
     for i, a in enumerate(answerers):
@@ -437,6 +443,7 @@ def run(
     configs: tuple[tuple[str, float], ...] | None = None,
     plain_engine=None,
     plain_configs: tuple[tuple[str, float], ...] = (),
+    score_batch: int | None = None,
 ) -> dict:
     """Run the benchmark; returns ``{"rows": [...per question/config...], "summary": {...}}``.
 
@@ -506,10 +513,12 @@ def run(
                 for after, extra in refines if sel is not None and sel.probe and sel.before_layers else ():
                     name = f"{pre}{policy_name(policy)}+rp{after}:{extra:g}"
                     todo_rows.append((name, ratio, RefinedAnswer(engine, fused, after, extra, policy)))
-        scored = score_many(engine, [a for _, _, a in todo_rows], full, ex["answers"], gen_tokens)
+        scored = score_many(engine, [a for _, _, a in todo_rows], full, ex["answers"], gen_tokens, score_batch)
         for (name, ratio, _), row in zip(todo_rows, scored, strict=True):
             rows.append({"q": start + qi, "policy": name, "ratio": ratio, **row})
         del todo_rows, scored
+        if engine.lm.device.type == "cuda":  # several bench processes share one GPU: hand the question's KV back
+            torch.cuda.empty_cache()
         if noise_name is not None and qi < noise_questions:
             row = score(noise_engine, FullAnswer(noise_engine, ids), full, ex["answers"], gen_tokens)
             rows.append({"q": start + qi, "policy": noise_name, "ratio": 1.0, **row})
@@ -689,6 +698,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="fuse on the engine's eager path on CUDA too (fast_path=False: no CUDA graph recording or "
         "kernel compilation per new prompt shape; fidelity runs meet a new shape every question)",
     )
+    p.add_argument(
+        "--score-batch",
+        type=int,
+        default=_BATCH,
+        help="configs of a question teacher-forced and decoded side by side at most (each a copy of the "
+        "prompt's KV: lower it for long prompts in many processes on one GPU)",
+    )
     p.add_argument("--codec", default="raw", help="codec of the chunk caches")
     p.add_argument("--store", default=None, help="store path (default: in memory)")
     p.add_argument("--out", default=None, help="write JSON results here")
@@ -761,6 +777,8 @@ def run_cli(args: argparse.Namespace) -> int:
     ratios = tuple(float(x) for x in args.ratios.split(",") if x)
     refines = tuple((int(a), float(b)) for a, b in (x.split(":") for x in args.refine.split(",") if x))
     load_cases(args.data, args.split)  # a missing file or split fails before the model loads
+    if args.score_batch < 1:
+        raise SystemExit(f"--score-batch must be at least 1, got {args.score_batch}")
     if args.sink_context and args.sink != "context":
         raise SystemExit("--sink-context needs --sink context")
     context = None
@@ -817,6 +835,7 @@ def run_cli(args: argparse.Namespace) -> int:
         configs=pairs,
         plain_engine=plain_engine,
         plain_configs=plain,
+        score_batch=args.score_batch,
     )
     print(table(res["summary"]))
     res = {**header, **res}

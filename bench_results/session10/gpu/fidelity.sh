@@ -29,8 +29,17 @@
 #
 #   bash bench_results/session10/gpu/fidelity.sh        # tables.txt, JSON, logs.txt in $OUT/fidelity
 #   DEVICE=cpu QMAX=1 FSLICES=1 MSLICES=1 WALL=900 PY=.venv/bin/python bash bench_results/session10/gpu/fidelity.sh   # CPU check
+# Re-run (second window): PART=musique runs the MuSiQue phase alone (WALL from the script's start).
+# Call B (bench_results/session10/h200_callB) lost 5 of 16 MuSiQue slices to CUDA out-of-memory
+# (16 processes x 8-15 GB: every config's ~3,000-token KV stacked for the side-by-side scoring,
+# and the caching allocators' reserve): now MBATCH (4) configs at a time on MuSiQue, each
+# question's memory handed back (torch.cuda.empty_cache), expandable segments.
+#   PART=musique bash bench_results/session10/gpu/fidelity.sh
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+PART=${PART:-both}                # both | fact | musique
+MBATCH=${MBATCH:-4}; FBATCH=${FBATCH:-16}
 case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) [ "${DEVICE:-cuda}" = cpu ] || source bench_results/session7/gpu/setup.sh > /dev/null 2>&1 ;; esac
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/out}
@@ -50,18 +59,19 @@ tag_of() { echo nn${1#nn:}; }
 Q="$PY -m chunkcache.bench.quality --device ${DEVICE:-cuda} --dtype float32 --answer-tokens 32 --eager"
 TWO="--sink context --exact-first --configs $TCONFIGS --plain-configs $PCONFIGS"
 $PY -c "import torch, chunkcache; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" > $T/env.log 2>&1
-echo "WALL=$WALL FACT_CUT=$FACT_CUT TCONFIGS=$TCONFIGS PCONFIGS=$PCONFIGS FSINK=$FSINK MSINK=$MSINK NF_FACT=$NF_FACT NF_MUS=$NF_MUS; setup done after $SECONDS s" >> $T/env.log
+echo "PART=$PART MBATCH=$MBATCH WALL=$WALL FACT_CUT=$FACT_CUT TCONFIGS=$TCONFIGS PCONFIGS=$PCONFIGS FSINK=$FSINK MSINK=$MSINK NF_FACT=$NF_FACT NF_MUS=$NF_MUS; setup done after $SECONDS s" >> $T/env.log
 run() {  # cut (s), name, then the bench's arguments
   local cut=$1 name=$2; shift 2
   timeout $cut $Q "$@" --out $T/$name.json > $T/$name.log 2>&1 &
 }
 # factual: dev 59 = 5 x 7 + 3 x 8, heldout 56 = 8 x 7: 16 slices (FSLICES a split)
+[ $PART = musique ] && FSLICES=0
 for split in dev heldout; do
   s=0
   for j in 0 1 2 3 4 5 6 7; do
     n=7; [ $split = dev ] && [ $j -ge 5 ] && n=8
     [ $j -lt $FSLICES ] && run $FACT_CUT fact_${split}_$s --data chunkcache/bench/data/factual.json --split $split \
-      --passages 6 --start $s --questions $((n < QMAX ? n : QMAX)) --noise-floor $NF_FACT $TWO \
+      --passages 6 --start $s --questions $((n < QMAX ? n : QMAX)) --noise-floor $NF_FACT $TWO --score-batch $FBATCH \
       --sink-context $FSINK --tag $(tag_of $FSINK)
     s=$((s + n))
   done
@@ -69,10 +79,10 @@ done
 wait
 echo "factual slices done after $SECONDS s" >> $T/env.log
 MUS_CUT=$((WALL - SECONDS - MERGE_S))
-if [ $MUS_CUT -gt 30 ]; then
+if [ $MUS_CUT -gt 30 ] && [ $PART != fact ]; then
   for i in $(seq 0 $((MSLICES - 1))); do       # 16 slices: 6 or 7 questions (4 x 7 + 12 x 6 = 100)
     s=$(( i < 4 ? 7 * i : 28 + 6 * (i - 4) )); n=$(( i < 4 ? 7 : 6 ))
-    run $MUS_CUT mus_$s --passages 5 --start $s --questions $((n < QMAX ? n : QMAX)) --noise-floor $NF_MUS \
+    run $MUS_CUT mus_$s --passages 5 --start $s --questions $((n < QMAX ? n : QMAX)) --noise-floor $NF_MUS --score-batch $MBATCH \
       $TWO --sink-context $MSINK --tag $(tag_of $MSINK)
   done
   wait
