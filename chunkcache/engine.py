@@ -498,7 +498,7 @@ class ChunkCache:
         if header["base_pos"] != base:
             raise ForeignEntryError(f"entry's base_pos {header['base_pos']} is not the sink's length {base}")
 
-    def _pack(self, key: str, chunk: ChunkKV, variant: int = 0) -> tuple[bytes, dict[str, bytes]]:
+    def _pack(self, chunk: ChunkKV, variant: int = 0) -> tuple[bytes, dict[str, bytes]]:
         """The chunk's entry, and the entries of adaptive loading's further precisions (key ->
         bytes; written with it)."""
         from chunkcache.format import pack_chunk
@@ -515,7 +515,7 @@ class ChunkCache:
         write (full disk, Redis down or out of memory, read-only) must not stop serving, so the
         caller uses these and the failure is warned about once and counted
         (``store.stats().failed_writes``)."""
-        value, extra = self._pack(key, chunk, variant)
+        value, extra = self._pack(chunk, variant)
         return None if self._put(key, value, extra) else value
 
     def _put(self, key: str, value: bytes, extra: dict[str, bytes]) -> bool:
@@ -541,7 +541,7 @@ class ChunkCache:
         from chunkcache.codec import get_codec
         from chunkcache.format import unpack_parts
 
-        value, extra = self._pack(key, chunk, variant)
+        value, extra = self._pack(chunk, variant)
         header, parts = unpack_parts(value, verify=False)  # our own bytes, packed just now
         if not self.device_cache.admit(key, header, parts, get_codec(header["codec"]).parts):
             if not self.device_cache.holds([key])[0]:
