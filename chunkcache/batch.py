@@ -247,8 +247,9 @@ def fuse_many(lm: LoadedModel, jobs: Sequence[FuseJob], recompute: str = "packed
         _probe(lm, probing)
     for s in probing:
         s.f.timer.mark("probe")
+    for s in states:  # selected before layer 0: from the probe, or without one (``select.Epic0``)
         p = s.f.prompt
-        if s.f.policy.before_layers:
+        if s.f.policy.before_layers and s.schedule:
             keep_n = F._kept(s.budget, s.schedule[0], p.n_ctx, p.n_q, p.n_ctx, _pad(s))
             if keep_n < p.n_ctx:
                 keep = F._select(s.f, 0, p.ctx_pos, keep_n, s.probe_attn)

@@ -119,6 +119,14 @@ class PrecomputeConfig:
             raise ValueError(f"exact_first is only for sink='context' (the first chunk behind the "
                              f"{self.sink!r} sink is exact already)")  # fmt: skip
 
+    @property
+    def default_policy(self) -> str:
+        """The selection policy of an engine with these settings where none is given: ``qvalue``
+        with ``exact_first`` (the first chunk is exact: qvalue spends nothing on it, and over
+        nearest-passage contexts it beat qfast at equal compute on every set measured,
+        bench_results/session10/fidelity/NOTES.md section 5), else ``qfast``."""
+        return "qvalue" if self.exact_first else "qfast"
+
     def variants(self) -> tuple[PrecomputeConfig, ...]:
         """The encodings each chunk is stored in: these settings, then (``exact_first``) the
         ``prefix`` sink's, which a prompt's first chunk is fused from."""
@@ -173,7 +181,7 @@ class ChunkCache:
         sink: str = "prefix",
         sink_context: Sequence[str] | Callable[[str], Sequence[str]] | None = None,
         exact_first: bool = False,
-        policy: str = "qfast",
+        policy: str | None = None,
         recompute_ratio: float = 0.15,
         instruction: str = DEFAULT_INSTRUCTION,
         system: str | None = DEFAULT_SYSTEM,
@@ -191,7 +199,9 @@ class ChunkCache:
         if sink_context is not None and not callable(sink_context) and not isinstance(sink_context, str):
             sink_context = tuple(sink_context)
         settings = PrecomputeConfig(sink=sink, context=sink_context, exact_first=exact_first)
-        default_fuse = FuseConfig(recompute_ratio=checks.ratio(recompute_ratio), policy=policy)
+        default_fuse = FuseConfig(  # no policy given: the settings' (``PrecomputeConfig.default_policy``)
+            recompute_ratio=checks.ratio(recompute_ratio), policy=policy or settings.default_policy
+        )
         if adaptive is not None and (settings.exact_first or settings.per_chunk):
             # (its planner fetches one variant of every chunk, keyed by the engine's key inputs)
             raise ValueError(

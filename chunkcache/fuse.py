@@ -479,12 +479,11 @@ def _select(
     prompt, lm = f.prompt, f.lm
     idx = cand - prompt.n_prefix  # candidates' indices among the chunk tokens
     values = None
-    if getattr(f.policy, "value_norms", False):  # [L, c], a layer at a time (an fp32 copy of one layer's V)
+    if getattr(f.policy, "value_norms", False):
+        # [L, c]: one reduction over every layer's V, accumulated in fp32 without an fp32 copy
+        # (equal to the norm of ``.float()`` copies, layer by layer, which it replaced)
         v = f.buf[:, 1]  # [L, H, N', D]
-        values = torch.stack(
-            [torch.linalg.vector_norm(v[li].float(), dim=-1).mean(0) for li in range(len(v))]
-        )
-        values = values[:, cand]
+        values = torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32).mean(1)[:, cand]
     ctx = SelectContext(
         layer=layer,
         positions=cand,
@@ -568,16 +567,18 @@ def fuse_assembled(
         else:
             probe.run_until(min(schedule) + 1)
         timer.mark("probe")
-    if probe is not None and policy.before_layers:
-        # The probe alone ranks the tokens: select before layer 0, so every layer (from the
-        # first) runs over the kept rows only, as one fixed set (graphs from layer 0).
-        probe.run_rest()
-        timer.mark("probe")
+    if policy.before_layers and schedule:
+        # The probe alone (or a policy that needs none) ranks the tokens: select before layer 0,
+        # so every layer (from the first) runs over the kept rows only, as one fixed set (graphs
+        # from layer 0).
+        if probe is not None:
+            probe.run_rest()
+            timer.mark("probe")
         keep_n = _kept(
             budget, schedule[0], n_ctx, n_q, n_ctx, graphs.padded_rows if graphs is not None else None
         )
         if keep_n < n_ctx:
-            keep = _select(f, 0, prompt.ctx_pos, keep_n, probe.attention())
+            keep = _select(f, 0, prompt.ctx_pos, keep_n, None if probe is None else probe.attention())
             active, n_act = torch.cat([keep, q_pos]), keep_n
         schedule = {}
         timer.mark("check")

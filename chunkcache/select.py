@@ -17,6 +17,7 @@ are None).
     qstale      ours: qfast's ranking over the stale tokens only (exact ones never). See ``QStale``.
     qvalue      ours: qstale with each layer's attention weighted by the token's V norm. See ``QValue``.
     epic        the first tokens of every chunk (EPIC), for comparison
+    epic0       EPIC's tokens selected before layer 0, no probe: qfast's compute less the probe's
     random      uniform at random (a sanity floor)
 
 What it does not know: models, caches, prompts. It sees tensors in a SelectContext only. A
@@ -165,6 +166,18 @@ class Epic(Random):
         per = math.ceil(k / n_chunks)
         score = -ctx.within_chunk().float() + (ctx.within_chunk() < per).float() * 1e9
         return _top(ctx, score, k)
+
+
+class Epic0(Epic):
+    """EPIC's selection (the first tokens of every chunk) made before layer 0, without a probe:
+    every layer runs over the selected rows only, as qfast's do, so at equal k its time is qfast's
+    less the probe's and the wait for the probe's last layer. The no-probe baseline of
+    ``bench_results/session11/gpu/probe.py`` (the probe's share of the GPU TTFT)."""
+
+    before_layers = True
+
+    def schedule(self, num_layers: int, ratio: float) -> dict[int, float]:
+        return {0: ratio}
 
 
 class QAware:
@@ -340,5 +353,6 @@ POLICIES: dict[str, Policy] = {
     "qstale": QStale(),
     "qvalue": QValue(),
     "epic": Epic(),
+    "epic0": Epic0(),
     "random": Random(),
 }

@@ -166,8 +166,8 @@ QUESTIONS = [
 
 def _requests():
     """Different chunk sets, orders and lengths; every policy kind (probe before layer 0, over
-    every layer or the first half, probe + check layer, check layers without a probe); ratios 0
-    and 1."""
+    every layer or the first half, probe + check layer, check layers without a probe, before
+    layer 0 without a probe); ratios 0 and 1."""
     p = PASSAGES
     return [
         (p[:2], QUESTIONS[0], 0.3, "qfast"),
@@ -178,6 +178,7 @@ def _requests():
         (p, QUESTIONS[5], 0.3, "gradual"),
         (p[2:], QUESTIONS[0], 0.15, "qfast"),
         (p[1:], QUESTIONS[1], 0.2, "qshallow"),  # its probe stops halfway; the others' goes on
+        (p[:3], QUESTIONS[2], 0.3, "epic0"),  # selected before layer 0 with no probe
     ]
 
 

@@ -267,6 +267,24 @@ def test_exact_first_never_uses_the_other_variant_under_the_first_chunks_key(smo
     assert read_header(eng.store.get(front))["key"]["settings"]["sink"] == "prefix"  # replaced
 
 
+def test_exact_first_engines_default_to_qvalue_unless_a_policy_is_given(smol_tokenizer):
+    """With ``sink="context"`` and ``exact_first`` and no ``policy=``, the engine fuses with qvalue
+    (it spends nothing on the exact first chunk; session 10 NOTES section 5); every other engine,
+    and one given a policy, keeps its own (qfast by default). A call's ``policy=`` still wins."""
+    model = tiny_model()
+    kw = dict(model=model, tokenizer=smol_tokenizer, store=None)
+    eng = ChunkCache(sink="context", exact_first=True, **kw)
+    assert eng.default_fuse.policy == "qvalue"
+    res = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.3)
+    assert res.stats["policy"] == "qvalue"
+    want = eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.3, policy="qvalue")
+    assert torch.equal(res.selected, want.selected) and torch.equal(res.logits, want.logits)
+    assert eng.fuse(PASSAGES, QUESTION, recompute_ratio=0.3, policy="qfast").stats["policy"] == "qfast"
+    assert ChunkCache(sink="context", exact_first=True, policy="qfast", **kw).default_fuse.policy == "qfast"
+    assert ChunkCache(sink="context", **kw).default_fuse.policy == "qfast"
+    assert ChunkCache(**kw).default_fuse.policy == "qfast"
+
+
 def test_exact_first_is_refused_where_it_means_nothing_before_the_model_loads():
     from chunkcache.adaptive import AdaptiveConfig
 

@@ -388,6 +388,7 @@ def test_policy_selects_its_top_k(smol_tokenizer):
         "qvalue": top(torch.where(in_first, -1.0, (mass * vnorm).sum(0))),
         "qaware": top((attn / attn.mean()) * (dev / dev.mean()).sqrt()),
         "epic": set(pos[within < k // 4].tolist()),
+        "epic0": set(pos[within < k // 4].tolist()),  # EPIC's, chosen before layer 0 (no probe)
         "random": set(pos[torch.randperm(n_ctx, generator=torch.Generator().manual_seed(0))[:k]].tolist()),
     }
     assert set(expected) | {"gradual"} == set(POLICIES)
@@ -416,7 +417,7 @@ def test_policy_selects_its_top_k(smol_tokenizer):
         clean = set(first) | set(sel)
         gap = next(i for i in range(p, p + n_ctx + 1) if i not in clean)  # first stale position
         exact = [s for s in sel if s < gap and s not in first]
-        if name == "epic":
+        if name.startswith("epic"):
             assert exact == list(range(first.stop, first.stop + k // 4))
         torch.testing.assert_close(res.kv[:, :, :, exact], full_kv[:, :, :, exact], rtol=1e-5, atol=1e-5)
 

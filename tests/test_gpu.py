@@ -31,7 +31,7 @@ def test_cuda_ratio_one_matches_prefill(smol_tokenizer, dtype, arch):
 
 
 @pytest.mark.parametrize("fast_path", [False, True])
-@pytest.mark.parametrize("policy", ["cacheblend", "qaware", "qfast"])
+@pytest.mark.parametrize("policy", ["cacheblend", "qaware", "qfast", "qvalue", "epic0"])
 def test_cuda_matches_cpu_path(smol_tokenizer, fast_path, policy):
     """The engine on CUDA, eager (kernels in ``fuse_kv``) or on the fast path (the default:
     ``pipeline.fuse_entries``, CUDA graphs from the second call of a shape), against the CPU."""

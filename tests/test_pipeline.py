@@ -33,6 +33,7 @@ def _entries_and_chunks(eng, texts=PASSAGES):
         ("qfast", 0.3),
         ("qstale", 0.3),
         ("qvalue", 0.3),
+        ("epic0", 0.3),
         ("cacheblend", 0.3),
         ("gradual", 0.2),
         ("qaware", 0.0),
