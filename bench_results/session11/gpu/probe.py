@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     def dump():
         out["elapsed_s"] = time.perf_counter() - t_start
         Path(a.out, "probe.json").write_text(json.dumps(out, indent=1))
-        md = table(out["store"], f"{a.shape} bf16 on {name}, {a.codec} LMDB store, ratio {a.ratio}: "
+        md = table(out["store"], f"{a.shape} {str(lm.model.dtype).split('.')[-1]} on {name}, {a.codec} LMDB store, ratio {a.ratio}: "
                    "engine.fuse on texts, medians of the same rounds")  # fmt: skip
         if out["device_cache"]:
             md += "\n\n" + table(out["device_cache"], "the same, every entry in a device cache (no load)")
@@ -231,7 +231,6 @@ def main(argv=None) -> int:
                 flush=True,
             )
             dump()
-        dce.device_cache = None
         del dce
         torch.cuda.empty_cache()
     if a.context_sink and left() > 0:
