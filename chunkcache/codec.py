@@ -86,6 +86,12 @@ class Codec:
     lossless: ClassVar[bool]
 
     def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:  # kv: [L, 2, H, T, D]
+        """The named parts of ``kv``, on the host (contiguous)."""
+        return _cpu(self.encode_here(kv))
+
+    def encode_here(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``encode``'s parts where ``kv`` lives (a GPU's kv: parts in device memory, nothing copied
+        to the host; the same values ``encode`` gives)."""
         raise NotImplementedError
 
     def decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -132,9 +138,9 @@ class RawCodec(Codec):
     parts = ("kv",)
     lossless = True
 
-    def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_here(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
         _check_kv(kv)
-        return {"kv": kv.detach().to("cpu").contiguous()}  # [L, 2, H, T, D]
+        return {"kv": kv.detach().contiguous()}  # [L, 2, H, T, D]
 
     def decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return parts["kv"].to(dtype)
@@ -150,7 +156,7 @@ class Int8Codec(Codec):
     parts = ("k_q", "k_scale", "v_q", "v_scale")
     lossless = False
 
-    def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_here(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
         _check_kv(kv)
         kv = kv.detach()  # quantise where kv lives (GPU after precompute), ship only the parts
         k, v = kv[:, 0].float(), kv[:, 1].float()  # [L, H, T, D] each
@@ -158,7 +164,7 @@ class Int8Codec(Codec):
         v_scale = _to_fp16_scale(v.abs().amax(dim=3) / 127.0, "value")  # [L, H, T]
         k_q = torch.round(k / k_scale.float()[:, :, None, :]).clamp_(-127, 127).to(torch.int8)
         v_q = torch.round(v / v_scale.float()[..., None]).clamp_(-127, 127).to(torch.int8)
-        return _cpu({"k_q": k_q, "k_scale": k_scale, "v_q": v_q, "v_scale": v_scale})
+        return {"k_q": k_q, "k_scale": k_scale, "v_q": v_q, "v_scale": v_scale}
 
     def decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         k = parts["k_q"].float() * parts["k_scale"].float()[:, :, None, :]  # [L, H, T, D]
@@ -203,7 +209,7 @@ class Int4Codec(Codec):
     parts = ("k_q", "k_scale", "k_min", "v_q", "v_scale", "v_min")
     lossless = False
 
-    def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_here(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
         _check_kv(kv)
         L, _, H, T, D = kv.shape
         if D % 2:
@@ -223,16 +229,14 @@ class Int4Codec(Codec):
         km = _expand_groups(k_min.float(), T)
         k_q = torch.round((k - km) / ks).clamp_(0, 15).to(torch.uint8)
         v_q = torch.round((v - v_min.float()[..., None]) / v_scale.float()[..., None]).clamp_(0, 15)
-        return _cpu(
-            {
-                "k_q": _pack4(k_q),
-                "k_scale": k_scale,
-                "k_min": k_min,
-                "v_q": _pack4(v_q.to(torch.uint8)),
-                "v_scale": v_scale,
-                "v_min": v_min,
-            }
-        )
+        return {
+            "k_q": _pack4(k_q),
+            "k_scale": k_scale,
+            "k_min": k_min,
+            "v_q": _pack4(v_q.to(torch.uint8)),
+            "v_scale": v_scale,
+            "v_min": v_min,
+        }
 
     def decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         T = parts["v_scale"].shape[2]
@@ -396,7 +400,7 @@ class Int2Codec(Codec):
     parts = ("rows", "side")
     lossless = False
 
-    def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_here(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
         _check_kv(kv)
         L, _, H, T, D = kv.shape
         self._check_head_dim(D)
@@ -440,7 +444,7 @@ class Int2Codec(Codec):
         side = torch.cat(
             [sec[name].reshape(L, -1).view(torch.uint8) for name in layout if name != "end"], dim=1
         )
-        return _cpu({"rows": rows, "side": side})
+        return {"rows": rows, "side": side}
 
     def decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         layers = [self._decode_one(parts["rows"][i], parts["side"][i]) for i in range(parts["rows"].shape[0])]
@@ -668,7 +672,7 @@ class Int2MCodec(Int2RCodec):
                 f"int2m needs a power of two head_dim >= 16 (Hadamard values, 4-bit key quarter), got {D}"
             )
 
-    def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_here(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
         _check_kv(kv)
         L, _, H, T, D = kv.shape
         self._check_head_dim(D)
@@ -731,7 +735,7 @@ class Int2MCodec(Int2RCodec):
         pad = layout["end"][0] - side.shape[1]
         if pad:
             side = torch.cat([side, torch.zeros(L, pad, dtype=torch.uint8, device=side.device)], dim=1)
-        return _cpu({"rows": rows, "side": side})
+        return {"rows": rows, "side": side}
 
     def _decode_one(self, rows: torch.Tensor, side: torch.Tensor) -> torch.Tensor:  # -> [2, H, T, D] fp32
         p = int2m_sections(rows, side)

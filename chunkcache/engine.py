@@ -498,12 +498,14 @@ class ChunkCache:
         if header["base_pos"] != base:
             raise ForeignEntryError(f"entry's base_pos {header['base_pos']} is not the sink's length {base}")
 
-    def _pack(self, chunk: ChunkKV, variant: int = 0) -> tuple[bytes, dict[str, bytes]]:
+    def _pack(
+        self, chunk: ChunkKV, variant: int = 0, parts: dict | None = None
+    ) -> tuple[bytes, dict[str, bytes]]:
         """The chunk's entry, and the entries of adaptive loading's further precisions (key ->
-        bytes; written with it)."""
+        bytes; written with it). ``parts``: its codec parts already encoded (``pack_chunk``'s)."""
         from chunkcache.format import pack_chunk
 
-        value = pack_chunk(chunk, self.codec, self._of(variant, chunk.token_ids.tolist())[2])
+        value = pack_chunk(chunk, self.codec, self._of(variant, chunk.token_ids.tolist())[2], parts)
         extra = {}  # (never with exact_first: only variant 0 is here)
         for codec in self.precisions[1:]:
             inputs = self.key_inputs_at(codec)
@@ -532,12 +534,42 @@ class ChunkCache:
         return True
 
     def _write_behind(self, key: str, chunk: ChunkKV, variant: int) -> bool:
-        """A serving fusion's miss off its critical path: the packed entry goes into the device
-        cache now (the fusion that encoded it, and any other, reads it from there) and a
-        background thread writes it to the store; the key stays claimed (``_inflight``) until
-        that write ends, so a caller that finds it in neither waits for it, never encodes it
-        again. False (nothing done) when the device cache cannot take it: then the caller writes
-        it itself. ``flush`` waits for every write handed over."""
+        """A serving fusion's miss off its critical path: its codec parts, encoded where the chunk
+        was computed (``format.resident_entry``: on a GPU nothing goes to the host), go into the
+        device cache now (the fusion that encoded it, and any other, reads it from there); a
+        background thread serialises the entry (host copy, checksums: ``_pack`` with those
+        parts, the very bytes ``_save`` writes) and writes it to the store. The key stays claimed
+        (``_inflight``) until that write ends, so a caller that finds it in neither waits for it,
+        never encodes it again. False (nothing done) when the device cache cannot take it: then
+        the caller writes it itself. ``flush`` waits for every write handed over."""
+        from chunkcache.codec import get_codec
+        from chunkcache.format import resident_entry
+
+        if not self._pack_on_device:  # (the A/B of the host-side form, session 10's)
+            return self._write_behind_packed(key, chunk, variant)
+        header, parts = resident_entry(chunk, self.codec, self._of(variant, chunk.token_ids.tolist())[2])
+        codec_parts = get_codec(header["codec"]).parts
+        if not self.device_cache.admit(key, header, parts, codec_parts):
+            if not self.device_cache.holds([key])[0]:
+                return False
+        done = None
+        if chunk.kv.is_cuda:  # the writer's host copies wait for the parts' encoding, on this stream
+            done = torch.cuda.Event()
+            done.record()
+        if not self.precisions[1:]:  # only the shape is needed: let the device KV go now
+            chunk = ChunkKV(
+                token_ids=chunk.token_ids,
+                kv=torch.empty(chunk.kv.shape, dtype=chunk.kv.dtype, device="meta"),
+                base_pos=chunk.base_pos,
+                meta=chunk.meta,
+                token_scores=chunk.token_scores,
+            )
+        self._behind_queue().put((key, (chunk, variant, {n: parts[n] for n in codec_parts}, done)))
+        return True
+
+    def _write_behind_packed(self, key: str, chunk: ChunkKV, variant: int) -> bool:
+        """``_write_behind`` with the entry packed on the caller's thread first (session 10's form,
+        kept for the benchmark's A/B: ``ChunkCache._pack_on_device = False``)."""
         from chunkcache.codec import get_codec
         from chunkcache.format import unpack_parts
 
@@ -546,6 +578,10 @@ class ChunkCache:
         if not self.device_cache.admit(key, header, parts, get_codec(header["codec"]).parts):
             if not self.device_cache.holds([key])[0]:
                 return False
+        self._behind_queue().put((key, (value, extra)))
+        return True
+
+    def _behind_queue(self) -> queue.Queue:
         with self._lock:
             if self._behind is None:
                 self._behind_q = queue.Queue()
@@ -555,8 +591,8 @@ class ChunkCache:
                 )  # fmt: skip
                 self._behind.start()
                 atexit.register(_flush_at_exit, weakref.ref(self))
-        self._behind_q.put((key, value, extra))
-        return True
+        return self._behind_q
+
 
     def flush(self) -> None:
         """Wait until every miss handed to the background writer is in the store (or refused,
@@ -784,6 +820,11 @@ class ChunkCache:
         """Which variant a chunk's key inputs (from ``_prompt_keys``) are of."""
         v = self.variants()
         return 1 if len(v) > 1 and info is v[1].info else 0
+
+    _pack_on_device = True
+    """A miss written behind goes into the device cache from the device (its codec parts encoded
+    there) and is serialised by the background writer (False: packed on the caller's thread and
+    copied back, session 10's form; the benchmark's A/B)."""
 
     _front_by_layer = True
     """An adaptive fusion whose front is estimated to end after the link reads each layer of the
@@ -1783,7 +1824,7 @@ def _write_behind_loop(ref, q: queue.Queue) -> None:
     go of its claim. Holds the engine only while writing (ends when the engine is gone)."""
     while True:
         try:
-            key, value, extra = q.get(timeout=10.0)
+            key, job = q.get(timeout=10.0)
         except queue.Empty:
             if ref() is None:  # the engine is gone and nothing is left to write
                 return
@@ -1791,6 +1832,14 @@ def _write_behind_loop(ref, q: queue.Queue) -> None:
         eng = ref()
         try:
             if eng is not None:
+                if len(job) == 2:  # packed on the caller's thread
+                    value, extra = job
+                else:  # the parts encoded on the device: to the host and serialised here
+                    chunk, variant, parts, done = job
+                    if done is not None:
+                        done.synchronize()
+                    value, extra = eng._pack(chunk, variant, parts)
+                    del chunk, parts, job
                 eng._put(key, value, extra)  # a refusal is warned and counted there
         except BaseException as e:  # never kill the writer: warn, the claim is still let go
             if eng is not None:

@@ -120,23 +120,21 @@ def _check_little_endian() -> None:
         raise RuntimeError("chunkcache entries are little-endian; big-endian hosts are not supported")
 
 
-def pack_chunk(chunk: ChunkKV, codec: str, key_info: dict | None = None) -> bytes:
+def pack_chunk(
+    chunk: ChunkKV, codec: str, key_info: dict | None = None, parts: dict[str, torch.Tensor] | None = None
+) -> bytes:
     """Encode ``chunk`` with ``codec`` and serialise it into one entry (see the module docstring).
 
     ``key_info`` is the dict of key inputs (``KeyInputs.to_dict()``) stored in the header under
     ``"key"``; ``chunk.meta`` is stored under ``"meta"``. Both must be JSON-serialisable.
+    ``parts``: the codec's parts of ``chunk.kv`` already encoded (``Codec.encode_here``, on any
+    device): serialised as they are instead of encoding again.
     """
     _check_little_endian()
     chunk.check()
     c = get_codec(codec)
-    sections: dict[str, torch.Tensor] = {"token_ids": chunk.token_ids.detach().to("cpu", torch.int64)}
-    if chunk.token_scores is not None:
-        sections["token_scores"] = chunk.token_scores.detach().to("cpu", torch.float32)
-    encoded = c.encode(chunk.kv)
-    for name, t in encoded.items():
-        if name in sections or name == "layer_sums":
-            raise ValueError(f"codec {codec!r} part name {name!r} collides with a reserved section")
-        sections[name] = t
+    encoded = c.encode(chunk.kv) if parts is None else {n: t.to("cpu").contiguous() for n, t in parts.items()}
+    sections = _sections(chunk, c, encoded)
     # Per codec part and layer, kernels.reference.sum64 of its bytes: [parts, layers, 2] int64, in
     # the order of header["layer_sums_parts"]. A loader checks each layer where it lands.
     sums = []
@@ -144,57 +142,88 @@ def pack_chunk(chunk: ChunkKV, codec: str, key_info: dict | None = None) -> byte
         flat = t.contiguous().reshape(int(t.shape[0]), -1).view(torch.uint8)
         sums.append([sum64(flat[i]) for i in range(int(t.shape[0]))])
     sections["layer_sums"] = torch.tensor(sums, dtype=torch.int64).view(len(encoded), -1, 2)
-
-    table, offset = {}, 0
-    for name, t in sections.items():
-        nbytes = t.numel() * t.element_size()
-        table[name] = {
-            "dtype": dtype_name(t.dtype),
-            "shape": list(t.shape),
-            "offset": offset,
-            "nbytes": nbytes,
-        }
-        offset = _align(offset + nbytes)
-    payload_nbytes = offset
-
     pieces: list[bytes | memoryview] = []
     crc = 0
-    section_crcs = {}
-    for name, t in sections.items():
+    for t in sections.values():
         view = _as_bytes(t)
         pad = bytes(_align(len(view)) - len(view))
         crc = zlib.crc32(pad, zlib.crc32(view, crc))
         pieces += [view, pad]
-        if name in _SMALL_SECTIONS:
-            section_crcs[name] = zlib.crc32(view)
-
+    fields = entry_header(chunk, c.name, sections, key_info, checksum=f"crc32:{crc:08x}")
     try:
-        header = json.dumps(
-            {
-                "format_version": FORMAT_VERSION,
-                "codec": c.name,
-                "dtype": dtype_name(chunk.kv.dtype),
-                "kv_shape": list(chunk.kv.shape),
-                "num_tokens": chunk.num_tokens,
-                "base_pos": int(chunk.base_pos),
-                "has_token_scores": chunk.token_scores is not None,
-                "payload_nbytes": payload_nbytes,
-                "checksum": f"crc32:{crc:08x}",
-                "section_crc32": section_crcs,
-                "layer_sums_parts": list(encoded),
-                "sections": table,
-                "meta": chunk.meta,
-                "key": key_info or {},
-            },
-            separators=(",", ":"),
-            allow_nan=False,
-        ).encode()
+        header = json.dumps(fields, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError) as e:
         raise ValueError(f"chunk.meta and key_info must be JSON-serialisable: {e}") from None
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), zlib.crc32(header), 0)
     head = prefix + header
     head += bytes(_align(len(head)) - len(head))
     return b"".join([head, *pieces])
+
+
+def _sections(chunk: ChunkKV, c, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An entry's sections in their order, but for ``layer_sums`` (last): token ids, token scores,
+    the codec's parts (any device)."""
+    sections: dict[str, torch.Tensor] = {"token_ids": chunk.token_ids.detach().to("cpu", torch.int64)}
+    if chunk.token_scores is not None:
+        sections["token_scores"] = chunk.token_scores.detach().to("cpu", torch.float32)
+    for name, t in encoded.items():
+        if name in sections or name == "layer_sums":
+            raise ValueError(f"codec {c.name!r} part name {name!r} collides with a reserved section")
+        sections[name] = t
+    return sections
+
+
+def entry_header(
+    chunk: ChunkKV, codec: str, sections: dict[str, torch.Tensor], key_info: dict | None, checksum: str | None
+) -> dict:
+    """The header ``pack_chunk`` writes for ``sections`` (``_sections``' and, last, ``layer_sums``
+    of the codec's parts; absent: its shape is taken, nothing is summed). ``checksum`` None: the
+    payload's crc32 is left out, for an entry that is never serialised as it stands (one encoded
+    on the device and kept there, ``resident_entry``)."""
+    c = get_codec(codec)
+    parts = [n for n in sections if n not in _SMALL_SECTIONS and n != "layer_sums"]
+    shapes = {n: (dtype_name(t.dtype), list(t.shape), t.numel() * t.element_size()) for n, t in sections.items()}
+    if "layer_sums" not in shapes:
+        layers = int(chunk.kv.shape[0])
+        shapes["layer_sums"] = ("int64", [len(parts), layers, 2], len(parts) * layers * 2 * 8)
+    table, offset = {}, 0
+    for name, (dtype, shape, nbytes) in shapes.items():
+        table[name] = {"dtype": dtype, "shape": shape, "offset": offset, "nbytes": nbytes}
+        offset = _align(offset + nbytes)
+    fields = {
+        "format_version": FORMAT_VERSION,
+        "codec": c.name,
+        "dtype": dtype_name(chunk.kv.dtype),
+        "kv_shape": list(chunk.kv.shape),
+        "num_tokens": chunk.num_tokens,
+        "base_pos": int(chunk.base_pos),
+        "has_token_scores": chunk.token_scores is not None,
+        "payload_nbytes": offset,
+        "checksum": checksum,
+        "section_crc32": {n: zlib.crc32(_as_bytes(sections[n])) for n in sections if n in _SMALL_SECTIONS},
+        "layer_sums_parts": parts,
+        "sections": table,
+        "meta": chunk.meta,
+        "key": key_info or {},
+    }
+    if checksum is None:
+        del fields["checksum"]
+    return fields
+
+
+def resident_entry(
+    chunk: ChunkKV, codec: str, key_info: dict | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(header, parts)`` of ``chunk``'s entry as ``unpack_parts`` would give them, the codec's
+    parts encoded where ``chunk.kv`` lives (``Codec.encode_here``: nothing crosses to the host but
+    the token ids) and the header without the payload's crc32 (``entry_header``): for a device
+    cache to hold a chunk this process has just encoded, whose entry is serialised later
+    (``pack_chunk(..., parts=)`` gives the very bytes ``pack_chunk`` gives)."""
+    _check_little_endian()
+    chunk.check()
+    c = get_codec(codec)
+    sections = _sections(chunk, c, c.encode_here(chunk.kv))
+    return entry_header(chunk, c.name, sections, key_info, checksum=None), sections
 
 
 @functools.lru_cache(maxsize=4096)

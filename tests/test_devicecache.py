@@ -123,17 +123,26 @@ def _held_puts(store, refuse: bool = False):
     return go
 
 
+@pytest.mark.parametrize("on_device", [True, False], ids=["parts-from-device", "packed-first"])
 def test_a_serving_miss_is_written_behind_through_the_device_cache(
-    smol_tokenizer, model, tmp_path, monkeypatch
+    smol_tokenizer, model, tmp_path, monkeypatch, on_device
 ):
     """With a device cache, a fusion's miss is encoded, admitted to the device cache and written
     to the store by a background thread: the fusion does not wait for the write (a slow store's
     put is the tail of a loaded server), its result equals a fusion of the stored entry, another
     fusion of that chunk meanwhile takes it from the device cache (never encodes it again), and
-    after ``flush`` the store holds the entry a plain engine makes."""
+    after ``flush`` the store holds the entry a plain engine makes. By default the entry is
+    serialised on the writer's thread only (the device cache takes the codec parts as encoded)."""
     import threading
 
     import chunkcache.engine as engine_mod
+
+    monkeypatch.setattr(ChunkCache, "_pack_on_device", on_device)
+    packers = []
+    real_pack = ChunkCache._pack
+    monkeypatch.setattr(
+        ChunkCache, "_pack", lambda self, *a, **k: packers.append(threading.current_thread().name) or real_pack(self, *a, **k)
+    )
 
     ref = ChunkCache(
         model=model, tokenizer=smol_tokenizer, store=str(tmp_path / "ref"), codec="int8", fast_path=True
@@ -142,6 +151,7 @@ def test_a_serving_miss_is_written_behind_through_the_device_cache(
     hot = ChunkCache(model=model, tokenizer=smol_tokenizer, store=str(tmp_path / "s"), codec="int8", fast_path=True,
                      device_cache_bytes=1 << 30)  # fmt: skip
     hot.precompute(PASSAGES[:2])
+    packers.clear()  # (those two were written first, on this thread)
     go = _held_puts(hot.store)
     encoded = []
     real = engine_mod.encode_chunks
@@ -167,6 +177,10 @@ def test_a_serving_miss_is_written_behind_through_the_device_cache(
     go.set()
     hot.flush()
     assert hot.store.get(hot.key(PASSAGES[2])) == ref.store.get(ref.key(PASSAGES[2]))
+    if on_device:  # nothing of the miss serialised on a caller's thread: only the writer's
+        assert packers == ["chunkcache-write-behind"], packers
+    else:
+        assert len(packers) == 1 and packers[0] != "chunkcache-write-behind", packers
     monkeypatch.undo()
     ref.store.close()
     hot.store.close()

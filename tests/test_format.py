@@ -153,3 +153,27 @@ def test_meta_must_be_json():
         pack_chunk(
             random_chunk().__class__(torch.zeros(3, dtype=torch.long), torch.zeros(1, 2, 1, 4, 8)), "raw"
         )
+
+
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4", "int2m"])
+def test_an_entry_from_parts_encoded_on_the_device_is_the_same_entry(codec):
+    """``resident_entry`` (codec parts where the KV lives, for the device cache) gives what
+    ``unpack_parts`` of the packed entry gives, but the payload's crc32, and ``pack_chunk`` of those
+    parts gives the very bytes ``pack_chunk`` gives (a miss written behind stores what ``_save``
+    stores)."""
+    from chunkcache.codec import get_codec
+    from chunkcache.format import resident_entry
+
+    chunk = random_chunk(tokens=23, seed=3)
+    raw = pack_chunk(chunk, codec, KEY_INPUTS.to_dict())
+    assert pack_chunk(chunk, codec, KEY_INPUTS.to_dict(), parts=get_codec(codec).encode_here(chunk.kv)) == raw
+    header, parts = resident_entry(chunk, codec, KEY_INPUTS.to_dict())
+    want_header, want_parts = unpack_parts(raw)
+    want_header = dict(want_header, section_crc32=dict(want_header["section_crc32"]))
+    for gone in ("checksum", "payload_offset"):
+        want_header.pop(gone)
+    want_header["section_crc32"].pop("layer_sums")
+    assert header == want_header
+    assert set(want_parts) - set(parts) == {"layer_sums"}
+    for name, t in parts.items():
+        assert torch.equal(t, want_parts[name]), name
