@@ -8,7 +8,10 @@ query (8K tokens), one new token. In one process, one model:
   2. under load (8 closed-loop clients, 8 s after 2 s of warm load), hits only and 5% misses:
      queries/s and TTFT as `bench serve` reports, and the GPU's busy share over a 2.5 s window in
      the middle of the measured seconds (torch.profiler's CUDA kernel and copy time, merged
-     intervals, over the window's wall time), its top kernels, and nvidia-smi's utilisation.
+     intervals, over the window's wall time), its top kernels, and nvidia-smi's utilisation;
+     with misses, both forms of the write-behind: parts admitted from the device (main) and
+     session 10's entry packed on the caller's thread (``ChunkCache._pack_on_device = False``);
+     the full-prefill side, one request at a time, once, under the same load.
     python3 bench_results/session11/gpu/miss_profile.py OUTDIR [--shape tiny --device cpu]
 """
 
@@ -146,15 +149,19 @@ def gpu_window(seconds: float, into: dict) -> None:
     into["nvidia_smi_util"] = util
 
 
-for miss in (0.0, 0.05):
+from chunkcache.engine import ChunkCache
+
+for miss, on_device, full in ((0.0, True, "none"), (0.05, True, "sequential"), (0.05, False, "none")):
+    ChunkCache._pack_on_device = on_device  # (False: session 10's form, packed on the caller's thread)
     prof: dict = {}
     t = threading.Timer(2.0 + args.seconds / 2 - 1.25, gpu_window, args=(2.5, prof))  # (after the 2 s warm load)
     t.start()
+    print(f"\n== miss {miss}, parts from the device {on_device}", flush=True)
     res = run(eng, clients=8, seconds=args.seconds, workload=Workload(passages=64, k=16, miss=miss, new_tokens=1),
-              full="none", warmup_s=2.0, warmup=1, graph_warmup=False)
+              full=full, warmup_s=2.0, warmup=1, graph_warmup=False)
     t.join()
     res["gpu"] = prof
-    report[f"load_miss{miss}"] = res
+    report[f"load_miss{miss}_dev{int(on_device)}"] = res
     print(f"miss {miss}: busy {prof.get('gpu_busy_share', float('nan')):.3f} kernels "
           f"{prof.get('kernel_time_share', float('nan')):.3f} smi {statistics.mean(prof['nvidia_smi_util']) if prof.get('nvidia_smi_util') else 'n/a'}",
           flush=True)
