@@ -228,6 +228,12 @@ def _precompute_args(p: argparse.ArgumentParser) -> None:
         "exact_first (a prompt's first chunk fused from it; twice the precompute and bytes)",
     )
     p.add_argument(
+        "--token-scores",
+        action="store_true",
+        help="also store each chunk's per-token context-impact scores, for the engine's "
+        "token_scores=True (policy qimpact); part of the keys",
+    )
+    p.add_argument(
         "--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on CUDA, float32 on CPU)"
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -295,6 +301,7 @@ def _precompute(args: argparse.Namespace) -> int:
         codec=args.codec,
         sink=args.sink,
         exact_first=args.exact_first,
+        token_scores=args.token_scores,
         dtype=args.dtype,
         device=args.device,
     )

@@ -65,7 +65,7 @@ from chunkcache.generation import (
 from chunkcache.keys import KeyInputs, token_bytes
 from chunkcache.layout import ChunkKV
 from chunkcache.model import DEFAULT_MODEL, LoadedModel, cache_kwarg, load_model, wrap_model
-from chunkcache.precompute import encode_chunks, encode_prefix
+from chunkcache.precompute import SCORES_VERSION, encode_chunks, encode_prefix
 from chunkcache.template import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, PromptTemplate
 
 log = logging.getLogger("chunkcache")
@@ -97,6 +97,11 @@ class PrecomputeConfig:
     one, so its K/V are a full prefill's (``fuse.exact_chunks``) while every later chunk keeps the
     context. Twice the precompute and the stored bytes. Not in the keys: it changes which entries
     are made, not their bytes."""
+    token_scores: bool = False
+    """Store each chunk with a per-token context-impact score (``precompute.impact_scores``: the
+    attention each token receives from its chunk, from the encoding's own forward pass), which
+    the ``qimpact`` policy turns into per-chunk budgets. Part of the keys (``SCORES_VERSION``):
+    entries with and without scores are different entries. Off by default: keys stay as they were."""
 
     def __post_init__(self) -> None:
         if self.sink not in SINKS:
@@ -115,6 +120,8 @@ class PrecomputeConfig:
                 )
         if not isinstance(self.exact_first, bool):
             raise TypeError(f"exact_first must be a bool, got {type(self.exact_first).__name__}")
+        if not isinstance(self.token_scores, bool):
+            raise TypeError(f"token_scores must be a bool, got {type(self.token_scores).__name__}")
         if self.exact_first and self.sink != "context":
             raise ValueError(f"exact_first is only for sink='context' (the first chunk behind the "
                              f"{self.sink!r} sink is exact already)")  # fmt: skip
@@ -130,7 +137,7 @@ class PrecomputeConfig:
     def variants(self) -> tuple[PrecomputeConfig, ...]:
         """The encodings each chunk is stored in: these settings, then (``exact_first``) the
         ``prefix`` sink's, which a prompt's first chunk is fused from."""
-        return (self, PrecomputeConfig()) if self.exact_first else (self,)
+        return (self, PrecomputeConfig(token_scores=self.token_scores)) if self.exact_first else (self,)
 
     @property
     def per_chunk(self) -> bool:
@@ -181,6 +188,7 @@ class ChunkCache:
         sink: str = "prefix",
         sink_context: Sequence[str] | Callable[[str], Sequence[str]] | None = None,
         exact_first: bool = False,
+        token_scores: bool = False,
         policy: str | None = None,
         recompute_ratio: float = 0.15,
         instruction: str = DEFAULT_INSTRUCTION,
@@ -198,7 +206,9 @@ class ChunkCache:
         device = checks.device(device)
         if sink_context is not None and not callable(sink_context) and not isinstance(sink_context, str):
             sink_context = tuple(sink_context)
-        settings = PrecomputeConfig(sink=sink, context=sink_context, exact_first=exact_first)
+        settings = PrecomputeConfig(
+            sink=sink, context=sink_context, exact_first=exact_first, token_scores=token_scores
+        )
         default_fuse = FuseConfig(  # no policy given: the settings' (``PrecomputeConfig.default_policy``)
             recompute_ratio=checks.ratio(recompute_ratio), policy=policy or settings.default_policy
         )
@@ -317,11 +327,14 @@ class ChunkCache:
         return self._variants
 
     def _inputs_for(self, settings: PrecomputeConfig, sink_ids: Sequence[int] | None) -> KeyInputs:
+        keyed = {"sink": settings.sink, "sink_ids": None if sink_ids is None else list(sink_ids)}
+        if settings.token_scores:  # (only when on: the keys of engines without scores are unchanged)
+            keyed["token_scores"] = SCORES_VERSION
         return KeyInputs(
             model_fingerprint=self.lm.fingerprint,
             dtype=str(self.lm.dtype).removeprefix("torch."),
             codec=self.codec,
-            settings={"sink": settings.sink, "sink_ids": None if sink_ids is None else list(sink_ids)},
+            settings=keyed,
             format_version=FORMAT_VERSION,
         )
 
@@ -774,7 +787,10 @@ class ChunkCache:
             for s in range(0, len(mine), step):
                 part = mine[s : s + step]
                 t0 = time.perf_counter()
-                encoded = encode_chunks(self.lm, [ids for _, ids, _ in part], sink, batch_size=batch_size)
+                encoded = encode_chunks(
+                    self.lm, [ids for _, ids, _ in part], sink, batch_size=batch_size,
+                    token_scores=self.settings.token_scores,
+                )  # fmt: skip
                 t1 = time.perf_counter()
                 for (k, _, v), chunk in zip(part, encoded, strict=True):
                     chunk.meta["sink"] = self.variants()[v].settings.sink

@@ -7,8 +7,10 @@
                                            the prefix and G tokens of two generic passages)
 
 Chunks are batched (sorted by length, right-padded) through the model's own forward pass, so
-the stored KV is exactly what transformers computes. What it does not know: stores, codecs,
-keys, fusion.
+the stored KV is exactly what transformers computes. With ``token_scores=True`` the same forward
+also gives each token a context-impact score (``impact_scores``: the attention it receives from
+its chunk, stored as ``ChunkKV.token_scores``; the ``qimpact`` selection policy reads it).
+What it does not know: stores, codecs, keys, fusion.
 
     lm = load_model(); t = PromptTemplate.from_tokenizer(lm.tokenizer)
     [kv] = encode_chunks(lm, [t.chunk_ids("Paris is the capital ...")], t.sink_ids("bos"))
@@ -22,8 +24,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from chunkcache import kernels
+from chunkcache.kernels.reference import rotate_half
 from chunkcache.layout import ChunkKV
 from chunkcache.model import LoadedModel, cache_kwarg
+
+SCORES_VERSION = "impact-v1"
+"""What ``token_scores=True`` computes (``impact_scores``), as the cache keys name it: a change of
+the score's definition must change this, so old entries are not read as new ones."""
 
 
 @torch.no_grad()
@@ -33,8 +41,11 @@ def encode_chunks(
     sink: Sequence[int],
     batch_size: int = 8,
     progress: bool = False,
+    token_scores: bool = False,
 ) -> list[ChunkKV]:
-    """KV of each chunk (token id lists) encoded behind ``sink``; same order as ``chunks``."""
+    """KV of each chunk (token id lists) encoded behind ``sink``; same order as ``chunks``.
+    ``token_scores``: also each token's context-impact score (``impact_scores``), from the same
+    forward pass (a hook per attention layer; no second forward)."""
     from transformers import DynamicCache
 
     if any(len(c) == 0 for c in chunks):
@@ -60,13 +71,18 @@ def encode_chunks(
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
         cache = DynamicCache()  # no config: keep every position even under a sliding window
-        lm.model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            use_cache=True,
-            logits_to_keep=1,  # only the KV is kept: no LM head over every chunk token
-            **{cache_kwarg(lm.model): cache},
-        )
+        scores = _ImpactHooks(lm, cache, s, lengths) if token_scores else None
+        try:
+            lm.model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                use_cache=True,
+                logits_to_keep=1,  # only the KV is kept: no LM head over every chunk token
+                **{cache_kwarg(lm.model): cache},
+            )
+        finally:
+            if scores is not None:
+                scores.remove()
         keys = torch.stack([layer.keys for layer in cache.layers])  # [L, B, H, width, D]
         values = torch.stack([layer.values for layer in cache.layers])
         for row, i in enumerate(idx):
@@ -76,6 +92,7 @@ def encode_chunks(
                 token_ids=torch.tensor(list(chunks[i]), dtype=torch.long),
                 kv=kv.contiguous(),  # [L, 2, H, n, D]
                 base_pos=s,
+                token_scores=None if scores is None else scores.result(row),
                 meta={"sink_tokens": s},
             )
         if bar is not None:
@@ -83,6 +100,75 @@ def encode_chunks(
     if bar is not None:
         bar.close()
     return out  # type: ignore[return-value]
+
+
+def impact_scores(
+    q: torch.Tensor,  # [Hq, n, D] RoPE'd queries of the chunk's tokens (positions s .. s+n-1)
+    k: torch.Tensor,  # [Hkv, s+n, D] the layer's keys of sink and chunk
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """[n] fp32: one layer's context-impact score of each chunk token, the attention it receives
+    from the chunk's tokens (itself and every later one: causal), summed over those queries and
+    averaged over heads. A token that much of its chunk reads from carries the chunk's meaning:
+    its stale K/V (encoded without the chunks before it) propagate to every token that reads it
+    (Cache-Craft's chunk-impact idea, measured inside the chunk, from the one forward
+    precompute runs anyway). The chunk's sum is the share of its queries' attention that stays
+    in the chunk rather than on the sink. ``kernels.probe_attention`` over the chunk's queries
+    (its mass is the mean over queries: times n is the sum); the values are not needed, the
+    keys stand in for them."""
+    n = q.shape[1]
+    s = k.shape[1] - n
+    pos = torch.arange(s, s + n, device=q.device)
+    _, mass = kernels.probe_attention(q, pos, k, k, scale, window)  # [s+n]
+    return mass[s:] * n
+
+
+class _ImpactHooks:
+    """Forward hooks on every attention layer of one batch's forward: each layer's queries of the
+    chunk tokens (its q projection over the normed hidden states it was given, RoPE'd with the
+    rotation it was given) against the keys it just wrote into ``cache``, scored by
+    ``impact_scores``; the scores are summed over layers and divided by the layer count. Costs one
+    extra q projection and one chunk-by-chunk attention per layer, no second forward."""
+
+    def __init__(self, lm: LoadedModel, cache, sink: int, lengths: list[int]) -> None:
+        self.lm, self.cache, self.sink, self.lengths = lm, cache, sink, lengths
+        self.total = [torch.zeros(n, dtype=torch.float32, device=lm.device) for n in lengths]
+        self.layers = 0
+        self.handles = [
+            layer.self_attn.register_forward_hook(self._hook(li), with_kwargs=True)
+            for li, layer in enumerate(lm.model.model.layers)
+        ]
+
+    def _hook(self, li: int):
+        def hook(attn, args, kwargs, output) -> None:
+            spec, s = self.lm.spec, self.sink
+            h = kwargs.get("hidden_states", args[0] if args else None)  # [B, W, hidden], normed
+            cos, sin = kwargs["position_embeddings"]  # [B, W, D]
+            b, w, _ = h.shape
+            q = attn.q_proj(h).view(b, w, spec.q_heads, spec.head_dim)
+            if getattr(attn, "q_norm", None) is not None:  # Qwen3
+                q = attn.q_norm(q)
+            q = q.transpose(1, 2)  # [B, Hq, W, D]
+            q = q * cos[:, None] + rotate_half(q) * sin[:, None]
+            keys = self.cache.layers[li].keys  # [B, Hkv, W, D], written by this layer just now
+            for row, n in enumerate(self.lengths):
+                self.total[row] += impact_scores(
+                    q[row, :, s : s + n], keys[row, :, : s + n], attn.scaling, spec.windows[li]
+                ).float()
+            self.layers += 1
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def result(self, row: int) -> torch.Tensor:
+        """[n] fp32 on the host: the row's score, the mean over layers."""
+        if self.layers != len(self.handles):
+            raise RuntimeError(f"impact hooks ran on {self.layers} of {len(self.handles)} layers")
+        return (self.total[row] / self.layers).cpu()
 
 
 @torch.no_grad()

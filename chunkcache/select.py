@@ -16,6 +16,8 @@ are None).
     qdeep       qfast from the probe over the first 7/8 of the layers (over a link). ``QDeep``.
     qstale      ours: qfast's ranking over the stale tokens only (exact ones never). See ``QStale``.
     qvalue      ours: qstale with each layer's attention weighted by the token's V norm. See ``QValue``.
+    qimpact     per-chunk budgets from the context-impact scores stored at precompute time
+                (Cache-Craft-style), each chunk's share ranked by the probe, before layer 0. ``QImpact``.
     epic        the first tokens of every chunk (EPIC), for comparison
     epic0       EPIC's tokens selected before layer 0, no probe: qfast's compute less the probe's
     random      uniform at random (a sanity floor)
@@ -280,6 +282,97 @@ class QValue(QStale):
         return (ctx.probe_attn * ctx.value_norms).sum(0)
 
 
+def impact_budgets(weights: list[float], caps: list[int], k: int) -> list[int]:
+    """Split ``k`` tokens over chunks in proportion to ``weights``, at most ``caps[c]`` each
+    (largest-remainder apportionment with caps): every chunk's quota is ``k' * w / W`` over the
+    chunks not yet full; a chunk whose quota reaches its cap gets its cap and leaves, and the rest
+    is shared again among the others, until no quota reaches a cap; then each gets the floor of its
+    quota and the tokens left over go to the largest fractional parts (ties: the earlier chunk).
+    Chunks of weight 0 get tokens only when the others are full; where every chunk left has weight
+    0 the rest is shared by cap. Sums to ``min(k, sum(caps))``."""
+    if len(weights) != len(caps):
+        raise ValueError(f"{len(weights)} weights for {len(caps)} chunks")
+    if k < 0 or any(c < 0 for c in caps) or any(not w >= 0 for w in weights):
+        raise ValueError("k, caps and weights must be >= 0 (and weights not NaN)")
+    out = [0] * len(caps)
+    left = min(k, sum(caps))
+    free = [c for c in range(len(caps)) if caps[c] > 0]
+    while left > 0 and free:
+        w = [float(weights[c]) for c in free]
+        if sum(w) <= 0:
+            w = [float(caps[c]) for c in free]
+        total = sum(w)
+        quota = [left * x / total for x in w]
+        full = [c for c, q in zip(free, quota, strict=True) if q >= caps[c]]
+        if full:
+            for c in full:
+                out[c] = caps[c]
+                left -= caps[c]
+            free = [c for c in free if c not in full]
+            continue
+        base = [int(q) for q in quota]  # floors (quotas are below the caps here)
+        for c, b in zip(free, base, strict=True):
+            out[c] = b
+        rest = left - sum(base)
+        order = sorted(range(len(free)), key=lambda i: (-(quota[i] - base[i]), free[i]))
+        for i in order[:rest]:
+            out[free[i]] += 1
+        left = 0
+    return out
+
+
+class QImpact(QFast):
+    """Per-chunk budgets from context-impact scores stored with the chunks (Cache-Craft's idea:
+    spend the recompute where the chunks' precomputed K/V matter most), each chunk's share ranked
+    by the probe's attention as qfast ranks, selected before layer 0.
+
+    Each chunk's weight is the sum of its stale candidates' ``token_scores`` (the engine's
+    ``token_scores=True``: ``precompute.impact_scores``, the attention each token receives from its
+    own chunk, a layer mean), so a chunk whose tokens read much from each other rather than from
+    the sink gets more of the k tokens (``impact_budgets``). An exact candidate
+    (``SelectContext.exact``) has no context to regain: it counts in no weight and is taken only
+    when the stale ones run out (as qstale). Inside a chunk its budget goes to its top tokens by
+    the probe's mass. The budgets come from stored scores only: no token-layers beyond qfast's
+    (the probe and the k rows), so at equal k its compute is qfast's. Chunks without scores:
+    ``ValueError`` (no silent fallback): build the engine with ``token_scores=True``. The budgets
+    are computed on the host (one small copy of per-chunk sums: a device sync on CUDA)."""
+
+    def budgets(self, ctx: SelectContext, k: int) -> list[int]:
+        """Per chunk (index into ``chunk_offsets``): how many of its stale candidates to keep."""
+        if ctx.token_scores is None:
+            raise ValueError(
+                "policy 'qimpact' needs context-impact scores stored with every chunk: build the "
+                "engine with ChunkCache(..., token_scores=True) (or precompute with --token-scores)"
+            )
+        n_chunks = int(ctx.chunk_offsets.numel())
+        stale = torch.ones_like(ctx.chunk_of, dtype=torch.bool) if ctx.exact is None else ~ctx.exact
+        which = ctx.chunk_of[stale]
+        caps = torch.bincount(which, minlength=n_chunks)
+        scores = ctx.token_scores[stale].double().clamp_min(0)
+        weights = torch.zeros(n_chunks, dtype=torch.float64, device=scores.device).index_add_(0, which, scores)
+        return impact_budgets(weights.tolist(), caps.tolist(), k)
+
+    def select(self, ctx: SelectContext, k: int) -> torch.Tensor:
+        budgets = torch.tensor(self.budgets(ctx, k), device=ctx.positions.device)
+        score = ctx.probe_attn.sum(0).float()
+        stale = torch.ones_like(score, dtype=torch.bool) if ctx.exact is None else ~ctx.exact
+        # Rank inside each chunk's stale candidates by the probe (rank 0 = its best); a candidate
+        # is in if its rank is below its chunk's budget. Then the exact ones by the probe.
+        c = score.numel()
+        order = torch.argsort(score, descending=True, stable=True)  # best first, ties: earlier
+        key = torch.where(stale[order], ctx.chunk_of[order], ctx.chunk_offsets.numel())  # exact: last
+        perm = torch.argsort(key, stable=True)
+        grouped, sorted_key = order[perm], key[perm]  # by chunk, best first inside each
+        rank = torch.empty(c, dtype=torch.long, device=score.device)
+        rank[grouped] = torch.arange(c, device=score.device) - torch.searchsorted(sorted_key, sorted_key)
+        keep = stale & (rank < budgets[ctx.chunk_of])
+        m = k - int(keep.sum())
+        if m > 0:  # more than every stale candidate: the best exact ones
+            rest = torch.where(keep | stale, torch.full_like(score, -float("inf")), score)
+            keep[torch.topk(rest, m).indices] = True
+        return ctx.positions[keep]
+
+
 class ChunkFirst(QValue):
     """QValue that spends ``share`` of the budget first on one chunk's stale tokens (its best by
     qvalue's score), the rest by qvalue over all: e.g. the passage the question is about, as a
@@ -352,6 +445,7 @@ POLICIES: dict[str, Policy] = {
     "qdeep": QDeep(),
     "qstale": QStale(),
     "qvalue": QValue(),
+    "qimpact": QImpact(),
     "epic": Epic(),
     "epic0": Epic0(),
     "random": Random(),

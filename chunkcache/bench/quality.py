@@ -684,6 +684,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "alone; a prompt's first chunk fused from that variant)",
     )
     p.add_argument(
+        "--token-scores",
+        action="store_true",
+        help="the engine's token_scores (each chunk stored with its context-impact scores): needed "
+        "by policy qimpact; the other policies' results are unchanged by it",
+    )
+    p.add_argument(
         "--plain-configs",
         default="",
         help="with --tag: POLICY@RATIO pairs also run (untagged, with naive reuse) by a prefix-sink "
@@ -798,6 +804,7 @@ def run_cli(args: argparse.Namespace) -> int:
         sink=args.sink,
         sink_context=context,
         exact_first=args.exact_first,
+        token_scores=args.token_scores,
         codec=args.codec,
         fast_path=False if args.eager else None,
     )
