@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -289,7 +290,8 @@ def impact_budgets(weights: list[float], caps: list[int], k: int) -> list[int]:
     is shared again among the others, until no quota reaches a cap; then each gets the floor of its
     quota and the tokens left over go to the largest fractional parts (ties: the earlier chunk).
     Chunks of weight 0 get tokens only when the others are full; where every chunk left has weight
-    0 the rest is shared by cap. Sums to ``min(k, sum(caps))``."""
+    0 the rest is shared by cap. Sums to ``min(k, sum(caps))``. Exact rational arithmetic (the
+    weights as the floats they are), so ties are ties on every device."""
     if len(weights) != len(caps):
         raise ValueError(f"{len(weights)} weights for {len(caps)} chunks")
     if k < 0 or any(c < 0 for c in caps) or any(not w >= 0 for w in weights):
@@ -298,9 +300,9 @@ def impact_budgets(weights: list[float], caps: list[int], k: int) -> list[int]:
     left = min(k, sum(caps))
     free = [c for c in range(len(caps)) if caps[c] > 0]
     while left > 0 and free:
-        w = [float(weights[c]) for c in free]
+        w = [Fraction(float(weights[c])) for c in free]  # exact: float rounding would break ties
         if sum(w) <= 0:
-            w = [float(caps[c]) for c in free]
+            w = [Fraction(caps[c]) for c in free]
         total = sum(w)
         quota = [left * x / total for x in w]
         full = [c for c, q in zip(free, quota, strict=True) if q >= caps[c]]
@@ -310,7 +312,7 @@ def impact_budgets(weights: list[float], caps: list[int], k: int) -> list[int]:
                 left -= caps[c]
             free = [c for c in free if c not in full]
             continue
-        base = [int(q) for q in quota]  # floors (quotas are below the caps here)
+        base = [math.floor(q) for q in quota]  # (quotas are below the caps here)
         for c, b in zip(free, base, strict=True):
             out[c] = b
         rest = left - sum(base)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import PASSAGES, QUESTION, tiny_model
+from test_impact import _budgets_reference
 
 from chunkcache.engine import ChunkCache
 from chunkcache.fuse import FuseConfig, assemble, exact_chunks, fuse_kv
@@ -364,7 +365,10 @@ def test_policy_selects_its_top_k(smol_tokenizer):
     and the first chunk, which sits behind the same template prefix it was encoded behind)
     equals the full prefill in every layer (EPIC's first tokens of the second chunk)."""
     layers = 5
-    eng = make_engine("llama", smol_tokenizer, num_hidden_layers=layers)
+    eng = ChunkCache(  # with stored scores for qimpact (the other policies never read them)
+        model=tiny_model("llama", num_hidden_layers=layers), tokenizer=smol_tokenizer, store=None,
+        token_scores=True,
+    )
     chunks, pre, suf, p, n_ctx, dev, mass, full = _policy_references(eng)
     k = 4 * round(0.05 * n_ctx)  # a multiple of the 4 chunks, so EPIC's per-chunk share has no ties
     ratio = k / n_ctx
@@ -379,6 +383,17 @@ def test_policy_selects_its_top_k(smol_tokenizer):
     vnorm = reused[:, 1, :, p : p + n_ctx].float().norm(dim=-1).mean(1)  # [L, C] head-mean V norms
     within = torch.cat([torch.arange(c.num_tokens) for c in chunks])
     in_first = torch.arange(n_ctx) < chunks[0].num_tokens  # exact: behind the prefix it was encoded behind
+    # qimpact: per-chunk budgets from the stored scores' sums over the stale chunks (the first is
+    # exact: weight 0, cap 0), each chunk's best by the probe's mass (``test_impact`` checks the
+    # scores against eager attention and the budgets in detail)
+    starts = [sum(c.num_tokens for c in chunks[:i]) for i in range(len(chunks))]
+    spans = [range(a, a + c.num_tokens) for a, c in zip(starts, chunks, strict=True)]
+    weights = [0.0] + [float(c.token_scores.sum()) for c in chunks[1:]]
+    caps = [0] + [c.num_tokens for c in chunks[1:]]
+    impact = set()
+    for span, b in zip(spans, _budgets_reference(weights, caps, k), strict=True):
+        idx = torch.tensor(list(span))
+        impact |= set(pos[idx[torch.topk(attn[idx], b).indices]].tolist())
     expected = {
         "cacheblend": top(dev),
         "qfast": top(attn),
@@ -386,6 +401,7 @@ def test_policy_selects_its_top_k(smol_tokenizer):
         "qdeep": top(mass[: round(layers * 7 / 8)].sum(0)),  # over the first 7/8 of them
         "qstale": top(torch.where(in_first, attn - attn.max() - 1, attn)),
         "qvalue": top(torch.where(in_first, -1.0, (mass * vnorm).sum(0))),
+        "qimpact": impact,
         "qaware": top((attn / attn.mean()) * (dev / dev.mean()).sqrt()),
         "epic": set(pos[within < k // 4].tolist()),
         "epic0": set(pos[within < k // 4].tolist()),  # EPIC's, chosen before layer 0 (no probe)
