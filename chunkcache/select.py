@@ -351,7 +351,9 @@ class QImpact(QFast):
         which = ctx.chunk_of[stale]
         caps = torch.bincount(which, minlength=n_chunks)
         scores = ctx.token_scores[stale].double().clamp_min(0)
-        weights = torch.zeros(n_chunks, dtype=torch.float64, device=scores.device).index_add_(0, which, scores)
+        weights = torch.zeros(n_chunks, dtype=torch.float64, device=scores.device).index_add_(
+            0, which, scores
+        )
         return impact_budgets(weights.tolist(), caps.tolist(), k)
 
     def select(self, ctx: SelectContext, k: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from conftest import PASSAGES, QUESTION, tiny_model
 
 from chunkcache.engine import ChunkCache, PrecomputeConfig
 from chunkcache.errors import CorruptEntryError
@@ -15,7 +16,6 @@ from chunkcache.format import header_span, read_header, unpack_chunk
 from chunkcache.model import wrap_model
 from chunkcache.precompute import encode_chunks
 from chunkcache.select import POLICIES, QImpact, SelectContext, impact_budgets
-from conftest import PASSAGES, QUESTION, tiny_model
 
 
 def _eager_scores(model, sink: list[int], chunk: list[int]) -> torch.Tensor:
