@@ -770,13 +770,17 @@ class ChunkCache:
             bar.close()
         return unsaved
 
+    _miss_stream_priority = 0
+    """CUDA stream priority of the miss stream (lower is higher; -1 is torch's high priority):
+    session 13's A/B (bench_results/session13/gpu/ab_priority.py)."""
+
     def _miss_stream(self):
         """Where misses are encoded and packed: on CUDA, a stream of their own (fusions run on the
         caller's default stream, and a miss's host-to-device copy there would first wait for
         every fusion queued before it)."""
         if self.lm.device.type != "cuda":
             return nullcontext()
-        return torch.cuda.stream(torch.cuda.Stream(self.lm.device))
+        return torch.cuda.stream(torch.cuda.Stream(self.lm.device, priority=self._miss_stream_priority))
 
     def _encode_groups(
         self, groups: dict, step: int, bar, unsaved: dict, batch_size: int, timing, queued

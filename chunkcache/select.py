@@ -33,7 +33,6 @@ policy is any object with the four members of ``Policy``; ``FuseConfig`` takes a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Protocol, runtime_checkable
@@ -165,10 +164,13 @@ class Epic(Random):
     """EPIC-style: the first k / chunks tokens of every chunk."""
 
     def select(self, ctx: SelectContext, k: int) -> torch.Tensor:
-        n_chunks = int(ctx.chunk_offsets.numel())
-        per = math.ceil(k / n_chunks)
-        score = -ctx.within_chunk().float() + (ctx.within_chunk() < per).float() * 1e9
-        return _top(ctx, score, k)
+        # Rank by (index inside the chunk, position): every chunk's first tokens, one depth at a
+        # time, ties at the last depth going to the earlier chunk. An exact integer key: a float
+        # score (session 11's ``-within + 1e9 * (within < per)``) rounds to ties that topk breaks
+        # one way on the CPU and another on CUDA.
+        c = ctx.positions.numel()
+        key = ctx.within_chunk().long() * c + torch.arange(c, device=ctx.positions.device)
+        return ctx.positions[torch.topk(key, k, largest=False).indices]
 
 
 class Epic0(Epic):

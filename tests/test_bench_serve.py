@@ -112,3 +112,16 @@ def test_engine_reports_the_misses_a_fusion_encoded(smol_tokenizer):
         res = eng.fuse(PASSAGES[:3], QUESTION)
         assert res.stats["misses"]["chunks"] == 2 and res.stats["misses"]["encode_s"] > 0
         assert "misses" not in eng.fuse(PASSAGES[:3], QUESTION).stats  # stored now
+
+
+def test_a_second_run_on_the_same_engine_meets_its_own_misses(smol_tokenizer, tmp_path):
+    """Every query drawn with a miss encodes it, in a later run on the same engine too (session
+    12's asyncio run reused the threads run's streams: most of its misses were stored by then)."""
+    eng = ChunkCache(model=tiny_model(), tokenizer=smol_tokenizer, store=str(tmp_path / "s"), codec="int8")
+    kw = dict(clients=2, seconds=0.5, workload=Workload(passages=8, k=2, miss=0.5, new_tokens=1),
+              full="none", warmup=0, log=lambda *a: None)  # fmt: skip
+    for base in (0, 100_000):
+        (fused,) = run(eng, stream_base=base, **kw)["sides"]
+        assert fused["miss_queries"] >= 1
+        assert fused["miss_breakdown"]["calls"] == fused["miss_queries"], base
+    eng.store.close()

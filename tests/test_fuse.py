@@ -503,3 +503,24 @@ def test_nearest_picks_the_passage_the_query_names():
     assert nearest(texts, "unrelated words only", skip=[0]) == 1
     with pytest.raises(ValueError):
         nearest(texts, "x", skip=[0, 1, 2])
+
+
+def test_epic_selects_chunk_starts_depth_by_depth_with_exact_ties():
+    """EPIC's selection when k is not a multiple of the chunk count: every chunk's first tokens,
+    one depth at a time, the last depth's ties going to the earlier chunks; a chunk shorter than
+    the depth gives its place to the others. The key is exact, so CPU and CUDA agree (session 11's
+    float score rounded to ties near 1e9 that topk broke differently on CUDA)."""
+    from chunkcache.select import Epic, SelectContext
+
+    lengths = [5, 2, 7, 6]
+    offsets = torch.tensor([10, 15, 17, 24])
+    positions = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets.tolist(), lengths)])
+    chunk_of = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    ctx = SelectContext(0, positions, chunk_of, offsets, None, None, None, None, None, 1.0)
+    within = positions - offsets[chunk_of]
+    for k in range(1, positions.numel() + 1):
+        got = Epic().select(ctx, k).sort().values.tolist()
+        order = sorted(range(positions.numel()), key=lambda i: (int(within[i]), int(positions[i])))
+        assert got == sorted(positions[order[:k]].tolist()), k
+    # k = 6 over 4 chunks: depth 0 of all four, then depth 1 of the first two chunks
+    assert sorted(Epic().select(ctx, 6).tolist()) == [10, 11, 15, 16, 17, 24]
