@@ -33,6 +33,7 @@ policy is any object with the four members of ``Policy``; ``FuseConfig`` takes a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Protocol, runtime_checkable
