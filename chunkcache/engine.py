@@ -1644,7 +1644,7 @@ class ChunkCache:
                                 resident=resident,
                                 arena=cache.arena if cache is not None else None,
                                 run=run,
-                                preload=b is not None and b.preload,
+                                preload=b is None or b.preload,
                             )
                     except CorruptEntryError:
                         damaged = True

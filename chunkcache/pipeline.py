@@ -654,9 +654,9 @@ class LayerLoader:
     # -- internals ----------------------------------------------------------------------------
     def _ranges(self) -> list[tuple[int, int]]:
         """The stager's steps: whole groups, except that layers 0 and 1 go alone first, so the
-        first layers (the check layers of most policies) need not wait for a whole group; for
-        entries still arriving the last group goes in halving steps too (only the last layer's
-        copy and assembly then follow the link's last byte)."""
+        first layers (the check layers of most policies) need not wait for a whole group; the last
+        group goes in halving steps too (``arriving``: only the last layer's copy and assembly
+        then follow the last byte)."""
         g, n = self.group, self.num_layers
         if g == 1:
             return [(i, i + 1) for i in range(n)]
@@ -667,9 +667,11 @@ class LayerLoader:
 
     @property
     def arriving(self) -> bool:
-        """The entries are still arriving (``arrival``): the last group goes in halving steps, here
-        and in the probe's graphs (``stream.layer_steps``)."""
-        return self.arrival is not None
+        """Layers reach the device over time: staged from the host (copies that the probe may
+        wait for) or still arriving over a link (``arrival``). Then the last group goes in halving
+        steps, here and in the probe's graphs (``stream.layer_steps``), so only the last layer's
+        probe waits for the last copy. False only for a zero-copy loader (all resident)."""
+        return not self.zero_copy
 
     def _stage_direct(self, first: int, stop: int) -> None:
         """Layers ``first .. stop - 1`` (within one group) straight from the registered map into
@@ -889,7 +891,7 @@ def fuse_entries(
     resident: Sequence[tuple[dict, dict[str, torch.Tensor]] | None] | None = None,
     arena: torch.Tensor | None = None,
     run: Callable[[FuseJob], FuseResult] | None = None,
-    preload: bool = False,
+    preload: bool = True,
     arrival=None,
     prefix_ready: torch.cuda.Event | list | tuple | None = None,
 ) -> FuseResult:
@@ -913,9 +915,11 @@ def fuse_entries(
     no checksums for it (it was checked when admitted), ``inspect`` still runs; with the cache's
     ``arena`` and every entry resident, nothing is copied (``LayerLoader.zero_copy``). ``run(job)``
     runs the fusion (default ``fuse.run_job``: alone; the engine's batching hands the job to
-    ``batch.Batcher.run``, which fuses it with others' while this thread waits). ``preload``:
-    start the loader before ``run`` (its layers stream in while the job waits for its batch;
-    otherwise at the fusion's first layer). ``arrival``: the entries are still arriving
+    ``batch.Batcher.run``, which fuses it with others' while this thread waits). ``preload``
+    (the default): place the job's geometry and start the loader as soon as the entries' headers
+    are parsed, so their layers stream in while the entries' token sections and ``inspect`` are
+    checked and while the job waits for its batch (False: the loader starts at the fusion's first
+    layer). A check that fails then stops the loader before anything is computed. ``arrival``: the entries are still arriving
     (``stream.LayerStream``: headers and small sections in, layers not yet): the loader stages
     layer ``l`` after ``arrival.wait(l)``, so the fusion runs behind the link, layer by layer;
     an entry without per-layer sums must have arrived whole. ``prefix_ready`` (CUDA): ``prefix_kv``
@@ -925,7 +929,7 @@ def fuse_entries(
     layer (``encode_exact``'s ``on_layer``; any objects whose ``wait()`` makes the current stream
     wait for that layer): then layer ``l``'s prefix rows are written just before the fusion first
     reads layer ``l`` (``_PrefixByLayer``), so the probe runs behind the front layer by layer as it
-    runs behind the link, instead of waiting for the whole front. ``stats["seconds"]`` gains ``read`` (header parsing),
+    runs behind the link, instead of waiting for the whole front. ``stats["seconds"]`` gains ``read`` (headers parsed, entries checked),
     ``stage_host``, ``h2d`` and ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
     """
     if not suffix_ids:
@@ -941,19 +945,24 @@ def fuse_entries(
     parsed = [  # zero-copy views, headers checked
         r if r is not None else unpack_parts(e, verify=False) for e, r in zip(entries, resident, strict=True)
     ]
-    check_layers = [False] * len(parsed)
-    if verify:  # per-layer sums are checked where layers land; older entries are checked whole here
-        for i, (e, (header, _)) in enumerate(zip(entries, parsed, strict=True)):
-            if resident[i] is not None:
-                continue  # verified when it was admitted
-            if has_layer_sums(header):
-                verify_small_sections(e, header)
-                check_layers[i] = True
-            else:
-                verify_payload(e, header)
-    if inspect is not None:
-        for i, (header, parts) in enumerate(parsed):
-            inspect(i, header, parts)
+    # per-layer sums are checked where layers land; older entries are checked whole, in checks()
+    check_layers = [verify and resident[i] is None and has_layer_sums(h) for i, (h, _) in enumerate(parsed)]
+
+    def checks() -> None:
+        """Every entry's token sections (or whole payload) and the caller's ``inspect``: after the
+        loader started (its copies overlap them), always before the fusion runs."""
+        if verify:
+            for i, (e, (header, _)) in enumerate(zip(entries, parsed, strict=True)):
+                if resident[i] is not None:
+                    continue  # verified when it was admitted
+                if check_layers[i]:
+                    verify_small_sections(e, header)
+                else:
+                    verify_payload(e, header)
+        if inspect is not None:
+            for i, (header, parts) in enumerate(parsed):
+                inspect(i, header, parts)
+
     for header, parts in parsed:
         lengths.append(int(header["num_tokens"]))
         token_ids.append(parts["token_ids"])
@@ -976,8 +985,34 @@ def fuse_entries(
         buf[:, :, :, :p] = prefix_kv
     buf[:, :, :, n - ns : n] = 0
     offsets = [p + sum(lengths[:i]) for i in range(len(lengths))]
-    loader = LayerLoader(lm, parsed, buf, offsets, st, check_layers, arena, arrival)
+    try:
+        loader = LayerLoader(lm, parsed, buf, offsets, st, check_layers, arena, arrival)
+    except Exception:
+        checks()  # a foreign or damaged entry: its own error (ModelMismatchError, ...) first
+        raise
     source = _PrefixByLayer(loader, buf, prefix_kv, prefix_ready) if by_layer else loader
+    ids = torch.cat(
+        [torch.tensor(list(prefix_ids), dtype=torch.long)]
+        + [t.to(torch.long) for t in token_ids]
+        + [torch.tensor(list(suffix_ids), dtype=torch.long)]
+    )[None]
+    token_scores = None
+    if lengths and all(s is not None for s in scores):
+        token_scores = torch.cat([s.float() for s in scores]).to(lm.device)
+    config = config or FuseConfig()
+    exact = exact_chunks(p, lengths, [int(h["base_pos"]) for h, _ in parsed])
+    job = FuseJob(
+        buf,
+        ids,
+        p,
+        lengths,
+        token_scores,
+        config,
+        source=source,
+        timer=timer,
+        graphs=graphs,
+        exact_chunks=exact,
+    )
     try:
         if by_layer:  # the loader starts now; each layer's prefix rows at its first ``ready``
             if not loader.zero_copy:
@@ -995,38 +1030,17 @@ def fuse_entries(
             here.wait_event(prefix_ready)
             prefix_kv.record_stream(here)  # (made on the other stream, read on this one)
             buf[:, :, :, :p] = prefix_kv
-        ids = torch.cat(
-            [torch.tensor(list(prefix_ids), dtype=torch.long)]
-            + [t.to(torch.long) for t in token_ids]
-            + [torch.tensor(list(suffix_ids), dtype=torch.long)]
-        )[None]
-        token_scores = None
-        if lengths and all(s is not None for s in scores):
-            token_scores = torch.cat([s.float() for s in scores]).to(lm.device)
-        t_read = time.perf_counter() - t0
-        # Otherwise the loader starts at the fusion's first ``ready``, after the fusion's own small
-        # uploads (token ids, chunk maps): a synchronous host-to-device copy queued behind the
-        # loader's copies would wait for all of them (the copy engine runs them in order: at 8K
-        # int8 that held the compute stream idle for 11 ms on the H100). Behind a front on another
-        # stream it started above: its copies then are the layers that arrived so far.
-        timer.mark("read")
-        config = config or FuseConfig()
-        exact = exact_chunks(p, lengths, [int(h["base_pos"]) for h, _ in parsed])
-        job = FuseJob(
-            buf,
-            ids,
-            p,
-            lengths,
-            token_scores,
-            config,
-            source=source,
-            timer=timer,
-            graphs=graphs,
-            exact_chunks=exact,
-        )
-        if preload and not loader.zero_copy:  # its small uploads first, then the layers stream in
-            job.place()  # while the job waits (a zero-copy loader has nothing to stream)
+        elif preload and not loader.zero_copy:
+            # The job's small uploads (token ids, chunk maps) first, then the layers stream in
+            # while the checks below run and the job waits (for its batch): a synchronous
+            # host-to-device copy queued behind the loader's copies would wait for all of them
+            # (the copy engine runs them in order: at 8K int8 that held the compute stream idle
+            # for 11 ms on the H100). Otherwise the loader starts at the fusion's first ``ready``.
+            job.place()
             loader.start()
+        checks()
+        t_read = time.perf_counter() - t0
+        timer.mark("read")
         if run is not None and buf.is_cuda:  # run elsewhere: there, wait for what was queued here
             job.ready = torch.cuda.Event()
             job.ready.record()
