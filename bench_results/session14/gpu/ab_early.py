@@ -1,11 +1,11 @@
 """Lead, session 14 (issue 13 req. 5, the store path): one request through ``engine.fuse`` on
-texts from the int8 LMDB store, 8B shape, qfast 15%, four forms interleaved call by call on one
-engine (the same machine state for each):
-  main       this commit: the loader starts once the headers are parsed (job placed first), the
-             entries' checks run while the layers stream in; the last copy group in halving steps
-  late       the loader starts at the fusion's first layer (session 13's order)
-  late+tail  late start, halving tail
-  early      early start, whole last group
+texts from the int8 LMDB store, 8B shape, qfast 15%, forms interleaved call by call on one engine
+(the same machine state for each):
+  main    the loader starts once the headers are parsed (job placed first) and queues every
+          copy, assembly and checksum on the calling thread (``LayerLoader.inline``), then the
+          entries' checks run while the layers stream in; the last copy group in halving steps
+  thread  the same start, staged by the stager thread (the first form of this session: call 1)
+  late    session 13: the stager thread starts at the fusion's first layer, whole last group
 Medians of REPS after WARMUP calls of each form; full prefill of the same prompt ids beside.
     python3 bench_results/session14/gpu/ab_early.py OUTDIR [CONTEXTS] [POLICIES]
 """
@@ -36,11 +36,16 @@ question = questions()[0]
 eng = speed_engine(lm.model, tok, tempfile.mkdtemp(prefix="ab-early-"), "int8", fast_path=True)
 eng.precompute(texts, batch_size=4)
 
-orig_fuse, orig_arriving = P.fuse_entries, P.LayerLoader.arriving
+orig_fuse, orig_arriving, orig_inline = P.fuse_entries, P.LayerLoader.arriving, P.LayerLoader.inline
 late_fuse = lambda *a, **k: orig_fuse(*a, **{**k, "preload": False})  # noqa: E731
 old_arriving = property(lambda self: self.arrival is not None)
-forms = {"main": (orig_fuse, orig_arriving), "late": (late_fuse, old_arriving),
-         "late+tail": (late_fuse, orig_arriving), "early": (orig_fuse, old_arriving)}  # fmt: skip
+no_inline = property(lambda self: False)
+forms = {"main": (orig_fuse, orig_arriving, orig_inline), "thread": (orig_fuse, orig_arriving, no_inline),
+         "late": (late_fuse, old_arriving, no_inline)}  # fmt: skip
+
+
+def use(form):
+    P.fuse_entries, P.LayerLoader.arriving, P.LayerLoader.inline = form
 
 
 def timed(fn):
@@ -63,18 +68,18 @@ for n_ctx in contexts:
         stages = {f: [] for f in forms}
         logits = {}
         for it in range(WARMUP + REPS):
-            for f, (fe, arr) in forms.items():
-                P.fuse_entries, P.LayerLoader.arriving = fe, arr
+            for f, form in forms.items():
+                use(form)
                 t, res = timed(lambda: eng.fuse(ctx, question, recompute_ratio=0.15, policy=policy).logits.cpu())
                 if it >= WARMUP:
                     times[f].append(t)
                 logits[f] = res
-        P.fuse_entries, P.LayerLoader.arriving = orig_fuse, orig_arriving
+        use(forms["main"])
         for f in forms:  # stage breakdown of one more call of each form
-            P.fuse_entries, P.LayerLoader.arriving = forms[f]
+            use(forms[f])
             r = eng.fuse(ctx, question, recompute_ratio=0.15, policy=policy)
             stages[f] = {k: round(v * 1e3, 2) for k, v in r.stats["seconds"].items()}
-        P.fuse_entries, P.LayerLoader.arriving = orig_fuse, orig_arriving
+        use(forms["main"])
         for f in forms:
             m = statistics.median(times[f])
             row = {"context": n_ctx, "policy": policy, "form": f, "ttft_ms": m * 1e3, "full_ms": t_full * 1e3,
