@@ -1,5 +1,5 @@
 """Pipelined loading for fusion: stream stored chunk entries to the device one layer at a time
-while earlier layers compute, and assemble each layer with one ``rerotate_scatter_packed`` launch.
+while earlier layers compute, and assemble each step of layers with one ``rerotate_scatter_layers`` launch.
 
     host: LMDB map (zero-copy views of the entries), or entries streamed into the staging's
           page-locked landing arena (``Staging.landing``)
@@ -444,11 +444,11 @@ class LoadPlan:
         step = [{} for _ in offsets]
         for p in parts:
             step[p.chunk][p.name] = p.nbytes
-        layouts = [base] + [
-            base.shifted([{k: j * b for k, b in d.items()} for d in step]) for j in range(1, g)
-        ]
+        # one launch table for the group's positions (one copy), so that a step's layers assemble
+        # in one launch (``kernels.rerotate_scatter_layers``)
+        layouts = base.series(step, g, device)
         for layout in layouts:
-            layout.meta(device)  # build the launch tables now, off the layer loop
+            layout.meta(device)  # (a series that is not linear: each table built now, off the layer loop)
         # Checksums: which parts, where in the slot (per j of a group), and what they must be.
         checked = [p for p in parts if p.sums is not None]
         sum_tables = (
@@ -515,8 +515,9 @@ class LayerLoader:
       ``l % depth`` (torch's intra-op threads copy outside the GIL: Python threads copying piece
       by piece were measured 3-5x slower, waiting on the GIL behind the compute thread), then one
       copy. On CUDA the copies go on the copy stream, behind the event that frees their slots;
-    - CUDA: on the side stream behind the copy's event, one ``rerotate_scatter_packed`` launch per
-      layer, then one checksum launch over the step's slots (the bytes the GPU uses are the bytes
+    - CUDA: on the side stream behind the copy's event, one ``rerotate_scatter_layers`` launch for
+      the step's layers (their launch tables are one series), then one checksum launch over the
+      step's slots (the bytes the GPU uses are the bytes
       checked); CPU: the sums are checked before the layer can be used;
     - signal the compute thread.
     Compute thread, ``ready(l)``: wait for layer ``l``'s signal and make the compute stream wait
@@ -671,9 +672,9 @@ class LayerLoader:
     # -- internals ----------------------------------------------------------------------------
     def _ranges(self) -> list[tuple[int, int]]:
         """The stager's steps: whole groups, except that layers 0 and 1 go alone first, so the
-        first layers (the check layers of most policies) need not wait for a whole group; the last
-        group goes in halving steps too (``arriving``: only the last layer's copy and assembly
-        then follow the last byte)."""
+        first layers (the check layers of most policies) need not wait for a whole group; for
+        entries still arriving the last group goes in halving steps too (only the last layer's
+        copy and assembly then follow the link's last byte)."""
         g, n = self.group, self.num_layers
         if g == 1:
             return [(i, i + 1) for i in range(n)]
@@ -684,11 +685,11 @@ class LayerLoader:
 
     @property
     def arriving(self) -> bool:
-        """Layers reach the device over time: staged from the host (copies that the probe may
-        wait for) or still arriving over a link (``arrival``). Then the last group goes in halving
-        steps, here and in the probe's graphs (``stream.layer_steps``), so only the last layer's
-        probe waits for the last copy. False only for a zero-copy loader (all resident)."""
-        return not self.zero_copy
+        """The entries are still arriving (``arrival``): the last group goes in halving steps, here
+        and in the probe's graphs (``stream.layer_steps``). Not for entries that are all here:
+        their copies are queued at once and end before the probe does (session 14, H200), and
+        the same graphs then serve the store's path and the device cache's."""
+        return self.arrival is not None
 
     def _stage_direct(self, first: int, stop: int) -> None:
         """Layers ``first .. stop - 1`` (within one group) straight from the registered map into
@@ -792,12 +793,19 @@ class LayerLoader:
         with torch.cuda.stream(side):
             start = torch.cuda.Event(enable_timing=True)
             start.record(side)
+            j0 = first % self.group
+            kernels.rerotate_scatter_layers(  # the step's layers in one launch (where their tables
+                self.plan.layouts[j0 : j0 + stop - first],  # are one series; else one a layer)
+                self._slot(first),
+                self.plan.cos,
+                self.plan.sin,
+                self.buf[first:stop, 0],
+                self.buf[first:stop, 1],
+            )
+            done = torch.cuda.Event(enable_timing=True)
+            done.record(side)
             for layer in range(first, stop):
-                self._rerotate(layer)
-                done = torch.cuda.Event(enable_timing=True)
-                done.record(side)
-                self.asm[layer] = (start, done)  # spans: the previous layer's end to this one's
-                start = done
+                self.asm[layer] = (start, done)  # one span per step
             if self.plan.checked:
                 j0 = first % self.group
                 table = self.plan.sum_tables[j0 : j0 + stop - first].view(-1, 2)
@@ -863,7 +871,8 @@ class LayerLoader:
             if self.first_copy is not None and self.copied[-1] is not None:  # span: first copy to last
                 self.copied[-1].synchronize()
                 out["h2d"] = self.first_copy.elapsed_time(self.copied[-1]) / 1e3
-            out["assemble"] = sum(a.elapsed_time(b) / 1e3 for a, b in filter(None, self.asm))
+            spans = {id(a): (a, b) for a, b in filter(None, self.asm)}.values()  # (a step's layers share one)
+            out["assemble"] = sum(a.elapsed_time(b) / 1e3 for a, b in spans)
         return out
 
 

@@ -42,6 +42,8 @@ old_arriving = property(lambda self: self.arrival is not None)
 no_inline = property(lambda self: False)
 forms = {"main": (orig_fuse, orig_arriving, orig_inline), "thread": (orig_fuse, orig_arriving, no_inline),
          "late": (late_fuse, old_arriving, no_inline)}  # fmt: skip
+if os.environ.get("FORMS"):  # (call 3: main and late only; the halving tail is main's no more)
+    forms = {f: forms[f] for f in os.environ["FORMS"].split(",")}
 
 
 def use(form):
