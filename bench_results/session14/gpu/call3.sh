@@ -12,7 +12,7 @@ step() {
   echo "$name rc=$? ${budget}s budget, took $((SECONDS-t))s" | tee -a $OUT/steps.txt
   cp -r $OUT/* $REAL/ 2>/dev/null
 }
-FORMS=main,late step ab_early ${AB_S:-110} python3 bench_results/session14/gpu/ab_early.py $OUT
+export FORMS=main,late; step ab_early ${AB_S:-110} python3 bench_results/session14/gpu/ab_early.py $OUT
 step ttft ${TTFT_S:-110} python3 -m chunkcache.cli bench ttft --model llama3-8b --contexts 8192,16384,32768 --codecs int8 \
   --policies qfast --reps 3 --warmup 2 --no-cold --batch 0 --device-cache 24 --out $OUT/ttft
 step gputests ${GPUTEST_S:-200} python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_warmup.py tests/test_pipeline.py tests/test_gpu.py tests/test_gpu_devicecache.py tests/test_gpu_concurrency.py tests/test_batch.py tests/test_fuzz_entries.py tests/test_store_hostile.py tests/test_kernels.py
