@@ -1,5 +1,6 @@
 """Pipelined loading for fusion: stream stored chunk entries to the device one layer at a time
-while earlier layers compute, and assemble each step of layers with one ``rerotate_scatter_layers`` launch.
+while earlier layers compute, and assemble each step of layers with one ``rerotate_scatter_layers``
+launch.
 
     host: LMDB map (zero-copy views of the entries), or entries streamed into the staging's
           page-locked landing arena (``Staging.landing``)
@@ -517,11 +518,12 @@ class LayerLoader:
       copy. On CUDA the copies go on the copy stream, behind the event that frees their slots;
     - CUDA: on the side stream behind the copy's event, one ``rerotate_scatter_layers`` launch for
       the step's layers (their launch tables are one series), then one checksum launch over the
-      step's slots (the bytes the GPU uses are the bytes
-      checked); CPU: the sums are checked before the layer can be used;
+      step's slots (the bytes the GPU uses are the bytes checked); CPU: the sums are checked
+      before the layer can be used;
     - signal the compute thread.
     Compute thread, ``ready(l)``: wait for layer ``l``'s signal and make the compute stream wait
-    for its assembly's event (device side; on CPU, assemble the layer there). ``check()``, once the fusion is done, compares all layers' sums with the
+    for its assembly's event (device side; on CPU, assemble the layer there). ``check()``, once
+    the fusion is done, compares all layers' sums with the
     entries' (one sync) and raises ``CorruptEntryError`` naming the first damaged chunk-layer: the
     result is then never returned. Where the bytes go is its ``LoadPlan`` (``plan``), built once
     per query: every layer of a chunk has the same part shapes, so the launch tables are built
@@ -570,7 +572,7 @@ class LayerLoader:
         self._signals = [threading.Event() for _ in range(self.num_layers)]
         self._error: BaseException | None = None
         self._stop = False
-        self._started = False
+        self._started = False  # start() ran: the stager thread runs, or (inline) every step is queued
         self._thread: threading.Thread | None = None
         # CUDA events: per layer the end of its H2D copy (copy stream), its assembly's start and
         # end, and the end of its checksum, after which its slot may be reused (side stream); the
@@ -612,7 +614,7 @@ class LayerLoader:
         return self.staging.cuda and self.direct and self.arrival is None
 
     def start(self) -> None:
-        if self._thread is None and not self._started:
+        if not self._started:
             self._started = True
             if (
                 self.staging.cuda
@@ -807,7 +809,6 @@ class LayerLoader:
             for layer in range(first, stop):
                 self.asm[layer] = (start, done)  # one span per step
             if self.plan.checked:
-                j0 = first % self.group
                 table = self.plan.sum_tables[j0 : j0 + stop - first].view(-1, 2)
                 out = self.got[first:stop].view(-1, *self.got.shape[2:])
                 kernels.checksum_partials(dev_slot, table, out)
@@ -839,10 +840,9 @@ class LayerLoader:
                 self._compare(layer, got[layer])
 
     def _rerotate(self, layer: int) -> None:
-        if self.zero_copy:
-            layout, src = self.plan.layouts[layer], self.plan.arena
-        else:
-            layout, src = self.plan.layouts[layer % self.group], self._slot(layer)
+        """CPU: assemble one staged layer (CUDA assembles a step at a time in ``_copied``; a zero-copy
+        loader all layers at once in ``ready``)."""
+        layout, src = self.plan.layouts[layer % self.group], self._slot(layer)
         kernels.rerotate_scatter_packed(
             layout, src, self.plan.cos, self.plan.sin, self.buf[layer, 0], self.buf[layer, 1]
         )
@@ -945,9 +945,10 @@ def fuse_entries(
     (the default): place the job's geometry and start the loader as soon as the entries' headers
     are parsed, so their layers stream in while the entries' token sections and ``inspect`` are
     checked and while the job waits for its batch (False: the loader starts at the fusion's first
-    layer). A check that fails then stops the loader before anything is computed. ``arrival``: the entries are still arriving
-    (``stream.LayerStream``: headers and small sections in, layers not yet): the loader stages
-    layer ``l`` after ``arrival.wait(l)``, so the fusion runs behind the link, layer by layer;
+    layer). A check that fails then stops the loader before anything is computed. ``arrival``:
+    the entries are still arriving (``stream.LayerStream``: headers and small sections in, layers
+    not yet): the loader stages layer ``l`` after ``arrival.wait(l)``, so the fusion runs behind
+    the link, layer by layer;
     an entry without per-layer sums must have arrived whole. ``prefix_ready`` (CUDA): ``prefix_kv``
     is still being computed on another stream (an adaptive fusion's front) and is done at this
     event; the loader starts before the compute stream waits for it, so layers that arrive
@@ -955,8 +956,9 @@ def fuse_entries(
     layer (``encode_exact``'s ``on_layer``; any objects whose ``wait()`` makes the current stream
     wait for that layer): then layer ``l``'s prefix rows are written just before the fusion first
     reads layer ``l`` (``_PrefixByLayer``), so the probe runs behind the front layer by layer as it
-    runs behind the link, instead of waiting for the whole front. ``stats["seconds"]`` gains ``read`` (headers parsed, entries checked),
-    ``stage_host``, ``h2d`` and ``assemble`` (overlapped work, see ``LayerLoader.seconds``).
+    runs behind the link, instead of waiting for the whole front. ``stats["seconds"]`` gains
+    ``read`` (headers parsed, entries checked), ``stage_host``, ``h2d`` and ``assemble``
+    (overlapped work, see ``LayerLoader.seconds``).
     """
     if not suffix_ids:
         raise ValueError("the question suffix is empty: nothing to generate from")

@@ -1,10 +1,15 @@
 """Lead, session 14: host time of fuse_entries's read phase (before the fusion runs) on CPU,
 SmolLM2, 16 chunks of ~512 tokens from the store, int8. cProfile of engine.fuse with run_job
 replaced by a no-op so only the host-side preparation is profiled."""
-import cProfile, json, pstats, tempfile, time, io
-import torch
+import cProfile
+import io
+import json
+import pstats
+import tempfile
+import time
+
+from chunkcache import pipeline
 from chunkcache.engine import ChunkCache
-from chunkcache import pipeline, fuse
 
 data = json.load(open("/work/shared/data/musique_dev.json"))
 texts = []
@@ -18,7 +23,8 @@ chunks, cur = [], ""
 for t in texts:
     cur += t + "\n"
     if len(tok(cur)["input_ids"]) > 480:
-        chunks.append(cur); cur = ""
+        chunks.append(cur)
+        cur = ""
     if len(chunks) == 13:
         break
 eng.precompute(chunks)
@@ -40,7 +46,6 @@ times = []
 for _ in range(20):
     t = time.perf_counter()
     try:
-        eng._fuse_checked(*eng._check_query(chunks, q, None, None)[1:], eng._config(None, None), t, None) if False else None
         cfg, keys, ids, suffix = eng._check_query(chunks, q, None, None)
         t1 = time.perf_counter()
         eng._fuse_stored(*eng._prompt_keys(keys, ids)[:1], ids, suffix, cfg, t1, None)

@@ -11,6 +11,7 @@ Medians of REPS after WARMUP calls of each form; full prefill of the same prompt
 """
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -26,8 +27,6 @@ out = sys.argv[1]
 contexts = [int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "8192,16384,32768").split(",")]
 policies = (sys.argv[3] if len(sys.argv) > 3 else "qfast").split(",")
 WARMUP, REPS = 3, 7
-import os
-
 SHAPE, DEV = os.environ.get("SHAPE", "llama3-8b"), os.environ.get("DEV", "cuda")  # (tiny, cpu: a smoke test)
 lm = build_model(SHAPE, torch.bfloat16 if DEV == "cuda" else torch.float32, DEV)
 tok = _tokenizer()
