@@ -178,7 +178,8 @@ def test_damaged_entry_is_refused_by_default(smol_tokenizer):
 
 @pytest.mark.parametrize("where", ["token_ids", "first_layer", "header"])
 def test_damage_anywhere_is_refused(smol_tokenizer, where):
-    """Token ids are checked up front, each layer as it is staged, the header by its own crc."""
+    """Token ids are checked before the fusion runs (while the layers stream in), each layer as it
+    is staged, the header by its own crc."""
     from chunkcache.errors import CorruptEntryError
     from chunkcache.format import read_header
 
