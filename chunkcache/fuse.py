@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from chunkcache import kernels
@@ -423,26 +424,37 @@ class _Prompt:
         n_q = n - n_prefix - n_ctx
         if n_q <= 0:
             raise ValueError("the question suffix is empty: nothing to generate from")
-        offsets = [n_prefix + sum(chunk_lengths[:i]) for i in range(len(chunk_lengths))]
-        # Built on the host: a repeat_interleave on the device would sync to size its output.
-        chunk_of = torch.full((n,), -1, dtype=torch.long)
-        chunk_of[n_prefix : n_prefix + n_ctx] = torch.repeat_interleave(
-            torch.arange(len(chunk_lengths)), torch.tensor(chunk_lengths, dtype=torch.long)
+        lengths = np.asarray(chunk_lengths, dtype=np.int64)
+        offsets = n_prefix + np.cumsum(lengths) - lengths
+        # Built on the host (a repeat_interleave on the device would sync to size its output) and
+        # sent in one copy: ids, chunk of each position, chunk offsets, positions, exact tokens.
+        chunk_of = np.full(n, -1, dtype=np.int64)
+        chunk_of[n_prefix : n_prefix + n_ctx] = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+        exact = exact_chunks is not None and any(exact_chunks)
+        host = np.concatenate(
+            [
+                ids[0].cpu().numpy().astype(np.int64, copy=False),
+                chunk_of,
+                offsets,
+                np.arange(n_prefix, n, dtype=np.int64),  # chunk positions, then the question's
+                np.repeat(np.asarray(exact_chunks, dtype=np.int64), lengths) if exact else chunk_of[:0],
+            ]
         )
+        d = torch.from_numpy(host).to(dev)
+        c = len(lengths)
+        pos = d[2 * n + c : 3 * n + c - n_prefix]
         return _Prompt(
-            ids=ids[0].to(dev),
+            ids=d[:n],
             n_prefix=n_prefix,
             n_ctx=n_ctx,
             n_q=n_q,
-            ctx_pos=torch.arange(n_prefix, n_prefix + n_ctx, device=dev),
-            q_pos=torch.arange(n - n_q, n, device=dev),
-            chunk_of=chunk_of.to(dev),
-            chunk_offsets=torch.tensor(offsets, dtype=torch.long).to(dev),
+            ctx_pos=pos[:n_ctx],
+            q_pos=pos[n_ctx:],
+            chunk_of=d[n : 2 * n],
+            chunk_offsets=d[2 * n : 2 * n + c],
             chunk_lengths=list(chunk_lengths),
             exact_chunks=None if exact_chunks is None else list(exact_chunks),
-            exact=None
-            if exact_chunks is None or not any(exact_chunks)
-            else torch.repeat_interleave(torch.tensor(exact_chunks), torch.tensor(chunk_lengths)).to(dev),
+            exact=d[3 * n + c - n_prefix :].bool() if exact else None,
         )
 
 
