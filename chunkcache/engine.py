@@ -282,6 +282,8 @@ class ChunkCache:
 
             self.device_cache = DeviceCache(self.lm.device, device_cache_bytes)
         self._lock = threading.Lock()  # lazy state: key info, prefix KV, staging pool, text index
+        self._verified: dict[str, int] = {}  # key -> digest of the header and tokens that passed
+        self._verified_lock = threading.Lock()  # (``_check_entry``; most recent ``_VERIFIED_MAX``)
         self._tok_lock = threading.Lock()  # tokenizer calls
         self._pool = None
         self._index = None
@@ -488,6 +490,9 @@ class ChunkCache:
 
         drop_damaged(self.store, key, reason)
 
+    _VERIFIED_MAX = 1 << 16
+    """Entries whose identity ``_check_entry`` keeps as verified (a key and an int each)."""
+
     def _check_entry(
         self,
         key: str,
@@ -495,15 +500,29 @@ class ChunkCache:
         token_ids: torch.Tensor,
         ids: Sequence[int] | bytes | None,
         info: dict | None = None,  # the key inputs it must hold (default: the engine's variant and codec)
+        raw=None,  # the entry's bytes (at least through its header): a repeat costs a digest
     ) -> None:
         """Raise ``ForeignEntryError`` unless the entry (``header`` checked by ``format.read_header``)
         is this engine's chunk: its one copy of the key inputs equals this engine's and hashes with
         its tokens to ``key`` (``format.check_identity``), and its geometry is this model's
         (layers, kv heads, head_dim, tokens, base position). ``ModelMismatchError`` if such a whole
         entry holds other tokens than ``ids`` (a list, or ``token_bytes``): then the caller's ids
-        are what is wrong (a bad text index record). Both paths call it before any of the KV is used."""
-        from chunkcache.format import check_identity
+        are what is wrong (a bad text index record). Both paths call it before any of the KV is used.
+        With ``raw``, an entry whose exact header bytes and tokens passed before under this key
+        (a 64-bit digest of both, Python's keyed hash, kept per key: microseconds, where the
+        checks take ~70 us) skips the identity and geometry checks, which those bytes decide:
+        the key hashes this engine's key inputs, so the same key asks the same of them. The
+        tokens are still compared with ``ids`` (the caller's may differ)."""
+        from chunkcache.format import check_identity, header_bytes
 
+        digest = None
+        if raw is not None:
+            tokens = token_ids.numpy().tobytes()
+            digest = hash((bytes(header_bytes(raw)), tokens))
+            if self._verified.get(key) == digest:
+                if ids is not None and tokens != (ids if isinstance(ids, bytes) else token_bytes(ids)):
+                    raise ModelMismatchError(f"store entry {key} holds other tokens than the chunk asked for")
+                return
         if info is None:
             _, _, info = self._of(0, token_bytes(token_ids))
         check_identity(key, header, token_ids, info)
@@ -520,6 +539,11 @@ class ChunkCache:
         base = len(info["settings"]["sink_ids"])
         if header["base_pos"] != base:
             raise ForeignEntryError(f"entry's base_pos {header['base_pos']} is not the sink's length {base}")
+        if digest is not None:
+            with self._verified_lock:
+                if len(self._verified) >= self._VERIFIED_MAX:
+                    del self._verified[next(iter(self._verified))]  # the oldest
+                self._verified[key] = digest
 
     def _pack(
         self, chunk: ChunkKV, variant: int = 0, parts: dict | None = None
@@ -1220,7 +1244,7 @@ class ChunkCache:
         from chunkcache.pipeline import fuse_entries
 
         def inspect(j: int, header: dict, parts: dict) -> None:
-            self._check_entry(keys[j], header, parts["token_ids"], ids[j], info)
+            self._check_entry(keys[j], header, parts["token_ids"], ids[j], info, entries[j])
 
         try:
             res = fuse_entries(self.lm, ext_kv, entries, ext_ids, suffix, cfg, staging, inspect=inspect,
@@ -1592,7 +1616,7 @@ class ChunkCache:
                         f"store entry {keys[i]} holds other tokens than the chunk asked for"
                     )
                 return
-            self._check_entry(keys[i], header, parts["token_ids"], ids[i], infos[i])
+            self._check_entry(keys[i], header, parts["token_ids"], ids[i], infos[i], entries[i])
 
         infos = infos or [self._of(0, i)[2] for i in ids]
         prefix_kv = self.prefix_kv()

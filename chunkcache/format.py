@@ -53,6 +53,7 @@ __all__ = [
     "check_identity",
     "drop_damaged",
     "head_spans",
+    "header_bytes",
     "header_span",
     "layer_spans",
     "part_layer_spans",
@@ -291,6 +292,17 @@ def header_span(buf: bytes | bytearray | memoryview) -> int:
     if version != FORMAT_VERSION:
         raise StaleEntryError(f"entry format version {version}; this build reads {FORMAT_VERSION}", version)
     return _PREFIX.size + hlen
+
+
+def header_bytes(buf: bytes | bytearray | memoryview) -> memoryview:
+    """The raw header of an entry (the JSON bytes its prefix's crc32 covers), as a view of
+    ``buf``; raises like ``header_span``. The bytes ``read_header`` parses, for callers that key
+    on an entry's exact header."""
+    mv = memoryview(buf).cast("B")
+    end = header_span(mv)
+    if mv.nbytes < end:
+        raise CorruptEntryError(f"entry truncated inside its header ({mv.nbytes} of at least {end} bytes)")
+    return mv[_PREFIX.size : end]
 
 
 def _bad(what: str) -> CorruptEntryError:

@@ -309,6 +309,46 @@ def test_forged_entry_under_the_engines_key_is_replaced_not_used(case, forged_en
         assert torch.equal(eng.fuse(PASSAGES[:2], QUESTION).logits, want)  # and then a clean hit
 
 
+def test_an_entry_checked_once_is_checked_again_only_where_its_bytes_differ(monkeypatch, smol_tokenizer):
+    """The identity memo of ``_check_entry``: the same header and tokens under the same key pass
+    on a lookup; any edit of the header (even one the checks accept), other tokens asked for, or
+    another key are checked in full again."""
+    import chunkcache.format as F
+    from chunkcache.errors import ForeignEntryError, ModelMismatchError
+    from chunkcache.keys import token_bytes
+
+    eng = ChunkCache(model=tiny_model(), tokenizer=smol_tokenizer, store=None)
+    ids = eng._chunk_ids(PASSAGES[0])
+    key = eng.precompute_ids([ids])[0]
+    raw = eng.store.get(key)
+    calls = []
+    real = F.check_identity
+    monkeypatch.setattr(F, "check_identity", lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
+
+    def check(raw, key=key, want=ids):
+        header, parts = F.unpack_parts(raw, verify=False)
+        eng._check_entry(key, header, parts["token_ids"], token_bytes(want), eng._info(), raw)
+
+    check(raw)
+    check(raw)
+    assert calls == [key]  # the repeat was a lookup
+    edited = craft(raw, lambda h: {**h, "meta": {**h.get("meta", {}), "note": "x"}})  # accepted, yet other bytes
+    check(edited)
+    assert calls == [key, key]
+    forged = craft(raw, lambda h: {**h, "base_pos": h["base_pos"] + 1})
+    with pytest.raises(ForeignEntryError, match="base_pos"):
+        check(forged)
+    with pytest.raises(ModelMismatchError, match="other tokens"):  # a bad text index record, on a hit
+        check(raw, want=ids[:-1] + [ids[-1] + 1])
+    other = eng.precompute_ids([eng._chunk_ids(PASSAGES[1])])[0]
+    with pytest.raises(ForeignEntryError, match="do not hash"):  # another key: checked in full
+        check(raw, key=other)
+    n = len(calls)
+    check(raw)  # (the memo holds the edited one's digest now: the last that passed under the key)
+    check(raw)
+    assert len(calls) == n + 1
+
+
 def test_verify_and_inspect_report_malformed_entries_and_delete_cleans_them(tmp_path):
     path = str(tmp_path / "s")
     good_key, good = entry(0)
