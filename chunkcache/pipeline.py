@@ -508,9 +508,9 @@ class LayerLoader:
     assembles ``buf`` (a ``LayerSource`` for ``fuse.fuse_assembled``). It starts at the first
     ``ready`` (or ``start()``), so the fusion's own small uploads go before its copies.
 
-    Stager thread (for direct CUDA copies of entries that are all here, the threads that call
-    ``start()`` and ``ready``, a step ahead of the compute: ``inline``), per step of ``_ranges()``
-    (layer 0, layer 1, then groups of ``group`` layers):
+    Stager thread (for direct CUDA copies of entries that are all here, the caller of
+    ``start()``, queueing every step at once: ``inline``), per step of ``_ranges()`` (layer 0,
+    layer 1, then groups of ``group`` layers):
     - copy: straight from the registered map, every part of the step's layers in one batch call
       into the step's group buffer (``direct``); otherwise one ``torch.cat`` into pinned slot
       ``l % depth`` (torch's intra-op threads copy outside the GIL: Python threads copying piece
@@ -572,10 +572,8 @@ class LayerLoader:
         self._signals = [threading.Event() for _ in range(self.num_layers)]
         self._error: BaseException | None = None
         self._stop = False
-        self._started = False  # start() ran: the stager thread runs, or (inline) the first steps are queued
+        self._started = False  # start() ran: the stager thread runs, or (inline) every step is queued
         self._thread: threading.Thread | None = None
-        self._steps = self._ranges()
-        self._queued = 0  # inline: steps of ``_steps`` queued so far (``_advance``)
         # CUDA events: per layer the end of its H2D copy (copy stream), its assembly's start and
         # end, and the end of its checksum, after which its slot may be reused (side stream); the
         # start of the first copy, for the copy span.
@@ -608,14 +606,11 @@ class LayerLoader:
     # -- lifecycle -----------------------------------------------------------------------------
     @property
     def inline(self) -> bool:
-        """Direct copies on CUDA of entries that are all here (no ``arrival``): the steps' copies,
-        assemblies and checksums are queued on the calling threads, without waiting (the streams
-        order slot reuse: each copy waits on the device for its slots' previous tenants). A
-        stager thread would only compete with the compute thread for the GIL (measured on the
-        H200: it doubled the host time of the checks that overlap it). ``start()`` queues the
-        first two steps (layers 0 and 1), and each ``ready(l)`` the steps up to ``l``'s and one
-        more (``_advance``): the copy engine stays a step ahead of the compute, while the host
-        time of the later steps overlaps the GPU's first layers instead of delaying them."""
+        """Direct copies on CUDA of entries that are all here (no ``arrival``): ``start()`` queues
+        every step's copy, assembly and checksum on the calling thread, without waiting: the
+        streams order slot reuse (each copy waits on the device for its slots' previous tenants)
+        and no host work remains. A stager thread would only compete with the compute thread for
+        the GIL (measured on the H200: it doubled the host time of the checks that overlap it)."""
         return self.staging.cuda and self.direct and self.arrival is None
 
     def start(self) -> None:
@@ -628,29 +623,10 @@ class LayerLoader:
                 self.staging.stream.wait_stream(main)
                 self.staging.copy_stream.wait_stream(main)
             if self.inline:
-                self._advance(0)
+                self._run()
                 return
             self._thread = threading.Thread(target=self._run, name="chunkcache-stager", daemon=True)
             self._thread.start()
-
-    def _advance(self, layer: int) -> None:
-        """Inline: queue the steps up to the one holding ``layer``, and the one after it (a failure
-        is kept for ``_assemble`` to raise, as the stager thread's is)."""
-        steps = self._steps
-        while self._error is None and self._queued < len(steps) and (
-            self._queued == 0 or steps[self._queued - 1][0] <= layer
-        ):
-            first, stop = steps[self._queued]
-            self._queued += 1
-            try:
-                self._stage_direct(first, stop)
-            except BaseException as e:
-                self._error = e
-                for s in self._signals:
-                    s.set()
-                return
-            for li in range(first, stop):
-                self._signals[li].set()
 
     def close(self) -> None:
         """Stop staging and wait for the stager and for every copy it queued (idempotent). Call
@@ -671,7 +647,7 @@ class LayerLoader:
             # torch also keeps the number as the default of threads that start later
             if not self.direct:  # (direct copies use no CPU threads; changing the number costs)
                 torch.set_num_threads(self.staging.copy_threads)
-            for first, stop in self._steps:
+            for first, stop in self._ranges():
                 with self._cond:  # CPU: the slots' previous tenants must be assembled
                     while (
                         not self.staging.cuda and not self._stop and stop - 1 - self.depth >= self.assembled
@@ -854,8 +830,6 @@ class LayerLoader:
         compares every layer's sums at once, one sync; on CPU the stager already checked)."""
         if self.got is None:
             return
-        if self.inline and self._error is None:
-            self._advance(self.num_layers)  # (every layer is read by a fusion: nothing left, as a rule)
         if any(ev is None for ev in self.copied):
             raise RuntimeError("check() before every layer was staged")
         torch.cuda.current_stream(self.staging.device).wait_stream(self.staging.stream)
@@ -875,8 +849,6 @@ class LayerLoader:
 
     def _assemble(self, layer: int) -> None:
         self.start()
-        if self.inline:
-            self._advance(layer)
         self._signals[layer].wait()
         if self._error is not None:
             raise self._error

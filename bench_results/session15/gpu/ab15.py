@@ -1,10 +1,11 @@
 """Lead, session 15 (issue 13 req. 5, the store path): one request through ``engine.fuse`` on
 texts from the int8 LMDB store, 8B shape, qfast 15%, forms interleaved call by call on one engine:
-  main   the inline loader queues layers 0-1 at start and each later step a step ahead of the
-         compute (from ``ready``); prompt geometry in one host-to-device copy; entry identities
-         checked once per exact header and tokens (``_check_entry(raw=)``)
-  s14    session 14: every step queued at start, five small uploads, full identity checks
-  nomemo main without the identity memo;  eager  main with every step queued at start
+  main   prompt geometry in one host-to-device copy; entry identities checked once per exact
+         header and tokens (``_check_entry(raw=)``)
+  s14    session 14: five small uploads, full identity checks
+  nomemo main without the identity memo
+(Call 2 ran an earlier main whose inline loader queued its steps a step ahead of the compute,
+against "eager" = every step at start, as now: that form is gone, see BENCHMARKS.)
 Medians of REPS after WARMUP calls of each form; full prefill of the same prompt ids beside.
     python3 bench_results/session15/gpu/ab15.py OUTDIR [CONTEXTS]
 env FORMS (main,s14), SHAPE (llama3-8b; tiny for a CPU smoke test), DEV (cuda)."""
@@ -20,7 +21,6 @@ import torch
 
 import chunkcache.engine as E
 import chunkcache.fuse as FU
-import chunkcache.pipeline as P
 from chunkcache.bench.texts import passages, questions
 from chunkcache.bench.ttft import _full_once, _tokenizer, build_model, speed_engine
 
@@ -55,29 +55,19 @@ def old_build(ids, n_prefix, chunk_lengths, slots, dev, exact_chunks=None):  # s
     )  # fmt: skip
 
 
-new_build, real_check, real_start = FU._Prompt.build, E.ChunkCache._check_entry, P.LayerLoader.start
-
-
-def start_all(self):  # every step at start (session 14)
-    first = not self._started
-    real_start(self)
-    if first and self.inline:
-        self._advance(self.num_layers)
+new_build, real_check = FU._Prompt.build, E.ChunkCache._check_entry
 
 
 def check_nomemo(self, key, header, token_ids, ids, info=None, raw=None):
     return real_check(self, key, header, token_ids, ids, info)
 
 
-forms = {
-    "main": (new_build, real_check, real_start), "s14": (old_build, check_nomemo, start_all),
-    "nomemo": (new_build, check_nomemo, real_start), "eager": (new_build, real_check, start_all),
-}  # fmt: skip
+forms = {"main": (new_build, real_check), "s14": (old_build, check_nomemo), "nomemo": (new_build, check_nomemo)}
 forms = {f: forms[f] for f in os.environ.get("FORMS", "main,s14").split(",")}
 
 
 def use(form):
-    FU._Prompt.build, E.ChunkCache._check_entry, P.LayerLoader.start = staticmethod(form[0]), form[1], form[2]
+    FU._Prompt.build, E.ChunkCache._check_entry = staticmethod(form[0]), form[1]
 
 
 def timed(fn):

@@ -78,7 +78,6 @@ for m, q in [
         wrap(m, q)
     except (AttributeError, KeyError) as e:
         print("not wrapped:", m, q, repr(e))
-import chunkcache.pipeline as P  # noqa: E402  (names imported into pipeline from elsewhere: wrap there too)
 
 for _ in range(4):
     sync()
