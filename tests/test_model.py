@@ -135,3 +135,27 @@ def test_fingerprint_bit_sum_is_exact_and_chunk_independent(monkeypatch):
         y = x.clone()
         y.view(torch.int16 if x.element_size() == 2 else torch.int32)[500] ^= 1  # last mantissa bit
         assert M._bit_sum(y) != want
+
+
+def test_a_checkouts_kernels_folder_does_not_shadow_the_hubs_kernels_package():
+    """From a checkout's root, ``kernels/`` is importable as a top-level ``kernels``; transformers
+    (>= 5.25) imports the Hugging Face ``kernels`` package while loading a model and must get that
+    one, not ours (``chunkcache._unshadow_hub_kernels``)."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, chunkcache, transformers.integrations.hub_kernels\n"
+        "m = sys.modules.get('kernels')\n"
+        "print(getattr(m, '__file__', None) or '-')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return  # no Hub package installed: nothing to shadow (transformers < 5.25)
+    assert not Path(out.stdout.strip()).is_relative_to(root / "kernels")  # the Hub's, where it was imported
