@@ -515,23 +515,19 @@ class ChunkCache:
         tokens are still compared with ``ids`` (the caller's may differ)."""
         from chunkcache.format import check_identity, header_bytes
 
-        digest = None
-        if raw is not None:
-            tokens = token_ids.numpy().tobytes()
-            digest = hash((bytes(header_bytes(raw)), tokens))
-            if self._verified.get(key) == digest:
-                if ids is not None and tokens != (ids if isinstance(ids, bytes) else token_bytes(ids)):
-                    raise ModelMismatchError(f"store entry {key} holds other tokens than the chunk asked for")
-                return
-        if info is None:
-            _, _, info = self._of(0, token_bytes(token_ids))
-        check_identity(key, header, token_ids, info)
-        if ids is not None and token_bytes(token_ids) != (
-            ids if isinstance(ids, bytes) else token_bytes(ids)
-        ):
+        tokens = token_bytes(token_ids)
+        digest = None if raw is None else hash((bytes(header_bytes(raw)), tokens))
+        known = digest is not None and self._verified.get(key) == digest
+        if not known:
+            if info is None:
+                _, _, info = self._of(0, tokens)
+            check_identity(key, header, token_ids, info)
+        if ids is not None and tokens != (ids if isinstance(ids, bytes) else token_bytes(ids)):
             # the entry is whole and belongs under its key: the caller's ids (a text index record)
             # do not match that key. Not the entry's fault: refuse, never use it, keep it.
             raise ModelMismatchError(f"store entry {key} holds other tokens than the chunk asked for")
+        if known:
+            return
         spec = self.lm.spec
         want = [spec.num_layers, 2, spec.kv_heads, len(token_ids), spec.head_dim]
         if header["kv_shape"] != want:

@@ -261,10 +261,8 @@ def read_header(buf: bytes | bytearray | memoryview, whole: bool = True) -> dict
             "(a stale entry: `chunkcache verify --delete` or `chunkcache evict` removes it)",
             version,
         )
+    raw = header_bytes(mv)
     end = _PREFIX.size + hlen
-    if mv.nbytes < end:
-        raise CorruptEntryError(f"entry truncated inside its header ({mv.nbytes} of at least {end} bytes)")
-    raw = mv[_PREFIX.size : end]
     if zlib.crc32(raw) != hcrc:
         raise CorruptEntryError("entry header checksum mismatch (header damaged)")
     raw = bytes(raw)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,8 +33,19 @@ def canonical_json(obj: object) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
+_LITTLE = sys.byteorder == "little"
+
+
 def token_bytes(token_ids: torch.Tensor | np.ndarray | Sequence[int]) -> bytes:
     """Token ids -> little-endian int64 bytes. Accepts a 1-D tensor, array or list of ints."""
+    if (  # the common case (an entry's token section, a prompt's ids): no conversions to check
+        type(token_ids) is torch.Tensor
+        and token_ids.dtype == torch.int64
+        and token_ids.dim() == 1
+        and token_ids.device.type == "cpu"
+        and _LITTLE
+    ):
+        return token_ids.detach().numpy().tobytes()
     if isinstance(token_ids, torch.Tensor):
         token_ids = token_ids.detach().to("cpu").numpy()
     arr = np.asarray(token_ids)
