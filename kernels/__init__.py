@@ -40,6 +40,7 @@ from .reference import (
     rope_qkv_scatter_reference,
     selected_attention_reference,
     silu_mul_reference,
+    to_device,
 )
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "selected_attention_reference",
     "silu_mul",
     "silu_mul_reference",
+    "to_device",
     "triton_available",
 ]
 

@@ -514,7 +514,7 @@ def test_epic_selects_chunk_starts_depth_by_depth_with_exact_ties():
 
     lengths = [5, 2, 7, 6]
     offsets = torch.tensor([10, 15, 17, 24])
-    positions = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets.tolist(), lengths)])
+    positions = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets.tolist(), lengths, strict=True)])
     chunk_of = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
     ctx = SelectContext(0, positions, chunk_of, offsets, None, None, None, None, None, 1.0)
     within = positions - offsets[chunk_of]
