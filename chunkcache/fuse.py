@@ -440,7 +440,7 @@ class _Prompt:
                 np.repeat(np.asarray(exact_chunks, dtype=np.int64), lengths) if exact else chunk_of[:0],
             ]
         )
-        d = kernels.to_device(torch.from_numpy(host), dev)
+        d = torch.from_numpy(host).to(dev)
         c = len(lengths)
         pos = d[2 * n + c : 3 * n + c - n_prefix]
         return _Prompt(

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from chunkcache.errors import UnsupportedModelError
-from chunkcache.kernels.reference import rotate_half, to_device
+from chunkcache.kernels.reference import rotate_half
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 """model_type values whose decoder layer matches the Llama block this module re-implements."""
@@ -323,7 +323,7 @@ def rotations(
     ``attention_scaling`` (YaRN) is left out so a delta rotation does not scale keys twice.
     """
     inv_freq = model.model.rotary_emb.inv_freq.to(device=device, dtype=torch.float64)
-    angles = to_device(torch.tensor(deltas, dtype=torch.float64), device)[:, None] * inv_freq[None, :]
+    angles = torch.tensor(deltas, dtype=torch.float64).to(device)[:, None] * inv_freq[None, :]
     emb = torch.cat([angles, angles], dim=1)
     return emb.cos().to(dtype).contiguous(), emb.sin().to(dtype).contiguous()
 

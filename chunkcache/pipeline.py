@@ -502,15 +502,16 @@ class LoadPlan:
                 layout.meta(device)  # (a series that is not linear: each table built now, off the layer loop)
             # Checksums: which parts, where in the slot (per j of a group), and what they must be.
             checked = self.checked
-            self.sum_tables = kernels.to_device(
+            self.sum_tables = (
                 torch.tensor(
                     [[[g * p.slot_offset + j * p.nbytes, p.nbytes] for p in checked] for j in range(g)],
                     dtype=torch.int64,
-                ).view(g, -1, 2),
-                device,
+                )
+                .view(g, -1, 2)
+                .to(device)
             )
             self.expected = (
-                kernels.to_device(torch.stack([p.sums for p in checked], dim=1), device)  # [L, P, 2]
+                torch.stack([p.sums for p in checked], dim=1).to(device)  # [L, P, 2]
                 if checked
                 else torch.zeros(spec.num_layers, 0, 2, dtype=torch.int64, device=device)
             )
@@ -1104,7 +1105,7 @@ def fuse_entries(
     )[None]
     token_scores = None
     if lengths and all(s is not None for s in scores):
-        token_scores = kernels.to_device(torch.cat([s.float() for s in scores]), lm.device)
+        token_scores = torch.cat([s.float() for s in scores]).to(lm.device)
     config = config or FuseConfig()
     exact = exact_chunks(p, lengths, [int(h["base_pos"]) for h, _ in parsed])
     job = FuseJob(

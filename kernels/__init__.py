@@ -40,7 +40,6 @@ from .reference import (
     rope_qkv_scatter_reference,
     selected_attention_reference,
     silu_mul_reference,
-    to_device,
 )
 
 __all__ = [
@@ -65,7 +64,6 @@ __all__ = [
     "selected_attention_reference",
     "silu_mul",
     "silu_mul_reference",
-    "to_device",
     "triton_available",
 ]
 

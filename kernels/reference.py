@@ -340,7 +340,7 @@ class PackedLayout:
         offsets of o_idx (int32), o_k, o_v (int8), o_ks, o_vs (fp16); see ``_int2_row``."""
         device = _device(device)
         if device not in self._meta:
-            self._meta[device] = to_device(self._rows(), device)
+            self._meta[device] = self._rows().to(device)
         return self._meta[device]
 
     def series(
@@ -361,7 +361,7 @@ class PackedLayout:
             return [self] + [
                 self.shifted([{k: j * b for k, b in d.items()} for d in steps]) for j in range(1, layers)
             ]
-        tables = to_device(m0[None] + torch.arange(layers)[:, None, None] * delta[None], device)  # [L, C, cols]
+        tables = (m0[None] + torch.arange(layers)[:, None, None] * delta[None]).to(device)  # [L, C, cols]
         ends = [  # per part: its end in layer 0, and how far it moves per layer
             (off + math.prod(shape) * dtype.itemsize, steps[c].get(name, 0))
             for c, parts in enumerate(self.chunks)
@@ -399,18 +399,6 @@ class PackedLayout:
             kept = [0] * 7
             rows.append([t, dest, groups, k, v, *sc, *kept])
         return torch.tensor(rows, dtype=torch.int64)
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A small host tensor (a launch table, sums, positions) on ``device``. On CUDA through
-    page-locked memory, without the host waiting: a copy from pageable memory makes the calling
-    thread wait until the copy engine has run it, behind every copy queued before it (an inline
-    loader's layer copies: milliseconds). The caching host allocator keeps the page until the copy
-    ran."""
-    device = _device(device)
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _device(device) -> torch.device:
