@@ -380,12 +380,7 @@ class LoadPlan:
         check_layers: Sequence[bool] | None = None,  # per entry: check its layer sums while staging
         arena: torch.Tensor | None = None,  # devicecache arena: zero copy if every part lies in it
         pinned: torch.Tensor | None = None,  # page-locked host memory (a landing arena): direct copies
-        laid_out: Callable[[LoadPlan], None] | None = None,
     ) -> LoadPlan:
-        """``laid_out(plan)``: called once the byte layout is known (``parts``, ``flat``,
-        ``slot_bytes``, ``direct``, ``group``, ``arena``) and before anything goes to the device
-        (launch tables, checksum tables, stored sums, rotations), so a loader can queue its first
-        copies while the rest is built (``LayerLoader``'s copies ahead)."""
         spec = lm.spec
         headers = []
         for header, _ in parsed:
@@ -438,12 +433,56 @@ class LoadPlan:
         while g > cls.MIN_GROUP and 2 * g * slot_bytes > max_bytes:
             g //= 2  # two groups' slots within the staging budget where possible
         g = min(g, spec.num_layers) if direct and aligned else 1
+        base = kernels.PackedLayout(codec, spec.kv_heads, spec.head_dim)
+        it = iter(parts)
+        for c, dest in enumerate(offsets):
+            where = {}
+            for name, (dtype, shape) in shapes[c].items():
+                p = next(it)
+                where[name] = (g * p.slot_offset, dtype, shape)
+            base.add(where, dest)
+        # position j of a group: every part one layer (its nbytes) further per j
+        step = [{} for _ in offsets]
+        for p in parts:
+            step[p.chunk][p.name] = p.nbytes
+        # one launch table for the group's positions (one copy), so that a step's layers assemble
+        # in one launch (``kernels.rerotate_scatter_layers``)
+        layouts = base.series(step, g, device)
+        for layout in layouts:
+            layout.meta(device)  # (a series that is not linear: each table built now, off the layer loop)
+        # Checksums: which parts, where in the slot (per j of a group), and what they must be.
         checked = [p for p in parts if p.sums is not None]
+        sum_tables = (
+            torch.tensor(
+                [[[g * p.slot_offset + j * p.nbytes, p.nbytes] for p in checked] for j in range(g)],
+                dtype=torch.int64,
+            )
+            .view(g, -1, 2)
+            .to(device)
+        )
+        expected = (
+            torch.stack([p.sums for p in checked], dim=1).to(device)  # [L, P, 2]
+            if checked
+            else torch.zeros(spec.num_layers, 0, 2, dtype=torch.int64, device=device)
+        )
         if arena is not None and all(_in_arena(arena, ps[n]) for _, ps in parsed for n in shapes[0]):
-            g, direct, checked = 1, True, []  # zero copy: the kernel reads each layer from the arena
+            # Zero copy: the kernel reads each layer straight out of the arena (checked on admission).
+            g, direct, checked = 1, True, []
+            base = kernels.PackedLayout(codec, spec.kv_heads, spec.head_dim)
+            for c, dest in enumerate(offsets):
+                ps = parsed[c][1]
+                base.add(
+                    {n: (ps[n].data_ptr() - arena.data_ptr(), dt, sh) for n, (dt, sh) in shapes[c].items()},
+                    dest,
+                )
+            layouts = base.series(step, spec.num_layers, device)  # one launch table, one copy
+            sum_tables = torch.zeros(1, 0, 2, dtype=torch.int64, device=device)
+            expected = torch.zeros(spec.num_layers, 0, 2, dtype=torch.int64, device=device)
         else:
             arena = None
-        plan = cls(
+        deltas = [o - int(h["base_pos"]) for o, h in zip(offsets, headers, strict=True)]
+        cos, sin = M.rotations(lm.model, deltas, device)  # [C, D]
+        return cls(
             codec=codec,
             headers=headers,
             parts=parts,
@@ -452,80 +491,22 @@ class LoadPlan:
             slot_bytes=slot_bytes,
             direct=direct,
             group=g,
-            layouts=[],
+            layouts=layouts,
             checked=checked,
-            sum_tables=None,
+            sum_tables=sum_tables,
             sum_longest=max((p.nbytes for p in checked), default=0),
-            expected=None,
-            cos=None,
-            sin=None,
+            expected=expected,
+            cos=cos,
+            sin=sin,
             offsets=list(offsets),
             arena=arena,
         )
-        if laid_out is not None:
-            laid_out(plan)
-        plan._tables(lm, parsed, shapes, device)
-        return plan
-
-    def _tables(self, lm: LoadedModel, parsed, shapes, device: torch.device) -> None:
-        """What ``build`` puts on the device once the layout is known: the launch tables, the
-        checksum tables and stored sums, the rotations."""
-        spec, codec, g, parts, offsets = lm.spec, self.codec, self.group, self.parts, self.offsets
-        base = kernels.PackedLayout(codec, spec.kv_heads, spec.head_dim)
-        step = [{} for _ in offsets]  # position j of a group: every part one layer (its nbytes) further per j
-        for p in parts:
-            step[p.chunk][p.name] = p.nbytes
-        if self.arena is not None:
-            # Zero copy: one launch table places layer l of each part inside the arena (one copy).
-            arena = self.arena
-            for c, dest in enumerate(offsets):
-                ps = parsed[c][1]
-                base.add(
-                    {n: (ps[n].data_ptr() - arena.data_ptr(), dt, sh) for n, (dt, sh) in shapes[c].items()},
-                    dest,
-                )
-            self.layouts = base.series(step, spec.num_layers, device)
-            self.sum_tables = torch.zeros(1, 0, 2, dtype=torch.int64, device=device)
-            self.expected = torch.zeros(spec.num_layers, 0, 2, dtype=torch.int64, device=device)
-        else:
-            it = iter(parts)
-            for c, dest in enumerate(offsets):
-                where = {}
-                for name, (dtype, shape) in shapes[c].items():
-                    p = next(it)
-                    where[name] = (g * p.slot_offset, dtype, shape)
-                base.add(where, dest)
-            # one launch table for the group's positions (one copy), so that a step's layers
-            # assemble in one launch (``kernels.rerotate_scatter_layers``)
-            self.layouts = base.series(step, g, device)
-            for layout in self.layouts:
-                layout.meta(device)  # (a series that is not linear: each table built now, off the layer loop)
-            # Checksums: which parts, where in the slot (per j of a group), and what they must be.
-            checked = self.checked
-            self.sum_tables = (
-                torch.tensor(
-                    [[[g * p.slot_offset + j * p.nbytes, p.nbytes] for p in checked] for j in range(g)],
-                    dtype=torch.int64,
-                )
-                .view(g, -1, 2)
-                .to(device)
-            )
-            self.expected = (
-                torch.stack([p.sums for p in checked], dim=1).to(device)  # [L, P, 2]
-                if checked
-                else torch.zeros(spec.num_layers, 0, 2, dtype=torch.int64, device=device)
-            )
-        deltas = [o - int(h["base_pos"]) for o, h in zip(offsets, self.headers, strict=True)]
-        self.cos, self.sin = M.rotations(lm.model, deltas, device)  # [C, D]
 
 
 class LayerLoader:
     """Stages the codec parts of a list of entries layer by layer on a background thread and
     assembles ``buf`` (a ``LayerSource`` for ``fuse.fuse_assembled``). It starts at the first
-    ``ready`` (or ``start()``), so the fusion's own small uploads go before its copies; an inline
-    loader made with ``ahead`` queues its first copies (``AHEAD_BYTES``) while its plan's tables
-    are built, so the copy engine does not wait for that host work (the small uploads then follow
-    those copies only).
+    ``ready`` (or ``start()``), so the fusion's own small uploads go before its copies.
 
     Stager thread (for direct CUDA copies of entries that are all here, the caller of
     ``start()``, queueing every step at once: ``inline``), per step of ``_ranges()`` (layer 0,
@@ -558,19 +539,37 @@ class LayerLoader:
         check_layers: Sequence[bool] | None = None,  # per entry: check its layer sums while staging
         arena: torch.Tensor | None = None,  # devicecache arena (zero copy when every part lies in it)
         arrival=None,  # entries still arriving: ``arrival.wait(l)`` before layer l is read (``stream``)
-        ahead: bool = False,  # inline: queue the first copies before the plan's tables are built
     ) -> None:
         self.buf, self.staging, self.arrival = buf, staging, arrival
-        self.num_layers = n = lm.spec.num_layers
+        build = dict(maps=staging.maps, check_layers=check_layers, arena=arena, pinned=staging.landed)
+        self.plan = plan = LoadPlan.build(lm, parsed, offsets, buf.device, staging.max_bytes, **build)
+        self.codec, self.direct, self.group = plan.codec, plan.direct, plan.group
+        self.num_layers = lm.spec.num_layers
+        self.zero_copy = plan.arena is not None
+        """Every part resident in the device cache's arena: each layer is decoded from there on the
+        compute stream at its ``ready``; no stager thread, no slots, no copies."""
+        g = self.group
+        self.depth = (
+            0 if self.zero_copy else staging.slots(plan.slot_bytes, self.num_layers, not self.direct, g)
+        )
+        # Batched direct copies: per part its first layer's address, bytes per layer, offset in a
+        # group buffer (a group's copy list is then three vector operations).
+        self.batched = self.direct and staging.cuda and staging.batch is not None
+        if self.batched:
+            self._src0 = np.array([f.data_ptr() for f in plan.flat], dtype=np.uint64)
+            self._nb = np.array([p.nbytes for p in plan.parts], dtype=np.uint64)
+            self._dst0 = np.array([g * p.slot_offset for p in plan.parts], dtype=np.uint64)
+        self.got: torch.Tensor | None = None  # [L, P, blocks, 2] partial sums (CUDA), reduced in check()
+        if plan.checked and staging.cuda:
+            blocks = kernels.checksum_blocks(plan.sum_longest, staging.device)
+            shape = (self.num_layers, len(plan.checked), blocks, 2)
+            self.got = torch.zeros(shape, dtype=torch.int64, device=staging.device)
         self.staged = 0  # layers staged so far (stager thread)
-        self.ahead = 0
-        """Layers whose copies were queued while the plan was built (``AHEAD_BYTES``); ``start()``
-        queues the rest, and the assembly and checksums of all."""
         self.batch_copies = 0  # direct copies queued as one batch call
         self.assembled = 0  # layers assembled (CUDA: made ready) so far (compute thread)
         self.host_seconds = 0.0  # stager time spent copying and checking
         self._cond = threading.Condition()
-        self._signals = [threading.Event() for _ in range(n)]
+        self._signals = [threading.Event() for _ in range(self.num_layers)]
         self._error: BaseException | None = None
         self._stop = False
         self._started = False  # start() ran: the stager thread runs, or (inline) every step is queued
@@ -578,63 +577,10 @@ class LayerLoader:
         # CUDA events: per layer the end of its H2D copy (copy stream), its assembly's start and
         # end, and the end of its checksum, after which its slot may be reused (side stream); the
         # start of the first copy, for the copy span.
-        self.copied: list[torch.cuda.Event | None] = [None] * n
-        self.asm: list[tuple | None] = [None] * n
-        self.freed: list[torch.cuda.Event | None] = [None] * n
+        self.copied: list[torch.cuda.Event | None] = [None] * self.num_layers
+        self.asm: list[tuple | None] = [None] * self.num_layers
+        self.freed: list[torch.cuda.Event | None] = [None] * self.num_layers
         self.first_copy: torch.cuda.Event | None = None
-        self._ahead_wanted = ahead
-        build = dict(maps=staging.maps, check_layers=check_layers, arena=arena, pinned=staging.landed)
-        try:
-            self.plan = plan = LoadPlan.build(
-                lm, parsed, offsets, buf.device, staging.max_bytes, laid_out=self._laid_out, **build
-            )
-        except BaseException:
-            if self.ahead:  # queued copies read the entries: done before their memory may go
-                staging.copy_stream.synchronize()
-            raise
-        self.got: torch.Tensor | None = None  # [L, P, blocks, 2] partial sums (CUDA), reduced in check()
-        if plan.checked and staging.cuda:
-            blocks = kernels.checksum_blocks(plan.sum_longest, staging.device)
-            self.got = torch.zeros(
-                (n, len(plan.checked), blocks, 2), dtype=torch.int64, device=staging.device
-            )
-
-    AHEAD_BYTES = 128 << 20
-    """Bytes of copies queued before the plan's device tables are built (whole steps, the step that
-    reaches it included): the copy engine moves them while the host builds the launch and checksum
-    tables and the prompt's geometry, whose small uploads then queue behind them on the copy
-    engine. About the host time of that work at PCIe 5 rates (H200: 3-5 ms at ~48 GB/s). 0: none
-    ahead."""
-
-    def _laid_out(self, plan: LoadPlan) -> None:
-        """``LoadPlan.build``'s hook: the byte layout is known, nothing is on the device yet. Sets
-        the slots and the batched copy lists; with ``ahead`` (inline loaders), queues the first
-        steps' copies (``AHEAD_BYTES``), whose assembly and checksums ``start()`` queues."""
-        self.plan = plan
-        self.codec, self.direct, self.group = plan.codec, plan.direct, plan.group
-        self.zero_copy = plan.arena is not None
-        """Every part resident in the device cache's arena: each layer is decoded from there on the
-        compute stream at its ``ready``; no stager thread, no slots, no copies."""
-        st, g = self.staging, self.group
-        self.depth = 0 if self.zero_copy else st.slots(plan.slot_bytes, self.num_layers, not self.direct, g)
-        # Batched direct copies: per part its first layer's address, bytes per layer, offset in a
-        # group buffer (a group's copy list is then three vector operations).
-        self.batched = self.direct and st.cuda and st.batch is not None and not self.zero_copy
-        if self.batched:
-            self._src0 = np.array([f.data_ptr() for f in plan.flat], dtype=np.uint64)
-            self._nb = np.array([p.nbytes for p in plan.parts], dtype=np.uint64)
-            self._dst0 = np.array([g * p.slot_offset for p in plan.parts], dtype=np.uint64)
-        if not (self._ahead_wanted and self.inline and not self.zero_copy and self.AHEAD_BYTES > 0):
-            return
-        t0 = time.perf_counter()
-        self._follow_compute()
-        queued = 0
-        for first, stop in self._ranges():
-            if queued >= self.AHEAD_BYTES or stop > self.depth:  # (no slot is reused ahead)
-                break
-            self._copy(first, stop)
-            self.ahead, queued = stop, queued + (stop - first) * plan.slot_bytes
-        self.host_seconds += time.perf_counter() - t0
 
     # -- LayerSource ---------------------------------------------------------------------------
     def ready(self, layer: int) -> None:
@@ -667,17 +613,15 @@ class LayerLoader:
         the GIL (measured on the H200: it doubled the host time of the checks that overlap it)."""
         return self.staging.cuda and self.direct and self.arrival is None
 
-    def _follow_compute(self) -> None:
-        """CUDA: the side streams write buf and the slots after what the compute stream queued."""
-        main = torch.cuda.current_stream(self.staging.device)
-        self.staging.stream.wait_stream(main)
-        self.staging.copy_stream.wait_stream(main)
-
     def start(self) -> None:
         if not self._started:
             self._started = True
-            if self.staging.cuda:
-                self._follow_compute()
+            if (
+                self.staging.cuda
+            ):  # the side streams write buf and slots: after what the compute stream queued
+                main = torch.cuda.current_stream(self.staging.device)
+                self.staging.stream.wait_stream(main)
+                self.staging.copy_stream.wait_stream(main)
             if self.inline:
                 self._run()
                 return
@@ -774,37 +718,13 @@ class LayerLoader:
                     got = kernels.checksums(gbuf, self.plan.sum_tables[layer % g], self.plan.sum_longest)
                     self._compare(layer, got)
         else:
-            if first >= self.ahead:  # (else its copy was queued while the plan was built)
-                self._copy(first, stop)
-            self._copied(first, stop, gbuf)
+            with torch.cuda.stream(st.copy_stream):
+                self._copy_start(first, stop)
+                if not self._batch_copy(gbuf, first, stop, j0):
+                    torch._foreach_copy_(*pieces(), non_blocking=True)
+                self._copied(first, stop, gbuf)
         self.host_seconds += time.perf_counter() - t0
         self.staged += stop - first
-
-    def _copy(self, first: int, stop: int) -> None:
-        """CUDA: queue the copy of layers ``first .. stop - 1`` (one step) straight from the
-        registered map into their group buffer, on the copy stream, and its end event
-        (``copied``); the assembly and checksum follow in ``_copied``."""
-        st, g = self.staging, self.group
-        gbuf = self._slot(first)
-        j0, j1 = first % g, first % g + stop - first
-        with torch.cuda.stream(st.copy_stream):
-            self._copy_start(first, stop)
-            if not self._batch_copy(gbuf, first, stop, j0):
-                src = [f[first:stop].reshape(-1) for f in self.plan.flat]
-                dst = [
-                    gbuf[g * p.slot_offset + j0 * p.nbytes : g * p.slot_offset + j1 * p.nbytes]
-                    for p in self.plan.parts
-                ]
-                torch._foreach_copy_(dst, src, non_blocking=True)
-            self._copy_end(first, stop)
-
-    def _copy_end(self, first: int, stop: int) -> None:
-        """On the copy stream, after the copy of layers ``first .. stop - 1`` was queued: its end
-        event (``copied``)."""
-        end = torch.cuda.Event(enable_timing=stop == self.num_layers)
-        end.record(self.staging.copy_stream)
-        for layer in range(first, stop):
-            self.copied[layer] = end
 
     def _batch_copy(self, gbuf: torch.Tensor, first: int, stop: int, j0: int) -> bool:
         """Every part's layers ``first .. stop - 1`` in one ``cudaMemcpyBatchAsync`` call on the
@@ -847,7 +767,6 @@ class LayerLoader:
                 # few calls per layer: each one that releases the GIL may wait to get it back
                 self._copy_start(layer, layer + 1)
                 st.dev[s, : self.plan.slot_bytes].copy_(st.host[s, : self.plan.slot_bytes], non_blocking=True)
-                self._copy_end(layer, layer + 1)
                 self._copied(layer, layer + 1, st.dev[s])
         self.staged += 1
 
@@ -863,12 +782,16 @@ class LayerLoader:
             self.first_copy.record(copy_stream)
 
     def _copied(self, first: int, stop: int, dev_slot: torch.Tensor) -> None:
-        """After the copy of layers ``first .. stop - 1`` into ``dev_slot`` (their slots) and its
-        end event (``_copy_end``) were queued: on the side stream behind that event, one assembly
-        launch for the step's layers and one checksum launch for them all (the compute does not
-        wait for it; the slots are free once it ran)."""
+        """On the copy stream, after the copy of layers ``first .. stop - 1`` into ``dev_slot``
+        (their slots) was queued: its event; then, on the side stream behind it, one assembly
+        launch per layer and one checksum launch for them all (the compute does not wait for it;
+        the slots are free once it ran)."""
+        end = torch.cuda.Event(enable_timing=stop == self.num_layers)
+        end.record(self.staging.copy_stream)
+        for layer in range(first, stop):
+            self.copied[layer] = end
         side = self.staging.stream
-        side.wait_event(self.copied[first])
+        side.wait_event(end)
         with torch.cuda.stream(side):
             start = torch.cuda.Event(enable_timing=True)
             start.record(side)
@@ -1091,9 +1014,7 @@ def fuse_entries(
     buf[:, :, :, n - ns : n] = 0
     offsets = [p + sum(lengths[:i]) for i in range(len(lengths))]
     try:
-        loader = LayerLoader(
-            lm, parsed, buf, offsets, st, check_layers, arena, arrival, ahead=preload and prefix_ready is None
-        )
+        loader = LayerLoader(lm, parsed, buf, offsets, st, check_layers, arena, arrival)
     except Exception:
         checks()  # a foreign or damaged entry: its own error (ModelMismatchError, ...) first
         raise
@@ -1138,13 +1059,11 @@ def fuse_entries(
             prefix_kv.record_stream(here)  # (made on the other stream, read on this one)
             buf[:, :, :, :p] = prefix_kv
         elif preload and not loader.zero_copy:
-            # The job's small uploads (token ids, chunk maps) before the rest of the loader's
-            # copies (an inline loader queued its first ``AHEAD_BYTES`` while its plan was
-            # built), then the layers stream in while the checks below run and the job waits
-            # (for its batch): a host-to-device copy queued behind all of the loader's copies
-            # would wait for all of them (the copy engine runs them in order: at 8K int8 that
-            # held the compute stream idle for 11 ms on the H100). Otherwise the loader starts
-            # at the fusion's first ``ready``.
+            # The job's small uploads (token ids, chunk maps) first, then the layers stream in
+            # while the checks below run and the job waits (for its batch): a synchronous
+            # host-to-device copy queued behind the loader's copies would wait for all of them
+            # (the copy engine runs them in order: at 8K int8 that held the compute stream idle
+            # for 11 ms on the H100). Otherwise the loader starts at the fusion's first ``ready``.
             job.place()
             loader.start()
         checks()
@@ -1169,5 +1088,4 @@ def fuse_entries(
     res.stats["pipeline_depth"] = loader.depth
     res.stats["copy_group"] = loader.group
     res.stats["batched_copies"] = loader.batch_copies
-    res.stats["copies_ahead"] = loader.ahead
     return res

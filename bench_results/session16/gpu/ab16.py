@@ -6,8 +6,10 @@ texts from the int8 LMDB store, 8B shape, qfast 15%, forms interleaved call by c
   ahead256  AHEAD_BYTES = 256 MiB
   fine      main, and the last copy group and the probe's last graph group in halving steps
             (``stream.layer_steps(fine_tail=True)``, as for entries arriving over a link)
-  pageable  main with the small uploads (launch and checksum tables, sums, rotations, prompt) from
-            pageable memory, as in GPU call 1 (``kernels.to_device`` replaced by ``.to``)
+  pageable  (GPU call 2 only, when main sent the small uploads through page-locked memory with
+            ``kernels.to_device``, since reverted): main with ``.to`` uploads, today's main
+Needs the pipeline of commits b1dd324..eb58c18 (``LayerLoader.AHEAD_BYTES``), reverted after GPU
+call 3 (see BENCHMARKS.md, section 3, session 16).
 Medians of REPS after WARMUP calls of each form; full prefill of the same prompt ids beside.
     python3 bench_results/session16/gpu/ab16.py OUTDIR [CONTEXTS]
 env FORMS (main,noahead), SHAPE (llama3-8b; tiny for a CPU smoke test), DEV (cuda)."""
@@ -21,10 +23,7 @@ import time
 
 import torch
 
-import chunkcache.model as M
 import chunkcache.pipeline as P
-import chunkcache.kernels as K
-import chunkcache.kernels.reference as KR
 from chunkcache.bench.texts import passages, questions
 from chunkcache.bench.ttft import _full_once, _tokenizer, build_model, speed_engine
 
@@ -41,16 +40,13 @@ eng.precompute(texts, batch_size=4)
 
 AHEAD = P.LayerLoader.AHEAD_BYTES
 ARRIVING = P.LayerLoader.arriving
-PINNED = KR.to_device
-forms = {"main": (AHEAD, False, PINNED), "noahead": (0, False, PINNED), "ahead256": (256 << 20, False, PINNED),
-         "fine": (AHEAD, True, PINNED), "pageable": (AHEAD, False, lambda t, device: t.to(device))}  # fmt: skip
+forms = {"main": (AHEAD, False), "noahead": (0, False), "ahead256": (256 << 20, False), "fine": (AHEAD, True)}
 forms = {f: forms[f] for f in os.environ.get("FORMS", "main,noahead").split(",")}
 
 
 def use(form):
     P.LayerLoader.AHEAD_BYTES = form[0]
     P.LayerLoader.arriving = property(lambda self: True) if form[1] else ARRIVING
-    KR.to_device = K.to_device = M.to_device = form[2]
 
 
 def timed(fn):
