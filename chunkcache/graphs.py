@@ -21,8 +21,10 @@ the buffer is persistent: a fusion that uses it returns a copy of the KV, and on
 ``Staging`` of its own, graphs included).
 
 Threads: captures are serialised process-wide (``_CAPTURE``): concurrent captures would share
-torch's capture stream and generator-state registration (16 threads capturing at once killed the
-process in a CUDAGraph destructor, issue 13). A graph keeps the objects it reads (``reads``: the
+the capture stream and torch's generator-state registration (16 threads capturing at once killed
+the process in a CUDAGraph destructor, issue 13). They are recorded on a stream of the process's
+own (``capture_stream``), not on one of torch's pooled streams, which another thread's work may
+share. A graph keeps the objects it reads (``reads``: the
 model, the KV buffer) alive and is keyed by them, so no new object at a freed address can ever
 replay a graph recorded over an old one. A thread captures only after it ran some body eagerly
 itself (per-thread cuBLAS handles are created on first use, which a capture forbids), and a key is
@@ -49,6 +51,23 @@ __all__ = ["FusionGraphs"]
 
 _CAPTURE = threading.Lock()
 """Held while any graph is recorded in this process."""
+
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream | None] = {}
+"""Per device index, the stream graphs are recorded on (``capture_stream``; under ``_CAPTURE``)."""
+
+
+def capture_stream(index: int) -> torch.cuda.Stream | None:
+    """The stream this process records its graphs on, on device ``index``: one of its own
+    (``hostmap.own_stream``), never one of torch's pooled streams, so no other thread's work (a
+    staging's copies, a miss's encoding, each on a pooled ``torch.cuda.Stream``) can land on the
+    stream while a graph is recorded there (torch.cuda.graph's default capture stream is pooled:
+    in GPU calls 2 and 3 of session 16 a capture was invalidated under concurrent fusions). None
+    where the CUDA runtime cannot make one: torch's default then. Call under ``_CAPTURE``."""
+    if index not in _CAPTURE_STREAMS:
+        from chunkcache.hostmap import own_stream
+
+        _CAPTURE_STREAMS[index] = own_stream(torch.device("cuda", index))
+    return _CAPTURE_STREAMS[index]
 
 
 class FusionGraphs:
@@ -138,8 +157,12 @@ class FusionGraphs:
             graph = torch.cuda.CUDAGraph()
             # thread_local: the loader's stager thread (and other fusions' threads) keep issuing
             # work on their own streams meanwhile
-            with _CAPTURE, torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                out = body(**static)
+            with _CAPTURE:
+                stream = capture_stream(torch.cuda.current_device())
+                with torch.cuda.graph(
+                    graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"
+                ):
+                    out = body(**static)
             entry = self.graphs[key] = (graph, static, out, tuple(reads))
             self.captures += 1
         graph, static, out, _ = entry

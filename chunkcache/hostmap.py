@@ -26,8 +26,10 @@ Costs and rules:
 
 ``MemcpyBatch`` queues many such host-to-device copies with one ``cudaMemcpyBatchAsync`` call
 (CUDA >= 12.8, through ctypes), so a layer group costs one call, not one per codec part.
+``own_stream`` makes a CUDA stream outside torch's stream pool (through the same runtime).
 
-What it knows: LMDB's data file and mapping, CUDA host registration and batched copies. What it does not know:
+What it knows: LMDB's data file and mapping, CUDA host registration, batched copies and stream
+creation through the CUDA runtime. What it does not know:
 the entry format, fusion.
 """
 
@@ -42,7 +44,7 @@ import weakref
 
 import torch
 
-__all__ = ["MapRegistry", "MemcpyBatch", "default_limit"]
+__all__ = ["MapRegistry", "MemcpyBatch", "default_limit", "own_stream"]
 
 _READ_ONLY = 8  # cudaHostRegisterReadOnly: the map is mapped read-only (writemap is off)
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -87,6 +89,39 @@ def _clear_cuda_error() -> None:
     next kernel launch does not report it (torch's cudart bindings have no cudaGetLastError)."""
     for lib in _cudarts():
         lib.cudaGetLastError()
+
+
+def own_stream(device) -> torch.cuda.Stream | None:
+    """A new CUDA stream on ``device`` that no ``torch.cuda.Stream()`` can return, or None where no
+    CUDA runtime library is loaded in this process (or it refused).
+
+    ``torch.cuda.Stream()`` hands out one of 32 pooled streams per priority, round robin, so two of
+    its objects may be one CUDA stream (pytorch/pytorch#173729), ``torch.cuda.graph``'s default
+    capture stream included: a thread's copies queued on its staging's copy stream would then be
+    recorded into the graph another thread is capturing, or invalidate that capture. Made with
+    ``cudaStreamCreateWithFlags(cudaStreamNonBlocking)`` and wrapped as a
+    ``torch.cuda.ExternalStream``; it is never destroyed (callers keep one for the process)."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.init()  # (the primary context the stream belongs to)
+    for lib in _cudarts():
+        create = getattr(lib, "cudaStreamCreateWithFlags", None)
+        if create is None:
+            continue
+        handle, was = ctypes.c_void_p(0), ctypes.c_int(-1)
+        lib.cudaGetDevice(ctypes.byref(was))
+        if lib.cudaSetDevice(ctypes.c_int(index)) != 0:
+            lib.cudaGetLastError()
+            continue
+        try:
+            err = create(ctypes.byref(handle), ctypes.c_uint(1))  # cudaStreamNonBlocking
+        finally:
+            if was.value >= 0:
+                lib.cudaSetDevice(was)
+        if err == 0 and handle.value:
+            return torch.cuda.ExternalStream(handle.value, device=torch.device("cuda", index))
+        lib.cudaGetLastError()
+    return None
 
 
 class _CopyAttributes(ctypes.Structure):

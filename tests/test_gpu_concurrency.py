@@ -26,6 +26,28 @@ def _same(a, b) -> None:
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-5)
 
 
+def test_graphs_are_recorded_on_a_stream_no_pooled_stream_shares():
+    """torch.cuda.Stream() hands out 32 pooled streams per priority round robin; the stream graphs
+    are recorded on (``graphs.capture_stream``) is none of them, so no other thread's work on a
+    pooled stream (a staging's copies, a miss's encoding) can land in a graph being recorded; a
+    graph recorded there replays what it recorded."""
+    from chunkcache import graphs
+
+    with graphs._CAPTURE:
+        stream = graphs.capture_stream(torch.cuda.current_device())
+    assert stream is not None
+    pooled = {torch.cuda.Stream(priority=p).cuda_stream for p in (0, -1) for _ in range(80)}
+    assert len(pooled) >= 2 and stream.cuda_stream not in pooled
+    x = torch.arange(8.0, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=stream):
+        y = x * 2 + 1
+    x.copy_(torch.full_like(x, 3.0))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.full_like(x, 7.0))
+
+
 @pytest.mark.parametrize("concurrent_fusions", [1, 2])
 def test_many_threads_on_cuda_equal_sequential(smol_tokenizer, tmp_path, concurrent_fusions):
     model = tiny_model().to("cuda")
