@@ -111,7 +111,7 @@ def own_stream(device) -> torch.cuda.Stream | None:
         handle, was = ctypes.c_void_p(0), ctypes.c_int(-1)
         lib.cudaGetDevice(ctypes.byref(was))
         if lib.cudaSetDevice(ctypes.c_int(index)) != 0:
-            lib.cudaGetLastError()
+            _clear_cuda_error()
             continue
         try:
             err = create(ctypes.byref(handle), ctypes.c_uint(1))  # cudaStreamNonBlocking
@@ -120,7 +120,7 @@ def own_stream(device) -> torch.cuda.Stream | None:
                 lib.cudaSetDevice(was)
         if err == 0 and handle.value:
             return torch.cuda.ExternalStream(handle.value, device=torch.device("cuda", index))
-        lib.cudaGetLastError()
+        _clear_cuda_error()
     return None
 
 
